@@ -1,0 +1,271 @@
+"""
+Every zope Interface of the daemon.
+
+Each has a real implementation and an in-memory one, and both pass the same
+contract tests.  Methods documented as returning a Deferred are
+asynchronous in every implementation, even the in-memory ones (which return
+already-fired Deferreds).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IObjectStorage(Interface):
+    """
+    A flat key -> bytes store ("OSS" in the Go daemon).
+
+    Keys are ``/``-separated relative paths such as
+    ``plugin_packages/acme/echo:0.0.1@<checksum>``; a key with an empty,
+    ``.`` or ``..`` segment, a leading ``/`` or a backslash is refused with
+    ``ValueError``.
+    """
+
+    def save(key: str, data: bytes):
+        """Store ``data`` under ``key``, replacing any value. Deferred[None]."""
+
+    def load(key: str):
+        """
+        Deferred[bytes]; fails with
+        :class:`difydaemon.errors.ObjectNotFoundError` if absent.
+        """
+
+    def exists(key: str):
+        """Deferred[bool]."""
+
+    def delete(key: str):
+        """Remove ``key``; absent keys are not an error. Deferred[None]."""
+
+    def list(prefix: str):
+        """
+        Deferred[list[str]]: every key below ``prefix`` (a directory-like
+        prefix without trailing slash), sorted.
+        """
+
+
+class IPersistence(Interface):
+    """
+    The daemon's database (``http-api.md`` §5).
+
+    Every method returns a Deferred.  Records are the frozen attrs classes of
+    :mod:`difydaemon.persistence.records`.  Multi-row changes are atomic: a
+    failure leaves nothing half-written.
+    """
+
+    def migrate():
+        """Apply every pending schema migration. Deferred[None]."""
+
+    def close():
+        """Release connections and threads. Deferred[None]."""
+
+    # -- plugins, installations and provider projections -----------------
+
+    def install_plugin(
+        tenant_id: str,
+        plugin_unique_identifier: str,
+        plugin_id: str,
+        runtime_type: str,
+        source: str,
+        meta: dict,
+        providers: dict,
+        remote_declaration: dict | None = None,
+    ):
+        """
+        Install one plugin for one tenant, in one transaction (§5.4 step 5).
+
+        Inserts the ``plugins`` row if absent (``install_type`` =
+        ``runtime_type``), adds one to its ``refers``, inserts the
+        ``plugin_installations`` row and one projection row per entry of
+        ``providers`` (a mapping of provider kind -- ``tool``, ``model``,
+        ``agent_strategy``, ``datasource``, ``trigger`` -- to provider
+        name).
+
+        Deferred[Installation]; fails with AlreadyInstalledError when the
+        tenant already has an installation of ``plugin_id``.
+        """
+
+    def uninstall_plugin(tenant_id: str, installation_id: str):
+        """
+        Remove one installation (§5.5): ``refers`` minus one, the
+        installation and the tenant's projection rows for its plugin_id go;
+        when ``refers`` reaches zero the ``plugins`` row and its declaration
+        go too.  Endpoints stay.
+
+        Deferred[UninstallResult | None] (None if there was no such
+        installation).
+        """
+
+    def upgrade_plugin(
+        tenant_id: str,
+        original_identifier: str,
+        new_identifier: str,
+        providers: dict,
+        source: str,
+        meta: dict,
+    ):
+        """
+        Move a tenant's installation to another version (§5.6).
+
+        Deferred[UpgradeResult]; fails with RecordNotFoundError when the
+        tenant has no installation of ``original_identifier``.
+        """
+
+    def get_plugin(plugin_unique_identifier: str):
+        """Deferred[PluginRecord | None]."""
+
+    def list_plugins(install_type: str):
+        """Deferred[list[PluginRecord]]: every plugin of that install type."""
+
+    def get_installation(tenant_id: str, plugin_id: str):
+        """Deferred[Installation | None]."""
+
+    def get_installation_by_id(tenant_id: str, installation_id: str):
+        """Deferred[Installation | None]."""
+
+    def list_installations(tenant_id: str, offset: int, limit: int):
+        """
+        Deferred[tuple[list[Installation], int]]: a page, newest first, and
+        the tenant's total count.
+        """
+
+    def list_installations_by_plugin_ids(tenant_id: str, plugin_ids: list):
+        """Deferred[list[Installation]] for those plugin_ids (any order)."""
+
+    def list_providers(kind: str, tenant_id: str, offset: int, limit: int):
+        """
+        Deferred[list[ProviderInstallation]]: a page of one projection
+        table (``kind`` as in :meth:`install_plugin`), newest first.
+        """
+
+    def get_provider(kind: str, tenant_id: str, plugin_id: str):
+        """Deferred[ProviderInstallation | None] of one plugin_id."""
+
+    # -- declarations and readmes ---------------------------------------
+
+    def save_declaration(plugin_unique_identifier: str, plugin_id: str, declaration: dict):
+        """Insert the declaration if absent (duplicates ignored). Deferred[None]."""
+
+    def get_declaration(plugin_unique_identifier: str):
+        """Deferred[dict | None]."""
+
+    def get_declarations(plugin_unique_identifiers: list):
+        """Deferred[dict[str, dict]] of the ones that exist."""
+
+    def delete_declaration(plugin_unique_identifier: str):
+        """Deferred[None]."""
+
+    def get_readmes(plugin_unique_identifier: str):
+        """Deferred[dict[str, str]]: language -> content, maybe empty."""
+
+    def save_readme(plugin_unique_identifier: str, language: str, content: str):
+        """Deferred[None]."""
+
+    # -- install tasks ------------------------------------------------------
+
+    def create_task(task):
+        """Insert an InstallTask (its id is set by the caller). Deferred[None]."""
+
+    def update_task(task):
+        """Replace the stored task with the same id. Deferred[None]."""
+
+    def get_task(tenant_id: str, task_id: str):
+        """Deferred[InstallTask | None]."""
+
+    def list_tasks(tenant_id: str, offset: int, limit: int):
+        """Deferred[list[InstallTask]], newest first."""
+
+    def list_tasks_by_status(statuses: list):
+        """Deferred[list[InstallTask]] of every tenant."""
+
+    def delete_task(tenant_id: str, task_id: str):
+        """Deferred[None]; absent tasks are not an error."""
+
+    def delete_all_tasks(tenant_id: str):
+        """Deferred[None]."""
+
+
+class IRuntimeLauncher(Interface):
+    """
+    The seam between install tasks and plugin runtimes.
+
+    An install task calls :meth:`launch` after the package is stored and
+    before the installation rows are written; the local runtime brings up a
+    subprocess there, and the install succeeds only when it is ready.
+    """
+
+    runtime_type = Attribute("The runtime_type written on installations: local, serverless.")
+
+    def launch(plugin_unique_identifier: str, declaration: dict, package: bytes, progress):
+        """
+        Make the plugin runnable.  ``progress(message)`` may be called with
+        human-readable status lines while this runs.
+
+        Deferred[None]; a failure's message names the step that failed.
+        """
+
+    def stop(plugin_unique_identifier: str):
+        """
+        Stop and forget the runtime of that identifier, draining sessions.
+        Deferred[None]; unknown identifiers are not an error.
+        """
+
+
+class ISessionListener(Interface):
+    """
+    The receiver of one invocation session's messages (``runtimes.md`` §0.4).
+
+    Exactly one of :meth:`end` or :meth:`error` is called, once, last; after
+    it nothing else is delivered.
+    """
+
+    def stream(chunk: dict, raw: bytes):
+        """
+        One response chunk.  ``raw`` is the chunk's compact JSON bytes as the
+        plugin sent them (so a relay can forward without re-encoding).
+        """
+
+    def invoke(request: dict):
+        """A backwards invocation request (``{"type","backwards_request_id","request"}``)."""
+
+    def end():
+        """The plugin finished the session successfully."""
+
+    def error(error_type: str, message: str, args: dict | None):
+        """
+        The session failed: the plugin's own ``error`` message, or a
+        daemon-made one (``ConnectionClosedError`` when the instance died,
+        ``PluginDaemonInternalServerError`` "killed by timeout", ...).
+        """
+
+
+class IPluginRuntime(Interface):
+    """
+    One runnable plugin identifier (local processes, a debug connection or
+    a serverless function) that sessions can be opened on.
+    """
+
+    plugin_unique_identifier = Attribute("The identifier this runtime serves.")
+    runtime_type = Attribute("local, remote or serverless.")
+
+    def is_ready():
+        """True when a session can be opened now."""
+
+    def open_session(session_id: str, request: dict, listener):
+        """
+        Write one request (the ``runtimes.md`` §0.2 object, as a dict with
+        every key: session_id, conversation_id, message_id, app_id,
+        endpoint_id, context, event, data) to the plugin and route its
+        session messages to ``listener`` (an ISessionListener) until end or
+        error.  Returns an object with ``close()`` that abandons the session
+        (client went away).  Raises DaemonError if no instance can take it.
+        """
+
+    def send(session_id: str, message: dict):
+        """
+        Write one more daemon -> plugin message (a backwards_response) on
+        the instance or connection that serves ``session_id``.
+        """
+
+    def stop():
+        """Drain sessions, then stop everything. Deferred[None]."""

@@ -1,0 +1,33 @@
+"""Installs difydaemon, its twistd plugin and the ``dify`` console script."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="difydaemon",
+    version="0.1.0",
+    description="A Dify plugin daemon on Twisted",
+    python_requires=">=3.11",
+    packages=find_packages(include=["difydaemon", "difydaemon.*"]) + ["twisted.plugins"],
+    package_data={
+        "difydaemon": [
+            "persistence/migrations/*.sql",
+            "packaging/keys/*.pem",
+        ],
+    },
+    install_requires=[
+        "Twisted>=24.3",
+        "klein>=24.8",
+        "treq>=24.9",
+        "txpostgres>=1.7",
+        "psycopg2-binary>=2.9",
+        "attrs>=23.1",
+        "orjson>=3.9",
+        "PyYAML>=6.0",
+        "cryptography>=42",
+        "zope.interface>=6",
+        "uv>=0.5",
+    ],
+    entry_points={
+        "console_scripts": ["dify = difydaemon.cli.main:main"],
+    },
+)
