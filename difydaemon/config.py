@@ -1,0 +1,1102 @@
+"""
+The daemon's configuration, built from environment variables by pure functions.
+
+:func:`load_config` takes the process environment and, optionally, the text
+of a ``.env`` file, and returns a frozen :class:`Config`.  The environment
+wins over the ``.env`` text: a variable set in the environment, even to the
+empty string, hides the ``.env`` line of the same name.  Only
+:func:`read_dotenv` touches the file system.
+
+Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
+(``http-api.md`` §6), with these differences:
+
+- ``DB_TYPE`` also accepts ``sqlite``, the default (an embedded database whose
+  file is ``DB_DATABASE``, default ``difydaemon.db``).  ``postgresql`` and
+  ``pgbouncer`` select PostgreSQL; the MySQL family is refused.
+- ``PLUGIN_STORAGE_TYPE`` accepts only ``local`` so far.
+- ``PLUGIN_WORKING_PATH`` defaults to ``cwd`` on the local platform.
+- ``DB_PASSWORD`` may be empty (trust or peer authentication).
+- ``PLUGIN_LOCAL_INSTANCES`` (default 1) is our own: processes per local
+  plugin.
+- A variable set to the empty string counts as unset and takes its default,
+  as in Go's default-setter; out-of-range numbers (a port of 0, a size of 0)
+  are errors instead of silently meaning "default".
+
+Attribute naming scheme: every value lives on exactly one attribute whose
+name is the variable's name in lower case, either on :class:`Config` itself
+or on one of its groups, e.g. ``SERVER_PORT`` -> ``config.server_port`` and
+``DB_TYPE`` -> ``config.db.db_type``.  The groups are ``storage``,
+``packages``, ``db``, ``local_runtime``, ``remote``, ``invocation``,
+``serverless`` and ``redis``.  Durations keep the unit of the variable
+(seconds, milliseconds or minutes, as documented on each class); properties
+ending in ``_seconds`` give the same duration as float seconds.  Two
+attributes hold a resolved value rather than one variable's: the runtime
+buffer sizes (the legacy ``PLUGIN_STDIO_*`` names win when customised) and
+the proxies (the lower-case variables are fallbacks).
+
+Every bad value is reported as :class:`difydaemon.errors.ConfigError` naming
+the variable.  All problems are collected; when there is more than one,
+:class:`ConfigErrors` (a ``ConfigError``) carries them all.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Iterable
+from zoneinfo import ZoneInfo
+
+from attrs import field, frozen
+
+from difydaemon.errors import ConfigError
+
+#: Every variable :func:`load_config` reads, in documentation order.
+VARIABLES: tuple[str, ...] = (
+    # HTTP server, authentication, Dify inner API, platform
+    "SERVER_HOST",
+    "SERVER_PORT",
+    "SERVER_KEY",
+    "SERVER_TZ",
+    "ADMIN_API_ENABLED",
+    "ADMIN_API_KEY",
+    "DIFY_INNER_API_URL",
+    "DIFY_INNER_API_KEY",
+    "PLATFORM",
+    "HEALTH_API_LOG_ENABLED",
+    "PLUGIN_ENDPOINT_ENABLED",
+    "PLUGIN_MAX_EXECUTION_TIMEOUT",
+    "PLUGIN_INSTALL_TIMEOUT",
+    "PLUGIN_RUNTIME_BUFFER_SIZE",
+    "PLUGIN_RUNTIME_MAX_BUFFER_SIZE",
+    "PLUGIN_STDIO_BUFFER_SIZE",
+    "PLUGIN_STDIO_MAX_BUFFER_SIZE",
+    # object storage
+    "PLUGIN_STORAGE_TYPE",
+    "PLUGIN_STORAGE_LOCAL_ROOT",
+    "PLUGIN_INSTALLED_PATH",
+    "PLUGIN_PACKAGE_CACHE_PATH",
+    "PLUGIN_MEDIA_CACHE_PATH",
+    "PERSISTENCE_STORAGE_PATH",
+    "PERSISTENCE_STORAGE_MAX_SIZE",
+    "PLUGIN_MEDIA_CACHE_SIZE",
+    "PLUGIN_ASSET_CACHE_SIZE",
+    # packages and signatures
+    "MAX_PLUGIN_PACKAGE_SIZE",
+    "MAX_BUNDLE_PACKAGE_SIZE",
+    "FORCE_VERIFYING_SIGNATURE",
+    "THIRD_PARTY_SIGNATURE_VERIFICATION_ENABLED",
+    "THIRD_PARTY_SIGNATURE_VERIFICATION_PUBLIC_KEYS",
+    "ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES",
+    # database
+    "DB_TYPE",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USERNAME",
+    "DB_PASSWORD",
+    "DB_DATABASE",
+    "DB_DEFAULT_DATABASE",
+    "DB_SSL_MODE",
+    "DB_MAX_IDLE_CONNS",
+    "DB_MAX_OPEN_CONNS",
+    "DB_CONN_MAX_LIFETIME",
+    "DB_EXTRAS",
+    "DB_CHARSET",
+    # local runtime
+    "PLUGIN_WORKING_PATH",
+    "PYTHON_INTERPRETER_PATH",
+    "UV_PATH",
+    "PYTHON_ENV_INIT_TIMEOUT",
+    "PYTHON_COMPILE_ALL_EXTRA_ARGS",
+    "PIP_MIRROR_URL",
+    "PIP_PREFER_BINARY",
+    "PIP_VERBOSE",
+    "PIP_EXTRA_ARGS",
+    "PLUGIN_IGNORE_UV_LOCK",
+    "PLUGIN_LOCAL_LAUNCHING_CONCURRENT",
+    "PLUGIN_LOCAL_INSTANCES",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    # remote debugging
+    "PLUGIN_REMOTE_INSTALLING_ENABLED",
+    "PLUGIN_REMOTE_INSTALLING_HOST",
+    "PLUGIN_REMOTE_INSTALLING_PORT",
+    "PLUGIN_REMOTE_INSTALLING_MAX_CONN",
+    "PLUGIN_REMOTE_INSTALLING_MAX_SINGLE_TENANT_CONN",
+    # backwards invocation
+    "DIFY_BACKWARDS_INVOCATION_WRITE_TIMEOUT",
+    "DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT",
+    "RESPONSE_MAX_BUFFER_SIZE",
+    "DIFY_INVOCATION_CONNECTION_IDLE_TIMEOUT",
+    # serverless
+    "DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL",
+    "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY",
+    "DIFY_PLUGIN_SERVERLESS_CONNECTOR_LAUNCH_TIMEOUT",
+    "MAX_SERVERLESS_RETRY_TIMES",
+    "MAX_SERVERLESS_REQUEST_BYTES",
+    "MAX_SERVERLESS_TRANSACTION_TIMEOUT",
+    # redis (parsed, not used yet)
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_USERNAME",
+    "REDIS_PASSWORD",
+    "REDIS_DB",
+    "REDIS_KEY_PREFIX",
+    "REDIS_USE_SSL",
+    "REDIS_SSL_CERT_REQS",
+    "REDIS_SSL_CA_CERTS",
+    "REDIS_USE_AZURE_MANAGED_IDENTITY",
+    "REDIS_USE_SENTINEL",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_SERVICE_NAME",
+    "REDIS_SENTINEL_USERNAME",
+    "REDIS_SENTINEL_PASSWORD",
+    "REDIS_SENTINEL_SOCKET_TIMEOUT",
+)
+
+_KNOWN = frozenset(VARIABLES)
+
+PORT_MAX = 65535
+_UINT16_MAX = 65535
+
+# Go's strconv.ParseBool, exactly.
+_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+
+PLATFORMS = ("local", "serverless")
+DB_TYPES = ("sqlite", "postgresql", "pgbouncer")
+_UNSUPPORTED_DB_TYPES = ("mysql", "oceanbase", "seekdb")
+DB_SSL_MODES = ("disable", "require")
+REDIS_SSL_CERT_REQS = ("", "CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED")
+
+_DEFAULT_BUFFER_SIZE = 1024
+_DEFAULT_MAX_BUFFER_SIZE = 5242880
+
+
+class ConfigErrors(ConfigError):
+    """
+    Several configuration problems found at once.
+
+    ``variable`` and ``problem`` are those of the first problem, so code that
+    handles a single :class:`ConfigError` still works; ``errors`` holds all
+    of them in the order the variables are listed in :data:`VARIABLES`.
+    """
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self.errors = tuple(sorted(errors, key=_documented_position))
+        first = self.errors[0]
+        super().__init__(first.variable, first.problem)
+        self.args = ("; ".join(str(error) for error in self.errors),)
+
+
+def _documented_position(error: ConfigError) -> int:
+    """Where the variable of ``error`` is listed in :data:`VARIABLES`."""
+    try:
+        return VARIABLES.index(error.variable)
+    except ValueError:
+        return -1
+
+
+# ---------------------------------------------------------------------------
+# .env text
+
+
+_DOTENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_DOUBLE_QUOTE_ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t", "r": "\r", "$": "$"}
+
+
+def read_dotenv(path: str) -> str | None:
+    """
+    The text of the ``.env`` file at ``path``, or None if there is none.
+
+    :param path: the file to read, usually ``.env`` in the working directory.
+    """
+    try:
+        with open(path, encoding="utf-8") as dotenv:
+            return dotenv.read()
+    except FileNotFoundError:
+        return None
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """
+    The ``KEY=VALUE`` assignments of a ``.env`` text.
+
+    Understood: blank lines, ``#`` comment lines, an ``export`` prefix,
+    values in single quotes (literal) or double quotes (``\\"``, ``\\\\``,
+    ``\\n``, ``\\t``, ``\\r`` and ``\\$`` escapes), and a comment after a
+    value when a space or tab precedes its ``#``.  A later line wins over an
+    earlier one.  There is no variable interpolation.
+
+    :raises ConfigError: for a line that is not an assignment; the variable
+        is ``.env`` and the problem names the line number.
+    """
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export ") or stripped.startswith("export\t"):
+            stripped = stripped[len("export") :].lstrip()
+        key, equals, raw = stripped.partition("=")
+        key = key.strip()
+        if not equals or not _DOTENV_KEY.match(key):
+            raise ConfigError(".env", f"line {number}: expected KEY=VALUE")
+        values[key] = _dotenv_value(raw, number)
+    return values
+
+
+def _dotenv_value(raw: str, number: int) -> str:
+    """The value part of one ``.env`` line, unquoted and without comment."""
+    body = raw.lstrip()
+    if body[:1] in ("'", '"'):
+        quote = body[0]
+        value, rest = _unquote(body, quote, number)
+        rest = rest.strip()
+        if rest and not rest.startswith("#"):
+            raise ConfigError(".env", f"line {number}: text after the closing quote")
+        return value
+    comment = re.search(r"[ \t]#", raw)
+    if comment is not None:
+        raw = raw[: comment.start()]
+    return raw.strip()
+
+
+def _unquote(body: str, quote: str, number: int) -> tuple[str, str]:
+    """Split a quoted value into its unquoted text and what follows it."""
+    if quote == "'":
+        end = body.find("'", 1)
+        if end < 0:
+            raise ConfigError(".env", f"line {number}: missing closing quote")
+        return body[1:end], body[end + 1 :]
+    chars: list[str] = []
+    index = 1
+    while index < len(body):
+        char = body[index]
+        if char == "\\" and index + 1 < len(body):
+            following = body[index + 1]
+            chars.append(_DOUBLE_QUOTE_ESCAPES.get(following, "\\" + following))
+            index += 2
+            continue
+        if char == '"':
+            return "".join(chars), body[index + 1 :]
+        chars.append(char)
+        index += 1
+    raise ConfigError(".env", f"line {number}: missing closing quote")
+
+
+# ---------------------------------------------------------------------------
+# Config value objects
+
+
+@frozen
+class StorageConfig:
+    """
+    The local object store and the key prefixes inside it (``config.storage``).
+
+    Relative paths are relative to the daemon's working directory.
+    """
+
+    #: ``PLUGIN_STORAGE_TYPE``: always ``local`` for now.
+    plugin_storage_type: str
+    #: ``PLUGIN_STORAGE_LOCAL_ROOT``: directory holding the local store.
+    plugin_storage_local_root: str
+    #: ``PLUGIN_INSTALLED_PATH``: prefix of installed packages.
+    plugin_installed_path: str
+    #: ``PLUGIN_PACKAGE_CACHE_PATH``: prefix of uploaded packages.
+    plugin_package_cache_path: str
+    #: ``PLUGIN_MEDIA_CACHE_PATH``: prefix of icon assets.
+    plugin_media_cache_path: str
+    #: ``PERSISTENCE_STORAGE_PATH``: prefix of the plugins' KV storage.
+    persistence_storage_path: str
+    #: ``PERSISTENCE_STORAGE_MAX_SIZE``: bytes per tenant and plugin.
+    persistence_storage_max_size: int
+    #: ``PLUGIN_MEDIA_CACHE_SIZE``: in-memory LRU entries for assets.
+    plugin_media_cache_size: int
+    #: ``PLUGIN_ASSET_CACHE_SIZE``: LRU entries for extract-asset.
+    plugin_asset_cache_size: int
+
+
+@frozen
+class PackageConfig:
+    """Package size limits and signature policy (``config.packages``)."""
+
+    #: ``MAX_PLUGIN_PACKAGE_SIZE``: bytes, upload and uncompressed total.
+    max_plugin_package_size: int
+    #: ``MAX_BUNDLE_PACKAGE_SIZE``: bytes.
+    max_bundle_package_size: int
+    #: ``FORCE_VERIFYING_SIGNATURE``: refuse unsigned packages.
+    force_verifying_signature: bool
+    #: ``THIRD_PARTY_SIGNATURE_VERIFICATION_ENABLED``: accept extra keys.
+    third_party_signature_verification_enabled: bool
+    #: ``THIRD_PARTY_SIGNATURE_VERIFICATION_PUBLIC_KEYS``: PEM file paths.
+    third_party_signature_verification_public_keys: tuple[str, ...]
+    #: ``ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES``: author langgenius must be
+    #: officially signed.
+    enforce_langgenius_plugin_signatures: bool
+
+
+@frozen
+class DatabaseConfig:
+    """
+    Where the daemon keeps its tables (``config.db``).
+
+    For ``sqlite`` only ``db_database`` (the file path) matters; the other
+    fields describe a PostgreSQL server.
+    """
+
+    #: ``DB_TYPE``: ``sqlite``, ``postgresql`` or ``pgbouncer``.
+    db_type: str
+    #: ``DB_HOST`` (None when unset).
+    db_host: str | None
+    #: ``DB_PORT`` (None when unset).
+    db_port: int | None
+    #: ``DB_USERNAME`` (None when unset).
+    db_username: str | None
+    #: ``DB_PASSWORD`` (empty when unset).
+    db_password: str = field(repr=False)
+    #: ``DB_DATABASE``: the SQLite file, or the PostgreSQL database name.
+    db_database: str
+    #: ``DB_DEFAULT_DATABASE``: connected to when ``db_database`` must be
+    #: created (empty for sqlite).
+    db_default_database: str
+    #: ``DB_SSL_MODE``: ``disable`` or ``require``.
+    db_ssl_mode: str
+    #: ``DB_MAX_IDLE_CONNS``.
+    db_max_idle_conns: int
+    #: ``DB_MAX_OPEN_CONNS``: size of the PostgreSQL connection pool.
+    db_max_open_conns: int
+    #: ``DB_CONN_MAX_LIFETIME``: seconds; 0 means no limit.
+    db_conn_max_lifetime: int
+    #: ``DB_EXTRAS``: extra libpq ``key=value`` connection parameters.
+    db_extras: str
+    #: ``DB_CHARSET``: client encoding, empty for the server's default.
+    db_charset: str
+
+    @property
+    def engine(self) -> str:
+        """``sqlite`` or ``postgresql`` (``pgbouncer`` is PostgreSQL)."""
+        return "sqlite" if self.db_type == "sqlite" else "postgresql"
+
+
+@frozen
+class LocalRuntimeConfig:
+    """
+    How local plugins are unpacked, given a venv and launched
+    (``config.local_runtime``).
+    """
+
+    #: ``PLUGIN_WORKING_PATH``: where packages are unpacked and venvs built.
+    plugin_working_path: str
+    #: ``PYTHON_INTERPRETER_PATH``: used to find uv when ``uv_path`` is empty.
+    python_interpreter_path: str
+    #: ``UV_PATH``: the uv binary; empty means discover it.
+    uv_path: str
+    #: ``PYTHON_ENV_INIT_TIMEOUT``: seconds of installer silence tolerated.
+    python_env_init_timeout: int
+    #: ``PYTHON_COMPILE_ALL_EXTRA_ARGS``: extra compileall arguments.
+    python_compile_all_extra_args: str
+    #: ``PIP_MIRROR_URL``: index URL for dependency installs, empty for PyPI.
+    pip_mirror_url: str
+    #: ``PIP_PREFER_BINARY``.
+    pip_prefer_binary: bool
+    #: ``PIP_VERBOSE``.
+    pip_verbose: bool
+    #: ``PIP_EXTRA_ARGS``: extra installer arguments.
+    pip_extra_args: str
+    #: ``PLUGIN_IGNORE_UV_LOCK``: do not pass ``--frozen`` for a uv.lock.
+    plugin_ignore_uv_lock: bool
+    #: ``PLUGIN_LOCAL_LAUNCHING_CONCURRENT``: launches running at once.
+    plugin_local_launching_concurrent: int
+    #: ``PLUGIN_LOCAL_INSTANCES``: processes per local plugin (ours).
+    plugin_local_instances: int
+    #: ``HTTP_PROXY``, falling back to ``http_proxy``; empty for none.
+    http_proxy: str
+    #: ``HTTPS_PROXY``, falling back to ``https_proxy``; empty for none.
+    https_proxy: str
+    #: ``NO_PROXY``, falling back to ``no_proxy``; empty for none.
+    no_proxy: str
+
+    @property
+    def python_env_init_timeout_seconds(self) -> float:
+        """``python_env_init_timeout`` in seconds."""
+        return float(self.python_env_init_timeout)
+
+    @property
+    def pip_extra_argv(self) -> tuple[str, ...]:
+        """``pip_extra_args`` split on whitespace."""
+        return tuple(self.pip_extra_args.split())
+
+    @property
+    def python_compile_all_extra_argv(self) -> tuple[str, ...]:
+        """``python_compile_all_extra_args`` split on whitespace."""
+        return tuple(self.python_compile_all_extra_args.split())
+
+    def proxy_environment(self) -> dict[str, str]:
+        """
+        The proxy variables to add to a plugin's or an installer's
+        environment: upper- and lower-case names of each configured proxy.
+        """
+        environment: dict[str, str] = {}
+        for name, value in (
+            ("HTTP_PROXY", self.http_proxy),
+            ("HTTPS_PROXY", self.https_proxy),
+            ("NO_PROXY", self.no_proxy),
+        ):
+            if value:
+                environment[name] = value
+                environment[name.lower()] = value
+        return environment
+
+
+@frozen
+class RemoteDebugConfig:
+    """The TCP listener that debug plugins dial into (``config.remote``)."""
+
+    #: ``PLUGIN_REMOTE_INSTALLING_ENABLED``.
+    plugin_remote_installing_enabled: bool
+    #: ``PLUGIN_REMOTE_INSTALLING_HOST`` (empty when disabled and unset).
+    plugin_remote_installing_host: str
+    #: ``PLUGIN_REMOTE_INSTALLING_PORT`` (None when disabled and unset).
+    plugin_remote_installing_port: int | None
+    #: ``PLUGIN_REMOTE_INSTALLING_MAX_CONN``.
+    plugin_remote_installing_max_conn: int
+    #: ``PLUGIN_REMOTE_INSTALLING_MAX_SINGLE_TENANT_CONN``.
+    plugin_remote_installing_max_single_tenant_conn: int
+
+
+@frozen
+class InvocationConfig:
+    """Calls from the daemon to the Dify inner API (``config.invocation``)."""
+
+    #: ``DIFY_BACKWARDS_INVOCATION_WRITE_TIMEOUT``: milliseconds.
+    dify_backwards_invocation_write_timeout: int
+    #: ``DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT``: milliseconds.
+    dify_backwards_invocation_read_timeout: int
+    #: ``RESPONSE_MAX_BUFFER_SIZE``: bytes per length-prefixed frame.
+    response_max_buffer_size: int
+    #: ``DIFY_INVOCATION_CONNECTION_IDLE_TIMEOUT``: seconds.
+    dify_invocation_connection_idle_timeout: int
+
+    @property
+    def write_timeout_seconds(self) -> float:
+        """``dify_backwards_invocation_write_timeout`` in seconds."""
+        return self.dify_backwards_invocation_write_timeout / 1000.0
+
+    @property
+    def read_timeout_seconds(self) -> float:
+        """``dify_backwards_invocation_read_timeout`` in seconds."""
+        return self.dify_backwards_invocation_read_timeout / 1000.0
+
+    @property
+    def connection_idle_timeout_seconds(self) -> float:
+        """``dify_invocation_connection_idle_timeout`` in seconds."""
+        return float(self.dify_invocation_connection_idle_timeout)
+
+
+@frozen
+class ServerlessConfig:
+    """The serverless connector (``config.serverless``)."""
+
+    #: ``DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL`` (None when unset).
+    dify_plugin_serverless_connector_url: str | None
+    #: ``DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY`` (None when unset).
+    dify_plugin_serverless_connector_api_key: str | None = field(repr=False)
+    #: ``DIFY_PLUGIN_SERVERLESS_CONNECTOR_LAUNCH_TIMEOUT``: seconds.
+    dify_plugin_serverless_connector_launch_timeout: int
+    #: ``MAX_SERVERLESS_RETRY_TIMES``.
+    max_serverless_retry_times: int
+    #: ``MAX_SERVERLESS_REQUEST_BYTES``.
+    max_serverless_request_bytes: int
+    #: ``MAX_SERVERLESS_TRANSACTION_TIMEOUT``: seconds.
+    max_serverless_transaction_timeout: int
+
+    @property
+    def launch_timeout_seconds(self) -> float:
+        """``dify_plugin_serverless_connector_launch_timeout`` in seconds."""
+        return float(self.dify_plugin_serverless_connector_launch_timeout)
+
+    @property
+    def transaction_timeout_seconds(self) -> float:
+        """``max_serverless_transaction_timeout`` in seconds."""
+        return float(self.max_serverless_transaction_timeout)
+
+
+@frozen
+class RedisConfig:
+    """
+    A Redis connection (``config.redis``).
+
+    Parsed and validated so that a Go deployment's environment loads, but
+    difydaemon does not use Redis yet.
+    """
+
+    #: ``REDIS_HOST`` (None when unset).
+    redis_host: str | None
+    #: ``REDIS_PORT`` (None when unset).
+    redis_port: int | None
+    #: ``REDIS_USERNAME``.
+    redis_username: str
+    #: ``REDIS_PASSWORD``.
+    redis_password: str = field(repr=False)
+    #: ``REDIS_DB``.
+    redis_db: int
+    #: ``REDIS_KEY_PREFIX``.
+    redis_key_prefix: str
+    #: ``REDIS_USE_SSL``.
+    redis_use_ssl: bool
+    #: ``REDIS_SSL_CERT_REQS``: empty, ``CERT_NONE``, ``CERT_OPTIONAL`` or
+    #: ``CERT_REQUIRED`` (upper-cased).
+    redis_ssl_cert_reqs: str
+    #: ``REDIS_SSL_CA_CERTS``: CA file path.
+    redis_ssl_ca_certs: str
+    #: ``REDIS_USE_AZURE_MANAGED_IDENTITY``.
+    redis_use_azure_managed_identity: bool
+    #: ``REDIS_USE_SENTINEL``.
+    redis_use_sentinel: bool
+    #: ``REDIS_SENTINELS``: ``host:port`` entries.
+    redis_sentinels: tuple[str, ...]
+    #: ``REDIS_SENTINEL_SERVICE_NAME``.
+    redis_sentinel_service_name: str
+    #: ``REDIS_SENTINEL_USERNAME``.
+    redis_sentinel_username: str
+    #: ``REDIS_SENTINEL_PASSWORD``.
+    redis_sentinel_password: str = field(repr=False)
+    #: ``REDIS_SENTINEL_SOCKET_TIMEOUT``: seconds, 0 for the client default.
+    redis_sentinel_socket_timeout: float
+
+    @property
+    def configured(self) -> bool:
+        """Whether a Redis server (or sentinel set) was named."""
+        return bool(self.redis_host) or bool(self.redis_sentinels)
+
+
+@frozen
+class Config:
+    """
+    The whole daemon configuration; see the module docstring for naming.
+
+    Build it with :func:`load_config`.  Secrets (keys and passwords) are
+    left out of the ``repr`` of every group so that logging a config is safe.
+    """
+
+    #: ``SERVER_HOST``: HTTP bind address.
+    server_host: str
+    #: ``SERVER_PORT``: HTTP port.
+    server_port: int
+    #: ``SERVER_KEY``: the expected ``X-Api-Key``.
+    server_key: str = field(repr=False)
+    #: ``SERVER_TZ``: time zone for local times.
+    server_tz: str
+    #: ``ADMIN_API_ENABLED``.
+    admin_api_enabled: bool
+    #: ``ADMIN_API_KEY``: the expected ``X-Admin-Api-Key`` (empty if unset).
+    admin_api_key: str = field(repr=False)
+    #: ``DIFY_INNER_API_URL``: base URL of Dify's inner API.
+    dify_inner_api_url: str
+    #: ``DIFY_INNER_API_KEY``: sent as ``X-Inner-Api-Key``.
+    dify_inner_api_key: str = field(repr=False)
+    #: ``PLATFORM``: ``local`` or ``serverless``.
+    platform: str
+    #: ``HEALTH_API_LOG_ENABLED``: log ``/health/check`` requests.
+    health_api_log_enabled: bool
+    #: ``PLUGIN_ENDPOINT_ENABLED``: serve ``/e/...``.
+    plugin_endpoint_enabled: bool
+    #: ``PLUGIN_MAX_EXECUTION_TIMEOUT``: seconds per dispatch or endpoint call.
+    plugin_max_execution_timeout: int
+    #: ``PLUGIN_INSTALL_TIMEOUT``: minutes per install or upgrade job.
+    plugin_install_timeout: int
+    #: Initial line buffer for plugin output: ``PLUGIN_STDIO_BUFFER_SIZE``
+    #: when customised, else ``PLUGIN_RUNTIME_BUFFER_SIZE``.
+    plugin_runtime_buffer_size: int
+    #: Longest plugin output line: ``PLUGIN_STDIO_MAX_BUFFER_SIZE`` when
+    #: customised, else ``PLUGIN_RUNTIME_MAX_BUFFER_SIZE``.
+    plugin_runtime_max_buffer_size: int
+    storage: StorageConfig
+    packages: PackageConfig
+    db: DatabaseConfig
+    local_runtime: LocalRuntimeConfig
+    remote: RemoteDebugConfig
+    invocation: InvocationConfig
+    serverless: ServerlessConfig
+    redis: RedisConfig
+
+    @property
+    def max_execution_timeout_seconds(self) -> float:
+        """``plugin_max_execution_timeout`` in seconds."""
+        return float(self.plugin_max_execution_timeout)
+
+    @property
+    def install_timeout_seconds(self) -> float:
+        """``plugin_install_timeout`` (minutes) in seconds."""
+        return self.plugin_install_timeout * 60.0
+
+
+# ---------------------------------------------------------------------------
+# Reading typed values
+
+
+class _Values:
+    """
+    Typed reads of variables from the environment, then the ``.env`` text.
+
+    A bad value is recorded (not raised) and the read returns the default,
+    so that one pass finds every problem.
+    """
+
+    def __init__(self, environ: Mapping[str, str], dotenv: Mapping[str, str]) -> None:
+        self._sources = (environ, dotenv)
+        self.errors: list[ConfigError] = []
+
+    def fail(self, name: str, problem: str) -> None:
+        """Record a problem with variable ``name``."""
+        self.errors.append(ConfigError(name, problem))
+
+    def raw(self, name: str) -> str | None:
+        """The value of ``name`` as given, or None if unset or empty."""
+        if name not in _KNOWN:
+            raise KeyError(f"{name} is not listed in difydaemon.config.VARIABLES")
+        for source in self._sources:
+            if name in source:
+                value = source[name]
+                return value if value != "" else None
+        return None
+
+    def stripped(self, name: str) -> str | None:
+        """The value of ``name`` with surrounding blanks removed, or None."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def string(self, name: str, default: str = "") -> str:
+        """A string; the default when unset."""
+        value = self.raw(name)
+        return default if value is None else value
+
+    def optional_string(self, name: str) -> str | None:
+        """A string, or None when unset."""
+        return self.raw(name)
+
+    def required_string(self, name: str, why: str = "") -> str:
+        """A string that must be set."""
+        value = self.raw(name)
+        if value is None:
+            self.fail(name, "is required" + why)
+            return ""
+        return value
+
+    def url(self, name: str, value: str | None) -> None:
+        """Check that a set value is an http(s) URL."""
+        if value and not (value.startswith("http://") or value.startswith("https://")):
+            self.fail(name, f"must be an http:// or https:// URL, got {value!r}")
+
+    def integer(
+        self,
+        name: str,
+        default: int | None,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int | None:
+        """A decimal integer within ``[minimum, maximum]``."""
+        text = self.stripped(name)
+        if text is None:
+            return default
+        if not _INTEGER.match(text):
+            self.fail(name, f"{text!r} is not an integer")
+            return default
+        value = int(text)
+        if (minimum is not None and value < minimum) or (
+            maximum is not None and value > maximum
+        ):
+            self.fail(name, _range_problem(value, minimum, maximum))
+            return default
+        return value
+
+    def port(self, name: str) -> int | None:
+        """A TCP port number, or None when unset."""
+        return self.integer(name, None, 1, PORT_MAX)
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        """A finite float not below ``minimum``."""
+        text = self.stripped(name)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            self.fail(name, f"{text!r} is not a number")
+            return default
+        if not math.isfinite(value):
+            self.fail(name, f"{text!r} is not a finite number")
+            return default
+        if value < minimum:
+            self.fail(name, f"must be at least {minimum}, got {text}")
+            return default
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        """A boolean spelled as Go's ``strconv.ParseBool`` accepts."""
+        text = self.stripped(name)
+        if text is None:
+            return default
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        self.fail(name, f"{text!r} is not a boolean (use true or false)")
+        return default
+
+    def choice(self, name: str, default: str | None, choices: Iterable[str]) -> str | None:
+        """One of ``choices``."""
+        text = self.stripped(name)
+        if text is None:
+            return default
+        choices = tuple(choices)
+        if text not in choices:
+            self.fail(name, f"must be one of {', '.join(choices)}; got {text!r}")
+            return default
+        return text
+
+    def listing(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list, blanks around items and empty items dropped."""
+        text = self.raw(name)
+        if text is None:
+            return ()
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _range_problem(value: int, minimum: int | None, maximum: int | None) -> str:
+    """The text saying that ``value`` is out of range."""
+    if maximum is None:
+        return f"must be at least {minimum}, got {value}"
+    if minimum is None:
+        return f"must be at most {maximum}, got {value}"
+    return f"must be between {minimum} and {maximum}, got {value}"
+
+
+# ---------------------------------------------------------------------------
+# Building the Config
+
+
+def load_config(environ: Mapping[str, str], dotenv_text: str | None = None) -> Config:
+    """
+    Build the configuration from ``environ`` and an optional ``.env`` text.
+
+    A pure function: it reads nothing but its arguments.
+
+    :param environ: usually ``os.environ``; wins over ``dotenv_text``.
+    :param dotenv_text: the text of a ``.env`` file (see :func:`parse_dotenv`).
+    :raises ConfigError: naming the variable, when one value is bad;
+        :class:`ConfigErrors` when several are.
+    """
+    dotenv = parse_dotenv(dotenv_text) if dotenv_text is not None else {}
+    values = _Values(environ, dotenv)
+    config = _build(values)
+    if len(values.errors) == 1:
+        raise values.errors[0]
+    if values.errors:
+        raise ConfigErrors(values.errors)
+    return config
+
+
+def _build(values: _Values) -> Config:
+    """Read every variable, collecting problems in ``values.errors``."""
+    server_host = values.string("SERVER_HOST", "0.0.0.0")
+    server_port = values.integer("SERVER_PORT", 5002, 1, PORT_MAX)
+    server_key = values.required_string("SERVER_KEY")
+    server_tz = values.string("SERVER_TZ", "UTC")
+    _check_time_zone(values, server_tz)
+    admin_api_enabled = values.boolean("ADMIN_API_ENABLED", False)
+    admin_api_key = values.string("ADMIN_API_KEY")
+    if admin_api_enabled and len(admin_api_key) < 10:
+        values.fail(
+            "ADMIN_API_KEY",
+            "must be at least 10 characters long when ADMIN_API_ENABLED is true",
+        )
+    dify_inner_api_url = values.required_string("DIFY_INNER_API_URL")
+    values.url("DIFY_INNER_API_URL", dify_inner_api_url)
+    dify_inner_api_key = values.required_string("DIFY_INNER_API_KEY")
+    platform = values.raw("PLATFORM")
+    if platform is None:
+        values.fail("PLATFORM", "is required (local or serverless)")
+    else:
+        platform = values.choice("PLATFORM", None, PLATFORMS)
+
+    buffer_size, max_buffer_size = _buffer_sizes(values)
+
+    return Config(
+        server_host=server_host,
+        server_port=server_port,
+        server_key=server_key,
+        server_tz=server_tz,
+        admin_api_enabled=admin_api_enabled,
+        admin_api_key=admin_api_key,
+        dify_inner_api_url=dify_inner_api_url,
+        dify_inner_api_key=dify_inner_api_key,
+        platform=platform or "",
+        health_api_log_enabled=values.boolean("HEALTH_API_LOG_ENABLED", True),
+        plugin_endpoint_enabled=values.boolean("PLUGIN_ENDPOINT_ENABLED", True),
+        plugin_max_execution_timeout=values.integer("PLUGIN_MAX_EXECUTION_TIMEOUT", 600, 1),
+        plugin_install_timeout=values.integer("PLUGIN_INSTALL_TIMEOUT", 15, 1),
+        plugin_runtime_buffer_size=buffer_size,
+        plugin_runtime_max_buffer_size=max_buffer_size,
+        storage=_storage(values),
+        packages=_packages(values),
+        db=_database(values),
+        local_runtime=_local_runtime(values, platform),
+        remote=_remote(values),
+        invocation=_invocation(values),
+        serverless=_serverless(values, platform),
+        redis=_redis(values),
+    )
+
+
+def _check_time_zone(values: _Values, name: str) -> None:
+    """Record a problem if ``SERVER_TZ`` is not a known IANA zone."""
+    if name == "UTC":
+        # Always valid, even where no time-zone database is installed.
+        return
+    try:
+        ZoneInfo(name)
+    except (ValueError, LookupError, OSError):
+        values.fail("SERVER_TZ", f"{name!r} is not a known time zone")
+
+
+def _buffer_sizes(values: _Values) -> tuple[int, int]:
+    """The effective initial and maximum line buffers for plugin output."""
+    size = values.integer("PLUGIN_RUNTIME_BUFFER_SIZE", _DEFAULT_BUFFER_SIZE, 1)
+    max_size = values.integer("PLUGIN_RUNTIME_MAX_BUFFER_SIZE", _DEFAULT_MAX_BUFFER_SIZE, 1)
+    # The legacy names only win when customised: 0 or the default value
+    # means "not customised", as in Go.
+    legacy = values.integer("PLUGIN_STDIO_BUFFER_SIZE", _DEFAULT_BUFFER_SIZE, 0)
+    legacy_max = values.integer("PLUGIN_STDIO_MAX_BUFFER_SIZE", _DEFAULT_MAX_BUFFER_SIZE, 0)
+    if legacy not in (0, _DEFAULT_BUFFER_SIZE):
+        size = legacy
+    if legacy_max not in (0, _DEFAULT_MAX_BUFFER_SIZE):
+        max_size = legacy_max
+    if size > max_size:
+        values.fail(
+            "PLUGIN_RUNTIME_MAX_BUFFER_SIZE",
+            f"the maximum line buffer ({max_size}) is smaller than the initial one ({size})",
+        )
+    return size, max_size
+
+
+def _storage(values: _Values) -> StorageConfig:
+    """The ``storage`` group."""
+    storage_type = values.string("PLUGIN_STORAGE_TYPE", "local").strip() or "local"
+    if storage_type != "local":
+        values.fail(
+            "PLUGIN_STORAGE_TYPE",
+            f"{storage_type!r} is not supported by difydaemon; only local is supported so far",
+        )
+    return StorageConfig(
+        plugin_storage_type="local",
+        plugin_storage_local_root=values.string("PLUGIN_STORAGE_LOCAL_ROOT", "storage"),
+        plugin_installed_path=values.string("PLUGIN_INSTALLED_PATH", "plugin"),
+        plugin_package_cache_path=values.string("PLUGIN_PACKAGE_CACHE_PATH", "plugin_packages"),
+        plugin_media_cache_path=values.string("PLUGIN_MEDIA_CACHE_PATH", "assets"),
+        persistence_storage_path=values.string("PERSISTENCE_STORAGE_PATH", "persistence"),
+        persistence_storage_max_size=values.integer(
+            "PERSISTENCE_STORAGE_MAX_SIZE", 104857600, 1
+        ),
+        plugin_media_cache_size=values.integer("PLUGIN_MEDIA_CACHE_SIZE", 1024, 1, _UINT16_MAX),
+        plugin_asset_cache_size=values.integer("PLUGIN_ASSET_CACHE_SIZE", 256, 1, _UINT16_MAX),
+    )
+
+
+def _packages(values: _Values) -> PackageConfig:
+    """The ``packages`` group."""
+    return PackageConfig(
+        max_plugin_package_size=values.integer("MAX_PLUGIN_PACKAGE_SIZE", 52428800, 1),
+        max_bundle_package_size=values.integer("MAX_BUNDLE_PACKAGE_SIZE", 629145600, 1),
+        force_verifying_signature=values.boolean("FORCE_VERIFYING_SIGNATURE", True),
+        third_party_signature_verification_enabled=values.boolean(
+            "THIRD_PARTY_SIGNATURE_VERIFICATION_ENABLED", False
+        ),
+        third_party_signature_verification_public_keys=values.listing(
+            "THIRD_PARTY_SIGNATURE_VERIFICATION_PUBLIC_KEYS"
+        ),
+        enforce_langgenius_plugin_signatures=values.boolean(
+            "ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES", True
+        ),
+    )
+
+
+def _database(values: _Values) -> DatabaseConfig:
+    """The ``db`` group."""
+    db_type = values.string("DB_TYPE", "sqlite").strip() or "sqlite"
+    if db_type in _UNSUPPORTED_DB_TYPES:
+        values.fail("DB_TYPE", f"{db_type!r} is not supported by difydaemon (use sqlite or postgresql)")
+        db_type = "sqlite"
+    elif db_type not in DB_TYPES:
+        values.fail("DB_TYPE", f"must be one of {', '.join(DB_TYPES)}; got {db_type!r}")
+        db_type = "sqlite"
+    postgres = db_type != "sqlite"
+    why = f" when DB_TYPE is {db_type}"
+
+    if postgres:
+        db_host = values.required_string("DB_HOST", why)
+        db_port = values.port("DB_PORT")
+        if db_port is None and values.raw("DB_PORT") is None:
+            values.fail("DB_PORT", "is required" + why)
+        db_username = values.required_string("DB_USERNAME", why)
+    else:
+        db_host = values.optional_string("DB_HOST")
+        db_port = values.port("DB_PORT")
+        db_username = values.optional_string("DB_USERNAME")
+
+    return DatabaseConfig(
+        db_type=db_type,
+        db_host=db_host,
+        db_port=db_port,
+        db_username=db_username,
+        db_password=values.string("DB_PASSWORD"),
+        db_database=values.string("DB_DATABASE", "dify_plugin" if postgres else "difydaemon.db"),
+        db_default_database=values.string("DB_DEFAULT_DATABASE", "postgres" if postgres else ""),
+        db_ssl_mode=values.choice("DB_SSL_MODE", "disable", DB_SSL_MODES),
+        db_max_idle_conns=values.integer("DB_MAX_IDLE_CONNS", 10, 0),
+        db_max_open_conns=values.integer("DB_MAX_OPEN_CONNS", 30, 1),
+        db_conn_max_lifetime=values.integer("DB_CONN_MAX_LIFETIME", 3600, 0),
+        db_extras=values.string("DB_EXTRAS"),
+        db_charset=values.string("DB_CHARSET"),
+    )
+
+
+def _proxy(values: _Values, name: str) -> str:
+    """An upper-case proxy variable, falling back to its lower-case twin."""
+    value = values.raw(name)
+    if value is None:
+        value = values.raw(name.lower())
+    return value or ""
+
+
+def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
+    """The ``local_runtime`` group."""
+    return LocalRuntimeConfig(
+        plugin_working_path=values.string(
+            "PLUGIN_WORKING_PATH", "cwd" if platform == "local" else ""
+        ),
+        python_interpreter_path=values.string("PYTHON_INTERPRETER_PATH", "/usr/bin/python3"),
+        uv_path=values.string("UV_PATH"),
+        python_env_init_timeout=values.integer("PYTHON_ENV_INIT_TIMEOUT", 120, 1),
+        python_compile_all_extra_args=values.string("PYTHON_COMPILE_ALL_EXTRA_ARGS"),
+        pip_mirror_url=values.string("PIP_MIRROR_URL"),
+        pip_prefer_binary=values.boolean("PIP_PREFER_BINARY", True),
+        pip_verbose=values.boolean("PIP_VERBOSE", True),
+        pip_extra_args=values.string("PIP_EXTRA_ARGS"),
+        plugin_ignore_uv_lock=values.boolean("PLUGIN_IGNORE_UV_LOCK", False),
+        plugin_local_launching_concurrent=values.integer(
+            "PLUGIN_LOCAL_LAUNCHING_CONCURRENT", 2, 1
+        ),
+        plugin_local_instances=values.integer("PLUGIN_LOCAL_INSTANCES", 1, 1),
+        http_proxy=_proxy(values, "HTTP_PROXY"),
+        https_proxy=_proxy(values, "HTTPS_PROXY"),
+        no_proxy=_proxy(values, "NO_PROXY"),
+    )
+
+
+def _remote(values: _Values) -> RemoteDebugConfig:
+    """The ``remote`` group."""
+    enabled = values.boolean("PLUGIN_REMOTE_INSTALLING_ENABLED", True)
+    host = values.string("PLUGIN_REMOTE_INSTALLING_HOST")
+    port = values.port("PLUGIN_REMOTE_INSTALLING_PORT")
+    if enabled:
+        why = " when PLUGIN_REMOTE_INSTALLING_ENABLED is true"
+        if not host:
+            values.fail("PLUGIN_REMOTE_INSTALLING_HOST", "is required" + why)
+        if port is None and values.raw("PLUGIN_REMOTE_INSTALLING_PORT") is None:
+            values.fail("PLUGIN_REMOTE_INSTALLING_PORT", "is required" + why)
+    return RemoteDebugConfig(
+        plugin_remote_installing_enabled=enabled,
+        plugin_remote_installing_host=host,
+        plugin_remote_installing_port=port,
+        plugin_remote_installing_max_conn=values.integer(
+            "PLUGIN_REMOTE_INSTALLING_MAX_CONN", 256, 1
+        ),
+        plugin_remote_installing_max_single_tenant_conn=values.integer(
+            "PLUGIN_REMOTE_INSTALLING_MAX_SINGLE_TENANT_CONN", 5, 1
+        ),
+    )
+
+
+def _invocation(values: _Values) -> InvocationConfig:
+    """The ``invocation`` group."""
+    return InvocationConfig(
+        dify_backwards_invocation_write_timeout=values.integer(
+            "DIFY_BACKWARDS_INVOCATION_WRITE_TIMEOUT", 5000, 1
+        ),
+        dify_backwards_invocation_read_timeout=values.integer(
+            "DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT", 240000, 1
+        ),
+        response_max_buffer_size=values.integer("RESPONSE_MAX_BUFFER_SIZE", 31457280, 1),
+        dify_invocation_connection_idle_timeout=values.integer(
+            "DIFY_INVOCATION_CONNECTION_IDLE_TIMEOUT", 120, 1
+        ),
+    )
+
+
+def _serverless(values: _Values, platform: str | None) -> ServerlessConfig:
+    """The ``serverless`` group; the connector is required on serverless."""
+    url = values.optional_string("DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL")
+    api_key = values.optional_string("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY")
+    if platform == "serverless":
+        why = " when PLATFORM is serverless"
+        if url is None:
+            values.fail("DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL", "is required" + why)
+        if api_key is None:
+            values.fail("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY", "is required" + why)
+    values.url("DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL", url)
+    return ServerlessConfig(
+        dify_plugin_serverless_connector_url=url,
+        dify_plugin_serverless_connector_api_key=api_key,
+        dify_plugin_serverless_connector_launch_timeout=values.integer(
+            "DIFY_PLUGIN_SERVERLESS_CONNECTOR_LAUNCH_TIMEOUT", 240, 1
+        ),
+        max_serverless_retry_times=values.integer("MAX_SERVERLESS_RETRY_TIMES", 3, 0),
+        max_serverless_request_bytes=values.integer("MAX_SERVERLESS_REQUEST_BYTES", 5242880, 1),
+        max_serverless_transaction_timeout=values.integer(
+            "MAX_SERVERLESS_TRANSACTION_TIMEOUT", 300, 1
+        ),
+    )
+
+
+def _redis(values: _Values) -> RedisConfig:
+    """The ``redis`` group (parsed only)."""
+    cert_reqs = values.stripped("REDIS_SSL_CERT_REQS") or ""
+    if cert_reqs.upper() not in REDIS_SSL_CERT_REQS:
+        values.fail(
+            "REDIS_SSL_CERT_REQS",
+            f"must be one of CERT_NONE, CERT_OPTIONAL, CERT_REQUIRED; got {cert_reqs!r}",
+        )
+        cert_reqs = ""
+    redis_db = values.integer("REDIS_DB", 0, 0)
+    azure_identity = values.boolean("REDIS_USE_AZURE_MANAGED_IDENTITY", False)
+    if azure_identity and redis_db != 0:
+        values.fail("REDIS_DB", "must be 0 when REDIS_USE_AZURE_MANAGED_IDENTITY is true")
+    return RedisConfig(
+        redis_host=values.optional_string("REDIS_HOST"),
+        redis_port=values.port("REDIS_PORT"),
+        redis_username=values.string("REDIS_USERNAME"),
+        redis_password=values.string("REDIS_PASSWORD"),
+        redis_db=redis_db,
+        redis_key_prefix=values.string("REDIS_KEY_PREFIX", "plugin_daemon"),
+        redis_use_ssl=values.boolean("REDIS_USE_SSL", False),
+        redis_ssl_cert_reqs=cert_reqs.upper(),
+        redis_ssl_ca_certs=values.string("REDIS_SSL_CA_CERTS"),
+        redis_use_azure_managed_identity=azure_identity,
+        redis_use_sentinel=values.boolean("REDIS_USE_SENTINEL", False),
+        redis_sentinels=values.listing("REDIS_SENTINELS"),
+        redis_sentinel_service_name=values.string("REDIS_SENTINEL_SERVICE_NAME"),
+        redis_sentinel_username=values.string("REDIS_SENTINEL_USERNAME"),
+        redis_sentinel_password=values.string("REDIS_SENTINEL_PASSWORD"),
+        redis_sentinel_socket_timeout=values.number("REDIS_SENTINEL_SOCKET_TIMEOUT", 0.0),
+    )
