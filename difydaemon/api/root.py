@@ -1,0 +1,136 @@
+"""
+The daemon's root web resource: authentication, health, and the split
+between the lean dispatch path and the Klein management app.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from attrs import frozen
+from twisted.web.resource import Resource
+
+from difydaemon.api import envelope
+from difydaemon.errors import UnauthorizedError
+
+_UNAUTHORIZED = envelope.from_exception(UnauthorizedError("unauthorized"))
+
+
+class StaticJSONResource(Resource):
+    """A leaf that answers one fixed JSON body with one status."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__()
+        self._status = status
+        self._body = body
+
+    def render(self, request):
+        request.setResponseCode(self._status)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return self._body
+
+
+@frozen
+class BuildInfo:
+    """What ``/health/check`` reports about this daemon."""
+
+    version: str
+    build_time: str
+    platform: str
+
+
+class RequestCounter:
+    """Counts requests in flight, in all and on dispatch routes."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.active_dispatch = 0
+
+    def track(self, request, dispatch: bool) -> None:
+        """Count ``request`` until it finishes."""
+        self.active += 1
+        if dispatch:
+            self.active_dispatch += 1
+
+        def done(_):
+            self.active -= 1
+            if dispatch:
+                self.active_dispatch -= 1
+
+        request.notifyFinish().addBoth(done)
+
+
+class HealthResource(Resource):
+    """``GET /health/check``: raw JSON, no envelope (``http-api.md`` §2.1)."""
+
+    isLeaf = True
+
+    def __init__(self, info: BuildInfo, counter: RequestCounter, pool_status) -> None:
+        super().__init__()
+        self._info = info
+        self._counter = counter
+        self._pool_status = pool_status
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return envelope.dumps(
+            {
+                "status": "ok",
+                "pool_status": self._pool_status(),
+                "version": self._info.version,
+                "build_time": self._info.build_time,
+                "platform": self._info.platform,
+                "active_requests": self._counter.active,
+                "active_dispatch_requests": self._counter.active_dispatch,
+            }
+        )
+
+
+class RootResource(Resource):
+    """
+    Routes ``/health/check``, checks ``X-Api-Key`` on ``/plugin/**``, sends
+    dispatch requests to the lean dispatch resource and public endpoint
+    calls to the endpoint resource, and everything else to the Klein app
+    (which answers unknown routes with the 404 body of §1.1).
+
+    :param server_key: the expected ``X-Api-Key``.
+    :param app: the Klein resource of the management surface.
+    :param health: the health resource.
+    :param counter: the in-flight request counter.
+    :param dispatch: the resource under ``/plugin/<tenant>/dispatch/``.
+    :param endpoint: the resource under ``/e/``.
+    """
+
+    def __init__(self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None):
+        super().__init__()
+        self._key = server_key.encode("utf-8")
+        self._app = app
+        self._health = health
+        self._counter = counter
+        self._dispatch = dispatch
+        self._endpoint = endpoint
+        self._unauthorized = StaticJSONResource(401, _UNAUTHORIZED)
+
+    def getChildWithDefault(self, name, request):
+        postpath = request.postpath
+        if name == b"health" and postpath == [b"check"]:
+            return self._health
+        is_dispatch = name == b"plugin" and len(postpath) >= 2 and postpath[1] == b"dispatch"
+        self._counter.track(request, is_dispatch)
+        if name == b"plugin":
+            given = request.requestHeaders.getRawHeaders(b"x-api-key", [b""])[0]
+            if not hmac.compare_digest(given, self._key):
+                return self._unauthorized
+            if is_dispatch and self._dispatch is not None:
+                return self._dispatch
+        elif name == b"e" and self._endpoint is not None:
+            return self._endpoint
+        # give the whole path to Klein, which routes from the top
+        request.postpath.insert(0, request.prepath.pop())
+        return self._app
+
+    def render(self, request):
+        request.postpath.insert(0, b"")
+        return self._app.render(request)

@@ -1,0 +1,499 @@
+"""
+Installing, upgrading and uninstalling plugins for tenants, with install
+tasks (``http-api.md`` §2.4, §5.4–§5.6).
+
+An install runs in the background: the package is copied to the installed
+bucket, the runtime launcher brings the plugin up (the seam the local
+runtime plugs into), and only then are the installation rows written.  A
+failure at any step leaves no row, no installed copy and no runtime behind,
+and the task says why.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
+from twisted.logger import Logger
+
+from difydaemon.errors import (
+    AlreadyInstalledError,
+    BadRequestError,
+    DaemonError,
+    InternalServerError,
+    NotFoundError,
+    RecordNotFoundError,
+)
+from difydaemon.ids import new_id, utc_from_timestamp
+from difydaemon.packaging.declaration import providers_of
+from difydaemon.packaging.identifier import parse_identifier
+from difydaemon.persistence.records import (
+    TASK_FAILED,
+    TASK_PENDING,
+    TASK_RUNNING,
+    TASK_SUCCESS,
+    InstallTask,
+    InstallTaskPlugin,
+)
+
+log = Logger()
+
+#: seconds after which a fully successful task deletes itself
+SUCCESS_TASK_TTL = 120.0
+
+
+def truncate_message(message: str) -> str:
+    """Task messages over 1024 characters keep their first and last 512."""
+    if len(message) > 1024:
+        return message[:512] + "..." + message[-512:]
+    return message
+
+
+class Installer:
+    """
+    Installs plugins for tenants and keeps their install tasks.
+
+    :param reactor: for time and delayed calls.
+    :param persistence: an IPersistence.
+    :param storage: an IObjectStorage.
+    :param packages: the :class:`PackageRegistry`.
+    :param launcher: the IRuntimeLauncher that makes an identifier runnable.
+    :param install_timeout: seconds one plugin's install may take.
+    :param concurrency: installs running at once.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        persistence,
+        storage,
+        packages,
+        launcher,
+        install_timeout: float = 900.0,
+        concurrency: int = 4,
+    ) -> None:
+        self._reactor = reactor
+        self._persistence = persistence
+        self._storage = storage
+        self._packages = packages
+        self._launcher = launcher
+        self._install_timeout = install_timeout
+        self._semaphore = DeferredSemaphore(concurrency)
+        # one lock per task: its plugins finish concurrently
+        self._task_locks: dict[str, DeferredLock] = {}
+        self._running: dict[str, Deferred] = {}
+        self._timers: dict[str, object] = {}
+        self._stopping = False
+
+    @property
+    def runtime_type(self) -> str:
+        """What installations made here record as their runtime_type."""
+        return self._launcher.runtime_type
+
+    # -- install ----------------------------------------------------------
+
+    async def install_from_identifiers(
+        self, tenant_id: str, identifiers: list, source: str, metas: list
+    ) -> dict:
+        """
+        Start installing ``identifiers`` for a tenant.  Returns
+        ``{all_installed, task_id}``.
+        """
+        if len(metas) != len(identifiers):
+            raise BadRequestError("the number of metas must be equal to the number of plugin unique identifiers")
+        parsed = [parse_identifier(text) for text in identifiers]
+        plugin_ids = [p.plugin_id for p in parsed]
+        existing = await self._persistence.list_installations_by_plugin_ids(tenant_id, plugin_ids)
+        installed_ids = {inst.plugin_id for inst in existing}
+        todo = []
+        for ident, meta in zip(parsed, metas):
+            if ident.plugin_id in installed_ids:
+                continue
+            declaration = await self._packages.declaration(ident.raw)
+            if declaration is None:
+                raise InternalServerError(f"plugin declaration of {ident.raw} not found, please upload it firstly")
+            todo.append((ident, meta or {}, declaration))
+        if not todo:
+            return {"all_installed": True, "task_id": ""}
+        now = self._reactor.seconds()
+        task = InstallTask(
+            id=new_id(now),
+            created_at=utc_from_timestamp(now),
+            updated_at=utc_from_timestamp(now),
+            status=TASK_RUNNING,
+            tenant_id=tenant_id,
+            total_plugins=len(todo),
+            completed_plugins=0,
+            plugins=[
+                InstallTaskPlugin(
+                    plugin_unique_identifier=ident.raw,
+                    plugin_id=ident.plugin_id,
+                    status=TASK_PENDING,
+                    message="",
+                    icon=declaration.get("icon", ""),
+                    icon_dark=declaration.get("icon_dark", "") or "",
+                    labels=declaration.get("label", {}),
+                    source=source,
+                )
+                for ident, _, declaration in todo
+            ],
+        )
+        await self._persistence.create_task(task)
+        for ident, meta, declaration in todo:
+            self._start_job(
+                task.id,
+                tenant_id,
+                ident.raw,
+                lambda progress, ident=ident, meta=meta, declaration=declaration: self._install_one(
+                    tenant_id, ident, declaration, source, meta, progress
+                ),
+            )
+        return {"all_installed": False, "task_id": task.id}
+
+    def _start_job(self, task_id: str, tenant_id: str, identifier: str, make_coroutine) -> None:
+        def progress(message: str) -> None:
+            d = Deferred.fromCoroutine(
+                self._update_plugin(task_id, tenant_id, identifier, TASK_RUNNING, message)
+            )
+            d.addErrback(lambda f: log.failure("task progress update failed", f))
+
+        coroutine = make_coroutine(progress)
+        job = Deferred.fromCoroutine(self._run_job(task_id, tenant_id, identifier, coroutine))
+        key = f"{task_id}:{identifier}"
+        self._running[key] = job
+        job.addBoth(self._job_done, key)
+
+    def _job_done(self, result, key):
+        self._running.pop(key, None)
+        return None
+
+    async def _run_job(self, task_id, tenant_id, identifier, coroutine) -> None:
+        try:
+            await self._semaphore.run(self._with_timeout, coroutine, task_id, tenant_id, identifier)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, DaemonError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, DaemonError):
+                log.failure("install of {identifier} failed", identifier=identifier)
+            await self._update_plugin(task_id, tenant_id, identifier, TASK_FAILED, message)
+        else:
+            await self._update_plugin(task_id, tenant_id, identifier, TASK_SUCCESS, "installed")
+
+    def _with_timeout(self, coroutine, task_id, tenant_id, identifier) -> Deferred:
+        async def progress_started():
+            await self._update_plugin(task_id, tenant_id, identifier, TASK_RUNNING, "starting")
+            return await coroutine
+
+        d = Deferred.fromCoroutine(progress_started())
+        timer = self._reactor.callLater(self._install_timeout, d.cancel)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        def timed_out(failure):
+            from twisted.internet.defer import CancelledError
+
+            if failure.check(CancelledError):
+                raise InternalServerError(
+                    f"install timed out after {int(self._install_timeout)} seconds"
+                )
+            return failure
+
+        d.addBoth(done)
+        d.addErrback(timed_out)
+        return d
+
+    async def _install_one(self, tenant_id, ident, declaration, source, meta, progress) -> None:
+        identifier = ident.raw
+        data = await self._packages.package_bytes(identifier)
+        installed_key = self._packages.paths.installed_package(identifier)
+        copied = False
+        if not await self._storage.exists(installed_key):
+            await self._storage.save(installed_key, data)
+            copied = True
+        plugin_was_there = await self._persistence.get_plugin(identifier) is not None
+        try:
+            await self._launcher.launch(identifier, declaration, data, progress)
+        except BaseException:
+            if copied:
+                await self._storage.delete(installed_key)
+            raise
+        try:
+            await self._persistence.install_plugin(
+                tenant_id=tenant_id,
+                plugin_unique_identifier=identifier,
+                plugin_id=ident.plugin_id,
+                runtime_type=self.runtime_type,
+                source=source,
+                meta=meta,
+                providers=providers_of(declaration),
+            )
+        except AlreadyInstalledError:
+            # another task installed it meanwhile; the runtime is shared
+            raise
+        except BaseException:
+            if not plugin_was_there and await self._persistence.get_plugin(identifier) is None:
+                await self._launcher.stop(identifier)
+                if copied:
+                    await self._storage.delete(installed_key)
+            raise
+
+    async def _update_plugin(self, task_id, tenant_id, identifier, status, message) -> None:
+        lock = self._task_locks.setdefault(task_id, DeferredLock())
+        await lock.acquire()
+        try:
+            task = await self._persistence.get_task(tenant_id, task_id)
+            if task is None:
+                return
+            if status == TASK_RUNNING and any(
+                p.plugin_unique_identifier == identifier and p.status in (TASK_SUCCESS, TASK_FAILED)
+                for p in task.plugins
+            ):
+                return  # a late progress line must not undo the outcome
+            plugins = [
+                p
+                if p.plugin_unique_identifier != identifier
+                else InstallTaskPlugin(
+                    plugin_unique_identifier=p.plugin_unique_identifier,
+                    plugin_id=p.plugin_id,
+                    status=status,
+                    message=truncate_message(message),
+                    icon=p.icon,
+                    icon_dark=p.icon_dark,
+                    labels=p.labels,
+                    source=p.source,
+                )
+                for p in task.plugins
+            ]
+            statuses = [p.status for p in plugins]
+            if TASK_FAILED in statuses and all(s in (TASK_SUCCESS, TASK_FAILED) for s in statuses):
+                overall = TASK_FAILED
+            elif all(s == TASK_SUCCESS for s in statuses):
+                overall = TASK_SUCCESS
+            else:
+                overall = TASK_RUNNING
+            updated = InstallTask(
+                id=task.id,
+                created_at=task.created_at,
+                updated_at=utc_from_timestamp(self._reactor.seconds()),
+                status=overall,
+                tenant_id=task.tenant_id,
+                total_plugins=task.total_plugins,
+                completed_plugins=statuses.count(TASK_SUCCESS),
+                plugins=plugins,
+            )
+            await self._persistence.update_task(updated)
+            if overall in (TASK_SUCCESS, TASK_FAILED):
+                self._task_locks.pop(task_id, None)
+            if overall == TASK_SUCCESS and not self._stopping:
+                self._schedule_cleanup(tenant_id, task_id)
+        finally:
+            lock.release()
+
+    def _schedule_cleanup(self, tenant_id: str, task_id: str) -> None:
+        def cleanup():
+            self._timers.pop(task_id, None)
+            d = self._persistence.delete_task(tenant_id, task_id)
+            d.addErrback(lambda f: log.failure("deleting task {task_id} failed", f, task_id=task_id))
+
+        self._timers[task_id] = self._reactor.callLater(SUCCESS_TASK_TTL, cleanup)
+
+    # -- upgrade ----------------------------------------------------------
+
+    async def upgrade(
+        self, tenant_id: str, original: str, new: str, source: str, meta: dict
+    ) -> dict:
+        """Move a tenant's installation to another package version."""
+        if original == new:
+            raise BadRequestError("original and new plugin unique identifier are the same")
+        original_id = parse_identifier(original)
+        new_id_ = parse_identifier(new)
+        if original_id.plugin_id != new_id_.plugin_id:
+            raise BadRequestError("original and new plugin id are different")
+        installation = await self._persistence.get_installation(tenant_id, original_id.plugin_id)
+        if installation is None or installation.plugin_unique_identifier != original:
+            raise NotFoundError("plugin installation not found for this tenant")
+        declaration = await self._packages.declaration(new)
+        if declaration is None:
+            raise InternalServerError(f"plugin declaration of {new} not found, please upload it firstly")
+        if await self._persistence.get_plugin(new) is not None:
+            await self._upgrade_rows(tenant_id, original, new, declaration, source, meta)
+            return {"all_installed": True, "task_id": ""}
+        now = self._reactor.seconds()
+        task = InstallTask(
+            id=new_id(now),
+            created_at=utc_from_timestamp(now),
+            updated_at=utc_from_timestamp(now),
+            status=TASK_RUNNING,
+            tenant_id=tenant_id,
+            total_plugins=1,
+            completed_plugins=0,
+            plugins=[
+                InstallTaskPlugin(
+                    plugin_unique_identifier=new,
+                    plugin_id=new_id_.plugin_id,
+                    status=TASK_PENDING,
+                    message="",
+                    icon=declaration.get("icon", ""),
+                    icon_dark=declaration.get("icon_dark", "") or "",
+                    labels=declaration.get("label", {}),
+                    source=source,
+                )
+            ],
+        )
+        await self._persistence.create_task(task)
+        self._start_job(
+            task.id,
+            tenant_id,
+            new,
+            lambda progress: self._upgrade_one(
+                tenant_id, original, new_id_, declaration, source, meta, progress
+            ),
+        )
+        return {"all_installed": False, "task_id": task.id}
+
+    async def _upgrade_one(self, tenant_id, original, ident, declaration, source, meta, progress) -> None:
+        identifier = ident.raw
+        data = await self._packages.package_bytes(identifier)
+        installed_key = self._packages.paths.installed_package(identifier)
+        copied = False
+        if not await self._storage.exists(installed_key):
+            await self._storage.save(installed_key, data)
+            copied = True
+        try:
+            await self._launcher.launch(identifier, declaration, data, progress)
+        except BaseException:
+            if copied:
+                await self._storage.delete(installed_key)
+            raise
+        try:
+            await self._upgrade_rows(tenant_id, original, identifier, declaration, source, meta)
+        except BaseException:
+            if await self._persistence.get_plugin(identifier) is None:
+                await self._launcher.stop(identifier)
+                if copied:
+                    await self._storage.delete(installed_key)
+            raise
+
+    async def _upgrade_rows(self, tenant_id, original, new, declaration, source, meta) -> None:
+        result = await self._persistence.upgrade_plugin(
+            tenant_id=tenant_id,
+            original_identifier=original,
+            new_identifier=new,
+            providers=providers_of(declaration),
+            source=source,
+            meta=meta or {},
+        )
+        if result.original_plugin_removed:
+            await self._retire(original)
+
+    async def _retire(self, identifier: str) -> None:
+        """Stop and delete what a no longer referenced identifier had."""
+        await self._launcher.stop(identifier)
+        await self._storage.delete(self._packages.paths.installed_package(identifier))
+
+    # -- uninstall --------------------------------------------------------
+
+    async def uninstall(self, tenant_id: str, installation_id: str) -> bool:
+        """Uninstall one installation; true even when it did not exist."""
+        result = await self._persistence.uninstall_plugin(tenant_id, installation_id)
+        if result is not None and result.plugin_removed:
+            await self._retire(result.installation.plugin_unique_identifier)
+        return True
+
+    # -- tasks --------------------------------------------------------------
+
+    async def get_task(self, tenant_id: str, task_id: str) -> InstallTask:
+        """One task of the tenant; RecordNotFoundError (-500) when absent."""
+        task = await self._persistence.get_task(tenant_id, task_id)
+        if task is None:
+            raise RecordNotFoundError()
+        return task
+
+    async def delete_task_item(self, tenant_id: str, task_id: str, identifier: str) -> bool:
+        """
+        Remove one plugin from a task; the task goes when every remaining
+        plugin succeeded.
+        """
+        parse_identifier(identifier)
+        lock = self._task_locks.setdefault(task_id, DeferredLock())
+        await lock.acquire()
+        try:
+            task = await self._persistence.get_task(tenant_id, task_id)
+            if task is None:
+                return True
+            plugins = [p for p in task.plugins if p.plugin_unique_identifier != identifier]
+            if all(p.status == TASK_SUCCESS for p in plugins):
+                await self._persistence.delete_task(tenant_id, task_id)
+                return True
+            statuses = [p.status for p in plugins]
+            await self._persistence.update_task(
+                InstallTask(
+                    id=task.id,
+                    created_at=task.created_at,
+                    updated_at=utc_from_timestamp(self._reactor.seconds()),
+                    status=task.status,
+                    tenant_id=task.tenant_id,
+                    total_plugins=len(plugins),
+                    completed_plugins=statuses.count(TASK_SUCCESS),
+                    plugins=plugins,
+                )
+            )
+            return True
+        finally:
+            lock.release()
+
+    async def fail_unfinished_tasks(self, message: str) -> int:
+        """
+        Mark every pending or running task failed with ``message`` (daemon
+        start after a crash, and shutdown).  Returns how many changed.
+        """
+        tasks = await self._persistence.list_tasks_by_status([TASK_PENDING, TASK_RUNNING])
+        for task in tasks:
+            plugins = [
+                p
+                if p.status in (TASK_SUCCESS, TASK_FAILED)
+                else InstallTaskPlugin(
+                    plugin_unique_identifier=p.plugin_unique_identifier,
+                    plugin_id=p.plugin_id,
+                    status=TASK_FAILED,
+                    message=message,
+                    icon=p.icon,
+                    icon_dark=p.icon_dark,
+                    labels=p.labels,
+                    source=p.source,
+                )
+                for p in task.plugins
+            ]
+            await self._persistence.update_task(
+                InstallTask(
+                    id=task.id,
+                    created_at=task.created_at,
+                    updated_at=utc_from_timestamp(self._reactor.seconds()),
+                    status=TASK_FAILED,
+                    tenant_id=task.tenant_id,
+                    total_plugins=task.total_plugins,
+                    completed_plugins=[p.status for p in plugins].count(TASK_SUCCESS),
+                    plugins=plugins,
+                )
+            )
+        return len(tasks)
+
+    async def stop(self) -> None:
+        """
+        Daemon shutdown: cancel running jobs, mark their tasks failed and
+        drop pending clean-up timers.
+        """
+        self._stopping = True
+        for timer in list(self._timers.values()):
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for job in list(self._running.values()):
+            job.cancel()
+        await self.fail_unfinished_tasks("An unexpected daemon shutdown occurred")
+
+    def wait_idle(self) -> Deferred:
+        """A Deferred that fires when no install job is running (tests)."""
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList(list(self._running.values()), consumeErrors=True)

@@ -1,0 +1,84 @@
+"""
+The daemon's top service: start-up order, readiness and shutdown.
+
+Start-up: the database is migrated and ready, install tasks left unfinished
+by a previous run are failed, and only then do the ports open.  Shutdown:
+ports close first, install jobs stop, runtimes drain and stop, and the
+database closes last.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class DaemonService(MultiService):
+    """
+    The whole daemon.  Its children are the listening services; they start
+    only after :meth:`prepare` has finished.
+
+    :param reactor: the reactor (stopped if start-up fails).
+    :param persistence: the IPersistence to migrate and close.
+    :param installer: the Installer (tasks failed at start, stopped at end).
+    :param runtimes: an object with ``start()`` and ``stop_all()`` returning
+        Deferreds (the runtime registry), or None.
+    :param runners: blocking-work runners to stop last.
+    """
+
+    def __init__(self, reactor, persistence, installer, runtimes=None, runners=()) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.persistence = persistence
+        self.installer = installer
+        self.runtimes = runtimes
+        self._runners = tuple(runners)
+        self.ready: Deferred = Deferred()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        d = Deferred.fromCoroutine(self._start())
+        d.addCallbacks(self.ready.callback, self._start_failed)
+
+    async def _start(self) -> None:
+        await self.persistence.migrate()
+        failed = await self.installer.fail_unfinished_tasks("An unexpected daemon shutdown occurred")
+        if failed:
+            log.warn("marked {count} unfinished install tasks failed", count=failed)
+        if self.runtimes is not None:
+            await self.runtimes.start()
+        for child in self:
+            child.startService()
+        log.info("difydaemon is ready")
+
+    def _start_failed(self, failure) -> None:
+        log.failure("difydaemon could not start", failure)
+        self.ready.errback(failure)
+        self.ready.addErrback(lambda _: None)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await DeferredList(
+            [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running],
+            consumeErrors=True,
+        )
+        try:
+            await self.installer.stop()
+        except Exception:
+            log.failure("stopping install jobs failed")
+        if self.runtimes is not None:
+            try:
+                await self.runtimes.stop_all()
+            except Exception:
+                log.failure("stopping plugin runtimes failed")
+        await self.persistence.close()
+        for runner in self._runners:
+            runner.stop()

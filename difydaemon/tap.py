@@ -1,0 +1,153 @@
+"""
+``twistd difydaemon``: command-line options and the service wiring.
+
+:func:`makeService` only builds objects; nothing listens, connects or spawns
+until the returned service starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.python import usage
+from twisted.web.server import Site
+
+from difydaemon import __version__
+from difydaemon.api.management import ManagementAPI
+from difydaemon.api.root import BuildInfo, HealthResource, RequestCounter, RootResource
+from difydaemon.blocking import ThreadPoolRunner
+from difydaemon.config import Config, load_config, read_dotenv
+from difydaemon.errors import ConfigError
+from difydaemon.management.installer import Installer
+from difydaemon.management.packages import PackageRegistry, StoragePaths
+from difydaemon.packaging.package import PackagePolicy
+from difydaemon.packaging.signature import load_public_key, official_public_key
+from difydaemon.runtimes.registry import RuntimeRegistry
+from difydaemon.service import DaemonService
+from difydaemon.storage.filesystem import FilesystemObjectStorage
+
+BUILD_TIME = "unknown"
+
+
+class Options(usage.Options):
+    """Options of ``twistd difydaemon``; everything else comes from the environment."""
+
+    optParameters = [
+        ["env-file", "e", ".env", "A .env file read for variables the environment does not set."],
+    ]
+
+
+def _public_keys(config: Config) -> tuple:
+    keys = [official_public_key()]
+    if config.packages.third_party_signature_verification_enabled:
+        for path in config.packages.third_party_signature_verification_public_keys:
+            try:
+                with open(path, "rb") as f:
+                    keys.append(load_public_key(f.read()))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    "THIRD_PARTY_SIGNATURE_VERIFICATION_PUBLIC_KEYS", f"cannot load {path}: {exc}"
+                )
+    return tuple(keys)
+
+
+def _persistence(reactor, config: Config):
+    db = config.db
+    if db.engine == "sqlite":
+        from difydaemon.persistence.sqlite import SQLitePersistence
+
+        return SQLitePersistence(reactor, db.db_database)
+    from difydaemon.persistence.postgres import PostgresPersistence
+
+    params = {"dbname": db.db_database, "sslmode": db.db_ssl_mode}
+    if db.db_host:
+        params["host"] = db.db_host
+    if db.db_port:
+        params["port"] = db.db_port
+    if db.db_username:
+        params["user"] = db.db_username
+    if db.db_password:
+        params["password"] = db.db_password
+    if db.db_charset:
+        params["client_encoding"] = db.db_charset
+    return PostgresPersistence(reactor, db.db_extras, pool_size=db.db_max_open_conns, **params)
+
+
+def _listen(reactor, host: str, port: int, factory):
+    if ":" in host:
+        endpoint = TCP6ServerEndpoint(reactor, port, interface=host)
+    else:
+        endpoint = TCP4ServerEndpoint(reactor, port, interface=host)
+    return StreamServerEndpointService(endpoint, factory)
+
+
+def build_daemon(reactor, config: Config) -> DaemonService:
+    """Wire every part of the daemon for ``config`` (no I/O happens here)."""
+    persistence = _persistence(reactor, config)
+    blocking = ThreadPoolRunner(reactor, "difydaemon-blocking", max_threads=4)
+    storage = FilesystemObjectStorage(reactor, config.storage.plugin_storage_local_root)
+    policy = PackagePolicy(
+        max_size=config.packages.max_plugin_package_size,
+        force_verify=config.packages.force_verifying_signature,
+        enforce_langgenius=config.packages.enforce_langgenius_plugin_signatures,
+        public_keys=_public_keys(config),
+    )
+    paths = StoragePaths(
+        packages=config.storage.plugin_package_cache_path,
+        installed=config.storage.plugin_installed_path,
+        media=config.storage.plugin_media_cache_path,
+    )
+    packages = PackageRegistry(
+        persistence,
+        storage,
+        policy,
+        blocking,
+        paths=paths,
+        media_cache_size=config.storage.plugin_media_cache_size,
+        asset_cache_size=config.storage.plugin_asset_cache_size,
+        max_bundle_size=config.packages.max_bundle_package_size,
+    )
+    runtimes = RuntimeRegistry(reactor)
+    installer = Installer(
+        reactor,
+        persistence,
+        storage,
+        packages,
+        runtimes,
+        install_timeout=config.install_timeout_seconds,
+    )
+    counter = RequestCounter()
+    health = HealthResource(
+        BuildInfo(version=__version__, build_time=BUILD_TIME, platform=config.platform),
+        counter,
+        runtimes.pool_status,
+    )
+    management = ManagementAPI(packages, installer, persistence)
+    root = RootResource(config.server_key, management.resource(), health, counter)
+    # upload routes parse their own bodies; form parsing costs every request
+    site = Site(root, parsePOSTFormSubmission=False, reactor=reactor)
+    site.displayTracebacks = False
+
+    service = DaemonService(reactor, persistence, installer, runtimes=runtimes, runners=[blocking])
+    service.site = site
+    service.config = config
+    _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
+    return service
+
+
+def makeService(options, reactor=None, environ=None):
+    """
+    The twistd entry point: read the configuration and build the daemon.
+
+    :param options: parsed :class:`Options`.
+    :param reactor: the reactor to use (tests pass a fake one).
+    :param environ: the environment (``os.environ`` by default).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    if environ is None:
+        environ = os.environ
+    config = load_config(environ, read_dotenv(options["env-file"]))
+    return build_daemon(reactor, config)
