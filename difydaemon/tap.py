@@ -24,6 +24,9 @@ from difydaemon.management.installer import Installer
 from difydaemon.management.packages import PackageRegistry, StoragePaths
 from difydaemon.packaging.package import PackagePolicy
 from difydaemon.packaging.signature import load_public_key, official_public_key
+from difydaemon.management.installations import InstallationCache
+from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
+from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService
 from difydaemon.storage.filesystem import FilesystemObjectStorage
@@ -83,6 +86,49 @@ def _listen(reactor, host: str, port: int, factory):
     return StreamServerEndpointService(endpoint, factory)
 
 
+def _local_factory(reactor, config: Config, persistence, storage, paths, blocking):
+    """The factory that brings local plugins up (None on the serverless platform)."""
+    if config.platform != "local":
+        return None
+    local = config.local_runtime
+    working_path = os.path.abspath(local.plugin_working_path)
+    builder = PythonEnvironmentBuilder(
+        reactor,
+        find_uv(local.uv_path or None),
+        os.path.join(working_path, ".uv-cache"),
+        pip_mirror_url=local.pip_mirror_url or None,
+        pip_extra_args=local.pip_extra_args or None,
+        pip_verbose=local.pip_verbose,
+        prefer_binary=local.pip_prefer_binary,
+        proxies=local.proxy_environment(),
+        compile_extra_args=local.python_compile_all_extra_args or None,
+        ignore_uv_lock=local.plugin_ignore_uv_lock,
+        init_timeout=local.python_env_init_timeout_seconds,
+        python_interpreter_path=local.python_interpreter_path or None,
+        prepared_venvs_dir=os.path.join(working_path, ".prepared-venvs"),
+    )
+    environ = dict(os.environ)
+    environ.update(local.proxy_environment())
+    return LocalRuntimeFactory(
+        reactor,
+        persistence,
+        storage,
+        paths,
+        blocking,
+        builder,
+        working_path,
+        environ,
+        config.packages.max_plugin_package_size,
+        runtime_options={
+            "instance_count": local.plugin_local_instances,
+            "max_line_size": config.plugin_runtime_max_buffer_size,
+            "readiness_timeout": local.python_env_init_timeout_seconds,
+            "session_timeout": config.max_execution_timeout_seconds,
+        },
+        launch_concurrency=local.plugin_local_launching_concurrent,
+    )
+
+
 def build_daemon(reactor, config: Config) -> DaemonService:
     """Wire every part of the daemon for ``config`` (no I/O happens here)."""
     persistence = _persistence(reactor, config)
@@ -109,7 +155,8 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         asset_cache_size=config.storage.plugin_asset_cache_size,
         max_bundle_size=config.packages.max_bundle_package_size,
     )
-    runtimes = RuntimeRegistry(reactor)
+    installations = InstallationCache(reactor, persistence)
+    runtimes = RuntimeRegistry(reactor, _local_factory(reactor, config, persistence, storage, paths, blocking))
     installer = Installer(
         reactor,
         persistence,
@@ -117,6 +164,7 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         packages,
         runtimes,
         install_timeout=config.install_timeout_seconds,
+        installations=installations,
     )
     counter = RequestCounter()
     health = HealthResource(

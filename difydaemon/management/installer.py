@@ -58,6 +58,7 @@ class Installer:
     :param launcher: the IRuntimeLauncher that makes an identifier runnable.
     :param install_timeout: seconds one plugin's install may take.
     :param concurrency: installs running at once.
+    :param installations: the InstallationCache to invalidate, if any.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class Installer:
         launcher,
         install_timeout: float = 900.0,
         concurrency: int = 4,
+        installations=None,
     ) -> None:
         self._reactor = reactor
         self._persistence = persistence
@@ -82,6 +84,7 @@ class Installer:
         self._running: dict[str, Deferred] = {}
         self._timers: dict[str, object] = {}
         self._stopping = False
+        self._installations = installations
 
     @property
     def runtime_type(self) -> str:
@@ -227,6 +230,7 @@ class Installer:
                 meta=meta,
                 providers=providers_of(declaration),
             )
+            self._invalidate(tenant_id, ident.plugin_id)
         except AlreadyInstalledError:
             # another task installed it meanwhile; the runtime is shared
             raise
@@ -296,6 +300,10 @@ class Installer:
             d.addErrback(lambda f: log.failure("deleting task {task_id} failed", f, task_id=task_id))
 
         self._timers[task_id] = self._reactor.callLater(SUCCESS_TASK_TTL, cleanup)
+
+    def _invalidate(self, tenant_id: str, plugin_id: str) -> None:
+        if self._installations is not None:
+            self._installations.invalidate(tenant_id, plugin_id)
 
     # -- upgrade ----------------------------------------------------------
 
@@ -383,6 +391,7 @@ class Installer:
             source=source,
             meta=meta or {},
         )
+        self._invalidate(tenant_id, result.installation.plugin_id)
         if result.original_plugin_removed:
             await self._retire(original)
 
@@ -396,6 +405,8 @@ class Installer:
     async def uninstall(self, tenant_id: str, installation_id: str) -> bool:
         """Uninstall one installation; true even when it did not exist."""
         result = await self._persistence.uninstall_plugin(tenant_id, installation_id)
+        if result is not None:
+            self._invalidate(tenant_id, result.installation.plugin_id)
         if result is not None and result.plugin_removed:
             await self._retire(result.installation.plugin_unique_identifier)
         return True

@@ -16,6 +16,7 @@ they can be tested without spawning anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -596,6 +597,11 @@ class PythonEnvironmentBuilder:
     :param environ: the daemon's environment (pass-through variables, PATH).
     :param threadpool: where the blocking deletion of an invalid venv runs;
         the reactor's own thread pool by default.
+    :param prepared_venvs_dir: where finished, byte-compiled venvs are kept,
+        keyed by everything that decides their content (interpreter,
+        dependency files, index and extra arguments).  A plugin whose key is
+        there gets a hard-linked copy in milliseconds instead of an install
+        and a site-packages compilation (seconds); None disables it.
     """
 
     def __init__(
@@ -618,8 +624,10 @@ class PythonEnvironmentBuilder:
         environ: Mapping[str, str] | None = None,
         interpreter_search_dirs: Sequence[str] = ("/usr/bin", "/usr/local/bin"),
         threadpool=None,
+        prepared_venvs_dir: str | None = None,
     ) -> None:
         self._reactor = reactor
+        self._prepared = prepared_venvs_dir
         self._uv = uv_path
         self._uv_cache_dir = uv_cache_dir
         self._pip_mirror_url = pip_mirror_url
@@ -678,40 +686,87 @@ class PythonEnvironmentBuilder:
             )
         interpreter = await self._interpreter(version)
         env = install_environment(self._environ, working_dir, self._uv_cache_dir, self._proxies)
-
-        progress(f"creating venv with Python {version}")
-        await self._run(venv_command(self._uv, working_dir, interpreter, env))
-
-        progress(f"installing dependencies from {dependency_file}")
         frozen_lock = (
             dependency_file == PYPROJECT_TOML
             and not self._ignore_uv_lock
             and os.path.exists(os.path.join(working_dir, UV_LOCK))
         )
-        await self._run(
-            install_command(
-                self._uv,
-                working_dir,
-                dependency_file,
-                env,
-                pip_mirror_url=self._pip_mirror_url,
-                pip_extra_args=self._pip_extra_args,
-                pip_verbose=self._pip_verbose,
-                frozen_lock=frozen_lock,
+        prepared = None
+        if self._prepared is not None:
+            key = await deferToThreadPool(
+                self._reactor, self._pool(), self._prepared_key, working_dir, interpreter, dependency_file, frozen_lock
             )
-        )
+            prepared = os.path.join(self._prepared, key)
+        fresh = prepared is None or not venv_is_valid(prepared)
+        if not fresh:
+            progress("copying a prepared venv")
+            await self._run(_link_copy(os.path.join(prepared, VENV_DIR), os.path.join(working_dir, VENV_DIR), env))
+            for command in compile_commands(working_dir, [], env, self._compile_extra_args):
+                progress(command.step)
+                await self._run(command)
+        else:
+            progress(f"creating venv with Python {version}")
+            await self._run(venv_command(self._uv, working_dir, interpreter, env))
 
-        for command in compile_commands(
-            working_dir, _site_packages(working_dir), env, self._compile_extra_args
-        ):
-            progress(command.step)
-            await self._run(command)
+            progress(f"installing dependencies from {dependency_file}")
+            await self._run(
+                install_command(
+                    self._uv,
+                    working_dir,
+                    dependency_file,
+                    env,
+                    pip_mirror_url=self._pip_mirror_url,
+                    pip_extra_args=self._pip_extra_args,
+                    pip_verbose=self._pip_verbose,
+                    frozen_lock=frozen_lock,
+                )
+            )
+
+            for command in compile_commands(
+                working_dir, _site_packages(working_dir), env, self._compile_extra_args
+            ):
+                progress(command.step)
+                await self._run(command)
 
         marker = os.path.join(working_dir, MARKER_PATH)
         os.makedirs(os.path.dirname(marker), mode=0o755, exist_ok=True)
         with open(marker, "wb") as f:
             f.write(marker_content(self._reactor.seconds()))
+        if prepared is not None and fresh:
+            await self._keep_prepared(working_dir, prepared, env)
         progress("venv ready")
+
+    def _prepared_key(self, working_dir: str, interpreter: str, dependency_file: str, frozen_lock: bool) -> str:
+        """What decides a venv's content, hashed (blocking: reads files)."""
+        digest = hashlib.sha256()
+        for part in (interpreter, dependency_file, self._pip_mirror_url or "", self._pip_extra_args or "", str(frozen_lock)):
+            digest.update(part.encode() + b"\0")
+        names = [dependency_file]
+        if dependency_file == PYPROJECT_TOML and os.path.exists(os.path.join(working_dir, UV_LOCK)):
+            names.append(UV_LOCK)
+        for name in names:
+            with open(os.path.join(working_dir, name), "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        return digest.hexdigest()
+
+    async def _keep_prepared(self, working_dir: str, prepared: str, env) -> None:
+        """Keep a hard-linked copy of a fresh venv for the next plugin with the same key."""
+        staging = f"{prepared}.{os.getpid()}.{int(self._reactor.seconds() * 1000)}"
+        try:
+            os.makedirs(staging, mode=0o755, exist_ok=True)
+            outcome = await run_step(
+                self._reactor,
+                _link_copy(os.path.join(working_dir, VENV_DIR), os.path.join(staging, VENV_DIR), env),
+                self._init_timeout,
+                self._total_timeout,
+            )
+            if outcome.succeeded and not os.path.exists(prepared):
+                os.rename(staging, prepared)
+        except OSError as e:
+            log.warn("keeping a prepared venv failed: {error}", error=str(e))
+        finally:
+            if os.path.exists(staging):
+                await deferToThreadPool(self._reactor, self._pool(), shutil.rmtree, staging, True)
 
     async def _interpreter(self, version: str) -> str:
         cached = self._interpreters.get(version)
@@ -739,6 +794,19 @@ class PythonEnvironmentBuilder:
         if self._threadpool is None:
             self._threadpool = self._reactor.getThreadPool()
         return self._threadpool
+
+
+def _link_copy(source: str, target: str, env) -> StepCommand:
+    """
+    A copy of a venv made of hard links (``cp -al``): instant, and safe to
+    share because Python and uv replace files instead of rewriting them.
+    """
+    return StepCommand(
+        step="copying a prepared venv",
+        argv=("/bin/cp", "-al", source, target),
+        env=env,
+        path=os.path.dirname(target) or ".",
+    )
 
 
 def _listdir(path: str) -> list[str]:

@@ -1,0 +1,222 @@
+"""
+Bringing local plugins up: unpack, build the venv, start the processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from difydaemon.errors import DaemonError, InternalServerError, ObjectNotFoundError
+from difydaemon.packaging.archive import extract_package, read_package
+from difydaemon.packaging.identifier import parse_identifier
+from difydaemon.runtimes.environment import working_dir_for
+from difydaemon.runtimes.local import LocalRuntime
+
+log = Logger()
+
+
+class SharedResult:
+    """
+    One Deferred's outcome handed to any number of waiters, each getting its
+    own Deferred (a failure is delivered to every waiter and consumed once).
+    """
+
+    def __init__(self, result: Deferred) -> None:
+        self.result = result
+        self._waiters: list[Deferred] = []
+        self._outcome = None
+        self._done = False
+        result.addBoth(self._settle)
+
+    def _settle(self, outcome):
+        self._done = True
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(outcome) if not _is_failure(outcome) else waiter.errback(outcome)
+        return None
+
+    @property
+    def done(self) -> bool:
+        """Whether the outcome is known."""
+        return self._done
+
+    def addWaiter(self) -> Deferred:
+        """A new Deferred that fires with the shared outcome."""
+        waiter = Deferred()
+        if self._done:
+            if _is_failure(self._outcome):
+                waiter.errback(self._outcome)
+            else:
+                waiter.callback(self._outcome)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+
+def _is_failure(value) -> bool:
+    return isinstance(value, Failure)
+
+
+class LocalRuntimeFactory:
+    """
+    Brings local plugins up for the :class:`RuntimeRegistry`: unpack the
+    package into its working directory, build its venv, start its
+    instances, and wait for the first heartbeat.
+
+    A launch that fails removes the working directory it created, so a
+    failed install leaves no directory and no process behind.
+
+    :param reactor: spawns processes and keeps time.
+    :param persistence: an IPersistence (to restore installed plugins).
+    :param storage: an IObjectStorage (the installed-package copies).
+    :param paths: the storage prefixes (``StoragePaths``).
+    :param runner: where unpacking and deleting run (a blocking runner).
+    :param builder: the ``PythonEnvironmentBuilder``.
+    :param working_path: ``PLUGIN_WORKING_PATH``.
+    :param environ: the plugin processes' base environment.
+    :param max_package_size: ``MAX_PLUGIN_PACKAGE_SIZE``.
+    :param runtime_options: keyword arguments of ``LocalRuntime`` (instance
+        count, timeouts, buffer sizes).
+    :param launch_concurrency: ``PLUGIN_LOCAL_LAUNCHING_CONCURRENT``.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        persistence,
+        storage,
+        paths,
+        runner,
+        builder,
+        working_path: str,
+        environ: dict,
+        max_package_size: int,
+        runtime_options: dict | None = None,
+        launch_concurrency: int = 2,
+    ) -> None:
+
+        self._reactor = reactor
+        self._persistence = persistence
+        self._storage = storage
+        self._paths = paths
+        self._runner = runner
+        self._builder = builder
+        self._working_path = working_path
+        self._environ = dict(environ)
+        # plugins may write the .pyc of what was not compiled ahead
+        self._environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        self._max_package_size = max_package_size
+        self._runtime_options = dict(runtime_options or {})
+        self._semaphore = DeferredSemaphore(launch_concurrency)
+
+    def launch(self, plugin_unique_identifier, declaration, package, progress):
+        """Deferred[LocalRuntime], ready to take sessions."""
+        return self._semaphore.run(
+            lambda: Deferred.fromCoroutine(
+                self._launch(plugin_unique_identifier, declaration, package, progress)
+            )
+        )
+
+    async def _launch(self, identifier, declaration, package, progress):
+
+
+        ident = parse_identifier(identifier)
+        meta = declaration.get("meta") or {}
+        runner_meta = meta.get("runner") or {}
+        if runner_meta.get("language", "python") != "python":
+            raise InternalServerError(f"unsupported runner language {runner_meta.get('language')!r}")
+        working_dir = os.path.abspath(working_dir_for(self._working_path, identifier))
+        created = await self._runner.run(_prepare_directory, working_dir)
+        try:
+            if created:
+                progress("unpacking the package")
+                try:
+                    await self._runner.run(_unpack, package, self._max_package_size, working_dir)
+                except DaemonError as exc:
+                    raise InternalServerError(f"unpacking the package failed: {exc.message}")
+            python = await self._builder.build(working_dir, runner_meta.get("version"), progress)
+            progress("starting the plugin")
+            runtime = LocalRuntime(
+                self._reactor,
+                identifier,
+                ident.plugin_id,
+                working_dir,
+                python,
+                entrypoint=runner_meta.get("entrypoint") or "main",
+                env=self._environ,
+                **self._runtime_options,
+            )
+            try:
+                await runtime.start()
+            except DaemonError as exc:
+                raise InternalServerError(f"starting the plugin failed: {exc.message}")
+            progress("plugin is ready")
+            return runtime
+        except BaseException:
+            if created:
+                await self._runner.run(_remove_tree, working_dir)
+            raise
+
+    def discard(self, plugin_unique_identifier):
+        """Delete an identifier's working directory. Deferred[None]."""
+
+
+        working_dir = os.path.abspath(working_dir_for(self._working_path, plugin_unique_identifier))
+        return self._runner.run(_remove_tree, working_dir)
+
+    def restore(self):
+        """
+        Start every locally installed plugin again (daemon start).
+        Deferred[list of runtimes that came up]; failures are logged.
+        """
+        return Deferred.fromCoroutine(self._restore())
+
+    async def _restore(self):
+
+
+        plugins = await self._persistence.list_plugins("local")
+        attempts = []
+        for plugin in plugins:
+            identifier = plugin.plugin_unique_identifier
+            declaration = await self._persistence.get_declaration(identifier)
+            try:
+                package = await self._storage.load(self._paths.installed_package(identifier))
+            except ObjectNotFoundError:
+                log.warn("installed plugin {identifier} has no installed package", identifier=identifier)
+                continue
+            if declaration is None:
+                log.warn("installed plugin {identifier} has no declaration", identifier=identifier)
+                continue
+            attempts.append(self.launch(identifier, declaration, package, lambda line: None))
+        results = await DeferredList(attempts, consumeErrors=True)
+        runtimes = []
+        for ok, value in results:
+            if ok:
+                runtimes.append(value)
+            else:
+                log.error("restoring a plugin failed: {reason}", reason=value.getErrorMessage())
+        return runtimes
+
+
+def _prepare_directory(path: str) -> bool:
+    """Create ``path`` if missing or empty; True when it must be filled."""
+    if os.path.isdir(path) and os.listdir(path):
+        return False
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return True
+
+
+def _unpack(package: bytes, max_size: int, target: str) -> None:
+
+    extract_package(read_package(package, max_size), target)
+
+
+def _remove_tree(path: str) -> None:
+
+    shutil.rmtree(path, ignore_errors=True)
