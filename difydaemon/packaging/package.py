@@ -146,7 +146,7 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
 
     Each item is ``{"type": "github"|"marketplace"|"package", "value": {...}}``
     in the wire shape of ``/install/upload/bundle``; ``package`` items also
-    carry ``"decoded": DecodedPackage`` for the caller to persist and then
+    carry ``"decoded": DecodedPackage`` and ``"data"`` (the package bytes) for the caller to persist and then
     drop before answering.  Embedded packages get every check of
     :func:`decode_package`, Langgenius-authorship enforcement included.
     """
@@ -200,6 +200,7 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
                 "type": "package",
                 "value": {"unique_identifier": decoded.identifier.raw, "manifest": decoded.declaration},
                 "decoded": decoded,
+                "data": asset,
             })
         else:
             require(False, f"{field}.type", "must be github, marketplace or package")

@@ -447,3 +447,68 @@ class InstallTests(SynchronousTestCase):
         """Deleting a task item with a malformed identifier is -400."""
         env = self.daemon.call("POST", f"/plugin/{TENANT}/management/install/tasks/some-task/delete/not-an-identifier")
         self.assertEqual(env["code"], -400)
+
+
+class BundleTests(SynchronousTestCase):
+    """Uploading bundles."""
+
+    def setUp(self):
+        super().setUp()
+        self.daemon = DaemonHarness(self)
+
+    def _upload_bundle(self, data: bytes):
+        from .harness import encode_form
+
+        content_type, body = encode_form({"verify_signature": "false"}, {"dify_bundle": data})
+        return self.daemon.call(
+            "POST",
+            f"/plugin/{TENANT}/management/install/upload/bundle",
+            data=body,
+            headers={"Content-Type": content_type},
+        )
+
+    def test_bundle_dependencies_and_embedded_package(self):
+        """A bundle answers its dependencies; its embedded package is stored and installable."""
+        from tests.packaging.test_package import bundle
+
+        from difydaemon.packaging.archive import read_package
+        from difydaemon.packaging.checksum import package_checksum
+
+        package = echo_package()
+        checksum = package_checksum(read_package(package, 1 << 20))
+        env = self._upload_bundle(
+            bundle(
+                [
+                    {"type": "marketplace", "value": {"marketplace_pattern": "langgenius/openai:0.0.19"}},
+                    {"type": "package", "value": {"path": checksum}},
+                ],
+                {checksum: package},
+            )
+        )
+        self.assertEqual(env["code"], 0, env)
+        self.assertEqual(env["data"][0]["type"], "marketplace")
+        embedded = env["data"][1]
+        self.assertEqual(set(embedded), {"type", "value"})
+        ident = embedded["value"]["unique_identifier"]
+        self.assertEqual(ident, f"acme/echo:0.0.1@{checksum}")
+        self.assertRegex(embedded["value"]["manifest"]["icon"], r"^[0-9a-f]{64}\.svg$")
+        task = self.daemon.install(ident)
+        self.assertFalse(task["all_installed"])
+
+    def test_bad_bundle_stores_nothing(self):
+        """A bundle whose second package is broken stores neither package."""
+        from tests.packaging.test_package import bundle
+
+        from difydaemon.packaging.archive import read_package
+        from difydaemon.packaging.checksum import package_checksum
+
+        good = echo_package()
+        checksum = package_checksum(read_package(good, 1 << 20))
+        env = self._upload_bundle(
+            bundle(
+                [{"type": "package", "value": {"path": checksum}}, {"type": "package", "value": {"path": "broken"}}],
+                {checksum: good, "broken": b"not a zip"},
+            )
+        )
+        self.assertEqual(env["code"], -400)
+        self.assertEqual(self.daemon.stored_keys(), [])
