@@ -184,6 +184,23 @@ class IPersistence(Interface):
     def delete_all_tasks(tenant_id: str):
         """Deferred[None]."""
 
+    # -- remote debugging keys -------------------------------------------
+
+    def get_or_create_debugging_key(tenant_id: str, new_key: str, ttl: float):
+        """
+        The tenant's debugging key, valid for ``ttl`` more seconds from now.
+
+        A tenant has one key: an unexpired one is kept and its expiry moved
+        to now + ``ttl``; when there is none, or it has expired, ``new_key``
+        becomes the tenant's key.  Deferred[DebuggingKey].
+        """
+
+    def get_debugging_key(key: str):
+        """
+        Deferred[DebuggingKey | None]: the record of ``key`` if it exists
+        and has not expired.
+        """
+
 
 class IRuntimeLauncher(Interface):
     """

@@ -24,7 +24,9 @@ from difydaemon.management.installer import Installer
 from difydaemon.management.packages import PackageRegistry, StoragePaths
 from difydaemon.packaging.package import PackagePolicy
 from difydaemon.packaging.signature import load_public_key, official_public_key
+from difydaemon.management.debugging import DebuggingKeys
 from difydaemon.management.installations import InstallationCache
+from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.registry import RuntimeRegistry
@@ -172,7 +174,8 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         counter,
         runtimes.pool_status,
     )
-    management = ManagementAPI(packages, installer, persistence)
+    keys = DebuggingKeys(reactor, persistence) if config.remote.plugin_remote_installing_enabled else None
+    management = ManagementAPI(packages, installer, persistence, debugging=keys)
     root = RootResource(config.server_key, management.resource(), health, counter)
     # upload routes parse their own bodies; form parsing costs every request
     site = Site(root, parsePOSTFormSubmission=False, reactor=reactor)
@@ -182,6 +185,28 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     service.site = site
     service.config = config
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
+    if keys is not None:
+        debug_factory = DebugServerFactory(
+            reactor,
+            keys,
+            persistence,
+            storage,
+            runtimes,
+            installations,
+            paths=paths,
+            runner=blocking,
+            max_connections=config.remote.plugin_remote_installing_max_conn,
+            max_tenant_connections=config.remote.plugin_remote_installing_max_single_tenant_conn,
+            session_timeout=config.max_execution_timeout_seconds,
+            max_line_size=config.plugin_runtime_max_buffer_size,
+        )
+        service.debug_factory = debug_factory
+        _listen(
+            reactor,
+            config.remote.plugin_remote_installing_host,
+            config.remote.plugin_remote_installing_port,
+            debug_factory,
+        ).setServiceParent(service)
     return service
 
 

@@ -75,6 +75,24 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
         self.assertFalse(os.path.exists(os.path.join(workdir, "daemon.db")))
 
+    def test_debug_listener_when_remote_installing_enabled(self):
+        """With remote installing enabled the daemon also listens for debug plugins."""
+        fake = MemoryReactorClock()
+        environ = environment(self.mktemp(), 5002)
+        environ.update(
+            {
+                "PLUGIN_REMOTE_INSTALLING_ENABLED": "true",
+                "PLUGIN_REMOTE_INSTALLING_HOST": "127.0.0.1",
+                "PLUGIN_REMOTE_INSTALLING_PORT": "5003",
+            }
+        )
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=fake, environ=environ)
+        for child in service:
+            child.startService()
+        self.assertEqual(sorted(port for port, *_ in fake.tcpServers), [5002, 5003])
+
     def test_bad_config_names_variable(self):
         """A bad value stops makeService with an error naming the variable."""
         environ = environment(self.mktemp(), 5002)

@@ -91,14 +91,17 @@ class ManagementAPI:
     :param packages: the PackageRegistry.
     :param installer: the Installer.
     :param persistence: an IPersistence (for the read-only queries).
+    :param debugging: the DebuggingKeys, or None when remote debugging is
+        disabled (the key route is then unknown, as in the Go daemon).
     """
 
     app = Klein()
 
-    def __init__(self, packages, installer, persistence) -> None:
+    def __init__(self, packages, installer, persistence, debugging=None) -> None:
         self._packages = packages
         self._installer = installer
         self._persistence = persistence
+        self._debugging = debugging
 
     def resource(self):
         """The twisted.web resource of this app."""
@@ -483,6 +486,18 @@ class ManagementAPI:
             return _json(request, envelope.from_exception(exc), 500)
         request.setHeader(b"content-type", b"application/octet-stream")
         return data or b""
+
+    # -- remote debugging -----------------------------------------------------
+
+    @app.route("/plugin/<tenant_id>/debugging/key", methods=["POST"])
+    async def debugging_key(self, request, tenant_id):
+        if self._debugging is None:
+            return _json(request, envelope.ROUTE_NOT_FOUND, 404)
+        return await self._debugging_key(request, tenant_id)
+
+    @envelope_route("GetDebuggingKeyRequest")
+    async def _debugging_key(self, request, tenant_id, params):
+        return {"key": await self._debugging.key_for(tenant_id)}
 
 
 @ManagementAPI.app.handle_errors(NotFound, MethodNotAllowed)

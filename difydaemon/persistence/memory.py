@@ -16,6 +16,7 @@ from difydaemon.ids import new_id, utc_from_timestamp
 from difydaemon.interfaces import IPersistence
 from difydaemon.persistence.records import (
     PROVIDER_TABLES,
+    DebuggingKey,
     Installation,
     InstallTask,
     PluginRecord,
@@ -72,6 +73,7 @@ class MemoryPersistence:
         self._declarations = {}  # identifier -> (plugin_id, JSON bytes)
         self._readmes = {}  # (identifier, language) -> content
         self._tasks = {}  # id -> InstallTask
+        self._debugging_keys = {}  # tenant_id -> DebuggingKey
 
     def _now(self) -> float:
         return self._reactor.seconds()
@@ -363,3 +365,26 @@ class MemoryPersistence:
     def delete_all_tasks(self, tenant_id):
         for task_id in [t.id for t in self._tasks.values() if t.tenant_id == tenant_id]:
             del self._tasks[task_id]
+
+    # -- remote debugging keys --------------------------------------------
+
+    @_synchronously
+    def get_or_create_debugging_key(self, tenant_id, new_key, ttl):
+        now = self._now()
+        old = self._debugging_keys.get(tenant_id)
+        key = new_key
+        if old is not None and old.expires_at > utc_from_timestamp(now):
+            key = old.key
+        record = DebuggingKey(
+            tenant_id=tenant_id, key=key, expires_at=utc_from_timestamp(now + ttl)
+        )
+        self._debugging_keys[tenant_id] = record
+        return record
+
+    @_synchronously
+    def get_debugging_key(self, key):
+        now = utc_from_timestamp(self._now())
+        for record in self._debugging_keys.values():
+            if record.key == key and record.expires_at > now:
+                return record
+        return None

@@ -115,3 +115,12 @@ class UpgradeResult:
 
     installation: Installation
     original_plugin_removed: bool
+
+
+@frozen
+class DebuggingKey:
+    """A tenant's remote debugging key (``debugging_keys``)."""
+
+    tenant_id: str
+    key: str
+    expires_at: datetime

@@ -29,6 +29,7 @@ from difydaemon.errors import AlreadyInstalledError, RecordNotFoundError
 from difydaemon.ids import new_id, utc_from_timestamp
 from difydaemon.persistence.records import (
     PROVIDER_TABLES,
+    DebuggingKey,
     Installation,
     InstallTask,
     InstallTaskPlugin,
@@ -683,6 +684,50 @@ async def delete_all_tasks(tx, tenant_id: str) -> None:
     await tx.execute("DELETE FROM install_tasks WHERE tenant_id = ?", (tenant_id,))
 
 
+# -- remote debugging keys ------------------------------------------------------
+
+
+async def get_or_create_debugging_key(
+    tx, now: float, tenant_id: str, new_key: str, ttl: float
+) -> DebuggingKey:
+    """See :meth:`IPersistence.get_or_create_debugging_key`."""
+    encode = tx.dialect.encode_time
+    moment = encode(utc_from_timestamp(now))
+    expires_at = utc_from_timestamp(now + ttl)
+    # Two concurrent first requests of a tenant: the second insert waits for
+    # the first and then does nothing, and both read the one key back.
+    await tx.execute(
+        "INSERT INTO debugging_keys (id, created_at, updated_at, tenant_id, key, expires_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id) DO NOTHING",
+        (new_id(now), moment, moment, tenant_id, new_key, encode(expires_at)),
+    )
+    rows = await tx.execute(
+        f"SELECT key, expires_at FROM debugging_keys WHERE tenant_id = ?{tx.dialect.lock}",
+        (tenant_id,),
+    )
+    key = rows[0][0]
+    if tx.dialect.decode_time(rows[0][1]) <= utc_from_timestamp(now):
+        key = new_key
+    await tx.execute(
+        "UPDATE debugging_keys SET key = ?, expires_at = ?, updated_at = ? WHERE tenant_id = ?",
+        (key, encode(expires_at), moment, tenant_id),
+    )
+    return DebuggingKey(tenant_id=tenant_id, key=key, expires_at=expires_at)
+
+
+async def get_debugging_key(tx, now: float, key: str):
+    """See :meth:`IPersistence.get_debugging_key`."""
+    rows = await tx.execute(
+        "SELECT tenant_id, key, expires_at FROM debugging_keys WHERE key = ?", (key,)
+    )
+    if not rows:
+        return None
+    expires_at = tx.dialect.decode_time(rows[0][2])
+    if expires_at <= utc_from_timestamp(now):
+        return None
+    return DebuggingKey(tenant_id=rows[0][0], key=rows[0][1], expires_at=expires_at)
+
+
 # -- the IPersistence methods -------------------------------------------------
 
 
@@ -796,3 +841,9 @@ class SQLPersistence:
 
     def delete_all_tasks(self, tenant_id):
         return self._transact(delete_all_tasks, tenant_id)
+
+    def get_or_create_debugging_key(self, tenant_id, new_key, ttl):
+        return self._transact(get_or_create_debugging_key, self._now(), tenant_id, new_key, ttl)
+
+    def get_debugging_key(self, key):
+        return self._transact(get_debugging_key, self._now(), key)

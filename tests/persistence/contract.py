@@ -39,6 +39,9 @@ ECHO_1 = "acme/echo:0.0.1@" + "a" * 64
 ECHO_2 = "acme/echo:0.0.2@" + "b" * 64
 OTHER = "acme/other:1.0.0@" + "c" * 64
 
+KEY_1 = "5f0c1d2e-3a4b-4c5d-8e6f-000000000001"
+KEY_2 = "5f0c1d2e-3a4b-4c5d-8e6f-000000000002"
+
 ALL_KINDS = ("tool", "model", "agent_strategy", "datasource", "trigger")
 
 
@@ -582,6 +585,62 @@ class PersistenceContract:
         await self.persistence.delete_all_tasks(T1)
         self.assertEqual(await self.persistence.list_tasks(T1, 0, 10), [])
         self.assertEqual(await self.persistence.list_tasks(T2, 0, 10), [kept])
+
+    # -- remote debugging keys -------------------------------------------------
+
+    @contract
+    async def test_debugging_key_created_once(self):
+        """A tenant's first key is the new one; later calls return it and ignore theirs."""
+        first = await self.persistence.get_or_create_debugging_key(T1, KEY_1, 7200.0)
+        self.assertEqual((first.tenant_id, first.key), (T1, KEY_1))
+        self.assertEqual(first.expires_at, utc_from_timestamp(self.clock.seconds() + 7200.0))
+        again = await self.persistence.get_or_create_debugging_key(T1, KEY_2, 7200.0)
+        self.assertEqual(again.key, KEY_1)
+        other = await self.persistence.get_or_create_debugging_key(T2, KEY_2, 7200.0)
+        self.assertEqual(other.key, KEY_2)
+        self.assertEqual((await self.persistence.get_debugging_key(KEY_2)).tenant_id, T2)
+
+    @contract
+    async def test_debugging_key_refresh(self):
+        """Asking for the key again moves its expiry; lookups never do."""
+        await self.persistence.get_or_create_debugging_key(T1, KEY_1, 7200.0)
+        self.advance(7000)
+        self.assertEqual((await self.persistence.get_debugging_key(KEY_1)).tenant_id, T1)
+        refreshed = await self.persistence.get_or_create_debugging_key(T1, KEY_2, 7200.0)
+        self.assertEqual(refreshed.key, KEY_1)
+        self.advance(7100)
+        found = await self.persistence.get_debugging_key(KEY_1)
+        self.assertEqual(found, refreshed)
+        self.advance(200)
+        self.assertIsNone(await self.persistence.get_debugging_key(KEY_1))
+
+    @contract
+    async def test_debugging_key_expired_replaced(self):
+        """An expired key is dead; the tenant's next key is the new one given."""
+        await self.persistence.get_or_create_debugging_key(T1, KEY_1, 10.0)
+        self.advance(10)
+        self.assertIsNone(await self.persistence.get_debugging_key(KEY_1))
+        renewed = await self.persistence.get_or_create_debugging_key(T1, KEY_2, 10.0)
+        self.assertEqual(renewed.key, KEY_2)
+        self.assertIsNone(await self.persistence.get_debugging_key(KEY_1))
+        self.assertEqual((await self.persistence.get_debugging_key(KEY_2)).tenant_id, T1)
+
+    @contract
+    async def test_debugging_key_unknown(self):
+        """An unknown or malformed key names no tenant."""
+        await self.persistence.get_or_create_debugging_key(T1, KEY_1, 7200.0)
+        self.assertIsNone(await self.persistence.get_debugging_key(KEY_2))
+        self.assertIsNone(await self.persistence.get_debugging_key("not a key"))
+
+    @contract
+    async def test_debugging_key_concurrent_first_requests(self):
+        """Concurrent first requests of one tenant all get the same key."""
+        outcomes = await settle(*[
+            self.persistence.get_or_create_debugging_key(ODD_TENANT, key, 7200.0)
+            for key in (KEY_1, KEY_2)
+        ])
+        self.assertEqual([ok for ok, _ in outcomes], [True, True])
+        self.assertEqual(outcomes[0][1].key, outcomes[1][1].key)
 
 
 class FrozenTimeReactor:

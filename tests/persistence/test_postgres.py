@@ -17,7 +17,7 @@ from txpostgres import txpostgres
 from difydaemon.persistence.postgres import PostgresPersistence, to_pyformat
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from tests.persistence.contract import FrozenTimeReactor, PersistenceContract
-from tests.persistence.test_sqlite import TABLES
+from tests.persistence.test_sqlite import MIGRATIONS, TABLES
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 
@@ -92,16 +92,16 @@ class PostgresSchemaTests(PostgresSchemaCase):
             (self.schema,),
         )
         self.assertEqual({row[0] for row in rows}, TABLES)
-        rows = await self.admin.runQuery(f"SELECT version FROM {self.schema}.schema_migrations")
-        self.assertEqual(rows, [("0001_initial",)])
+        rows = await self.admin.runQuery(f"SELECT version FROM {self.schema}.schema_migrations ORDER BY version")
+        self.assertEqual(rows, MIGRATIONS)
 
     async def test_concurrent_migrate(self):
         """Two instances migrating the same empty schema at once both succeed."""
         first = self.make_persistence(pool_size=1)
         second = self.make_persistence(pool_size=1)
         await gatherResults([first.migrate(), second.migrate()])
-        rows = await self.admin.runQuery(f"SELECT version FROM {self.schema}.schema_migrations")
-        self.assertEqual(rows, [("0001_initial",)])
+        rows = await self.admin.runQuery(f"SELECT version FROM {self.schema}.schema_migrations ORDER BY version")
+        self.assertEqual(rows, MIGRATIONS)
 
     async def test_types(self):
         """Timestamps are timestamptz and tenant ids are varchar(64) in PostgreSQL."""

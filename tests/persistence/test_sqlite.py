@@ -10,11 +10,14 @@ from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from tests.persistence.contract import ECHO_1, T1, FrozenTimeReactor, PersistenceContract
 
 #: every table of http-api §5.2 plus the migration log
+#: every migration shipped, in order
+MIGRATIONS = [("0001_initial",), ("0002_debugging_keys",)]
+
 TABLES = {
     "plugins", "plugin_installations", "plugin_declarations", "tool_installations",
     "ai_model_installations", "agent_strategy_installations", "datasource_installations",
     "trigger_installations", "endpoints", "install_tasks", "serverless_runtimes",
-    "tenant_storages", "plugin_readme_records", "schema_migrations",
+    "tenant_storages", "plugin_readme_records", "schema_migrations", "debugging_keys",
 }
 
 
@@ -68,11 +71,11 @@ class SQLiteFileTests(AsyncTestCase):
             tables = {row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'"
             )}
-            versions = connection.execute("SELECT version FROM schema_migrations").fetchall()
+            versions = connection.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
         finally:
             connection.close()
         self.assertEqual(tables, TABLES)
-        self.assertEqual(versions, [("0001_initial",)])
+        self.assertEqual(versions, MIGRATIONS)
 
     async def test_data_survives_reopen(self):
         """Rows written before close() are read back by a new instance on the same file."""
