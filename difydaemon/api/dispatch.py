@@ -1,0 +1,536 @@
+"""
+The dispatch path: ``POST /plugin/<tenant>/dispatch/...`` (``http-api.md``
+§2.2, §2.3, §3).
+
+This is the hot path of every Dify workflow step that calls a plugin, so it
+is a plain twisted.web leaf resource rather than a Klein route (Klein's
+routing costs 0.1 - 0.25 ms of CPU per request: ``performance.md``), and
+chunks are relayed as the plugin's own bytes, several per write.
+
+A request goes through the Go daemon's steps in its order: the route (an
+unknown one is gin's 404 before any group middleware), ``X-Plugin-ID``,
+the tenant's installation, its identifier, the body, the runtime; then the
+session's chunks are written as Server-Sent Events (or, for the polling
+routes, the last one as one JSON envelope).
+"""
+
+from __future__ import annotations
+
+from os import urandom
+
+import orjson
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from difydaemon import errors
+from difydaemon.api import envelope, sse
+from difydaemon.api.dispatch_routes import ChunkError, route_table, validate_data
+from difydaemon.interfaces import ISessionListener
+from difydaemon.invocation.messages import backwards_error
+from difydaemon.packaging.identifier import parse_identifier
+
+JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+NO_RUNTIME_MESSAGE = "failed to get plugin runtime"
+TIMEOUT_MESSAGE = "killed by timeout"
+BACKWARDS_UNSUPPORTED_MESSAGE = "backwards invocation is not supported yet"
+NO_POLLING_RESULT_MESSAGE = "no polling result received from plugin"
+INVOKE_DIFY_ERROR = "invoke_dify_error"
+
+_INTERNAL = errors.InternalServerError.error_type
+_PLUGIN_ID_REQUIRED = envelope.from_exception(errors.BadRequestError("plugin_id is required"))
+_PLUGIN_NOT_FOUND = envelope.from_exception(errors.PluginNotFoundError("plugin not found"))
+_NO_RUNTIME = envelope.from_exception(errors.InternalServerError(NO_RUNTIME_MESSAGE))
+_TIMEOUT_ITEM = sse.error_item(-500, TIMEOUT_MESSAGE, _INTERNAL)
+_SESSION_KEYS = ("conversation_id", "message_id", "app_id", "endpoint_id", "context")
+_loads = orjson.loads
+
+log = Logger()
+
+# version 4 and the RFC 4122 variant, over 128 random bits
+_UUID4_MASK = ~(0xF000 << 64) & ~(0xC000 << 48)
+_UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_session_id() -> str:
+    """
+    A random (version 4) UUID string; twice as fast as ``str(uuid.uuid4())``,
+    which matters on the dispatch path.
+    """
+    h = "%032x" % ((int.from_bytes(urandom(16), "big") & _UUID4_MASK) | _UUID4_BITS)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _answer(request, status: int, body: bytes) -> None:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+    request.write(body)
+    request.finish()
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    # gin binds JSON for application/json with or without parameters
+    if content_type is None:
+        return False
+    if content_type == b"application/json":
+        return True
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+def build_plugin_request(session_id: str, route, body: dict, data: dict) -> dict:
+    """
+    The §0.2 request that opens a session: the eight keys in order, and
+    ``data`` = the route's data with ``user_id``, ``type`` and ``action``
+    (those three win over same-named data keys: they route the request).
+    An empty ``credential_type`` is dropped so the SDK uses its default.
+    """
+    out = dict(data)
+    user_id = body.get("user_id")
+    out["user_id"] = user_id if isinstance(user_id, str) else ""
+    out["type"] = route.access_type
+    out["action"] = route.action
+    if "credential_type" in out and not out["credential_type"]:
+        del out["credential_type"]
+    get = body.get
+    return {
+        "session_id": session_id,
+        "conversation_id": get("conversation_id"),
+        "message_id": get("message_id"),
+        "app_id": get("app_id"),
+        "endpoint_id": get("endpoint_id"),
+        "context": get("context"),
+        "event": "request",
+        "data": out,
+    }
+
+
+class _Relay:
+    """
+    What one dispatch request and its plugin session share: the session's
+    handle, the wait for a runtime, the backstop timeout and the client's
+    disconnection.  Subclasses decide what the response looks like.
+    """
+
+    __slots__ = (
+        "_reactor",
+        "request",
+        "plugin_request",
+        "session_id",
+        "runtime",
+        "handle",
+        "closed",
+        "retry_call",
+        "_timer",
+        "_check",
+    )
+
+    def __init__(self, reactor, request, plugin_request: dict, chunk_check) -> None:
+        self._reactor = reactor
+        self.request = request
+        self.plugin_request = plugin_request
+        self.session_id = plugin_request["session_id"]
+        self._check = chunk_check
+        self.runtime = None
+        self.handle = None
+        #: True once the response is finished or the client has gone.
+        self.closed = False
+        self.retry_call = None
+        self._timer = None
+
+    # -- life of the request -------------------------------------------------
+
+    def opened(self, handle, timeout: float | None) -> None:
+        """The session is open; time it out after ``timeout`` seconds."""
+        if self.closed:
+            # the session ended while it was being opened
+            return
+        self.handle = handle
+        if timeout is not None:
+            self._timer = self._reactor.callLater(timeout, self.timed_out)
+
+    def client_gone(self, failure) -> None:
+        """The client disconnected: abandon the session or the wait."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_timers()
+        self._abandon()
+
+    def refuse(self, status: int, body: bytes) -> None:
+        """Answer a plain JSON envelope: no session was opened."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_timers()
+        _answer(self.request, status, body)
+
+    def timed_out(self) -> None:
+        """The backstop timeout fired (the runtime has no timeout of its own)."""
+        self._timer = None
+        if not self.closed:
+            self._abandon()
+            self.error(_INTERNAL, TIMEOUT_MESSAGE, None)
+
+    def _abandon(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.close()
+
+    def _stop_timers(self) -> None:
+        call, self.retry_call = self.retry_call, None
+        if call is not None and call.active():
+            call.cancel()
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _fail_session(self, inner: str) -> None:
+        """Stop the plugin session and end the response with a PluginInvokeError."""
+        self._abandon()
+        self.fail_with(inner)
+
+    # -- ISessionListener (the parts every relay shares) ------------------
+
+    def invoke(self, request) -> None:
+        """
+        Backwards invocations are not served yet: refuse each at once so the
+        plugin does not wait for its own timeout.
+        """
+        if self.closed:
+            return
+        backwards_id = request.get("backwards_request_id") if isinstance(request, dict) else None
+        if not isinstance(backwards_id, str) or not isinstance(request.get("request"), dict) \
+                or not isinstance(request.get("type"), str):
+            self._fail_session(
+                sse.protocol_error_text(INVOKE_DIFY_ERROR, "invoke dify failed: malformed invoke request")
+            )
+            return
+        try:
+            for message in backwards_error(self.plugin_request, backwards_id, BACKWARDS_UNSUPPORTED_MESSAGE):
+                self.runtime.send(self.session_id, message)
+        except errors.DaemonError as exc:
+            log.warn(
+                "cannot answer backwards invocation of session {session_id}: {reason}",
+                session_id=self.session_id,
+                reason=exc.message,
+            )
+
+    def fail_with(self, inner: str) -> None:
+        raise NotImplementedError
+
+    def error(self, error_type, message, args) -> None:
+        raise NotImplementedError
+
+
+@implementer(ISessionListener)
+class StreamRelay(_Relay):
+    """
+    Writes a session's chunks as Server-Sent Events (§3.1).
+
+    Chunks delivered within one reactor turn (a plugin read usually holds
+    several) go out in one ``request.write``, flushed by a ``callLater(0)``
+    or by the end of the stream.
+
+    :param coalesce: batch the writes of one turn; False writes each chunk
+        at once.
+    """
+
+    __slots__ = ("_pending", "_flush_call", "_coalesce", "_started")
+
+    def __init__(self, reactor, request, plugin_request: dict, chunk_check, coalesce: bool = True) -> None:
+        super().__init__(reactor, request, plugin_request, chunk_check)
+        self._pending: list[bytes] = []
+        self._flush_call = None
+        self._coalesce = coalesce
+        self._started = False
+
+    def _start(self) -> None:
+        self._started = True
+        request = self.request
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", sse.CONTENT_TYPE)
+
+    def stream(self, chunk, raw) -> None:
+        """Check one chunk and queue its item."""
+        if self.closed:
+            return
+        try:
+            payload = self._check(chunk, raw)
+        except ChunkError as exc:
+            self._fail_session(sse.protocol_error_text(exc.error_type, exc.message))
+            return
+        if payload is None:
+            return
+        item = sse.SUCCESS_HEAD + payload + sse.ITEM_TAIL
+        if not self._coalesce:
+            if not self._started:
+                self._start()
+            self.request.write(item)
+            return
+        self._pending.append(item)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self.closed or not self._pending:
+            return
+        if not self._started:
+            self._start()
+        pending, self._pending = self._pending, []
+        self.request.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def end(self) -> None:
+        """The plugin finished: write what is queued and finish."""
+        self._close(None)
+
+    def error(self, error_type, message, args) -> None:
+        """
+        The session failed: a daemon-made internal error (the timeout) is
+        written as it is; anything else is the plugin's, wrapped in a
+        ``PluginInvokeError`` (§3.2).
+        """
+        if error_type == _INTERNAL:
+            self._close(sse.error_item(-500, message, error_type))
+        else:
+            self._close(sse.invoke_error_item(sse.plugin_error_text(error_type, message, args)))
+
+    def fail_with(self, inner: str) -> None:
+        """End the stream with a PluginInvokeError around ``inner``."""
+        self._close(sse.invoke_error_item(inner))
+
+    def _close(self, last: bytes | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.handle = None
+        call, self._flush_call = self._flush_call, None
+        if call is not None:
+            call.cancel()
+        self._stop_timers()
+        pending = self._pending
+        if last is not None:
+            pending.append(last)
+        request = self.request
+        if not self._started:
+            self._start()
+        if pending:
+            self._pending = []
+            request.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        request.finish()
+
+    def client_gone(self, failure) -> None:
+        """The client disconnected: drop what is queued and abandon the session."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._pending = []
+        super().client_gone(failure)
+
+
+@implementer(ISessionListener)
+class PollingRelay(_Relay):
+    """
+    Answers one plain JSON envelope with the session's last chunk (§2.3).
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self, reactor, request, plugin_request: dict, chunk_check) -> None:
+        super().__init__(reactor, request, plugin_request, chunk_check)
+        self._last: bytes | None = None
+
+    def stream(self, chunk, raw) -> None:
+        """Check one result; the last one wins."""
+        if self.closed:
+            return
+        try:
+            self._last = self._check(chunk, raw)
+        except ChunkError as exc:
+            self._fail_session(sse.protocol_error_text(exc.error_type, exc.message))
+
+    def end(self) -> None:
+        """Answer the last result, or an error if there was none."""
+        if self._last is None:
+            self.fail_with(NO_POLLING_RESULT_MESSAGE)
+        else:
+            self._respond(200, b'{"code":0,"message":"success","data":' + self._last + b"}")
+
+    def error(self, error_type, message, args) -> None:
+        """The session failed (HTTP 500, as the Go handler answers)."""
+        if error_type == _INTERNAL:
+            self._respond(500, envelope.error(-500, message, error_type))
+        else:
+            self.fail_with(sse.plugin_error_text(error_type, message, args))
+
+    def fail_with(self, inner: str) -> None:
+        """Answer HTTP 500 with a PluginInvokeError around ``inner``."""
+        self._respond(500, sse.invoke_error_envelope(inner))
+
+    def _respond(self, status: int, body: bytes) -> None:
+        if self.closed:
+            return
+        self.handle = None
+        self.refuse(status, body)
+
+
+class DispatchResource(Resource):
+    """
+    The leaf under ``/plugin/<tenant>/dispatch/`` (mounted by
+    :class:`~difydaemon.api.root.RootResource`, which has checked
+    ``X-Api-Key``; ``request.postpath`` is ``[tenant, b"dispatch", *route]``).
+
+    :param reactor: for the retry and timeout timers.
+    :param installations: ``get(tenant_id, plugin_id) ->
+        Deferred[Installation | None]`` (an
+        :class:`~difydaemon.management.installations.InstallationCache`).
+    :param registry: ``get(identifier) -> IPluginRuntime | None`` (a
+        :class:`~difydaemon.runtimes.registry.RuntimeRegistry`).
+    :param max_execution_timeout: seconds before a session is "killed by
+        timeout" (``PLUGIN_MAX_EXECUTION_TIMEOUT``).  Runtimes that time
+        sessions out themselves say so with a ``session_timeout``
+        attribute that is not None; only for the others does dispatch keep
+        a timer of its own, so no session has two.
+    :param runtime_wait: seconds to wait for a runtime that is missing or
+        not ready (a plugin still starting) before answering 500.
+    :param runtime_retry: seconds between two looks at the runtime.
+    :param coalesce_writes: batch the SSE items of one reactor turn.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        reactor,
+        installations,
+        registry,
+        max_execution_timeout: float | None = 600.0,
+        runtime_wait: float = 6.0,
+        runtime_retry: float = 0.3,
+        coalesce_writes: bool = True,
+        routes=None,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._installations = installations
+        self._registry = registry
+        self._max_execution_timeout = max_execution_timeout
+        self._runtime_retry = runtime_retry
+        self._retries = max(0, int(round(runtime_wait / runtime_retry))) if runtime_retry > 0 else 0
+        self._coalesce = coalesce_writes
+        self._routes = route_table() if routes is None else route_table(routes)
+        self._valid_identifiers: set[str] = set()
+
+    def render(self, request):
+        """Resolve the route and the installation, then continue in :meth:`_installed`."""
+        postpath = request.postpath
+        route = self._routes.get(b"/".join(postpath[2:])) if request.method == b"POST" else None
+        if route is None:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+            return envelope.ROUTE_NOT_FOUND
+        headers = request.requestHeaders
+        plugin_ids = headers.getRawHeaders(b"x-plugin-id")
+        if not plugin_ids or not plugin_ids[0]:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+            return _PLUGIN_ID_REQUIRED
+        try:
+            tenant_id = postpath[0].decode("utf-8")
+            plugin_id = plugin_ids[0].decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+            return _PLUGIN_NOT_FOUND
+        d = self._installations.get(tenant_id, plugin_id)
+        d.addCallbacks(self._installed, self._lookup_failed, callbackArgs=(request, route), errbackArgs=(request,))
+        return NOT_DONE_YET
+
+    def _lookup_failed(self, failure, request) -> None:
+        if isinstance(failure.value, errors.DaemonError):
+            body = envelope.from_exception(failure.value)
+        else:
+            log.failure("installation lookup failed", failure)
+            body = envelope.from_exception(errors.InternalServerError("failed to fetch plugin installation"))
+        _answer(request, 500, body)
+
+    def _bug(self, request) -> None:
+        log.failure("dispatch failed")
+        if request.finished or request.startedWriting:
+            return
+        try:
+            _answer(request, 500, envelope.from_exception(errors.InternalServerError("internal server error")))
+        except RuntimeError:
+            # the client has gone: there is nobody to answer
+            pass
+
+    def _installed(self, installation, request, route) -> None:
+        # one callback instead of a second errback: each costs a
+        # _runCallbacks pass on every request
+        try:
+            self._dispatch(installation, request, route)
+        except Exception:
+            self._bug(request)
+
+    def _dispatch(self, installation, request, route) -> None:
+        if installation is None:
+            _answer(request, 404, _PLUGIN_NOT_FOUND)
+            return
+        identifier = installation.plugin_unique_identifier
+        if identifier not in self._valid_identifiers:
+            try:
+                parse_identifier(identifier)
+            except errors.UniqueIdentifierError as exc:
+                _answer(request, 400, envelope.from_exception(exc))
+                return
+            if len(self._valid_identifiers) > 10000:
+                self._valid_identifiers.clear()
+            self._valid_identifiers.add(identifier)
+        body = None
+        if _is_json(request.requestHeaders.getRawHeaders(b"content-type", (None,))[0]):
+            try:
+                body = _loads(request.content.read())
+            except orjson.JSONDecodeError:
+                pass
+        if type(body) is not dict:
+            body = {}
+        data = body.get("data")
+        if type(data) is not dict:
+            data = {}
+        failures = validate_data(route, data)
+        if failures:
+            _answer(request, 400, envelope.from_exception(errors.BadRequestError("\n".join(failures))))
+            return
+        plugin_request = build_plugin_request(new_session_id(), route, body, data)
+        if route.polling:
+            relay = PollingRelay(self._reactor, request, plugin_request, route.new_chunk_check())
+        else:
+            relay = StreamRelay(self._reactor, request, plugin_request, route.new_chunk_check(), self._coalesce)
+        request.notifyFinish().addErrback(relay.client_gone)
+        self._open(relay, identifier, self._retries)
+
+    def _open(self, relay: _Relay, identifier: str, retries: int) -> None:
+        relay.retry_call = None
+        if relay.closed:
+            return
+        runtime = self._registry.get(identifier)
+        if runtime is not None and runtime.is_ready():
+            # set first: a runtime may deliver messages before open_session returns
+            relay.runtime = runtime
+            try:
+                handle = runtime.open_session(relay.session_id, relay.plugin_request, relay)
+            except errors.DaemonError as exc:
+                log.debug(
+                    "cannot open a session of {identifier}: {reason}", identifier=identifier, reason=exc.message
+                )
+            else:
+                timeout = None
+                if getattr(runtime, "session_timeout", None) is None:
+                    timeout = self._max_execution_timeout
+                relay.opened(handle, timeout)
+                return
+        if retries <= 0:
+            relay.refuse(500, _NO_RUNTIME)
+            return
+        relay.retry_call = self._reactor.callLater(self._runtime_retry, self._open, relay, identifier, retries - 1)
