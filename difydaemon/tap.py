@@ -12,10 +12,11 @@ import os
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.python import usage
-from twisted.web.server import Site
 
 from difydaemon import __version__
+from difydaemon.api.dispatch import DispatchResource
 from difydaemon.api.management import ManagementAPI
+from difydaemon.api.site import DaemonSite
 from difydaemon.api.root import BuildInfo, HealthResource, RequestCounter, RootResource
 from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.config import Config, load_config, read_dotenv
@@ -176,10 +177,14 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     )
     keys = DebuggingKeys(reactor, persistence) if config.remote.plugin_remote_installing_enabled else None
     management = ManagementAPI(packages, installer, persistence, debugging=keys)
-    root = RootResource(config.server_key, management.resource(), health, counter)
-    # upload routes parse their own bodies; form parsing costs every request
-    site = Site(root, parsePOSTFormSubmission=False, reactor=reactor)
-    site.displayTracebacks = False
+    dispatch = DispatchResource(
+        reactor,
+        installations,
+        runtimes,
+        max_execution_timeout=config.max_execution_timeout_seconds,
+    )
+    root = RootResource(config.server_key, management.resource(), health, counter, dispatch=dispatch)
+    site = DaemonSite(root, reactor=reactor)
 
     service = DaemonService(reactor, persistence, installer, runtimes=runtimes, runners=[blocking])
     service.site = site

@@ -1,0 +1,217 @@
+"""
+The whole daemon on the embedded default, on the real reactor, with a real
+SDK plugin in a real uv venv: upload, install, invoke over HTTP (SSE),
+misbehaving plugins, uninstall and shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+from twisted.internet import reactor, task
+
+from difydaemon import tap
+from difydaemon.config import load_config
+from difydaemon.testing.cases import AsyncTestCase
+from difydaemon.testing.http import http_client
+from difydaemon.testing.packages import build_package
+from difydaemon.testing.plugins import behaviour_plugin_files
+from difydaemon.testing.sdk import python312, test_uv_cache_dir
+from tests.api.harness import encode_form
+from tests.test_tap import KEY, environment, free_port
+
+TENANT = "0193a8a4-0000-7000-8000-00000000e2e1"
+
+
+def sse_items(body: bytes) -> list:
+    """The envelopes of an SSE body, checking the exact framing."""
+    items = []
+    for block in body.split(b"\n\n"):
+        if not block:
+            continue
+        assert block.startswith(b"data: "), block
+        items.append(orjson.loads(block[len(b"data: "):]))
+    return items
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class EndToEndTests(AsyncTestCase):
+    """A real plugin through the daemon's HTTP API."""
+
+    timeout = 300
+
+    async def _start(self):
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(workdir, "cwd"))
+        os.symlink(test_uv_cache_dir(), os.path.join(workdir, "cwd", ".uv-cache"))
+        self.port = free_port()
+        environ = environment(workdir, self.port)
+        environ.update(
+            {
+                "FORCE_VERIFYING_SIGNATURE": "false",
+                "PYTHON_INTERPRETER_PATH": python312(),
+                "PLUGIN_MAX_EXECUTION_TIMEOUT": "60",
+                "PYTHON_ENV_INIT_TIMEOUT": "60",
+            }
+        )
+        self.service = tap.build_daemon(reactor, load_config(environ))
+        self.service.startService()
+        self.addCleanup(self._stop)
+        await self.service.ready
+        self.http = http_client(self, reactor)
+
+    async def _stop(self):
+        if self.service.running:
+            await self.service.stopService()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def call(self, method, path, body=None, headers=None):
+        hdrs = {"X-Api-Key": KEY}
+        hdrs.update(headers or {})
+        if isinstance(body, dict):
+            body = orjson.dumps(body)
+            hdrs["Content-Type"] = "application/json"
+        response = await self.http.request(method, self.url(path), data=body, headers=hdrs)
+        return response.code, await response.content()
+
+    async def install(self, files) -> str:
+        content_type, body = encode_form({"verify_signature": "false"}, {"dify_pkg": build_package(files)})
+        code, reply = await self.call(
+            "POST", f"/plugin/{TENANT}/management/install/upload/package", body, {"Content-Type": content_type}
+        )
+        envelope = orjson.loads(reply)
+        self.assertEqual(envelope["code"], 0, envelope)
+        identifier = envelope["data"]["unique_identifier"]
+        code, reply = await self.call(
+            "POST",
+            f"/plugin/{TENANT}/management/install/identifiers",
+            {"plugin_unique_identifiers": [identifier], "source": "package", "metas": [{}]},
+        )
+        task_id = orjson.loads(reply)["data"]["task_id"]
+        while True:
+            code, reply = await self.call("GET", f"/plugin/{TENANT}/management/install/tasks/{task_id}")
+            found = orjson.loads(reply)["data"]
+            if found["status"] in ("success", "failed"):
+                self.task = found
+                return identifier
+            await task.deferLater(reactor, 0.1, lambda: None)
+
+    async def tool(self, tool: str, parameters: dict):
+        code, body = await self.call(
+            "POST",
+            f"/plugin/{TENANT}/dispatch/tool/invoke",
+            {"user_id": "u1", "data": {"provider": "echo", "tool": tool, "tool_parameters": parameters, "credentials": {}}},
+            {"X-Plugin-ID": "acme/echo"},
+        )
+        self.assertEqual(code, 200, body)
+        return body
+
+    async def test_plugin_lifecycle_over_http(self):
+        """Upload, install, echo, long stream, plugin errors, a crash, a flood, uninstall and shutdown."""
+        await self._start()
+        identifier = await self.install(behaviour_plugin_files())
+        self.assertEqual(self.task["status"], "success", self.task)
+
+        body = await self.tool("echo", {"text": "hi"})
+        self.assertEqual(
+            body,
+            b'data: {"code":0,"message":"success","data":{"type":"text","message":{"text":"hi"},"meta":null}}\n\n'
+            b'data: {"code":0,"message":"success","data":{"type":"json","message":{"json_object":{"echo":"hi","length":2}},"meta":null}}\n\n',
+        )
+
+        items = sse_items(await self.tool("stream", {"count": "1000"}))
+        self.assertEqual([i["data"]["message"]["text"] for i in items], [f"chunk-{i}" for i in range(1000)])
+
+        items = sse_items(await self.tool("fail", {}))
+        self.assertEqual(items[-1]["code"], -500)
+        outer = orjson.loads(items[-1]["message"])
+        self.assertEqual(outer["error_type"], "PluginInvokeError")
+        inner = orjson.loads(outer["message"])
+        self.assertEqual((inner["error_type"], inner["message"]), ("ValueError", "planned failure"))
+
+        runtime = self.service.runtimes.get(identifier)
+        first_pid = runtime.instances[0].pid if hasattr(runtime.instances[0], "pid") else None
+        items = sse_items(await self.tool("crash", {}))
+        self.assertEqual(items[0]["data"]["message"]["text"], "before the crash")
+        self.assertEqual(items[-1]["code"], -500)
+        self.assertEqual(orjson.loads(orjson.loads(items[-1]["message"])["message"])["error_type"], "ConnectionClosedError")
+
+        # the crashed instance is restarted and serves again
+        for _ in range(100):
+            if runtime.is_ready():
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        body = await self.tool("echo", {"text": "again"})
+        self.assertIn(b'"again"', body)
+        if first_pid is not None:
+            self.assertNotEqual(runtime.instances[0].pid, first_pid)
+
+        items = sse_items(await self.tool("flood", {"size": str(6 * 1024 * 1024)}))
+        self.assertEqual(items[-1]["code"], -500)
+
+        for _ in range(100):
+            if runtime.is_ready():
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        code, reply = await self.call("GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
+        installation = orjson.loads(reply)["data"]["list"][0]
+        pids = [p for p in (getattr(i, "pid", None) for i in runtime.instances) if p]
+        code, reply = await self.call(
+            "POST", f"/plugin/{TENANT}/management/uninstall", {"plugin_installation_id": installation["id"]}
+        )
+        self.assertEqual(orjson.loads(reply)["data"], True)
+        self.assertIsNone(self.service.runtimes.get(identifier))
+        for pid in pids:
+            self.assertFalse(_alive(pid), f"plugin process {pid} outlived its uninstall")
+        code, body = await self.call(
+            "POST",
+            f"/plugin/{TENANT}/dispatch/tool/invoke",
+            {"user_id": "u1", "data": {"provider": "echo", "tool": "echo", "tool_parameters": {"text": "x"}}},
+            {"X-Plugin-ID": "acme/echo"},
+        )
+        self.assertEqual(code, 404)
+
+    async def test_failed_install_leaves_nothing(self):
+        """A plugin whose dependency does not exist fails its task with uv's words; nothing stays."""
+        await self._start()
+        files = behaviour_plugin_files(extra_requirements=("difydaemon-no-such-package-xyz==1.0",))
+        await self.install(files)
+        self.assertEqual(self.task["status"], "failed")
+        message = self.task["plugins"][0]["message"]
+        self.assertIn("installing dependencies from requirements.txt failed", message)
+        self.assertIn("difydaemon-no-such-package-xyz", message)
+        code, reply = await self.call("GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
+        self.assertEqual(orjson.loads(reply)["data"]["total"], 0)
+        working = self.service.config.local_runtime.plugin_working_path
+        self.assertEqual(os.listdir(os.path.join(working, "acme")), [])
+
+    async def test_plugins_come_back_and_stop_with_daemon(self):
+        """After a restart the installed plugin answers again; after shutdown no plugin process remains."""
+        await self._start()
+        identifier = await self.install(behaviour_plugin_files())
+        runtime = self.service.runtimes.get(identifier)
+        pids = [p for p in (getattr(i, "pid", None) for i in runtime.instances) if p]
+        config = self.service.config
+        await self.service.stopService()
+        for pid in pids:
+            self.assertFalse(_alive(pid), f"plugin process {pid} outlived the daemon")
+        self.service = tap.build_daemon(reactor, config)
+        self.service.startService()
+        await self.service.ready
+        for _ in range(200):
+            restored = self.service.runtimes.get(identifier)
+            if restored is not None and restored.is_ready():
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        body = await self.tool("echo", {"text": "back"})
+        self.assertIn(b'"back"', body)
