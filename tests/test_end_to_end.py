@@ -43,8 +43,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class EndToEndTests(AsyncTestCase):
-    """A real plugin through the daemon's HTTP API."""
+class DaemonCase(AsyncTestCase):
+    """A whole daemon on the real reactor, with helpers to call it."""
 
     timeout = 300
 
@@ -115,6 +115,10 @@ class EndToEndTests(AsyncTestCase):
         )
         self.assertEqual(code, 200, body)
         return body
+
+
+class EndToEndTests(DaemonCase):
+    """A real plugin through the daemon's HTTP API."""
 
     async def test_plugin_lifecycle_over_http(self):
         """Upload, install, echo, long stream, plugin errors, a crash, a flood, uninstall and shutdown."""
@@ -215,3 +219,60 @@ class EndToEndTests(AsyncTestCase):
             await task.deferLater(reactor, 0.1, lambda: None)
         body = await self.tool("echo", {"text": "back"})
         self.assertIn(b'"back"', body)
+
+
+class ScaffoldToDaemonTests(DaemonCase):
+    """What ``dify plugin init`` makes runs in the daemon as made."""
+
+    async def test_scaffolded_plugin_installs_and_answers(self):
+        """dify plugin init + dify plugin package -> upload, install and invoke its tool over HTTP."""
+        import io
+
+        from difydaemon.cli.main import main as dify
+
+        await self._start()
+        parent = os.path.abspath(self.mktemp())
+        os.makedirs(parent)
+        out = io.StringIO()
+        argv = ["plugin", "init", "--quick", "--author", "acme", "--name", "hello",
+                "--description", "Says hello", "--category", "tool", "-o", parent]
+        self.assertEqual(dify(argv, stdout=out, stderr=out), 0, out.getvalue())
+        package_path = os.path.join(parent, "hello.difypkg")
+        argv = ["plugin", "package", os.path.join(parent, "hello"), "-o", package_path]
+        self.assertEqual(dify(argv, stdout=out, stderr=out), 0, out.getvalue())
+        with open(package_path, "rb") as f:
+            data = f.read()
+        content_type, body = encode_form({"verify_signature": "false"}, {"dify_pkg": data})
+        code, reply = await self.call(
+            "POST", f"/plugin/{TENANT}/management/install/upload/package", body, {"Content-Type": content_type}
+        )
+        identifier = orjson.loads(reply)["data"]["unique_identifier"]
+        self.assertIn(identifier, out.getvalue())
+        code, reply = await self.call(
+            "POST",
+            f"/plugin/{TENANT}/management/install/identifiers",
+            {"plugin_unique_identifiers": [identifier], "source": "package", "metas": [{}]},
+        )
+        task_id = orjson.loads(reply)["data"]["task_id"]
+        for _ in range(600):
+            code, reply = await self.call("GET", f"/plugin/{TENANT}/management/install/tasks/{task_id}")
+            found = orjson.loads(reply)["data"]
+            if found["status"] in ("success", "failed"):
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(found["status"], "success", found)
+        code, reply = await self.call("GET", f"/plugin/{TENANT}/management/tools?page=1&page_size=10")
+        provider = orjson.loads(reply)["data"][0]
+        tool_name = provider["declaration"]["tools"][0]["identity"]["name"]
+        code, body = await self.call(
+            "POST",
+            f"/plugin/{TENANT}/dispatch/tool/invoke",
+            {"user_id": "u1", "data": {"provider": provider["provider"], "tool": tool_name,
+                                       "tool_parameters": {"query": "world"}, "credentials": {}}},
+            {"X-Plugin-ID": "acme/hello"},
+        )
+        self.assertEqual(code, 200, body)
+        items = sse_items(body)
+        self.assertTrue(items, body)
+        self.assertTrue(all(item["code"] == 0 for item in items), body)
+        self.assertIn(b"world", body)
