@@ -70,7 +70,7 @@ class Daemon:
         env.update(extra_env or {})
         self.log = open(os.path.join(self.dir, "daemon.log"), "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "difydaemon"],
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="] + (os.environ.get("BENCH_TWISTD_ARGS", "").split()) + ["difydaemon"],
             cwd=self.dir,
             env=env,
             stdout=self.log,

@@ -184,7 +184,7 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         max_execution_timeout=config.max_execution_timeout_seconds,
     )
     root = RootResource(config.server_key, management.resource(), health, counter, dispatch=dispatch)
-    site = DaemonSite(root, reactor=reactor)
+    site = DaemonSite(root, reactor=reactor, log_health=config.health_api_log_enabled)
 
     service = DaemonService(reactor, persistence, installer, runtimes=runtimes, runners=[blocking])
     service.site = site
