@@ -27,7 +27,7 @@ import orjson
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,8 +69,11 @@ class Baseline(Resource):
     item = sse.success_item(RAW)
 
     def render_POST(self, request):
+        # chunked, like the dispatch stream
         request.setHeader(b"content-type", b"text/event-stream")
-        return self.item
+        request.write(self.item)
+        request.finish()
+        return NOT_DONE_YET
 
 
 def build(coalesce: bool = True):

@@ -42,8 +42,6 @@ _INTERNAL = errors.InternalServerError.error_type
 _PLUGIN_ID_REQUIRED = envelope.from_exception(errors.BadRequestError("plugin_id is required"))
 _PLUGIN_NOT_FOUND = envelope.from_exception(errors.PluginNotFoundError("plugin not found"))
 _NO_RUNTIME = envelope.from_exception(errors.InternalServerError(NO_RUNTIME_MESSAGE))
-_TIMEOUT_ITEM = sse.error_item(-500, TIMEOUT_MESSAGE, _INTERNAL)
-_SESSION_KEYS = ("conversation_id", "message_id", "app_id", "endpoint_id", "context")
 _loads = orjson.loads
 
 log = Logger()

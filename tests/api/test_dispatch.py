@@ -18,11 +18,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Site
+from zope.interface.verify import verifyObject
 
 from difydaemon.api import envelope, sse
-from difydaemon.api.dispatch import DispatchResource, build_plugin_request
+from difydaemon.api.dispatch import DispatchResource, PollingRelay, StreamRelay, build_plugin_request
 from difydaemon.api.dispatch_routes import MAX_BLOB_FILE, ROUTES, route_table
 from difydaemon.api.root import RequestCounter, RootResource, StaticJSONResource
+from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.messages import backwards_error, backwards_response
 from difydaemon.management.installations import InstallationCache
 from difydaemon.persistence.memory import MemoryPersistence
@@ -68,7 +70,8 @@ class DispatchHarness:
     :param test: the SynchronousTestCase using it.
     """
 
-    def __init__(self, test, install: bool = True, runtime: bool = True, **dispatch_options) -> None:
+    def __init__(self, test, install: bool = True, runtime: bool = True, session_timeout=None,
+                 **dispatch_options) -> None:
         self.test = test
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -77,7 +80,7 @@ class DispatchHarness:
             self.install(TENANT)
         self.installations = InstallationCache(self.clock, self.persistence)
         self.registry = RuntimeRegistry(self.clock)
-        self.runtime = FakeRuntime(self.clock, IDENTIFIER)
+        self.runtime = FakeRuntime(self.clock, IDENTIFIER, session_timeout=session_timeout)
         if runtime:
             self.registry.register(self.runtime)
         self.dispatch = DispatchResource(self.clock, self.installations, self.registry, **dispatch_options)
@@ -582,9 +585,7 @@ class StreamTests(SynchronousTestCase):
 
     def test_runtime_timeout_item(self):
         """A runtime that times sessions out gets no second timer, and its timeout is written as the Go daemon writes it."""
-        daemon = DispatchHarness(self)
-        daemon.runtime.session_timeout = 600.0
-        daemon.runtime.sessions = type(daemon.runtime.sessions)(daemon.clock, 600.0)
+        daemon = DispatchHarness(self, session_timeout=600.0)
         d, session = daemon.open("tool/invoke", TOOL_DATA)
         self.assertEqual(len(daemon.clock.getDelayedCalls()), 1)
         daemon.runtime.stream(session, TEXT_HI)
@@ -1047,6 +1048,16 @@ class RouteTableTests(SynchronousTestCase):
             _, body = daemon.result(d)
             inner = orjson.loads(error_of(items_of(body)[-1])["message"])
             self.assertEqual(inner["error_type"], "unmarshal_error", path)
+
+
+class ListenerInterfaceTests(SynchronousTestCase):
+    """The relays are session listeners."""
+
+    def test_relays_provide_interface(self):
+        """StreamRelay and PollingRelay provide ISessionListener."""
+        plugin_request = build_plugin_request("s", route_table()[b"tool/invoke"], {}, {})
+        for relay_class in (StreamRelay, PollingRelay):
+            self.assertTrue(verifyObject(ISessionListener, relay_class(Clock(), None, plugin_request, None)))
 
 
 class ItemEncodingTests(SynchronousTestCase):
