@@ -13,6 +13,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
+from difydaemon.management.installer import SHUTDOWN_MESSAGE
+
 log = Logger()
 
 
@@ -45,7 +47,7 @@ class DaemonService(MultiService):
 
     async def _start(self) -> None:
         await self.persistence.migrate()
-        failed = await self.installer.fail_unfinished_tasks("An unexpected daemon shutdown occurred")
+        failed = await self.installer.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
         if failed:
             log.warn("marked {count} unfinished install tasks failed", count=failed)
         if self.runtimes is not None:

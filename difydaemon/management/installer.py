@@ -11,7 +11,8 @@ and the task says why.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
+from attrs import evolve
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, DeferredSemaphore
 from twisted.logger import Logger
 
 from difydaemon.errors import (
@@ -35,6 +36,9 @@ from difydaemon.persistence.records import (
 )
 
 log = Logger()
+
+#: what a task interrupted by a daemon stop (or crash) says
+SHUTDOWN_MESSAGE = "An unexpected daemon shutdown occurred"
 
 #: seconds after which a fully successful task deletes itself
 SUCCESS_TASK_TTL = 120.0
@@ -116,14 +120,29 @@ class Installer:
             todo.append((ident, meta or {}, declaration))
         if not todo:
             return {"all_installed": True, "task_id": ""}
+        task = self._new_task(tenant_id, [(ident, declaration) for ident, _, declaration in todo], source)
+        await self._persistence.create_task(task)
+        for ident, meta, declaration in todo:
+            self._start_job(
+                task.id,
+                tenant_id,
+                ident.raw,
+                lambda progress, ident=ident, meta=meta, declaration=declaration: self._install_one(
+                    tenant_id, ident, declaration, source, meta, progress
+                ),
+            )
+        return {"all_installed": False, "task_id": task.id}
+
+    def _new_task(self, tenant_id: str, plugins: list, source: str) -> InstallTask:
+        """A running task whose plugins (identifier, declaration) are pending."""
         now = self._reactor.seconds()
-        task = InstallTask(
+        return InstallTask(
             id=new_id(now),
             created_at=utc_from_timestamp(now),
             updated_at=utc_from_timestamp(now),
             status=TASK_RUNNING,
             tenant_id=tenant_id,
-            total_plugins=len(todo),
+            total_plugins=len(plugins),
             completed_plugins=0,
             plugins=[
                 InstallTaskPlugin(
@@ -136,20 +155,20 @@ class Installer:
                     labels=declaration.get("label", {}),
                     source=source,
                 )
-                for ident, _, declaration in todo
+                for ident, declaration in plugins
             ],
         )
-        await self._persistence.create_task(task)
-        for ident, meta, declaration in todo:
-            self._start_job(
-                task.id,
-                tenant_id,
-                ident.raw,
-                lambda progress, ident=ident, meta=meta, declaration=declaration: self._install_one(
-                    tenant_id, ident, declaration, source, meta, progress
-                ),
-            )
-        return {"all_installed": False, "task_id": task.id}
+
+    def _with_plugins(self, task: InstallTask, plugins: list, status: str) -> InstallTask:
+        """``task`` with new plugin entries, overall status and counts."""
+        return evolve(
+            task,
+            updated_at=utc_from_timestamp(self._reactor.seconds()),
+            status=status,
+            total_plugins=len(plugins),
+            completed_plugins=[p.status for p in plugins].count(TASK_SUCCESS),
+            plugins=plugins,
+        )
 
     def _start_job(self, task_id: str, tenant_id: str, identifier: str, make_coroutine) -> None:
         def progress(message: str) -> None:
@@ -185,7 +204,13 @@ class Installer:
             return await coroutine
 
         d = Deferred.fromCoroutine(progress_started())
-        timer = self._reactor.callLater(self._install_timeout, d.cancel)
+        expired = []
+
+        def expire():
+            expired.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(self._install_timeout, expire)
 
         def done(result):
             if timer.active():
@@ -193,12 +218,12 @@ class Installer:
             return result
 
         def timed_out(failure):
-            from twisted.internet.defer import CancelledError
-
             if failure.check(CancelledError):
-                raise InternalServerError(
-                    f"install timed out after {int(self._install_timeout)} seconds"
-                )
+                if expired:
+                    raise InternalServerError(
+                        f"install timed out after {int(self._install_timeout)} seconds"
+                    )
+                raise InternalServerError(SHUTDOWN_MESSAGE)
             return failure
 
         d.addBoth(done)
@@ -256,16 +281,7 @@ class Installer:
             plugins = [
                 p
                 if p.plugin_unique_identifier != identifier
-                else InstallTaskPlugin(
-                    plugin_unique_identifier=p.plugin_unique_identifier,
-                    plugin_id=p.plugin_id,
-                    status=status,
-                    message=truncate_message(message),
-                    icon=p.icon,
-                    icon_dark=p.icon_dark,
-                    labels=p.labels,
-                    source=p.source,
-                )
+                else evolve(p, status=status, message=truncate_message(message))
                 for p in task.plugins
             ]
             statuses = [p.status for p in plugins]
@@ -275,16 +291,7 @@ class Installer:
                 overall = TASK_SUCCESS
             else:
                 overall = TASK_RUNNING
-            updated = InstallTask(
-                id=task.id,
-                created_at=task.created_at,
-                updated_at=utc_from_timestamp(self._reactor.seconds()),
-                status=overall,
-                tenant_id=task.tenant_id,
-                total_plugins=task.total_plugins,
-                completed_plugins=statuses.count(TASK_SUCCESS),
-                plugins=plugins,
-            )
+            updated = self._with_plugins(task, plugins, overall)
             await self._persistence.update_task(updated)
             if overall in (TASK_SUCCESS, TASK_FAILED):
                 self._task_locks.pop(task_id, None)
@@ -326,28 +333,7 @@ class Installer:
         if await self._persistence.get_plugin(new) is not None:
             await self._upgrade_rows(tenant_id, original, new, declaration, source, meta)
             return {"all_installed": True, "task_id": ""}
-        now = self._reactor.seconds()
-        task = InstallTask(
-            id=new_id(now),
-            created_at=utc_from_timestamp(now),
-            updated_at=utc_from_timestamp(now),
-            status=TASK_RUNNING,
-            tenant_id=tenant_id,
-            total_plugins=1,
-            completed_plugins=0,
-            plugins=[
-                InstallTaskPlugin(
-                    plugin_unique_identifier=new,
-                    plugin_id=new_id_.plugin_id,
-                    status=TASK_PENDING,
-                    message="",
-                    icon=declaration.get("icon", ""),
-                    icon_dark=declaration.get("icon_dark", "") or "",
-                    labels=declaration.get("label", {}),
-                    source=source,
-                )
-            ],
-        )
+        task = self._new_task(tenant_id, [(new_id_, declaration)], source)
         await self._persistence.create_task(task)
         self._start_job(
             task.id,
@@ -436,19 +422,7 @@ class Installer:
             if all(p.status == TASK_SUCCESS for p in plugins):
                 await self._persistence.delete_task(tenant_id, task_id)
                 return True
-            statuses = [p.status for p in plugins]
-            await self._persistence.update_task(
-                InstallTask(
-                    id=task.id,
-                    created_at=task.created_at,
-                    updated_at=utc_from_timestamp(self._reactor.seconds()),
-                    status=task.status,
-                    tenant_id=task.tenant_id,
-                    total_plugins=len(plugins),
-                    completed_plugins=statuses.count(TASK_SUCCESS),
-                    plugins=plugins,
-                )
-            )
+            await self._persistence.update_task(self._with_plugins(task, plugins, task.status))
             return True
         finally:
             lock.release()
@@ -461,32 +435,11 @@ class Installer:
         tasks = await self._persistence.list_tasks_by_status([TASK_PENDING, TASK_RUNNING])
         for task in tasks:
             plugins = [
-                p
-                if p.status in (TASK_SUCCESS, TASK_FAILED)
-                else InstallTaskPlugin(
-                    plugin_unique_identifier=p.plugin_unique_identifier,
-                    plugin_id=p.plugin_id,
-                    status=TASK_FAILED,
-                    message=message,
-                    icon=p.icon,
-                    icon_dark=p.icon_dark,
-                    labels=p.labels,
-                    source=p.source,
-                )
+                p if p.status in (TASK_SUCCESS, TASK_FAILED) else evolve(p, status=TASK_FAILED, message=message)
                 for p in task.plugins
             ]
-            await self._persistence.update_task(
-                InstallTask(
-                    id=task.id,
-                    created_at=task.created_at,
-                    updated_at=utc_from_timestamp(self._reactor.seconds()),
-                    status=TASK_FAILED,
-                    tenant_id=task.tenant_id,
-                    total_plugins=task.total_plugins,
-                    completed_plugins=[p.status for p in plugins].count(TASK_SUCCESS),
-                    plugins=plugins,
-                )
-            )
+            updated = self._with_plugins(task, plugins, TASK_FAILED)
+            await self._persistence.update_task(evolve(updated, total_plugins=task.total_plugins))
         return len(tasks)
 
     async def stop(self) -> None:
@@ -501,7 +454,7 @@ class Installer:
         self._timers.clear()
         for job in list(self._running.values()):
             job.cancel()
-        await self.fail_unfinished_tasks("An unexpected daemon shutdown occurred")
+        await self.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
 
     def wait_idle(self) -> Deferred:
         """A Deferred that fires when no install job is running (tests)."""

@@ -6,6 +6,7 @@ packaging, in-memory persistence and storage, StubTreq.
 from __future__ import annotations
 
 import orjson
+from twisted.internet.defer import Deferred
 
 from difydaemon.persistence.records import TASK_FAILED, TASK_SUCCESS
 from difydaemon.testing.cases import SynchronousTestCase
@@ -512,3 +513,20 @@ class BundleTests(SynchronousTestCase):
         )
         self.assertEqual(env["code"], -400)
         self.assertEqual(self.daemon.stored_keys(), [])
+
+
+class UnfinishedTaskTests(SynchronousTestCase):
+    """Tasks that a daemon stop or crash interrupted."""
+
+    def test_shutdown_fails_running_tasks(self):
+        """Stopping the installer fails a running task with the shutdown message."""
+        daemon = DaemonHarness(self)
+        ident = daemon.upload(echo_package())["data"]["unique_identifier"]
+        daemon.launcher.hold_all = True
+        task_id = daemon.install(ident)["task_id"]
+        self.assertEqual(daemon.ok("GET", f"/plugin/{TENANT}/management/install/tasks/{task_id}")["status"], "running")
+        self.successResultOf(Deferred.fromCoroutine(daemon.installer.stop()))
+        task = daemon.ok("GET", f"/plugin/{TENANT}/management/install/tasks/{task_id}")
+        self.assertEqual(task["status"], TASK_FAILED)
+        self.assertEqual(task["plugins"][0]["message"], "An unexpected daemon shutdown occurred")
+        self.assertEqual(task["total_plugins"], 1)
