@@ -11,8 +11,9 @@ Paths, run interleaved (A B A B ...) for ``--rounds`` rounds:
 - ``direct``: the plugin process spawned here exactly as the local runtime
   spawns it, request lines written on its stdin, session ends counted on
   its stdout: the floor, no daemon at all.
-- ``daemon``: the same workload through the daemon's HTTP API -- left to
-  be written, see :func:`run_daemon`.
+- ``daemon``: the same workload through the daemon's HTTP API (``twistd``
+  on the embedded default, the package uploaded and installed over HTTP,
+  one plugin instance).
 
 The fake server runs in a subprocess of its own, so that it shares no
 reactor with what is measured.  One line per run and a median line per
@@ -297,23 +298,125 @@ async def run_direct(context: BenchContext, workload: Workload) -> RunResult:
 # -- the daemon path (to be written) --------------------------------------------
 
 
-async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
+async def start_daemon(reactor):
     """
-    LEAD: the same workload through the daemon's HTTP API, one plugin instance.
+    The daemon (``twistd``) with ``langgenius/openai`` installed for the
+    bench tenant, the plugin inheriting ``TIKTOKEN_CACHE_DIR``.
+    """
+    import treq
 
-    To write: start the daemon (twistd) with ``langgenius/openai`` installed
-    for a tenant, and with ``TIKTOKEN_CACHE_DIR=tiktoken_cache_dir()`` in
-    its environment (the plugin inherits it); then keep
-    ``workload.in_flight`` requests open:
-    ``POST {daemon}/plugin/<tenant>/dispatch/llm/invoke`` with headers
-    ``X-Api-Key``, ``X-Plugin-ID: langgenius/openai``, ``Content-Type:
-    application/json`` and body
-    ``dispatch_body(invoke_llm_fields(workload, context.fake_base_url))``.
-    Count one stream per response that ends cleanly, ``data: {"code":0,...}``
-    events as chunks, and ``"code":-500`` events as errors; take the
-    plugin's CPU from its pid.  Return a ``RunResult(path="daemon", ...)``.
-    """
-    raise NotImplementedError("the daemon path of this benchmark is not written yet")
+    from bench.harness import KEY, TENANT, Daemon
+    from tests.api.harness import encode_form
+
+    daemon = Daemon(
+        extra_env={
+            "TIKTOKEN_CACHE_DIR": tiktoken_cache_dir(),
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES": "false",
+        },
+        prepared_venvs=os.path.join(tempfile.gettempdir(), "difydaemon-bench-prepared"),
+    )
+    base = f"http://127.0.0.1:{daemon.port}"
+    for _ in range(300):
+        try:
+            response = await treq.get(base + "/health/check")
+            await response.content()
+            break
+        except Exception:
+            await deferLater(reactor, 0.1, lambda: None)
+    with open(PACKAGE, "rb") as f:
+        content_type, body = encode_form({"verify_signature": "false"}, {"dify_pkg": f.read()})
+    headers = {"X-Api-Key": KEY}
+    response = await treq.post(
+        f"{base}/plugin/{TENANT}/management/install/upload/package",
+        data=body,
+        headers=dict(headers, **{"Content-Type": content_type}),
+    )
+    identifier = json.loads(await response.content())["data"]["unique_identifier"]
+    response = await treq.post(
+        f"{base}/plugin/{TENANT}/management/install/identifiers",
+        data=json.dumps({"plugin_unique_identifiers": [identifier], "source": "package", "metas": [{}]}).encode(),
+        headers=dict(headers, **{"Content-Type": "application/json"}),
+    )
+    task_id = json.loads(await response.content())["data"]["task_id"]
+    while task_id:
+        response = await treq.get(f"{base}/plugin/{TENANT}/management/install/tasks/{task_id}", headers=headers)
+        task = json.loads(await response.content())["data"]
+        if task["status"] == "success":
+            break
+        if task["status"] == "failed":
+            raise RuntimeError(f"installing the OpenAI plugin failed: {task['plugins'][0]['message']}")
+        await deferLater(reactor, 0.2, lambda: None)
+    return daemon
+
+
+def _plugin_pid(daemon_pid: int) -> int:
+    """The daemon's child running the plugin (``-m main``)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == daemon_pid and b"-m\0main" in cmdline:
+            return int(name)
+    raise RuntimeError("the daemon runs no plugin process")
+
+
+async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
+    """The same workload through the daemon's HTTP API, one plugin instance."""
+    import treq
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from bench.harness import KEY, TENANT
+
+    daemon = context.daemon
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = workload.in_flight
+    client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+    url = f"http://127.0.0.1:{daemon.port}/plugin/{TENANT}/dispatch/llm/invoke"
+    headers = {"X-Api-Key": KEY, "X-Plugin-ID": PLUGIN_ID, "Content-Type": "application/json"}
+    body = json.dumps(dispatch_body(invoke_llm_fields(workload, context.fake_base_url))).encode()
+    state = {"started": 0, "completed": 0, "errors": 0, "chunks": 0, "first_error": None}
+
+    async def one() -> None:
+        response = await client.post(url, data=body, headers=headers)
+        content = await response.content()
+        state["chunks"] += content.count(b'data: {"code":0')
+        if b'"code":-500' in content or response.code != 200:
+            state["errors"] += 1
+            state["first_error"] = state["first_error"] or content[-300:].decode("utf-8", "replace")
+        else:
+            state["completed"] += 1
+
+    async def worker() -> None:
+        while state["started"] < workload.invocations:
+            state["started"] += 1
+            await one()
+
+    plugin_pid = _plugin_pid(daemon.process.pid)
+    cpu_before = cpu_seconds(plugin_pid)
+    started = time.perf_counter()
+    from twisted.internet.defer import gatherResults
+
+    await gatherResults([ensureDeferred(worker()) for _ in range(min(workload.in_flight, workload.invocations))])
+    seconds = time.perf_counter() - started
+    await pool.closeCachedConnections()
+    return RunResult(
+        path="daemon",
+        seconds=seconds,
+        completed=state["completed"],
+        errors=state["errors"],
+        chunks=state["chunks"],
+        plugin_cpu=cpu_seconds(plugin_pid) - cpu_before,
+        first_error=state["first_error"],
+    )
 
 
 PATHS = {"direct": run_direct, "daemon": run_daemon}
@@ -322,9 +425,10 @@ PATHS = {"direct": run_direct, "daemon": run_daemon}
 class BenchContext:
     """What the paths share: the fake server's address and the direct path's plugin."""
 
-    def __init__(self, fake_base_url: str, plugin: PluginProcess | None) -> None:
+    def __init__(self, fake_base_url: str, plugin: PluginProcess | None, daemon=None) -> None:
         self.fake_base_url = fake_base_url
         self.plugin = plugin
+        self.daemon = daemon
 
 
 # -- the fake server, in a process of its own ------------------------------------
@@ -404,6 +508,7 @@ async def bench(reactor, options) -> None:
     work_dir = options.work_dir or tempfile.mkdtemp(prefix="openai-workload-")
     fake, base_url = await start_fake_server(reactor, workload)
     plugin = None
+    daemon = None
     try:
         if "direct" in paths:
             python = await prepare_plugin(reactor, os.path.join(work_dir, "langgenius-openai-0.0.19"))
@@ -411,7 +516,11 @@ async def bench(reactor, options) -> None:
             # Warm-up: the first calls import and connect lazily.
             warm = Workload(min(10, workload.in_flight), workload.chunks, workload.interval_ms, min(10, workload.in_flight))
             await run_direct(BenchContext(base_url, plugin), warm)
-        context = BenchContext(base_url, plugin)
+        if "daemon" in paths:
+            daemon = await start_daemon(reactor)
+            warm = Workload(min(10, workload.in_flight), workload.chunks, workload.interval_ms, min(10, workload.in_flight))
+            await run_daemon(BenchContext(base_url, None, daemon), warm)
+        context = BenchContext(base_url, plugin, daemon)
         results: dict[str, list[RunResult]] = {name: [] for name in paths}
         for _ in range(options.rounds):
             for name in paths:
@@ -431,6 +540,8 @@ async def bench(reactor, options) -> None:
                 flush=True,
             )
     finally:
+        if daemon is not None:
+            daemon.stop()
         if plugin is not None:
             await plugin.stop(reactor)
         try:
