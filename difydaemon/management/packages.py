@@ -8,11 +8,7 @@ from __future__ import annotations
 from attrs import frozen
 from twisted.logger import Logger
 
-from difydaemon.errors import (
-    BadRequestError,
-    DaemonError,
-    ObjectNotFoundError,
-)
+from difydaemon.errors import BadRequestError, NotFoundError, ObjectNotFoundError
 from difydaemon.management.lru import LRUCache
 from difydaemon.packaging.archive import read_package
 from difydaemon.packaging.identifier import parse_identifier
@@ -243,8 +239,6 @@ class PackageRegistry:
         if readmes:
             lang = sorted(readmes)[0]
             return {"content": readmes[lang], "language": lang}
-        from difydaemon.errors import NotFoundError
-
         raise NotFoundError("readme not found")
 
     async def asset(self, asset_id: str) -> bytes | None:
@@ -279,5 +273,3 @@ class PackageRegistry:
         self._extracted.put(key, content)
         return content
 
-
-__all__ = ["PackageRegistry", "StoragePaths", "DaemonError"]
