@@ -208,13 +208,7 @@ def _tool_provider(files, path: str, plugin: dict) -> dict:
     tools = []
     for index, tool in enumerate(_children(files, raw, "tools", "tool file")):
         field = f"tool.tools[{index}]"
-        tool = _without_extra(tool)
-        identity = tool.get("identity")
-        require(isinstance(identity, dict), f"{field}.identity", "is required")
-        _identity_name(identity, f"{field}.identity")
-        identity = dict(identity)
-        identity["label"] = i18n_lenient(identity.get("label"))
-        tool["identity"] = identity
+        tool = _child_entry(tool, field)
         description = tool.get("description")
         if isinstance(description, dict):
             tool["description"] = {**description, "human": i18n_lenient(description.get("human"))}
@@ -371,6 +365,19 @@ def _model_provider(files, path: str, plugin: dict) -> dict:
     return provider
 
 
+def _child_entry(entry: dict, field: str) -> dict:
+    """
+    A tool, strategy or event of a provider without ``extra``, its identity
+    required, its name checked and its label normalised.
+    """
+    entry = _without_extra(entry)
+    identity = entry.get("identity")
+    require(isinstance(identity, dict), f"{field}.identity", "is required")
+    _identity_name(identity, f"{field}.identity")
+    entry["identity"] = {**identity, "label": i18n_lenient(identity.get("label"))}
+    return entry
+
+
 def _agent_strategy_provider(files, path: str, plugin: dict) -> dict:
     raw = load_mapping(files, path, "agent strategy file")
     provider = _without_extra(raw)
@@ -378,11 +385,7 @@ def _agent_strategy_provider(files, path: str, plugin: dict) -> dict:
     strategies = []
     for index, strategy in enumerate(_children(files, raw, "strategies", "agent strategy file")):
         field = f"agent_strategy.strategies[{index}]"
-        strategy = _without_extra(strategy)
-        identity = strategy.get("identity")
-        require(isinstance(identity, dict), f"{field}.identity", "is required")
-        _identity_name(identity, f"{field}.identity")
-        strategy["identity"] = {**identity, "label": i18n_lenient(identity.get("label"))}
+        strategy = _child_entry(strategy, field)
         strategy["description"] = i18n_lenient(strategy.get("description"))
         strategy["parameters"] = _parameters(
             strategy.get("parameters"), f"{field}.parameters", _STRATEGY_PARAMETER_DEFAULTS
@@ -443,11 +446,7 @@ def _trigger_provider(files, path: str, plugin: dict) -> dict:
     events = []
     for index, event in enumerate(_children(files, raw, "events", "event file")):
         field = f"trigger.events[{index}]"
-        event = _without_extra(event)
-        identity = event.get("identity")
-        require(isinstance(identity, dict), f"{field}.identity", "is required")
-        _identity_name(identity, f"{field}.identity")
-        event["identity"] = {**identity, "label": i18n_lenient(identity.get("label"))}
+        event = _child_entry(event, field)
         event["description"] = i18n_lenient(event.get("description"))
         event["parameters"] = _list(event.get("parameters"), f"{field}.parameters")
         events.append(event)
