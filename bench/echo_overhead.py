@@ -3,11 +3,14 @@ Echo tool through the daemon's HTTP API against the same plugin driven
 directly over stdio, interleaved (A B A B ...), in one run:
 
 - upload -> install task success -> first answer (the daemon path only),
-  with a fresh prepared-venv cache and with one already holding the SDK;
+  with fresh daemon caches (only uv's is warm), with a dependency set never
+  installed before on caches filled by another plugin (``--new-requirement``
+  names what it adds to the echo plugin's), and with a prepared venv;
 - echo round trip, one in flight: p50 / p99 of each path;
 - echo, N in flight: calls/s of each path.
 
-Usage: ``python bench/echo_overhead.py [--rounds 3] [--calls 300] [--inflight 50] [--burst 2000]``
+Usage: ``python bench/echo_overhead.py [--rounds 3] [--calls 300] [--inflight 50] [--burst 2000]
+[--upload-repeats 1] [--upload-only] [--new-requirement LINE]``
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,11 +101,11 @@ async def direct_throughput(plugin, total, inflight):
     return total / (time.perf_counter() - start)
 
 
-async def first_answer(prepared):
+async def first_answer(prepared, extra_requirements=()):
     daemon = Daemon(prepared_venvs=prepared)
     try:
         await daemon.wait_ready()
-        package = build_package(echo_plugin_files())
+        package = build_package(echo_plugin_files(extra_requirements=extra_requirements))
         start = time.perf_counter()
         await daemon.upload_install(package)
         connection = HTTPConnection(daemon.port)
@@ -116,11 +121,28 @@ async def first_answer(prepared):
 
 async def main(args):
     print(f"cores: {os.cpu_count()}")
-    prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
-    cold = await first_answer(prepared)
-    warm = await first_answer(prepared)
-    print(f"upload -> installed -> first answer: {cold:.2f} s with no prepared venv (warm uv cache), "
-          f"{warm:.2f} s with a prepared venv")
+    cold, new_set, warm = [], [], []
+    for repeat in range(args.upload_repeats):
+        # Fresh daemon caches each time; only uv's cache stays warm.
+        prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
+        cold.append(await first_answer(prepared))
+        # A requirements file never seen before (the nonce makes sure of it),
+        # on caches the first plugin filled.
+        new_set.append(await first_answer(prepared, (args.new_requirement, f"# bench nonce {os.getpid()}.{repeat}")))
+        warm.append(await first_answer(prepared))
+        if repeat < args.upload_repeats - 1:
+            shutil.rmtree(prepared, ignore_errors=True)
+    repeats = f"median of {args.upload_repeats}" if args.upload_repeats > 1 else "one run"
+    print(
+        f"upload -> installed -> first answer ({repeats}, warm uv cache): "
+        f"{median(cold):.2f} s with nothing cached by the daemon, "
+        f"{median(new_set):.2f} s for a new dependency set (+{args.new_requirement or 'nothing'}), "
+        f"{median(warm):.2f} s with a prepared venv"
+    )
+    if args.upload_repeats > 1:
+        print("  runs: " + "; ".join(f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(cold, new_set, warm)))
+    if args.upload_only:
+        return
 
     daemon = Daemon(prepared_venvs=prepared)
     plugin = None
@@ -170,4 +192,11 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--inflight", type=int, default=50)
     parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--upload-repeats", type=int, default=1, help="upload measurements to take the median of")
+    parser.add_argument("--upload-only", action="store_true", help="measure only upload -> first answer")
+    parser.add_argument(
+        "--new-requirement",
+        default="",
+        help="a requirements.txt line the 'new dependency set' plugin adds to the echo plugin's (e.g. a package not in the SDK's set)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -9,22 +9,36 @@ inactivity and for total duration; a failed step raises an
 :class:`~difydaemon.errors.InternalServerError` that names the step and
 carries the end of its output.
 
+Two caches make later builds cheap: prepared venvs (a finished venv per set
+of dependency files, copied as hard links) and :class:`BytecodeCache` (the
+``.pyc`` files of each installed distribution, so that a new set of
+dependencies compiles only the distributions no earlier build had).  Both
+are filled in the background once a build is done.
+
 The pure parts (working directory naming, dependency file choice, command
-lines, the replaced environment, output tails) are module functions so that
-they can be tested without spawning anything.
+lines, the replaced environment, output tails, ``RECORD`` and ``.pyc``
+headers) are module functions so that they can be tested without spawning
+anything.
 """
 
 from __future__ import annotations
 
+import csv
+import errno
 import hashlib
+import io
 import json
 import os
+import posixpath
 import re
+import secrets
 import shutil
-from collections.abc import Callable, Collection, Mapping, Sequence
+import struct
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from attrs import field, frozen
-from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThreadPool
@@ -235,6 +249,69 @@ def install_command(
     )
 
 
+def plugin_compile_command(working_dir: str, env: Mapping[str, str], compile_extra_args: str | None) -> StepCommand:
+    """
+    Byte-compilation of the plugin's own files (everything but the venv), as
+    the Go daemon does it (``runtimes.md`` §1.3 step 7).
+
+    ``compileall`` writes ``.pyc`` files whatever ``PYTHONDONTWRITEBYTECODE``
+    says, and the build environment does not carry that variable anyway.
+    """
+    python = os.path.join(working_dir, VENV_PYTHON)
+    return StepCommand(
+        step="byte-compiling the plugin",
+        argv=(python, "-m", "compileall", "-q", *split_extra_args(compile_extra_args), "-x", r"\.venv|\.uv-cache", "."),
+        env=env,
+        path=working_dir,
+        watch_inactivity=False,
+        required=False,
+    )
+
+
+def site_packages_compile_command(
+    working_dir: str,
+    site_packages: Sequence[str],
+    env: Mapping[str, str],
+    compile_extra_args: str | None,
+    missing: Sequence[str] | None = None,
+) -> StepCommand | None:
+    """
+    Byte-compilation of the venv's site-packages, or of the part of it the
+    bytecode cache did not provide.
+
+    Without it a plugin cold-starts in about 3 s instead of about 1.2 s.
+
+    :param site_packages: the site-packages directories, relative to ``working_dir``.
+    :param missing: the sources still to compile, relative to ``working_dir``;
+        None means all of site-packages.
+    :return: None when there is nothing to compile.
+    """
+    python = os.path.join(working_dir, VENV_PYTHON)
+    extra = split_extra_args(compile_extra_args)
+    if not site_packages or missing is not None and not missing:
+        return None
+    if missing is not None and len(missing) <= SEQUENTIAL_COMPILE_LIMIT:
+        return StepCommand(
+            step=f"byte-compiling {len(missing)} files of site-packages",
+            argv=(python, "-m", "compileall", "-q", *extra, *missing),
+            env=env,
+            path=working_dir,
+            watch_inactivity=False,
+            required=False,
+        )
+    return StepCommand(
+        step="byte-compiling site-packages",
+        # One worker per core: site-packages is most of the build's time,
+        # and two free cores cut it by about a third.  Files whose .pyc is
+        # already valid (linked from the cache) are only checked.
+        argv=(python, "-m", "compileall", "-q", "-j", "0", *extra, *site_packages),
+        env=env,
+        path=working_dir,
+        watch_inactivity=False,
+        required=False,
+    )
+
+
 def compile_commands(
     working_dir: str,
     site_packages: Sequence[str],
@@ -242,37 +319,14 @@ def compile_commands(
     compile_extra_args: str | None,
 ) -> list[StepCommand]:
     """
-    Byte-compilation of the plugin's own files and of the venv's site-packages.
-
-    ``compileall`` writes ``.pyc`` files whatever ``PYTHONDONTWRITEBYTECODE``
-    says, and the build environment does not carry that variable anyway.
-    Without this a plugin cold-starts in about 3 s instead of about 1.2 s.
+    Byte-compilation of the plugin's own files and of all of the venv's
+    site-packages (see :func:`plugin_compile_command` and
+    :func:`site_packages_compile_command`).
     """
-    python = os.path.join(working_dir, VENV_PYTHON)
-    extra = split_extra_args(compile_extra_args)
-    commands = [
-        StepCommand(
-            step="byte-compiling the plugin",
-            argv=(python, "-m", "compileall", "-q", *extra, "-x", r"\.venv|\.uv-cache", "."),
-            env=env,
-            path=working_dir,
-            watch_inactivity=False,
-            required=False,
-        )
-    ]
-    if site_packages:
-        commands.append(
-            StepCommand(
-                step="byte-compiling site-packages",
-                # One worker per core: site-packages is most of the build's
-                # time, and two free cores cut it by about a third.
-                argv=(python, "-m", "compileall", "-q", "-j", "0", *extra, *site_packages),
-                env=env,
-                path=working_dir,
-                watch_inactivity=False,
-                required=False,
-            )
-        )
+    commands = [plugin_compile_command(working_dir, env, compile_extra_args)]
+    site = site_packages_compile_command(working_dir, site_packages, env, compile_extra_args)
+    if site is not None:
+        commands.append(site)
     return commands
 
 
@@ -367,6 +421,430 @@ def failure_message(step: str, outcome: StepOutcome) -> str:
     if outcome.tail:
         return f"{how}:\n{outcome.tail}"
     return f"{how}, without output"
+
+
+# -- cached bytecode ---------------------------------------------------------
+#
+# Byte-compiling a fresh venv's site-packages is most of a new plugin's
+# install time (the SDK's ~1,000 modules take 4-5 s of CPU), yet almost every
+# plugin installs the same distributions.  So the .pyc files of each installed
+# distribution are kept, keyed by what decides their content, and linked into
+# the next venv that installs the same files; only what is new gets compiled.
+
+BYTECODE_DIR = "bytecode"
+BYTECODE_FORMAT = "1"
+DEFAULT_BYTECODE_ENTRIES = 1000
+# Up to this many files, compiling them one by one beats starting compileall's
+# process pool (about 0.3-0.5 s here) and re-checking all of site-packages.
+SEQUENTIAL_COMPILE_LIMIT = 200
+# A staging directory this old belongs to a build that died.
+STALE_STAGING_SECONDS = 3600.0
+UNLISTED_LABEL = "<unlisted>"
+
+_PYC_HEADER = struct.Struct("<4sIII")
+_PYC_NAME = re.compile(r"(.+?)\.[A-Za-z0-9_-]+(?:\.opt-[0-9]+)?\.pyc", re.ASCII | re.DOTALL)
+_STAGING_PREFIX = ".staging-"
+_TRASH_PREFIX = ".trash-"
+
+
+def bytecode_salt(interpreter: str, compile_extra_args: str | None) -> str:
+    """
+    What decides a source's ``.pyc`` files besides its content: the cache's
+    format, the interpreter, and compileall's extra arguments (``-o``,
+    ``--invalidation-mode``...).
+    """
+    return "\0".join((BYTECODE_FORMAT, interpreter, " ".join(split_extra_args(compile_extra_args))))
+
+
+def record_sources(record: str) -> list[tuple[str, str]]:
+    """
+    The ``.py`` files a distribution's ``RECORD`` lists inside site-packages.
+
+    :return: ``(path, hash)`` pairs, the path normalized and relative to
+        site-packages, the hash as written (``""`` when the line has none).
+        Lines that leave site-packages (``../../../bin/x``) or are absolute
+        are left out.
+    """
+    sources = []
+    for row in csv.reader(io.StringIO(record)):
+        if not row or not row[0].endswith(".py"):
+            continue
+        path = posixpath.normpath(row[0])
+        if path.startswith("/") or path == ".." or path.startswith("../"):
+            continue
+        sources.append((path, row[1] if len(row) > 1 else ""))
+    return sources
+
+
+def group_key(salt: str, label: str, digests: Iterable[tuple[str, str]]) -> str:
+    """The cache key of a group of sources: the salt, the group's label and every ``(path, content hash)``."""
+    digest = hashlib.sha256()
+    for part in (salt, label):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    for path, content in sorted(digests):
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0" + content.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def pyc_matches_source(header: bytes, mtime: float, size: int) -> bool:
+    """
+    Whether a ``.pyc`` header is timestamp-checked and written for a source
+    of this mtime and size: the check Python makes before using a ``.pyc``.
+    A hash-based ``.pyc`` never matches (the cache does not carry those).
+    """
+    if len(header) < _PYC_HEADER.size:
+        return False
+    _magic, flags, pyc_mtime, pyc_size = _PYC_HEADER.unpack_from(header)
+    return flags == 0 and pyc_mtime == int(mtime) & 0xFFFFFFFF and pyc_size == size & 0xFFFFFFFF
+
+
+def pyc_index(names: Iterable[str]) -> dict[str, list[str]]:
+    """
+    The compiled files of a ``__pycache__`` listing by the stem of their
+    source: ``<stem>.<tag>.pyc`` and ``<stem>.<tag>.opt-<n>.pyc`` are filed
+    under ``<stem>`` (``<stem>.py`` being the source); other names are left out.
+    """
+    index: dict[str, list[str]] = {}
+    for name in sorted(names):
+        match = _PYC_NAME.fullmatch(name)
+        if match is not None:
+            index.setdefault(match.group(1), []).append(name)
+    return index
+
+
+@frozen
+class SourceGroup:
+    """
+    Sources of site-packages whose ``.pyc`` files are cached together.
+
+    :ivar label: the distribution's ``.dist-info`` directory, or
+        :data:`UNLISTED_LABEL` for the files no single ``RECORD`` vouches for.
+    :ivar key: the cache key (see :func:`group_key`): ``RECORD`` hashes for a
+        distribution, hashes of the files' actual content for the rest.
+    :ivar sources: the ``.py`` files, relative to site-packages, ``/``-separated.
+    """
+
+    label: str
+    key: str
+    sources: tuple[str, ...]
+
+
+@frozen
+class BytecodeLinks:
+    """
+    What :meth:`BytecodeCache.link` did to one site-packages directory.
+
+    :ivar linked: how many ``.pyc`` files it linked from the cache.
+    :ivar missing: the sources (relative to site-packages) left without one,
+        to be compiled.
+    :ivar uncached: the groups the cache did not have, to store once compiled.
+    """
+
+    linked: int
+    missing: tuple[str, ...]
+    uncached: tuple[SourceGroup, ...]
+
+
+class BytecodeCache:
+    """
+    The ``.pyc`` files of installed distributions, kept across venvs.
+
+    Each entry is a directory named by a :class:`SourceGroup` key, holding
+    that group's ``__pycache__`` files laid out as in site-packages.  An entry
+    is built in a staging directory and renamed into place, so readers see
+    all of it or nothing, and concurrent builds storing the same group both
+    succeed.  Linked files are validated against the new venv's sources the
+    way Python validates them (mtime and size, which uv's hard links from its
+    cache preserve), so a stale entry costs a compilation, never wrong code.
+    Entries are hard links, so the cache may be deleted at any time; it keeps
+    at most ``max_entries`` entries, the least recently used going first.
+
+    Every method blocks on the filesystem: call them in a thread pool.
+
+    :param root: the cache directory (created when needed).
+    :param clock: the wall clock, compared with file modification times.
+    """
+
+    def __init__(self, root: str, max_entries: int = DEFAULT_BYTECODE_ENTRIES, clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.max_entries = max_entries
+        self._clock = clock
+
+    def scan(self, site_packages: str, salt: str) -> tuple[set[str], list[SourceGroup]]:
+        """
+        Every ``.py`` file of ``site_packages``, and the groups they are cached by.
+
+        A file goes with its distribution when exactly one ``RECORD`` lists
+        it with a hash; any other (listed twice, listed without a hash, not
+        listed) goes into the :data:`UNLISTED_LABEL` group, keyed by content.
+        """
+        present = set(_python_sources(site_packages))
+        claims: dict[str, list[tuple[str, str]]] = {}
+        for name in sorted(_listdir_or_empty(site_packages)):
+            if not name.endswith(".dist-info"):
+                continue
+            try:
+                with open(os.path.join(site_packages, name, "RECORD"), encoding="utf-8") as f:
+                    record = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            for path, content in record_sources(record):
+                if path in present:
+                    claims.setdefault(path, []).append((name, content))
+        listed: dict[str, list[tuple[str, str]]] = {}
+        unlisted = []
+        for path in sorted(present):
+            owners = claims.get(path, [])
+            if len(owners) == 1 and owners[0][1]:
+                listed.setdefault(owners[0][0], []).append((path, owners[0][1]))
+            else:
+                unlisted.append(path)
+        groups = [
+            SourceGroup(label, group_key(salt, label, pairs), tuple(path for path, _ in pairs))
+            for label, pairs in sorted(listed.items())
+        ]
+        hashed = []
+        for path in unlisted:
+            try:
+                hashed.append((path, "sha256:" + _file_sha256(os.path.join(site_packages, path))))
+            except OSError:
+                continue  # left out of every group: it stays missing and gets compiled
+        if hashed:
+            groups.append(SourceGroup(UNLISTED_LABEL, group_key(salt, UNLISTED_LABEL, hashed), tuple(p for p, _ in hashed)))
+        return present, groups
+
+    def link(self, site_packages: str, salt: str) -> BytecodeLinks:
+        """
+        Link the cached ``.pyc`` files of ``site_packages``'s sources into it.
+
+        A group whose entry is missing, or holds a ``.pyc`` that is not valid
+        for this venv's source (uv re-extracted the distribution since), is
+        reported as uncached, to be stored again once compiled.
+        """
+        present, groups = self.scan(site_packages, salt)
+        covered: set[str] = set()
+        linked = 0
+        uncached = []
+        for group in groups:
+            entry = os.path.join(self.root, group.key)
+            if not os.path.isdir(entry):
+                uncached.append(group)
+                continue
+            count, complete = self._link_group(entry, site_packages, group, covered)
+            linked += count
+            if not complete:
+                uncached.append(group)
+            elif count:
+                try:
+                    os.utime(entry)  # the least recently used entries are pruned first
+                except OSError:
+                    pass
+        return BytecodeLinks(linked, tuple(sorted(present - covered)), tuple(uncached))
+
+    def _link_group(self, entry: str, site_packages: str, group: SourceGroup, covered: set[str]) -> tuple[int, bool]:
+        """Link one entry's files; how many, and whether every source of the group got its own."""
+        listings: dict[str, dict[str, list[str]]] = {}
+        created: set[str] = set()
+        linked = 0
+        complete = True
+        for source in group.sources:
+            directory, filename = posixpath.split(source)
+            cached_dir = os.path.join(entry, directory, "__pycache__")
+            if cached_dir not in listings:
+                listings[cached_dir] = pyc_index(_listdir_or_empty(cached_dir))
+            names = listings[cached_dir].get(filename[:-3])
+            if not names or not _pycs_match(cached_dir, names, os.path.join(site_packages, source)):
+                complete = False
+                continue
+            target_dir = os.path.join(site_packages, directory, "__pycache__")
+            try:
+                if target_dir not in created:
+                    os.makedirs(target_dir, exist_ok=True)
+                    created.add(target_dir)
+                for name in names:
+                    _link_or_copy(os.path.join(cached_dir, name), os.path.join(target_dir, name))
+                    linked += 1
+            except OSError:
+                # Pruned under us, or already there (a wheel that ships .pyc
+                # files): compileall decides.
+                continue
+            covered.add(source)
+        return linked, complete
+
+    def store(self, site_packages: str, groups: Iterable[SourceGroup]) -> int:
+        """
+        Keep the freshly compiled ``.pyc`` files of ``groups``; returns how many entries were written.
+
+        A group is kept only when every one of its sources has a ``.pyc``
+        that is valid for it, so that an entry never lacks anything.  An
+        entry that is not valid for these sources is replaced; one that is
+        (a concurrent build stored it) is left alone.
+        """
+        stored = 0
+        for group in groups:
+            entry = os.path.join(self.root, group.key)
+            if os.path.isdir(entry) and _valid_pycs(entry, site_packages, group) is not None:
+                continue
+            files = _valid_pycs(site_packages, site_packages, group)
+            if not files:
+                continue
+            os.makedirs(self.root, exist_ok=True)
+            staging = self._temporary(_STAGING_PREFIX, group.key)
+            created: set[str] = set()
+            try:
+                for path in files:
+                    target = os.path.join(staging, path)
+                    if os.path.dirname(target) not in created:
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        created.add(os.path.dirname(target))
+                    _link_or_copy(os.path.join(site_packages, path), target)
+                self._put(staging, entry)
+                stored += 1
+            except OSError as e:
+                log.warn("caching the bytecode of {label} failed: {error}", label=group.label, error=str(e))
+            finally:
+                if os.path.lexists(staging):
+                    shutil.rmtree(staging, ignore_errors=True)
+        return stored
+
+    def _put(self, staging: str, entry: str) -> None:
+        """Rename ``staging`` to ``entry``, moving any entry already there away first."""
+        try:
+            os.rename(staging, entry)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        trash = self._temporary(_TRASH_PREFIX, os.path.basename(entry))
+        try:
+            os.rename(entry, trash)
+        except FileNotFoundError:
+            pass  # another build moved it away first
+        try:
+            os.rename(staging, entry)
+        except OSError as e:
+            # Another build put its own in between: as good as ours.
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _temporary(self, prefix: str, key: str) -> str:
+        return os.path.join(self.root, f"{prefix}{key[:16]}-{os.getpid()}-{secrets.token_hex(4)}")
+
+    def prune(self) -> int:
+        """
+        Remove the least recently used entries beyond ``max_entries``, and
+        what dead builds left behind; returns how many entries were removed.
+        """
+        now = self._clock()
+        entries = []
+        for name in _listdir_or_empty(self.root):
+            path = os.path.join(self.root, name)
+            try:
+                mtime = os.lstat(path).st_mtime
+            except OSError:
+                continue
+            if name.startswith(_TRASH_PREFIX) or (
+                name.startswith(_STAGING_PREFIX) and now - mtime > STALE_STAGING_SECONDS
+            ):
+                shutil.rmtree(path, ignore_errors=True)
+            elif not name.startswith("."):
+                entries.append((mtime, name))
+        entries.sort()
+        removed = 0
+        for _, name in entries[: max(0, len(entries) - self.max_entries)]:
+            # Renamed away before deletion, so no new build finds it half
+            # gone; one already linking from it loses files, which only
+            # costs compiling them.
+            trash = self._temporary(_TRASH_PREFIX, name)
+            try:
+                os.rename(os.path.join(self.root, name), trash)
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            removed += 1
+        return removed
+
+
+def _python_sources(site_packages: str) -> Iterator[str]:
+    """The ``.py`` files under ``site_packages`` that compileall compiles, relative, ``/``-separated."""
+    for directory, dirnames, filenames in os.walk(site_packages):
+        dirnames[:] = [name for name in dirnames if name != "__pycache__"]
+        relative = os.path.relpath(directory, site_packages)
+        for name in filenames:
+            if name.endswith(".py"):
+                path = name if relative == "." else os.path.join(relative, name)
+                yield path.replace(os.sep, "/")
+
+
+def _pycs_match(cache_dir: str, names: Iterable[str], source: str) -> bool:
+    """Whether the ``.pyc`` files ``names`` in ``cache_dir`` are all valid for ``source``."""
+    try:
+        stat = os.stat(source)
+        for name in names:
+            with open(os.path.join(cache_dir, name), "rb") as f:
+                if not pyc_matches_source(f.read(_PYC_HEADER.size), stat.st_mtime, stat.st_size):
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _valid_pycs(root: str, site_packages: str, group: SourceGroup) -> list[str] | None:
+    """
+    The ``.pyc`` files under ``root`` (site-packages itself, or a cache entry)
+    for every source of ``group`` in ``site_packages``, as relative paths; or
+    None when a source has none, or one that is not valid for it.
+    """
+    files = []
+    listings: dict[str, dict[str, list[str]]] = {}
+    for source in group.sources:
+        directory, filename = posixpath.split(source)
+        cache_dir = posixpath.join(directory, "__pycache__")
+        if cache_dir not in listings:
+            listings[cache_dir] = pyc_index(_listdir_or_empty(os.path.join(root, cache_dir)))
+        names = listings[cache_dir].get(filename[:-3])
+        if not names or not _pycs_match(os.path.join(root, cache_dir), names, os.path.join(site_packages, source)):
+            return None
+        files += [posixpath.join(cache_dir, name) for name in names]
+    return files
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """
+    Hard-link ``source`` as ``target``; copy it (through a temporary name,
+    so that no half-written file is ever seen) where links cannot be made.
+    An existing ``target`` is an error, not replaced: targets are in a venv or
+    a staging directory that only one build writes.
+    """
+    try:
+        os.link(source, target)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "already exists", target)
+    temporary = f"{target}.{secrets.token_hex(4)}.tmp"
+    try:
+        shutil.copyfile(source, temporary)
+        os.rename(temporary, target)
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _listdir_or_empty(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 # -- finding executables -----------------------------------------------------
@@ -595,13 +1073,18 @@ class PythonEnvironmentBuilder:
     :param python_interpreter_path: ``PYTHON_INTERPRETER_PATH``, used when it
         is the version the plugin asks for.
     :param environ: the daemon's environment (pass-through variables, PATH).
-    :param threadpool: where the blocking deletion of an invalid venv runs;
-        the reactor's own thread pool by default.
+    :param threadpool: where blocking work runs (deleting an invalid venv,
+        the caches' file work); the reactor's own thread pool by default.
     :param prepared_venvs_dir: where finished, byte-compiled venvs are kept,
         keyed by everything that decides their content (interpreter,
         dependency files, index and extra arguments).  A plugin whose key is
         there gets a hard-linked copy in milliseconds instead of an install
-        and a site-packages compilation (seconds); None disables it.
+        and a site-packages compilation (seconds); None disables it.  Its
+        ``bytecode`` directory is a :class:`BytecodeCache`: a plugin with a
+        new dependency set gets the ``.pyc`` files of every distribution
+        an earlier plugin installed, and compiles only the rest.  Both are
+        filled in the background after a fresh build (see :meth:`settled`).
+    :param bytecode_entries: how many distributions' bytecode is kept.
     """
 
     def __init__(
@@ -625,9 +1108,15 @@ class PythonEnvironmentBuilder:
         interpreter_search_dirs: Sequence[str] = ("/usr/bin", "/usr/local/bin"),
         threadpool=None,
         prepared_venvs_dir: str | None = None,
+        bytecode_entries: int = DEFAULT_BYTECODE_ENTRIES,
     ) -> None:
         self._reactor = reactor
         self._prepared = prepared_venvs_dir
+        self._bytecode = (
+            None
+            if prepared_venvs_dir is None
+            else BytecodeCache(os.path.join(prepared_venvs_dir, BYTECODE_DIR), bytecode_entries)
+        )
         self._uv = uv_path
         self._uv_cache_dir = uv_cache_dir
         self._pip_mirror_url = pip_mirror_url
@@ -645,6 +1134,8 @@ class PythonEnvironmentBuilder:
         self._interpreter_search_dirs = tuple(interpreter_search_dirs)
         self._threadpool = threadpool
         self._locks: dict[str, DeferredLock] = {}
+        # Background keeping of finished builds, to the prepared venv each keeps (or None).
+        self._background: dict[Deferred, str | None] = {}
         self._interpreters: dict[str, str] = {}
 
     def build(self, working_dir: str, runner_version_text: str | None, progress: Callable[[str], None]) -> Deferred:
@@ -697,44 +1188,132 @@ class PythonEnvironmentBuilder:
                 self._reactor, self._pool(), self._prepared_key, working_dir, interpreter, dependency_file, frozen_lock
             )
             prepared = os.path.join(self._prepared, key)
+            # A build of the same dependencies that just finished may be
+            # keeping its venv: a copy is far quicker than a build.
+            await self._settled(prepared)
         fresh = prepared is None or not venv_is_valid(prepared)
+        linked: list[tuple[str, BytecodeLinks]] = []
         if not fresh:
             progress("copying a prepared venv")
             await self._run(_link_copy(os.path.join(prepared, VENV_DIR), os.path.join(working_dir, VENV_DIR), env))
-            for command in compile_commands(working_dir, [], env, self._compile_extra_args):
-                progress(command.step)
-                await self._run(command)
+            command = plugin_compile_command(working_dir, env, self._compile_extra_args)
+            progress(command.step)
+            await self._run(command)
         else:
             progress(f"creating venv with Python {version}")
             await self._run(venv_command(self._uv, working_dir, interpreter, env))
 
             progress(f"installing dependencies from {dependency_file}")
-            await self._run(
-                install_command(
-                    self._uv,
-                    working_dir,
-                    dependency_file,
-                    env,
-                    pip_mirror_url=self._pip_mirror_url,
-                    pip_extra_args=self._pip_extra_args,
-                    pip_verbose=self._pip_verbose,
-                    frozen_lock=frozen_lock,
+            # The plugin's own files need only the venv's python: they are
+            # compiled while uv installs, off the critical path.
+            command = plugin_compile_command(working_dir, env, self._compile_extra_args)
+            progress(command.step)
+            plugin_compiled = Deferred.fromCoroutine(self._run(command))
+            try:
+                await self._run(
+                    install_command(
+                        self._uv,
+                        working_dir,
+                        dependency_file,
+                        env,
+                        pip_mirror_url=self._pip_mirror_url,
+                        pip_extra_args=self._pip_extra_args,
+                        pip_verbose=self._pip_verbose,
+                        frozen_lock=frozen_lock,
+                    )
                 )
-            )
-
-            for command in compile_commands(
-                working_dir, _site_packages(working_dir), env, self._compile_extra_args
-            ):
-                progress(command.step)
-                await self._run(command)
+            finally:
+                # Awaited even when the install fails: whoever then deletes
+                # the directory must not race compileall walking it.
+                await plugin_compiled
+            linked = await self._compile_site_packages(working_dir, interpreter, env, progress)
 
         marker = os.path.join(working_dir, MARKER_PATH)
         os.makedirs(os.path.dirname(marker), mode=0o755, exist_ok=True)
         with open(marker, "wb") as f:
             f.write(marker_content(self._reactor.seconds()))
-        if prepared is not None and fresh:
-            await self._keep_prepared(working_dir, prepared, env)
+        if fresh and (prepared is not None or self._bytecode is not None):
+            # Keeping the venv and its bytecode for later builds is no
+            # business of this plugin's start: it happens in the background
+            # (see settled()), in a thread, while the plugin starts.
+            self._keep_for_later(working_dir, prepared, linked)
         progress("venv ready")
+
+    def settled(self) -> Deferred:
+        """
+        A Deferred that fires (with None) once the work finished builds left
+        in the background is done: keeping their venv as a prepared venv and
+        their new bytecode in the cache.  It never fails.
+        """
+        return Deferred.fromCoroutine(self._settled())
+
+    async def _settled(self, prepared: str | None = None) -> None:
+        """Wait for background work: all of it, or only the keeping of ``prepared``."""
+        while True:
+            pending = [d for d, target in self._background.items() if prepared is None or target == prepared]
+            if not pending:
+                return
+            await DeferredList(pending)
+
+    def _keep_for_later(self, working_dir: str, prepared: str | None, linked) -> None:
+        """Start keeping a fresh build for later ones; tracked until done, its errors logged."""
+
+        def forget(result: None) -> None:
+            self._background.pop(done, None)
+
+        done = deferToThreadPool(self._reactor, self._pool(), self._keep_blocking, working_dir, prepared, linked)
+        self._background[done] = prepared
+        done.addErrback(lambda failure: log.failure("keeping {path} for later builds failed", failure, path=working_dir))
+        done.addBoth(forget)
+
+    def _keep_blocking(self, working_dir: str, prepared: str | None, linked) -> None:
+        """Keep a prepared venv and new bytecode from a finished build (blocking)."""
+        if prepared is not None:
+            _keep_prepared(os.path.join(working_dir, VENV_DIR), prepared)
+        if self._bytecode is not None:
+            self._store_bytecode(working_dir, linked)
+
+    async def _compile_site_packages(self, working_dir: str, interpreter: str, env, progress) -> list[tuple[str, BytecodeLinks]]:
+        """
+        Byte-compile site-packages, taking what the bytecode cache has.
+
+        :return: each site-packages directory with what the cache gave it
+            (empty without a cache, or when the cache failed).
+        """
+        site_packages = _site_packages(working_dir)
+        linked: list[tuple[str, BytecodeLinks]] = []
+        missing: list[str] | None = None
+        if self._bytecode is not None and site_packages:
+            salt = bytecode_salt(interpreter, self._compile_extra_args)
+            # Bytecode other builds are storing right now is worth the wait.
+            await self._settled()
+            try:
+                for directory in site_packages:
+                    links = await deferToThreadPool(
+                        self._reactor, self._pool(), self._bytecode.link, os.path.join(working_dir, directory), salt
+                    )
+                    linked.append((directory, links))
+            except Exception:
+                # The cache is an optimisation: whatever breaks it, compile everything.
+                log.failure("linking cached bytecode into {path} failed", path=working_dir)
+                linked = []
+            else:
+                missing = [os.path.join(directory, path) for directory, links in linked for path in links.missing]
+                progress(f"linked {sum(links.linked for _, links in linked)} cached .pyc files")
+        command = site_packages_compile_command(working_dir, site_packages, env, self._compile_extra_args, missing)
+        if command is not None:
+            progress(command.step)
+            await self._run(command)
+        return linked
+
+    def _store_bytecode(self, working_dir: str, linked: Sequence[tuple[str, BytecodeLinks]]) -> None:
+        """Keep what was compiled for the next venvs, and bound the cache (blocking)."""
+        try:
+            for directory, links in linked:
+                self._bytecode.store(os.path.join(working_dir, directory), links.uncached)
+            self._bytecode.prune()
+        except Exception:
+            log.failure("caching the bytecode of {path} failed", path=working_dir)
 
     def _prepared_key(self, working_dir: str, interpreter: str, dependency_file: str, frozen_lock: bool) -> str:
         """What decides a venv's content, hashed (blocking: reads files)."""
@@ -748,25 +1327,6 @@ class PythonEnvironmentBuilder:
             with open(os.path.join(working_dir, name), "rb") as f:
                 digest.update(hashlib.sha256(f.read()).digest())
         return digest.hexdigest()
-
-    async def _keep_prepared(self, working_dir: str, prepared: str, env) -> None:
-        """Keep a hard-linked copy of a fresh venv for the next plugin with the same key."""
-        staging = f"{prepared}.{os.getpid()}.{int(self._reactor.seconds() * 1000)}"
-        try:
-            os.makedirs(staging, mode=0o755, exist_ok=True)
-            outcome = await run_step(
-                self._reactor,
-                _link_copy(os.path.join(working_dir, VENV_DIR), os.path.join(staging, VENV_DIR), env),
-                self._init_timeout,
-                self._total_timeout,
-            )
-            if outcome.succeeded and not os.path.exists(prepared):
-                os.rename(staging, prepared)
-        except OSError as e:
-            log.warn("keeping a prepared venv failed: {error}", error=str(e))
-        finally:
-            if os.path.exists(staging):
-                await deferToThreadPool(self._reactor, self._pool(), shutil.rmtree, staging, True)
 
     async def _interpreter(self, version: str) -> str:
         cached = self._interpreters.get(version)
@@ -794,6 +1354,45 @@ class PythonEnvironmentBuilder:
         if self._threadpool is None:
             self._threadpool = self._reactor.getThreadPool()
         return self._threadpool
+
+
+def _keep_prepared(venv: str, prepared: str) -> None:
+    """
+    Keep a hard-linked copy of a finished venv as the prepared venv
+    ``prepared``, unless a valid one is there already (blocking).
+
+    The copy is made in a staging directory and renamed into place, so a
+    prepared venv is whole or absent; it is kept only if it is valid, and it
+    replaces an invalid leftover.  The plugin may be running meanwhile:
+    Python replaces the ``.pyc`` files it writes, it never rewrites them, so
+    the copy sees each file whole.
+    """
+    if venv_is_valid(prepared):
+        return
+    token = f"{os.getpid()}.{secrets.token_hex(4)}"
+    staging = f"{prepared}.{token}"
+    old = f"{prepared}.{token}.old"
+    try:
+        shutil.copytree(venv, os.path.join(staging, VENV_DIR), symlinks=True, copy_function=os.link)
+        if not venv_is_valid(staging):
+            return
+        try:
+            os.rename(staging, prepared)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or venv_is_valid(prepared):
+                raise
+            os.rename(prepared, old)
+            os.rename(staging, prepared)
+    except (OSError, shutil.Error) as e:
+        # Unless another build kept the same venv first, the plugin's
+        # directory went away (a failed launch, an uninstall) or the disk
+        # refused: the next build of these dependencies builds afresh.
+        if not venv_is_valid(prepared):
+            log.warn("keeping a prepared venv failed: {error}", error=str(e))
+    finally:
+        for path in (staging, old):
+            if os.path.lexists(path):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _link_copy(source: str, target: str, env) -> StepCommand:

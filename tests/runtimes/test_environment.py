@@ -6,10 +6,15 @@ echo plugin of ``runtimes.md`` §7 with the real SDK.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import posixpath
 import shutil
+import struct
 import sys
+import zipfile
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
@@ -18,21 +23,32 @@ from twisted.python.failure import Failure
 
 from difydaemon.errors import InternalServerError, UniqueIdentifierError
 from difydaemon.runtimes.environment import (
+    BYTECODE_DIR,
     MARKER_PATH,
+    SEQUENTIAL_COMPILE_LIMIT,
+    UNLISTED_LABEL,
+    BytecodeCache,
+    BytecodeLinks,
     OutputTail,
     StepCommand,
     StepOutcome,
+    bytecode_salt,
     choose_dependency_file,
     compile_commands,
     failure_message,
     find_interpreter,
     find_uv,
+    group_key,
     install_command,
     install_environment,
     interpreter_candidates,
     marker_content,
+    pyc_index,
+    pyc_matches_source,
+    record_sources,
     run_step,
     runner_version,
+    site_packages_compile_command,
     venv_command,
     venv_is_valid,
     working_dir_for,
@@ -409,6 +425,356 @@ class FindExecutablesTests(SynchronousTestCase):
         self.assertTrue(os.access(path, os.X_OK), path)
 
 
+# -- cached bytecode: pure parts ---------------------------------------------
+
+SALT = bytecode_salt("/py/python3.12", None)
+
+
+def pyc_header(mtime: float, size: int, flags: int = 0) -> bytes:
+    """A .pyc header as CPython 3.12 writes it."""
+    return struct.pack("<4sIII", b"\xcb\r\r\n", flags, int(mtime) & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+
+class BytecodePureTests(SynchronousTestCase):
+    def test_record_sources(self):
+        """RECORD's .py lines inside site-packages come out normalized with their hash; others are left out."""
+        record = (
+            "a/__init__.py,sha256=AAA,10\n"
+            "a/./b/../c.py,sha256=BBB,20\n"
+            '"a/with,comma.py",sha256=CCC,30\n'
+            "a/nohash.py,,\n"
+            "a/data.txt,sha256=DDD,40\n"
+            "../../../bin/tool.py,sha256=EEE,50\n"
+            "/abs/x.py,sha256=FFF,60\n"
+            "a-1.0.dist-info/RECORD,,\n"
+            "\n"
+        )
+        self.assertEqual(
+            record_sources(record),
+            [("a/__init__.py", "sha256=AAA"), ("a/c.py", "sha256=BBB"), ("a/with,comma.py", "sha256=CCC"), ("a/nohash.py", "")],
+        )
+
+    def test_group_key(self):
+        """A group's key ignores the order of its files and changes with the salt, the label, a path or a hash."""
+        pairs = [("a/x.py", "h1"), ("a/y.py", "h2")]
+        key = group_key(SALT, "a-1.0.dist-info", pairs)
+        self.assertEqual(key, group_key(SALT, "a-1.0.dist-info", list(reversed(pairs))))
+        self.assertEqual(len({
+            key,
+            group_key(bytecode_salt("/py/python3.12", "-o 1"), "a-1.0.dist-info", pairs),
+            group_key(bytecode_salt("/other/python3.12", None), "a-1.0.dist-info", pairs),
+            group_key(SALT, "a-1.1.dist-info", pairs),
+            group_key(SALT, "a-1.0.dist-info", [("a/x.py", "h1"), ("a/z.py", "h2")]),
+            group_key(SALT, "a-1.0.dist-info", [("a/x.py", "h1"), ("a/y.py", "h3")]),
+        }), 6)
+
+    def test_pyc_matches_source(self):
+        """Only a timestamp .pyc for the source's very mtime and size matches, as Python checks it."""
+        self.assertTrue(pyc_matches_source(pyc_header(1700000000, 123), 1700000000.9, 123))
+        self.assertTrue(pyc_matches_source(pyc_header(2**32 + 5, 2**32 + 7), 2**32 + 5, 2**32 + 7))
+        self.assertFalse(pyc_matches_source(pyc_header(1700000000, 123), 1700000001, 123))
+        self.assertFalse(pyc_matches_source(pyc_header(1700000000, 123), 1700000000, 124))
+        self.assertFalse(pyc_matches_source(pyc_header(1700000000, 123, flags=3), 1700000000, 123))
+        self.assertFalse(pyc_matches_source(pyc_header(1700000000, 123)[:15], 1700000000, 123))
+
+    def test_pyc_index(self):
+        """A __pycache__ listing is filed by source stem, optimization levels included, other names dropped."""
+        names = [
+            "app.cpython-312.pyc",
+            "app.cpython-312.opt-1.pyc",
+            "app_x.cpython-312.pyc",
+            "a.b.cpython-312.pyc",
+            "x.pyc",
+            "app.py",
+            "app.cpython-312.pyc.140234.tmp",
+        ]
+        self.assertEqual(
+            pyc_index(names),
+            {
+                "app": ["app.cpython-312.opt-1.pyc", "app.cpython-312.pyc"],
+                "app_x": ["app_x.cpython-312.pyc"],
+                "a.b": ["a.b.cpython-312.pyc"],
+            },
+        )
+
+
+class SitePackagesCompileCommandTests(SynchronousTestCase):
+    env = {"PATH": "/bin"}
+    site = [".venv/lib/python3.12/site-packages"]
+
+    def test_everything(self):
+        """Without a cache, all of site-packages is compiled by a pool of workers."""
+        command = site_packages_compile_command("/wd", self.site, self.env, "-f")
+        self.assertEqual(
+            command.argv,
+            ("/wd/.venv/bin/python", "-m", "compileall", "-q", "-j", "0", "-f", ".venv/lib/python3.12/site-packages"),
+        )
+        self.assertEqual(command.step, "byte-compiling site-packages")
+        self.assertEqual((command.required, command.watch_inactivity), (False, False))
+
+    def test_nothing_missing(self):
+        """When the cache provided everything (or there is no site-packages) nothing runs."""
+        self.assertIsNone(site_packages_compile_command("/wd", self.site, self.env, None, []))
+        self.assertIsNone(site_packages_compile_command("/wd", [], self.env, None))
+
+    def test_few_missing(self):
+        """A few missing files are compiled one by one, named on the command line."""
+        missing = [f".venv/lib/python3.12/site-packages/new/m{i}.py" for i in range(SEQUENTIAL_COMPILE_LIMIT)]
+        command = site_packages_compile_command("/wd", self.site, self.env, "-o 1", missing)
+        self.assertEqual(command.argv, ("/wd/.venv/bin/python", "-m", "compileall", "-q", "-o", "1", *missing))
+        self.assertEqual(command.step, f"byte-compiling {SEQUENTIAL_COMPILE_LIMIT} files of site-packages")
+        self.assertEqual((command.required, command.watch_inactivity), (False, False))
+
+    def test_many_missing(self):
+        """Past the limit the pool compiles all of site-packages, only checking what is valid already."""
+        missing = [f".venv/lib/python3.12/site-packages/new/m{i}.py" for i in range(SEQUENTIAL_COMPILE_LIMIT + 1)]
+        command = site_packages_compile_command("/wd", self.site, self.env, None, missing)
+        self.assertEqual(command.argv[-3:], ("-j", "0", ".venv/lib/python3.12/site-packages"))
+
+
+# -- cached bytecode on a real filesystem -------------------------------------
+
+SOURCE_MTIME = 1700000000
+
+
+class FakeSitePackages:
+    """A site-packages directory as uv leaves it, and compiled as compileall would."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def path(self, relative: str) -> str:
+        return os.path.join(self.root, *relative.split("/"))
+
+    def write(self, relative: str, content: bytes, mtime: float = SOURCE_MTIME) -> None:
+        path = self.path(relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+        os.utime(path, (mtime, mtime))
+
+    def distribution(self, dist_info: str, files: dict, hashed: bool = True, mtime: float = SOURCE_MTIME) -> None:
+        """Install ``files`` with a RECORD listing them (with sha256 hashes unless ``hashed`` is false)."""
+        lines = []
+        for relative, content in files.items():
+            self.write(relative, content, mtime)
+            digest = "sha256=" + hashlib.sha256(content).hexdigest() if hashed else ""
+            lines.append(f"{relative},{digest},{len(content)}")
+        lines += ["../../../bin/tool,sha256=xyz,10", f"{dist_info}/RECORD,,"]
+        os.makedirs(self.path(dist_info), exist_ok=True)
+        with open(self.path(f"{dist_info}/RECORD"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def pyc_path(self, source: str, tag: str = "cpython-312") -> str:
+        directory, name = posixpath.split(source)
+        return self.path(posixpath.join(directory, "__pycache__", f"{name[:-3]}.{tag}.pyc"))
+
+    def compile(self, *sources: str, flags: int = 0) -> None:
+        """Write a valid .pyc for each source (all .py files when none is named)."""
+        if not sources:
+            sources = tuple(sorted(
+                os.path.relpath(os.path.join(d, n), self.root).replace(os.sep, "/")
+                for d, dirs, names in os.walk(self.root) for n in names if n.endswith(".py")
+            ))
+        for source in sources:
+            stat = os.stat(self.path(source))
+            target = self.pyc_path(source)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(pyc_header(stat.st_mtime, stat.st_size, flags) + b"code of " + source.encode())
+
+    def pycs(self) -> list[str]:
+        return sorted(
+            os.path.relpath(os.path.join(d, n), self.root).replace(os.sep, "/")
+            for d, dirs, names in os.walk(self.root) for n in names if n.endswith(".pyc")
+        )
+
+
+def two_distributions(site: FakeSitePackages, mtime: float = SOURCE_MTIME) -> None:
+    """Distribution ``a`` (a package) and ``b`` (one module), as in a venv."""
+    site.distribution("a-1.0.dist-info", {"a/__init__.py": b"", "a/x.py": b"X = 1\n"}, mtime=mtime)
+    site.distribution("b-2.0.dist-info", {"b.py": b"B = 2\n"}, mtime=mtime)
+
+
+class BytecodeCacheTests(SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.base = os.path.abspath(self.mktemp())
+        self.cache = BytecodeCache(os.path.join(self.base, "bytecode"), max_entries=10)
+
+    def site(self, name: str) -> FakeSitePackages:
+        return FakeSitePackages(os.path.join(self.base, name, "site-packages"))
+
+    def entries(self) -> list[str]:
+        return sorted(os.listdir(self.cache.root)) if os.path.isdir(self.cache.root) else []
+
+    def test_scan_groups(self):
+        """Files go with the one RECORD that lists them with a hash; the rest are grouped by content."""
+        site = self.site("v1")
+        two_distributions(site)
+        site.distribution("c-1.0.dist-info", {"c.py": b"C\n"}, hashed=False)
+        site.distribution("d-1.0.dist-info", {"ns/__init__.py": b"D\n"})
+        site.distribution("e-1.0.dist-info", {"ns/__init__.py": b"E\n"})  # overwrites d's file
+        site.write("orphan.py", b"O\n")
+        present, groups = self.cache.scan(site.root, SALT)
+        self.assertEqual(present, {"a/__init__.py", "a/x.py", "b.py", "c.py", "ns/__init__.py", "orphan.py"})
+        self.assertEqual(
+            [(group.label, group.sources) for group in groups],
+            [
+                ("a-1.0.dist-info", ("a/__init__.py", "a/x.py")),
+                ("b-2.0.dist-info", ("b.py",)),
+                (UNLISTED_LABEL, ("c.py", "ns/__init__.py", "orphan.py")),
+            ],
+        )
+        unlisted_key = groups[-1].key
+        site.write("orphan.py", b"changed\n")
+        self.assertNotEqual(self.cache.scan(site.root, SALT)[1][-1].key, unlisted_key)
+
+    def test_first_link_misses(self):
+        """An empty cache links nothing and reports every source missing, every group uncached."""
+        site = self.site("v1")
+        two_distributions(site)
+        links = self.cache.link(site.root, SALT)
+        self.assertEqual((links.linked, links.missing), (0, ("a/__init__.py", "a/x.py", "b.py")))
+        self.assertEqual([group.label for group in links.uncached], ["a-1.0.dist-info", "b-2.0.dist-info"])
+        self.assertEqual(site.pycs(), [])
+
+    def test_store_then_link_into_another_venv(self):
+        """Stored bytecode is hard-linked into a venv with the same files; nothing is left to compile."""
+        first = self.site("v1")
+        two_distributions(first)
+        links = self.cache.link(first.root, SALT)
+        first.compile()
+        self.assertEqual(self.cache.store(first.root, links.uncached), 2)
+        self.assertEqual(len(self.entries()), 2)
+        second = self.site("v2")
+        two_distributions(second)
+        links = self.cache.link(second.root, SALT)
+        self.assertEqual(links, BytecodeLinks(3, (), ()))
+        self.assertEqual(second.pycs(), first.pycs())
+        for source in ("a/__init__.py", "a/x.py", "b.py"):
+            self.assertEqual(os.stat(second.pyc_path(source)).st_ino, os.stat(first.pyc_path(source)).st_ino)
+
+    def test_other_content_misses(self):
+        """A distribution whose RECORD differs gets nothing, nor does anything under another salt."""
+        first = self.site("v1")
+        two_distributions(first)
+        links = self.cache.link(first.root, SALT)
+        first.compile()
+        self.cache.store(first.root, links.uncached)
+        second = self.site("v2")
+        second.distribution("a-1.0.dist-info", {"a/__init__.py": b"", "a/x.py": b"X = 2\n"})
+        second.distribution("b-2.0.dist-info", {"b.py": b"B = 2\n"})
+        links = self.cache.link(second.root, SALT)
+        self.assertEqual((links.linked, links.missing), (1, ("a/__init__.py", "a/x.py")))
+        self.assertEqual([group.label for group in links.uncached], ["a-1.0.dist-info"])
+        third = self.site("v3")
+        two_distributions(third)
+        self.assertEqual(self.cache.link(third.root, bytecode_salt("/py/python3.12", "-o 2")).linked, 0)
+
+    def test_stale_entry_replaced(self):
+        """Sources re-extracted with another mtime get no .pyc; the entry is stored again for them."""
+        first = self.site("v1")
+        two_distributions(first)
+        links = self.cache.link(first.root, SALT)
+        first.compile()
+        self.cache.store(first.root, links.uncached)
+        second = self.site("v2")
+        two_distributions(second, mtime=SOURCE_MTIME + 60)
+        links = self.cache.link(second.root, SALT)
+        self.assertEqual((links.linked, len(links.missing), len(links.uncached)), (0, 3, 2))
+        second.compile()
+        self.assertEqual(self.cache.store(second.root, links.uncached), 2)
+        third = self.site("v3")
+        two_distributions(third, mtime=SOURCE_MTIME + 60)
+        self.assertEqual(self.cache.link(third.root, SALT), BytecodeLinks(3, (), ()))
+        self.assertEqual([name for name in self.entries() if name.startswith(".")], [])
+
+    def test_store_needs_every_source(self):
+        """A group is stored only when every source has a valid timestamp .pyc."""
+        site = self.site("v1")
+        two_distributions(site)
+        links = self.cache.link(site.root, SALT)
+        site.compile("a/x.py", "b.py")  # a/__init__.py did not compile
+        self.assertEqual(self.cache.store(site.root, links.uncached), 1)
+        site.compile("a/__init__.py", flags=1)  # hash-based: not for this cache
+        self.assertEqual(self.cache.store(site.root, links.uncached), 0)
+        self.assertEqual(len(self.entries()), 1)
+
+    def test_existing_pyc_kept(self):
+        """A .pyc already in the venv (shipped by a wheel) is not replaced; compileall gets its source."""
+        first = self.site("v1")
+        two_distributions(first)
+        links = self.cache.link(first.root, SALT)
+        first.compile()
+        self.cache.store(first.root, links.uncached)
+        second = self.site("v2")
+        two_distributions(second)
+        shipped = second.pyc_path("b.py")
+        os.makedirs(os.path.dirname(shipped))
+        with open(shipped, "wb") as f:
+            f.write(b"shipped")
+        links = self.cache.link(second.root, SALT)
+        self.assertEqual((links.linked, links.missing), (2, ("b.py",)))
+        with open(shipped, "rb") as f:
+            self.assertEqual(f.read(), b"shipped")
+
+    def test_concurrent_store_keeps_one(self):
+        """A second build storing the same group leaves the first one's entry and no staging behind."""
+        first, second = self.site("v1"), self.site("v2")
+        two_distributions(first)
+        two_distributions(second)
+        first_links = self.cache.link(first.root, SALT)
+        second_links = self.cache.link(second.root, SALT)
+        first.compile()
+        second.compile()
+        self.assertEqual(self.cache.store(first.root, first_links.uncached), 2)
+        before = {name: os.stat(os.path.join(self.cache.root, name)).st_ino for name in self.entries()}
+        self.assertEqual(self.cache.store(second.root, second_links.uncached), 0)
+        self.assertEqual({name: os.stat(os.path.join(self.cache.root, name)).st_ino for name in self.entries()}, before)
+
+    def test_prune_least_recently_used(self):
+        """Pruning keeps the most recently used entries, drops trash, and stale staging only."""
+        cache = BytecodeCache(self.cache.root, max_entries=2, clock=lambda: SOURCE_MTIME + 10 * 3600)
+        for age, name in enumerate(["new", "middle", "old", ".trash-x", ".staging-dead", ".staging-live"]):
+            os.makedirs(os.path.join(cache.root, name, "sub"))
+            mtime = SOURCE_MTIME + 10 * 3600 - (7200 * age if name != ".staging-live" else 60)
+            os.utime(os.path.join(cache.root, name), (mtime, mtime))
+        self.assertEqual(cache.prune(), 1)
+        self.assertEqual(self.entries(), [".staging-live", "middle", "new"])
+
+    def test_link_marks_use(self):
+        """Linking from an entry makes it recently used."""
+        site = self.site("v1")
+        two_distributions(site)
+        links = self.cache.link(site.root, SALT)
+        site.compile()
+        self.cache.store(site.root, links.uncached)
+        for name in self.entries():
+            os.utime(os.path.join(self.cache.root, name), (SOURCE_MTIME, SOURCE_MTIME))
+        other = self.site("v2")
+        two_distributions(other)
+        self.cache.link(other.root, SALT)
+        for name in self.entries():
+            self.assertGreater(os.stat(os.path.join(self.cache.root, name)).st_mtime, SOURCE_MTIME)
+
+    def test_cache_deleted_under_a_venv(self):
+        """Deleting the whole cache leaves linked venvs intact."""
+        first = self.site("v1")
+        two_distributions(first)
+        links = self.cache.link(first.root, SALT)
+        first.compile()
+        self.cache.store(first.root, links.uncached)
+        second = self.site("v2")
+        two_distributions(second)
+        self.cache.link(second.root, SALT)
+        shutil.rmtree(self.cache.root)
+        with open(second.pyc_path("a/x.py"), "rb") as f:
+            self.assertTrue(f.read().endswith(b"code of a/x.py"))
+        self.assertEqual(self.cache.link(self.site("v3").root, SALT).linked, 0)
+
+
 # -- steps and builder on a fake process reactor ----------------------------
 
 
@@ -500,7 +866,7 @@ class FakeBuilderTests(SynchronousTestCase):
         probe.finish(0)
 
     def test_steps_in_order(self):
-        """A build probes, creates the venv, installs, compiles twice and writes the marker."""
+        """A build probes, creates the venv, installs while compiling the plugin, compiles site-packages, marks."""
         d = self.build()
         self.answer_probe()
         venv = self.reactor.processes[-1]
@@ -513,12 +879,12 @@ class FakeBuilderTests(SynchronousTestCase):
         open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
         os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
         venv.finish(0)
-        install = self.reactor.processes[-1]
-        self.assertEqual(install.argv, ("/uv", "pip", "install", "-r", "requirements.txt"))
-        install.finish(0)
-        compile_plugin = self.reactor.processes[-1]
+        compile_plugin, install = self.reactor.processes[-2:]
         self.assertEqual(compile_plugin.argv[-1], ".")
+        self.assertEqual(install.argv, ("/uv", "pip", "install", "-r", "requirements.txt"))
         compile_plugin.finish(1)  # best effort: the build goes on
+        self.assertEqual(self.reactor.processes[-1], install)
+        install.finish(0)
         compile_site = self.reactor.processes[-1]
         self.assertEqual(compile_site.argv[-1], ".venv/lib/python3.12/site-packages")
         compile_site.finish(0)
@@ -537,13 +903,15 @@ class FakeBuilderTests(SynchronousTestCase):
         )
 
     def test_install_failure(self):
-        """A failed install fails the build with the step, the status and uv's complaint; no marker."""
+        """A failed install fails the build, once the plugin's compilation is over, with uv's complaint; no marker."""
         d = self.build()
         self.answer_probe()
         self.reactor.processes[-1].finish(0)
-        install = self.reactor.processes[-1]
+        compile_plugin, install = self.reactor.processes[-2:]
         install.emit(b"DEBUG noise\nerror: No solution found when resolving dependencies\n", fd=2)
         install.finish(1)
+        self.assertNoResult(d)  # the directory may be deleted only once compileall is done with it
+        compile_plugin.finish(0)
         error = self.failureResultOf(d, InternalServerError).value
         self.assertEqual(
             error.message,
@@ -579,8 +947,9 @@ class FakeBuilderTests(SynchronousTestCase):
         os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
         open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
         venv.finish(0)
-        self.reactor.processes[-1].finish(0)  # install
-        self.reactor.processes[-1].finish(0)  # compile the plugin (no site-packages)
+        compile_plugin, install = self.reactor.processes[-2:]
+        install.finish(0)
+        compile_plugin.finish(0)  # no site-packages: nothing more to compile
         self.assertEqual(self.successResultOf(first), self.successResultOf(second))
         self.assertEqual(len(self.reactor.processes), 4)
         self.assertEqual(self.progress[-1], "reusing the existing venv")
@@ -601,6 +970,204 @@ class FakeBuilderTests(SynchronousTestCase):
         # The interpreter is cached: the second build goes straight to its venv step.
         self.assertEqual(self.reactor.processes[-1].path, other)
         self.assertNoResult(second)
+
+
+class HoldingThreadPool(SynchronousThreadPool):
+    """Runs 'threaded' work at once, except calls to the functions named in ``held``, which wait for release()."""
+
+    def __init__(self, held=()):
+        self.held = set(held)
+        self.waiting = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        if getattr(f, "__name__", None) in self.held:
+            self.waiting.append((on_result, f, args, kwargs))
+        else:
+            super().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+    def release(self):
+        waiting, self.waiting = self.waiting, []
+        for on_result, f, args, kwargs in waiting:
+            super().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+
+class BrokenBytecodeCache(BytecodeCache):
+    """A bytecode cache whose operations named in ``failing`` fail, as on a full disk."""
+
+    def __init__(self, root, failing):
+        super().__init__(root)
+        self.failing = failing
+
+    def link(self, site_packages, salt):
+        if "link" in self.failing:
+            raise OSError(28, "No space left on device")
+        return super().link(site_packages, salt)
+
+    def store(self, site_packages, groups):
+        if "store" in self.failing:
+            raise OSError(28, "No space left on device")
+        return super().store(site_packages, groups)
+
+
+SITE_PACKAGES = ".venv/lib/python3.12/site-packages"
+
+
+class FakeCachedBuilderTests(SynchronousTestCase):
+    """The builder with its prepared venvs and bytecode cache, on a fake process reactor."""
+
+    def setUp(self):
+        super().setUp()
+        self.reactor = ProcessReactor()
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.pool = HoldingThreadPool(held=("_keep_blocking",))
+        self.prepared = os.path.join(self.base, "prepared")
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": "", "HOME": self.base},
+            interpreter_search_dirs=(), threadpool=self.pool, prepared_venvs_dir=self.prepared,
+        )
+        self.progress = []
+
+    def plugin(self, name, requirements="dify_plugin\n"):
+        working_dir = os.path.join(self.base, name)
+        os.makedirs(working_dir)
+        with open(os.path.join(working_dir, "requirements.txt"), "w") as f:
+            f.write(requirements)
+        return working_dir
+
+    def build(self, working_dir):
+        return self.builder.build(working_dir, "3.12", self.progress.append)
+
+    def answer_probe(self):
+        probe = self.reactor.processes[-1]
+        self.assertEqual(probe.argv[0], sys.executable)
+        probe.emit(b"3.12\n")
+        probe.finish(0)
+
+    def play_uv(self, working_dir):
+        """Play ``uv venv`` and ``uv pip install`` (two distributions) and the plugin's compilation."""
+        venv = self.reactor.processes[-1]
+        self.assertEqual(venv.argv[:2], ("/uv", "venv"))
+        os.makedirs(os.path.join(working_dir, ".venv", "bin"))
+        open(os.path.join(working_dir, ".venv", "bin", "python"), "w").close()
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        self.assertEqual(install.argv[:3], ("/uv", "pip", "install"))
+        site = FakeSitePackages(os.path.join(working_dir, SITE_PACKAGES))
+        two_distributions(site)
+        compile_plugin.finish(0)
+        install.finish(0)
+        return site
+
+    def first_build(self):
+        working_dir = self.plugin("first")
+        d = self.build(working_dir)
+        self.answer_probe()
+        site = self.play_uv(working_dir)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(
+            compile_site.argv,
+            (f"{working_dir}/.venv/bin/python", "-m", "compileall", "-q",
+             f"{SITE_PACKAGES}/a/__init__.py", f"{SITE_PACKAGES}/a/x.py", f"{SITE_PACKAGES}/b.py"),
+        )
+        site.compile()
+        compile_site.finish(0)
+        self.assertEqual(self.successResultOf(d), f"{working_dir}/.venv/bin/python")
+        return working_dir, site
+
+    def test_new_dependency_set_links_bytecode(self):
+        """A new dependency set gets the bytecode an earlier build compiled and runs no compilation of site-packages."""
+        _, first_site = self.first_build()
+        self.assertIn("linked 0 cached .pyc files", self.progress)
+        self.assertEqual(len(self.pool.waiting), 1)  # keeping it for later happens in the background
+        settled = self.builder.settled()
+        self.assertNoResult(settled)
+        self.pool.release()
+        self.assertIsNone(self.successResultOf(settled))
+        second = self.plugin("second", "dify_plugin\n# a set of its own\n")
+        del self.progress[:]
+        spawned = len(self.reactor.processes)
+        d = self.build(second)
+        site = self.play_uv(second)
+        self.assertEqual(self.successResultOf(d), f"{second}/.venv/bin/python")
+        self.assertEqual(len(self.reactor.processes), spawned + 3)  # venv, install, the plugin's compilation
+        self.assertEqual(site.pycs(), first_site.pycs())
+        self.assertEqual(
+            self.progress,
+            [
+                "creating venv with Python 3.12",
+                "installing dependencies from requirements.txt",
+                "byte-compiling the plugin",
+                "linked 3 cached .pyc files",
+                "venv ready",
+            ],
+        )
+        self.assertTrue(venv_is_valid(second))
+
+    def test_same_dependencies_wait_for_keeping(self):
+        """A build of the same dependencies waits for the prepared venv being kept, then copies it."""
+        self.first_build()
+        second = self.plugin("second")
+        spawned = len(self.reactor.processes)
+        d = self.build(second)
+        self.assertEqual(len(self.reactor.processes), spawned)  # no venv yet: it waits
+        self.pool.release()
+        prepared = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
+        self.assertEqual(len(prepared), 1)
+        self.assertTrue(venv_is_valid(os.path.join(self.prepared, prepared[0])))
+        copy = self.reactor.processes[-1]
+        self.assertEqual(
+            copy.argv,
+            ("/bin/cp", "-al", os.path.join(self.prepared, prepared[0], ".venv"), os.path.join(second, ".venv")),
+        )
+        copy.finish(0)
+        self.reactor.processes[-1].finish(0)  # the plugin's compilation
+        self.successResultOf(d)
+        self.assertIn("copying a prepared venv", self.progress)
+
+    def test_invalid_prepared_venv_replaced(self):
+        """A prepared venv that lost its marker is not used; the next fresh build replaces it with a valid one."""
+        self.first_build()
+        self.pool.release()
+        (key,) = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
+        os.unlink(os.path.join(self.prepared, key, MARKER_PATH))
+        second = self.plugin("second")
+        d = self.build(second)
+        self.play_uv(second)  # built afresh: the bytecode cache gives all of site-packages
+        self.successResultOf(d)
+        self.assertNotIn("copying a prepared venv", self.progress)
+        self.pool.release()
+        self.successResultOf(self.builder.settled())
+        self.assertEqual([name for name in os.listdir(self.prepared) if name != BYTECODE_DIR], [key])
+        self.assertTrue(venv_is_valid(os.path.join(self.prepared, key)))
+
+    def test_failed_link_compiles_everything(self):
+        """When linking cached bytecode fails, all of site-packages is compiled and the failure logged."""
+        # A fake in place of the builder's cache: the only way to make a disk fail on cue.
+        self.builder._bytecode = BrokenBytecodeCache(os.path.join(self.prepared, BYTECODE_DIR), {"link"})
+        working_dir = self.plugin("first")
+        d = self.build(working_dir)
+        self.answer_probe()
+        self.play_uv(working_dir)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[-3:], ("-j", "0", SITE_PACKAGES))
+        compile_site.finish(0)
+        self.successResultOf(d)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(venv_is_valid(working_dir))
+
+    def test_failed_store_is_logged(self):
+        """When storing bytecode fails, the build is not affected, the failure is logged, and the prepared venv kept."""
+        self.builder._bytecode = BrokenBytecodeCache(os.path.join(self.prepared, BYTECODE_DIR), {"store"})
+        working_dir, _ = self.first_build()
+        self.pool.release()
+        self.assertIsNone(self.successResultOf(self.builder.settled()))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        prepared = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
+        self.assertEqual(len(prepared), 1)
+        self.assertTrue(venv_is_valid(os.path.join(self.prepared, prepared[0])))
+        self.assertFalse(os.path.exists(os.path.join(self.prepared, BYTECODE_DIR)))
 
 
 # -- real builds -------------------------------------------------------------
@@ -693,3 +1260,121 @@ class RealBuildTests(AsyncTestCase):
             await self.build("2.1")
         self.assertIn("Python 2.1", caught.exception.message)
         self.assertFalse(os.path.exists(os.path.join(self.working_dir, ".venv")))
+
+
+# Run by the venv's own python: how many sources of site-packages lack a
+# .pyc that this interpreter would use as it is (magic, mtime, size).
+_UNUSABLE_PYCS = """
+import importlib.util, os, sys
+unusable = 0
+for directory, dirnames, names in os.walk(sys.argv[1]):
+    dirnames[:] = [name for name in dirnames if name != "__pycache__"]
+    for name in names:
+        if not name.endswith(".py"):
+            continue
+        source = os.path.join(directory, name)
+        stat = os.stat(source)
+        try:
+            with open(importlib.util.cache_from_source(source), "rb") as f:
+                header = f.read(16)
+        except OSError:
+            unusable += 1
+            continue
+        expected = importlib.util.MAGIC_NUMBER + bytes(4) + (
+            (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+        )
+        unusable += header != expected
+print(unusable)
+"""
+
+
+def tiny_wheel(directory: str) -> str:
+    """A pure-Python wheel of two modules, ``tinydist`` 1.0, built by hand (no index needed)."""
+    files = {
+        "tinydist/__init__.py": b"from tinydist.more import VALUE\n",
+        "tinydist/more.py": b"VALUE = 42\n",
+        "tinydist-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinydist\nVersion: 1.0\n",
+        "tinydist-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: difydaemon-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for name, content in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(content)}")
+    record.append("tinydist-1.0.dist-info/RECORD,,")
+    files["tinydist-1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tinydist-1.0-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return path
+
+
+class RealBytecodeCacheTests(AsyncTestCase):
+    """Real uv venvs of the echo plugin sharing prepared venvs and cached bytecode."""
+
+    timeout = 300
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.builder = sdk.environment_builder(reactor, prepared_venvs_dir=os.path.abspath(self.mktemp()))
+        # Background keeping must be over before trial looks for leftovers.
+        self.addCleanup(self.builder.settled)
+
+    async def build(self, *extra_requirements):
+        """Build a copy of the echo plugin with more requirement lines; its directory, python and progress."""
+        working_dir = copy_echo_plugin(os.path.abspath(self.mktemp()))
+        with open(os.path.join(working_dir, "requirements.txt"), "a") as f:
+            f.write("".join(line + "\n" for line in extra_requirements))
+        progress = []
+        python = await self.builder.build(working_dir, "3.12", progress.append)
+        return working_dir, python, progress
+
+    async def unusable_pycs(self, python, working_dir):
+        """How many sources of the venv's site-packages its python would have to compile again."""
+        outcome = await run_step(
+            self.reactor,
+            StepCommand(
+                "checking .pyc files",
+                (python, "-c", _UNUSABLE_PYCS, os.path.join(working_dir, SITE_PACKAGES)),
+                {"PATH": os.environ.get("PATH", "")},
+                working_dir,
+            ),
+            60,
+            60,
+        )
+        self.assertTrue(outcome.succeeded, outcome)
+        return int(outcome.tail)
+
+    async def test_new_dependency_set_links_cached_bytecode(self):
+        """A plugin with a never-seen dependency set links the SDK's cached bytecode, compiles none of it, and starts."""
+        first, _, progress = await self.build()
+        self.assertIn("byte-compiling site-packages", progress)
+        await self.builder.settled()
+        second, python, progress = await self.build("# a dependency set of its own")
+        self.assertNotIn("copying a prepared venv", progress)
+        linked = [line for line in progress if line.startswith("linked ")]
+        self.assertEqual(len(linked), 1, progress)
+        self.assertGreater(int(linked[0].split()[1]), 500)
+        self.assertEqual([line for line in progress if "site-packages" in line], [])
+        self.assertEqual(await self.unusable_pycs(python, second), 0)
+        pyc = os.path.join(SITE_PACKAGES, "dify_plugin", "__pycache__", "__init__.cpython-312.pyc")
+        self.assertEqual(os.stat(os.path.join(second, pyc)).st_ino, os.stat(os.path.join(first, pyc)).st_ino)
+        self.assertGreater(await sdk.seconds_to_first_heartbeat(self.reactor, python, second), 0)
+
+    async def test_new_distribution_compiled_alone(self):
+        """A distribution no plugin installed before is the only thing compiled, and is cached in its turn."""
+        wheel = tiny_wheel(os.path.abspath(self.mktemp()))
+        await self.build()
+        await self.builder.settled()
+        second, python, progress = await self.build(wheel)
+        self.assertIn("byte-compiling 2 files of site-packages", progress)
+        self.assertEqual(await self.unusable_pycs(python, second), 0)
+        await self.builder.settled()
+        third, python, progress = await self.build(wheel, "# yet another set")
+        self.assertEqual([line for line in progress if "site-packages" in line], [])
+        self.assertEqual(await self.unusable_pycs(python, third), 0)
