@@ -148,3 +148,14 @@ class ConfigError(Exception):
 
 class ObjectNotFoundError(NotFoundError):
     """An object-storage key does not exist."""
+
+
+class StorageQuotaExceededError(BadRequestError):
+    """
+    A plugin key/value write would take the (tenant, plugin) total over its
+    quota (http-api.md §5.7); nothing was written.  The text is the Go
+    daemon's.
+    """
+
+    def __init__(self, message: str = "allocated size is greater than max storage size") -> None:
+        super().__init__(message)

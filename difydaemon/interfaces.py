@@ -201,6 +201,86 @@ class IPersistence(Interface):
         and has not expired.
         """
 
+    # -- endpoints (§2.5, §5.2) ---------------------------------------------
+    #
+    # ``settings`` are stored as given (already encrypted by Dify).  The
+    # installation counters ``endpoints_setups`` / ``endpoints_active`` of
+    # the endpoint's (tenant_id, plugin_id) move in the same transaction as
+    # the endpoint row; a missing installation is not an error.
+
+    def create_endpoint(endpoint_id: str, tenant_id: str, user_id: str, plugin_id: str, name: str, settings: dict):
+        """
+        Insert an enabled endpoint with a fresh random 16-character
+        ``[a-z0-9]`` hook id, expiring 2050-01-01 UTC, and add one to both
+        counters.  ``endpoint_id`` is the caller's (a UUIDv7): Dify encrypts
+        the settings with it as identity before the row exists.
+        Deferred[Endpoint].
+        """
+
+    def get_endpoint(tenant_id: str, endpoint_id: str):
+        """Deferred[Endpoint | None]: one endpoint of a tenant."""
+
+    def get_endpoint_by_hook_id(hook_id: str):
+        """Deferred[Endpoint | None]: the endpoint a public hook id names."""
+
+    def list_endpoints(tenant_id: str, offset: int, limit: int):
+        """Deferred[list[Endpoint]]: a page of a tenant's endpoints, newest first."""
+
+    def list_plugin_endpoints(tenant_id: str, plugin_id: str, offset: int, limit: int):
+        """Deferred[list[Endpoint]]: a page of a tenant's endpoints of one plugin, newest first."""
+
+    def update_endpoint(tenant_id: str, endpoint_id: str, name: str, settings: dict):
+        """
+        Replace an endpoint's name and settings.  Deferred[Endpoint | None]
+        (the updated record; None when the tenant has no such endpoint).
+        """
+
+    def set_endpoint_enabled(tenant_id: str, endpoint_id: str, enabled: bool):
+        """
+        Enable or disable an endpoint; ``endpoints_active`` moves only when
+        the state changes (so repeating is harmless).
+        Deferred[Endpoint | None] (None when there is no such endpoint).
+        """
+
+    def delete_endpoint(tenant_id: str, endpoint_id: str):
+        """
+        Delete one endpoint of a tenant: ``endpoints_setups`` minus one,
+        and ``endpoints_active`` minus one when it was enabled.
+        Deferred[bool]: whether a row went.
+        """
+
+    # -- plugin key/value storage (§5.7) ------------------------------------
+    #
+    # Values are keyed by (tenant_id, plugin_id, key); ``key`` is stored as
+    # given (the caller, difydaemon.invocation.storage, cleans and checks
+    # it).  ``tenant_storages.size`` holds the byte total of a (tenant,
+    # plugin).
+
+    def storage_get(tenant_id: str, plugin_id: str, key: str):
+        """Deferred[bytes | None]: the stored value, None if absent."""
+
+    def storage_set(tenant_id: str, plugin_id: str, key: str, value: bytes, quota: int):
+        """
+        Store ``value`` under ``key``, replacing any value, in one
+        transaction: the new total is the current total minus the old
+        value's length plus ``len(value)``.  Over ``quota`` it fails with
+        :class:`~difydaemon.errors.StorageQuotaExceededError` and nothing
+        changes; otherwise the value and the total (its row created when
+        absent) are written.  Deferred[None].
+        """
+
+    def storage_delete(tenant_id: str, plugin_id: str, key: str):
+        """
+        Remove ``key`` and take its length off the total.  Deferred[int]:
+        how many values were deleted (0 or 1).
+        """
+
+    def storage_exists(tenant_id: str, plugin_id: str, key: str):
+        """Deferred[bool]."""
+
+    def storage_size(tenant_id: str, plugin_id: str):
+        """Deferred[int]: the byte total of a (tenant, plugin), 0 if none."""
+
 
 class IRuntimeLauncher(Interface):
     """
@@ -264,6 +344,9 @@ class IPluginRuntime(Interface):
 
     plugin_unique_identifier = Attribute("The identifier this runtime serves.")
     runtime_type = Attribute("local, remote or serverless.")
+    declaration = Attribute(
+        "The plugin's declaration (a dict): its resource.permission decides which backwards invocations it may make."
+    )
 
     def is_ready():
         """True when a session can be opened now."""

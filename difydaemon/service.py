@@ -29,15 +29,18 @@ class DaemonService(MultiService):
     :param runtimes: an object with ``start()`` and ``stop_all()`` returning
         Deferreds (the runtime registry), or None.
     :param runners: blocking-work runners to stop last.
+    :param http_pools: treq/Agent connection pools whose kept-alive
+        connections are closed at the end.
     """
 
-    def __init__(self, reactor, persistence, installer, runtimes=None, runners=()) -> None:
+    def __init__(self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=()) -> None:
         super().__init__()
         self._reactor = reactor
         self.persistence = persistence
         self.installer = installer
         self.runtimes = runtimes
         self._runners = tuple(runners)
+        self._http_pools = tuple(http_pools)
         self.ready: Deferred = Deferred()
 
     def startService(self) -> None:
@@ -81,6 +84,9 @@ class DaemonService(MultiService):
                 await self.runtimes.stop_all()
             except Exception:
                 log.failure("stopping plugin runtimes failed")
+        for pool in self._http_pools:
+            # kept-alive connections to Dify would outlive the daemon otherwise
+            await pool.closeCachedConnections()
         await self.persistence.close()
         for runner in self._runners:
             runner.stop()

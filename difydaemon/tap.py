@@ -12,20 +12,27 @@ import os
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
 
 from difydaemon import __version__
 from difydaemon.api.dispatch import DispatchResource
+from difydaemon.api.endpoint import EndpointResource
 from difydaemon.api.management import ManagementAPI
 from difydaemon.api.site import DaemonSite
 from difydaemon.api.root import BuildInfo, HealthResource, RequestCounter, RootResource
 from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.config import Config, load_config, read_dotenv
 from difydaemon.errors import ConfigError
+from difydaemon.invocation.dispatcher import BackwardsInvocations
+from difydaemon.invocation.inner_api import DifyInnerAPI
+from difydaemon.invocation.storage import PluginStorage
 from difydaemon.management.installer import Installer
 from difydaemon.management.packages import PackageRegistry, StoragePaths
 from difydaemon.packaging.package import PackagePolicy
 from difydaemon.packaging.signature import load_public_key, official_public_key
 from difydaemon.management.debugging import DebuggingKeys
+from difydaemon.management.endpoints import Endpoints
 from difydaemon.management.installations import InstallationCache
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
@@ -132,6 +139,25 @@ def _local_factory(reactor, config: Config, persistence, storage, paths, blockin
     )
 
 
+def _inner_api(reactor, config: Config, pool) -> DifyInnerAPI:
+    """Dify's inner API over treq: backwards invocations and endpoint settings encryption."""
+    invocation = config.invocation
+    return DifyInnerAPI(
+        reactor,
+        HTTPClient(Agent(reactor, connectTimeout=invocation.write_timeout_seconds, pool=pool)),
+        config.dify_inner_api_url,
+        config.dify_inner_api_key,
+        write_timeout=invocation.write_timeout_seconds,
+        read_timeout=invocation.read_timeout_seconds,
+        max_frame_size=invocation.response_max_buffer_size,
+    )
+
+
+def _backwards(reactor, config: Config, persistence, inner_api) -> BackwardsInvocations:
+    """The plugins' calls back into Dify: the inner API, and their storage."""
+    return BackwardsInvocations(inner_api, PluginStorage(persistence, config.storage.persistence_storage_max_size))
+
+
 def build_daemon(reactor, config: Config) -> DaemonService:
     """Wire every part of the daemon for ``config`` (no I/O happens here)."""
     persistence = _persistence(reactor, config)
@@ -176,17 +202,42 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         runtimes.pool_status,
     )
     keys = DebuggingKeys(reactor, persistence) if config.remote.plugin_remote_installing_enabled else None
-    management = ManagementAPI(packages, installer, persistence, debugging=keys)
+    dify_pool = HTTPConnectionPool(reactor, persistent=True)
+    dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
+    inner_api = _inner_api(reactor, config, dify_pool)
+    backwards = _backwards(reactor, config, persistence, inner_api)
+    endpoints = Endpoints(reactor, persistence, inner_api)
+    management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints)
     dispatch = DispatchResource(
         reactor,
         installations,
         runtimes,
         max_execution_timeout=config.max_execution_timeout_seconds,
+        backwards=backwards,
     )
-    root = RootResource(config.server_key, management.resource(), health, counter, dispatch=dispatch)
+    public_endpoints = None
+    if config.plugin_endpoint_enabled:
+        public_endpoints = EndpointResource(
+            reactor,
+            persistence,
+            installations,
+            runtimes,
+            endpoints,
+            backwards=backwards,
+            max_execution_timeout=config.max_execution_timeout_seconds,
+        )
+    root = RootResource(
+        config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints
+    )
     site = DaemonSite(root, reactor=reactor, log_health=config.health_api_log_enabled)
 
-    service = DaemonService(reactor, persistence, installer, runtimes=runtimes, runners=[blocking])
+    service = DaemonService(
+        reactor, persistence, installer, runtimes=runtimes, runners=[blocking], http_pools=[dify_pool]
+    )
+    service.backwards = backwards
+    service.endpoints = endpoints
+    #: the ``/e/`` resource, None when PLUGIN_ENDPOINT_ENABLED is false
+    service.public_endpoints = public_endpoints
     service.site = site
     service.config = config
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)

@@ -48,7 +48,8 @@ class DaemonCase(AsyncTestCase):
 
     timeout = 300
 
-    async def _start(self):
+    async def _start(self, **extra_environ):
+        """Start the daemon; ``extra_environ`` adds or overrides variables."""
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(workdir, "cwd"))
         os.symlink(test_uv_cache_dir(), os.path.join(workdir, "cwd", ".uv-cache"))
@@ -62,6 +63,7 @@ class DaemonCase(AsyncTestCase):
                 "PYTHON_ENV_INIT_TIMEOUT": "60",
             }
         )
+        environ.update(extra_environ)
         self.service = tap.build_daemon(reactor, load_config(environ))
         self.service.startService()
         self.addCleanup(self._stop)

@@ -28,13 +28,13 @@ from difydaemon import errors
 from difydaemon.api import envelope, sse
 from difydaemon.api.dispatch_routes import ChunkError, route_table, validate_data
 from difydaemon.interfaces import ISessionListener
-from difydaemon.invocation.messages import backwards_error
+from difydaemon.invocation.dispatcher import serve_invoke
+from difydaemon.invocation.session import InvocationSession, MalformedInvokeError
 from difydaemon.packaging.identifier import parse_identifier
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 NO_RUNTIME_MESSAGE = "failed to get plugin runtime"
 TIMEOUT_MESSAGE = "killed by timeout"
-BACKWARDS_UNSUPPORTED_MESSAGE = "backwards invocation is not supported yet"
 NO_POLLING_RESULT_MESSAGE = "no polling result received from plugin"
 INVOKE_DIFY_ERROR = "invoke_dify_error"
 
@@ -121,6 +121,9 @@ class _Relay:
         "retry_call",
         "_timer",
         "_check",
+        "tenant_id",
+        "plugin_id",
+        "backwards",
     )
 
     def __init__(self, reactor, request, plugin_request: dict, chunk_check) -> None:
@@ -135,6 +138,11 @@ class _Relay:
         self.closed = False
         self.retry_call = None
         self._timer = None
+        #: who the session serves, for backwards invocations
+        self.tenant_id = ""
+        self.plugin_id = ""
+        #: the BackwardsInvocations serving the plugin's calls, or None
+        self.backwards = None
 
     # -- life of the request -------------------------------------------------
 
@@ -192,27 +200,18 @@ class _Relay:
 
     def invoke(self, request) -> None:
         """
-        Backwards invocations are not served yet: refuse each at once so the
-        plugin does not wait for its own timeout.
+        The plugin calls back into Dify: hand it to the backwards
+        invocations (which answer on the session's runtime), or refuse it
+        at once when there are none, so the plugin never waits for its own
+        timeout.  A malformed request closes the session's stream.
         """
         if self.closed:
             return
-        backwards_id = request.get("backwards_request_id") if isinstance(request, dict) else None
-        if not isinstance(backwards_id, str) or not isinstance(request.get("request"), dict) \
-                or not isinstance(request.get("type"), str):
-            self._fail_session(
-                sse.protocol_error_text(INVOKE_DIFY_ERROR, "invoke dify failed: malformed invoke request")
-            )
-            return
+        session = InvocationSession.of(self.tenant_id, self.plugin_id, self.plugin_request, self.runtime)
         try:
-            for message in backwards_error(self.plugin_request, backwards_id, BACKWARDS_UNSUPPORTED_MESSAGE):
-                self.runtime.send(self.session_id, message)
-        except errors.DaemonError as exc:
-            log.warn(
-                "cannot answer backwards invocation of session {session_id}: {reason}",
-                session_id=self.session_id,
-                reason=exc.message,
-            )
+            serve_invoke(self.backwards, session, request)
+        except MalformedInvokeError as exc:
+            self._fail_session(sse.protocol_error_text(INVOKE_DIFY_ERROR, str(exc)))
 
     def fail_with(self, inner: str) -> None:
         raise NotImplementedError
@@ -394,6 +393,9 @@ class DispatchResource(Resource):
         not ready (a plugin still starting) before answering 500.
     :param runtime_retry: seconds between two looks at the runtime.
     :param coalesce_writes: batch the SSE items of one reactor turn.
+    :param backwards: a
+        :class:`~difydaemon.invocation.dispatcher.BackwardsInvocations`
+        serving the plugins' calls into Dify; None refuses each at once.
     """
 
     isLeaf = True
@@ -408,6 +410,7 @@ class DispatchResource(Resource):
         runtime_retry: float = 0.3,
         coalesce_writes: bool = True,
         routes=None,
+        backwards=None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -419,6 +422,8 @@ class DispatchResource(Resource):
         self._coalesce = coalesce_writes
         self._routes = route_table() if routes is None else route_table(routes)
         self._valid_identifiers: set[str] = set()
+        #: serves the plugins' backwards invocations (None: refuse them)
+        self.backwards = backwards
 
     def render(self, request):
         """Resolve the route and the installation, then continue in :meth:`_installed`."""
@@ -505,6 +510,9 @@ class DispatchResource(Resource):
             relay = PollingRelay(self._reactor, request, plugin_request, route.new_chunk_check())
         else:
             relay = StreamRelay(self._reactor, request, plugin_request, route.new_chunk_check(), self._coalesce)
+        relay.tenant_id = installation.tenant_id
+        relay.plugin_id = installation.plugin_id
+        relay.backwards = self.backwards
         request.notifyFinish().addErrback(relay.client_gone)
         self._open(relay, identifier, self._retries)
 

@@ -49,6 +49,43 @@ def _json(request, body: bytes, status: int = 200) -> bytes:
     return body
 
 
+def _needs_endpoints(route):
+    """
+    Answer gin's 404 for an endpoint route when the app was built without
+    the endpoint service, before any binding.
+    """
+
+    @functools.wraps(route)
+    def wrapper(self, request, *args, **kwargs):
+        if self._endpoints is None:
+            return _json(request, envelope.ROUTE_NOT_FOUND, 404)
+        return route(self, request, *args, **kwargs)
+
+    return wrapper
+
+
+def _endpoint_page_fields() -> list[Field]:
+    """
+    ``page`` and ``page_size`` of the endpoint lists: Go only requires them
+    non-zero, and ``page_size`` at most 100.
+    """
+    return [
+        Field("page", int, required=True),
+        Field("page_size", int, required=True, check=lambda v: v <= 100, tag="max"),
+    ]
+
+
+def _endpoint_page(params: dict) -> tuple[int, int]:
+    """
+    (offset, limit) of an endpoint list page.  A negative page size means no
+    limit and a negative offset none (as GORM builds the query).
+    """
+    size = params["page_size"]
+    if size < 0:
+        return 0, 1 << 31
+    return max(0, (params["page"] - 1) * size), size
+
+
 def envelope_route(route_name: str, fields: list[Field] | None = None):
     """
     Wrap an ``async def handler(self, request, tenant_id, params, **kw)``:
@@ -93,15 +130,19 @@ class ManagementAPI:
     :param persistence: an IPersistence (for the read-only queries).
     :param debugging: the DebuggingKeys, or None when remote debugging is
         disabled (the key route is then unknown, as in the Go daemon).
+    :param endpoints: the :class:`~difydaemon.management.endpoints.Endpoints`
+        behind ``/plugin/<tenant_id>/endpoint/...`` (those routes are
+        unknown without it).
     """
 
     app = Klein()
 
-    def __init__(self, packages, installer, persistence, debugging=None) -> None:
+    def __init__(self, packages, installer, persistence, debugging=None, endpoints=None) -> None:
         self._packages = packages
         self._installer = installer
         self._persistence = persistence
         self._debugging = debugging
+        self._endpoints = endpoints
 
     def resource(self):
         """The twisted.web resource of this app."""
@@ -486,6 +527,72 @@ class ManagementAPI:
             return _json(request, envelope.from_exception(exc), 500)
         request.setHeader(b"content-type", b"application/octet-stream")
         return data or b""
+
+    # -- endpoints (§2.5) -------------------------------------------------------
+
+    @app.route("/plugin/<tenant_id>/endpoint/setup", methods=["POST"])
+    @_needs_endpoints
+    @envelope_route(
+        "SetupEndpointRequest",
+        [
+            Field("plugin_unique_identifier", str, required=True, check=_valid_identifier, tag="plugin_unique_identifier"),
+            Field("user_id", str, required=True),
+            Field("settings", dict, default=None),
+            Field("name", str, required=True),
+        ],
+    )
+    async def setup_endpoint(self, request, tenant_id, params):
+        return await self._endpoints.setup(
+            tenant_id, params["user_id"], params["plugin_unique_identifier"], params["name"], params["settings"] or {}
+        )
+
+    @app.route("/plugin/<tenant_id>/endpoint/list", methods=["GET"])
+    @_needs_endpoints
+    @envelope_route("ListEndpointsRequest", _endpoint_page_fields())
+    async def list_endpoints(self, request, tenant_id, params):
+        offset, limit = _endpoint_page(params)
+        return await self._endpoints.list_endpoints(tenant_id, offset, limit)
+
+    @app.route("/plugin/<tenant_id>/endpoint/list/plugin", methods=["GET"])
+    @_needs_endpoints
+    @envelope_route("ListPluginEndpointsRequest", [Field("plugin_id", str, required=True)] + _endpoint_page_fields())
+    async def list_plugin_endpoints(self, request, tenant_id, params):
+        offset, limit = _endpoint_page(params)
+        return await self._endpoints.list_plugin_endpoints(tenant_id, params["plugin_id"], offset, limit)
+
+    @app.route("/plugin/<tenant_id>/endpoint/update", methods=["POST"])
+    @_needs_endpoints
+    @envelope_route(
+        "UpdateEndpointRequest",
+        [
+            Field("endpoint_id", str, required=True),
+            Field("user_id", str, required=True),
+            Field("settings", dict, default=None),
+            Field("name", str, required=True),
+        ],
+    )
+    async def update_endpoint(self, request, tenant_id, params):
+        return await self._endpoints.update(
+            tenant_id, params["user_id"], params["endpoint_id"], params["name"], params["settings"] or {}
+        )
+
+    @app.route("/plugin/<tenant_id>/endpoint/remove", methods=["POST"])
+    @_needs_endpoints
+    @envelope_route("RemoveEndpointRequest", [Field("endpoint_id", str, required=True)])
+    async def remove_endpoint(self, request, tenant_id, params):
+        return await self._endpoints.remove(tenant_id, params["endpoint_id"])
+
+    @app.route("/plugin/<tenant_id>/endpoint/enable", methods=["POST"])
+    @_needs_endpoints
+    @envelope_route("EnableEndpointRequest", [Field("endpoint_id", str, required=True)])
+    async def enable_endpoint(self, request, tenant_id, params):
+        return await self._endpoints.set_enabled(tenant_id, params["endpoint_id"], True)
+
+    @app.route("/plugin/<tenant_id>/endpoint/disable", methods=["POST"])
+    @_needs_endpoints
+    @envelope_route("DisableEndpointRequest", [Field("endpoint_id", str, required=True)])
+    async def disable_endpoint(self, request, tenant_id, params):
+        return await self._endpoints.set_enabled(tenant_id, params["endpoint_id"], False)
 
     # -- remote debugging -----------------------------------------------------
 

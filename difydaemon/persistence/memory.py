@@ -11,12 +11,17 @@ import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from difydaemon.errors import AlreadyInstalledError, RecordNotFoundError
+from difydaemon.errors import (
+    AlreadyInstalledError,
+    RecordNotFoundError,
+    StorageQuotaExceededError,
+)
 from difydaemon.ids import new_id, utc_from_timestamp
 from difydaemon.interfaces import IPersistence
 from difydaemon.persistence.records import (
     PROVIDER_TABLES,
     DebuggingKey,
+    Endpoint,
     Installation,
     InstallTask,
     PluginRecord,
@@ -25,8 +30,10 @@ from difydaemon.persistence.records import (
     UpgradeResult,
 )
 from difydaemon.persistence.sql import (
+    ENDPOINT_EXPIRES_AT,
     decode_task_plugins,
     encode_task_plugins,
+    new_hook_id,
     provider_table,
 )
 
@@ -74,6 +81,9 @@ class MemoryPersistence:
         self._readmes = {}  # (identifier, language) -> content
         self._tasks = {}  # id -> InstallTask
         self._debugging_keys = {}  # tenant_id -> DebuggingKey
+        self._storage_values = {}  # (tenant_id, plugin_id, key) -> bytes
+        self._storage_totals = {}  # (tenant_id, plugin_id) -> bytes used
+        self._endpoints = {}  # id -> Endpoint
 
     def _now(self) -> float:
         return self._reactor.seconds()
@@ -388,3 +398,138 @@ class MemoryPersistence:
             if record.key == key and record.expires_at > now:
                 return record
         return None
+
+    # -- plugin key/value storage -------------------------------------------
+
+    @_synchronously
+    def storage_get(self, tenant_id, plugin_id, key):
+        return self._storage_values.get((tenant_id, plugin_id, key))
+
+    @_synchronously
+    def storage_set(self, tenant_id, plugin_id, key, value, quota):
+        value = bytes(value)
+        old = self._storage_values.get((tenant_id, plugin_id, key))
+        total = self._storage_totals.get((tenant_id, plugin_id), 0)
+        new_total = total - (0 if old is None else len(old)) + len(value)
+        # check before writing anything: that is the transaction
+        if new_total > quota:
+            raise StorageQuotaExceededError()
+        self._storage_values[(tenant_id, plugin_id, key)] = value
+        self._storage_totals[(tenant_id, plugin_id)] = new_total
+
+    @_synchronously
+    def storage_delete(self, tenant_id, plugin_id, key):
+        old = self._storage_values.pop((tenant_id, plugin_id, key), None)
+        if old is None:
+            return 0
+        total = self._storage_totals.get((tenant_id, plugin_id), 0)
+        self._storage_totals[(tenant_id, plugin_id)] = max(total - len(old), 0)
+        return 1
+
+    @_synchronously
+    def storage_exists(self, tenant_id, plugin_id, key):
+        return (tenant_id, plugin_id, key) in self._storage_values
+
+    @_synchronously
+    def storage_size(self, tenant_id, plugin_id):
+        return self._storage_totals.get((tenant_id, plugin_id), 0)
+
+    # -- endpoints ----------------------------------------------------------
+
+    def _add_endpoint_counters(self, tenant_id, plugin_id, setups, active):
+        installation = self._find_installation(tenant_id, plugin_id)
+        if installation is not None:
+            self._installations[installation.id] = attrs.evolve(
+                installation,
+                endpoints_setups=installation.endpoints_setups + setups,
+                endpoints_active=installation.endpoints_active + active,
+            )
+
+    def _tenant_endpoint(self, tenant_id, endpoint_id):
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None or endpoint.tenant_id != tenant_id:
+            return None
+        return endpoint
+
+    @staticmethod
+    def _endpoint_out(endpoint):
+        # callers get their own settings dict, as from a database
+        if endpoint is None:
+            return None
+        return attrs.evolve(endpoint, settings=_copy_json(endpoint.settings))
+
+    @_synchronously
+    def create_endpoint(self, endpoint_id, tenant_id, user_id, plugin_id, name, settings):
+        moment = utc_from_timestamp(self._now())
+        endpoint = Endpoint(
+            id=endpoint_id,
+            created_at=moment,
+            updated_at=moment,
+            name=name,
+            hook_id=new_hook_id(),
+            tenant_id=tenant_id,
+            user_id=user_id,
+            plugin_id=plugin_id,
+            expired_at=ENDPOINT_EXPIRES_AT,
+            enabled=True,
+            settings=_copy_json(settings),
+        )
+        self._endpoints[endpoint.id] = endpoint
+        self._add_endpoint_counters(tenant_id, plugin_id, 1, 1)
+        return self._endpoint_out(endpoint)
+
+    @_synchronously
+    def get_endpoint(self, tenant_id, endpoint_id):
+        return self._endpoint_out(self._tenant_endpoint(tenant_id, endpoint_id))
+
+    @_synchronously
+    def get_endpoint_by_hook_id(self, hook_id):
+        for endpoint in self._endpoints.values():
+            if endpoint.hook_id == hook_id:
+                return self._endpoint_out(endpoint)
+        return None
+
+    @_synchronously
+    def list_endpoints(self, tenant_id, offset, limit):
+        mine = _newest_first(e for e in self._endpoints.values() if e.tenant_id == tenant_id)
+        return [self._endpoint_out(e) for e in mine[offset:offset + limit]]
+
+    @_synchronously
+    def list_plugin_endpoints(self, tenant_id, plugin_id, offset, limit):
+        mine = _newest_first(
+            e for e in self._endpoints.values()
+            if e.tenant_id == tenant_id and e.plugin_id == plugin_id
+        )
+        return [self._endpoint_out(e) for e in mine[offset:offset + limit]]
+
+    @_synchronously
+    def update_endpoint(self, tenant_id, endpoint_id, name, settings):
+        endpoint = self._tenant_endpoint(tenant_id, endpoint_id)
+        if endpoint is None:
+            return None
+        endpoint = attrs.evolve(
+            endpoint, name=name, settings=_copy_json(settings),
+            updated_at=utc_from_timestamp(self._now()),
+        )
+        self._endpoints[endpoint.id] = endpoint
+        return self._endpoint_out(endpoint)
+
+    @_synchronously
+    def set_endpoint_enabled(self, tenant_id, endpoint_id, enabled):
+        enabled = bool(enabled)
+        endpoint = self._tenant_endpoint(tenant_id, endpoint_id)
+        if endpoint is None or endpoint.enabled == enabled:
+            return self._endpoint_out(endpoint)
+        endpoint = attrs.evolve(endpoint, enabled=enabled, updated_at=utc_from_timestamp(self._now()))
+        self._endpoints[endpoint.id] = endpoint
+        self._add_endpoint_counters(tenant_id, endpoint.plugin_id, 0, 1 if enabled else -1)
+        return self._endpoint_out(endpoint)
+
+    @_synchronously
+    def delete_endpoint(self, tenant_id, endpoint_id):
+        endpoint = self._tenant_endpoint(tenant_id, endpoint_id)
+        if endpoint is None:
+            return False
+        del self._endpoints[endpoint.id]
+        self._add_endpoint_counters(tenant_id, endpoint.plugin_id, -1, -1 if endpoint.enabled else 0)
+        return True

@@ -124,3 +124,27 @@ class DebuggingKey:
     tenant_id: str
     key: str
     expires_at: datetime
+
+
+@frozen
+class Endpoint:
+    """
+    A tenant's endpoint of one plugin (``endpoints``): the public hook
+    ``/e/<hook_id>/...`` routes to.
+
+    ``settings`` is stored as Dify encrypted it (secret-input values are
+    ciphertext); it is only decrypted on the way to the plugin or to the
+    masked listing.
+    """
+
+    id: str
+    created_at: datetime
+    updated_at: datetime
+    name: str
+    hook_id: str
+    tenant_id: str
+    user_id: str
+    plugin_id: str
+    expired_at: datetime
+    enabled: bool
+    settings: dict

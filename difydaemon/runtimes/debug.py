@@ -105,11 +105,14 @@ class DebugRuntime:
 
     runtime_type = RUNTIME_TYPE
 
-    def __init__(self, connection, plugin_unique_identifier: str, plugin_id: str, tenant_id: str) -> None:
+    def __init__(
+        self, connection, plugin_unique_identifier: str, plugin_id: str, tenant_id: str, declaration: dict | None = None
+    ) -> None:
         self._connection = connection
         self.plugin_unique_identifier = plugin_unique_identifier
         self.plugin_id = plugin_id
         self.tenant_id = tenant_id
+        self.declaration = declaration if declaration is not None else {}
         self.sessions = connection.sessions
 
     def is_ready(self) -> bool:
@@ -335,7 +338,7 @@ class DebugConnection(Protocol):
             self._refuse_while_installing(refusal_line(exc))
             return
         self.installation_id = installation.id
-        self.runtime = DebugRuntime(self, plugin.identifier, plugin.plugin_id, self.tenant_id)
+        self.runtime = DebugRuntime(self, plugin.identifier, plugin.plugin_id, self.tenant_id, plugin.declaration)
         if self.state == CLOSED:
             # Gone while installing: undo at once.
             await self._teardown()

@@ -150,6 +150,7 @@ class LocalRuntimeFactory:
                 python,
                 entrypoint=runner_meta.get("entrypoint") or "main",
                 env=self._environ,
+                declaration=declaration,
                 **self._runtime_options,
             )
             try:

@@ -259,6 +259,8 @@ class LocalRuntime:
         (default: ``session_timeout``; None with it: no limit).
     :param on_failed: called with ``(runtime, message)`` when the runtime
         gives up restarting after a successful :meth:`start`.
+    :param declaration: the plugin's declaration (its permissions decide
+        which backwards invocations it may make).
 
     :ivar state: ``created``, ``starting``, ``running``, ``failed``,
         ``stopping`` or ``stopped``.
@@ -285,12 +287,14 @@ class LocalRuntime:
         restart_policy: RestartPolicy = RestartPolicy(),
         liveness: LivenessPolicy = LivenessPolicy(),
         on_failed=None,
+        declaration: dict | None = None,
     ) -> None:
         if instance_count < 1:
             raise ValueError("instance_count must be at least 1")
         self._reactor = reactor
         self.plugin_unique_identifier = plugin_unique_identifier
         self.plugin_id = plugin_id
+        self.declaration = declaration if declaration is not None else {}
         self.working_dir = working_dir
         self.python = python
         self.entrypoint = entrypoint

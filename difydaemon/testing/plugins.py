@@ -12,6 +12,17 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
 
 ``main`` variants: ``"normal"`` (the SDK's), ``"silent"`` (never
 heartbeats: sleeps forever) and ``"broken"`` (raises at import).
+
+:func:`callback_plugin_files` is the echo plugin with tools that call back
+into Dify through the daemon (``runtimes.md`` §4), each answering what it
+got back as text (an error as ``"error: <message>"``):
+
+- ``call_tool``: invokes the builtin tool ``provider``/``tool`` with
+  ``{"text": text}`` and repeats the texts it returns;
+- ``call_llm``: streams an LLM call with ``text`` as the user message and
+  repeats each chunk's content, then ``"done"``;
+- ``kv``: ``op`` (``set``, ``get``, ``exist``, ``del``) on ``key``, with
+  ``text`` as the value to set.
 """
 
 from __future__ import annotations
@@ -54,6 +65,62 @@ _TOOLS = {
         yield self.create_text_message("woke up")
 ''',
 }
+
+_CALLBACK_TOOLS = {
+    "call_tool": '''\
+        try:
+            for message in self.session.tool.invoke_builtin_tool(
+                tool_parameters["provider"], tool_parameters["tool"], {"text": tool_parameters.get("text", "")}
+            ):
+                if message.type == ToolInvokeMessage.MessageType.TEXT:
+                    yield self.create_text_message(message.message.text)
+        except Exception as exc:
+            yield self.create_text_message(f"error: {exc}")
+''',
+    "call_llm": '''\
+        from dify_plugin.entities.model.llm import LLMModelConfig
+        from dify_plugin.entities.model.message import UserPromptMessage
+
+        try:
+            config = LLMModelConfig(provider="langgenius/openai/openai", model="gpt-3.5-turbo", mode="chat",
+                                    completion_params={"temperature": 0})
+            for chunk in self.session.model.llm.invoke(
+                model_config=config,
+                prompt_messages=[UserPromptMessage(content=tool_parameters.get("text", ""))],
+                stream=True,
+            ):
+                yield self.create_text_message(chunk.delta.message.content)
+            yield self.create_text_message("done")
+        except Exception as exc:
+            yield self.create_text_message(f"error: {exc}")
+''',
+    "kv": '''\
+        storage = self.session.storage
+        op, key = tool_parameters["op"], tool_parameters["key"]
+        try:
+            if op == "set":
+                storage.set(key, tool_parameters.get("text", "").encode())
+                yield self.create_text_message("set")
+            elif op == "get":
+                yield self.create_text_message(storage.get(key).decode())
+            elif op == "exist":
+                yield self.create_text_message(str(storage.exist(key)))
+            else:
+                storage.delete(key)
+                yield self.create_text_message("deleted")
+        except Exception as exc:
+            yield self.create_text_message(f"error: {exc}")
+''',
+}
+
+#: the manifest's permission block of the echo plugin, replaced by
+#: :func:`callback_plugin_files`
+_ECHO_PERMISSION = """\
+  permission:
+    storage:
+      enabled: true
+      size: 1048576
+"""
 
 _TOOL_YAML = """\
 identity: {{name: {name}, author: {author}, label: {{en_US: {name}}}}}
@@ -100,13 +167,39 @@ def behaviour_plugin_files(
 ) -> dict[str, bytes]:
     """The echo plugin plus the misbehaving tools, as package files."""
     files = echo_plugin_files(author=author, name=name, version=version, extra_requirements=extra_requirements)
-    provider = files["provider/echo.yaml"].decode()
-    listed = "".join(f"  - tools/{tool}.yaml\n" for tool in _TOOLS)
-    provider = provider.replace("  - tools/echo.yaml\n", "  - tools/echo.yaml\n" + listed)
-    files["provider/echo.yaml"] = provider.encode()
-    for tool, body in _TOOLS.items():
-        files[f"tools/{tool}.yaml"] = _TOOL_YAML.format(name=tool, author=author).encode()
-        files[f"tools/{tool}.py"] = _TOOL_PY.format(cls=tool.capitalize(), body=body).encode()
+    files = _with_tools(files, _TOOLS, author)
     if main != "normal":
         files["main.py"] = _MAINS[main].encode()
     return files
+
+
+def callback_plugin_files(permission: str, name: str = "echo") -> dict[str, bytes]:
+    """
+    The echo plugin plus the tools that call back into Dify.
+
+    :param permission: the manifest's ``resource.permission`` block as YAML
+        lines indented by four spaces (``"    tool:\\n      enabled: true\\n"``);
+        empty for none at all.
+    """
+    files = _with_tools(echo_plugin_files(name=name), _CALLBACK_TOOLS, "acme")
+    manifest = files["manifest.yaml"].decode()
+    assert _ECHO_PERMISSION in manifest
+    block = "  permission:\n" + permission if permission else ""
+    files["manifest.yaml"] = manifest.replace(_ECHO_PERMISSION, block).encode()
+    return files
+
+
+def _with_tools(files: dict[str, bytes], tools: dict[str, str], author: str) -> dict[str, bytes]:
+    """``files`` with ``tools`` (name -> body of ``_invoke``) added to the echo provider."""
+    provider = files["provider/echo.yaml"].decode()
+    listed = "".join(f"  - tools/{tool}.yaml\n" for tool in tools)
+    provider = provider.replace("  - tools/echo.yaml\n", "  - tools/echo.yaml\n" + listed)
+    files["provider/echo.yaml"] = provider.encode()
+    for tool, body in tools.items():
+        files[f"tools/{tool}.yaml"] = _TOOL_YAML.format(name=tool, author=author).encode()
+        files[f"tools/{tool}.py"] = _TOOL_PY.format(cls=_class_name(tool), body=body).encode()
+    return files
+
+
+def _class_name(tool: str) -> str:
+    return "".join(part.capitalize() for part in tool.split("_"))

@@ -39,6 +39,7 @@ class FakeRuntime:
         "killed by timeout", as ``PLUGIN_MAX_EXECUTION_TIMEOUT`` does on the
         real runtimes; None for none.
     :param runtime_type: what :attr:`runtime_type` says.
+    :param declaration: the plugin's declaration (its permissions).
 
     :ivar ready: set it to make the runtime (not) ready.
     :ivar requests: every request a session was opened with, in order.
@@ -54,9 +55,11 @@ class FakeRuntime:
         ready: bool = True,
         session_timeout: float | None = None,
         runtime_type: str = "local",
+        declaration: dict | None = None,
     ) -> None:
         self._reactor = reactor
         self.plugin_unique_identifier = plugin_unique_identifier
+        self.declaration = declaration if declaration is not None else {}
         self.runtime_type = runtime_type
         self.ready = ready
         self.session_timeout = session_timeout

@@ -660,7 +660,7 @@ class BackwardsInvocationTests(SynchronousTestCase):
             daemon.runtime.sent,
             [
                 (session, dict(header, data={"backwards_request_id": "b1", "event": "error",
-                                             "message": "backwards invocation is not supported yet", "data": None})),
+                                             "message": "backwards invocation is not available", "data": None})),
                 (session, dict(header, data={"backwards_request_id": "b1", "event": "end", "message": "",
                                              "data": None})),
             ],

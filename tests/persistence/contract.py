@@ -11,14 +11,18 @@ Deferred.  A concrete case provides ``self.persistence`` (migrated) and
 
 from __future__ import annotations
 
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import attrs
 
 from twisted.internet.defer import Deferred, DeferredList
 from zope.interface.verify import verifyObject
 
-from difydaemon.errors import AlreadyInstalledError, RecordNotFoundError
+from difydaemon.errors import (
+    AlreadyInstalledError,
+    RecordNotFoundError,
+    StorageQuotaExceededError,
+)
 from difydaemon.ids import new_id, utc_from_timestamp
 from difydaemon.interfaces import IPersistence
 from difydaemon.persistence.records import (
@@ -641,6 +645,318 @@ class PersistenceContract:
         ])
         self.assertEqual([ok for ok, _ in outcomes], [True, True])
         self.assertEqual(outcomes[0][1].key, outcomes[1][1].key)
+
+    # -- plugin key/value storage ------------------------------------------------
+
+    async def storage_quota_refused(self, tenant_id, plugin_id, key, value, quota):
+        """Whether storage_set failed with StorageQuotaExceededError (and its text)."""
+        try:
+            await self.persistence.storage_set(tenant_id, plugin_id, key, value, quota)
+        except StorageQuotaExceededError as e:
+            self.assertEqual(e.message, "allocated size is greater than max storage size")
+            return True
+        return False
+
+    @contract
+    async def test_storage_round_trip(self):
+        """Stored bytes (NULs, digits, non-ASCII keys) come back unchanged and are counted."""
+        values = {"k": b"hello", "bin/\u952e-\u00fc": b"\x00\xff\x00", "digits": b"123"}
+        for key, value in values.items():
+            await self.persistence.storage_set(T1, "acme/echo", key, value, 1000)
+        for key, value in values.items():
+            found = await self.persistence.storage_get(T1, "acme/echo", key)
+            self.assertEqual((type(found), found), (bytes, value))
+            self.assertTrue(await self.persistence.storage_exists(T1, "acme/echo", key))
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 5 + 3 + 3)
+
+    @contract
+    async def test_storage_absent(self):
+        """An unknown key reads as None, does not exist, deletes nothing and costs nothing."""
+        self.assertIsNone(await self.persistence.storage_get(T1, "acme/echo", "nope"))
+        self.assertFalse(await self.persistence.storage_exists(T1, "acme/echo", "nope"))
+        self.assertEqual(await self.persistence.storage_delete(T1, "acme/echo", "nope"), 0)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 0)
+
+    @contract
+    async def test_storage_empty_value(self):
+        """An empty value is stored: it exists, reads as b'' and costs nothing."""
+        await self.persistence.storage_set(T1, "acme/echo", "empty", b"", 0)
+        self.assertTrue(await self.persistence.storage_exists(T1, "acme/echo", "empty"))
+        self.assertEqual(await self.persistence.storage_get(T1, "acme/echo", "empty"), b"")
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 0)
+
+    @contract
+    async def test_storage_overwrite(self):
+        """Overwriting a key replaces its value and counts only the new length."""
+        await self.persistence.storage_set(T1, "acme/echo", "k", b"0123456789", 100)
+        await self.persistence.storage_set(T1, "acme/echo", "other", b"xy", 100)
+        await self.persistence.storage_set(T1, "acme/echo", "k", b"abcd", 100)
+        self.assertEqual(await self.persistence.storage_get(T1, "acme/echo", "k"), b"abcd")
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 4 + 2)
+        await self.persistence.storage_set(T1, "acme/echo", "k", b"abcdefgh", 100)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 8 + 2)
+
+    @contract
+    async def test_storage_delete(self):
+        """Deleting a key removes it once and takes its length off the total."""
+        await self.persistence.storage_set(T1, "acme/echo", "a", b"aaaa", 100)
+        await self.persistence.storage_set(T1, "acme/echo", "b", b"bb", 100)
+        self.assertEqual(await self.persistence.storage_delete(T1, "acme/echo", "a"), 1)
+        self.assertIsNone(await self.persistence.storage_get(T1, "acme/echo", "a"))
+        self.assertFalse(await self.persistence.storage_exists(T1, "acme/echo", "a"))
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 2)
+        self.assertEqual(await self.persistence.storage_delete(T1, "acme/echo", "a"), 0)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 2)
+        self.assertEqual(await self.persistence.storage_get(T1, "acme/echo", "b"), b"bb")
+
+    @contract
+    async def test_storage_quota(self):
+        """A write up to the quota succeeds; one beyond it fails and changes nothing."""
+        await self.persistence.storage_set(T1, "acme/echo", "a", b"123456", 10)
+        await self.persistence.storage_set(T1, "acme/echo", "b", b"1234", 10)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 10)
+        self.assertTrue(await self.storage_quota_refused(T1, "acme/echo", "c", b"1", 10))
+        self.assertFalse(await self.persistence.storage_exists(T1, "acme/echo", "c"))
+        self.assertTrue(await self.storage_quota_refused(T1, "acme/echo", "b", b"12345", 10))
+        self.assertEqual(await self.persistence.storage_get(T1, "acme/echo", "b"), b"1234")
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 10)
+        # an overwrite is charged only the difference, so shrinking always fits
+        await self.persistence.storage_set(T1, "acme/echo", "a", b"12", 10)
+        await self.persistence.storage_set(T1, "acme/echo", "c", b"1234", 10)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 10)
+
+    @contract
+    async def test_storage_quota_first_write(self):
+        """A first write over the quota leaves no value and no total behind."""
+        self.assertTrue(await self.storage_quota_refused(T1, "acme/echo", "k", b"x" * 11, 10))
+        self.assertFalse(await self.persistence.storage_exists(T1, "acme/echo", "k"))
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 0)
+        await self.persistence.storage_set(T1, "acme/echo", "k", b"x" * 10, 10)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 10)
+
+    @contract
+    async def test_storage_isolation(self):
+        """Tenants and plugins have their own keys, totals and quotas."""
+        pairs = [(T1, "acme/echo"), (T2, "acme/echo"), (T1, "acme/other"), (ODD_TENANT, "x/y")]
+        for index, (tenant_id, plugin_id) in enumerate(pairs):
+            await self.persistence.storage_set(tenant_id, plugin_id, "k", b"v" * (index + 1), 4)
+        for index, (tenant_id, plugin_id) in enumerate(pairs):
+            self.assertEqual(
+                await self.persistence.storage_get(tenant_id, plugin_id, "k"), b"v" * (index + 1)
+            )
+            self.assertEqual(await self.persistence.storage_size(tenant_id, plugin_id), index + 1)
+        self.assertIsNone(await self.persistence.storage_get(T2, "acme/other", "k"))
+        self.assertEqual(await self.persistence.storage_delete(T2, "acme/echo", "k"), 1)
+        self.assertEqual(await self.persistence.storage_get(T1, "acme/echo", "k"), b"v")
+        self.assertEqual(await self.persistence.storage_get(T1, "acme/other", "k"), b"vvv")
+        self.assertEqual(await self.persistence.storage_size(T2, "acme/echo"), 0)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/other"), 3)
+
+    @contract
+    async def test_storage_concurrent_writes_respect_quota(self):
+        """Concurrent writes to one plugin's fresh store: totals add up and the quota holds."""
+        outcomes = await settle(*[
+            self.persistence.storage_set(T1, "acme/echo", f"key-{index}", b"1234", 10)
+            for index in range(5)
+        ])
+        succeeded = [index for index, (ok, _) in enumerate(outcomes) if ok]
+        for ok, failure in outcomes:
+            if not ok:
+                failure.trap(StorageQuotaExceededError)
+        self.assertEqual(len(succeeded), 2)
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 8)
+        for index in range(5):
+            self.assertEqual(
+                await self.persistence.storage_exists(T1, "acme/echo", f"key-{index}"),
+                index in succeeded,
+            )
+
+    @contract
+    async def test_storage_concurrent_deletes(self):
+        """Concurrent deletes of one key delete it once and take its length off once."""
+        await self.persistence.storage_set(T1, "acme/echo", "a", b"aaaa", 100)
+        await self.persistence.storage_set(T1, "acme/echo", "b", b"bb", 100)
+        outcomes = await settle(*[
+            self.persistence.storage_delete(T1, "acme/echo", "a") for _ in range(3)
+        ])
+        self.assertEqual(sorted(result for _, result in outcomes), [0, 0, 1])
+        self.assertEqual(await self.persistence.storage_size(T1, "acme/echo"), 2)
+
+    # -- endpoints ---------------------------------------------------------------
+
+    async def endpoint(self, tenant_id=T1, plugin_id="acme/echo", name="default", settings=None,
+                       user_id="user-1"):
+        """Create one endpoint with the usual defaults."""
+        return await self.persistence.create_endpoint(
+            new_id(self.clock.seconds()), tenant_id, user_id, plugin_id, name,
+            {"api_key": "cipher", "depth": 2} if settings is None else settings,
+        )
+
+    async def counters(self, tenant_id=T1, plugin_id="acme/echo"):
+        """(endpoints_setups, endpoints_active) of an installation."""
+        installation = await self.persistence.get_installation(tenant_id, plugin_id)
+        return installation.endpoints_setups, installation.endpoints_active
+
+    @contract
+    async def test_endpoint_round_trip(self):
+        """create_endpoint returns exactly what the lookups by id and by hook id read back."""
+        await self.install()
+        endpoint_id = new_id(self.clock.seconds())
+        created = await self.persistence.create_endpoint(
+            endpoint_id, T1, "user-1", "acme/echo", "my hook", {"api_key": "cipher", "nested": {"a": [1, None]}}
+        )
+        self.assertEqual(created.id, endpoint_id)
+        self.assertEqual(
+            (created.tenant_id, created.user_id, created.plugin_id, created.name),
+            (T1, "user-1", "acme/echo", "my hook"),
+        )
+        self.assertEqual(created.settings, {"api_key": "cipher", "nested": {"a": [1, None]}})
+        self.assertIs(created.enabled, True)
+        self.assertRegex(created.hook_id, r"^[a-z0-9]{16}$")
+        self.assertEqual(created.expired_at, datetime(2050, 1, 1, tzinfo=timezone.utc))
+        self.assertEqual(created.created_at, self.now())
+        self.assertEqual(created.updated_at, self.now())
+        self.assertEqual(await self.persistence.get_endpoint(T1, endpoint_id), created)
+        self.assertEqual(await self.persistence.get_endpoint_by_hook_id(created.hook_id), created)
+
+    @contract
+    async def test_endpoint_hook_ids_differ(self):
+        """Every endpoint gets its own random hook id."""
+        await self.install()
+        hooks = {(await self.endpoint()).hook_id for _ in range(20)}
+        self.assertEqual(len(hooks), 20)
+
+    @contract
+    async def test_endpoint_unknown(self):
+        """Unknown ids, malformed ids and unknown hook ids find nothing."""
+        self.assertIsNone(await self.persistence.get_endpoint(T1, new_id(self.clock.seconds())))
+        self.assertIsNone(await self.persistence.get_endpoint(T1, "not-a-uuid"))
+        self.assertIsNone(await self.persistence.get_endpoint_by_hook_id("abcdefghijklmnop"))
+        self.assertIsNone(await self.persistence.update_endpoint(T1, "not-a-uuid", "n", {}))
+        self.assertIsNone(await self.persistence.set_endpoint_enabled(T1, "not-a-uuid", False))
+        self.assertFalse(await self.persistence.delete_endpoint(T1, "not-a-uuid"))
+
+    @contract
+    async def test_endpoint_counters_on_create(self):
+        """Creating endpoints adds to both counters of the tenant's installation."""
+        await self.install()
+        await self.install(tenant_id=T2)
+        await self.endpoint()
+        await self.endpoint()
+        self.assertEqual(await self.counters(), (2, 2))
+        self.assertEqual(await self.counters(T2), (0, 0))
+
+    @contract
+    async def test_endpoint_without_installation(self):
+        """An endpoint of a plugin the tenant has not installed is still stored."""
+        created = await self.endpoint(plugin_id="acme/gone")
+        self.assertEqual(await self.persistence.get_endpoint(T1, created.id), created)
+
+    @contract
+    async def test_endpoint_tenant_isolation(self):
+        """Another tenant can neither see, change, enable, disable nor delete an endpoint."""
+        await self.install()
+        created = await self.endpoint()
+        self.assertIsNone(await self.persistence.get_endpoint(T2, created.id))
+        self.assertEqual(await self.persistence.list_endpoints(T2, 0, 10), [])
+        self.assertEqual(await self.persistence.list_plugin_endpoints(T2, "acme/echo", 0, 10), [])
+        self.assertIsNone(await self.persistence.update_endpoint(T2, created.id, "x", {}))
+        self.assertIsNone(await self.persistence.set_endpoint_enabled(T2, created.id, False))
+        self.assertFalse(await self.persistence.delete_endpoint(T2, created.id))
+        self.assertEqual(await self.persistence.get_endpoint(T1, created.id), created)
+        self.assertEqual(await self.counters(), (1, 1))
+
+    @contract
+    async def test_list_endpoints_newest_first(self):
+        """Endpoint lists are newest first, paged, and the plugin list filters by plugin_id."""
+        await self.install()
+        await self.install(identifier=OTHER, plugin_id="acme/other")
+        made = []
+        for index in range(5):
+            self.advance(1)
+            made.append(await self.endpoint(
+                plugin_id="acme/echo" if index % 2 == 0 else "acme/other", name=f"e{index}"
+            ))
+        await self.endpoint(tenant_id=T2)
+        listed = await self.persistence.list_endpoints(T1, 0, 10)
+        self.assertEqual([e.name for e in listed], ["e4", "e3", "e2", "e1", "e0"])
+        self.assertEqual(listed[0], made[4])
+        page = await self.persistence.list_endpoints(T1, 1, 2)
+        self.assertEqual([e.name for e in page], ["e3", "e2"])
+        mine = await self.persistence.list_plugin_endpoints(T1, "acme/echo", 0, 10)
+        self.assertEqual([e.name for e in mine], ["e4", "e2", "e0"])
+        page = await self.persistence.list_plugin_endpoints(T1, "acme/echo", 2, 5)
+        self.assertEqual([e.name for e in page], ["e0"])
+
+    @contract
+    async def test_update_endpoint(self):
+        """update_endpoint replaces name and settings, stamps updated_at and keeps the rest."""
+        await self.install()
+        created = await self.endpoint()
+        self.advance(5)
+        updated = await self.persistence.update_endpoint(T1, created.id, "renamed", {"api_key": "other"})
+        self.assertEqual(updated.name, "renamed")
+        self.assertEqual(updated.settings, {"api_key": "other"})
+        self.assertEqual(updated.updated_at, self.now())
+        self.assertEqual(
+            (updated.hook_id, updated.created_at, updated.enabled, updated.user_id),
+            (created.hook_id, created.created_at, created.enabled, created.user_id),
+        )
+        self.assertEqual(await self.persistence.get_endpoint(T1, created.id), updated)
+        self.assertEqual(await self.counters(), (1, 1))
+
+    @contract
+    async def test_endpoint_enable_disable(self):
+        """Disabling and enabling change endpoints_active once each, however often repeated."""
+        await self.install()
+        created = await self.endpoint()
+        await self.endpoint()
+        disabled = await self.persistence.set_endpoint_enabled(T1, created.id, False)
+        self.assertIs(disabled.enabled, False)
+        self.assertEqual(await self.counters(), (2, 1))
+        again = await self.persistence.set_endpoint_enabled(T1, created.id, False)
+        self.assertIs(again.enabled, False)
+        self.assertEqual(await self.counters(), (2, 1))
+        self.assertIs((await self.persistence.get_endpoint_by_hook_id(created.hook_id)).enabled, False)
+        enabled = await self.persistence.set_endpoint_enabled(T1, created.id, True)
+        self.assertIs(enabled.enabled, True)
+        await self.persistence.set_endpoint_enabled(T1, created.id, True)
+        self.assertEqual(await self.counters(), (2, 2))
+
+    @contract
+    async def test_delete_endpoint(self):
+        """Deleting takes one off both counters (active only if it was enabled), once."""
+        await self.install()
+        first = await self.endpoint()
+        second = await self.endpoint()
+        await self.persistence.set_endpoint_enabled(T1, second.id, False)
+        self.assertEqual(await self.counters(), (2, 1))
+        self.assertTrue(await self.persistence.delete_endpoint(T1, first.id))
+        self.assertEqual(await self.counters(), (1, 0))
+        self.assertFalse(await self.persistence.delete_endpoint(T1, first.id))
+        self.assertTrue(await self.persistence.delete_endpoint(T1, second.id))
+        self.assertEqual(await self.counters(), (0, 0))
+        self.assertIsNone(await self.persistence.get_endpoint(T1, first.id))
+        self.assertIsNone(await self.persistence.get_endpoint_by_hook_id(second.hook_id))
+
+    @contract
+    async def test_endpoints_survive_uninstall(self):
+        """Uninstalling a plugin keeps its endpoints (http-api §5.5)."""
+        installation = await self.install()
+        created = await self.endpoint()
+        await self.persistence.uninstall_plugin(T1, installation.id)
+        self.assertEqual(await self.persistence.get_endpoint(T1, created.id), created)
+
+    @contract
+    async def test_concurrent_endpoint_toggles(self):
+        """Concurrent disables of one endpoint take endpoints_active down once."""
+        await self.install()
+        created = await self.endpoint()
+        await settle(*[self.persistence.set_endpoint_enabled(T1, created.id, False) for _ in range(4)])
+        self.assertEqual(await self.counters(), (1, 0))
+        outcomes = await settle(*[self.persistence.delete_endpoint(T1, created.id) for _ in range(3)])
+        self.assertEqual(sorted(result for _, result in outcomes), [False, False, True])
+        self.assertEqual(await self.counters(), (0, 0))
 
 
 class FrozenTimeReactor:

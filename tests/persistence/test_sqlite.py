@@ -11,13 +11,14 @@ from tests.persistence.contract import ECHO_1, T1, FrozenTimeReactor, Persistenc
 
 #: every table of http-api §5.2 plus the migration log
 #: every migration shipped, in order
-MIGRATIONS = [("0001_initial",), ("0002_debugging_keys",)]
+MIGRATIONS = [("0001_initial",), ("0002_debugging_keys",), ("0003_plugin_storage",)]
 
 TABLES = {
     "plugins", "plugin_installations", "plugin_declarations", "tool_installations",
     "ai_model_installations", "agent_strategy_installations", "datasource_installations",
     "trigger_installations", "endpoints", "install_tasks", "serverless_runtimes",
     "tenant_storages", "plugin_readme_records", "schema_migrations", "debugging_keys",
+    "plugin_storages",
 }
 
 
