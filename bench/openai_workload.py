@@ -298,7 +298,7 @@ async def run_direct(context: BenchContext, workload: Workload) -> RunResult:
 # -- the daemon path (to be written) --------------------------------------------
 
 
-async def start_daemon(reactor):
+async def start_daemon(reactor, instances: int = 1):
     """
     The daemon (``twistd``) with ``langgenius/openai`` installed for the
     bench tenant, the plugin inheriting ``TIKTOKEN_CACHE_DIR``.
@@ -314,6 +314,7 @@ async def start_daemon(reactor):
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
             "ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES": "false",
+            "PLUGIN_LOCAL_INSTANCES": str(instances),
         },
         prepared_venvs=os.path.join(tempfile.gettempdir(), "difydaemon-bench-prepared"),
     )
@@ -351,8 +352,9 @@ async def start_daemon(reactor):
     return daemon
 
 
-def _plugin_pid(daemon_pid: int) -> int:
-    """The daemon's child running the plugin (``-m main``)."""
+def _plugin_pids(daemon_pid: int) -> list[int]:
+    """The daemon's children running the plugin (``-m main``)."""
+    pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -364,12 +366,14 @@ def _plugin_pid(daemon_pid: int) -> int:
         except OSError:
             continue
         if ppid == daemon_pid and b"-m\0main" in cmdline:
-            return int(name)
-    raise RuntimeError("the daemon runs no plugin process")
+            pids.append(int(name))
+    if not pids:
+        raise RuntimeError("the daemon runs no plugin process")
+    return pids
 
 
 async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
-    """The same workload through the daemon's HTTP API, one plugin instance."""
+    """The same workload through the daemon's HTTP API (``--instances`` plugin processes)."""
     import treq
     from twisted.internet import reactor
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -400,8 +404,8 @@ async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
             state["started"] += 1
             await one()
 
-    plugin_pid = _plugin_pid(daemon.process.pid)
-    cpu_before = cpu_seconds(plugin_pid)
+    plugin_pids = _plugin_pids(daemon.process.pid)
+    cpu_before = sum(cpu_seconds(pid) for pid in plugin_pids)
     started = time.perf_counter()
     from twisted.internet.defer import gatherResults
 
@@ -414,7 +418,7 @@ async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
         completed=state["completed"],
         errors=state["errors"],
         chunks=state["chunks"],
-        plugin_cpu=cpu_seconds(plugin_pid) - cpu_before,
+        plugin_cpu=sum(cpu_seconds(pid) for pid in plugin_pids) - cpu_before,
         first_error=state["first_error"],
     )
 
@@ -517,7 +521,7 @@ async def bench(reactor, options) -> None:
             warm = Workload(min(10, workload.in_flight), workload.chunks, workload.interval_ms, min(10, workload.in_flight))
             await run_direct(BenchContext(base_url, plugin), warm)
         if "daemon" in paths:
-            daemon = await start_daemon(reactor)
+            daemon = await start_daemon(reactor, options.instances)
             warm = Workload(min(10, workload.in_flight), workload.chunks, workload.interval_ms, min(10, workload.in_flight))
             await run_daemon(BenchContext(base_url, None, daemon), warm)
         context = BenchContext(base_url, plugin, daemon)
@@ -534,7 +538,7 @@ async def bench(reactor, options) -> None:
             ms_per_op = statistics.median(r.seconds * 1000 / (r.completed + r.errors) for r in runs)
             streams = statistics.median(r.completed / r.seconds for r in runs)
             print(
-                f"median  {name:<7} in_flight={workload.in_flight} chunks={workload.chunks} "
+                f"median  {name:<7} instances={options.instances if name == 'daemon' else 1} in_flight={workload.in_flight} chunks={workload.chunks} "
                 f"interval={workload.interval_ms:g}ms invocations={workload.invocations} cores={os.cpu_count()} "
                 f"runs={len(runs)}: {ms_per_op:.1f} ms/op, {streams:.2f} streams/s",
                 flush=True,
@@ -561,6 +565,7 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=10.0)
     parser.add_argument("--invocations", type=int, default=0, help="per run (default: 4 x in-flight)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=1, help="PLUGIN_LOCAL_INSTANCES of the daemon path")
     parser.add_argument("--paths", default="direct", help="comma-separated, run interleaved: direct,daemon")
     parser.add_argument("--model", default="gpt-3.5-turbo")
     parser.add_argument("--work-dir", default=None, help="keep the unpacked plugin and its venv here")
