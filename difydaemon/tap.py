@@ -17,6 +17,7 @@ from treq.client import HTTPClient
 
 from difydaemon import __version__
 from difydaemon.api.dispatch import DispatchResource
+from difydaemon.api.dispatch_channel import DispatchGate
 from difydaemon.api.endpoint import EndpointResource
 from difydaemon.api.management import ManagementAPI
 from difydaemon.api.site import DaemonSite
@@ -229,7 +230,9 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     root = RootResource(
         config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints
     )
-    site = DaemonSite(root, reactor=reactor, log_health=config.health_api_log_enabled)
+    # dispatch requests skip twisted.web: the same key check, counter and resource
+    gate = DispatchGate(config.server_key.encode("utf-8"), counter, dispatch)
+    site = DaemonSite(root, reactor=reactor, log_health=config.health_api_log_enabled, gate=gate)
 
     service = DaemonService(
         reactor, persistence, installer, runtimes=runtimes, runners=[blocking], http_pools=[dify_pool]

@@ -48,18 +48,22 @@ class RequestCounter:
         self.active = 0
         self.active_dispatch = 0
 
-    def track(self, request, dispatch: bool) -> None:
-        """Count ``request`` until it finishes."""
+    def enter(self, dispatch: bool) -> None:
+        """One more request in flight."""
         self.active += 1
         if dispatch:
             self.active_dispatch += 1
 
-        def done(_):
-            self.active -= 1
-            if dispatch:
-                self.active_dispatch -= 1
+    def leave(self, dispatch: bool) -> None:
+        """One request fewer in flight (finished, or its client has gone)."""
+        self.active -= 1
+        if dispatch:
+            self.active_dispatch -= 1
 
-        request.notifyFinish().addBoth(done)
+    def track(self, request, dispatch: bool) -> None:
+        """Count a twisted.web ``request`` until it finishes."""
+        self.enter(dispatch)
+        request.notifyFinish().addBoth(lambda _: self.leave(dispatch))
 
 
 class HealthResource(Resource):

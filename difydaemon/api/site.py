@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from twisted.web.server import Site
 
+from difydaemon.api.dispatch_channel import DispatchChannel, DispatchGate, DateCache
+
 
 class DaemonSite(Site):
     """
     A Site tuned for the dispatch path.
 
+    - with a ``gate``, connections start on a
+      :class:`~difydaemon.api.dispatch_channel.DispatchChannel`, which serves
+      dispatch requests itself and hands anything else to this Site's own
+      twisted.web channel;
     - POST bodies are not parsed as forms (that costs every request; the two
       upload routes parse their multipart bodies themselves);
     - dispatch calls are not access-logged (see :meth:`log`);
@@ -16,12 +22,17 @@ class DaemonSite(Site):
       writes spaced by the plugin's pace, and Nagle's algorithm would hold
       each one back until the previous one is acknowledged, which a peer
       delays by up to ~40 ms.
+
+    :param gate: the dispatch path's key, counter and resource; None serves
+        every request through twisted.web.
     """
 
-    def __init__(self, resource, reactor=None, log_health: bool = True) -> None:
+    def __init__(self, resource, reactor=None, log_health: bool = True, gate: DispatchGate | None = None) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
         self.displayTracebacks = False
         self._log_health = log_health
+        self._gate = gate
+        self._dates = DateCache()
 
     def log(self, request) -> None:
         """
@@ -38,6 +49,16 @@ class DaemonSite(Site):
         super().log(request)
 
     def buildProtocol(self, addr):
+        if self._gate is None:
+            return self.build_web_protocol(addr)
+        channel = DispatchChannel(
+            self._gate, lambda: self.build_web_protocol(addr), self.reactor, self.timeOut, self._dates
+        )
+        channel.factory = self
+        return channel
+
+    def build_web_protocol(self, addr):
+        """The twisted.web channel of one connection, with ``TCP_NODELAY``."""
         protocol = super().buildProtocol(addr)
         make_connection = protocol.makeConnection
 

@@ -1,0 +1,642 @@
+"""
+An HTTP/1.1 server protocol that serves the dispatch routes itself and hands
+every other connection to twisted.web.
+
+Every Dify workflow step that calls a plugin is one ``POST
+/plugin/<tenant>/dispatch/...``; twisted.web's ``HTTPChannel`` and
+``Request`` cost about twice the CPU of the rest of a dispatch request
+(``performance.md``; ``bench/dispatch_channel.py`` compares the two).  :class:`DispatchChannel`
+frames such a request with a few ``bytes`` operations, checks ``X-Api-Key``
+as :class:`~difydaemon.api.root.RootResource` does, and renders it with the
+same :class:`~difydaemon.api.dispatch.DispatchResource` through a
+:class:`DispatchRequest`: the few request methods the dispatch path uses,
+writing the same bytes twisted.web writes.
+
+Anything else -- another route or method, a chunked or ``Expect``-ing body,
+a head that is not plainly well formed -- is handed, with every byte read so
+far, to a twisted.web channel of the site for the rest of the connection's
+life, so management, health, ``/e/``, uploads and bad requests behave
+exactly as they do without this channel.
+
+Framing is pure (:func:`split_request`, :func:`parse_head`); the channel
+only buffers, hands over and writes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import warnings
+from io import BytesIO
+from urllib.parse import unquote_to_bytes
+
+from attrs import define, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import version as SERVER_VERSION
+from zope.interface import implementer
+
+from difydaemon.api import envelope
+from difydaemon.errors import UnauthorizedError
+
+log = Logger()
+
+#: Heads longer than twisted.web's total header limit are its to refuse.
+MAX_HEAD_SIZE = 16384
+#: twisted.web refuses more headers than this.
+MAX_HEADERS = 500
+#: Bodies larger than this go to twisted.web, which spools them to a file.
+MAX_BODY_SIZE = 64 * 1024 * 1024
+#: Bytes of pipelined requests read while one is answered before reading
+#: stops (twisted.web's ``_optimisticEagerReadSize``).
+EAGER_READ_SIZE = 0x4000
+
+JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+UNAUTHORIZED_BODY = envelope.from_exception(UnauthorizedError("unauthorized"))
+#: twisted.web's answer to a resource that raised (tracebacks not shown).
+PROCESSING_FAILED_BODY = (
+    b"<html><head><title>Processing Failed</title></head><body><b>Processing Failed</b></body></html>"
+)
+
+# header lines after the request line: an RFC 9110 token, a colon, a value
+_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*)*")
+# request targets twisted.web serves without question (printable ASCII)
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
+_CANONICAL_NAMES = {
+    b"content-type": b"Content-Type",
+    b"content-length": b"Content-Length",
+}
+
+
+@define(slots=True)
+class RequestHead:
+    """
+    The head of one dispatch request, as :func:`parse_head` read it.
+
+    Not frozen: built on every request, and nobody mutates it.
+
+    :ivar version: ``HTTP/1.1`` or ``HTTP/1.0``.
+    :ivar postpath: the path segments after ``plugin`` (``[tenant,
+        b"dispatch", *route]``), percent-decoded as twisted.web does.
+    :ivar headers: lower-cased name -> every value, in order.
+    :ivar content_length: the body's length (0 without Content-Length).
+    :ivar persistent: whether the connection stays open after the answer.
+    """
+
+    version: bytes
+    postpath: list
+    headers: dict
+    content_length: int
+    persistent: bool
+
+
+@frozen
+class _Foreign:
+    """The buffer starts with something this channel does not serve."""
+
+
+#: :func:`split_request`: twisted.web must have this connection.
+FOREIGN = _Foreign()
+
+
+@define(slots=True)
+class Incomplete:
+    """
+    :func:`split_request`: the buffer does not hold a whole request yet.
+
+    :ivar need: how many bytes the buffer must hold before framing it again
+        is worth it (the whole request when its head is known).
+    """
+
+    need: int
+
+
+def parse_head(head: bytes) -> RequestHead | None:
+    """
+    Read a request head (without its final blank line) if it is one this
+    channel serves: ``POST /plugin/<tenant>/dispatch/...`` over HTTP/1.1 or
+    1.0, well-formed ``name: value`` headers, at most one decimal
+    ``Content-Length`` and no ``Transfer-Encoding`` or ``Expect``.
+
+    :return: the head, or None for anything else (twisted.web decides what
+        that is, a 400 included).
+    """
+    line_end = head.find(b"\r\n")
+    if line_end < 0:
+        line_end = len(head)
+    request_line = head[:line_end].split(b" ")
+    if len(request_line) != 3:
+        return None
+    method, target, version = request_line
+    if method != b"POST" or (version != b"HTTP/1.1" and version != b"HTTP/1.0"):
+        return None
+    if _TARGET.fullmatch(target) is None:
+        return None
+    path = target.split(b"?", 1)[0]
+    segments = path[1:].split(b"/")
+    if b"%" in path:
+        segments = [unquote_to_bytes(segment) for segment in segments]
+    if len(segments) < 3 or segments[0] != b"plugin" or segments[2] != b"dispatch":
+        return None
+    # every header line a token, a colon and a value without CR, LF or NUL
+    # (so no folded lines); twisted.web refuses, or reads, anything else
+    if _HEADER_LINES.fullmatch(head, line_end) is None:
+        return None
+    lines = head[line_end + 2:].split(b"\r\n") if line_end < len(head) else []
+    if len(lines) > MAX_HEADERS:
+        return None
+    headers: dict = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers[name.lower()] = [value.strip(b" \t")]
+    if len(headers) != len(lines):
+        # a name sent more than once: every value, in order
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
+    if b"transfer-encoding" in headers or b"expect" in headers:
+        return None
+    length = headers.get(b"content-length")
+    if length is None:
+        length = 0
+    else:
+        # twisted.web refuses a second Content-Length, or one not all digits
+        if len(length) != 1 or not length[0].isdigit():
+            return None
+        length = int(length[0])
+        if length > MAX_BODY_SIZE:
+            return None
+    persistent = False
+    if version == b"HTTP/1.1":
+        connection = headers.get(b"connection")
+        # twisted.web looks for "close" among the first value's space-separated tokens
+        persistent = not connection or b"close" not in connection[0].lower().split(b" ")
+    return RequestHead(version, segments[1:], headers, length, persistent)
+
+
+def split_request(buffer: bytes):
+    """
+    Frame the first request of ``buffer``.
+
+    :return: :class:`Incomplete`, :data:`FOREIGN`, or ``(head, body, rest)``
+        where ``rest`` is what follows the request's body.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return FOREIGN if len(buffer) > MAX_HEAD_SIZE else Incomplete(len(buffer) + 1)
+    if end > MAX_HEAD_SIZE:
+        return FOREIGN
+    head = parse_head(buffer[:end])
+    if head is None:
+        return FOREIGN
+    start = end + 4
+    stop = start + head.content_length
+    if len(buffer) < stop:
+        return Incomplete(stop)
+    return head, buffer[start:stop], buffer[stop:]
+
+
+class DateCache:
+    """The ``Date`` header's value, formatted once per second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = None
+        self._value = b""
+
+    def at(self, seconds: float) -> bytes:
+        """The HTTP date of ``seconds`` since the epoch."""
+        second = int(seconds)
+        if second != self._second:
+            self._value = datetimeToString(second)
+            self._second = second
+        return self._value
+
+
+def response_head(version: bytes, code: int, headers) -> bytes:
+    """
+    A response's status line and headers as twisted.web writes them.
+
+    :param headers: ``(canonical name, value)`` pairs, in order.
+    """
+    lines = [b"%s %d %s\r\n" % (version, code, RESPONSES.get(code, b"Unknown Status"))]
+    for name, value in headers:
+        lines.append(b"%s: %s\r\n" % (name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _canonical(name: bytes) -> bytes:
+    known = _CANONICAL_NAMES.get(name)
+    if known is not None:
+        return known
+    return b"-".join([word.capitalize() for word in name.split(b"-")])
+
+
+class RequestHeaders:
+    """The request headers, read as twisted.web's ``Headers`` reads them."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: dict) -> None:
+        self._raw = raw
+
+    def getRawHeaders(self, name: bytes, default=None):
+        """Every value of ``name`` (any case), or ``default``."""
+        return self._raw.get(name.lower(), default)
+
+
+class DispatchRequest:
+    """
+    One dispatch request served by :class:`DispatchChannel`: the part of
+    twisted.web's ``IRequest`` that :class:`~difydaemon.api.dispatch.DispatchResource`
+    and its relays use, with twisted.web's semantics (a write after the
+    client left is dropped, ``finish`` then raises ``RuntimeError``;
+    ``notifyFinish`` fires with None or errs back with the disconnection).
+
+    The response is chunked unless a ``Content-Length`` header was set
+    before the first write, or the request is HTTP/1.0.
+
+    :ivar persistent: whether the connection stays open after this answer.
+    """
+
+    __slots__ = (
+        "method",
+        "clientproto",
+        "persistent",
+        "postpath",
+        "requestHeaders",
+        "content",
+        "code",
+        "finished",
+        "startedWriting",
+        "_channel",
+        "_transport",
+        "_headers",
+        "_chunked",
+        "_notifications",
+        "_disconnected",
+    )
+
+    def __init__(self, channel: DispatchChannel, head: RequestHead, body: bytes) -> None:
+        self.method = b"POST"
+        self.clientproto = head.version
+        self.persistent = head.persistent
+        self.postpath = head.postpath
+        self.requestHeaders = RequestHeaders(head.headers)
+        self.content = BytesIO(body)
+        self.code = 200
+        self.finished = 0
+        self.startedWriting = 0
+        self._channel = channel
+        self._transport = channel.transport
+        # twisted.web sets these first; a closing HTTP/1.1 answer says so before them
+        if head.persistent or head.version != b"HTTP/1.1":
+            self._headers = {}
+        else:
+            self._headers = {b"connection": (b"Connection", b"close")}
+        self._headers[b"server"] = (b"Server", SERVER_VERSION)
+        self._headers[b"date"] = (b"Date", channel.date())
+        self._chunked = False
+        self._notifications = None
+        self._disconnected = False
+
+    def setResponseCode(self, code: int) -> None:
+        """The response's status."""
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        """Set (or replace) one response header."""
+        key = name.lower()
+        self._headers[key] = (_canonical(key), value)
+
+    def write(self, data: bytes) -> None:
+        """Write part of the body; the first write sends the head with it."""
+        if self.finished:
+            raise RuntimeError("Request.write called on a request after Request.finish was called.")
+        if self._disconnected:
+            return
+        if self.startedWriting:
+            if data:
+                if self._chunked:
+                    self._transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+                else:
+                    self._transport.write(data)
+            return
+        self.startedWriting = 1
+        headers = self._headers
+        if self.clientproto == b"HTTP/1.1" and b"content-length" not in headers:
+            headers[b"transfer-encoding"] = (b"Transfer-Encoding", b"chunked")
+            self._chunked = True
+        head = response_head(self.clientproto, self.code, headers.values())
+        if not data:
+            self._transport.write(head)
+        elif self._chunked:
+            self._transport.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
+        else:
+            self._transport.write(head + data)
+
+    def finish(self) -> None:
+        """End the response."""
+        if self._disconnected:
+            raise RuntimeError(
+                "Request.finish called on a request after its connection was lost; "
+                "use Request.notifyFinish to keep track of this."
+            )
+        if self.finished:
+            warnings.warn("Warning! request.finish called twice.", stacklevel=2)
+            return
+        if not self.startedWriting:
+            self.write(b"")
+        if self._chunked:
+            self._transport.write(b"0\r\n\r\n")
+        self.finished = 1
+        notifications, self._notifications = self._notifications, None
+        if notifications:
+            for waiter in notifications:
+                waiter.callback(None)
+        self._channel.request_done(self)
+
+    def notifyFinish(self) -> Deferred:
+        """Fires with None when the response is finished, or errs back if the client goes first."""
+        waiter: Deferred = Deferred()
+        if self._notifications is None:
+            self._notifications = [waiter]
+        else:
+            self._notifications.append(waiter)
+        return waiter
+
+    def connection_lost(self, reason: Failure) -> None:
+        """The client went away before the response was finished."""
+        self._disconnected = True
+        notifications, self._notifications = self._notifications, None
+        if notifications:
+            for waiter in notifications:
+                waiter.errback(reason)
+
+    def respond(self, code: int, content_type: bytes, body: bytes) -> None:
+        """Answer a whole body at once, with its length (as twisted.web renders bytes)."""
+        self.code = code
+        headers = self._headers
+        headers[b"content-type"] = (b"Content-Type", content_type)
+        headers[b"content-length"] = (b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+
+@frozen
+class DispatchGate:
+    """
+    What a dispatch request passes through on its way to the dispatch
+    resource, as :class:`~difydaemon.api.root.RootResource` does it.
+
+    :ivar server_key: the expected ``X-Api-Key``.
+    :ivar counter: the :class:`~difydaemon.api.root.RequestCounter` of
+        ``/health/check``.
+    :ivar resource: the :class:`~difydaemon.api.dispatch.DispatchResource`.
+    """
+
+    server_key: bytes
+    counter: object
+    resource: object
+
+
+@implementer(IPushProducer)
+class DispatchChannel(Protocol):
+    """
+    One HTTP connection: dispatch requests are served here, one at a time
+    (pipelined ones wait their turn); the first request of any other kind
+    turns the connection over to ``fallback()``, a twisted.web channel.
+
+    :param gate: the key, counter and resource of the dispatch path.
+    :param fallback: builds the twisted.web protocol to hand over to.
+    :param reactor: for the idle timeout and the ``Date`` header.
+    :param timeout: seconds a connection may stay idle (the site's
+        ``timeOut``); None for no limit.
+    :param dates: the ``Date`` cache, shared by the site's connections.
+    """
+
+    #: seconds between closing an idle connection and aborting it
+    abort_timeout = 15
+
+    def __init__(self, gate: DispatchGate, fallback, reactor, timeout: float | None, dates: DateCache | None = None):
+        self._gate = gate
+        self._fallback = fallback
+        self._reactor = reactor
+        self._timeout = timeout
+        self._dates = dates if dates is not None else DateCache()
+        self._inner = None
+        self._request: DispatchRequest | None = None
+        # bytes read and not yet framed, and how many are needed before framing again
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._need = 0
+        self._closing = False
+        self._reading_paused = False
+        self._writes_blocked = False
+        self._producer_registered = False
+        self._idle_call = None
+        self._abort_call = None
+        self._last_activity = 0.0
+
+    # -- IProtocol ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # SSE items are small writes spaced by the plugin's pace; Nagle's
+            # algorithm would hold each back until the previous one is ACKed
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+        if IPushProducer.providedBy(transport) and hasattr(transport, "registerProducer"):
+            transport.registerProducer(self, True)
+            self._producer_registered = True
+        if self._timeout:
+            self._last_activity = self._reactor.seconds()
+            self._idle_call = self._reactor.callLater(self._timeout, self._check_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        inner = self._inner
+        if inner is not None:
+            inner.dataReceived(data)
+            return
+        if self._closing:
+            # twisted.web drops what follows a request that closes the connection
+            return
+        if self._idle_call is not None:
+            self._last_activity = self._reactor.seconds()
+        if self._parts or self._request is not None:
+            self._parts.append(data)
+            self._size += len(data)
+            if self._request is not None:
+                if self._size > EAGER_READ_SIZE and not self._reading_paused:
+                    self._reading_paused = True
+                    self.transport.pauseProducing()
+                return
+            if self._size < self._need:
+                return
+            data = b"".join(self._parts)
+            self._parts = []
+            self._size = 0
+        self._serve_from(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._stop_idle_timer()
+        abort, self._abort_call = self._abort_call, None
+        if abort is not None and abort.active():
+            abort.cancel()
+        inner = self._inner
+        if inner is not None:
+            inner.connectionLost(reason)
+            return
+        request, self._request = self._request, None
+        self._parts = []
+        if request is not None:
+            self._gate.counter.leave(True)
+            request.connection_lost(reason)
+
+    # -- IPushProducer (the transport's write buffer) -------------------------------
+
+    def pauseProducing(self) -> None:
+        """The client is not reading: stop reading its requests (between requests)."""
+        self._writes_blocked = True
+        if self._request is None and not self._reading_paused and not self._closing:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client reads again."""
+        self._writes_blocked = False
+        if self._request is None and self._reading_paused and not self._closing:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost does the rest."""
+
+    # -- requests -----------------------------------------------------------------------
+
+    def date(self) -> bytes:
+        """The ``Date`` header's value now."""
+        return self._dates.at(self._reactor.seconds())
+
+    def _serve_from(self, buffer: bytes) -> None:
+        """Serve every whole request at the start of ``buffer``; keep the rest."""
+        while buffer:
+            framed = split_request(buffer)
+            if type(framed) is Incomplete:
+                self._parts = [buffer]
+                self._size = len(buffer)
+                self._need = framed.need
+                return
+            if framed is FOREIGN:
+                self._hand_over(buffer)
+                return
+            head, body, buffer = framed
+            self._serve(head, body)
+            if self._request is not None or self._closing:
+                if buffer and not self._closing:
+                    # pipelined: framed once this request is answered
+                    self._parts = [buffer]
+                    self._size = len(buffer)
+                return
+
+    def _serve(self, head: RequestHead, body: bytes) -> None:
+        gate = self._gate
+        gate.counter.enter(True)
+        request = DispatchRequest(self, head, body)
+        self._request = request
+        given = head.headers.get(b"x-api-key")
+        if not hmac.compare_digest(given[0] if given else b"", gate.server_key):
+            request.respond(401, JSON_CONTENT_TYPE, UNAUTHORIZED_BODY)
+            return
+        try:
+            answer = gate.resource.render(request)
+            if answer is not NOT_DONE_YET:
+                request.setHeader(b"content-length", b"%d" % len(answer))
+                request.write(answer)
+                request.finish()
+        except Exception:
+            log.failure("dispatch request failed")
+            if not request.startedWriting and not request.finished and not request._disconnected:
+                request.respond(500, b"text/html", PROCESSING_FAILED_BODY)
+
+    def request_done(self, request: DispatchRequest) -> None:
+        """The response to ``request`` is finished: go on with the next request."""
+        if request is not self._request:
+            return
+        self._request = None
+        self._gate.counter.leave(True)
+        if self._idle_call is not None:
+            self._last_activity = self._reactor.seconds()
+        if not request.persistent:
+            self._closing = True
+            self._parts = []
+            self._unregister()
+            self.transport.loseConnection()
+            return
+        if self._reading_paused and not self._writes_blocked:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        parts = self._parts
+        if parts:
+            # pipelined requests read while this one was answered
+            self._parts = []
+            self._size = 0
+            self._serve_from(b"".join(parts))
+
+    # -- handing over -------------------------------------------------------------------
+
+    def _hand_over(self, buffer: bytes) -> None:
+        """Give the connection, and ``buffer``, to a twisted.web channel."""
+        self._stop_idle_timer()
+        self._unregister()
+        self._parts = []
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        inner = self._fallback()
+        self._inner = inner
+        inner.makeConnection(self.transport)
+        if buffer:
+            inner.dataReceived(buffer)
+
+    def _unregister(self) -> None:
+        if self._producer_registered:
+            self._producer_registered = False
+            self.transport.unregisterProducer()
+
+    # -- idle timeout -------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self._inner is not None or self._closing:
+            return
+        now = self._reactor.seconds()
+        left = self._timeout - (now - self._last_activity)
+        if self._request is not None or left > 0:
+            self._idle_call = self._reactor.callLater(self._timeout if self._request is not None else left,
+                                                      self._check_idle)
+            return
+        log.info("Timing out client: {peer}", peer=str(self.transport.getPeer()))
+        self._closing = True
+        if self.abort_timeout is not None:
+            self._abort_call = self._reactor.callLater(self.abort_timeout, self.transport.abortConnection)
+        self._unregister()
+        self.transport.loseConnection()
+
+    def _stop_idle_timer(self) -> None:
+        call, self._idle_call = self._idle_call, None
+        if call is not None and call.active():
+            call.cancel()
+

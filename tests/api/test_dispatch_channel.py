@@ -1,0 +1,676 @@
+"""
+The lean dispatch channel: its pure framing, the bytes it writes (compared
+with what twisted.web writes for the same requests), keep-alive and
+pipelining, the hand-over of other connections to twisted.web, clients that
+go away, and the bounds on what it buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import orjson
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
+
+from difydaemon import tap
+from difydaemon.api import envelope, sse
+from difydaemon.api.dispatch_channel import (
+    EAGER_READ_SIZE,
+    FOREIGN,
+    MAX_BODY_SIZE,
+    MAX_HEAD_SIZE,
+    DispatchChannel,
+    DispatchGate,
+    Incomplete,
+    parse_head,
+    split_request,
+)
+from difydaemon.api.root import RequestCounter
+from difydaemon.api.site import DaemonSite
+from difydaemon.testing.cases import SynchronousTestCase
+from tests.api.test_dispatch import KEY, TENANT, TEXT_HI, TEXT_HO, TOOL_DATA, DispatchHarness
+from tests.test_tap import environment
+
+PATH = f"/plugin/{TENANT}/dispatch/tool/invoke"
+BODY = orjson.dumps({"user_id": "u", "data": TOOL_DATA})
+ITEMS = sse.success_item(orjson.dumps(TEXT_HI)) + sse.success_item(orjson.dumps(TEXT_HO))
+
+
+def post(path: str = PATH, body: bytes = BODY, *, extra: bytes = b"", version: bytes = b"HTTP/1.1",
+         key: bytes = KEY.encode()) -> bytes:
+    """The bytes of one dispatch POST as Dify's client sends it."""
+    return (
+        b"POST " + path.encode() + b" " + version + b"\r\nHost: daemon.test\r\nAccept-Encoding: gzip\r\n"
+        b"X-Api-Key: " + key + b"\r\nX-Plugin-ID: acme/echo\r\nContent-Type: application/json\r\n"
+        + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+def without_date(raw: bytes) -> bytes:
+    """Response bytes with every Date header's value blanked (twisted.web reads the wall clock)."""
+    return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", raw)
+
+
+class Connection:
+    """
+    One client connection to the daemon's site over a StringTransport, the
+    dispatch path over fakes with a FakeRuntime that answers every tool
+    call with two chunks and end (one reactor turn later).
+
+    :param lean: serve through the dispatch channel (as tap.py wires it),
+        or through twisted.web only.
+    """
+
+    def __init__(self, test, lean: bool = True, script: bool = True, timeout=None, **harness_options) -> None:
+        self.daemon = DispatchHarness(test, **harness_options)
+        if script:
+            self.daemon.runtime.script(None, [("stream", TEXT_HI), ("stream", TEXT_HO), ("end", {})])
+        self.counter = self.daemon.root._counter
+        gate = DispatchGate(KEY.encode(), self.counter, self.daemon.dispatch) if lean else None
+        self.site = DaemonSite(self.daemon.root, reactor=self.daemon.clock, gate=gate)
+        if timeout is not None:
+            self.site.timeOut = timeout
+        self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    @property
+    def clock(self):
+        return self.daemon.clock
+
+    @property
+    def handed_over(self) -> bool:
+        """Whether twisted.web serves this connection now."""
+        return getattr(self.protocol, "_inner", None) is not None
+
+    def send(self, data: bytes) -> bytes:
+        """Send bytes, let the fake plugin answer; everything written so far."""
+        self.protocol.dataReceived(data)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        return self.transport.value()
+
+    def disconnect(self) -> None:
+        """The client closes the connection."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def exchange(test, data: bytes, lean: bool, **options) -> tuple[bytes, bool]:
+    """(response bytes without dates, whether the server closed) for ``data`` sent at once."""
+    connection = Connection(test, lean=lean, **options)
+    return without_date(connection.send(data)), connection.transport.disconnecting
+
+
+# -- framing ---------------------------------------------------------------------------
+
+
+class ParseHeadTests(SynchronousTestCase):
+    """parse_head reads dispatch heads and refuses everything else."""
+
+    def head(self, data: bytes) -> bytes:
+        return data[: data.index(b"\r\n\r\n")]
+
+    def test_dispatch_head(self):
+        """A dispatch POST gives the tenant-first postpath, lower-cased headers and the body length."""
+        head = parse_head(self.head(post()))
+        self.assertEqual(head.version, b"HTTP/1.1")
+        self.assertEqual(head.postpath, [TENANT.encode(), b"dispatch", b"tool", b"invoke"])
+        self.assertEqual(head.headers[b"x-plugin-id"], [b"acme/echo"])
+        self.assertEqual(head.headers[b"x-api-key"], [KEY.encode()])
+        self.assertEqual(head.content_length, len(BODY))
+        self.assertTrue(head.persistent)
+
+    def test_percent_decoding_and_query(self):
+        """Segments are percent-decoded and the query string dropped, as twisted.web routes them."""
+        head = parse_head(b"POST /%70lugin/t%2F1/dispatch/tool/invoke?x=1 HTTP/1.1\r\nA: b")
+        self.assertEqual(head.postpath, [b"t/1", b"dispatch", b"tool", b"invoke"])
+
+    def test_values_stripped_and_repeated_names_kept(self):
+        """Values lose surrounding blanks; a repeated name keeps every value in order."""
+        head = parse_head(b"POST /plugin/t/dispatch/x HTTP/1.1\r\nA:  one \t\r\nB: x\r\na: two")
+        self.assertEqual(head.headers, {b"a": [b"one", b"two"], b"b": [b"x"]})
+        self.assertEqual(head.content_length, 0)
+
+    def test_persistence(self):
+        """HTTP/1.1 stays open unless Connection has a close token; HTTP/1.0 never does."""
+        self.assertFalse(parse_head(b"POST /plugin/t/dispatch/x HTTP/1.1\r\nConnection: Keep-Alive Close").persistent)
+        self.assertTrue(parse_head(b"POST /plugin/t/dispatch/x HTTP/1.1\r\nConnection: keep-alive").persistent)
+        self.assertFalse(parse_head(b"POST /plugin/t/dispatch/x HTTP/1.0\r\nConnection: keep-alive").persistent)
+
+    def test_foreign_heads(self):
+        """Other methods, routes, versions, framings and malformed lines are not the channel's."""
+        good = b"POST /plugin/t/dispatch/tool/invoke HTTP/1.1\r\nHost: x"
+        self.assertIsNotNone(parse_head(good))
+        foreign = [
+            good.replace(b"POST", b"GET"),
+            good.replace(b"POST", b"post"),
+            good.replace(b"/dispatch/", b"/management/"),
+            b"POST /health/check HTTP/1.1",
+            b"POST /plugin/t HTTP/1.1",
+            b"POST /e/hook HTTP/1.1",
+            b"POST http://x/plugin/t/dispatch/x HTTP/1.1",
+            b"POST //plugin/t/dispatch/x HTTP/1.1",
+            good.replace(b"HTTP/1.1", b"HTTP/2.0"),
+            good.replace(b" HTTP", b"  HTTP"),
+            good.replace(b"/tool/", b"/t\xc3\xa9/"),
+            good + b"\r\nTransfer-Encoding: chunked",
+            good + b"\r\nTransfer-Encoding: identity",
+            good + b"\r\nExpect: 100-continue",
+            good + b"\r\nContent-Length: 1\r\nContent-Length: 1",
+            good + b"\r\nContent-Length: -1",
+            good + b"\r\nContent-Length: 0x10",
+            good + b"\r\nContent-Length: %d" % (MAX_BODY_SIZE + 1),
+            good + b"\r\n folded",
+            good + b"\r\nNo Colon",
+            good + b"\r\nBad Name: x",
+            good + b"\r\n: empty name",
+            good + b"\r\nA: b\nC: d",
+            good + b"\r\nA: b\rc",
+            good + b"\r\nA: \x00",
+            good + b"".join(b"\r\nH%d: x" % i for i in range(501)),
+            b"\r\n" + good,
+        ]
+        for head in foreign:
+            self.assertIsNone(parse_head(head), head)
+
+
+class SplitRequestTests(SynchronousTestCase):
+    """split_request frames one request, whatever bytes have arrived."""
+
+    def test_whole_request_and_rest(self):
+        """A whole request gives its head, its body and what follows."""
+        data = post()
+        head, body, rest = split_request(data + b"POST /next")
+        self.assertEqual(head.content_length, len(BODY))
+        self.assertEqual(body, BODY)
+        self.assertEqual(rest, b"POST /next")
+
+    def test_every_prefix_is_incomplete(self):
+        """Every prefix asks for more: one more byte until the head is known, then the whole request."""
+        data = post()
+        head_end = data.index(b"\r\n\r\n") + 4
+        for offset in range(len(data)):
+            framed = split_request(data[:offset])
+            self.assertIsInstance(framed, Incomplete, offset)
+            self.assertEqual(framed.need, offset + 1 if offset < head_end else len(data), offset)
+        self.assertEqual(split_request(data)[1], BODY)
+
+    def test_foreign_as_soon_as_head_is_read(self):
+        """A whole head that is not the channel's is foreign, body or not."""
+        self.assertIs(split_request(b"GET /health/check HTTP/1.1\r\n\r\n"), FOREIGN)
+        self.assertIs(split_request(post().replace(b"POST", b"PUT")[:-5]), FOREIGN)
+        self.assertIsInstance(split_request(b"GET /health/check HTTP/1.1\r\n"), Incomplete)
+
+    def test_oversize_head_is_foreign(self):
+        """A head longer than twisted.web's header limit is foreign before it ends, so buffering is bounded."""
+        start = b"POST " + PATH.encode() + b" HTTP/1.1\r\nX-Big: "
+        self.assertIsInstance(split_request(start + b"a" * (MAX_HEAD_SIZE - len(start))), Incomplete)
+        self.assertIs(split_request(start + b"a" * MAX_HEAD_SIZE), FOREIGN)
+        self.assertIs(split_request(start + b"a" * MAX_HEAD_SIZE + b"\r\n\r\n"), FOREIGN)
+
+
+# -- the bytes on the wire -------------------------------------------------------------------
+
+
+class SameBytesAsTwistedWebTests(SynchronousTestCase):
+    """For the same requests the channel writes what twisted.web writes."""
+
+    cases = {
+        "stream": post(),
+        "two keep-alive requests": post() + post(),
+        "connection close, then ignored bytes": post(extra=b"Connection: close\r\n") + post(),
+        "HTTP/1.0": post(version=b"HTTP/1.0"),
+        "wrong key": post(key=b"wrong"),
+        "no key": post().replace(b"X-Api-Key: " + KEY.encode() + b"\r\n", b""),
+        "unknown route": post(path=f"/plugin/{TENANT}/dispatch/tool/nope"),
+        "trailing slash": post(path=PATH + "/"),
+        "no route": post(path=f"/plugin/{TENANT}/dispatch"),
+        "validation failure": post(body=orjson.dumps({"data": {"provider": "echo"}})),
+        "not JSON": post(body=b"{not json"),
+        "no plugin id": post().replace(b"X-Plugin-ID: acme/echo\r\n", b""),
+        "other tenant": post(path="/plugin/someone-else/dispatch/tool/invoke"),
+        "percent-encoded path, query": post(path=f"/%70lugin/{TENANT}/dispatch/tool/invoke?x=1"),
+        "empty body": post(body=b""),
+        "polling route": post(path=f"/plugin/{TENANT}/dispatch/oauth/get_authorization_url",
+                              body=orjson.dumps({"data": {"provider": "p", "redirect_uri": "u",
+                                                          "system_credentials": {}}})),
+        "management route": b"GET /plugin/" + TENANT.encode() + b"/management/list HTTP/1.1\r\nX-Api-Key: "
+        + KEY.encode() + b"\r\n\r\n" + post(),
+        "dispatch GET": b"GET " + PATH.encode() + b" HTTP/1.1\r\nX-Api-Key: " + KEY.encode() + b"\r\n\r\n",
+        "malformed header": b"POST " + PATH.encode() + b" HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        "bad request line": b"POST  " + PATH.encode() + b" HTTP/1.1\r\n\r\n",
+        "chunked body": b"POST " + PATH.encode() + b" HTTP/1.1\r\nX-Api-Key: " + KEY.encode()
+        + b"\r\nX-Plugin-ID: acme/echo\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(BODY) + BODY + b"\r\n0\r\n\r\n",
+        "expect 100-continue": post(extra=b"Expect: 100-continue\r\n"),
+        "two content lengths": post(extra=b"Content-Length: 3\r\n"),
+        "dispatch after a management call": b"GET /nowhere HTTP/1.1\r\n\r\n" + post(),
+        "management call after a dispatch": post() + b"GET /nowhere HTTP/1.1\r\n\r\n",
+    }
+
+    def test_same_bytes(self):
+        """Every case gets the same response bytes and the same closing as from twisted.web."""
+        for name, data in self.cases.items():
+            self.assertEqual(exchange(self, data, lean=True), exchange(self, data, lean=False), name)
+
+    def test_stream_response(self):
+        """A stream is a chunked text/event-stream with TwistedWeb's Server and the reactor's Date."""
+        connection = Connection(self)
+        raw = connection.send(post())
+        self.assertEqual(
+            raw,
+            b"HTTP/1.1 200 OK\r\nServer: TwistedWeb/" + raw.split(b"TwistedWeb/")[1].split(b"\r\n")[0]
+            + b"\r\nDate: " + datetimeToString(connection.clock.seconds())
+            + b"\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(ITEMS) + ITEMS + b"\r\n0\r\n\r\n",
+        )
+        self.assertFalse(connection.handed_over)
+
+    def test_plain_answers_are_sized(self):
+        """An answer that is one JSON envelope carries Content-Length, on both paths."""
+        for lean in (True, False):
+            raw, _ = exchange(self, post().replace(b"X-Plugin-ID: acme/echo\r\n", b""), lean=lean)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            self.assertIn(b"\r\nContent-Length: %d" % len(body), head)
+            self.assertNotIn(b"Transfer-Encoding", head)
+
+    def test_connection_close_says_so(self):
+        """A request with Connection: close is answered with Connection: close first, then the connection closes."""
+        connection = Connection(self)
+        raw = connection.send(post(extra=b"Connection: close\r\n"))
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\nConnection: close\r\nServer: "))
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertEqual(connection.send(post()), raw)
+
+
+class SplitDeliveryTests(SynchronousTestCase):
+    """The answer does not depend on how the bytes were cut."""
+
+    def test_split_at_every_offset(self):
+        """Two pipelined requests cut in two at every offset get the bytes of the uncut pair."""
+        data = post() + post(extra=b"Connection: close\r\n")
+        expected = exchange(self, data, lean=True)
+        self.assertTrue(expected[1])
+        self.assertEqual(expected[0].count(b"HTTP/1.1 200 OK"), 2)
+        for offset in range(1, len(data)):
+            connection = Connection(self)
+            connection.send(data[:offset])
+            raw = connection.send(data[offset:])
+            self.assertEqual((without_date(raw), connection.transport.disconnecting), expected, offset)
+
+    def test_byte_at_a_time(self):
+        """A request sent one byte at a time is served once, when its last byte arrives."""
+        data = post()
+        connection = Connection(self)
+        for byte in range(len(data) - 1):
+            self.assertEqual(connection.send(data[byte:byte + 1]), b"")
+        self.assertEqual(without_date(connection.send(data[-1:])), exchange(self, data, lean=True)[0])
+        self.assertEqual(len(connection.daemon.runtime.requests), 1)
+
+    def test_large_body_in_pieces(self):
+        """A body of several reads is joined once whole and parsed as one JSON document."""
+        text = "x" * 300_000
+        body = orjson.dumps({"data": dict(TOOL_DATA, tool_parameters={"text": text})})
+        data = post(body=body)
+        connection = Connection(self)
+        for start in range(0, len(data), 65536):
+            connection.protocol.dataReceived(data[start:start + 65536])
+        connection.send(b"")
+        request = connection.daemon.runtime.requests[0]
+        self.assertEqual(request["data"]["tool_parameters"], {"text": text})
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+
+class KeepAliveTests(SynchronousTestCase):
+    """Requests one after another, and pipelined, on one connection."""
+
+    def test_sequence(self):
+        """Three requests in turn are each answered on the same open connection."""
+        connection = Connection(self)
+        for count in range(1, 4):
+            raw = connection.send(post())
+            self.assertEqual(raw.count(b"\r\n0\r\n\r\n"), count)
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertFalse(connection.handed_over)
+        self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (0, 0))
+
+    def test_pipelined_request_waits_its_turn(self):
+        """A request sent while one is streamed is only served once the first is finished."""
+        connection = Connection(self, script=False)
+        runtime = connection.daemon.runtime
+        connection.send(post())
+        first = runtime.last_session_id
+        runtime.stream(first, TEXT_HI)
+        connection.send(post())
+        self.assertEqual(len(runtime.requests), 1)
+        runtime.end(first)
+        self.assertEqual(len(runtime.requests), 2)
+        runtime.stream(runtime.last_session_id, TEXT_HO)
+        runtime.end(runtime.last_session_id)
+        raw = connection.transport.value()
+        self.assertEqual(raw.count(b"HTTP/1.1 200 OK"), 2)
+        self.assertLess(raw.index(b'"hi"'), raw.index(b"HTTP/1.1 200 OK", 1))
+        self.assertLess(raw.index(b"HTTP/1.1 200 OK", 1), raw.index(b'"ho"'))
+
+    def test_pipelined_reading_is_bounded(self):
+        """More than EAGER_READ_SIZE bytes of pipelined requests pause reading until the first is answered."""
+        connection = Connection(self, script=False)
+        runtime = connection.daemon.runtime
+        connection.send(post())
+        data = post() * (EAGER_READ_SIZE // len(post()) + 1)
+        connection.send(data)
+        self.assertEqual(connection.transport.producerState, "paused")
+        runtime.end(runtime.last_session_id)
+        self.assertEqual(connection.transport.producerState, "producing")
+        self.assertEqual(len(runtime.requests), 2)
+
+    def test_client_not_reading_pauses_between_requests(self):
+        """When the transport's buffer is full, reading stops once the current answer is done."""
+        connection = Connection(self, script=False)
+        connection.send(post())
+        connection.protocol.pauseProducing()
+        self.assertEqual(connection.transport.producerState, "producing")
+        connection.daemon.runtime.end(connection.daemon.runtime.last_session_id)
+        connection.protocol.resumeProducing()
+        connection.protocol.pauseProducing()
+        self.assertEqual(connection.transport.producerState, "paused")
+        connection.protocol.resumeProducing()
+        self.assertEqual(connection.transport.producerState, "producing")
+
+
+class HandOverTests(SynchronousTestCase):
+    """Connections the channel does not serve go to twisted.web with every byte."""
+
+    def test_management_connection_is_twisted_web(self):
+        """A first request that is not a dispatch call hands the connection over, for good."""
+        connection = Connection(self)
+        connection.send(b"GET /nowhere HTTP/1.1\r\n\r\n")
+        self.assertTrue(connection.handed_over)
+        raw = connection.send(post())
+        self.assertEqual(raw.count(b"HTTP/1.1 "), 2)
+        self.assertIn(ITEMS, raw)
+        self.assertEqual(connection.transport.producer, connection.protocol._inner._channel)
+
+    def test_partial_head_then_hand_over(self):
+        """A head cut anywhere reaches twisted.web whole once it is known to be foreign."""
+        data = b"GET /nowhere HTTP/1.1\r\nX-Api-Key: " + KEY.encode() + b"\r\n\r\n"
+        expected = exchange(self, data, lean=False)
+        for offset in range(1, len(data)):
+            connection = Connection(self)
+            connection.send(data[:offset])
+            self.assertEqual((without_date(connection.send(data[offset:])), connection.transport.disconnecting),
+                             expected, offset)
+
+    def test_bad_request_is_400(self):
+        """A malformed head is twisted.web's 400, and the connection closes."""
+        raw, closed = exchange(self, b"POST " + PATH.encode() + b" HTTP/1.1\r\nA: b\nC: d\r\n\r\n", lean=True)
+        self.assertEqual(raw, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(closed)
+
+    def test_oversize_head_is_400(self):
+        """Endless headers stop being buffered here and get twisted.web's 400."""
+        connection = Connection(self)
+        connection.send(b"POST " + PATH.encode() + b" HTTP/1.1\r\n")
+        for _ in range(MAX_HEAD_SIZE // 1000 + 1):
+            connection.send(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+        self.assertTrue(connection.handed_over)
+        self.assertEqual(connection.protocol._parts, [])
+        self.assertEqual(connection.transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_disconnect_reaches_twisted_web(self):
+        """After the hand-over the client's departure reaches twisted.web's pending request."""
+        connection = Connection(self, script=False)
+        connection.send(b"POST " + PATH.encode() + b" HTTP/1.1\r\nX-Api-Key: " + KEY.encode()
+                        + b"\r\nX-Plugin-ID: acme/echo\r\nContent-Type: application/json\r\n"
+                        + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+        session = connection.daemon.runtime.last_session_id
+        self.assertTrue(connection.handed_over)
+        connection.disconnect()
+        self.assertFalse(connection.daemon.runtime.is_open(session))
+        self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (0, 0))
+
+
+class DisconnectTests(SynchronousTestCase):
+    """A client that goes away."""
+
+    def test_disconnect_mid_stream(self):
+        """The session closes, nothing more is written, no timer is left and the request is no longer counted."""
+        connection = Connection(self, script=False)
+        runtime = connection.daemon.runtime
+        connection.send(post())
+        session = runtime.last_session_id
+        runtime.stream(session, TEXT_HI)
+        connection.clock.advance(0)
+        self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (1, 1))
+        written = connection.transport.value()
+        runtime.stream(session, TEXT_HO)
+        connection.disconnect()
+        self.assertFalse(runtime.is_open(session))
+        runtime.stream(session, TEXT_HI)
+        connection.clock.advance(1000)
+        self.assertEqual(connection.transport.value(), written)
+        self.assertEqual(connection.clock.getDelayedCalls(), [])
+        self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (0, 0))
+
+    def test_disconnect_while_waiting_for_a_runtime(self):
+        """A client that leaves while its request waits for a runtime leaves no retry behind."""
+        connection = Connection(self, runtime=False)
+        connection.send(post())
+        self.assertEqual(len(connection.clock.getDelayedCalls()), 2)
+        connection.disconnect()
+        self.assertEqual(connection.clock.getDelayedCalls(), [])
+        connection.daemon.registry.register(connection.daemon.runtime)
+        connection.clock.advance(10)
+        self.assertEqual(connection.daemon.runtime.requests, [])
+
+    def test_request_after_disconnect(self):
+        """Writes after the client left are dropped; finishing then raises, as on twisted.web."""
+        connection = Connection(self, script=False)
+        connection.send(post())
+        request = connection.protocol._request
+        finished = request.notifyFinish()
+        connection.disconnect()
+        self.failureResultOf(finished, ConnectionDone)
+        written = connection.transport.value()
+        request.write(b"more")
+        self.assertEqual(connection.transport.value(), written)
+        self.assertRaises(RuntimeError, request.finish)
+
+
+class CounterTests(SynchronousTestCase):
+    """Dispatch calls served by the channel count in /health/check."""
+
+    def test_counted_while_in_flight(self):
+        """A call is counted from its head to its end, refusals included."""
+        connection = Connection(self, script=False)
+        connection.send(post())
+        self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (1, 1))
+        connection.daemon.runtime.end(connection.daemon.runtime.last_session_id)
+        self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (0, 0))
+        connection.send(post(key=b"wrong"))
+        self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (0, 0))
+
+    def test_counter_track_for_twisted_web(self):
+        """RequestCounter.track counts a twisted.web request until notifyFinish fires, either way."""
+        from twisted.internet.defer import Deferred
+
+        class Request:
+            def __init__(self):
+                self.finished = Deferred()
+
+            def notifyFinish(self):
+                return self.finished
+
+        counter = RequestCounter()
+        ok, gone = Request(), Request()
+        counter.track(ok, True)
+        counter.track(gone, False)
+        self.assertEqual((counter.active, counter.active_dispatch), (2, 1))
+        ok.finished.callback(None)
+        gone.finished.errback(Failure(ConnectionDone()))
+        self.assertEqual((counter.active, counter.active_dispatch), (0, 0))
+
+
+class FailureTests(SynchronousTestCase):
+    """A dispatch resource that raises."""
+
+    def test_resource_bug_is_500(self):
+        """A resource that raises gets twisted.web's 500 page, and the failure is logged."""
+
+        class Broken:
+            def render(self, request):
+                raise ZeroDivisionError("bug")
+
+        clock = MemoryReactorClock()
+        site = DaemonSite(None, reactor=clock, gate=DispatchGate(KEY.encode(), RequestCounter(), Broken()))
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(post())
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"))
+        self.assertIn(b"\r\nContent-Type: text/html\r\nContent-Length: %d" % len(body), head)
+        self.assertIn(b"Processing Failed", body)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_render_returning_bytes(self):
+        """A resource that answers at once gets a sized answer and the connection goes on."""
+
+        class Fixed:
+            def render(self, request):
+                request.setResponseCode(404)
+                request.setHeader(b"content-type", b"application/json; charset=utf-8")
+                return envelope.ROUTE_NOT_FOUND
+
+        site = DaemonSite(None, reactor=MemoryReactorClock(),
+                          gate=DispatchGate(KEY.encode(), RequestCounter(), Fixed()))
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(post() + post())
+        raw = transport.value()
+        self.assertEqual(raw.count(b"HTTP/1.1 404 Not Found\r\n"), 2)
+        self.assertEqual(raw.count(b"Content-Length: %d\r\n\r\n" % len(envelope.ROUTE_NOT_FOUND)
+                                   + envelope.ROUTE_NOT_FOUND), 2)
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """Idle connections are closed after the site's timeOut, as twisted.web does."""
+
+    def make(self):
+        return Connection(self, script=False, timeout=100)
+
+    def test_idle_connection_closed(self):
+        """No bytes for timeOut seconds closes the connection, and aborts it if it lingers."""
+        connection = self.make()
+        connection.clock.advance(60)
+        connection.protocol.dataReceived(b"POST ")
+        connection.clock.advance(60)
+        self.assertFalse(connection.transport.disconnecting)
+        connection.clock.advance(40)
+        self.assertTrue(connection.transport.disconnecting)
+        connection.clock.advance(connection.protocol.abort_timeout)
+        self.assertTrue(connection.transport.disconnected)
+
+    def test_request_in_flight_never_times_out(self):
+        """A long stream is not idleness; the count starts again when it ends."""
+        connection = self.make()
+        connection.send(post())
+        connection.clock.advance(250)
+        self.assertFalse(connection.transport.disconnecting)
+        connection.daemon.runtime.end(connection.daemon.runtime.last_session_id)
+        connection.clock.advance(99)
+        self.assertFalse(connection.transport.disconnecting)
+        connection.clock.advance(101)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_timer_stops_with_connection(self):
+        """A closed connection leaves no timer."""
+        connection = self.make()
+        connection.send(post(extra=b"Connection: close\r\n"))
+        connection.daemon.runtime.end(connection.daemon.runtime.last_session_id)
+        connection.disconnect()
+        self.assertEqual(connection.clock.getDelayedCalls(), [])
+
+
+class WiringTests(SynchronousTestCase):
+    """tap.py serves dispatch calls through the channel."""
+
+    def test_daemon_site_uses_channel(self):
+        """The daemon's site starts connections on the dispatch channel, which answers a bad key itself."""
+        workdir = self.mktemp()
+        options = tap.Options()
+        options.parseOptions(["--env-file", os.path.join(workdir, "absent.env")])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environment(workdir, 5002))
+        protocol = service.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.assertIsInstance(protocol, DispatchChannel)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(post(key=b"wrong"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 Unauthorized\r\n"))
+        self.assertIsNone(protocol._inner)
+
+
+class TurnFlushTests(SynchronousTestCase):
+    """The streams of one resource share one flush per reactor turn."""
+
+    def test_streams_of_one_turn_share_one_call(self):
+        """Two streams with chunks in one turn are flushed by one delayed call, each as one HTTP chunk."""
+        first = Connection(self, script=False)
+        # a second connection to the same site, so the same dispatch resource
+        second_protocol = first.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+        second_transport = StringTransport()
+        second_protocol.makeConnection(second_transport)
+        runtime = first.daemon.runtime
+        first.send(post())
+        one = runtime.last_session_id
+        second_protocol.dataReceived(post())
+        two = runtime.last_session_id
+        idle_timers = len(first.clock.getDelayedCalls())
+        runtime.stream(one, TEXT_HI)
+        runtime.stream(two, TEXT_HI)
+        runtime.stream(one, TEXT_HO)
+        self.assertEqual(len(first.clock.getDelayedCalls()), idle_timers + 1)
+        first.clock.advance(0)
+        item_hi, item_ho = sse.success_item(orjson.dumps(TEXT_HI)), sse.success_item(orjson.dumps(TEXT_HO))
+        self.assertTrue(first.transport.value().endswith(b"%x\r\n" % len(item_hi + item_ho) + item_hi + item_ho + b"\r\n"))
+        self.assertTrue(second_transport.value().endswith(b"%x\r\n" % len(item_hi) + item_hi + b"\r\n"))
+        self.assertEqual(len(first.clock.getDelayedCalls()), idle_timers)
+
+    def test_streams_ending_in_their_turn_leave_no_call(self):
+        """A stream whose chunk and end come in one turn writes both at once and leaves no delayed call."""
+        connection = Connection(self, script=False)
+        runtime = connection.daemon.runtime
+        connection.send(post())
+        idle_timers = connection.clock.getDelayedCalls()
+        runtime.stream(runtime.last_session_id, TEXT_HI)
+        runtime.end(runtime.last_session_id)
+        self.assertEqual(connection.clock.getDelayedCalls(), idle_timers)
+        self.assertTrue(connection.transport.value().endswith(
+            sse.success_item(orjson.dumps(TEXT_HI)) + b"\r\n0\r\n\r\n"))
+
+    def test_ended_stream_does_not_cancel_others(self):
+        """One stream ending in the turn leaves the other streams of that turn to be flushed."""
+        connection = Connection(self, script=False)
+        runtime = connection.daemon.runtime
+        other = connection.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+        other_transport = StringTransport()
+        other.makeConnection(other_transport)
+        connection.send(post())
+        one = runtime.last_session_id
+        other.dataReceived(post())
+        two = runtime.last_session_id
+        runtime.stream(one, TEXT_HI)
+        runtime.stream(two, TEXT_HO)
+        runtime.end(one)
+        self.assertNotIn(b'"ho"', other_transport.value())
+        connection.clock.advance(0)
+        self.assertIn(sse.success_item(orjson.dumps(TEXT_HO)), other_transport.value())
