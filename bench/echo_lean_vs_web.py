@@ -23,14 +23,13 @@ from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.echo_daemon_cpu import cpu_seconds  # noqa: E402
 from bench.echo_overhead import (  # noqa: E402
     daemon_latency,
     daemon_throughput,
     direct_latency,
     direct_throughput,
 )
-from bench.harness import REPO, Daemon, DirectPlugin, HTTPConnection, percentile  # noqa: E402
+from bench.harness import REPO, Daemon, DirectPlugin, HTTPConnection, cpu_seconds, percentile  # noqa: E402
 from difydaemon.runtimes.environment import working_dir_for  # noqa: E402
 from difydaemon.testing.packages import build_package, echo_plugin_files  # noqa: E402
 

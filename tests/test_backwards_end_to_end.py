@@ -141,14 +141,9 @@ class DebugBackwardsTests(BackwardsCase):
 
     async def test_debug_plugin_uses_storage_and_tools(self):
         """A remote-debug plugin keeps data and calls a tool through the daemon."""
-        import os
-        import signal
-
         from twisted.internet import reactor, task
-        from twisted.internet.error import ProcessExitedAlready
 
-        from difydaemon.testing import sdk
-        from tests.runtimes.test_debug import _PluginProcess
+        from tests.runtimes.test_debug import start_remote_plugin
         from tests.test_tap import free_port
 
         self.dify = FakeDifyInnerAPI(reactor, INNER_KEY)
@@ -165,27 +160,7 @@ class DebugBackwardsTests(BackwardsCase):
         code, reply = await self.call("POST", f"/plugin/{TENANT}/debugging/key")
         key = orjson.loads(reply)["data"]["key"]
 
-        working_dir = os.path.abspath(self.mktemp())
-        for path, content in callback_plugin_files(TOOL_AND_LLM).items():
-            target = os.path.join(working_dir, path)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(content)
-        python = await sdk.environment_builder(reactor).build(working_dir, "3.12", lambda message: None)
-        with open(os.path.join(working_dir, ".env"), "w") as f:
-            f.write(f"INSTALL_METHOD=remote\nREMOTE_INSTALL_URL=127.0.0.1:{debug_port}\nREMOTE_INSTALL_KEY={key}\n")
-        env = {k: v for k, v in os.environ.items() if k not in ("INSTALL_METHOD", "REMOTE_INSTALL_URL", "REMOTE_INSTALL_KEY")}
-        plugin = _PluginProcess()
-        process = reactor.spawnProcess(plugin, python, [python, "-m", "main"], env=env, path=working_dir)
-
-        def kill():
-            try:
-                process.signalProcess(signal.SIGKILL)
-            except ProcessExitedAlready:
-                pass
-
-        self.addCleanup(lambda: plugin.ended)
-        self.addCleanup(kill)
+        plugin = await start_remote_plugin(self, reactor, callback_plugin_files(TOOL_AND_LLM), debug_port, key)
         for _ in range(600):
             code, reply = await self.call("GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
             if orjson.loads(reply)["data"]["list"]:

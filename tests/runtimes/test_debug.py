@@ -494,6 +494,13 @@ class _PluginProcess(ProcessProtocol):
         self.ended: Deferred = Deferred()
         self.output = b""
 
+    def kill(self) -> None:
+        """SIGKILL the plugin, if it still runs."""
+        try:
+            self.transport.signalProcess(signal.SIGKILL)
+        except ProcessExitedAlready:
+            pass
+
     def outReceived(self, data: bytes) -> None:
         self.output = (self.output + data)[-8192:]
 
@@ -501,6 +508,31 @@ class _PluginProcess(ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.ended.callback(None)
+
+
+async def start_remote_plugin(testcase, reactor, files: dict, port: int, key: str) -> _PluginProcess:
+    """
+    Write ``files`` to a new directory, build its venv with the real SDK and
+    run it in remote mode against the debug port ``port`` with ``key``;
+    the test kills it and waits for its end when it is over.
+    """
+    from difydaemon.testing import sdk
+
+    working_dir = os.path.abspath(testcase.mktemp())
+    for path, content in files.items():
+        target = os.path.join(working_dir, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(content)
+    python = await sdk.environment_builder(reactor).build(working_dir, "3.12", lambda message: None)
+    with open(os.path.join(working_dir, ".env"), "w") as f:
+        f.write(f"INSTALL_METHOD=remote\nREMOTE_INSTALL_URL=127.0.0.1:{port}\nREMOTE_INSTALL_KEY={key}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("INSTALL_METHOD", "REMOTE_INSTALL_URL", "REMOTE_INSTALL_KEY")}
+    plugin = _PluginProcess()
+    reactor.spawnProcess(plugin, python, [python, "-m", "main"], env=env, path=working_dir)
+    testcase.addCleanup(lambda: plugin.ended)
+    testcase.addCleanup(plugin.kill)
+    return plugin
 
 
 class RealPluginTests(AsyncTestCase):
@@ -512,16 +544,7 @@ class RealPluginTests(AsyncTestCase):
         """The plugin registers, answers a tool call through the runtime, and is uninstalled when killed."""
         from twisted.internet import reactor
 
-        from difydaemon.testing import sdk
         from difydaemon.testing.packages import echo_plugin_files
-
-        working_dir = os.path.abspath(self.mktemp())
-        for path, content in echo_plugin_files().items():
-            target = os.path.join(working_dir, path)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(content)
-        python = await sdk.environment_builder(reactor).build(working_dir, "3.12", lambda message: None)
 
         persistence = MemoryPersistence(reactor)
         registry = RuntimeRegistry(reactor)
@@ -531,22 +554,7 @@ class RealPluginTests(AsyncTestCase):
         factory = DebugServerFactory(reactor, keys, persistence, MemoryObjectStorage(), registry, installations)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-
-        with open(os.path.join(working_dir, ".env"), "w") as f:
-            f.write(f"INSTALL_METHOD=remote\nREMOTE_INSTALL_URL=127.0.0.1:{port.getHost().port}\n"
-                    f"REMOTE_INSTALL_KEY={key}\n")
-        env = {k: v for k, v in os.environ.items() if k not in ("INSTALL_METHOD", "REMOTE_INSTALL_URL", "REMOTE_INSTALL_KEY")}
-        plugin = _PluginProcess()
-        process = reactor.spawnProcess(plugin, python, [python, "-m", "main"], env=env, path=working_dir)
-
-        def kill():
-            try:
-                process.signalProcess(signal.SIGKILL)
-            except ProcessExitedAlready:
-                pass
-
-        self.addCleanup(lambda: plugin.ended)
-        self.addCleanup(kill)
+        plugin = await start_remote_plugin(self, reactor, echo_plugin_files(), port.getHost().port, key)
 
         runtime = None
         for _ in range(600):
@@ -575,7 +583,7 @@ class RealPluginTests(AsyncTestCase):
         )
 
         connection = next(iter(factory.connections))
-        kill()
+        plugin.kill()
         await plugin.ended
         await connection.closed
         self.assertIsNone(registry.get(installation.plugin_unique_identifier))
