@@ -27,6 +27,7 @@ from zope.interface import implementer
 from difydaemon import errors
 from difydaemon.api import envelope, sse
 from difydaemon.api.dispatch_routes import ChunkError, route_table, validate_data
+from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.dispatcher import serve_invoke
 from difydaemon.invocation.session import InvocationSession, MalformedInvokeError
@@ -106,23 +107,19 @@ def build_plugin_request(session_id: str, route, body: dict, data: dict) -> dict
     }
 
 
-class _Relay:
+class _Relay(SessionRelay):
     """
-    What one dispatch request and its plugin session share: the session's
-    handle, the wait for a runtime, the backstop timeout and the client's
-    disconnection.  Subclasses decide what the response looks like.
+    What one dispatch request and its plugin session share (beyond the
+    session's life, kept by :class:`SessionRelay`): the plugin request,
+    the runtime and the chunk check.  Subclasses decide what the response
+    looks like.
     """
 
     __slots__ = (
-        "_reactor",
         "request",
         "plugin_request",
         "session_id",
         "runtime",
-        "handle",
-        "closed",
-        "retry_call",
-        "_timer",
         "_check",
         "tenant_id",
         "plugin_id",
@@ -130,17 +127,12 @@ class _Relay:
     )
 
     def __init__(self, reactor, request, plugin_request: dict, chunk_check) -> None:
-        self._reactor = reactor
+        super().__init__(reactor)
         self.request = request
         self.plugin_request = plugin_request
         self.session_id = plugin_request["session_id"]
         self._check = chunk_check
         self.runtime = None
-        self.handle = None
-        #: True once the response is finished or the client has gone.
-        self.closed = False
-        self.retry_call = None
-        self._timer = None
         #: who the session serves, for backwards invocations
         self.tenant_id = ""
         self.plugin_id = ""
@@ -148,23 +140,6 @@ class _Relay:
         self.backwards = None
 
     # -- life of the request -------------------------------------------------
-
-    def opened(self, handle, timeout: float | None) -> None:
-        """The session is open; time it out after ``timeout`` seconds."""
-        if self.closed:
-            # the session ended while it was being opened
-            return
-        self.handle = handle
-        if timeout is not None:
-            self._timer = self._reactor.callLater(timeout, self.timed_out)
-
-    def client_gone(self, failure) -> None:
-        """The client disconnected: abandon the session or the wait."""
-        if self.closed:
-            return
-        self.closed = True
-        self._stop_timers()
-        self._abandon()
 
     def refuse(self, status: int, body: bytes) -> None:
         """Answer a plain JSON envelope: no session was opened."""
@@ -174,25 +149,9 @@ class _Relay:
         self._stop_timers()
         _answer(self.request, status, body)
 
-    def timed_out(self) -> None:
+    def session_timed_out(self) -> None:
         """The backstop timeout fired (the runtime has no timeout of its own)."""
-        self._timer = None
-        if not self.closed:
-            self._abandon()
-            self.error(_INTERNAL, TIMEOUT_MESSAGE, None)
-
-    def _abandon(self) -> None:
-        handle, self.handle = self.handle, None
-        if handle is not None:
-            handle.close()
-
-    def _stop_timers(self) -> None:
-        call, self.retry_call = self.retry_call, None
-        if call is not None and call.active():
-            call.cancel()
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self.error(_INTERNAL, TIMEOUT_MESSAGE, None)
 
     def _fail_session(self, inner: str) -> None:
         """Stop the plugin session and end the response with a PluginInvokeError."""

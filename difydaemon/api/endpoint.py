@@ -27,6 +27,7 @@ from difydaemon import errors
 from difydaemon.api import envelope, sse
 from difydaemon.api.dispatch import new_session_id
 from difydaemon.api.endpoint_http import MAX_BODY, IncomingRequest, canonical_header_name, raw_http_request
+from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.dispatcher import serve_invoke
 from difydaemon.invocation.session import InvocationSession, MalformedInvokeError
@@ -108,7 +109,7 @@ def _header_bytes(value: str) -> bytes:
 
 
 @implementer(ISessionListener)
-class EndpointRelay:
+class EndpointRelay(SessionRelay):
     """
     One public call and its plugin session: turns the plugin's chunks into
     the HTTP response, times the session out, and abandons it when the
@@ -121,18 +122,14 @@ class EndpointRelay:
     """
 
     def __init__(self, reactor, request, backwards=None) -> None:
-        self._reactor = reactor
+        super().__init__(reactor)
         self.request = request
         self._backwards = backwards
         self.session = None  # the InvocationSession, once opened
-        self.handle = None
-        #: True once the response is finished or the client has gone.
-        self.closed = False
         #: True once status and headers are out.
         self.started = False
         self._status = None
         self._headers: dict[bytes, bytes] = {}
-        self._timer = None
         self._declared_length = None
         self._written = 0
 
@@ -143,7 +140,7 @@ class EndpointRelay:
         if self.closed:
             return
         self.closed = True
-        self._stop_timer()
+        self._stop_timers()
         self._abandon()
         request = self.request
         request.setResponseCode(status)
@@ -161,39 +158,11 @@ class EndpointRelay:
         """
         # set first: a runtime may deliver messages before open_session returns
         self.session = session
-        handle = runtime.open_session(session.session_id, session.session_request, self)
-        if self.closed:
-            # the session ended while it was being opened
-            return
-        self.handle = handle
-        if timeout is not None:
-            self._timer = self._reactor.callLater(timeout, self.timed_out)
+        self.opened(runtime.open_session(session.session_id, session.session_request, self), timeout)
 
-    def client_gone(self, failure) -> None:
-        """The client disconnected: abandon the session."""
-        if self.closed:
-            return
-        self.closed = True
-        self._stop_timer()
-        self._abandon()
-
-    def timed_out(self) -> None:
+    def session_timed_out(self) -> None:
         """``PLUGIN_MAX_EXECUTION_TIMEOUT`` passed."""
-        self._timer = None
-        if self.closed:
-            return
-        self._abandon()
         self._fail(_INTERNAL, TIMEOUT_MESSAGE)
-
-    def _abandon(self) -> None:
-        handle, self.handle = self.handle, None
-        if handle is not None:
-            handle.close()
-
-    def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
 
     # -- writing ------------------------------------------------------------------
 
@@ -221,7 +190,7 @@ class EndpointRelay:
     def _finish(self) -> None:
         self.closed = True
         self.handle = None
-        self._stop_timer()
+        self._stop_timers()
         if not self.started:
             self._start()
         request = self.request
