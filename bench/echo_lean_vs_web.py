@@ -1,9 +1,11 @@
 """
-The echo tool three ways in one run, interleaved (A B C A B C ...): the
-plugin driven directly over stdio, the daemon as tap.py builds it (dispatch
-served by the lean channel), and the same daemon serving every request
-through twisted.web (``DaemonSite`` without its dispatch gate, patched in
-that daemon's process only by a ``sitecustomize`` on its PYTHONPATH).
+The echo tool four ways in one run, interleaved (A B C D A B C D ...): the
+plugin driven directly over stdio; the daemon as tap.py builds it (dispatch
+served by the lean channel); the same daemon over connections that each
+served a management call first, as connections of Dify's one pooled client
+do ("mixed"); and a second daemon serving every request through
+twisted.web (``DaemonSite`` without its dispatch gate, patched in that
+daemon's process only by a ``sitecustomize`` on its PYTHONPATH).
 
 Prints, per path: p50 / p99 of one call in flight, calls/s with N in
 flight, each daemon's ratio to the direct path, and each daemon's own CPU
@@ -29,7 +31,7 @@ from bench.echo_overhead import (  # noqa: E402
     direct_latency,
     direct_throughput,
 )
-from bench.harness import REPO, Daemon, DirectPlugin, HTTPConnection, cpu_seconds, percentile  # noqa: E402
+from bench.harness import REPO, TENANT, Daemon, DirectPlugin, HTTPConnection, cpu_seconds, percentile  # noqa: E402
 from difydaemon.runtimes.environment import working_dir_for  # noqa: E402
 from difydaemon.testing.packages import build_package, echo_plugin_files  # noqa: E402
 
@@ -47,11 +49,14 @@ async def start(daemons, extra_env=None):
     return daemon, identifier
 
 
-async def pool(daemon, size):
+async def pool(daemon, size, management_first=False):
     connections = []
     for _ in range(size):
         connection = HTTPConnection(daemon.port)
         await connection.open()
+        if management_first:
+            status, _ = await connection.request("GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
+            assert status == 200, status
         connections.append(connection)
     return connections
 
@@ -67,14 +72,18 @@ async def main(args):
         web, _ = await start(daemons, {"PYTHONPATH": patch_dir + os.pathsep + REPO})
         plugin = DirectPlugin(os.path.abspath(working_dir_for(lean.working, identifier)))
         await plugin.start()
-        pools = {"lean": await pool(lean, args.inflight), "web": await pool(web, args.inflight)}
+        pools = {
+            "lean": await pool(lean, args.inflight),
+            "mixed": await pool(lean, args.inflight, management_first=True),
+            "web": await pool(web, args.inflight),
+        }
         for name in pools:
             await daemon_latency(pools[name][0], 50)
         await direct_latency(plugin, 50)
-        latency = {"direct": [], "lean": [], "web": []}
-        rate = {"direct": [], "lean": [], "web": []}
-        cpu = {"lean": [], "web": []}
-        processes = {"lean": lean.process.pid, "web": web.process.pid}
+        latency = {"direct": [], "lean": [], "mixed": [], "web": []}
+        rate = {"direct": [], "lean": [], "mixed": [], "web": []}
+        cpu = {"lean": [], "mixed": [], "web": []}
+        processes = {"lean": lean.process.pid, "mixed": lean.process.pid, "web": web.process.pid}
 
         async def timed_burst(name):
             before = sum(cpu_seconds(processes[name]))
@@ -84,14 +93,16 @@ async def main(args):
         for _ in range(args.rounds):
             latency["direct"] += await direct_latency(plugin, args.calls)
             latency["lean"] += await daemon_latency(pools["lean"][0], args.calls)
+            latency["mixed"] += await daemon_latency(pools["mixed"][0], args.calls)
             latency["web"] += await daemon_latency(pools["web"][0], args.calls)
             rate["direct"].append(await direct_throughput(plugin, args.burst, args.inflight))
             await timed_burst("lean")
+            await timed_burst("mixed")
             await timed_burst("web")
         p50 = {name: percentile(samples, 0.5) * 1e3 for name, samples in latency.items()}
         p99 = {name: percentile(samples, 0.99) * 1e3 for name, samples in latency.items()}
         rates = {name: median(values) for name, values in rate.items()}
-        for name in ("direct", "lean", "web"):
+        for name in ("direct", "lean", "mixed", "web"):
             line = (f"{name:6s}: 1 in flight p50 {p50[name]:.2f} ms p99 {p99[name]:.2f} ms; "
                     f"{args.inflight} in flight {rates[name]:.0f} calls/s")
             if name != "direct":
@@ -100,9 +111,10 @@ async def main(args):
                          f"daemon CPU {median(cpu[name]):.0f} us/call")
             print(line)
         print(f"({len(latency['direct'])} calls each and {args.rounds} interleaved rounds of {args.burst} calls; "
-              f"throughputs are medians; per-round ratios lean "
-              f"{', '.join(f'{a / d:.2f}' for a, d in zip(rate['lean'], rate['direct']))}, web "
-              f"{', '.join(f'{a / d:.2f}' for a, d in zip(rate['web'], rate['direct']))})")
+              f"throughputs are medians; per-round ratios "
+              + "; ".join(f"{name} " + ", ".join(f"{a / d:.2f}" for a, d in zip(rate[name], rate["direct"]))
+                          for name in ("lean", "mixed", "web"))
+              + ")")
         for connections in pools.values():
             for connection in connections:
                 connection.close()

@@ -1,6 +1,6 @@
 """
-An HTTP/1.1 server protocol that serves the dispatch routes itself and hands
-every other connection to twisted.web.
+An HTTP/1.1 server protocol that serves the dispatch routes itself and lends
+every other request to twisted.web.
 
 Every Dify workflow step that calls a plugin is one ``POST
 /plugin/<tenant>/dispatch/...``; twisted.web's ``HTTPChannel`` and
@@ -12,14 +12,22 @@ same :class:`~difydaemon.api.dispatch.DispatchResource` through a
 :class:`DispatchRequest`: the few request methods the dispatch path uses,
 writing the same bytes twisted.web writes.
 
-Anything else -- another route or method, a chunked or ``Expect``-ing body,
-a head that is not plainly well formed -- is handed, with every byte read so
-far, to a twisted.web channel of the site for the rest of the connection's
-life, so management, health, ``/e/``, uploads and bad requests behave
-exactly as they do without this channel.
+Another route or method whose request is framed by its ``Content-Length``
+(every management, health, ``/e/`` and upload call Dify's httpx client
+makes) is *lent*: its bytes alone go to a fresh twisted.web channel of the
+site, through a :class:`Lease` transport, and the connection comes back to
+this channel once twisted.web has finished answering it.  Dify keeps one
+pool of keep-alive connections for every call, so a connection that served
+one management call must still serve the next dispatch call here.
+
+Anything this channel cannot frame -- a chunked or ``Expect``-ing body, an
+``Upgrade``, a head that is not plainly well formed -- is handed, with every
+byte read so far, to a twisted.web channel for the rest of the connection's
+life, so such requests and bad requests behave exactly as they do without
+this channel.
 
 Framing is pure (:func:`split_request`, :func:`parse_head`); the channel
-only buffers, hands over and writes.
+only buffers, lends, hands over and writes.
 """
 
 from __future__ import annotations
@@ -32,11 +40,11 @@ from urllib.parse import unquote_to_bytes
 
 from attrs import define, frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.server import version as SERVER_VERSION
 from zope.interface import implementer
@@ -81,15 +89,19 @@ class RequestHead:
     Not frozen: built on every request, and nobody mutates it.
 
     :ivar version: ``HTTP/1.1`` or ``HTTP/1.0``.
-    :ivar postpath: the path segments after ``plugin`` (``[tenant,
-        b"dispatch", *route]``), percent-decoded as twisted.web does.
+    :ivar dispatch: whether this is a dispatch call, served by the channel
+        itself; any other request is lent to twisted.web.
+    :ivar postpath: for a dispatch call, the path segments after ``plugin``
+        (``[tenant, b"dispatch", *route]``), percent-decoded as twisted.web
+        does; None otherwise.
     :ivar headers: lower-cased name -> every value, in order.
     :ivar content_length: the body's length (0 without Content-Length).
     :ivar persistent: whether the connection stays open after the answer.
     """
 
     version: bytes
-    postpath: list
+    dispatch: bool
+    postpath: list | None
     headers: dict
     content_length: int
     persistent: bool
@@ -97,10 +109,10 @@ class RequestHead:
 
 @frozen
 class _Foreign:
-    """The buffer starts with something this channel does not serve."""
+    """The buffer starts with a request this channel cannot frame."""
 
 
-#: :func:`split_request`: twisted.web must have this connection.
+#: :func:`split_request`: twisted.web must have this connection, for good.
 FOREIGN = _Foreign()
 
 
@@ -118,13 +130,15 @@ class Incomplete:
 
 def parse_head(head: bytes) -> RequestHead | None:
     """
-    Read a request head (without its final blank line) if it is one this
-    channel serves: ``POST /plugin/<tenant>/dispatch/...`` over HTTP/1.1 or
-    1.0, well-formed ``name: value`` headers, at most one decimal
-    ``Content-Length`` and no ``Transfer-Encoding`` or ``Expect``.
+    Read a request head (without its final blank line) if this channel can
+    frame its request exactly as twisted.web would: HTTP/1.1 or 1.0, an
+    origin-form target of printable ASCII, well-formed ``name: value``
+    headers, at most one decimal ``Content-Length`` and no
+    ``Transfer-Encoding``, ``Expect`` or ``Upgrade``.
 
-    :return: the head, or None for anything else (twisted.web decides what
-        that is, a 400 included).
+    :return: the head (:attr:`RequestHead.dispatch` tells whether it is a
+        ``POST /plugin/<tenant>/dispatch/...``), or None for anything else
+        (twisted.web decides what that is, a 400 included).
     """
     line_end = head.find(b"\r\n")
     if line_end < 0:
@@ -133,16 +147,18 @@ def parse_head(head: bytes) -> RequestHead | None:
     if len(request_line) != 3:
         return None
     method, target, version = request_line
-    if method != b"POST" or (version != b"HTTP/1.1" and version != b"HTTP/1.0"):
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         return None
     if _TARGET.fullmatch(target) is None:
         return None
-    path = target.split(b"?", 1)[0]
-    segments = path[1:].split(b"/")
-    if b"%" in path:
-        segments = [unquote_to_bytes(segment) for segment in segments]
-    if len(segments) < 3 or segments[0] != b"plugin" or segments[2] != b"dispatch":
-        return None
+    postpath = None
+    if method == b"POST":
+        path = target.split(b"?", 1)[0]
+        segments = path[1:].split(b"/")
+        if b"%" in path:
+            segments = [unquote_to_bytes(segment) for segment in segments]
+        if len(segments) >= 3 and segments[0] == b"plugin" and segments[2] == b"dispatch":
+            postpath = segments[1:]
     # every header line a token, a colon and a value without CR, LF or NUL
     # (so no folded lines); twisted.web refuses, or reads, anything else
     if _HEADER_LINES.fullmatch(head, line_end) is None:
@@ -160,7 +176,7 @@ def parse_head(head: bytes) -> RequestHead | None:
         for line in lines:
             name, _, value = line.partition(b":")
             headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
-    if b"transfer-encoding" in headers or b"expect" in headers:
+    if b"transfer-encoding" in headers or b"expect" in headers or b"upgrade" in headers:
         return None
     length = headers.get(b"content-length")
     if length is None:
@@ -177,15 +193,16 @@ def parse_head(head: bytes) -> RequestHead | None:
         connection = headers.get(b"connection")
         # twisted.web looks for "close" among the first value's space-separated tokens
         persistent = not connection or b"close" not in connection[0].lower().split(b" ")
-    return RequestHead(version, segments[1:], headers, length, persistent)
+    return RequestHead(version, postpath is not None, postpath, headers, length, persistent)
 
 
 def split_request(buffer: bytes):
     """
     Frame the first request of ``buffer``.
 
-    :return: :class:`Incomplete`, :data:`FOREIGN`, or ``(head, body, rest)``
-        where ``rest`` is what follows the request's body.
+    :return: :class:`Incomplete`, :data:`FOREIGN` (a request this channel
+        cannot frame), or ``(head, body, rest)`` where ``rest`` is what
+        follows the request's body.
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
@@ -408,15 +425,105 @@ class DispatchGate:
     resource: object
 
 
+class LeasableHTTPChannel(HTTPChannel):
+    """
+    twisted.web's HTTP channel, which can serve a single request on a
+    connection lent by :class:`DispatchChannel`.
+
+    :ivar returned: called (once) when the lent request has been answered
+        and the connection stays open; None when nothing is lent.
+    """
+
+    returned = None
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        returned = self.returned
+        if returned is not None and self.persistent and not self.requests:
+            self.returned = None
+            # The idle timeout belongs to the lender again.
+            self.setTimeout(None)
+            returned()
+
+
+@implementer(IConsumer, IPushProducer)
+class Lease:
+    """
+    The transport a twisted.web channel gets for one request lent by a
+    :class:`DispatchChannel`: writes and closing go to the connection;
+    reading stays with the lender, which has framed the request and feeds
+    the channel nothing else, so the channel's pausing and resuming of its
+    reading is the lender's business and ignored here.
+
+    :ivar channel: the :class:`LeasableHTTPChannel` serving the request.
+    :ivar producer: what the channel registered to hear that the
+        connection's write buffer is full (the channel itself), or None.
+    """
+
+    def __init__(self, lender: DispatchChannel, transport) -> None:
+        self._lender = lender
+        self._transport = transport
+        self.channel = None
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def writeSequence(self, data) -> None:
+        self._transport.writeSequence(data)
+
+    def loseConnection(self) -> None:
+        self._lender.lease_closes(self)
+        self._transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._lender.lease_closes(self)
+        self._transport.abortConnection()
+
+    def getPeer(self):
+        return self._transport.getPeer()
+
+    def getHost(self):
+        return self._transport.getHost()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """The lender set it already."""
+
+    # -- IConsumer: the channel hearing about the write buffer ------------------
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    # -- IPushProducer: the channel's reading, which the lender does ------------
+
+    def pauseProducing(self) -> None:
+        """Nothing more is fed to the channel than its request."""
+
+    def resumeProducing(self) -> None:
+        """The lender resumes reading once the request is answered."""
+
+    def stopProducing(self) -> None:
+        """The lender's connectionLost reaches the channel."""
+
+    def __getattr__(self, name: str):
+        # anything else a Request may ask of its transport (``disconnecting``...)
+        return getattr(self._transport, name)
+
+
 @implementer(IPushProducer)
 class DispatchChannel(Protocol):
     """
-    One HTTP connection: dispatch requests are served here, one at a time
-    (pipelined ones wait their turn); the first request of any other kind
-    turns the connection over to ``fallback()``, a twisted.web channel.
+    One HTTP connection: requests are served one at a time (pipelined ones
+    wait their turn), dispatch requests here, others each by a fresh
+    ``fallback()`` channel lent the connection for that request; the first
+    request this channel cannot frame turns the connection over to a
+    ``fallback()`` channel for good.
 
     :param gate: the key, counter and resource of the dispatch path.
-    :param fallback: builds the twisted.web protocol to hand over to.
+    :param fallback: builds a twisted.web :class:`LeasableHTTPChannel`.
     :param reactor: for the idle timeout and the ``Date`` header.
     :param timeout: seconds a connection may stay idle (the site's
         ``timeOut``); None for no limit.
@@ -501,7 +608,9 @@ class DispatchChannel(Protocol):
             return
         request, self._request = self._request, None
         self._parts = []
-        if request is not None:
+        if type(request) is Lease:
+            request.channel.connectionLost(reason)
+        elif request is not None:
             self._gate.counter.leave(True)
             request.connection_lost(reason)
 
@@ -510,16 +619,24 @@ class DispatchChannel(Protocol):
     def pauseProducing(self) -> None:
         """The client is not reading: stop reading its requests (between requests)."""
         self._writes_blocked = True
-        if self._request is None and not self._reading_paused and not self._closing:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+        request = self._request
+        if request is None:
+            if not self._reading_paused and not self._closing:
+                self._reading_paused = True
+                self.transport.pauseProducing()
+        elif type(request) is Lease and request.producer is not None:
+            request.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         """The client reads again."""
         self._writes_blocked = False
-        if self._request is None and self._reading_paused and not self._closing:
-            self._reading_paused = False
-            self.transport.resumeProducing()
+        request = self._request
+        if request is None:
+            if self._reading_paused and not self._closing:
+                self._reading_paused = False
+                self.transport.resumeProducing()
+        elif type(request) is Lease and request.producer is not None:
+            request.producer.resumeProducing()
 
     def stopProducing(self) -> None:
         """The transport is going away; connectionLost does the rest."""
@@ -542,8 +659,12 @@ class DispatchChannel(Protocol):
             if framed is FOREIGN:
                 self._hand_over(buffer)
                 return
-            head, body, buffer = framed
-            self._serve(head, body)
+            head, body, rest = framed
+            if head.dispatch:
+                self._serve(head, body)
+            else:
+                self._lend(buffer[:len(buffer) - len(rest)])
+            buffer = rest
             if self._request is not None or self._closing:
                 if buffer and not self._closing:
                     # pipelined: framed once this request is answered
@@ -577,9 +698,13 @@ class DispatchChannel(Protocol):
             return
         self._request = None
         self._gate.counter.leave(True)
+        self._next(request.persistent)
+
+    def _next(self, persistent: bool) -> None:
+        """After a response: close, or read and serve what follows."""
         if self._idle_call is not None:
             self._last_activity = self._reactor.seconds()
-        if not request.persistent:
+        if not persistent:
             self._closing = True
             self._parts = []
             self._unregister()
@@ -594,6 +719,31 @@ class DispatchChannel(Protocol):
             self._parts = []
             self._size = 0
             self._serve_from(b"".join(parts))
+
+    # -- lending ------------------------------------------------------------------------
+
+    def _lend(self, raw: bytes) -> None:
+        """Have a fresh twisted.web channel answer the request ``raw`` on this connection."""
+        lease = Lease(self, self.transport)
+        self._request = lease
+        channel = self._fallback()
+        lease.channel = channel
+        channel.returned = lambda: self._returned(lease)
+        channel.makeConnection(lease)
+        channel.dataReceived(raw)
+
+    def _returned(self, lease: Lease) -> None:
+        """twisted.web answered the lent request and keeps the connection open."""
+        if lease is self._request:
+            self._request = None
+            self._next(True)
+
+    def lease_closes(self, lease: Lease) -> None:
+        """The channel lent the connection closes it."""
+        if lease is self._request:
+            self._closing = True
+            self._parts = []
+            self._unregister()
 
     # -- handing over -------------------------------------------------------------------
 

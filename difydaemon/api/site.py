@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.web.server import Site
 
-from difydaemon.api.dispatch_channel import DispatchChannel, DispatchGate, DateCache
+from difydaemon.api.dispatch_channel import DateCache, DispatchChannel, DispatchGate, LeasableHTTPChannel
 
 
 class DaemonSite(Site):
@@ -13,8 +13,12 @@ class DaemonSite(Site):
 
     - with a ``gate``, connections start on a
       :class:`~difydaemon.api.dispatch_channel.DispatchChannel`, which serves
-      dispatch requests itself and hands anything else to this Site's own
-      twisted.web channel;
+      dispatch requests itself and lends the connection to this Site's own
+      twisted.web channel for any other request;
+    - that channel is twisted.web's ``HTTPChannel`` itself (as a
+      :class:`~difydaemon.api.dispatch_channel.LeasableHTTPChannel`), not the
+      wrapper that can switch to HTTP/2: the daemon serves no TLS, and so no
+      ALPN that could ask for HTTP/2;
     - POST bodies are not parsed as forms (that costs every request; the two
       upload routes parse their multipart bodies themselves);
     - dispatch calls are not access-logged (see :meth:`log`);
@@ -26,6 +30,8 @@ class DaemonSite(Site):
     :param gate: the dispatch path's key, counter and resource; None serves
         every request through twisted.web.
     """
+
+    protocol = LeasableHTTPChannel
 
     def __init__(self, resource, reactor=None, log_health: bool = True, gate: DispatchGate | None = None) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
@@ -58,7 +64,7 @@ class DaemonSite(Site):
         return channel
 
     def build_web_protocol(self, addr):
-        """The twisted.web channel of one connection, with ``TCP_NODELAY``."""
+        """A twisted.web channel for one connection (or one lent request), with ``TCP_NODELAY``."""
         protocol = super().buildProtocol(addr)
         make_connection = protocol.makeConnection
 

@@ -16,6 +16,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from difydaemon import tap
 from difydaemon.api import envelope, sse
@@ -64,15 +66,18 @@ class Connection:
 
     :param lean: serve through the dispatch channel (as tap.py wires it),
         or through twisted.web only.
+    :param root: the site's resource for what twisted.web serves (the
+        harness's root by default).
     """
 
-    def __init__(self, test, lean: bool = True, script: bool = True, timeout=None, **harness_options) -> None:
+    def __init__(self, test, lean: bool = True, script: bool = True, timeout=None, root=None,
+                 **harness_options) -> None:
         self.daemon = DispatchHarness(test, **harness_options)
         if script:
             self.daemon.runtime.script(None, [("stream", TEXT_HI), ("stream", TEXT_HO), ("end", {})])
         self.counter = self.daemon.root._counter
         gate = DispatchGate(KEY.encode(), self.counter, self.daemon.dispatch) if lean else None
-        self.site = DaemonSite(self.daemon.root, reactor=self.daemon.clock, gate=gate)
+        self.site = DaemonSite(root or self.daemon.root, reactor=self.daemon.clock, gate=gate)
         if timeout is not None:
             self.site.timeOut = timeout
         self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -110,7 +115,7 @@ def exchange(test, data: bytes, lean: bool, **options) -> tuple[bytes, bool]:
 
 
 class ParseHeadTests(SynchronousTestCase):
-    """parse_head reads dispatch heads and refuses everything else."""
+    """parse_head reads the heads it can frame, tells dispatch calls apart, and refuses the rest."""
 
     def head(self, data: bytes) -> bytes:
         return data[: data.index(b"\r\n\r\n")]
@@ -119,6 +124,7 @@ class ParseHeadTests(SynchronousTestCase):
         """A dispatch POST gives the tenant-first postpath, lower-cased headers and the body length."""
         head = parse_head(self.head(post()))
         self.assertEqual(head.version, b"HTTP/1.1")
+        self.assertTrue(head.dispatch)
         self.assertEqual(head.postpath, [TENANT.encode(), b"dispatch", b"tool", b"invoke"])
         self.assertEqual(head.headers[b"x-plugin-id"], [b"acme/echo"])
         self.assertEqual(head.headers[b"x-api-key"], [KEY.encode()])
@@ -142,19 +148,36 @@ class ParseHeadTests(SynchronousTestCase):
         self.assertTrue(parse_head(b"POST /plugin/t/dispatch/x HTTP/1.1\r\nConnection: keep-alive").persistent)
         self.assertFalse(parse_head(b"POST /plugin/t/dispatch/x HTTP/1.0\r\nConnection: keep-alive").persistent)
 
+    def test_other_requests_are_lent(self):
+        """Other methods and routes are framed too, as requests to lend to twisted.web."""
+        others = [
+            b"GET /plugin/t/dispatch/tool/invoke HTTP/1.1\r\nHost: x",
+            b"post /plugin/t/dispatch/tool/invoke HTTP/1.1",
+            b"POST /plugin/t/management/install/upload/package HTTP/1.1\r\nContent-Length: 12",
+            b"GET /health/check HTTP/1.1",
+            b"POST /plugin/t HTTP/1.1",
+            b"POST /e/hook/x?y=1 HTTP/1.0\r\nContent-Type: text/plain",
+            b"DELETE /plugin/t/endpoint/remove HTTP/1.1\r\nConnection: close",
+            b"POST //plugin/t/dispatch/x HTTP/1.1",
+        ]
+        for data in others:
+            head = parse_head(data)
+            self.assertFalse(head.dispatch, data)
+            self.assertIsNone(head.postpath, data)
+        self.assertEqual(parse_head(others[2]).content_length, 12)
+        self.assertFalse(parse_head(others[5]).persistent)
+        self.assertFalse(parse_head(others[6]).persistent)
+        self.assertTrue(parse_head(b"POST /plugin/t/%64ispatch/x HTTP/1.1").dispatch)
+
     def test_foreign_heads(self):
-        """Other methods, routes, versions, framings and malformed lines are not the channel's."""
+        """Versions, targets, framings and malformed lines twisted.web must judge are not the channel's."""
         good = b"POST /plugin/t/dispatch/tool/invoke HTTP/1.1\r\nHost: x"
         self.assertIsNotNone(parse_head(good))
         foreign = [
-            good.replace(b"POST", b"GET"),
-            good.replace(b"POST", b"post"),
-            good.replace(b"/dispatch/", b"/management/"),
-            b"POST /health/check HTTP/1.1",
-            b"POST /plugin/t HTTP/1.1",
-            b"POST /e/hook HTTP/1.1",
             b"POST http://x/plugin/t/dispatch/x HTTP/1.1",
-            b"POST //plugin/t/dispatch/x HTTP/1.1",
+            b"GET * HTTP/1.1",
+            good.replace(b"POST", b"GET") + b"\r\nTransfer-Encoding: chunked",
+            good + b"\r\nUpgrade: websocket",
             good.replace(b"HTTP/1.1", b"HTTP/2.0"),
             good.replace(b" HTTP", b"  HTTP"),
             good.replace(b"/tool/", b"/t\xc3\xa9/"),
@@ -201,10 +224,18 @@ class SplitRequestTests(SynchronousTestCase):
         self.assertEqual(split_request(data)[1], BODY)
 
     def test_foreign_as_soon_as_head_is_read(self):
-        """A whole head that is not the channel's is foreign, body or not."""
-        self.assertIs(split_request(b"GET /health/check HTTP/1.1\r\n\r\n"), FOREIGN)
-        self.assertIs(split_request(post().replace(b"POST", b"PUT")[:-5]), FOREIGN)
+        """A whole head the channel cannot frame is foreign, body or not."""
+        self.assertIs(split_request(b"GET /health/check HTTP/3\r\n\r\n"), FOREIGN)
+        self.assertIs(split_request(post(extra=b"Expect: 100-continue\r\n")[:-5]), FOREIGN)
         self.assertIsInstance(split_request(b"GET /health/check HTTP/1.1\r\n"), Incomplete)
+
+    def test_other_requests_framed(self):
+        """A request that is not a dispatch call is framed by its length all the same."""
+        data = post().replace(b"POST", b"PUT")
+        head, body, rest = split_request(data + b"GET /")
+        self.assertFalse(head.dispatch)
+        self.assertEqual((body, rest), (BODY, b"GET /"))
+        self.assertIsInstance(split_request(data[:-1]), Incomplete)
 
     def test_oversize_head_is_foreign(self):
         """A head longer than twisted.web's header limit is foreign before it ends, so buffering is bounded."""
@@ -251,6 +282,12 @@ class SameBytesAsTwistedWebTests(SynchronousTestCase):
         "two content lengths": post(extra=b"Content-Length: 3\r\n"),
         "dispatch after a management call": b"GET /nowhere HTTP/1.1\r\n\r\n" + post(),
         "management call after a dispatch": post() + b"GET /nowhere HTTP/1.1\r\n\r\n",
+        "dispatch, management, dispatch, management": (post() + b"GET /a HTTP/1.1\r\n\r\n") * 2,
+        "management call with a body, then dispatch": post(path="/nowhere").replace(b"POST", b"PUT") + post(),
+        "management call over HTTP/1.0, then ignored bytes": b"GET /nowhere HTTP/1.0\r\n\r\n" + post(),
+        "management call closing, then ignored bytes": b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n" + post(),
+        "management call, then a chunked one": b"GET /a HTTP/1.1\r\n\r\n" + b"POST /b HTTP/1.1\r\n"
+        + b"Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n" + post(),
     }
 
     def test_same_bytes(self):
@@ -385,22 +422,140 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertEqual(connection.transport.producerState, "producing")
 
 
-class HandOverTests(SynchronousTestCase):
-    """Connections the channel does not serve go to twisted.web with every byte."""
+class SlowResource(Resource):
+    """Answers every request later, when the test says; registers a push producer on it."""
 
-    def test_management_connection_is_twisted_web(self):
-        """A first request that is not a dispatch call hands the connection over, for good."""
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = []
+        self.producers = []
+
+    def render(self, request):
+        producer = StringTransport()  # a push producer that records its state
+        request.registerProducer(producer, True)
+        self.requests.append(request)
+        self.producers.append(producer)
+        return NOT_DONE_YET
+
+    def answer(self) -> None:
+        request = self.requests.pop(0)
+        request.unregisterProducer()
+        request.write(b"slow")
+        request.finish()
+
+
+SLOW = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class LendingTests(SynchronousTestCase):
+    """Other requests are lent to twisted.web, one at a time, and the connection comes back."""
+
+    def slow(self, **options):
+        resource = SlowResource()
+        return Connection(self, root=resource, **options), resource
+
+    def test_connection_comes_back(self):
+        """After a management call the next dispatch call is served by the channel, which is the producer again."""
         connection = Connection(self)
-        connection.send(b"GET /nowhere HTTP/1.1\r\n\r\n")
+        timers = len(connection.clock.getDelayedCalls())
+        raw = connection.send(b"GET /nowhere HTTP/1.1\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 404 Not Found\r\n"))
+        self.assertFalse(connection.handed_over)
+        self.assertIsNone(connection.protocol._request)
+        self.assertIs(connection.transport.producer, connection.protocol)
+        # the lent channel's idle timer is gone with it
+        self.assertEqual(len(connection.clock.getDelayedCalls()), timers)
+        raw = connection.send(post())
+        self.assertIn(ITEMS, raw)
+        self.assertEqual(len(connection.daemon.runtime.requests), 1)
+
+    def test_pipelined_dispatch_waits_for_lent_request(self):
+        """A dispatch call behind a slow management call is served only after it, in order."""
+        connection, resource = self.slow()
+        self.assertEqual(connection.send(SLOW + post()), b"")
+        self.assertEqual(connection.daemon.runtime.requests, [])
+        resource.answer()
+        connection.clock.advance(0)
+        connection.clock.advance(0)
+        raw = connection.transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertLess(raw.index(b"\r\n4\r\nslow\r\n"), raw.index(ITEMS))
+        self.assertEqual(len(connection.daemon.runtime.requests), 1)
+
+    def test_reading_bounded_during_lent_request(self):
+        """Bytes pipelined behind a slow lent request are buffered up to a bound, then reading stops."""
+        connection, resource = self.slow()
+        connection.send(SLOW)
+        data = post(body=orjson.dumps({"data": dict(TOOL_DATA, tool_parameters={"text": "x" * EAGER_READ_SIZE})}))
+        connection.send(data[:EAGER_READ_SIZE])
+        self.assertEqual(connection.transport.producerState, "producing")
+        connection.send(data[EAGER_READ_SIZE:EAGER_READ_SIZE + 1])
+        self.assertEqual(connection.transport.producerState, "paused")
+        resource.answer()
+        self.assertEqual(connection.transport.producerState, "producing")
+        self.assertEqual(connection.daemon.runtime.requests, [])
+        self.assertIn(ITEMS, connection.send(data[EAGER_READ_SIZE + 1:]))
+        self.assertFalse(connection.handed_over)
+
+    def test_full_write_buffer_reaches_lent_request(self):
+        """A client not reading pauses the lent request's producer, and resumes it."""
+        connection, resource = self.slow()
+        connection.send(SLOW)
+        producer = resource.producers[0]
+        connection.protocol.pauseProducing()
+        self.assertEqual(producer.producerState, "paused")
+        connection.protocol.resumeProducing()
+        self.assertEqual(producer.producerState, "producing")
+
+    def test_client_leaves_during_lent_request(self):
+        """The client's departure reaches the lent request, and no timer is left."""
+        connection, resource = self.slow()
+        connection.send(SLOW)
+        finished = resource.requests[0].notifyFinish()
+        connection.disconnect()
+        self.failureResultOf(finished, ConnectionDone)
+        connection.protocol._stop_idle_timer()
+        self.assertEqual(connection.clock.getDelayedCalls(), [])
+
+    def test_lent_request_never_times_out(self):
+        """A slow lent request is not idleness; the idle count starts again when it is answered."""
+        connection, resource = self.slow(timeout=100)
+        connection.send(SLOW)
+        connection.clock.advance(250)
+        self.assertFalse(connection.transport.disconnecting)
+        resource.answer()
+        connection.clock.advance(99)
+        self.assertFalse(connection.transport.disconnecting)
+        connection.clock.advance(101)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_lent_channel_closes(self):
+        """A lent request that closes the connection leaves the channel closing, and not a producer."""
+        connection = Connection(self)
+        connection.send(b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertIsNone(connection.transport.producer)
+        self.assertEqual(connection.send(post()).count(b"HTTP/1.1 "), 1)
+
+
+class HandOverTests(SynchronousTestCase):
+    """Requests the channel cannot frame turn the connection over to twisted.web with every byte."""
+
+    def test_unframed_request_hands_over_for_good(self):
+        """A chunked request hands the connection over; later dispatch calls are twisted.web's."""
+        connection = Connection(self)
+        connection.send(b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n")
         self.assertTrue(connection.handed_over)
         raw = connection.send(post())
         self.assertEqual(raw.count(b"HTTP/1.1 "), 2)
         self.assertIn(ITEMS, raw)
-        self.assertEqual(connection.transport.producer, connection.protocol._inner._channel)
+        self.assertIs(connection.transport.producer, connection.protocol._inner)
 
     def test_partial_head_then_hand_over(self):
         """A head cut anywhere reaches twisted.web whole once it is known to be foreign."""
-        data = b"GET /nowhere HTTP/1.1\r\nX-Api-Key: " + KEY.encode() + b"\r\n\r\n"
+        data = b"GET /nowhere HTTP/1.1\r\nX-Api-Key: " + KEY.encode() + b"\r\nExpect: 100-continue\r\n\r\n"
         expected = exchange(self, data, lean=False)
         for offset in range(1, len(data)):
             connection = Connection(self)
