@@ -97,6 +97,9 @@ class RunResult:
     :ivar errors: streams that ended with an error.
     :ivar chunks: stream chunks received in all.
     :ivar plugin_cpu: CPU seconds the plugin process(es) used meanwhile.
+    :ivar client_cpu: CPU seconds this bench process used meanwhile.
+    :ivar daemon_cpu: CPU seconds the daemon's twistd process used meanwhile
+        (None on the direct path).
     :ivar first_error: the first error's text, or None.
     """
 
@@ -106,6 +109,8 @@ class RunResult:
     errors: int
     chunks: int
     plugin_cpu: float
+    client_cpu: float
+    daemon_cpu: float | None = None
     first_error: str | None = None
 
 
@@ -279,6 +284,7 @@ async def run_direct(context: BenchContext, workload: Workload) -> RunResult:
 
     chunks_before = plugin.chunks
     cpu_before = cpu_seconds(plugin.transport.pid)
+    client_before = time.process_time()
     started = time.perf_counter()
     for _ in range(min(workload.in_flight, workload.invocations)):
         start_one()
@@ -291,6 +297,7 @@ async def run_direct(context: BenchContext, workload: Workload) -> RunResult:
         errors=state["errors"],
         chunks=plugin.chunks - chunks_before,
         plugin_cpu=cpu_seconds(plugin.transport.pid) - cpu_before,
+        client_cpu=time.process_time() - client_before,
         first_error=state["first_error"],
     )
 
@@ -406,11 +413,15 @@ async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
 
     plugin_pids = _plugin_pids(daemon.process.pid)
     cpu_before = sum(cpu_seconds(pid) for pid in plugin_pids)
+    daemon_before = cpu_seconds(daemon.process.pid)
+    client_before = time.process_time()
     started = time.perf_counter()
     from twisted.internet.defer import gatherResults
 
     await gatherResults([ensureDeferred(worker()) for _ in range(min(workload.in_flight, workload.invocations))])
     seconds = time.perf_counter() - started
+    client_cpu = time.process_time() - client_before
+    daemon_cpu = cpu_seconds(daemon.process.pid) - daemon_before
     await pool.closeCachedConnections()
     return RunResult(
         path="daemon",
@@ -419,6 +430,8 @@ async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
         errors=state["errors"],
         chunks=state["chunks"],
         plugin_cpu=sum(cpu_seconds(pid) for pid in plugin_pids) - cpu_before,
+        client_cpu=client_cpu,
+        daemon_cpu=daemon_cpu,
         first_error=state["first_error"],
     )
 
@@ -490,7 +503,11 @@ def describe(result: RunResult, workload: Workload, fake_cpu: float) -> str:
         f"plugin CPU {result.plugin_cpu:.1f} s ({result.plugin_cpu / result.seconds:.2f} cores, "
         f"{result.plugin_cpu * 1000 / max(result.chunks, 1):.2f} ms/chunk), "
         f"fake server CPU {fake_cpu / result.seconds:.2f} cores, "
-        f"chunks {result.chunks}/{total * workload.chunks}, errors {result.errors}"
+        f"bench client CPU {result.client_cpu / result.seconds:.2f} cores, "
+        + (f"daemon CPU {result.daemon_cpu / result.seconds:.2f} cores "
+           f"({result.daemon_cpu * 1e6 / max(result.chunks, 1):.0f} us/chunk), "
+           if result.daemon_cpu is not None else "")
+        + f"chunks {result.chunks}/{total * workload.chunks}, errors {result.errors}"
     )
     if result.first_error:
         line += f" (first: {result.first_error})"
