@@ -12,8 +12,23 @@ Call ``migrate()`` once at startup before anything else and ``close()`` at
 shutdown.  The schema lives in ``migrations/*.sql``.
 """
 
-from difydaemon.persistence.memory import MemoryPersistence
-from difydaemon.persistence.postgres import PostgresPersistence
-from difydaemon.persistence.sqlite import SQLitePersistence, run_inline
+import importlib
 
-__all__ = ["MemoryPersistence", "PostgresPersistence", "SQLitePersistence", "run_inline"]
+#: where each backend lives: importing PostgreSQL's (psycopg2, txpostgres)
+#: costs the daemon about 8 MB of resident memory, for nothing on the
+#: embedded default, so the backends are imported when first asked for.
+_BACKENDS = {
+    "MemoryPersistence": "difydaemon.persistence.memory",
+    "PostgresPersistence": "difydaemon.persistence.postgres",
+    "SQLitePersistence": "difydaemon.persistence.sqlite",
+    "run_inline": "difydaemon.persistence.sqlite",
+}
+
+__all__ = sorted(_BACKENDS)
+
+
+def __getattr__(name: str):
+    module = _BACKENDS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
