@@ -123,9 +123,11 @@ class Incomplete:
 
     :ivar need: how many bytes the buffer must hold before framing it again
         is worth it (the whole request when its head is known).
+    :ivar head: the request's head once it is whole, else None.
     """
 
     need: int
+    head: RequestHead | None = None
 
 
 def parse_head(head: bytes) -> RequestHead | None:
@@ -215,7 +217,7 @@ def split_request(buffer: bytes):
     start = end + 4
     stop = start + head.content_length
     if len(buffer) < stop:
-        return Incomplete(stop)
+        return Incomplete(stop, head)
     return head, buffer[start:stop], buffer[stop:]
 
 
@@ -545,6 +547,8 @@ class DispatchChannel(Protocol):
         self._parts: list[bytes] = []
         self._size = 0
         self._need = 0
+        # bytes of a lent request's body still to pass to its channel
+        self._lent_body = 0
         self._closing = False
         self._reading_paused = False
         self._writes_blocked = False
@@ -582,6 +586,18 @@ class DispatchChannel(Protocol):
             return
         if self._idle_call is not None:
             self._last_activity = self._reactor.seconds()
+        lent_body = self._lent_body
+        if lent_body:
+            # the rest of a lent request's body goes straight to its channel
+            if len(data) <= lent_body:
+                self._lent_body = lent_body - len(data)
+                self._request.channel.dataReceived(data)
+                return
+            self._lent_body = 0
+            self._request.channel.dataReceived(data[:lent_body])
+            data = data[lent_body:]
+            if self._closing:
+                return
         if self._parts or self._request is not None:
             self._parts.append(data)
             self._size += len(data)
@@ -652,6 +668,12 @@ class DispatchChannel(Protocol):
         while buffer:
             framed = split_request(buffer)
             if type(framed) is Incomplete:
+                head = framed.head
+                if head is not None and not head.dispatch:
+                    # lent now: twisted.web spools a large body (an upload)
+                    # to a file as it arrives, rather than it piling up here
+                    self._lend(buffer, framed.need - len(buffer))
+                    return
                 self._parts = [buffer]
                 self._size = len(buffer)
                 self._need = framed.need
@@ -722,10 +744,16 @@ class DispatchChannel(Protocol):
 
     # -- lending ------------------------------------------------------------------------
 
-    def _lend(self, raw: bytes) -> None:
-        """Have a fresh twisted.web channel answer the request ``raw`` on this connection."""
+    def _lend(self, raw: bytes, body_to_come: int = 0) -> None:
+        """
+        Have a fresh twisted.web channel answer a request on this connection.
+
+        :param raw: the request's bytes, or its first ones.
+        :param body_to_come: how many bytes of its body are still to arrive.
+        """
         lease = Lease(self, self.transport)
         self._request = lease
+        self._lent_body = body_to_come
         channel = self._fallback()
         lease.channel = channel
         channel.returned = lambda: self._returned(lease)

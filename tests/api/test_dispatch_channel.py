@@ -531,6 +531,32 @@ class LendingTests(SynchronousTestCase):
         connection.clock.advance(101)
         self.assertTrue(connection.transport.disconnecting)
 
+    def test_body_passed_on_as_it_arrives(self):
+        """A lent request's body goes to twisted.web as it arrives, not buffered here; what follows is ours."""
+        upload = b"x" * (4 * EAGER_READ_SIZE)
+        data = b"PUT /nowhere HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(upload) + upload
+        connection = Connection(self)
+        step = EAGER_READ_SIZE // 2
+        for start in range(0, len(data) - step, step):
+            connection.send(data[start:start + step])
+            self.assertEqual(connection.protocol._parts, [])
+            self.assertEqual(connection.transport.producerState, "producing")
+        raw = connection.send(data[start + step:] + post())
+        self.assertTrue(raw.startswith(b"HTTP/1.1 404 Not Found\r\n"))
+        self.assertIn(ITEMS, raw)
+        self.assertFalse(connection.handed_over)
+
+    def test_split_at_every_offset(self):
+        """A management call with a body, then a dispatch call, cut in two anywhere, get the uncut answer."""
+        data = post(path="/nowhere").replace(b"POST", b"PUT") + post(extra=b"Connection: close\r\n")
+        expected = exchange(self, data, lean=True)
+        self.assertEqual(expected, exchange(self, data, lean=False))
+        for offset in range(1, len(data)):
+            connection = Connection(self)
+            connection.send(data[:offset])
+            raw = connection.send(data[offset:])
+            self.assertEqual((without_date(raw), connection.transport.disconnecting), expected, offset)
+
     def test_lent_channel_closes(self):
         """A lent request that closes the connection leaves the channel closing, and not a producer."""
         connection = Connection(self)
