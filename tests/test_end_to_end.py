@@ -10,8 +10,11 @@ import os
 
 import orjson
 from twisted.internet import reactor, task
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
 
 from difydaemon import tap
+from difydaemon.api.dispatch_channel import DispatchChannel
 from difydaemon.config import load_config
 from difydaemon.testing.cases import AsyncTestCase
 from difydaemon.testing.http import http_client
@@ -186,6 +189,36 @@ class EndToEndTests(DaemonCase):
             {"X-Plugin-ID": "acme/echo"},
         )
         self.assertEqual(code, 404)
+
+    async def test_one_pooled_connection_for_every_call(self):
+        """
+        Upload, install, task polling, list and dispatch calls on one
+        keep-alive connection, as Dify's pooled client sends them: the
+        connection stays open and on the dispatch channel throughout.
+        """
+        await self._start()
+        accepted = []
+        build = self.service.site.buildProtocol
+
+        def counting(addr):
+            protocol = build(addr)
+            accepted.append(protocol)
+            return protocol
+
+        self.service.site.buildProtocol = counting
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 1
+        self.addCleanup(pool.closeCachedConnections)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+        await self.install(behaviour_plugin_files())
+        self.assertEqual(self.task["status"], "success", self.task)
+        for text in ("one", "two"):
+            self.assertIn(b'"%s"' % text.encode(), await self.tool("echo", {"text": text}))
+            code, reply = await self.call("GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
+            self.assertEqual(len(orjson.loads(reply)["data"]["list"]), 1)
+        self.assertEqual(len(accepted), 1)
+        self.assertIsInstance(accepted[0], DispatchChannel)
+        self.assertIsNone(accepted[0]._inner)
 
     async def test_failed_install_leaves_nothing(self):
         """A plugin whose dependency does not exist fails its task with uv's words; nothing stays."""
