@@ -47,6 +47,7 @@ from twisted.internet.task import deferLater, react
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.harness import cpu_seconds as process_cpu  # noqa: E402
 from difydaemon.packaging.archive import extract_package, read_package  # noqa: E402
 from difydaemon.runtimes.environment import venv_is_valid  # noqa: E402
 from difydaemon.testing.openai import FakeOpenAIServer, listen  # noqa: E402
@@ -63,7 +64,6 @@ _AFTER_ID = len(_SESSION_PREFIX) + _ID_LENGTH
 _STREAM = b'","data":{"type":"stream"'
 _END = b'","data":{"type":"end"'
 _ERROR = b'","data":{"type":"error"'
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @frozen
@@ -163,10 +163,8 @@ def dispatch_body(fields: dict) -> dict:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of a live process (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    """User plus system CPU seconds of a live process."""
+    return sum(process_cpu(pid))
 
 
 # -- the plugin, driven directly ------------------------------------------------

@@ -306,15 +306,22 @@ class Endpoints:
         )
         return True
 
-    async def _installed_group(self, tenant_id: str, plugin_id: str) -> dict:
-        installation = await self._persistence.get_installation(tenant_id, plugin_id)
-        if installation is None:
-            raise NotFoundError("failed to find plugin installation: record not found")
+    async def _installed_declaration(self, installation) -> dict | None:
+        """
+        The declaration of an installation's package, or None when it is not
+        stored (each caller answers that with Go's own text for its route).
+        """
         try:
             identifier = parse_identifier(installation.plugin_unique_identifier)
         except UniqueIdentifierError as exc:
             raise UniqueIdentifierError(f"failed to parse plugin unique identifier: {exc.message}") from None
-        declaration = await self.declaration(identifier.raw)
+        return await self.declaration(identifier.raw)
+
+    async def _installed_group(self, tenant_id: str, plugin_id: str) -> dict:
+        installation = await self._persistence.get_installation(tenant_id, plugin_id)
+        if installation is None:
+            raise NotFoundError("failed to find plugin installation: record not found")
+        declaration = await self._installed_declaration(installation)
         if declaration is None:
             raise PluginNotFoundError("plugin not found")
         group = endpoint_group(declaration)
@@ -397,11 +404,7 @@ class Endpoints:
     async def _listed(self, endpoint: Endpoint, installation) -> dict:
         if installation is None:
             return endpoint_json(endpoint, {}, dict(EMPTY_DECLARATION))
-        try:
-            identifier = parse_identifier(installation.plugin_unique_identifier)
-        except UniqueIdentifierError as exc:
-            raise UniqueIdentifierError(f"failed to parse plugin unique identifier: {exc.message}") from None
-        declaration = await self.declaration(identifier.raw)
+        declaration = await self._installed_declaration(installation)
         if declaration is None:
             raise InternalServerError("failed to get plugin declaration: record not found")
         group = endpoint_group(declaration)
