@@ -150,6 +150,17 @@ class ObjectNotFoundError(NotFoundError):
     """An object-storage key does not exist."""
 
 
+class ObjectStorageError(InternalServerError):
+    """
+    The object store could not save, load or delete a key: the disk is
+    full or read-only, a directory is missing or is a file, permissions.
+    The message names the operation, the key and the system's reason
+    (``object storage cannot save assets/...: No space left on device``),
+    so that the caller and the operator see the storage problem rather
+    than an "internal server error".
+    """
+
+
 class StorageQuotaExceededError(BadRequestError):
     """
     A plugin key/value write would take the (tenant, plugin) total over its

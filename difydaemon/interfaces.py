@@ -20,6 +20,10 @@ class IObjectStorage(Interface):
     ``plugin_packages/acme/echo:0.0.1@<checksum>``; a key with an empty,
     ``.`` or ``..`` segment, a leading ``/`` or a backslash is refused with
     ``ValueError``.
+
+    A store that cannot do what is asked (full, read-only, broken) fails
+    with :class:`difydaemon.errors.ObjectStorageError` and leaves nothing
+    of a failed ``save`` behind.
     """
 
     def save(key: str, data: bytes):

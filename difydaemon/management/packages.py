@@ -8,7 +8,7 @@ from __future__ import annotations
 from attrs import frozen
 from twisted.logger import Logger
 
-from difydaemon.errors import BadRequestError, NotFoundError, ObjectNotFoundError
+from difydaemon.errors import BadRequestError, NotFoundError, ObjectNotFoundError, ObjectStorageError
 from difydaemon.management.lru import LRUCache
 from difydaemon.packaging.archive import read_package
 from difydaemon.packaging.identifier import parse_identifier
@@ -164,11 +164,18 @@ class PackageRegistry:
                 declaration_created = True
                 existing = declaration
             return existing
-        except BaseException:
-            log.warn("storing package {identifier} failed; rolling back", identifier=identifier)
+        except BaseException as exc:
+            if isinstance(exc, ObjectStorageError):
+                # the operator's problem (a full or read-only disk), not a bug
+                log.error("storing package {identifier} failed, rolling back: {reason}",
+                          identifier=identifier, reason=exc.message)
+            else:
+                log.warn("storing package {identifier} failed; rolling back", identifier=identifier)
             for key in created_keys:
                 try:
                     await self._storage.delete(key)
+                except ObjectStorageError as error:
+                    log.error("rollback of {key} failed: {reason}", key=key, reason=error.message)
                 except Exception:
                     log.failure("rollback of {key} failed", key=key)
             if declaration_created:

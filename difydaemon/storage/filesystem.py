@@ -6,10 +6,18 @@ A key is a path below the root.  Every file operation runs in a thread
 pool.  Writes go to a temporary file next to the target that is then
 renamed over it, so a reader sees the old bytes or the new ones, never a
 part; temporary files carry :data:`TEMPORARY_SUFFIX` and are never listed.
+
+Directories exist only to hold keys: a save that fails removes the
+temporary file and the directories it made, and a delete removes the
+directories it leaves empty, so a full or read-only disk leaves nothing
+behind.  A failure of the disk is an
+:class:`~difydaemon.errors.ObjectStorageError` naming the key and the
+system's reason.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 
@@ -17,7 +25,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from difydaemon.errors import ObjectNotFoundError
+from difydaemon.errors import ObjectNotFoundError, ObjectStorageError
 from difydaemon.interfaces import IObjectStorage
 from difydaemon.storage.keys import check_key, check_prefix
 
@@ -54,7 +62,7 @@ class FilesystemObjectStorage:
             path = self._path(check_key(key))
         except ValueError:
             return fail()
-        return self._run(_write_atomically, path, bytes(data))
+        return self._run(_write_atomically, self._root, path, key, bytes(data))
 
     def load(self, key: str) -> Deferred:
         try:
@@ -75,7 +83,7 @@ class FilesystemObjectStorage:
             path = self._path(check_key(key))
         except ValueError:
             return fail()
-        return self._run(_remove, path)
+        return self._run(_remove, self._root, path, key)
 
     def list(self, prefix: str) -> Deferred:
         try:
@@ -85,9 +93,56 @@ class FilesystemObjectStorage:
         return self._run(_list_below, self._root, self._path(segments))
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+#: how often a save is tried when a concurrent delete removes the
+#: directory it has just made (see :func:`_prune`)
+SAVE_ATTEMPTS = 3
+
+
+def _storage_error(operation: str, key: str, error: OSError) -> ObjectStorageError:
+    shown = key if len(key) <= 256 else key[:256] + "..."
+    return ObjectStorageError(f"object storage cannot {operation} {shown}: {error.strerror or error}")
+
+
+def _write_atomically(root: str, path: str, key: str, data: bytes) -> None:
+    for attempt in range(SAVE_ATTEMPTS):
+        made: list[str] = []
+        try:
+            _make_directories(root, os.path.dirname(path), made)
+            _write_file(path, data)
+            return
+        except FileNotFoundError as error:
+            _remove_empty(made)
+            if attempt + 1 == SAVE_ATTEMPTS:
+                raise _storage_error("save", key, error) from None
+        except OSError as error:
+            _remove_empty(made)
+            raise _storage_error("save", key, error) from None
+
+
+def _make_directories(root: str, directory: str, made: list) -> None:
+    """
+    Make ``directory`` and its missing parents below ``root`` (``root``
+    itself too, if missing); append each one made to ``made``, outermost
+    first, so that a failure can remove them again.
+    """
+    os.makedirs(root, exist_ok=True)
+    relative = os.path.relpath(directory, root)
+    if relative == os.curdir:
+        return
+    current = root
+    for part in relative.split(os.sep):
+        current = os.path.join(current, part)
+        try:
+            os.mkdir(current)
+        except FileExistsError:
+            if not os.path.isdir(current):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), current) from None
+            continue
+        made.append(current)
+
+
+def _write_file(path: str, data: bytes) -> None:
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(
         directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
     )
@@ -100,9 +155,28 @@ def _write_atomically(path: str, data: bytes) -> None:
     except BaseException:
         try:
             os.unlink(temporary)
-        except FileNotFoundError:
+        except OSError:
             pass
         raise
+
+
+def _remove_empty(directories: list) -> None:
+    """Remove ``directories`` (outermost first) from the innermost out, while they are empty."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
+def _prune(root: str, directory: str) -> None:
+    """Remove ``directory`` and its parents below ``root`` while they are empty."""
+    while directory != root and directory.startswith(root + os.sep):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        directory = os.path.dirname(directory)
 
 
 def _read(path: str, key: str) -> bytes:
@@ -111,13 +185,23 @@ def _read(path: str, key: str) -> bytes:
             return stream.read()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise ObjectNotFoundError(f"object {key} not found") from None
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            # no key this store saved has a name that long
+            raise ObjectNotFoundError(f"object {key[:256]} not found") from None
+        raise _storage_error("load", key, error) from None
 
 
-def _remove(path: str) -> None:
+def _remove(root: str, path: str, key: str) -> None:
     try:
         os.unlink(path)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        pass
+        return
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            return
+        raise _storage_error("delete", key, error) from None
+    _prune(root, os.path.dirname(path))
 
 
 def _list_below(root: str, top: str) -> list:

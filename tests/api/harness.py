@@ -46,14 +46,15 @@ class DaemonHarness:
     The management surface wired over fakes.
 
     :param test: the SynchronousTestCase using it (for successResultOf).
+    :param storage: the object store (an empty MemoryObjectStorage when None).
     """
 
-    def __init__(self, test, policy: PackagePolicy | None = None) -> None:
+    def __init__(self, test, policy: PackagePolicy | None = None, storage=None) -> None:
         self.test = test
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.persistence = MemoryPersistence(self.clock)
-        self.storage = MemoryObjectStorage()
+        self.storage = storage if storage is not None else MemoryObjectStorage()
         self.packages = PackageRegistry(self.persistence, self.storage, policy or default_policy(), InlineRunner())
         self.launcher = RecordingLauncher()
         self.installer = Installer(self.clock, self.persistence, self.storage, self.packages, self.launcher)

@@ -5,7 +5,7 @@ import os
 from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyObject
 
-from difydaemon.errors import ObjectNotFoundError
+from difydaemon.errors import ObjectNotFoundError, ObjectStorageError
 from difydaemon.interfaces import IObjectStorage
 from difydaemon.storage.filesystem import TEMPORARY_SUFFIX, FilesystemObjectStorage
 from difydaemon.storage.memory import MemoryObjectStorage
@@ -149,3 +149,93 @@ class FilesystemObjectStorageTests(ObjectStorageContract, AsyncTestCase):
             with open(os.path.join(self.root, *name.split("/")), "wb") as f:
                 f.write(b"x")
         self.assertEqual(await self.storage.list("cache"), ["cache/sub/one", "cache/two"])
+
+
+class FilesystemFailureTests(AsyncTestCase):
+    """A disk that refuses a save, a load or a delete: a clear error, and nothing left behind."""
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.storage = FilesystemObjectStorage(reactor, self.root)
+
+    def tree(self) -> list:
+        """Every directory and file below the root, relative to it."""
+        found = []
+        for directory, names, files in os.walk(self.root):
+            for name in names + files:
+                found.append(os.path.relpath(os.path.join(directory, name), self.root))
+        return sorted(found)
+
+    async def test_failed_save_removes_the_directories_it_made(self):
+        """A save that fails after making directories removes them and names the key and the reason."""
+        key = "fresh/deeper/" + "n" * 300
+        try:
+            await self.storage.save(key, b"data")
+        except ObjectStorageError as e:
+            error = e
+        else:
+            self.fail("the save did not fail")
+        self.assertIn("object storage cannot save fresh/deeper/nnn", error.message)
+        self.assertIn("File name too long", error.message)
+        self.assertEqual(self.tree(), [])
+
+    async def test_failed_save_keeps_directories_it_did_not_make(self):
+        """Directories that held keys before a failed save stay, with their keys."""
+        await self.storage.save("kept/one", b"1")
+        await _raises(self, ObjectStorageError, self.storage.save("kept/" + "n" * 300, b"2"))
+        self.assertEqual(self.tree(), ["kept", os.path.join("kept", "one")])
+
+    async def test_save_below_a_file(self):
+        """A key whose directory is a file fails with 'Not a directory' and leaves the file alone."""
+        with open(os.path.join(self.root, "blocked"), "wb") as f:
+            f.write(b"not a directory")
+        try:
+            await self.storage.save("blocked/inner/key", b"data")
+        except ObjectStorageError as e:
+            self.assertIn("Not a directory", e.message)
+        else:
+            self.fail("the save did not fail")
+        self.assertEqual(self.tree(), ["blocked"])
+        await self.storage.save("other/key", b"data")
+        self.assertEqual(await self.storage.load("other/key"), b"data")
+
+    async def test_root_made_when_missing(self):
+        """A root that does not exist yet is made by the first save."""
+        from twisted.internet import reactor
+
+        root = os.path.join(self.root, "new", "root")
+        storage = FilesystemObjectStorage(reactor, root)
+        await storage.save("a/b", b"x")
+        self.assertEqual(await storage.load("a/b"), b"x")
+
+    async def test_delete_removes_emptied_directories(self):
+        """Deleting the last key of a directory removes the directories it leaves empty, never the root."""
+        await self.storage.save("a/b/c", b"1")
+        await self.storage.save("a/d", b"2")
+        await self.storage.delete("a/b/c")
+        self.assertEqual(self.tree(), ["a", os.path.join("a", "d")])
+        await self.storage.delete("a/d")
+        self.assertEqual(self.tree(), [])
+        self.assertTrue(os.path.isdir(self.root))
+
+    async def test_overlong_key_is_absent(self):
+        """A key too long for the filesystem is not found, does not exist, and deleting it does nothing."""
+        key = "assets/" + "a" * 10000
+        await _raises(self, ObjectNotFoundError, self.storage.load(key))
+        self.assertFalse(await self.storage.exists(key))
+        await self.storage.delete(key)
+
+    async def test_unreadable_key_is_storage_error(self):
+        """A key the disk cannot read (a symbolic link loop) fails with an ObjectStorageError naming it."""
+        os.makedirs(os.path.join(self.root, "assets"))
+        loop = os.path.join(self.root, "assets", "loop")
+        os.symlink(loop, loop)
+        try:
+            await self.storage.load("assets/loop")
+        except ObjectStorageError as e:
+            self.assertIn("object storage cannot load assets/loop: Too many levels of symbolic links", e.message)
+        else:
+            self.fail("the load did not fail")
