@@ -389,6 +389,32 @@ class PollingRelay(_Relay):
         self.refuse(status, body)
 
 
+class _Departure:
+    """
+    Whether the client of one dispatch request has gone, and which relay to
+    tell.  It listens to ``notifyFinish`` from the moment the request is
+    rendered: on both stacks a ``notifyFinish`` asked for after the client
+    left never fires, so one asked for only once the installation lookup
+    resolved would miss a client that left during the lookup.
+
+    :ivar gone: True once the client has disconnected.
+    :ivar relay: the request's relay once it has one; told of the departure.
+    """
+
+    __slots__ = ("gone", "relay")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.relay = None
+
+    def __call__(self, failure) -> None:
+        """The request's ``notifyFinish`` errback: the client went away."""
+        self.gone = True
+        relay = self.relay
+        if relay is not None:
+            relay.client_gone(failure)
+
+
 class DispatchResource(Resource):
     """
     The leaf under ``/plugin/<tenant>/dispatch/`` (mounted by
@@ -467,17 +493,25 @@ class DispatchResource(Resource):
             request.setResponseCode(404)
             request.setHeader(b"content-type", JSON_CONTENT_TYPE)
             return _PLUGIN_NOT_FOUND
+        departure = _Departure()
+        request.notifyFinish().addErrback(departure)
         d = self._installations.get(tenant_id, plugin_id)
-        d.addCallbacks(self._installed, self._lookup_failed, callbackArgs=(request, route), errbackArgs=(request,))
+        d.addCallbacks(
+            self._installed,
+            self._lookup_failed,
+            callbackArgs=(request, route, departure),
+            errbackArgs=(request, departure),
+        )
         return NOT_DONE_YET
 
-    def _lookup_failed(self, failure, request) -> None:
+    def _lookup_failed(self, failure, request, departure) -> None:
         if isinstance(failure.value, errors.DaemonError):
             body = envelope.from_exception(failure.value)
         else:
             log.failure("installation lookup failed", failure)
             body = envelope.from_exception(errors.InternalServerError("failed to fetch plugin installation"))
-        _answer(request, 500, body)
+        if not departure.gone:
+            _answer(request, 500, body)
 
     def _bug(self, request) -> None:
         log.failure("dispatch failed")
@@ -489,15 +523,18 @@ class DispatchResource(Resource):
             # the client has gone: there is nobody to answer
             pass
 
-    def _installed(self, installation, request, route) -> None:
+    def _installed(self, installation, request, route, departure) -> None:
+        if departure.gone:
+            # the client left during the lookup: nobody to answer, no session to open
+            return
         # one callback instead of a second errback: each costs a
         # _runCallbacks pass on every request
         try:
-            self._dispatch(installation, request, route)
+            self._dispatch(installation, request, route, departure)
         except Exception:
             self._bug(request)
 
-    def _dispatch(self, installation, request, route) -> None:
+    def _dispatch(self, installation, request, route, departure) -> None:
         if installation is None:
             _answer(request, 404, _PLUGIN_NOT_FOUND)
             return
@@ -536,7 +573,7 @@ class DispatchResource(Resource):
         relay.tenant_id = installation.tenant_id
         relay.plugin_id = installation.plugin_id
         relay.backwards = self.backwards
-        request.notifyFinish().addErrback(relay.client_gone)
+        departure.relay = relay
         self._open(relay, identifier, self._retries)
 
     def _open(self, relay: _Relay, identifier: str, retries: int) -> None:

@@ -13,6 +13,7 @@ import base64
 import orjson
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -63,15 +64,49 @@ def items_of(body: bytes) -> list:
     return out
 
 
+class HeldLookups:
+    """
+    Installation lookups that resolve only when the test says so, as a
+    lookup that waits on a slow database does.
+
+    :param installations: what answers them once released.
+    :ivar pending: ``(Deferred, tenant_id, plugin_id)`` of the unanswered lookups.
+    """
+
+    def __init__(self, installations) -> None:
+        self._installations = installations
+        self.pending: list = []
+
+    def get(self, tenant_id: str, plugin_id: str) -> Deferred:
+        """A lookup that waits for :meth:`release` or :meth:`fail`."""
+        waiter: Deferred = Deferred()
+        self.pending.append((waiter, tenant_id, plugin_id))
+        return waiter
+
+    def release(self) -> None:
+        """Answer every pending lookup from the installations."""
+        pending, self.pending = self.pending, []
+        for waiter, tenant_id, plugin_id in pending:
+            self._installations.get(tenant_id, plugin_id).chainDeferred(waiter)
+
+    def fail(self, exception: Exception) -> None:
+        """Fail every pending lookup with ``exception``."""
+        pending, self.pending = self.pending, []
+        for waiter, _, _ in pending:
+            waiter.errback(exception)
+
+
 class DispatchHarness:
     """
     The dispatch path wired over fakes.
 
     :param test: the SynchronousTestCase using it.
+    :param hold_lookups: installation lookups wait in :attr:`lookups` (a
+        :class:`HeldLookups`) until released.
     """
 
     def __init__(self, test, install: bool = True, runtime: bool = True, session_timeout=None,
-                 **dispatch_options) -> None:
+                 hold_lookups: bool = False, **dispatch_options) -> None:
         self.test = test
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -79,11 +114,12 @@ class DispatchHarness:
         if install:
             self.install(TENANT)
         self.installations = InstallationCache(self.clock, self.persistence)
+        self.lookups = HeldLookups(self.installations) if hold_lookups else self.installations
         self.registry = RuntimeRegistry(self.clock)
         self.runtime = FakeRuntime(self.clock, IDENTIFIER, session_timeout=session_timeout)
         if runtime:
             self.registry.register(self.runtime)
-        self.dispatch = DispatchResource(self.clock, self.installations, self.registry, **dispatch_options)
+        self.dispatch = DispatchResource(self.clock, self.lookups, self.registry, **dispatch_options)
         self.root = RootResource(
             KEY, StaticJSONResource(404, envelope.ROUTE_NOT_FOUND), None, RequestCounter(), dispatch=self.dispatch
         )
