@@ -490,6 +490,10 @@ class DispatchResource(Resource):
             tenant_id = postpath[0].decode("utf-8")
             plugin_id = plugin_ids[0].decode("utf-8")
         except UnicodeDecodeError:
+            tenant_id = None
+        # no installation has ids that are not UTF-8 or that hold a NUL
+        # (which PostgreSQL refuses in a query)
+        if tenant_id is None or "\x00" in tenant_id or "\x00" in plugin_id:
             request.setResponseCode(404)
             request.setHeader(b"content-type", JSON_CONTENT_TYPE)
             return _PLUGIN_NOT_FOUND

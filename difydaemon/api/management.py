@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 
 from klein import Klein
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 from twisted.logger import Logger
+from twisted.web.resource import Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from difydaemon.api import envelope
-from difydaemon.api.binding import BindError, Field, bind, page_fields, request_values
+from difydaemon.api.binding import BindError, Field, bind, page_fields, page_offset, request_values
 from difydaemon.api.multipart import MultipartError, parse_form
 from difydaemon.errors import BadRequestError, DaemonError, InternalServerError, PluginNotFoundError
 from difydaemon.management import views
@@ -29,6 +30,16 @@ TAGS = frozenset(
     "education business entertainment utilities agent rag other trigger".split()
 )
 LANGUAGES = ("en_US", "zh_Hans", "ja_JP", "pt_BR")
+
+# The widths of the columns that bound strings are stored in
+# (persistence/migrations/0001_initial.sql): a longer value is refused as
+# the validator's 'max' rather than failing in the database.
+SOURCE_WIDTH = 63
+USER_ID_WIDTH = 64
+ENDPOINT_NAME_WIDTH = 127
+TENANT_ID_WIDTH = 64
+# the tenant_id path parameter: no NUL, no longer than its column
+_TENANT_FIELDS = [Field("tenant_id", str, maximum=TENANT_ID_WIDTH)]
 
 
 def _valid_identifier(value: str) -> bool:
@@ -71,7 +82,7 @@ def _endpoint_page_fields() -> list[Field]:
     """
     return [
         Field("page", int, required=True),
-        Field("page_size", int, required=True, check=lambda v: v <= 100, tag="max"),
+        Field("page_size", int, required=True, maximum=100),
     ]
 
 
@@ -83,7 +94,16 @@ def _endpoint_page(params: dict) -> tuple[int, int]:
     size = params["page_size"]
     if size < 0:
         return 0, 1 << 31
-    return max(0, (params["page"] - 1) * size), size
+    return page_offset(params["page"], size), size
+
+
+def _raw_route_bug(request, route: str) -> bytes:
+    """
+    A route that answers raw bytes failed on a bug: the 500 envelope its
+    other errors get, not Klein's HTML page.
+    """
+    log.failure("{route} route failed", route=route)
+    return _json(request, envelope.from_exception(InternalServerError("internal server error")), 500)
 
 
 def envelope_route(route_name: str, fields: list[Field] | None = None):
@@ -97,6 +117,7 @@ def envelope_route(route_name: str, fields: list[Field] | None = None):
         @functools.wraps(handler)
         async def wrapper(self, request, tenant_id, **kwargs):
             try:
+                bind(route_name, _TENANT_FIELDS, {"tenant_id": tenant_id})
                 params = {}
                 if fields is not None:
                     body = request.content.read() if request.content is not None else b""
@@ -119,6 +140,35 @@ def envelope_route(route_name: str, fields: list[Field] | None = None):
         return wrapper
 
     return decorate
+
+
+class TextURLResource(Resource):
+    """
+    The Klein app's resource, behind the one check Klein answers badly: a
+    request whose percent-decoded path or whose host is not UTF-8 gets
+    Klein's plain-text 400 and a logged traceback; here it gets the -400
+    envelope of any other bad input, and a warning.
+
+    :param app: the Klein resource.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app) -> None:
+        super().__init__()
+        self._app = app
+
+    def render(self, request):
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            log.warn("refused a request whose URL is not UTF-8: {uri!r}", uri=request.uri[:200])
+            return _json(request, _URL_NOT_UTF8, 400)
+        return self._app.render(request)
+
+
+_URL_NOT_UTF8 = envelope.from_exception(BadRequestError("the request URL is not valid UTF-8"))
 
 
 class ManagementAPI:
@@ -146,7 +196,7 @@ class ManagementAPI:
 
     def resource(self):
         """The twisted.web resource of this app."""
-        return self.app.resource()
+        return TextURLResource(self.app.resource())
 
     # -- uploads and installs ---------------------------------------------
 
@@ -184,7 +234,7 @@ class ManagementAPI:
         [
             Field("plugin_unique_identifiers", list, required=True,
                   check=lambda v: len(v) <= 64 and _identifier_list(v), tag="max"),
-            Field("source", str, required=True),
+            Field("source", str, required=True, maximum=SOURCE_WIDTH),
             Field("metas", list, default=None),
         ],
     )
@@ -202,7 +252,7 @@ class ManagementAPI:
         [
             Field("original_plugin_unique_identifier", str, required=True, check=_valid_identifier, tag="plugin_unique_identifier"),
             Field("new_plugin_unique_identifier", str, required=True, check=_valid_identifier, tag="plugin_unique_identifier"),
-            Field("source", str, required=True),
+            Field("source", str, required=True, maximum=SOURCE_WIDTH),
             Field("meta", dict, default=None),
         ],
     )
@@ -220,7 +270,7 @@ class ManagementAPI:
     @app.route("/plugin/<tenant_id>/management/install/tasks", methods=["GET"])
     @envelope_route("FetchPluginInstallationTasksRequest", page_fields())
     async def list_tasks(self, request, tenant_id, params):
-        offset = (params["page"] - 1) * params["page_size"]
+        offset = page_offset(params["page"], params["page_size"])
         tasks = await self._persistence.list_tasks(tenant_id, offset, params["page_size"])
         return [views.task_json(t) for t in tasks]
 
@@ -303,7 +353,7 @@ class ManagementAPI:
     @app.route("/plugin/<tenant_id>/management/list", methods=["GET"])
     @envelope_route("ListPluginsRequest", page_fields())
     async def list_plugins(self, request, tenant_id, params):
-        offset = (params["page"] - 1) * params["page_size"]
+        offset = page_offset(params["page"], params["page_size"])
         rows, total = await self._persistence.list_installations(tenant_id, offset, params["page_size"])
         declarations = await self._persistence.get_declarations([r.plugin_unique_identifier for r in rows])
         return {
@@ -395,7 +445,7 @@ class ManagementAPI:
     # -- providers --------------------------------------------------------
 
     async def _providers(self, kind, tenant_id, params):
-        offset = (params["page"] - 1) * params["page_size"]
+        offset = page_offset(params["page"], params["page_size"])
         rows = await self._persistence.list_providers(kind, tenant_id, offset, params["page_size"])
         declarations = await self._persistence.get_declarations([r.plugin_unique_identifier for r in rows])
         return [views.provider_json(kind, r, declarations.get(r.plugin_unique_identifier)) for r in rows]
@@ -504,6 +554,8 @@ class ManagementAPI:
             data = await self._packages.asset(asset_id)
         except DaemonError as exc:
             return _json(request, envelope.from_exception(exc), 500)
+        except Exception:
+            return _raw_route_bug(request, "asset")
         request.setHeader(b"content-type", b"application/octet-stream")
         return data or b""
 
@@ -525,6 +577,8 @@ class ManagementAPI:
             data = await self._packages.extract_asset(params["plugin_unique_identifier"], params["file_path"])
         except DaemonError as exc:
             return _json(request, envelope.from_exception(exc), 500)
+        except Exception:
+            return _raw_route_bug(request, "extract-asset")
         request.setHeader(b"content-type", b"application/octet-stream")
         return data or b""
 
@@ -536,9 +590,9 @@ class ManagementAPI:
         "SetupEndpointRequest",
         [
             Field("plugin_unique_identifier", str, required=True, check=_valid_identifier, tag="plugin_unique_identifier"),
-            Field("user_id", str, required=True),
+            Field("user_id", str, required=True, maximum=USER_ID_WIDTH),
             Field("settings", dict, default=None),
-            Field("name", str, required=True),
+            Field("name", str, required=True, maximum=ENDPOINT_NAME_WIDTH),
         ],
     )
     async def setup_endpoint(self, request, tenant_id, params):
@@ -566,9 +620,9 @@ class ManagementAPI:
         "UpdateEndpointRequest",
         [
             Field("endpoint_id", str, required=True),
-            Field("user_id", str, required=True),
+            Field("user_id", str, required=True, maximum=USER_ID_WIDTH),
             Field("settings", dict, default=None),
-            Field("name", str, required=True),
+            Field("name", str, required=True, maximum=ENDPOINT_NAME_WIDTH),
         ],
     )
     async def update_endpoint(self, request, tenant_id, params):
