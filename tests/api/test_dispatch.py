@@ -31,6 +31,7 @@ from difydaemon.management.installations import InstallationCache
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.testing.cases import SynchronousTestCase
+from difydaemon.testing.http import http_chunks
 from difydaemon.testing.runtimes import FakeRuntime
 
 KEY = "test-server-key"
@@ -196,17 +197,7 @@ class RawHTTP:
 
     def chunks(self) -> list[bytes]:
         """The HTTP chunks of the (chunked) response body so far."""
-        raw = self.transport.value()
-        _, _, body = raw.partition(b"\r\n\r\n")
-        out = []
-        while body:
-            size_line, _, body = body.partition(b"\r\n")
-            size = int(size_line, 16)
-            if size == 0:
-                break
-            out.append(body[:size])
-            body = body[size + 2:]
-        return out
+        return http_chunks(self.transport.value().partition(b"\r\n\r\n")[2])
 
 
 # -- refusals before any session --------------------------------------------------------
