@@ -205,6 +205,8 @@ class DirectPlugin:
         self.working_dir = working_dir
         self.waiters = {}
         self.chunks = {}
+        #: called with each session message as soon as its line is read, or None
+        self.on_message = None
 
     async def start(self):
         env = dict(os.environ)
@@ -244,6 +246,8 @@ class DirectPlugin:
                 if not line.startswith(b'{"event":"session"'):
                     continue
                 message = json.loads(line)
+                if self.on_message is not None:
+                    self.on_message(message)
                 session = message["session_id"]
                 kind = message["data"]["type"]
                 if kind == "stream":

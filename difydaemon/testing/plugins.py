@@ -8,10 +8,21 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
 - ``fail``: raises ``ValueError("planned failure")``;
 - ``crash``: yields one chunk, then kills its own process;
 - ``flood``: writes one stdout line longer than ``size`` bytes;
-- ``sleep``: yields one chunk, then sleeps ``seconds``.
+- ``sleep``: yields one chunk, then sleeps ``seconds``;
+- ``gate``: creates the file ``started`` in the directory ``dir``, waits
+  for a file ``first`` there before its first chunk (``"first"``) and for
+  a file ``second`` before its second (``"second"``): the test decides
+  when each chunk comes;
+- ``paced``: sleeps ``delay`` seconds, then yields ``count`` chunks
+  ``gap`` seconds apart, each the ``time.time()`` of its yield;
+- ``requests``: yields, as one JSON message ``{"requests": [...]}``, the
+  ``data`` of every request the plugin received so far (with the
+  ``"recording"`` main only).
 
 ``main`` variants: ``"normal"`` (the SDK's), ``"silent"`` (never
-heartbeats: sleeps forever) and ``"broken"`` (raises at import).
+heartbeats: sleeps forever), ``"broken"`` (raises at import) and
+``"recording"`` (the SDK's, keeping the ``data`` of every request it
+receives, whatever its route, for the ``requests`` tool).
 
 :func:`callback_plugin_files` is the echo plugin with tools that call back
 into Dify through the daemon (``runtimes.md`` §4), each answering what it
@@ -63,6 +74,40 @@ _TOOLS = {
         yield self.create_text_message("sleeping")
         time.sleep(float(tool_parameters.get("seconds") or 30))
         yield self.create_text_message("woke up")
+''',
+    "gate": '''\
+        import os
+        import time
+
+        directory = tool_parameters["dir"]
+
+        def wait_for(name):
+            deadline = time.monotonic() + 120
+            while not os.path.exists(os.path.join(directory, name)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no {name} file in {directory}")
+                time.sleep(0.01)
+
+        open(os.path.join(directory, "started"), "w").close()
+        wait_for("first")
+        yield self.create_text_message("first")
+        wait_for("second")
+        yield self.create_text_message("second")
+''',
+    "paced": '''\
+        import time
+
+        time.sleep(float(tool_parameters.get("delay") or 0))
+        gap = float(tool_parameters.get("gap") or 0.01)
+        for i in range(int(tool_parameters.get("count") or 10)):
+            if i:
+                time.sleep(gap)
+            yield self.create_text_message(repr(time.time()))
+''',
+    "requests": '''\
+        import recorded
+
+        yield self.create_json_message({"requests": list(recorded.REQUESTS)})
 ''',
 }
 
@@ -155,7 +200,34 @@ class {cls}Tool(Tool):
 _MAINS = {
     "silent": "import time\n\nif __name__ == '__main__':\n    time.sleep(3600)\n",
     "broken": "raise RuntimeError('this plugin cannot start')\n",
+    # wraps the SDK's request executor (dify_plugin 0.10.x) to keep each
+    # request's data as it came off stdin, before any request model reads it
+    "recording": '''\
+from dify_plugin import DifyPluginEnv, Plugin
+
+import recorded
+
+plugin = Plugin(DifyPluginEnv(MAX_REQUEST_TIMEOUT=120))
+_execute_request = plugin._execute_request
+
+
+def _recording(session_id, data, *args, **kwargs):
+    recorded.REQUESTS.append(data)
+    return _execute_request(session_id, data, *args, **kwargs)
+
+
+plugin._execute_request = _recording
+
+if __name__ == "__main__":
+    plugin.run()
+''',
 }
+
+_RECORDED_PY = '''\
+"""The data of every request this plugin received, in order (see main.py)."""
+
+REQUESTS = []
+'''
 
 
 def behaviour_plugin_files(
@@ -170,6 +242,8 @@ def behaviour_plugin_files(
     files = _with_tools(files, _TOOLS, author)
     if main != "normal":
         files["main.py"] = _MAINS[main].encode()
+    if main == "recording":
+        files["recorded.py"] = _RECORDED_PY.encode()
     return files
 
 

@@ -108,7 +108,7 @@ class DepartureTestsMixin:
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_gone_after_lookup_abandons_session(self):
-        """A client that leaves after a slow lookup, mid-stream, closes the session; the end writes and logs nothing."""
+        """A client that leaves mid-stream after a slow lookup closes the session; the end writes and logs nothing."""
         logged = _LogLevels(self)
         connection, runtime, session = self.open_after_slow_lookup()
         runtime.stream(session, TEXT_HI)
