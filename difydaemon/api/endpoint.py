@@ -50,6 +50,8 @@ DEFAULT_STATUS = 200
 
 _INTERNAL = errors.InternalServerError.error_type
 _ENDPOINT_NOT_FOUND = envelope.from_exception(errors.BadRequestError("endpoint not found"))
+#: the width of ``endpoints.hook_id``: no stored hook id is longer
+MAX_HOOK_ID = 127
 _INSTALLATION_NOT_FOUND = envelope.from_exception(errors.BadRequestError("plugin installation not found"))
 _BAD_IDENTIFIER = envelope.from_exception(errors.UniqueIdentifierError("invalid plugin unique identifier"))
 _DISABLED = envelope.from_exception(errors.NotFoundError("endpoint not found"))
@@ -347,6 +349,11 @@ class EndpointResource(Resource):
             request.setHeader(b"content-type", JSON_CONTENT_TYPE)
             return envelope.ROUTE_NOT_FOUND
         hook_id = postpath[0].decode("utf-8", "replace")
+        if "\x00" in hook_id or len(hook_id) > MAX_HOOK_ID:
+            # no endpoint has such a hook id, and PostgreSQL refuses a NUL in a query
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+            return _ENDPOINT_NOT_FOUND
         content = request.content
         incoming = IncomingRequest(
             method=request.method,

@@ -216,6 +216,11 @@ def absurd_cases() -> list[Case]:
         Case("extract-asset file_path 10 kB", "GET",
              f"{t}/extract-asset/?plugin_unique_identifier={IDENTIFIER}&file_path={LONG}", status=500,
              code=-400, message="plugin package not found, please upload it firstly"),
+        # the public endpoint entrypoint (§2.6): no authentication, so anyone can send these
+        Case("public endpoint hook id with NUL", "GET", f"/e/a{NUL}b/x", status=404, code=-400,
+             message="endpoint not found"),
+        Case("public endpoint hook id 10 kB", "GET", f"/e/{LONG}/x", status=404, code=-400,
+             message="endpoint not found"),
         # query and body strings that reach the database
         Case("tool plugin_id with NUL", "GET", f"{t}/management/tool?plugin_id=a{NUL}b&provider=p",
              message=tag_failure("PluginId", "excludesrune")),
