@@ -1,7 +1,8 @@
 """
 The whole daemon on a storage root that really fails (issue 11, item 8):
-a full filesystem (a tiny tmpfs, where the machine lets the test mount
-one) and a root where a directory the store needs is a file (everywhere).
+a full and a read-only filesystem (tiny tmpfs mounts, where the machine
+lets the test mount one) and a root where a directory the store needs is
+a file (everywhere).
 Tests run as root, whom permissions do not stop, so neither failure is a
 chmod.  The upload answers an envelope naming the storage problem, and
 nothing -- file, directory or row -- is left behind.
@@ -35,10 +36,10 @@ def tree(root: str) -> list:
     return sorted(found)
 
 
-async def mount_tmpfs(test, path: str, size: str) -> None:
-    """Mount a tmpfs of ``size`` on ``path`` until the test ends; skip the test where mounting is not allowed."""
+async def mount_tmpfs(test, path: str, options: str) -> None:
+    """Mount a tmpfs with ``options`` on ``path`` until the test ends; skip the test where mounting is not allowed."""
     os.makedirs(path)
-    out, err, code = await getProcessOutputAndValue("mount", ["-t", "tmpfs", "-o", f"size={size}", "tmpfs", path])
+    out, err, code = await getProcessOutputAndValue("mount", ["-t", "tmpfs", "-o", options, "tmpfs", path])
     if code != 0:
         raise SkipTest(f"cannot mount a tmpfs here: {err.decode(errors='replace').strip()}")
     test.addCleanup(getProcessOutputAndValue, "umount", [path])
@@ -75,7 +76,7 @@ class FailingStorageRootTests(DaemonCase):
     async def test_full_filesystem(self):
         """On a full disk the upload names 'No space left on device' and leaves nothing; with room it succeeds."""
         root = os.path.abspath(self.mktemp())
-        await mount_tmpfs(self, root, "1m")
+        await mount_tmpfs(self, root, "size=1m")
         filler = os.path.join(root, "filler")
         stat = os.statvfs(root)
         with open(filler, "wb") as f:
@@ -89,6 +90,18 @@ class FailingStorageRootTests(DaemonCase):
         envelope = await self.upload()
         self.assertEqual(envelope["code"], 0, envelope)
         self.assertEqual(envelope["data"]["unique_identifier"], IDENTIFIER)
+
+    async def test_read_only_filesystem(self):
+        """On a read-only disk the upload names 'Read-only file system' and leaves nothing."""
+        root = os.path.abspath(self.mktemp())
+        await mount_tmpfs(self, root, "size=1m,ro")
+        await self._start(PLUGIN_STORAGE_LOCAL_ROOT=root)
+        envelope = await self.upload()
+        self.assertEqual(envelope["code"], -500, envelope)
+        self.assertRegex(orjson.loads(envelope["message"])["message"],
+                         r"^object storage cannot save assets/[0-9a-f]{64}\.svg: Read-only file system$")
+        self.assertEqual(tree(root), [])
+        await self.assert_no_declaration()
 
     async def test_directory_is_a_file(self):
         """Where the package directory is a file the upload names 'Not a directory' and leaves nothing else."""
