@@ -86,7 +86,17 @@ def _persistence(reactor, config: Config):
         params["password"] = db.db_password
     if db.db_charset:
         params["client_encoding"] = db.db_charset
-    return PostgresPersistence(reactor, db.db_extras, pool_size=db.db_max_open_conns, **params)
+    return PostgresPersistence(
+        reactor,
+        db.db_extras,
+        pool_size=db.db_max_open_conns,
+        max_idle=db.db_max_idle_conns,
+        max_lifetime=db.db_conn_max_lifetime,
+        connect_timeout=db.db_connect_timeout,
+        read_timeout=db.db_read_timeout,
+        default_database=db.db_default_database or None,
+        **params,
+    )
 
 
 def _listen(reactor, host: str, port: int, factory):
