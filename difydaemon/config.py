@@ -18,6 +18,10 @@ Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
 - ``DB_PASSWORD`` may be empty (trust or peer authentication).
 - ``PLUGIN_LOCAL_INSTANCES`` (default 1) is our own: processes per local
   plugin.
+- ``DB_CONNECT_TIMEOUT`` and ``DB_READ_TIMEOUT`` (Go durations such as
+  ``5s``; MySQL-only in Go) also bound PostgreSQL connects and answers;
+  ``DB_STARTUP_TIMEOUT`` (default ``30s``) is our own: how long start-up
+  keeps trying to reach the database.
 - A variable set to the empty string counts as unset and takes its default,
   as in Go's default-setter; out-of-range numbers (a port of 0, a size of 0)
   are errors instead of silently meaning "default".
@@ -28,8 +32,9 @@ or on one of its groups, e.g. ``SERVER_PORT`` -> ``config.server_port`` and
 ``DB_TYPE`` -> ``config.db.db_type``.  The groups are ``storage``,
 ``packages``, ``db``, ``local_runtime``, ``remote``, ``invocation``,
 ``serverless`` and ``redis``.  Durations keep the unit of the variable
-(seconds, milliseconds or minutes, as documented on each class); properties
-ending in ``_seconds`` give the same duration as float seconds.  Two
+(seconds, milliseconds or minutes, as documented on each class), except
+Go-style durations (``5s``), which are float seconds; properties ending in
+``_seconds`` give the same duration as float seconds.  Two
 attributes hold a resolved value rather than one variable's: the runtime
 buffer sizes (the legacy ``PLUGIN_STDIO_*`` names win when customised) and
 the proxies (the lower-case variables are fallbacks).
@@ -102,6 +107,9 @@ VARIABLES: tuple[str, ...] = (
     "DB_CONN_MAX_LIFETIME",
     "DB_EXTRAS",
     "DB_CHARSET",
+    "DB_CONNECT_TIMEOUT",
+    "DB_READ_TIMEOUT",
+    "DB_STARTUP_TIMEOUT",
     # local runtime
     "PLUGIN_WORKING_PATH",
     "PYTHON_INTERPRETER_PATH",
@@ -378,6 +386,14 @@ class DatabaseConfig:
     db_extras: str
     #: ``DB_CHARSET``: client encoding, empty for the server's default.
     db_charset: str
+    #: ``DB_CONNECT_TIMEOUT``: seconds one connection attempt may take.
+    db_connect_timeout: float
+    #: ``DB_READ_TIMEOUT``: seconds to wait for the answer to one statement
+    #: before the connection is taken for dead.
+    db_read_timeout: float
+    #: ``DB_STARTUP_TIMEOUT``: seconds the daemon keeps trying to reach the
+    #: database at start-up; 0 gives up after the first try.
+    db_startup_timeout: float
 
     @property
     def engine(self) -> str:
@@ -742,6 +758,23 @@ class _Values:
             return default
         return value
 
+    def duration(self, name: str, default: float, allow_zero: bool = False) -> float:
+        """
+        Seconds, written as Go writes a duration (``5s``, ``1m30s``,
+        ``250ms``) or as a bare number of seconds; 0 only if ``allow_zero``.
+        """
+        text = self.stripped(name)
+        if text is None:
+            return default
+        seconds = parse_duration(text)
+        if seconds is None:
+            self.fail(name, f"{text!r} is not a duration (e.g. 5s, 1m30s, 250ms, or seconds)")
+            return default
+        if seconds == 0 and not allow_zero:
+            self.fail(name, "must be more than 0")
+            return default
+        return seconds
+
     def boolean(self, name: str, default: bool) -> bool:
         """A boolean spelled as Go's ``strconv.ParseBool`` accepts."""
         text = self.stripped(name)
@@ -771,6 +804,33 @@ class _Values:
         if text is None:
             return ()
         return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_BARE_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?\Z|\.[0-9]+\Z")
+
+
+def parse_duration(text: str) -> float | None:
+    """
+    The seconds of a non-negative Go duration (``time.ParseDuration``:
+    ``1h2m3.5s``, ``250ms``, ``0``) or of a bare number of seconds; None
+    when ``text`` is neither.
+    """
+    text = text.strip()
+    if text.startswith("+"):
+        text = text[1:]
+    if _BARE_SECONDS.match(text):
+        return float(text)
+    position = 0
+    seconds = 0.0
+    while position < len(text):
+        part = _DURATION_PART.match(text, position)
+        if part is None:
+            return None
+        seconds += float(part.group(1)) * _DURATION_UNITS[part.group(2)]
+        position = part.end()
+    return seconds if position else None
 
 
 def _range_problem(value: int, minimum: int | None, maximum: int | None) -> str:
@@ -968,6 +1028,9 @@ def _database(values: _Values) -> DatabaseConfig:
         db_conn_max_lifetime=values.integer("DB_CONN_MAX_LIFETIME", 3600, 0),
         db_extras=values.string("DB_EXTRAS"),
         db_charset=values.string("DB_CHARSET"),
+        db_connect_timeout=values.duration("DB_CONNECT_TIMEOUT", 5.0),
+        db_read_timeout=values.duration("DB_READ_TIMEOUT", 30.0),
+        db_startup_timeout=values.duration("DB_STARTUP_TIMEOUT", 30.0, allow_zero=True),
     )
 
 

@@ -34,6 +34,20 @@ class InternalServerError(DaemonError):
     """Database failures, missing runtimes, time-outs, generic failures."""
 
 
+class DatabaseUnavailableError(InternalServerError):
+    """
+    The database cannot be reached, or stopped answering: connecting
+    failed or timed out, or the connection broke.  The message says which,
+    after ``database unavailable:``.
+
+    :ivar reason: the text after that prefix.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"database unavailable: {reason}")
+        self.reason = reason
+
+
 class BadRequestError(DaemonError):
     """Validation failures, bad packages, violated business rules."""
 

@@ -54,7 +54,9 @@ class IPersistence(Interface):
 
     Every method returns a Deferred.  Records are the frozen attrs classes of
     :mod:`difydaemon.persistence.records`.  Multi-row changes are atomic: a
-    failure leaves nothing half-written.
+    failure leaves nothing half-written.  A database server that cannot be
+    reached fails a call with
+    :class:`~difydaemon.errors.DatabaseUnavailableError`.
     """
 
     def migrate():

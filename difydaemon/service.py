@@ -1,29 +1,49 @@
 """
 The daemon's top service: start-up order, readiness and shutdown.
 
-Start-up: the database is migrated and ready, install tasks left unfinished
-by a previous run are failed, and only then do the ports open.  Shutdown:
-ports close first, install jobs stop, runtimes drain and stop, and the
-database closes last.
+Start-up: the database is reached (trying again for a while if it is not
+up yet) and migrated, install tasks left unfinished by a previous run are
+failed, and only then do the ports open: no request can meet a database
+without its tables.  Shutdown: ports close first, install jobs stop,
+runtimes drain and stop, and the database closes last.
+
+Under twistd a failed start must end the process with a non-zero status,
+or a supervisor that restarts on failure sees success:
+:func:`end_process_on_failed_start`.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
+from difydaemon.errors import DatabaseUnavailableError
 from difydaemon.management.installer import SHUTDOWN_MESSAGE
 
 log = Logger()
 
+#: seconds between two tries to reach the database at start-up
+DATABASE_RETRY_PAUSE = 1.0
+
+
+def _sleep(reactor, seconds: float) -> Deferred:
+    d = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
 
 class DaemonService(MultiService):
     """
-    The whole daemon.  Its children are the listening services; they start
-    only after :meth:`prepare` has finished.
+    The whole daemon.  Its children are the listening services; they bind
+    their ports once the database is ready, not in
+    :meth:`privilegedStartService` as a MultiService's children would.
 
-    :param reactor: the reactor (stopped if start-up fails).
+    :param reactor: the reactor.
     :param persistence: the IPersistence to migrate and close.
     :param installer: the Installer (tasks failed at start, stopped at end).
     :param runtimes: an object with ``start()`` and ``stop_all()`` returning
@@ -31,9 +51,15 @@ class DaemonService(MultiService):
     :param runners: blocking-work runners to stop last.
     :param http_pools: treq/Agent connection pools whose kept-alive
         connections are closed at the end.
+    :param database_wait: seconds start-up keeps trying to reach an
+        unavailable database (0: one try).
+    The Deferreds of :attr:`ready` fail if start-up fails (with
+    CancelledError if the daemon is stopped before it is ready).
     """
 
-    def __init__(self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=()) -> None:
+    def __init__(
+        self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=(), database_wait: float = 0.0,
+    ) -> None:
         super().__init__()
         self._reactor = reactor
         self.persistence = persistence
@@ -41,30 +67,103 @@ class DaemonService(MultiService):
         self.runtimes = runtimes
         self._runners = tuple(runners)
         self._http_pools = tuple(http_pools)
-        self.ready: Deferred = Deferred()
+        self._database_wait = database_wait
+        self._state = "starting"
+        #: None while starting, then True or the Failure of the start
+        self._outcome = None
+        self._ready_waiters: list = []
+
+    @property
+    def ready(self) -> Deferred:
+        """A new Deferred that fires when the daemon serves, or fails with why it could not start."""
+        d = Deferred()
+        if self._outcome is None:
+            self._ready_waiters.append(d)
+        elif self._outcome is True:
+            d.callback(None)
+        else:
+            d.errback(self._outcome)
+        return d
+
+    def _settle(self, outcome) -> None:
+        self._outcome = outcome
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            if outcome is True:
+                d.callback(None)
+            else:
+                d.errback(outcome)
+
+    def status(self) -> str:
+        """
+        ``ok`` while the daemon serves; ``starting`` before, ``failed`` if
+        start-up failed, ``stopping`` once shutdown has begun.
+        """
+        if self._state == "ok" and not self.running:
+            return "stopping"
+        return self._state
+
+    def privilegedStartService(self) -> None:
+        # MultiService would make every listening child bind its port now,
+        # before the database is migrated; they bind in _start instead.
+        Service.privilegedStartService(self)
 
     def startService(self) -> None:
         Service.startService(self)
         d = Deferred.fromCoroutine(self._start())
-        d.addCallbacks(self.ready.callback, self._start_failed)
+        d.addCallbacks(self._started, self._start_failed)
+
+    async def _prepare_database(self) -> None:
+        deadline = self._reactor.seconds() + self._database_wait
+        while True:
+            try:
+                await self.persistence.migrate()
+                return
+            except DatabaseUnavailableError as exc:
+                self._check_running()
+                if self._reactor.seconds() + DATABASE_RETRY_PAUSE > deadline:
+                    raise
+                log.warn(
+                    "{reason}; trying again in {pause:g} s", reason=exc.message, pause=DATABASE_RETRY_PAUSE
+                )
+            await _sleep(self._reactor, DATABASE_RETRY_PAUSE)
+            self._check_running()
+
+    def _check_running(self) -> None:
+        if not self.running:
+            raise CancelledError("the daemon was stopped before it was ready")
 
     async def _start(self) -> None:
-        await self.persistence.migrate()
+        await self._prepare_database()
+        self._check_running()
         failed = await self.installer.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
         if failed:
             log.warn("marked {count} unfinished install tasks failed", count=failed)
+        self._check_running()
         if self.runtimes is not None:
             await self.runtimes.start()
+        self._check_running()
         for child in self:
+            # A port that cannot be bound must fail the start, not be
+            # logged while the daemon runs deaf (Twisted's strports does
+            # the same).
+            if hasattr(child, "_raiseSynchronously"):
+                child._raiseSynchronously = True
+            child.privilegedStartService()
             child.startService()
+
+    def _started(self, _) -> None:
+        self._state = "ok"
         log.info("difydaemon is ready")
+        self._settle(True)
 
     def _start_failed(self, failure) -> None:
-        log.failure("difydaemon could not start", failure)
-        self.ready.errback(failure)
-        self.ready.addErrback(lambda _: None)
-        if self._reactor.running:
-            self._reactor.stop()
+        if failure.check(CancelledError) and not self.running:
+            log.info("difydaemon was stopped before it was ready")
+        else:
+            self._state = "failed"
+            log.failure("difydaemon could not start", failure)
+        self._settle(failure)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -90,3 +189,47 @@ class DaemonService(MultiService):
         await self.persistence.close()
         for runner in self._runners:
             runner.stop()
+
+
+def exit_at_interpreter_exit(status: int) -> None:
+    """
+    Make the process exit with ``status`` once Python is done: twistd
+    returns normally (status 0) after its reactor stops, whatever stopped
+    it, and has no way for a plugin to set the status.
+    """
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(leave)
+
+
+def end_process_on_failed_start(
+    service: DaemonService, reactor, status: int = 1, exit_with=exit_at_interpreter_exit
+) -> None:
+    """
+    The process policy of ``twistd difydaemon``: if start-up fails, stop
+    the reactor and exit with ``status`` (a stop before the daemon was
+    ready is an ordinary shutdown).
+
+    :param exit_with: ``(status) -> None``, arranges the exit status
+        (tests replace it).
+    """
+
+    def failed(failure):
+        # the start's own log line has said why
+        if failure.check(CancelledError):
+            return
+        exit_with(status)
+        # twistd starts the service before the reactor runs
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
+
+    service.ready.addErrback(failed)

@@ -39,7 +39,7 @@ from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.registry import RuntimeRegistry
-from difydaemon.service import DaemonService
+from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
 
 BUILD_TIME = "unknown"
@@ -86,7 +86,17 @@ def _persistence(reactor, config: Config):
         params["password"] = db.db_password
     if db.db_charset:
         params["client_encoding"] = db.db_charset
-    return PostgresPersistence(reactor, db.db_extras, pool_size=db.db_max_open_conns, **params)
+    return PostgresPersistence(
+        reactor,
+        db.db_extras,
+        pool_size=db.db_max_open_conns,
+        max_idle=db.db_max_idle_conns,
+        max_lifetime=db.db_conn_max_lifetime,
+        connect_timeout=db.db_connect_timeout,
+        read_timeout=db.db_read_timeout,
+        default_database=db.db_default_database or None,
+        **params,
+    )
 
 
 def _listen(reactor, host: str, port: int, factory):
@@ -186,6 +196,8 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         max_bundle_size=config.packages.max_bundle_package_size,
     )
     installations = InstallationCache(reactor, persistence)
+    dify_pool = HTTPConnectionPool(reactor, persistent=True)
+    dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
     runtimes = RuntimeRegistry(reactor, _local_factory(reactor, config, persistence, storage, paths, blocking))
     installer = Installer(
         reactor,
@@ -196,15 +208,23 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         install_timeout=config.install_timeout_seconds,
         installations=installations,
     )
+    service = DaemonService(
+        reactor,
+        persistence,
+        installer,
+        runtimes=runtimes,
+        runners=[blocking],
+        http_pools=[dify_pool],
+        database_wait=config.db.db_startup_timeout,
+    )
     counter = RequestCounter()
     health = HealthResource(
         BuildInfo(version=__version__, build_time=BUILD_TIME, platform=config.platform),
         counter,
         runtimes.pool_status,
+        status=service.status,
     )
     keys = DebuggingKeys(reactor, persistence) if config.remote.plugin_remote_installing_enabled else None
-    dify_pool = HTTPConnectionPool(reactor, persistent=True)
-    dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
     inner_api = _inner_api(reactor, config, dify_pool)
     backwards = _backwards(reactor, config, persistence, inner_api)
     endpoints = Endpoints(reactor, persistence, inner_api)
@@ -234,9 +254,6 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     gate = DispatchGate(config.server_key.encode("utf-8"), counter, dispatch)
     site = DaemonSite(root, reactor=reactor, log_health=config.health_api_log_enabled, gate=gate)
 
-    service = DaemonService(
-        reactor, persistence, installer, runtimes=runtimes, runners=[blocking], http_pools=[dify_pool]
-    )
     service.backwards = backwards
     service.endpoints = endpoints
     #: the ``/e/`` resource, None when PLUGIN_ENDPOINT_ENABLED is false
@@ -273,13 +290,22 @@ def makeService(options, reactor=None, environ=None):
     """
     The twistd entry point: read the configuration and build the daemon.
 
+    Called by twistd (without a reactor), it also sets the process policy:
+    a failed start stops the reactor and the process exits with status 1.
+    A bad configuration raises here, and twistd exits with status 1 too.
+
     :param options: parsed :class:`Options`.
-    :param reactor: the reactor to use (tests pass a fake one).
+    :param reactor: the reactor to use (tests pass one; the process policy
+        is then theirs).
     :param environ: the environment (``os.environ`` by default).
     """
+    under_twistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor
     if environ is None:
         environ = os.environ
     config = load_config(environ, read_dotenv(options["env-file"]))
-    return build_daemon(reactor, config)
+    service = build_daemon(reactor, config)
+    if under_twistd:
+        end_process_on_failed_start(service, reactor)
+    return service

@@ -11,6 +11,7 @@ from difydaemon.config import (
     ConfigErrors,
     load_config,
     parse_dotenv,
+    parse_duration,
     read_dotenv,
 )
 from difydaemon.errors import ConfigError
@@ -534,6 +535,46 @@ class DatabaseTests(SynchronousTestCase):
         self.assertEqual(db.db_max_open_conns, 5)
         error = self.assertRaises(ConfigError, load_config, _environ(DB_MAX_OPEN_CONNS="0"))
         self.assertEqual(error.variable, "DB_MAX_OPEN_CONNS")
+
+
+class DatabaseTimeoutTests(SynchronousTestCase):
+    """DB_CONNECT_TIMEOUT, DB_READ_TIMEOUT and DB_STARTUP_TIMEOUT: Go durations in seconds."""
+
+    def test_defaults(self):
+        """Connect 5 s, read 30 s, start-up wait 30 s."""
+        db = load_config(_environ(**_POSTGRES)).db
+        self.assertEqual((db.db_connect_timeout, db.db_read_timeout, db.db_startup_timeout), (5.0, 30.0, 30.0))
+
+    def test_go_durations_and_seconds(self):
+        """Go's duration syntax and bare seconds both give seconds."""
+        db = load_config(
+            _environ(**dict(_POSTGRES, DB_CONNECT_TIMEOUT="1m30s", DB_READ_TIMEOUT="250ms", DB_STARTUP_TIMEOUT="7"))
+        ).db
+        self.assertEqual((db.db_connect_timeout, db.db_read_timeout, db.db_startup_timeout), (90.0, 0.25, 7.0))
+
+    def test_startup_zero(self):
+        """DB_STARTUP_TIMEOUT may be 0: one try."""
+        self.assertEqual(load_config(_environ(DB_STARTUP_TIMEOUT="0s")).db.db_startup_timeout, 0.0)
+
+    def test_refused(self):
+        """A non-duration, a negative one, or a zero connect/read timeout is refused by name."""
+        for name, value in (
+            ("DB_CONNECT_TIMEOUT", "five"),
+            ("DB_READ_TIMEOUT", "-1s"),
+            ("DB_READ_TIMEOUT", "0"),
+            ("DB_CONNECT_TIMEOUT", "5 s"),
+            ("DB_STARTUP_TIMEOUT", "1x"),
+        ):
+            error = self.assertRaises(ConfigError, load_config, _environ(**{name: value}))
+            self.assertEqual(error.variable, name, value)
+
+    def test_parse_duration(self):
+        """parse_duration reads what Go's time.ParseDuration reads, and nothing else."""
+        self.assertEqual(
+            [parse_duration(text) for text in ("1h2m3.5s", "1.5us", "+2s", ".5s", "0", "30")],
+            [3723.5, 1.5e-06, 2.0, 0.5, 0.0, 30.0],
+        )
+        self.assertEqual([parse_duration(text) for text in ("", "s", "5s5", "1d", "-5s")], [None] * 5)
 
 
 class BufferTests(SynchronousTestCase):

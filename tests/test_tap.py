@@ -7,22 +7,28 @@ operator runs it.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import sys
 
 import orjson
+import psycopg2.extensions
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.protocol import ProcessProtocol
 from twisted.plugin import getPlugins
 from twisted.application.service import IServiceMaker
+from txpostgres import txpostgres
 
 from difydaemon import tap
 from difydaemon.errors import ConfigError
+from difydaemon.persistence.postgres import quote_identifier
 from difydaemon.service import DaemonService
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.http import http_client
+from tests.persistence.test_postgres import postgres_dsn
 
 KEY = "tap-test-key"
 
@@ -132,6 +138,53 @@ class DaemonStartTests(AsyncTestCase):
             await service.stopService()
 
 
+class TwistdWatch(ProcessProtocol):
+    """Collects a twistd child's output and fires ``ended`` with (exit code, signal)."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    def text(self) -> str:
+        """The output so far, as text."""
+        return self.output.decode(errors="replace")
+
+
+def spawn_twistd(case, workdir: str, environ: dict) -> tuple:
+    """
+    Run ``twistd -n difydaemon`` in ``workdir`` with ``environ`` added to
+    this environment; it is sent SIGTERM at clean-up if still running.
+    Returns (process, watch).
+    """
+    env = dict(os.environ)
+    env.update(environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    watch = TwistdWatch()
+    process = reactor.spawnProcess(
+        watch,
+        sys.executable,
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "difydaemon"],
+        env=env,
+        path=workdir,
+    )
+
+    async def end():
+        if not watch.ended.called:
+            process.signalProcess(signal.SIGTERM)
+            await watch.ended
+
+    case.addCleanup(lambda: defer.Deferred.fromCoroutine(end()))
+    return process, watch
+
+
 class TwistdTests(AsyncTestCase):
     """``twistd -n difydaemon`` as an operator runs it."""
 
@@ -142,33 +195,8 @@ class TwistdTests(AsyncTestCase):
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         port = free_port()
-        env = dict(os.environ)
-        env.update(environment(workdir, port))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        ended = defer.Deferred()
-
-        from twisted.internet.protocol import ProcessProtocol
-
-        class Watch(ProcessProtocol):
-            output = b""
-
-            def outReceived(self, data):
-                self.output += data
-
-            errReceived = outReceived
-
-            def processEnded(self, reason):
-                ended.callback((reason.value.exitCode, reason.value.signal))
-
-        proto = Watch()
+        process, watch = spawn_twistd(self, workdir, environment(workdir, port))
         treq = http_client(self, reactor)
-        process = reactor.spawnProcess(
-            proto,
-            sys.executable,
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "difydaemon"],
-            env=env,
-            path=workdir,
-        )
         try:
             health = None
             for _ in range(100):
@@ -178,14 +206,93 @@ class TwistdTests(AsyncTestCase):
                     break
                 except Exception:
                     await task.deferLater(reactor, 0.1, lambda: None)
-            self.assertIsNotNone(health, proto.output.decode(errors="replace"))
+            self.assertIsNotNone(health, watch.text())
             self.assertEqual(health["status"], "ok")
             self.assertEqual(health["platform"], "local")
         finally:
-            if ended.called is False:
+            if watch.ended.called is False:
                 process.signalProcess(signal.SIGTERM)
-        code, sig = await ended
-        output = proto.output.decode(errors="replace")
+        code, sig = await watch.ended
+        output = watch.text()
         # twistd re-raises SIGTERM after a clean shutdown, so it ends by the signal
         self.assertIn((code, sig), [(0, None), (None, signal.SIGTERM)], output)
         self.assertIn("Server Shut Down.", output)
+
+    async def test_bad_config_exits_non_zero(self):
+        """A bad variable makes twistd exit with status 1, naming the variable."""
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        environ = environment(workdir, free_port())
+        environ["SERVER_PORT"] = "eighty"
+        process, watch = spawn_twistd(self, workdir, environ)
+        code, sig = await watch.ended
+        self.assertEqual((code, sig), (1, None), watch.text())
+        self.assertIn("SERVER_PORT", watch.text())
+
+    async def test_unreachable_database_exits_non_zero(self):
+        """A daemon whose database cannot be reached within DB_STARTUP_TIMEOUT exits with status 1, having opened no port."""
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        port = free_port()
+        environ = environment(workdir, port)
+        environ.update(
+            {
+                "DB_TYPE": "postgresql",
+                "DB_HOST": "127.0.0.1",
+                "DB_PORT": str(free_port()),
+                "DB_USERNAME": "postgres",
+                "DB_DATABASE": "difydaemon_unreachable",
+                "DB_STARTUP_TIMEOUT": "2s",
+            }
+        )
+        process, watch = spawn_twistd(self, workdir, environ)
+        code, sig = await watch.ended
+        self.assertEqual((code, sig), (1, None), watch.text())
+        self.assertIn("database unavailable", watch.text())
+        self.assertIn("trying again", watch.text())
+        self.assertNotIn("difydaemon is ready", watch.text())
+
+    async def test_missing_database_is_created_and_first_call_succeeds(self):
+        """On PostgreSQL a missing DB_DATABASE is created; the first request answered after the port opens succeeds."""
+        admin = txpostgres.Connection(reactor=reactor)
+        await admin.connect(postgres_dsn())
+        self.addCleanup(admin.close)
+        name = "difydaemon_twistd_" + secrets.token_hex(4)
+
+        async def drop():
+            await admin.runOperation(f"DROP DATABASE IF EXISTS {quote_identifier(name)} WITH (FORCE)")
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(drop()))
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        port = free_port()
+        environ = environment(workdir, port)
+        params = psycopg2.extensions.parse_dsn(postgres_dsn())
+        environ.update(
+            {
+                "DB_TYPE": "postgresql",
+                "DB_HOST": params.get("host", "127.0.0.1"),
+                "DB_PORT": params.get("port", "5432"),
+                "DB_USERNAME": params.get("user", "postgres"),
+                "DB_DATABASE": name,
+            }
+        )
+        process, watch = spawn_twistd(self, workdir, environ)
+        treq = http_client(self, reactor)
+        first = None
+        for _ in range(300):
+            try:
+                response = await treq.get(
+                    f"http://127.0.0.1:{port}/plugin/t1/management/list?page=1&page_size=5",
+                    headers={"X-Api-Key": KEY},
+                )
+            except Exception:
+                self.assertFalse(watch.ended.called, watch.text())
+                await task.deferLater(reactor, 0.05, lambda: None)
+                continue
+            first = orjson.loads(await response.content())
+            break
+        self.assertEqual(first, {"code": 0, "message": "success", "data": {"list": [], "total": 0}}, watch.text())
+        rows = await admin.runQuery("SELECT datname FROM pg_database WHERE datname = %s", (name,))
+        self.assertEqual(rows, [(name,)])
+        self.assertIn(f"created database {name}", watch.text())

@@ -67,21 +67,35 @@ class RequestCounter:
 
 
 class HealthResource(Resource):
-    """``GET /health/check``: raw JSON, no envelope (``http-api.md`` §2.1)."""
+    """
+    ``GET /health/check``: raw JSON, no envelope (``http-api.md`` §2.1).
+
+    ``status`` is ``ok`` (HTTP 200) only while the daemon serves; before
+    (``starting``), after a failed start (``failed``) and during shutdown
+    (``stopping``) the same body comes with HTTP 503.  A database outage
+    does not change it: the daemon recovers by itself, answers what it
+    can (dispatch to cached installations), and a restart would not help.
+
+    :param status: ``() -> str``, the daemon's status.
+    """
 
     isLeaf = True
 
-    def __init__(self, info: BuildInfo, counter: RequestCounter, pool_status) -> None:
+    def __init__(self, info: BuildInfo, counter: RequestCounter, pool_status, status=lambda: "ok") -> None:
         super().__init__()
         self._info = info
         self._counter = counter
         self._pool_status = pool_status
+        self._status = status
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        status = self._status()
+        if status != "ok":
+            request.setResponseCode(503)
         return envelope.dumps(
             {
-                "status": "ok",
+                "status": status,
                 "pool_status": self._pool_status(),
                 "version": self._info.version,
                 "build_time": self._info.build_time,

@@ -4,8 +4,10 @@ The daemon's database (``http-api.md`` §5), behind
 
 - :class:`SQLitePersistence` ``(reactor, path, threadpool=None, run_blocking=None)``:
   the embedded default; all SQLite work in a worker thread.
-- :class:`PostgresPersistence` ``(reactor, dsn="", pool_size=5, **connect_params)``:
-  PostgreSQL through txpostgres.
+- :class:`PostgresPersistence` ``(reactor, dsn="", pool_size=5, *, max_idle=None,
+  max_lifetime=0, connect_timeout=5.0, read_timeout=30.0, default_database=None,
+  **connect_params)``: PostgreSQL through txpostgres, on a pool
+  (:mod:`~difydaemon.persistence.pool`) that replaces broken connections.
 - :class:`MemoryPersistence` ``(reactor)``: dictionaries, for unit tests.
 
 Call ``migrate()`` once at startup before anything else and ``close()`` at

@@ -7,7 +7,8 @@ returns the result rows as a list of tuples (empty for statements without
 a result).  SQL is written with ``?`` placeholders; the PostgreSQL
 transaction converts them.  ``SELECT ... {lock}`` marks the reads that lock
 rows (``FOR UPDATE`` on PostgreSQL; SQLite transactions are serialized, so
-nothing is needed there).
+nothing is needed there).  The operations that only read are marked
+:func:`read_only`: a backend may run them again after a lost connection.
 
 :class:`SQLPersistence` turns these operations into the
 :class:`~difydaemon.interfaces.IPersistence` methods; a subclass only says
@@ -68,6 +69,22 @@ class Dialect:
     decode_time: Callable
     integrity_error: type
     migration_lock: str | None
+
+
+def read_only(operation):
+    """
+    Mark ``operation`` as one that only reads.  A backend may run it once
+    more after losing its connection (nothing can be written twice), and
+    PostgreSQL runs it in a ``READ ONLY`` transaction, which refuses any
+    write: a wrong mark fails loudly instead of repeating a change.
+    """
+    operation.read_only = True
+    return operation
+
+
+def is_read_only(operation) -> bool:
+    """Whether ``operation`` is marked :func:`read_only`."""
+    return getattr(operation, "read_only", False)
 
 
 # -- migrations --------------------------------------------------------------
@@ -464,6 +481,7 @@ async def upgrade_plugin(
     return UpgradeResult(installation=installation, original_plugin_removed=removed)
 
 
+@read_only
 async def get_plugin(tx, identifier: str):
     """The ``plugins`` row of an identifier, or None."""
     rows = await tx.execute(
@@ -473,6 +491,7 @@ async def get_plugin(tx, identifier: str):
     return _plugin(tx.dialect, rows[0]) if rows else None
 
 
+@read_only
 async def list_plugins(tx, install_type: str) -> list:
     """Every ``plugins`` row of an install type, oldest first."""
     rows = await tx.execute(
@@ -483,6 +502,7 @@ async def list_plugins(tx, install_type: str) -> list:
     return [_plugin(tx.dialect, row) for row in rows]
 
 
+@read_only
 async def get_installation(tx, tenant_id: str, plugin_id: str):
     """A tenant's installation of a plugin_id, or None."""
     rows = await tx.execute(
@@ -493,6 +513,7 @@ async def get_installation(tx, tenant_id: str, plugin_id: str):
     return _installation(tx.dialect, rows[0]) if rows else None
 
 
+@read_only
 async def get_installation_by_id(tx, tenant_id: str, installation_id: str):
     """A tenant's installation by id, or None."""
     if not is_uuid(installation_id):
@@ -505,6 +526,7 @@ async def get_installation_by_id(tx, tenant_id: str, installation_id: str):
     return _installation(tx.dialect, rows[0]) if rows else None
 
 
+@read_only
 async def list_installations(tx, tenant_id: str, offset: int, limit: int) -> tuple:
     """A page of a tenant's installations, newest first, and their count."""
     rows = await tx.execute(
@@ -518,6 +540,7 @@ async def list_installations(tx, tenant_id: str, offset: int, limit: int) -> tup
     return [_installation(tx.dialect, row) for row in rows], int(total[0][0])
 
 
+@read_only
 async def list_installations_by_plugin_ids(tx, tenant_id: str, plugin_ids) -> list:
     """A tenant's installations of the given plugin_ids."""
     wanted = sorted(set(plugin_ids))
@@ -531,6 +554,7 @@ async def list_installations_by_plugin_ids(tx, tenant_id: str, plugin_ids) -> li
     return [_installation(tx.dialect, row) for row in rows]
 
 
+@read_only
 async def list_providers(tx, kind: str, tenant_id: str, offset: int, limit: int) -> list:
     """A page of one projection table of a tenant, newest first."""
     rows = await tx.execute(
@@ -541,6 +565,7 @@ async def list_providers(tx, kind: str, tenant_id: str, offset: int, limit: int)
     return [_provider(tx.dialect, row) for row in rows]
 
 
+@read_only
 async def get_provider(tx, kind: str, tenant_id: str, plugin_id: str):
     """A tenant's projection row of one plugin_id, or None."""
     rows = await tx.execute(
@@ -565,6 +590,7 @@ async def save_declaration(tx, now: float, identifier: str, plugin_id: str, decl
     )
 
 
+@read_only
 async def get_declarations(tx, identifiers) -> dict:
     """identifier -> declaration for the ones that exist."""
     wanted = sorted(set(identifiers))
@@ -578,6 +604,7 @@ async def get_declarations(tx, identifiers) -> dict:
     return {row[0]: orjson.loads(row[1]) for row in rows}
 
 
+@read_only
 async def get_declaration(tx, identifier: str):
     """The declaration of one identifier, or None."""
     found = await get_declarations(tx, [identifier])
@@ -591,6 +618,7 @@ async def delete_declaration(tx, identifier: str) -> None:
     )
 
 
+@read_only
 async def get_readmes(tx, identifier: str) -> dict:
     """language -> README text of an identifier."""
     rows = await tx.execute(
@@ -644,6 +672,7 @@ async def update_task(tx, now: float, task: InstallTask) -> None:
     )
 
 
+@read_only
 async def get_task(tx, tenant_id: str, task_id: str):
     """One task of a tenant, or None."""
     if not is_uuid(task_id):
@@ -655,6 +684,7 @@ async def get_task(tx, tenant_id: str, task_id: str):
     return _task(tx.dialect, rows[0]) if rows else None
 
 
+@read_only
 async def list_tasks(tx, tenant_id: str, offset: int, limit: int) -> list:
     """A page of a tenant's tasks, newest first."""
     rows = await tx.execute(
@@ -665,6 +695,7 @@ async def list_tasks(tx, tenant_id: str, offset: int, limit: int) -> list:
     return [_task(tx.dialect, row) for row in rows]
 
 
+@read_only
 async def list_tasks_by_status(tx, statuses) -> list:
     """Every task, of every tenant, in one of ``statuses``; oldest first."""
     wanted = sorted(set(statuses))
@@ -723,6 +754,7 @@ async def get_or_create_debugging_key(
     return DebuggingKey(tenant_id=tenant_id, key=key, expires_at=expires_at)
 
 
+@read_only
 async def get_debugging_key(tx, now: float, key: str):
     """See :meth:`IPersistence.get_debugging_key`."""
     rows = await tx.execute(
@@ -772,6 +804,7 @@ async def _set_storage_total(tx, now: float, tenant_id: str, plugin_id: str, siz
     )
 
 
+@read_only
 async def storage_get(tx, tenant_id: str, plugin_id: str, key: str):
     """See :meth:`IPersistence.storage_get`."""
     rows = await tx.execute(
@@ -820,11 +853,13 @@ async def storage_delete(tx, now: float, tenant_id: str, plugin_id: str, key: st
     return 1
 
 
+@read_only
 async def storage_exists(tx, tenant_id: str, plugin_id: str, key: str) -> bool:
     """See :meth:`IPersistence.storage_exists`."""
     return await _stored_length(tx, tenant_id, plugin_id, key) is not None
 
 
+@read_only
 async def storage_size(tx, tenant_id: str, plugin_id: str) -> int:
     """See :meth:`IPersistence.storage_size`."""
     rows = await tx.execute(
@@ -917,6 +952,7 @@ async def create_endpoint(
     return endpoint
 
 
+@read_only
 async def get_endpoint(tx, tenant_id: str, endpoint_id: str):
     """One endpoint of a tenant, or None."""
     if not is_uuid(endpoint_id):
@@ -928,6 +964,7 @@ async def get_endpoint(tx, tenant_id: str, endpoint_id: str):
     return _endpoint(tx.dialect, rows[0]) if rows else None
 
 
+@read_only
 async def get_endpoint_by_hook_id(tx, hook_id: str):
     """The endpoint of a hook id, or None."""
     rows = await tx.execute(
@@ -936,6 +973,7 @@ async def get_endpoint_by_hook_id(tx, hook_id: str):
     return _endpoint(tx.dialect, rows[0]) if rows else None
 
 
+@read_only
 async def list_endpoints(tx, tenant_id: str, offset: int, limit: int) -> list:
     """A page of a tenant's endpoints, newest first."""
     rows = await tx.execute(
@@ -946,6 +984,7 @@ async def list_endpoints(tx, tenant_id: str, offset: int, limit: int) -> list:
     return [_endpoint(tx.dialect, row) for row in rows]
 
 
+@read_only
 async def list_plugin_endpoints(tx, tenant_id: str, plugin_id: str, offset: int, limit: int) -> list:
     """A page of a tenant's endpoints of one plugin, newest first."""
     rows = await tx.execute(

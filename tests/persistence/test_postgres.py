@@ -14,7 +14,11 @@ import psycopg2
 from twisted.internet.defer import Deferred, gatherResults
 from txpostgres import txpostgres
 
-from difydaemon.persistence.postgres import PostgresPersistence, to_pyformat
+from twisted.internet.error import ConnectionLost
+
+from difydaemon.errors import DatabaseUnavailableError
+from difydaemon.persistence.postgres import PostgresPersistence, connection_gone, quote_identifier, to_pyformat
+from difydaemon.persistence.sql import read_only
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from tests.persistence.contract import FrozenTimeReactor, PersistenceContract
 from tests.persistence.test_sqlite import MIGRATIONS, TABLES
@@ -122,18 +126,122 @@ class PostgresSchemaTests(PostgresSchemaCase):
         self.assertEqual(columns[("plugins", "id")], ("uuid", None))
 
     async def test_unreachable_server_fails(self):
-        """An unreachable server fails the call with the driver's error, and close() works."""
+        """An unreachable server fails the call with 'database unavailable' and the driver's reason, and close() works."""
         persistence = PostgresPersistence(
-            self.reactor, "host=127.0.0.1 port=1 user=postgres dbname=test connect_timeout=2",
-            pool_size=2,
+            self.reactor, "host=127.0.0.1 port=1 user=postgres dbname=test", pool_size=2,
         )
         failure = None
         try:
             await persistence.migrate()
-        except psycopg2.OperationalError as e:
+        except DatabaseUnavailableError as e:
             failure = e
-        self.assertIsInstance(failure, psycopg2.OperationalError)
+        self.assertIsInstance(failure, DatabaseUnavailableError)
+        self.assertTrue(failure.message.startswith("database unavailable: cannot connect to 127.0.0.1:1/test: "))
+        self.assertIn("Connection refused", failure.message)
+        self.assertIsInstance(failure.__cause__, psycopg2.OperationalError)
         await persistence.close()
+
+    async def test_read_only_operations_cannot_write(self):
+        """An operation marked read_only runs in a READ ONLY transaction: a write in it is refused."""
+        persistence = self.make_persistence(pool_size=1)
+        await persistence.migrate()
+
+        @read_only
+        async def sneaky(tx):
+            await tx.execute("DELETE FROM install_tasks")
+
+        failure = None
+        try:
+            await persistence._transact(sneaky)
+        except psycopg2.Error as e:
+            failure = e
+        self.assertEqual(failure.pgcode, "25006")  # read_only_sql_transaction
+        # the connection is still good
+        self.assertEqual(await persistence.list_tasks("t", 0, 1), [])
+
+
+class MissingDatabaseTests(AsyncTestCase):
+    """A missing database is created through DB_DEFAULT_DATABASE, as the Go daemon does."""
+
+    async def _admin(self):
+        from twisted.internet import reactor
+
+        admin = txpostgres.Connection(reactor=reactor)
+        await admin.connect(postgres_dsn())
+        self.addCleanup(admin.close)
+        return admin
+
+    async def _drop_later(self, admin, name):
+        async def drop():
+            await admin.runOperation(f"DROP DATABASE IF EXISTS {quote_identifier(name)} WITH (FORCE)")
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(drop()))
+
+    def _persistence(self, name, default_database):
+        from twisted.internet import reactor
+
+        persistence = PostgresPersistence(
+            reactor, postgres_dsn(), pool_size=2, default_database=default_database, dbname=name
+        )
+        self.addCleanup(persistence.close)
+        return persistence
+
+    async def test_created_by_racing_replicas(self):
+        """Two replicas starting together on a missing database (an awkward name) both create-or-find it and migrate."""
+        admin = await self._admin()
+        name = f'difydaemon test "{secrets.token_hex(4)}" Db'
+        await self._drop_later(admin, name)
+        first = self._persistence(name, "postgres")
+        second = self._persistence(name, "postgres")
+        await gatherResults([first.migrate(), second.migrate()])
+        rows = await admin.runQuery("SELECT datname FROM pg_database WHERE datname = %s", (name,))
+        self.assertEqual(rows, [(name,)])
+        self.assertEqual(await first.list_tasks("t", 0, 1), [])
+
+    async def test_not_created_without_default_database(self):
+        """Without a default database a missing one is not created, and the error says it does not exist."""
+        admin = await self._admin()
+        name = "difydaemon_missing_" + secrets.token_hex(4)
+        await self._drop_later(admin, name)
+        failure = None
+        try:
+            await self._persistence(name, None).migrate()
+        except DatabaseUnavailableError as e:
+            failure = e
+        self.assertIn("does not exist", failure.message)
+        rows = await admin.runQuery("SELECT datname FROM pg_database WHERE datname = %s", (name,))
+        self.assertEqual(rows, [])
+
+
+class IdentifierTests(SynchronousTestCase):
+    """quote_identifier makes any database name safe in SQL."""
+
+    def test_quoting(self):
+        """Names are double-quoted, inner double quotes doubled, case and spaces kept."""
+        self.assertEqual(quote_identifier("dify_plugin"), '"dify_plugin"')
+        self.assertEqual(quote_identifier('a "b"; DROP DATABASE x; --'), '"a ""b""; DROP DATABASE x; --"')
+        self.assertEqual(quote_identifier("Mixed Case"), '"Mixed Case"')
+
+    def test_unusable(self):
+        """An empty name or one with NUL is refused."""
+        self.assertRaises(ValueError, quote_identifier, "")
+        self.assertRaises(ValueError, quote_identifier, "a\x00b")
+
+
+class ConnectionGoneTests(SynchronousTestCase):
+    """Which errors mean the connection is unusable."""
+
+    def test_gone(self):
+        """Interface errors, lost connections, and operational errors without state or of class 08 / shutdown are gone."""
+        self.assertTrue(connection_gone(psycopg2.InterfaceError("connection already closed")))
+        self.assertTrue(connection_gone(ConnectionLost()))
+        self.assertTrue(connection_gone(psycopg2.OperationalError("server closed the connection unexpectedly")))
+
+    def test_not_gone(self):
+        """SQL errors on a healthy connection are not."""
+        self.assertFalse(connection_gone(psycopg2.IntegrityError("duplicate key")))
+        self.assertFalse(connection_gone(psycopg2.ProgrammingError("syntax error")))
+        self.assertFalse(connection_gone(ValueError("bug")))
 
 
 class PlaceholderTests(SynchronousTestCase):

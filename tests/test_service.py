@@ -1,0 +1,256 @@
+"""
+DaemonService: the ports open only once the database is ready, start-up
+waits a bounded time for the database, and a failed start ends a twistd
+process with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+
+import orjson
+from treq.testing import StubTreq
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+
+from difydaemon import tap
+from difydaemon.errors import DatabaseUnavailableError
+from difydaemon.persistence.memory import MemoryPersistence
+from difydaemon.service import DaemonService, end_process_on_failed_start
+from difydaemon.testing.cases import SynchronousTestCase
+from tests.test_tap import environment
+
+
+class HeldDatabase(MemoryPersistence):
+    """
+    In-memory persistence whose migrate() answers what the test queues: a
+    Deferred, or an exception to fail with (success when nothing is queued).
+    """
+
+    def __init__(self, reactor) -> None:
+        super().__init__(reactor)
+        self.answers: list = []
+        self.migrations = 0
+
+    def migrate(self):
+        self.migrations += 1
+        if not self.answers:
+            return succeed(None)
+        answer = self.answers.pop(0)
+        return fail(answer) if isinstance(answer, Exception) else answer
+
+
+class QuietInstaller:
+    """The two installer calls DaemonService makes, with nothing to do."""
+
+    async def fail_unfinished_tasks(self, message):
+        return 0
+
+    async def stop(self):
+        return None
+
+
+class RefusingEndpoint:
+    """A server endpoint whose port is taken."""
+
+    def listen(self, factory):
+        return fail(CannotListenError("127.0.0.1", 5002, OSError("address already in use")))
+
+
+class DaemonServiceTests(SynchronousTestCase):
+    """Start-up order and readiness, on a memory reactor."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock = MemoryReactorClock()
+        self.database = HeldDatabase(self.clock)
+
+    def service(self, database_wait=0.0, endpoint=None) -> DaemonService:
+        service = DaemonService(self.clock, self.database, QuietInstaller(), database_wait=database_wait)
+        StreamServerEndpointService(
+            endpoint or TCP4ServerEndpoint(self.clock, 5002, interface="127.0.0.1"), Factory()
+        ).setServiceParent(service)
+        return service
+
+    def test_ports_open_after_migration(self):
+        """privilegedStartService binds nothing; the port opens when migration finishes, and only then is the status ok."""
+        held = Deferred()
+        self.database.answers.append(held)
+        service = self.service()
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(self.clock.tcpServers, [])
+        self.assertEqual(service.status(), "starting")
+        self.assertNoResult(service.ready)
+        held.callback(None)
+        self.assertEqual([port for port, *_ in self.clock.tcpServers], [5002])
+        self.successResultOf(service.ready)
+        self.assertEqual(service.status(), "ok")
+        service.stopService()
+        self.assertEqual(service.status(), "stopping")
+
+    def test_waits_for_the_database(self):
+        """An unavailable database is tried again every second within the wait, then the daemon starts."""
+        self.database.answers += [DatabaseUnavailableError("refused"), DatabaseUnavailableError("refused")]
+        service = self.service(database_wait=5)
+        service.startService()
+        self.assertEqual((self.database.migrations, self.clock.tcpServers), (1, []))
+        self.clock.advance(1)
+        self.assertEqual(self.database.migrations, 2)
+        self.clock.advance(1)
+        self.assertEqual(self.database.migrations, 3)
+        self.successResultOf(service.ready)
+        self.assertEqual(len(self.clock.tcpServers), 1)
+
+    def test_gives_up_after_the_wait(self):
+        """Past the wait, start-up fails with the database's error and no port opens."""
+        self.database.answers += [DatabaseUnavailableError("refused") for _ in range(10)]
+        service = self.service(database_wait=2)
+        service.startService()
+        self.clock.advance(1)
+        self.clock.advance(1)
+        failure = self.failureResultOf(service.ready, DatabaseUnavailableError)
+        self.assertEqual(failure.value.message, "database unavailable: refused")
+        self.assertEqual(len(self.flushLoggedErrors(DatabaseUnavailableError)), 1)
+        self.assertEqual((self.database.migrations, self.clock.tcpServers, service.status()), (3, [], "failed"))
+
+    def test_other_database_errors_are_not_waited_for(self):
+        """A failure other than an unavailable database fails start-up at once."""
+        self.database.answers.append(RuntimeError("bad migration"))
+        service = self.service(database_wait=30)
+        service.startService()
+        self.failureResultOf(service.ready, RuntimeError)
+        self.assertEqual(self.database.migrations, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_stopped_while_waiting(self):
+        """A stop while waiting for the database cancels the start: no port opens, no failure status."""
+        self.database.answers += [DatabaseUnavailableError("refused") for _ in range(10)]
+        service = self.service(database_wait=30)
+        service.startService()
+        service.stopService()
+        self.clock.advance(1)
+        self.failureResultOf(service.ready, CancelledError)
+        self.assertEqual((self.clock.tcpServers, service.status(), self.database.migrations), ([], "starting", 1))
+
+    def test_port_in_use_fails_start(self):
+        """A port that cannot be bound fails start-up instead of leaving a deaf daemon running."""
+        service = self.service(endpoint=RefusingEndpoint())
+        service.startService()
+        self.failureResultOf(service.ready, CannotListenError)
+        self.assertEqual(service.status(), "failed")
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+
+
+class ProcessPolicyTests(SynchronousTestCase):
+    """end_process_on_failed_start: what twistd needs when start-up fails."""
+
+    def failing_start(self, clock) -> list:
+        """Start a daemon whose migration fails under the policy; the exit statuses it asked for."""
+        service = DaemonService(clock, HeldDatabase(clock), QuietInstaller())
+        service.persistence.answers.append(RuntimeError("bad"))
+        statuses = []
+        end_process_on_failed_start(service, clock, exit_with=statuses.append)
+        service.startService()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        return statuses
+
+    def test_failed_start_stops_reactor_and_sets_status(self):
+        """A failed start stops the reactor and asks for exit status 1."""
+        clock = MemoryReactorClock()
+        clock.running = True
+        self.assertEqual((self.failing_start(clock), clock.hasStopped), ([1], True))
+
+    def test_failed_before_the_reactor_runs(self):
+        """A start that fails before the reactor runs stops it as soon as it runs."""
+        clock = MemoryReactorClock()
+        self.assertEqual((self.failing_start(clock), clock.hasStopped), ([1], False))
+        clock.run()
+        self.assertTrue(clock.hasStopped)
+
+    def test_success_and_cancel_leave_the_process_alone(self):
+        """A successful start, or a stop before ready, neither stops the reactor nor sets a status."""
+        statuses = []
+        for cancel in (False, True):
+            clock = MemoryReactorClock()
+            clock.running = True
+            service = DaemonService(clock, HeldDatabase(clock), QuietInstaller(), database_wait=10)
+            if cancel:
+                service.persistence.answers.append(DatabaseUnavailableError("refused"))
+            end_process_on_failed_start(service, clock, exit_with=statuses.append)
+            service.startService()
+            if cancel:
+                service.stopService()
+                clock.advance(1)
+                self.failureResultOf(service.ready, CancelledError)
+            else:
+                self.successResultOf(service.ready)
+            self.assertFalse(clock.hasStopped)
+        self.assertEqual(statuses, [])
+
+
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """A memory reactor whose callFromThread queues the call until :meth:`pump`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: queue.Queue = queue.Queue()
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.from_threads.put((f, args, kwargs))
+
+    def pump(self, until, limit: float = 30.0) -> None:
+        """Run calls from threads as they come, until ``until()`` (or ``limit`` seconds)."""
+        deadline = time.monotonic() + limit
+        while not until() and time.monotonic() < deadline:
+            try:
+                f, args, kwargs = self.from_threads.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            f(*args, **kwargs)
+
+
+class MakeServiceStartTests(SynchronousTestCase):
+    """The daemon makeService builds, started on a memory reactor."""
+
+    def test_no_port_until_migrated(self):
+        """Under twistd's start sequence no port is bound until the database is migrated; /health/check says starting until ready."""
+        fake = ThreadedMemoryReactor()
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        options = tap.Options()
+        options.parseOptions(["--env-file", os.path.join(workdir, "absent.env")])
+        service = tap.makeService(options, reactor=fake, environ=environment(workdir, 5002))
+        treq = StubTreq(service.site.resource)
+
+        def health():
+            d = treq.get("http://daemon/health/check")
+            treq.flush()
+            response = self.successResultOf(d)
+            body = self.successResultOf(treq.content(response))
+            return response.code, orjson.loads(body)["status"]
+
+        self.assertEqual(health(), (503, "starting"))
+
+        def stop():
+            # the worker threads must end, whatever the test's outcome
+            stopped = service.stopService()
+            fake.pump(lambda: stopped.called)
+            return stopped
+
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(lambda: service.running and stop())
+        # the migration runs in a worker thread whose answer waits in the queue
+        self.assertEqual(fake.tcpServers, [])
+        fake.pump(lambda: service.ready.called)
+        self.successResultOf(service.ready)
+        self.assertEqual([port for port, *_ in fake.tcpServers], [5002])
+        self.assertEqual(health(), (200, "ok"))
+        self.successResultOf(stop())
