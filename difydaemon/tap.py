@@ -38,11 +38,17 @@ from difydaemon.management.installations import InstallationCache
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.launch import LocalRuntimeFactory
+from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService
 from difydaemon.storage.filesystem import FilesystemObjectStorage
 
 BUILD_TIME = "unknown"
+
+#: seconds between TERM and KILL when a plugin is stopped: the SDK dies on
+#: TERM at once, so only a hung plugin waits, and a shutdown stays within
+#: SHUTDOWN_GRACE_PERIOD + this (+ a margin) of ``docker stop``'s 10 s
+PLUGIN_STOP_GRACE_PERIOD = 2.0
 
 
 class Options(usage.Options):
@@ -135,6 +141,8 @@ def _local_factory(reactor, config: Config, persistence, storage, paths, blockin
             "max_line_size": config.plugin_runtime_max_buffer_size,
             "readiness_timeout": local.python_env_init_timeout_seconds,
             "session_timeout": config.max_execution_timeout_seconds,
+            "liveness": LivenessPolicy(timeout=local.plugin_heartbeat_timeout_seconds),
+            "stop_grace_period": PLUGIN_STOP_GRACE_PERIOD,
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
     )
@@ -186,7 +194,13 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         max_bundle_size=config.packages.max_bundle_package_size,
     )
     installations = InstallationCache(reactor, persistence)
-    runtimes = RuntimeRegistry(reactor, _local_factory(reactor, config, persistence, storage, paths, blocking))
+    runtimes = RuntimeRegistry(
+        reactor,
+        _local_factory(reactor, config, persistence, storage, paths, blocking),
+        shutdown_grace_period=config.shutdown_grace_period_seconds,
+        # TERM, KILL after the stop grace period, and the reaping
+        stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 1.0,
+    )
     installer = Installer(
         reactor,
         persistence,
@@ -214,6 +228,9 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         installations,
         runtimes,
         max_execution_timeout=config.max_execution_timeout_seconds,
+        # as long as one start may take before it fails by itself, and well
+        # under Dify's 600 s: the caller then reads why, not a timeout
+        runtime_wait=config.local_runtime.python_env_init_timeout_seconds,
         backwards=backwards,
     )
     public_endpoints = None

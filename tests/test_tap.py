@@ -93,6 +93,18 @@ class MakeServiceTests(SynchronousTestCase):
             child.startService()
         self.assertEqual(sorted(port for port, *_ in fake.tcpServers), [5002, 5003])
 
+    def test_supervision_settings_reach_the_runtimes(self):
+        """PLUGIN_HEARTBEAT_TIMEOUT and SHUTDOWN_GRACE_PERIOD reach the plugin runtimes and the registry."""
+        environ = environment(self.mktemp(), 5002)
+        environ.update({"PLUGIN_HEARTBEAT_TIMEOUT": "12", "SHUTDOWN_GRACE_PERIOD": "5"})
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        registry = service.runtimes
+        self.assertEqual(registry.shutdown_grace_period, 5.0)
+        self.assertEqual(registry.factory.runtime_options["liveness"].timeout, 12.0)
+        self.assertEqual(registry.factory.runtime_options["stop_grace_period"], tap.PLUGIN_STOP_GRACE_PERIOD)
+
     def test_bad_config_names_variable(self):
         """A bad value stops makeService with an error naming the variable."""
         environ = environment(self.mktemp(), 5002)
