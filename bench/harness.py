@@ -37,6 +37,26 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def plugin_pids(daemon_pid: int) -> list[int]:
+    """The daemon's children running the plugin (``-m main``)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == daemon_pid and b"-m\0main" in cmdline:
+            pids.append(int(name))
+    if not pids:
+        raise RuntimeError("the daemon runs no plugin process")
+    return pids
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
