@@ -39,19 +39,9 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 def plugin_pids(daemon_pid: int) -> list[int]:
     """The daemon's children running the plugin (``-m main``)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if ppid == daemon_pid and b"-m\0main" in cmdline:
-            pids.append(int(name))
+    from difydaemon.testing.proc import children_by_parent, command_line
+
+    pids = [pid for pid in children_by_parent().get(daemon_pid, []) if b"-m\0main" in command_line(pid)]
     if not pids:
         raise RuntimeError("the daemon runs no plugin process")
     return pids
