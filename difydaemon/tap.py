@@ -51,6 +51,10 @@ BUILD_TIME = "unknown"
 #: then (``bench/supervision.py`` measured 8 s + this + 0.2 s)
 PLUGIN_STOP_GRACE_PERIOD = 1.0
 
+#: seconds a call waits for a plugin that no local launch can bring up (a
+#: debug plugin reconnecting; the serverless platform): Go's retry window
+REMOTE_RUNTIME_WAIT = 6.0
+
 
 class Options(usage.Options):
     """Options of ``twistd difydaemon``; everything else comes from the environment."""
@@ -231,7 +235,11 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         max_execution_timeout=config.max_execution_timeout_seconds,
         # as long as one start may take before it fails by itself, and well
         # under Dify's 600 s: the caller then reads why, not a timeout
-        runtime_wait=config.local_runtime.python_env_init_timeout_seconds,
+        runtime_wait=(
+            config.local_runtime.python_env_init_timeout_seconds
+            if runtimes.factory is not None
+            else REMOTE_RUNTIME_WAIT
+        ),
         backwards=backwards,
     )
     public_endpoints = None
@@ -256,6 +264,7 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         reactor, persistence, installer, runtimes=runtimes, runners=[blocking], http_pools=[dify_pool]
     )
     service.backwards = backwards
+    service.dispatch = dispatch
     service.endpoints = endpoints
     #: the ``/e/`` resource, None when PLUGIN_ENDPOINT_ENABLED is false
     service.public_endpoints = public_endpoints

@@ -437,7 +437,8 @@ class DispatchResource(Resource):
         self._installations = installations
         self._registry = registry
         self._max_execution_timeout = max_execution_timeout
-        self._runtime_wait = runtime_wait
+        #: seconds a call waits for a runtime that is not ready
+        self.runtime_wait = runtime_wait
         self._coalesce = coalesce_writes
         self._turns = TurnFlush(reactor)
         self._routes = route_table() if routes is None else route_table(routes)
@@ -550,7 +551,7 @@ class DispatchResource(Resource):
         if runtime is not None and runtime.is_ready():
             self._open_on(relay, runtime, identifier)
             return
-        waiting = self._registry.when_ready(identifier, self._runtime_wait)
+        waiting = self._registry.when_ready(identifier, self.runtime_wait)
         relay.retry_call = _Waiting(waiting)
         waiting.addCallbacks(
             self._runtime_ready, self._no_runtime, callbackArgs=(relay, identifier), errbackArgs=(relay,)

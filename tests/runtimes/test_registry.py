@@ -154,6 +154,17 @@ class LauncherTests(RegistryCase):
         self.assertIsNone(self.registry.get(B))
         self.assertIn("uninstalled", self.failureResultOf(waiting, InternalServerError).value.message)
 
+    def test_uninstall_while_backing_off_stops_the_retries(self):
+        """Uninstalling a plugin that is backing off drops it: no retry comes, waits fail saying why."""
+        self.backing_off()
+        waiting = self.registry.when_ready(A, 120)
+        self.successResultOf(self.registry.stop(A))
+        message = self.failureResultOf(waiting, InternalServerError).value.message
+        self.assertEqual(message, "failed to get plugin runtime: the plugin was uninstalled")
+        self.clock.advance(3600)
+        self.assertEqual(self.factory.count(A), 1)
+        self.assertIsNone(self.registry.status(A))
+
     def test_register_and_unregister(self):
         """Debug runtimes register themselves; unregister only removes the same object."""
         runtime = _Runtime("u/p:0.0.1@" + "5" * 64)
@@ -407,6 +418,17 @@ class WaitTests(RegistryCase):
         runtime = _Runtime(B)
         registry.register(runtime)
         self.assertIs(self.successResultOf(waiting), runtime)
+
+    def test_gone_debug_plugin_fails_waits_at_once(self):
+        """When the runtime waited for unregisters (a debug plugin disconnects), the waits fail at once."""
+        runtime = _Runtime(B, ready=False)
+        self.factory.not_local.add(B)
+        self.registry.register(runtime)
+        waiting = self.registry.when_ready(B, 120)
+        self.assertNoResult(waiting)
+        self.registry.unregister(runtime)
+        message = self.failureResultOf(waiting, InternalServerError).value.message
+        self.assertEqual(message, f"failed to get plugin runtime: plugin {B} is not running")
 
     def test_cancelled_wait_leaves_no_timer(self):
         """A cancelled wait (the caller went away) leaves nothing scheduled."""
