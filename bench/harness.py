@@ -37,6 +37,16 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def plugin_pids(daemon_pid: int) -> list[int]:
+    """The daemon's children running the plugin (``-m main``)."""
+    from difydaemon.testing.proc import children_by_parent, command_line
+
+    pids = [pid for pid in children_by_parent().get(daemon_pid, []) if b"-m\0main" in command_line(pid)]
+    if not pids:
+        raise RuntimeError("the daemon runs no plugin process")
+    return pids
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

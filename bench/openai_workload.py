@@ -48,6 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.harness import cpu_seconds as process_cpu  # noqa: E402
+from bench.harness import plugin_pids  # noqa: E402
 from difydaemon.packaging.archive import extract_package, read_package  # noqa: E402
 from difydaemon.runtimes.environment import venv_is_valid  # noqa: E402
 from difydaemon.testing.openai import FakeOpenAIServer, listen  # noqa: E402
@@ -357,26 +358,6 @@ async def start_daemon(reactor, instances: int = 1):
     return daemon
 
 
-def _plugin_pids(daemon_pid: int) -> list[int]:
-    """The daemon's children running the plugin (``-m main``)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if ppid == daemon_pid and b"-m\0main" in cmdline:
-            pids.append(int(name))
-    if not pids:
-        raise RuntimeError("the daemon runs no plugin process")
-    return pids
-
-
 async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
     """The same workload through the daemon's HTTP API (``--instances`` plugin processes)."""
     import treq
@@ -409,8 +390,8 @@ async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
             state["started"] += 1
             await one()
 
-    plugin_pids = _plugin_pids(daemon.process.pid)
-    cpu_before = sum(cpu_seconds(pid) for pid in plugin_pids)
+    pids = plugin_pids(daemon.process.pid)
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
     daemon_before = cpu_seconds(daemon.process.pid)
     client_before = time.process_time()
     started = time.perf_counter()
@@ -427,7 +408,7 @@ async def run_daemon(context: BenchContext, workload: Workload) -> RunResult:
         completed=state["completed"],
         errors=state["errors"],
         chunks=state["chunks"],
-        plugin_cpu=sum(cpu_seconds(pid) for pid in plugin_pids) - cpu_before,
+        plugin_cpu=sum(cpu_seconds(pid) for pid in pids) - cpu_before,
         client_cpu=client_cpu,
         daemon_cpu=daemon_cpu,
         first_error=state["first_error"],

@@ -22,6 +22,10 @@ Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
   ``5s``; MySQL-only in Go) also bound PostgreSQL connects and answers;
   ``DB_STARTUP_TIMEOUT`` (default ``30s``) is our own: how long start-up
   keeps trying to reach the database.
+- ``PLUGIN_HEARTBEAT_TIMEOUT`` (default 30) is our own: seconds of silence
+  after which a ready plugin instance counts as hung (Go: 120 s of no output).
+- ``SHUTDOWN_GRACE_PERIOD`` (default 8) is our own: seconds a daemon stop
+  lets open plugin sessions finish (Go: ``PLUGIN_MAX_EXECUTION_TIMEOUT``).
 - A variable set to the empty string counts as unset and takes its default,
   as in Go's default-setter; out-of-range numbers (a port of 0, a size of 0)
   are errors instead of silently meaning "default".
@@ -72,6 +76,7 @@ VARIABLES: tuple[str, ...] = (
     "PLUGIN_ENDPOINT_ENABLED",
     "PLUGIN_MAX_EXECUTION_TIMEOUT",
     "PLUGIN_INSTALL_TIMEOUT",
+    "SHUTDOWN_GRACE_PERIOD",
     "PLUGIN_RUNTIME_BUFFER_SIZE",
     "PLUGIN_RUNTIME_MAX_BUFFER_SIZE",
     "PLUGIN_STDIO_BUFFER_SIZE",
@@ -123,6 +128,7 @@ VARIABLES: tuple[str, ...] = (
     "PLUGIN_IGNORE_UV_LOCK",
     "PLUGIN_LOCAL_LAUNCHING_CONCURRENT",
     "PLUGIN_LOCAL_INSTANCES",
+    "PLUGIN_HEARTBEAT_TIMEOUT",
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
@@ -432,6 +438,9 @@ class LocalRuntimeConfig:
     plugin_local_launching_concurrent: int
     #: ``PLUGIN_LOCAL_INSTANCES``: processes per local plugin (ours).
     plugin_local_instances: int
+    #: ``PLUGIN_HEARTBEAT_TIMEOUT``: seconds without any output (the SDK
+    #: heartbeats every 10 s) after which a ready instance is hung (ours).
+    plugin_heartbeat_timeout: int
     #: ``HTTP_PROXY``, falling back to ``http_proxy``; empty for none.
     http_proxy: str
     #: ``HTTPS_PROXY``, falling back to ``https_proxy``; empty for none.
@@ -443,6 +452,11 @@ class LocalRuntimeConfig:
     def python_env_init_timeout_seconds(self) -> float:
         """``python_env_init_timeout`` in seconds."""
         return float(self.python_env_init_timeout)
+
+    @property
+    def plugin_heartbeat_timeout_seconds(self) -> float:
+        """``plugin_heartbeat_timeout`` in seconds."""
+        return float(self.plugin_heartbeat_timeout)
 
     @property
     def pip_extra_argv(self) -> tuple[str, ...]:
@@ -628,6 +642,9 @@ class Config:
     plugin_max_execution_timeout: int
     #: ``PLUGIN_INSTALL_TIMEOUT``: minutes per install or upgrade job.
     plugin_install_timeout: int
+    #: ``SHUTDOWN_GRACE_PERIOD``: seconds a daemon stop lets open plugin
+    #: sessions finish before it ends them with an error (ours).
+    shutdown_grace_period: int
     #: Initial line buffer for plugin output: ``PLUGIN_STDIO_BUFFER_SIZE``
     #: when customised, else ``PLUGIN_RUNTIME_BUFFER_SIZE``.
     plugin_runtime_buffer_size: int
@@ -652,6 +669,11 @@ class Config:
     def install_timeout_seconds(self) -> float:
         """``plugin_install_timeout`` (minutes) in seconds."""
         return self.plugin_install_timeout * 60.0
+
+    @property
+    def shutdown_grace_period_seconds(self) -> float:
+        """``shutdown_grace_period`` in seconds."""
+        return float(self.shutdown_grace_period)
 
 
 # ---------------------------------------------------------------------------
@@ -906,6 +928,7 @@ def _build(values: _Values) -> Config:
         plugin_endpoint_enabled=values.boolean("PLUGIN_ENDPOINT_ENABLED", True),
         plugin_max_execution_timeout=values.integer("PLUGIN_MAX_EXECUTION_TIMEOUT", 600, 1),
         plugin_install_timeout=values.integer("PLUGIN_INSTALL_TIMEOUT", 15, 1),
+        shutdown_grace_period=values.integer("SHUTDOWN_GRACE_PERIOD", 8, 0),
         plugin_runtime_buffer_size=buffer_size,
         plugin_runtime_max_buffer_size=max_buffer_size,
         storage=_storage(values),
@@ -1061,6 +1084,7 @@ def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
             "PLUGIN_LOCAL_LAUNCHING_CONCURRENT", 2, 1
         ),
         plugin_local_instances=values.integer("PLUGIN_LOCAL_INSTANCES", 1, 1),
+        plugin_heartbeat_timeout=values.integer("PLUGIN_HEARTBEAT_TIMEOUT", 30, 1),
         http_proxy=_proxy(values, "HTTP_PROXY"),
         https_proxy=_proxy(values, "HTTPS_PROXY"),
         no_proxy=_proxy(values, "NO_PROXY"),

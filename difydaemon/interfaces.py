@@ -373,5 +373,12 @@ class IPluginRuntime(Interface):
         the instance or connection that serves ``session_id``.
         """
 
-    def stop():
-        """Drain sessions, then stop everything. Deferred[None]."""
+    def stop(drain_timeout=None, reason=None):
+        """
+        Refuse new sessions, wait for open ones for at most
+        ``drain_timeout`` seconds (None: the runtime's own limit), then
+        stop everything. Deferred[None].  With a ``reason``, the sessions
+        still open at the end of the wait fail with it (a -500 whose
+        message is the reason) instead of being cut.  A stop while stopping
+        may shorten the wait, never lengthen it.
+        """

@@ -4,8 +4,11 @@ The daemon's top service: start-up order, readiness and shutdown.
 Start-up: the database is reached (trying again for a while if it is not
 up yet) and migrated, install tasks left unfinished by a previous run are
 failed, and only then do the ports open: no request can meet a database
-without its tables.  Shutdown: ports close first, install jobs stop,
-runtimes drain and stop, and the database closes last.
+without its tables (installed plugins come up in the background; a call for
+one still starting waits for it).  Shutdown: ports close first; install jobs
+stop while the runtimes drain for the shutdown grace period, end the
+sessions still open with an error and stop their plugins -- bounded whatever
+the plugins do; the database closes last.
 
 Under twistd a failed start must end the process with a non-zero status,
 or a supervisor that restarts on failure sees success:
@@ -47,7 +50,8 @@ class DaemonService(MultiService):
     :param persistence: the IPersistence to migrate and close.
     :param installer: the Installer (tasks failed at start, stopped at end).
     :param runtimes: an object with ``start()`` and ``stop_all()`` returning
-        Deferreds (the runtime registry), or None.
+        Deferreds (the runtime registry, whose ``stop_all`` is bounded), or
+        None.
     :param runners: blocking-work runners to stop last.
     :param http_pools: treq/Agent connection pools whose kept-alive
         connections are closed at the end.
@@ -165,6 +169,10 @@ class DaemonService(MultiService):
             log.failure("difydaemon could not start", failure)
         self._settle(failure)
 
+    @staticmethod
+    def _step_failed(failure, what: str) -> None:
+        log.failure("stopping {what} failed", failure, what=what)
+
     def stopService(self) -> Deferred:
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
@@ -174,15 +182,12 @@ class DaemonService(MultiService):
             [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running],
             consumeErrors=True,
         )
-        try:
-            await self.installer.stop()
-        except Exception:
-            log.failure("stopping install jobs failed")
+        # in parallel: the runtimes' drain is the part a stop timeout is
+        # counted against, and it must not wait behind the task updates
+        steps = [maybeDeferred(self.installer.stop).addErrback(self._step_failed, "install jobs")]
         if self.runtimes is not None:
-            try:
-                await self.runtimes.stop_all()
-            except Exception:
-                log.failure("stopping plugin runtimes failed")
+            steps.append(maybeDeferred(self.runtimes.stop_all).addErrback(self._step_failed, "plugin runtimes"))
+        await DeferredList(steps)
         for pool in self._http_pools:
             # kept-alive connections to Dify would outlive the daemon otherwise
             await pool.closeCachedConnections()

@@ -38,11 +38,22 @@ from difydaemon.management.installations import InstallationCache
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.launch import LocalRuntimeFactory
+from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
 
 BUILD_TIME = "unknown"
+
+#: seconds between TERM and KILL when a plugin is stopped: the SDK dies on
+#: TERM at once, so only a hung plugin waits, and with the default
+#: SHUTDOWN_GRACE_PERIOD a shutdown ends within ``docker stop``'s 10 s even
+#: then (``bench/supervision.py`` measured 8 s + this + 0.2 s)
+PLUGIN_STOP_GRACE_PERIOD = 1.0
+
+#: seconds a call waits for a plugin that no local launch can bring up (a
+#: debug plugin reconnecting; the serverless platform): Go's retry window
+REMOTE_RUNTIME_WAIT = 6.0
 
 
 class Options(usage.Options):
@@ -145,6 +156,8 @@ def _local_factory(reactor, config: Config, persistence, storage, paths, blockin
             "max_line_size": config.plugin_runtime_max_buffer_size,
             "readiness_timeout": local.python_env_init_timeout_seconds,
             "session_timeout": config.max_execution_timeout_seconds,
+            "liveness": LivenessPolicy(timeout=local.plugin_heartbeat_timeout_seconds),
+            "stop_grace_period": PLUGIN_STOP_GRACE_PERIOD,
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
     )
@@ -198,7 +211,13 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     installations = InstallationCache(reactor, persistence)
     dify_pool = HTTPConnectionPool(reactor, persistent=True)
     dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
-    runtimes = RuntimeRegistry(reactor, _local_factory(reactor, config, persistence, storage, paths, blocking))
+    runtimes = RuntimeRegistry(
+        reactor,
+        _local_factory(reactor, config, persistence, storage, paths, blocking),
+        shutdown_grace_period=config.shutdown_grace_period_seconds,
+        # TERM, KILL after the stop grace period, and the reaping
+        stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 1.0,
+    )
     installer = Installer(
         reactor,
         persistence,
@@ -234,6 +253,13 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         installations,
         runtimes,
         max_execution_timeout=config.max_execution_timeout_seconds,
+        # as long as one start may take before it fails by itself, and well
+        # under Dify's 600 s: the caller then reads why, not a timeout
+        runtime_wait=(
+            config.local_runtime.python_env_init_timeout_seconds
+            if runtimes.factory is not None
+            else REMOTE_RUNTIME_WAIT
+        ),
         backwards=backwards,
     )
     public_endpoints = None
@@ -255,6 +281,7 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     site = DaemonSite(root, reactor=reactor, log_health=config.health_api_log_enabled, gate=gate)
 
     service.backwards = backwards
+    service.dispatch = dispatch
     service.endpoints = endpoints
     #: the ``/e/`` resource, None when PLUGIN_ENDPOINT_ENABLED is false
     service.public_endpoints = public_endpoints

@@ -125,6 +125,13 @@ class DefaultTests(SynchronousTestCase):
         self.assertEqual(config.plugin_install_timeout, 15)
         self.assertEqual(config.install_timeout_seconds, 900.0)
 
+    def test_supervision(self):
+        """A plugin is hung after 30 s of silence; a daemon stop drains for 8 s (under docker's 10)."""
+        self.assertEqual(self.config.local_runtime.plugin_heartbeat_timeout, 30)
+        self.assertEqual(self.config.local_runtime.plugin_heartbeat_timeout_seconds, 30.0)
+        self.assertEqual(self.config.shutdown_grace_period, 8)
+        self.assertEqual(self.config.shutdown_grace_period_seconds, 8.0)
+
     def test_buffers(self):
         """The plugin output buffers default to 1024 and 5242880 bytes."""
         self.assertEqual(
@@ -429,6 +436,19 @@ class BadValueTests(SynchronousTestCase):
         self.assert_refused("PLUGIN_LOCAL_INSTANCES", "at least 1", PLUGIN_LOCAL_INSTANCES="0")
         config = load_config(_environ(PLUGIN_LOCAL_INSTANCES="3"))
         self.assertEqual(config.local_runtime.plugin_local_instances, 3)
+
+    def test_heartbeat_timeout(self):
+        """PLUGIN_HEARTBEAT_TIMEOUT is a whole number of seconds, at least 1."""
+        self.assert_refused("PLUGIN_HEARTBEAT_TIMEOUT", "at least 1", PLUGIN_HEARTBEAT_TIMEOUT="0")
+        self.assert_refused("PLUGIN_HEARTBEAT_TIMEOUT", "not an integer", PLUGIN_HEARTBEAT_TIMEOUT="soon")
+        config = load_config(_environ(PLUGIN_HEARTBEAT_TIMEOUT="5"))
+        self.assertEqual(config.local_runtime.plugin_heartbeat_timeout_seconds, 5.0)
+
+    def test_shutdown_grace_period(self):
+        """SHUTDOWN_GRACE_PERIOD is a whole number of seconds; 0 ends open calls at once, negatives are refused."""
+        self.assert_refused("SHUTDOWN_GRACE_PERIOD", "at least 0", SHUTDOWN_GRACE_PERIOD="-1")
+        self.assert_refused("SHUTDOWN_GRACE_PERIOD", "not an integer", SHUTDOWN_GRACE_PERIOD="8s")
+        self.assertEqual(load_config(_environ(SHUTDOWN_GRACE_PERIOD="0")).shutdown_grace_period_seconds, 0.0)
 
     def test_blanks_around_numbers(self):
         """Blanks around a typed value are ignored."""

@@ -99,6 +99,36 @@ class MakeServiceTests(SynchronousTestCase):
             child.startService()
         self.assertEqual(sorted(port for port, *_ in fake.tcpServers), [5002, 5003])
 
+    def test_supervision_settings_reach_the_runtimes(self):
+        """PLUGIN_HEARTBEAT_TIMEOUT and SHUTDOWN_GRACE_PERIOD reach the plugin runtimes and the registry."""
+        environ = environment(self.mktemp(), 5002)
+        environ.update({"PLUGIN_HEARTBEAT_TIMEOUT": "12", "SHUTDOWN_GRACE_PERIOD": "5"})
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        registry = service.runtimes
+        self.assertEqual(registry.shutdown_grace_period, 5.0)
+        self.assertEqual(registry.factory.runtime_options["liveness"].timeout, 12.0)
+        self.assertEqual(registry.factory.runtime_options["stop_grace_period"], tap.PLUGIN_STOP_GRACE_PERIOD)
+
+    def test_calls_wait_for_a_starting_plugin_as_long_as_a_start_may_take(self):
+        """Dispatch waits PYTHON_ENV_INIT_TIMEOUT for a local plugin, Go's 6 s on the serverless platform."""
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        environ = environment(self.mktemp(), 5002)
+        environ["PYTHON_ENV_INIT_TIMEOUT"] = "90"
+        local = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        self.assertEqual(local.dispatch.runtime_wait, 90.0)
+        environ.update(
+            {
+                "PLATFORM": "serverless",
+                "DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL": "http://127.0.0.1:1",
+                "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY": "connector",
+            }
+        )
+        serverless = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        self.assertEqual(serverless.dispatch.runtime_wait, tap.REMOTE_RUNTIME_WAIT)
+
     def test_bad_config_names_variable(self):
         """A bad value stops makeService with an error naming the variable."""
         environ = environment(self.mktemp(), 5002)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from os import urandom
 
 import orjson
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -436,8 +437,8 @@ class DispatchResource(Resource):
         attribute that is not None; only for the others does dispatch keep
         a timer of its own, so no session has two.
     :param runtime_wait: seconds to wait for a runtime that is missing or
-        not ready (a plugin still starting) before answering 500.
-    :param runtime_retry: seconds between two looks at the runtime.
+        not ready (a plugin still starting, restarting, or backing off
+        after a failure) before answering 500 with the reason.
     :param coalesce_writes: batch the SSE items of one reactor turn.
     :param backwards: a
         :class:`~difydaemon.invocation.dispatcher.BackwardsInvocations`
@@ -453,7 +454,6 @@ class DispatchResource(Resource):
         registry,
         max_execution_timeout: float | None = 600.0,
         runtime_wait: float = 6.0,
-        runtime_retry: float = 0.3,
         coalesce_writes: bool = True,
         routes=None,
         backwards=None,
@@ -463,8 +463,8 @@ class DispatchResource(Resource):
         self._installations = installations
         self._registry = registry
         self._max_execution_timeout = max_execution_timeout
-        self._runtime_retry = runtime_retry
-        self._retries = max(0, int(round(runtime_wait / runtime_retry))) if runtime_retry > 0 else 0
+        #: seconds a call waits for a runtime that is not ready
+        self.runtime_wait = runtime_wait
         self._coalesce = coalesce_writes
         self._turns = TurnFlush(reactor)
         self._routes = route_table() if routes is None else route_table(routes)
@@ -578,29 +578,69 @@ class DispatchResource(Resource):
         relay.plugin_id = installation.plugin_id
         relay.backwards = self.backwards
         departure.relay = relay
-        self._open(relay, identifier, self._retries)
+        self._open(relay, identifier)
 
-    def _open(self, relay: _Relay, identifier: str, retries: int) -> None:
-        relay.retry_call = None
+    def _open(self, relay: _Relay, identifier: str) -> None:
+        """
+        Open the session on the identifier's runtime, or wait (up to
+        ``runtime_wait``) for the registry to have a ready one: a plugin
+        still starting, restarting, or retried after a failure.
+        """
         if relay.closed:
             return
         runtime = self._registry.get(identifier)
         if runtime is not None and runtime.is_ready():
-            # set first: a runtime may deliver messages before open_session returns
-            relay.runtime = runtime
-            try:
-                handle = runtime.open_session(relay.session_id, relay.plugin_request, relay)
-            except errors.DaemonError as exc:
-                log.debug(
-                    "cannot open a session of {identifier}: {reason}", identifier=identifier, reason=exc.message
-                )
-            else:
-                timeout = None
-                if getattr(runtime, "session_timeout", None) is None:
-                    timeout = self._max_execution_timeout
-                relay.opened(handle, timeout)
-                return
-        if retries <= 0:
-            relay.refuse(500, _NO_RUNTIME)
+            self._open_on(relay, runtime, identifier)
             return
-        relay.retry_call = self._reactor.callLater(self._runtime_retry, self._open, relay, identifier, retries - 1)
+        waiting = self._registry.when_ready(identifier, self.runtime_wait)
+        relay.retry_call = _Waiting(waiting)
+        waiting.addCallbacks(
+            self._runtime_ready, self._no_runtime, callbackArgs=(relay, identifier), errbackArgs=(relay,)
+        )
+
+    def _runtime_ready(self, runtime, relay: _Relay, identifier: str) -> None:
+        relay.retry_call = None
+        if not relay.closed:
+            self._open_on(relay, runtime, identifier)
+
+    def _no_runtime(self, failure, relay: _Relay) -> None:
+        relay.retry_call = None
+        if relay.closed or failure.check(CancelledError):
+            return
+        if isinstance(failure.value, errors.DaemonError):
+            relay.refuse(500, envelope.from_exception(failure.value))
+        else:
+            log.failure("waiting for a plugin runtime failed", failure)
+            relay.refuse(500, _NO_RUNTIME)
+
+    def _open_on(self, relay: _Relay, runtime, identifier: str) -> None:
+        # set first: a runtime may deliver messages before open_session returns
+        relay.runtime = runtime
+        try:
+            handle = runtime.open_session(relay.session_id, relay.plugin_request, relay)
+        except errors.DaemonError as exc:
+            # it said it was ready: waiting again could go round forever
+            log.debug("cannot open a session of {identifier}: {reason}", identifier=identifier, reason=exc.message)
+            relay.refuse(500, envelope.from_exception(exc))
+            return
+        timeout = None
+        if getattr(runtime, "session_timeout", None) is None:
+            timeout = self._max_execution_timeout
+        relay.opened(handle, timeout)
+
+
+class _Waiting:
+    """A relay's wait for a runtime, cancelled as its pending retry call is."""
+
+    __slots__ = ("_deferred",)
+
+    def __init__(self, deferred) -> None:
+        self._deferred = deferred
+
+    def active(self) -> bool:
+        """Whether the wait is still on."""
+        return not self._deferred.called
+
+    def cancel(self) -> None:
+        """Stop waiting (the client went away)."""
+        self._deferred.cancel()

@@ -72,7 +72,7 @@ from difydaemon.runtimes.handshake import (
     remote_plugin,
 )
 from difydaemon.runtimes.process import log_level
-from difydaemon.runtimes.sessions import SessionTable
+from difydaemon.runtimes.sessions import SessionDrain, SessionTable
 
 SERVER_BUSY = "server is busy now, please try again later"
 TENANT_BUSY = "handshake failed, too many debugging connections for this workspace"
@@ -144,13 +144,17 @@ class DebugRuntime:
             raise errors.ConnectionClosedError(f"plugin session {session_id} is not open")
         self._connection.transport.write(encode_request(message))
 
-    def stop(self) -> Deferred:
+    def stop(self, drain_timeout: float | None = None, reason: str | None = None) -> Deferred:
         """
-        Refuse new sessions, wait for open ones (up to the factory's drain
-        timeout), then close the connection.  Fires (with None) once the
-        plugin is unregistered and uninstalled.
+        Refuse new sessions, wait for open ones (up to ``drain_timeout``,
+        by default the factory's drain timeout), then close the connection.
+        Fires (with None) once the plugin is unregistered and uninstalled.
+
+        :param reason: when given, the sessions still open at the end of the
+            wait are failed with it (a -500 whose message is ``reason``)
+            rather than with "Connection closed unexpectedly".
         """
-        return self._connection.stop()
+        return self._connection.stop(drain_timeout, reason)
 
 
 class DebugConnection(Protocol):
@@ -191,6 +195,7 @@ class DebugConnection(Protocol):
         self._socket = None
         self._peer = "?"
         self.tenant_slot: str | None = None
+        self._drain: SessionDrain | None = None
 
     # -- connection life --------------------------------------------------
 
@@ -419,15 +424,15 @@ class DebugConnection(Protocol):
             )
             self.transport.abortConnection()
 
-    def stop(self) -> Deferred:
-        """See :meth:`DebugRuntime.stop`."""
+    def stop(self, drain_timeout: float | None = None, reason: str | None = None) -> Deferred:
+        """See :meth:`DebugRuntime.stop`; a later stop may shorten the wait."""
+        timeout = self.factory.drain_timeout if drain_timeout is None else drain_timeout
         if self.state == RUNNING:
             self.state = STOPPING
-            drained = self.sessions.drained()
-            timeout = self.factory.drain_timeout
-            if timeout is not None:
-                drained.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda result, timeout: None)
-            drained.addBoth(lambda _: self.transport.loseConnection() if self.state != CLOSED else None)
+            self._drain = SessionDrain(self._reactor, [self.sessions], self._drained)
+            self._drain.start(timeout, reason)
+        elif self.state == STOPPING and self._drain is not None:
+            self._drain.limit(timeout, reason)
         elif self.state not in (CLOSED, INSTALLING):
             self.transport.loseConnection()
         waiter: Deferred = Deferred()
@@ -438,6 +443,10 @@ class DebugConnection(Protocol):
 
         self.closed.addBoth(cleaned_up)
         return waiter
+
+    def _drained(self) -> None:
+        if self.state != CLOSED:
+            self.transport.loseConnection()
 
     async def _teardown(self) -> None:
         """Fail open sessions, unregister, uninstall (when ours), invalidate."""

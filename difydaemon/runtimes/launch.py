@@ -1,5 +1,10 @@
 """
 Bringing local plugins up: unpack, build the venv, start the processes.
+
+:class:`LocalRuntimeFactory` makes one attempt each time the
+:class:`~difydaemon.runtimes.registry.RuntimeRegistry` asks; the registry
+decides when to try (an install, the daemon's start, a retry after a
+failure, a request for a plugin that is not up).
 """
 
 from __future__ import annotations
@@ -7,8 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.python.failure import Failure
 
 from difydaemon.errors import DaemonError, InternalServerError, ObjectNotFoundError
@@ -17,20 +21,23 @@ from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.runtimes.environment import working_dir_for
 from difydaemon.runtimes.local import LocalRuntime
 
-log = Logger()
-
 
 class SharedResult:
     """
     One Deferred's outcome handed to any number of waiters, each getting its
     own Deferred (a failure is delivered to every waiter and consumed once).
+
+    Cancelling a waiter detaches it; with ``cancel_when_abandoned``, the
+    last waiter's cancellation cancels the shared Deferred too (an install
+    that timed out must not leave its plugin starting for nobody).
     """
 
-    def __init__(self, result: Deferred) -> None:
+    def __init__(self, result: Deferred, cancel_when_abandoned: bool = False) -> None:
         self.result = result
         self._waiters: list[Deferred] = []
         self._outcome = None
         self._done = False
+        self._cancel_when_abandoned = cancel_when_abandoned
         result.addBoth(self._settle)
 
     def _settle(self, outcome):
@@ -48,7 +55,7 @@ class SharedResult:
 
     def addWaiter(self) -> Deferred:
         """A new Deferred that fires with the shared outcome."""
-        waiter = Deferred()
+        waiter = Deferred(self._waiter_cancelled)
         if self._done:
             if _is_failure(self._outcome):
                 waiter.errback(self._outcome)
@@ -57,6 +64,12 @@ class SharedResult:
         else:
             self._waiters.append(waiter)
         return waiter
+
+    def _waiter_cancelled(self, waiter: Deferred) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            if self._cancel_when_abandoned and not self._waiters and not self._done:
+                self.result.cancel()
 
 
 def _is_failure(value) -> bool:
@@ -70,7 +83,9 @@ class LocalRuntimeFactory:
     instances, and wait for the first heartbeat.
 
     A launch that fails removes the working directory it created, so a
-    failed install leaves no directory and no process behind.
+    failed install leaves no directory and no process behind; a launch that
+    is cancelled stops what it started.  The package is read from storage
+    only when the working directory has to be filled.
 
     :param reactor: spawns processes and keeps time.
     :param persistence: an IPersistence (to restore installed plugins).
@@ -115,17 +130,58 @@ class LocalRuntimeFactory:
         self._runtime_options = dict(runtime_options or {})
         self._semaphore = DeferredSemaphore(launch_concurrency)
 
+    @property
+    def runtime_options(self) -> dict:
+        """The keyword arguments every ``LocalRuntime`` is made with (a copy)."""
+        return dict(self._runtime_options)
+
     def launch(self, plugin_unique_identifier, declaration, package, progress):
         """Deferred[LocalRuntime], ready to take sessions."""
+
+        async def given():
+            return package
+
         return self._semaphore.run(
             lambda: Deferred.fromCoroutine(
-                self._launch(plugin_unique_identifier, declaration, package, progress)
+                self._launch(plugin_unique_identifier, declaration, given, progress)
             )
         )
 
-    async def _launch(self, identifier, declaration, package, progress):
+    def launch_installed(self, plugin_unique_identifier, progress):
+        """
+        Launch an identifier installed earlier, from its stored declaration
+        and installed package.  Deferred[LocalRuntime], or Deferred[None]
+        when it is not a plugin installed locally (no ``plugins`` row, or
+        another install type such as a remote debugging plugin).
+        """
+        return self._semaphore.run(
+            lambda: Deferred.fromCoroutine(self._launch_installed(plugin_unique_identifier, progress))
+        )
 
+    async def _launch_installed(self, identifier, progress):
+        plugin = await self._persistence.get_plugin(identifier)
+        if plugin is None or plugin.install_type != "local":
+            return None
+        declaration = await self._persistence.get_declaration(identifier)
+        if declaration is None:
+            raise InternalServerError(f"installed plugin {identifier} has no declaration")
 
+        async def stored():
+            try:
+                return await self._storage.load(self._paths.installed_package(identifier))
+            except ObjectNotFoundError:
+                raise InternalServerError(f"the installed package of {identifier} is missing from storage")
+
+        return await self._launch(identifier, declaration, stored, progress)
+
+    def installed(self):
+        """Deferred[list of the identifiers installed locally] (daemon start)."""
+        return Deferred.fromCoroutine(self._installed())
+
+    async def _installed(self):
+        return [plugin.plugin_unique_identifier for plugin in await self._persistence.list_plugins("local")]
+
+    async def _launch(self, identifier, declaration, load_package, progress):
         ident = parse_identifier(identifier)
         meta = declaration.get("meta") or {}
         runner_meta = meta.get("runner") or {}
@@ -135,6 +191,7 @@ class LocalRuntimeFactory:
         created = await self._runner.run(_prepare_directory, working_dir)
         try:
             if created:
+                package = await load_package()
                 progress("unpacking the package")
                 try:
                     await self._runner.run(_unpack, package, self._max_package_size, working_dir)
@@ -157,6 +214,12 @@ class LocalRuntimeFactory:
                 await runtime.start()
             except DaemonError as exc:
                 raise InternalServerError(f"starting the plugin failed: {exc.message}")
+            except BaseException:
+                # cancelled (an abandoned install, the daemon stopping): the
+                # runtime's canceller stops it; its processes end before
+                # their directory goes
+                await runtime.stop(drain_timeout=0)
+                raise
             progress("plugin is ready")
             return runtime
         except BaseException:
@@ -166,43 +229,8 @@ class LocalRuntimeFactory:
 
     def discard(self, plugin_unique_identifier):
         """Delete an identifier's working directory. Deferred[None]."""
-
-
         working_dir = os.path.abspath(working_dir_for(self._working_path, plugin_unique_identifier))
         return self._runner.run(_remove_tree, working_dir)
-
-    def restore(self):
-        """
-        Start every locally installed plugin again (daemon start).
-        Deferred[list of runtimes that came up]; failures are logged.
-        """
-        return Deferred.fromCoroutine(self._restore())
-
-    async def _restore(self):
-
-
-        plugins = await self._persistence.list_plugins("local")
-        attempts = []
-        for plugin in plugins:
-            identifier = plugin.plugin_unique_identifier
-            declaration = await self._persistence.get_declaration(identifier)
-            try:
-                package = await self._storage.load(self._paths.installed_package(identifier))
-            except ObjectNotFoundError:
-                log.warn("installed plugin {identifier} has no installed package", identifier=identifier)
-                continue
-            if declaration is None:
-                log.warn("installed plugin {identifier} has no declaration", identifier=identifier)
-                continue
-            attempts.append(self.launch(identifier, declaration, package, lambda line: None))
-        results = await DeferredList(attempts, consumeErrors=True)
-        runtimes = []
-        for ok, value in results:
-            if ok:
-                runtimes.append(value)
-            else:
-                log.error("restoring a plugin failed: {reason}", reason=value.getErrorMessage())
-        return runtimes
 
 
 def _prepare_directory(path: str) -> bool:
@@ -214,10 +242,8 @@ def _prepare_directory(path: str) -> bool:
 
 
 def _unpack(package: bytes, max_size: int, target: str) -> None:
-
     extract_package(read_package(package, max_size), target)
 
 
 def _remove_tree(path: str) -> None:
-
     shutil.rmtree(path, ignore_errors=True)

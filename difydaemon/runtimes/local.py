@@ -7,21 +7,29 @@ A :class:`LocalRuntime` serves one plugin unique identifier with N
 Python environment is already built.  It routes new sessions round-robin
 over the ready instances and keeps each session on the instance that
 received it; it restarts crashed instances with exponential backoff and
-gives up after repeated crashes before readiness; it stops by draining
-sessions, then TERM, then KILL -- the SDK does not exit when its stdin
-closes, so a signal is the only way to stop it.
+gives up after repeated crashes before readiness (its owner, the
+:class:`~difydaemon.runtimes.registry.RuntimeRegistry`, then retries the
+whole launch later); it stops by draining sessions for a bounded time,
+then TERM, then KILL -- the SDK does not exit when its stdin closes, so a
+signal is the only way to stop it.
 
-Deliberate differences from the Go daemon: in-flight sessions of a dead
-instance get ``ConnectionClosedError`` at once instead of waiting for their
-timeout; restarts back off instead of retrying every 5 s forever; stopping
+A ready instance that writes nothing for the heartbeat timeout (the SDK
+heartbeats every 10 s, from its own greenlet, during long calls too) is
+hung -- stopped by a debugger or SIGSTOP, deadlocked, swapped out: it
+leaves the rotation at once, its sessions fail at once, it is KILLed and a
+replacement is started.
+
+Deliberate differences from the Go daemon: in-flight sessions of a dead or
+hung instance get ``ConnectionClosedError`` at once instead of waiting for
+their timeout; a hung instance is found after 30 s of silence instead of
+120 s; restarts back off instead of retrying every 5 s forever; stopping
 sends TERM before KILL.
 """
 
 from __future__ import annotations
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -29,12 +37,25 @@ from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
 from difydaemon.runtimes.process import DEFAULT_TAIL_SIZE, PluginProcessProtocol
-from difydaemon.runtimes.sessions import SessionTable
+from difydaemon.runtimes.sessions import SessionDrain, SessionTable
 
 DEFAULT_MAX_LINE_SIZE = 5242880
 INSTANCE_EXITED_ERROR_TYPE = errors.ConnectionClosedError.error_type
 INSTANCE_EXITED_MESSAGE = "plugin instance exited"
+INSTANCE_HUNG_ERROR_TYPE = errors.ConnectionClosedError.error_type
 NO_INSTANCE_MESSAGE = "failed to get plugin runtime"
+
+# Liveness deadlines are recomputed from float sums; a look this close to
+# its deadline counts as on time, so that no look is rescheduled at "now".
+_DEADLINE_SLACK = 0.001
+
+
+def hung_message(timeout: float) -> str:
+    """What the sessions of a hung instance are failed with."""
+    return (
+        f"plugin instance stopped responding: no heartbeat for {timeout:g} s;"
+        " it was killed and is being restarted"
+    )
 
 
 @frozen
@@ -48,7 +69,8 @@ class RestartPolicy:
     :ivar stable_after: an instance that ran this many seconds before it
         exited resets the delay to ``min_delay``.
     :ivar max_failed_starts: consecutive exits before readiness after which
-        the runtime is marked failed and nothing is restarted.
+        the runtime is marked failed and restarts nothing more (its owner
+        may launch it again from scratch).
     """
 
     min_delay: float = 1.0
@@ -61,14 +83,25 @@ class RestartPolicy:
 @frozen
 class LivenessPolicy:
     """
-    The monitor of ready instances (``runtimes.md`` §1.6): every
-    ``interval`` seconds, warn after ``warn_after`` seconds without any
-    stdout or stderr bytes, kill after ``kill_after``.
+    How ready instances are watched (``runtimes.md`` §1.6, tightened).
+
+    An instance that writes nothing at all -- no heartbeat, no other stdout
+    or stderr bytes -- for ``timeout`` seconds is hung; a warning is logged
+    after ``warn_after`` seconds of silence (None: half the timeout).  The
+    SDK heartbeats every 10 s (``HEARTBEAT_INTERVAL``), so the default
+    tolerates two missed heartbeats.  Nothing polls: one timer per instance
+    is set for the next deadline.
     """
 
-    interval: float = 30.0
-    warn_after: float = 60.0
-    kill_after: float = 120.0
+    timeout: float = 30.0
+    warn_after: float | None = None
+
+    @property
+    def warn_threshold(self) -> float:
+        """Seconds of silence before the warning."""
+        if self.warn_after is None:
+            return self.timeout / 2
+        return min(self.warn_after, self.timeout)
 
 
 class LocalInstance:
@@ -78,10 +111,17 @@ class LocalInstance:
     Created and driven by its supervisor (a :class:`LocalRuntime`), which it
     tells, by plain method calls: ``instance_ready(instance)`` on the first
     heartbeat; ``instance_not_ready(instance, failure)`` if it failed to
-    become ready; and when the process has ended, ``instance_gone(instance)``
-    (take it out of rotation), then -- after every open session got
+    become ready; ``instance_hung(instance)`` when a ready instance stopped
+    writing anything (before its sessions fail and it is KILLed); and when
+    the process has ended, ``instance_gone(instance)`` (take it out of
+    rotation), then -- after every open session got
     ``ConnectionClosedError``, so a listener retrying at once lands on
     another instance -- ``instance_exited(instance)``.
+
+    :ivar hung: whether it was found hung (it is being KILLed).
+    :ivar replaced: whether its supervisor has already scheduled its
+        replacement (a hung instance is replaced without waiting for its
+        exit: a process in uninterruptible sleep may take long to die).
     """
 
     log = Logger()
@@ -120,7 +160,10 @@ class LocalInstance:
         self.pid: int | None = None
         self.is_ready = False
         self.exited = False
-        self._monitor: LoopingCall | None = None
+        self.hung = False
+        self.replaced = False
+        self._liveness_call = None
+        self._warned = False
         self._kill_timer = None
         self._exit_waiters: list[Deferred] = []
 
@@ -179,8 +222,7 @@ class LocalInstance:
         """Called by the protocol once, when the process has ended."""
         self.exited = True
         self.is_ready = False
-        if self._monitor is not None and self._monitor.running:
-            self._monitor.stop()
+        self._stop_watching()
         if self._kill_timer is not None:
             if self._kill_timer.active():
                 self._kill_timer.cancel()
@@ -194,39 +236,67 @@ class LocalInstance:
 
     def _ready(self, _) -> None:
         self.is_ready = True
-        monitor = LoopingCall(self._check_liveness)
-        monitor.clock = self._reactor
-        self._monitor = monitor
-        monitor.start(self._liveness.interval, now=False).addErrback(
-            lambda failure: self.log.failure(
-                "liveness monitor of plugin {plugin_id} failed",
-                failure,
-                plugin_id=self.plugin_id,
-            )
-        )
+        self._watch()
         self._supervisor.instance_ready(self)
 
     def _not_ready(self, failure) -> None:
         self._supervisor.instance_not_ready(self, failure)
 
+    # -- liveness ---------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Look again at the next deadline: the warning's, then the timeout's."""
+        policy = self._liveness
+        silence = policy.timeout if self._warned else policy.warn_threshold
+        deadline = self.protocol.last_active + silence
+        delay = max(0.0, deadline - self._reactor.seconds())
+        self._liveness_call = self._reactor.callLater(delay, self._check_liveness)
+
+    def _stop_watching(self) -> None:
+        call, self._liveness_call = self._liveness_call, None
+        if call is not None and call.active():
+            call.cancel()
+
     def _check_liveness(self) -> None:
+        self._liveness_call = None
+        if self.exited or self.hung:
+            return
+        policy = self._liveness
         idle = self._reactor.seconds() - self.protocol.last_active
-        if idle > self._liveness.kill_after:
-            self.log.warn(
-                "plugin {plugin_id} instance {pid} not active for {idle:.0f} s, may be dead;"
-                " killing it",
-                plugin_id=self.plugin_id,
-                pid=self.pid,
-                idle=idle,
-            )
-            self.kill()
-        elif idle > self._liveness.warn_after:
-            self.log.warn(
-                "plugin {plugin_id} instance {pid} not active for {idle:.0f} s",
-                plugin_id=self.plugin_id,
-                pid=self.pid,
-                idle=idle,
-            )
+        if idle >= policy.timeout - _DEADLINE_SLACK:
+            self._declare_hung(idle)
+            return
+        if idle >= policy.warn_threshold - _DEADLINE_SLACK:
+            if not self._warned:
+                self._warned = True
+                self.log.warn(
+                    "plugin {plugin_id} instance {pid} silent for {idle:.1f} s"
+                    " (hung after {timeout:g} s)",
+                    plugin_id=self.plugin_id,
+                    pid=self.pid,
+                    idle=idle,
+                    timeout=policy.timeout,
+                )
+        else:
+            self._warned = False
+        self._watch()
+
+    def _declare_hung(self, idle: float) -> None:
+        """Out of rotation, sessions failed, KILL: in that order, at once."""
+        self.hung = True
+        self.is_ready = False
+        timeout = self._liveness.timeout
+        self.log.error(
+            "plugin {plugin_id} instance {pid} wrote nothing for {idle:.1f} s (no heartbeat):"
+            " hung; failing its {count} session(s), killing and replacing it",
+            plugin_id=self.plugin_id,
+            pid=self.pid,
+            idle=idle,
+            count=len(self.sessions),
+        )
+        self._supervisor.instance_hung(self)
+        self.sessions.fail_all(INSTANCE_HUNG_ERROR_TYPE, hung_message(timeout))
+        self.kill()
 
     def _kill_after_grace(self) -> None:
         self._kill_timer = None
@@ -256,11 +326,18 @@ class LocalRuntime:
         timeout" (``PLUGIN_MAX_EXECUTION_TIMEOUT``).
     :param stop_grace_period: seconds between TERM and KILL.
     :param drain_timeout: seconds :meth:`stop` waits for open sessions
-        (default: ``session_timeout``; None with it: no limit).
+        unless told otherwise (default: ``session_timeout``; None with it:
+        no limit).
+    :param liveness: when a ready instance counts as hung.
     :param on_failed: called with ``(runtime, message)`` when the runtime
         gives up restarting after a successful :meth:`start`.
+    :param on_ready: called with ``(runtime)`` whenever an instance joins
+        the rotation after :meth:`start` has fired (a restarted instance).
     :param declaration: the plugin's declaration (its permissions decide
         which backwards invocations it may make).
+
+    ``on_failed`` and ``on_ready`` are also attributes, which the owner of
+    a runtime made elsewhere sets.
 
     :ivar state: ``created``, ``starting``, ``running``, ``failed``,
         ``stopping`` or ``stopped``.
@@ -287,6 +364,7 @@ class LocalRuntime:
         restart_policy: RestartPolicy = RestartPolicy(),
         liveness: LivenessPolicy = LivenessPolicy(),
         on_failed=None,
+        on_ready=None,
         declaration: dict | None = None,
     ) -> None:
         if instance_count < 1:
@@ -309,7 +387,8 @@ class LocalRuntime:
         self.drain_timeout = session_timeout if drain_timeout is None else drain_timeout
         self.restart_policy = restart_policy
         self.liveness = liveness
-        self._on_failed = on_failed
+        self.on_failed = on_failed
+        self.on_ready = on_ready
         self.state = "created"
         self.failure_message: str | None = None
         self._instances: list[LocalInstance] = []
@@ -320,6 +399,7 @@ class LocalRuntime:
         self._failed_starts = 0
         self._started: Deferred | None = None
         self._stopped_waiters: list[Deferred] = []
+        self._drain: SessionDrain | None = None
 
     # -- IPluginRuntime ---------------------------------------------------
 
@@ -340,11 +420,12 @@ class LocalRuntime:
         naming the failed step, with the output tails, when an instance
         exits, cannot be spawned or sends no heartbeat in time before any
         is ready.  The runtime is then ``failed`` and restarts nothing.
+        Cancelling the Deferred stops the runtime (without draining).
         """
         if self.state != "created":
             raise ValueError(f"runtime of {self.plugin_unique_identifier} is {self.state}")
         self.state = "starting"
-        self._started = Deferred()
+        self._started = Deferred(self._cancel_start)
         started = self._started
         self.log.info(
             "starting plugin {plugin_id} ({identifier}), {count} instance(s)",
@@ -390,18 +471,29 @@ class LocalRuntime:
                 return
         raise errors.ConnectionClosedError(f"plugin session {session_id} is not open")
 
-    def stop(self) -> Deferred:
+    def stop(self, drain_timeout: float | None = None, reason: str | None = None) -> Deferred:
         """
-        Refuse new sessions, wait up to ``drain_timeout`` for open ones,
-        then TERM every process and KILL it after ``stop_grace_period``.
-        Fires (with None) when every process has ended.
+        Refuse new sessions, wait for open ones, then TERM every process and
+        KILL it after ``stop_grace_period``.  Fires (with None) when every
+        process has ended.
+
+        :param drain_timeout: the longest wait for open sessions (None: the
+            runtime's ``drain_timeout``).  A stop while stopping can bring
+            the end of the wait forward, never push it back.
+        :param reason: when given, the sessions still open at the end of
+            the wait are failed with it (a -500 whose message is
+            ``reason``) before TERM; otherwise they fail with
+            ``ConnectionClosedError`` when their process has ended.
         """
         waiter: Deferred = Deferred()
         if self.state == "stopped":
             waiter.callback(None)
             return waiter
         self._stopped_waiters.append(waiter)
+        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
         if self.state == "stopping":
+            if self._drain is not None:
+                self._drain.limit(timeout, reason)
             return waiter
         self.state = "stopping"
         self._cancel_restarts()
@@ -409,11 +501,17 @@ class LocalRuntime:
             errors.InternalServerError("plugin did not become ready: the runtime was stopped")
         )
         self.log.info("stopping plugin {plugin_id}", plugin_id=self.plugin_id)
-        self._drain().addCallback(lambda _: self._terminate_all()).addErrback(
-            lambda failure: self.log.failure(
-                "stopping plugin {plugin_id} failed", failure, plugin_id=self.plugin_id
-            )
+        drain = self._drain = SessionDrain(
+            self._reactor, [instance.sessions for instance in self._instances], self._terminate_all
         )
+        if drain.open_sessions:
+            self.log.info(
+                "plugin {plugin_id}: waiting up to {timeout} s for {count} open session(s)",
+                plugin_id=self.plugin_id,
+                timeout=timeout,
+                count=drain.open_sessions,
+            )
+        drain.start(timeout, reason)
         return waiter
 
     # -- supervision ----------------------------------------------------------
@@ -466,6 +564,7 @@ class LocalRuntime:
             started.callback(None)
         elif self.state == "running":
             self._ready.append(instance)
+            self._tell("on_ready", self)
         else:
             # Stopping or failed: it came up too late to serve anything.
             instance.terminate(self.stop_grace_period)
@@ -482,6 +581,14 @@ class LocalRuntime:
         if self.state == "starting":
             self._fail(message, failure.value)
 
+    def instance_hung(self, instance: LocalInstance) -> None:
+        """A ready instance stopped writing: out of rotation, replaced now."""
+        if instance in self._ready:
+            self._ready.remove(instance)
+        if self.state in ("running", "starting"):
+            instance.replaced = True
+            self._schedule_restart(instance.slot, instance.started_at)
+
     def instance_gone(self, instance: LocalInstance) -> None:
         """An instance's process ended: no more sessions for it."""
         if instance in self._ready:
@@ -496,7 +603,7 @@ class LocalRuntime:
             pid=instance.pid,
             how=instance.describe_exit(),
         )
-        if self.state in ("running", "starting"):
+        if self.state in ("running", "starting") and not instance.replaced:
             if instance.protocol.is_ready:
                 self._schedule_restart(instance.slot, instance.started_at)
             else:
@@ -518,13 +625,15 @@ class LocalRuntime:
         if self._failed_starts >= limit:
             self._fail(
                 f"plugin {self.plugin_id} failed to start {self._failed_starts} times"
-                f" in a row; giving up. Last failure: {message}",
+                f" in a row. Last failure: {message}",
                 None,
             )
             return
         self._schedule_restart(slot, started_at)
 
     def _schedule_restart(self, slot: int, started_at) -> None:
+        if slot in self._restarts:
+            return
         policy = self.restart_policy
         now = self._reactor.seconds()
         if started_at is not None and now - started_at >= policy.stable_after:
@@ -553,12 +662,26 @@ class LocalRuntime:
             instance.terminate(self.stop_grace_period)
         if was_starting:
             self._fail_start(start_error)
-        elif self._on_failed is not None:
-            try:
-                self._on_failed(self, message)
-            except Exception:
-                self.log.failure("on_failed callback of plugin {plugin_id} failed",
-                                 plugin_id=self.plugin_id)
+        else:
+            self._tell("on_failed", self, message)
+
+    def _tell(self, hook: str, *args) -> None:
+        """Call the owner's ``on_ready``/``on_failed``, if any; a bug there is logged."""
+        callback = getattr(self, hook)
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            self.log.failure(
+                "{hook} callback of plugin {plugin_id} failed", hook=hook, plugin_id=self.plugin_id
+            )
+
+    def _cancel_start(self, started: Deferred) -> None:
+        # Deferred.cancel then fails ``started`` with CancelledError.
+        if self._started is started:
+            self._started = None
+            self.stop(drain_timeout=0)
 
     def _fail_start(self, exception) -> None:
         started, self._started = self._started, None
@@ -572,27 +695,6 @@ class LocalRuntime:
                 call.cancel()
 
     # -- stopping ---------------------------------------------------------
-
-    def _drain(self) -> Deferred:
-        """Fires when no instance has an open session, or at the drain timeout."""
-        open_sessions = [i.sessions.drained() for i in self._instances if len(i.sessions)]
-        if not open_sessions:
-            done: Deferred = Deferred()
-            done.callback(None)
-            return done
-        self.log.info(
-            "plugin {plugin_id}: waiting up to {timeout} s for open sessions",
-            plugin_id=self.plugin_id,
-            timeout=self.drain_timeout,
-        )
-        drained = DeferredList(open_sessions, consumeErrors=True)
-        if self.drain_timeout is not None:
-            # At the timeout the drain counts as done: the sessions still
-            # open get ConnectionClosedError when their process ends.
-            drained.addTimeout(
-                self.drain_timeout, self._reactor, onTimeoutCancel=lambda result, timeout: None
-            )
-        return drained
 
     def _terminate_all(self) -> None:
         for instance in list(self._instances):

@@ -1,45 +1,188 @@
 """
-The registry of plugin runtimes: which identifier runs where.
+The registry of plugin runtimes: which identifier runs where, and the
+supervision of local identifiers from one launch to the next.
 
-Dispatch asks it for the IPluginRuntime of an identifier; install tasks ask
-it (as an IRuntimeLauncher) to bring an identifier up or down; debug
-connections register and unregister themselves.  How a local identifier is
-brought up is delegated to a *factory* (see :mod:`difydaemon.runtimes.launch`).
+Dispatch asks it for the IPluginRuntime of an identifier, or to wait
+(bounded) until one is ready; install tasks ask it (as an IRuntimeLauncher)
+to bring an identifier up or down; debug connections register and
+unregister themselves.  How a local identifier is brought up is delegated
+to a *factory* (see :mod:`difydaemon.runtimes.launch`).
+
+Every installed local identifier has a supervision record in one state:
+
+- ``launching``: an attempt is under way (unpack, venv, first heartbeat);
+- ``running``: its runtime is registered (its instances may be restarting:
+  a runtime restarts its crashed or hung instances itself);
+- ``backing_off``: the last attempt failed, or the runtime gave up after
+  repeated crashes; the record keeps why, and the next attempt comes after
+  a capped exponential delay (1 s doubling to 5 min), forever -- fixing the
+  cause (a dependency, the network) brings the plugin back without an
+  uninstall or a restart.
+
+A request for an identifier that is backing off pulls its next attempt
+forward; an identifier installed but unknown here (its restore failed to
+list it) is launched on demand.  One attempt at a time per identifier, and
+on-demand attempts at least ``on_demand_interval`` apart, so that a flood
+of requests cannot make a broken plugin spin.  An install of an identifier
+that is backing off tries at once and reports the real outcome.  An
+identifier whose first install fails gets no record: nothing was installed.
+
+At daemon start every installed plugin is restored in the background, each
+registered as soon as it is up; a request for one still starting waits for
+it.  At daemon stop every runtime drains for the shutdown grace period, all
+in parallel, then the sessions still open fail with "the plugin daemon is
+shutting down" and the plugins are stopped; :meth:`RuntimeRegistry.stop_all`
+fires within a bound whatever the plugins do.
 """
 
 from __future__ import annotations
 
-from twisted.internet.defer import DeferredList, succeed
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from difydaemon.errors import DaemonError, InternalServerError
 from difydaemon.interfaces import IRuntimeLauncher
 from difydaemon.runtimes.launch import SharedResult
 
 log = Logger()
 
+LAUNCHING = "launching"
+RUNNING = "running"
+BACKING_OFF = "backing_off"
+
+NO_RUNTIME_MESSAGE = "failed to get plugin runtime"
+SHUTDOWN_MESSAGE = "the plugin daemon is shutting down"
+UNINSTALLED_MESSAGE = "the plugin was uninstalled"
+
+
+@frozen
+class RetryPolicy:
+    """
+    When a local identifier that failed is tried again.
+
+    :ivar min_delay: seconds after the first failure.
+    :ivar max_delay: the cap of the doubling delay.
+    :ivar factor: what the delay is multiplied by after each failure.
+    :ivar on_demand_interval: the shortest time between the end of one
+        attempt and an attempt a request asks for.
+    """
+
+    min_delay: float = 1.0
+    max_delay: float = 300.0
+    factor: float = 2.0
+    on_demand_interval: float = 5.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds before the next attempt after ``failures`` failures in a row."""
+        # the exponent is bounded: retries go on forever
+        return min(self.min_delay * self.factor ** min(max(failures - 1, 0), 64), self.max_delay)
+
+
+@frozen
+class RuntimeStatus:
+    """
+    What the registry knows of one supervised identifier.
+
+    :ivar state: ``launching``, ``running`` or ``backing_off``.
+    :ivar failures: failed attempts (or runtimes given up) in a row.
+    :ivar last_error: why the last one failed, or None.
+    :ivar next_attempt_at: ``reactor.seconds()`` of the next scheduled
+        attempt while backing off, else None.
+    """
+
+    plugin_unique_identifier: str
+    state: str
+    failures: int
+    last_error: str | None
+    next_attempt_at: float | None
+
+
+class _Record:
+    """The supervision of one local identifier."""
+
+    __slots__ = (
+        "identifier",
+        "supervised",
+        "state",
+        "runtime",
+        "attempt",
+        "failures",
+        "last_error",
+        "timer",
+        "last_attempt_end",
+    )
+
+    def __init__(self, identifier: str, supervised: bool) -> None:
+        self.identifier = identifier
+        #: False while the first install of the identifier is under way:
+        #: its failure leaves nothing to supervise
+        self.supervised = supervised
+        self.state = LAUNCHING
+        self.runtime = None
+        self.attempt: SharedResult | None = None
+        self.failures = 0
+        self.last_error: str | None = None
+        self.timer = None
+        self.last_attempt_end: float | None = None
+
+
+class _Waiter:
+    __slots__ = ("deferred", "timer")
+
+    def __init__(self) -> None:
+        self.deferred: Deferred | None = None
+        self.timer = None
+
 
 @implementer(IRuntimeLauncher)
 class RuntimeRegistry:
     """
-    Holds the runtimes of identifiers.
+    Holds the runtimes of identifiers and supervises the local ones.
 
     :param reactor: the reactor.
     :param factory: brings local identifiers up: an object with
         ``launch(identifier, declaration, package, progress) ->
-        Deferred[IPluginRuntime]``, ``restore() -> Deferred[list]`` (the
-        runtimes of everything installed, started at daemon start) and
-        ``discard(identifier) -> Deferred`` (delete its files).  None keeps
-        identifiers runnable without any process (no runtime at all).
+        Deferred[IPluginRuntime]``, ``launch_installed(identifier,
+        progress) -> Deferred[IPluginRuntime | None]`` (None: not a local
+        plugin), ``installed() -> Deferred[list of identifiers]`` (what to
+        restore at daemon start) and ``discard(identifier) -> Deferred``
+        (delete its files).  None keeps identifiers runnable without any
+        process (no runtime at all).
     :param runtime_type: what installations launched here record.
+    :param retry_policy: when failed identifiers are tried again.
+    :param shutdown_grace_period: seconds :meth:`stop_all` lets open
+        sessions finish (``SHUTDOWN_GRACE_PERIOD``).
+    :param stop_timeout: seconds after the grace period that
+        :meth:`stop_all` waits for plugins to end (TERM, KILL) before it
+        gives up on them and fires anyway.
     """
 
-    def __init__(self, reactor, factory=None, runtime_type: str = "local") -> None:
+    def __init__(
+        self,
+        reactor,
+        factory=None,
+        runtime_type: str = "local",
+        retry_policy: RetryPolicy = RetryPolicy(),
+        shutdown_grace_period: float = 8.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
         self._reactor = reactor
         self._factory = factory
         self.runtime_type = runtime_type
+        self.retry_policy = retry_policy
+        self.shutdown_grace_period = shutdown_grace_period
+        self.stop_timeout = stop_timeout
         self._runtimes: dict = {}
-        self._launching: dict = {}
+        self._records: dict[str, _Record] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._stopping = False
+
+    @property
+    def factory(self):
+        """What brings local identifiers up, or None."""
+        return self._factory
 
     # -- lookups ----------------------------------------------------------
 
@@ -49,54 +192,332 @@ class RuntimeRegistry:
 
     def register(self, runtime) -> None:
         """Make ``runtime`` the one of its identifier (debug connections)."""
-        self._runtimes[runtime.plugin_unique_identifier] = runtime
+        identifier = runtime.plugin_unique_identifier
+        self._runtimes[identifier] = runtime
+        if hasattr(runtime, "on_ready"):
+            runtime.on_ready = self._registered_ready
+        self._notify(identifier)
 
     def unregister(self, runtime) -> None:
         """Forget ``runtime`` if it is still the registered one."""
-        if self._runtimes.get(runtime.plugin_unique_identifier) is runtime:
-            del self._runtimes[runtime.plugin_unique_identifier]
+        identifier = runtime.plugin_unique_identifier
+        if self._runtimes.get(identifier) is runtime:
+            del self._runtimes[identifier]
+            if self._waiters.get(identifier):
+                self._demand(identifier)
+
+    def status(self, plugin_unique_identifier: str) -> RuntimeStatus | None:
+        """The supervision state of a local identifier, or None if it has none."""
+        record = self._records.get(plugin_unique_identifier)
+        if record is None:
+            return None
+        timer = record.timer
+        return RuntimeStatus(
+            plugin_unique_identifier=record.identifier,
+            state=record.state,
+            failures=record.failures,
+            last_error=record.last_error,
+            next_attempt_at=timer.getTime() if timer is not None and timer.active() else None,
+        )
 
     def pool_status(self) -> dict:
-        """The ``pool_status`` of ``/health/check``: runtimes ready or not."""
-        total = len(self._runtimes)
-        ready = sum(1 for runtime in self._runtimes.values() if runtime.is_ready())
-        return {"free": ready, "busy": total - ready, "total": total}
+        """
+        The ``pool_status`` of ``/health/check``: ``free`` counts plugin
+        instances that take new sessions; ``busy`` the others -- instances
+        starting, restarting, hung or draining, and identifiers launching
+        or backing off (one each).  A runtime without instances (a debug
+        connection) counts as one.
+        """
+        free = busy = 0
+        for runtime in self._runtimes.values():
+            ready = runtime.is_ready()
+            instances = getattr(runtime, "instances", None)
+            if instances is None:
+                free, busy = (free + 1, busy) if ready else (free, busy + 1)
+                continue
+            serving = len(runtime.ready_instances) if ready else 0
+            free += serving
+            busy += max(len(instances), serving, 1) - serving
+        busy += sum(1 for record in self._records.values() if record.runtime is None)
+        return {"free": free, "busy": busy, "total": free + busy}
+
+    # -- waiting ------------------------------------------------------------
+
+    def when_ready(self, plugin_unique_identifier: str, timeout: float) -> Deferred:
+        """
+        The runtime of an identifier once it can take a session.
+
+        An identifier that is backing off is tried again (no sooner than
+        the policy allows); a local identifier unknown here is launched.
+        Fails with an :class:`~difydaemon.errors.InternalServerError` saying
+        why -- the failure of the attempt it waited for, the state it is
+        still in after ``timeout`` seconds, the daemon shutting down --
+        prefixed with "failed to get plugin runtime".  Cancelling the
+        Deferred stops the wait.
+        """
+        identifier = plugin_unique_identifier
+        runtime = self._runtimes.get(identifier)
+        if runtime is not None and runtime.is_ready():
+            return succeed(runtime)
+        if self._stopping:
+            return fail(InternalServerError(f"{NO_RUNTIME_MESSAGE}: {SHUTDOWN_MESSAGE}"))
+        waiter = _Waiter()
+        waiter.deferred = Deferred(lambda _: self._forget_waiter(identifier, waiter))
+        waiter.timer = self._reactor.callLater(timeout, self._waiter_expired, identifier, waiter)
+        self._waiters.setdefault(identifier, []).append(waiter)
+        self._demand(identifier)
+        return waiter.deferred
+
+    def _forget_waiter(self, identifier: str, waiter: _Waiter) -> bool:
+        waiters = self._waiters.get(identifier, [])
+        if waiter not in waiters:
+            return False
+        waiters.remove(waiter)
+        if not waiters:
+            del self._waiters[identifier]
+        if waiter.timer.active():
+            waiter.timer.cancel()
+        return True
+
+    def _waiter_expired(self, identifier: str, waiter: _Waiter) -> None:
+        if self._forget_waiter(identifier, waiter):
+            waiter.deferred.errback(InternalServerError(self._unavailable(identifier)))
+
+    def _notify(self, identifier: str) -> None:
+        """Hand a ready runtime to everyone waiting for it."""
+        runtime = self._runtimes.get(identifier)
+        if runtime is None or not runtime.is_ready():
+            return
+        for waiter in self._waiters.pop(identifier, []):
+            if waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.deferred.callback(runtime)
+
+    def _fail_waiters(self, identifier: str, message: str) -> None:
+        for waiter in self._waiters.pop(identifier, []):
+            if waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.deferred.errback(InternalServerError(message))
+
+    def _registered_ready(self, runtime) -> None:
+        if self._runtimes.get(runtime.plugin_unique_identifier) is runtime:
+            self._notify(runtime.plugin_unique_identifier)
+
+    def _unavailable(self, identifier: str) -> str:
+        """Why an identifier cannot take a session now."""
+        record = self._records.get(identifier)
+        if record is None:
+            return NO_RUNTIME_MESSAGE
+        if record.state == LAUNCHING:
+            detail = f"plugin {identifier} is still starting"
+            if record.last_error is not None:
+                detail += f" (after {record.failures} failed attempt(s); last failure: {record.last_error})"
+        elif record.state == RUNNING:
+            detail = f"plugin {identifier} is restarting"
+        else:
+            detail = f"plugin {identifier} failed to start {record.failures} time(s) in a row"
+            if record.timer is not None and record.timer.active():
+                detail += f"; next attempt in {record.timer.getTime() - self._reactor.seconds():.0f} s"
+            detail += f"; last failure: {record.last_error}"
+        return f"{NO_RUNTIME_MESSAGE}: {detail}"
+
+    # -- attempts -----------------------------------------------------------
+
+    def _demand(self, identifier: str) -> None:
+        """Someone waits for the identifier: make sure an attempt comes soon."""
+        if self._stopping:
+            return
+        record = self._records.get(identifier)
+        if record is None:
+            if self._factory is None or identifier in self._runtimes:
+                return
+            self._try_installed(self._new_record(identifier, supervised=True))
+            return
+        if record.state != BACKING_OFF:
+            return
+        now = self._reactor.seconds()
+        earliest = (record.last_attempt_end or 0.0) + self.retry_policy.on_demand_interval
+        if now >= earliest:
+            self._try_installed(record)
+        elif record.timer is None or record.timer.getTime() > earliest:
+            self._cancel_timer(record)
+            record.timer = self._reactor.callLater(earliest - now, self._retry, record)
+
+    def _new_record(self, identifier: str, supervised: bool) -> _Record:
+        record = self._records[identifier] = _Record(identifier, supervised)
+        return record
+
+    def _try_installed(self, record: _Record) -> SharedResult:
+        identifier = record.identifier
+        return self._attempt(record, lambda: self._factory.launch_installed(identifier, self._progress(identifier)))
+
+    def _retry(self, record: _Record) -> None:
+        record.timer = None
+        if self._records.get(record.identifier) is record and record.state == BACKING_OFF and not self._stopping:
+            self._try_installed(record)
+
+    def _progress(self, identifier: str):
+        def progress(line: str) -> None:
+            log.info("plugin {identifier}: {line}", identifier=identifier, line=line)
+
+        return progress
+
+    def _attempt(self, record: _Record, make, cancel_when_abandoned: bool = False) -> SharedResult:
+        """Start one attempt (``make() -> Deferred[runtime | None]``) for ``record``."""
+        self._cancel_timer(record)
+        record.state = LAUNCHING
+        try:
+            d = make()
+        except Exception:
+            d = fail()
+        d.addCallbacks(
+            self._attempt_succeeded, self._attempt_failed, callbackArgs=(record,), errbackArgs=(record,)
+        )
+        shared = SharedResult(d, cancel_when_abandoned)
+        # a factory that answers at once has already settled the record
+        if not shared.done:
+            record.attempt = shared
+        return shared
+
+    def _attempt_succeeded(self, runtime, record: _Record):
+        record.attempt = None
+        record.last_attempt_end = self._reactor.seconds()
+        identifier = record.identifier
+        current = self._records.get(identifier) is record
+        if runtime is None:
+            # not a local plugin (a debugging plugin that is not connected)
+            if current:
+                del self._records[identifier]
+            self._fail_waiters(identifier, f"{NO_RUNTIME_MESSAGE}: plugin {identifier} is not running")
+            return None
+        if not current or self._stopping:
+            why = SHUTDOWN_MESSAGE if self._stopping else UNINSTALLED_MESSAGE
+            self._stop_quietly(runtime)
+            raise InternalServerError(f"plugin {identifier} was stopped as it came up: {why}")
+        record.state = RUNNING
+        record.supervised = True
+        record.runtime = runtime
+        record.failures = 0
+        record.last_error = None
+        if hasattr(runtime, "on_failed"):
+            runtime.on_failed = lambda failed, message: self._runtime_failed(record, failed, message)
+        if hasattr(runtime, "on_ready"):
+            runtime.on_ready = lambda ready: self._runtime_ready(record, ready)
+        self._runtimes[identifier] = runtime
+        log.info("plugin {identifier} is running", identifier=identifier)
+        self._notify(identifier)
+        return None
+
+    def _attempt_failed(self, failure, record: _Record):
+        record.attempt = None
+        record.last_attempt_end = self._reactor.seconds()
+        identifier = record.identifier
+        if self._stopping or self._records.get(identifier) is not record:
+            return failure
+        if failure.check(CancelledError):
+            # an install that timed out or was abandoned
+            message = "the launch was cancelled"
+        elif isinstance(failure.value, DaemonError):
+            message = failure.value.message
+        else:
+            log.failure("launching plugin {identifier} failed", failure, identifier=identifier)
+            message = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
+        if not record.supervised:
+            del self._records[identifier]
+        else:
+            self._back_off(record, message)
+        self._fail_waiters(identifier, f"{NO_RUNTIME_MESSAGE}: {message}")
+        return failure
+
+    def _back_off(self, record: _Record, message: str) -> None:
+        record.failures += 1
+        record.last_error = message
+        record.state = BACKING_OFF
+        delay = self.retry_policy.delay(record.failures)
+        self._cancel_timer(record)
+        record.timer = self._reactor.callLater(delay, self._retry, record)
+        log.error(
+            "plugin {identifier} failed to start ({failures} time(s) in a row);"
+            " next attempt in {delay:g} s: {reason}",
+            identifier=record.identifier,
+            failures=record.failures,
+            delay=delay,
+            reason=message,
+        )
+
+    def _runtime_failed(self, record: _Record, runtime, message: str) -> None:
+        """A running runtime gave up restarting its instances: back off, then launch again."""
+        identifier = record.identifier
+        if record.runtime is not runtime or self._records.get(identifier) is not record:
+            return
+        record.runtime = None
+        if self._runtimes.get(identifier) is runtime:
+            del self._runtimes[identifier]
+        self._stop_quietly(runtime)
+        self._back_off(record, message)
+        if self._waiters.get(identifier):
+            self._demand(identifier)
+
+    def _runtime_ready(self, record: _Record, runtime) -> None:
+        if record.runtime is runtime and self._runtimes.get(record.identifier) is runtime:
+            self._notify(record.identifier)
+
+    def _cancel_timer(self, record: _Record) -> None:
+        timer, record.timer = record.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _stop_quietly(self, runtime, **options) -> Deferred:
+        d = maybeDeferred(runtime.stop, **options)
+        d.addErrback(
+            lambda failure: log.failure(
+                "stopping plugin {identifier} failed", failure, identifier=runtime.plugin_unique_identifier
+            )
+        )
+        return d
 
     # -- IRuntimeLauncher ---------------------------------------------------
 
     def launch(self, plugin_unique_identifier, declaration, package, progress):
         """
-        Bring an identifier up (once: concurrent launches share the work).
-        Deferred[None].
+        Bring an identifier up for an install.  Deferred[None]; a failure
+        says why.  Concurrent launches share one attempt; an identifier
+        already running succeeds at once; one that is backing off is tried
+        again now.
         """
-        if plugin_unique_identifier in self._runtimes or self._factory is None:
+        identifier = plugin_unique_identifier
+        if self._factory is None:
             return succeed(None)
-        pending = self._launching.get(plugin_unique_identifier)
-        if pending is not None:
-            return pending.addWaiter()
-        d = self._factory.launch(plugin_unique_identifier, declaration, package, progress)
+        if self._stopping:
+            return fail(InternalServerError(SHUTDOWN_MESSAGE))
 
-        def launched(runtime):
-            self._runtimes[plugin_unique_identifier] = runtime
-            return None
+        def make():
+            return self._factory.launch(identifier, declaration, package, progress)
 
-        def settled(outcome):
-            self._launching.pop(plugin_unique_identifier, None)
-            return outcome
-
-        d.addCallback(launched)
-        d.addBoth(settled)
-        shared = SharedResult(d)
-        if not shared.done:
-            self._launching[plugin_unique_identifier] = shared
-        return shared.addWaiter()
+        record = self._records.get(identifier)
+        if record is None:
+            if identifier in self._runtimes:
+                return succeed(None)
+            record = self._new_record(identifier, supervised=False)
+            return self._attempt(record, make, cancel_when_abandoned=True).addWaiter()
+        if record.state == RUNNING:
+            return succeed(None)
+        if record.attempt is not None:
+            return record.attempt.addWaiter()
+        return self._attempt(record, make).addWaiter()
 
     def stop(self, plugin_unique_identifier):
         """Stop an identifier's runtime and discard its files. Deferred[None]."""
-        runtime = self._runtimes.pop(plugin_unique_identifier, None)
+        identifier = plugin_unique_identifier
+        record = self._records.pop(identifier, None)
+        if record is not None:
+            # an attempt under way finds its record gone and stops what it started
+            self._cancel_timer(record)
+        self._fail_waiters(identifier, f"{NO_RUNTIME_MESSAGE}: {UNINSTALLED_MESSAGE}")
+        runtime = self._runtimes.pop(identifier, None)
         d = runtime.stop() if runtime is not None else succeed(None)
         if self._factory is not None:
-            d.addCallback(lambda _: self._factory.discard(plugin_unique_identifier))
+            d.addCallback(lambda _: self._factory.discard(identifier))
         return d
 
     # -- daemon life ---------------------------------------------------------
@@ -104,21 +525,70 @@ class RuntimeRegistry:
     def start(self):
         """
         Bring back what was installed before the daemon (re)started, in the
-        background: the daemon does not wait for plugins to answer.
+        background: the daemon does not wait for plugins, and each is
+        registered as soon as it is up.
         """
         if self._factory is not None:
-            d = self._factory.restore()
-
-            def restored(runtimes):
-                for runtime in runtimes:
-                    self._runtimes.setdefault(runtime.plugin_unique_identifier, runtime)
-
-            d.addCallback(restored)
+            d = self._factory.installed()
+            d.addCallback(self._restore)
             d.addErrback(lambda f: log.failure("restoring installed plugins failed", f))
         return succeed(None)
 
+    def _restore(self, identifiers) -> None:
+        for identifier in identifiers:
+            if self._stopping:
+                return
+            if identifier in self._records or identifier in self._runtimes:
+                continue
+            self._try_installed(self._new_record(identifier, supervised=True))
+
     def stop_all(self):
-        """Drain and stop every runtime. Deferred[None]."""
+        """
+        Daemon shutdown: let open sessions finish for the grace period (all
+        runtimes in parallel), then fail the ones still open with "the
+        plugin daemon is shutting down" and stop every plugin; attempts
+        under way are cancelled.  Deferred[None], fired at the latest
+        ``stop_timeout`` seconds after the grace period, whatever the
+        plugins do.
+        """
+        self._stopping = True
+        grace = self.shutdown_grace_period
+        pending = []
+        for record in self._records.values():
+            self._cancel_timer(record)
+            if record.attempt is not None:
+                pending.append(record.attempt.addWaiter())
+                record.attempt.result.cancel()
+        for identifier in list(self._waiters):
+            self._fail_waiters(identifier, f"{NO_RUNTIME_MESSAGE}: {SHUTDOWN_MESSAGE}")
         runtimes = list(self._runtimes.values())
         self._runtimes.clear()
-        return DeferredList([r.stop() for r in runtimes], consumeErrors=True).addCallback(lambda _: None)
+        running = set(runtimes)
+        for runtime in runtimes:
+            stopped = self._stop_quietly(runtime, drain_timeout=grace, reason=SHUTDOWN_MESSAGE)
+            stopped.addCallback(lambda _, runtime=runtime: running.discard(runtime))
+            pending.append(stopped)
+        finished: Deferred = Deferred()
+        all_done = DeferredList(pending, consumeErrors=True)
+
+        def give_up() -> None:
+            left = [
+                f"{runtime.plugin_unique_identifier} (pids {[i.pid for i in getattr(runtime, 'instances', [])]})"
+                for runtime in running
+            ]
+            log.error(
+                "plugins still running {seconds:g} s after the shutdown began; not waiting for: {left}",
+                seconds=grace + self.stop_timeout,
+                left=", ".join(left) or "plugins still starting",
+            )
+            finished.callback(None)
+
+        timer = self._reactor.callLater(grace + self.stop_timeout, give_up)
+
+        def done(_) -> None:
+            if timer.active():
+                timer.cancel()
+                finished.callback(None)
+
+        all_done.addCallback(done)
+        return finished

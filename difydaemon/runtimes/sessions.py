@@ -18,6 +18,9 @@ from difydaemon.runtimes.codec import SessionMessage
 
 TIMEOUT_ERROR_TYPE = errors.InternalServerError.error_type
 TIMEOUT_MESSAGE = "killed by timeout"
+#: the error_type of sessions a stop cuts off with a reason (the caller
+#: sees the reason itself as the -500 message)
+STOPPED_ERROR_TYPE = errors.InternalServerError.error_type
 UNKNOWN_TYPE_ERROR_TYPE = "unknown_stream_message_type"
 
 
@@ -193,6 +196,87 @@ class SessionTable:
                 method=method,
                 session_id=session.session_id,
             )
+
+
+class SessionDrain:
+    """
+    Waits for the open sessions of some tables to finish, up to a deadline,
+    then calls ``done()`` once.
+
+    A runtime that stops uses one: a later :meth:`limit` can only bring the
+    deadline forward (an uninstall's long drain overtaken by a daemon
+    shutdown must not keep the shutdown waiting) and can give the reason
+    the sessions still open at the deadline are failed with, so that their
+    callers read why instead of seeing their streams cut.
+
+    :param reactor: an ``IReactorTime``.
+    :param tables: the :class:`SessionTable` objects to drain.
+    :param done: called with no arguments when the drain is over.
+    """
+
+    def __init__(self, reactor, tables, done) -> None:
+        self._reactor = reactor
+        self._open = [table for table in tables if len(table)]
+        self._done = done
+        self._timer = None
+        self._reason: str | None = None
+        #: whether ``done`` has been called
+        self.finished = False
+
+    @property
+    def open_sessions(self) -> int:
+        """How many sessions are still open."""
+        return sum(len(table) for table in self._open)
+
+    def start(self, timeout: float | None, reason: str | None = None) -> None:
+        """Begin: finish at once when nothing is open, else wait (see :meth:`limit`)."""
+        if not self._open:
+            self._finish()
+            return
+        for table in list(self._open):
+            table.drained().addCallback(self._table_drained, table)
+        self.limit(timeout, reason)
+
+    def limit(self, timeout: float | None, reason: str | None = None) -> None:
+        """
+        Finish at the latest ``timeout`` seconds from now (None: no new
+        limit); sessions still open then are failed with ``reason`` when
+        one was given, and left to their runtime otherwise.
+        """
+        if self.finished:
+            return
+        if reason is not None:
+            self._reason = reason
+        if timeout is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if timer.getTime() <= self._reactor.seconds() + timeout:
+                return
+            timer.cancel()
+        self._timer = self._reactor.callLater(timeout, self._expired)
+
+    def _table_drained(self, _, table) -> None:
+        if table in self._open:
+            self._open.remove(table)
+            if not self._open:
+                self._finish()
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._reason is not None:
+            for table in list(self._open):
+                table.fail_all(STOPPED_ERROR_TYPE, self._reason)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._done()
 
 
 def _plugin_error(data) -> tuple[str, str, dict | None]:

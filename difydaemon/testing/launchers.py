@@ -1,8 +1,12 @@
 """
-Fake runtime launchers for tests of install tasks.
+Fake runtime launchers for tests of install tasks and of the registry.
 
 :class:`RecordingLauncher` implements IRuntimeLauncher without running
 anything: it records launches and stops, and can be told to fail or to wait.
+
+:class:`FakeRuntimeFactory` stands where the registry's
+:class:`~difydaemon.runtimes.launch.LocalRuntimeFactory` does: every
+attempt waits until the test settles it with a runtime or a failure.
 """
 
 from __future__ import annotations
@@ -66,3 +70,67 @@ class RecordingLauncher:
         self.stopped.append(plugin_unique_identifier)
         self.running.discard(plugin_unique_identifier)
         return succeed(None)
+
+
+class FakeRuntimeFactory:
+    """
+    A runtime factory for a :class:`~difydaemon.runtimes.registry.RuntimeRegistry`
+    whose attempts the test settles.
+
+    :param installed: what ``installed()`` reports (restored at start).
+
+    :ivar attempts: ``(identifier, how)`` of every attempt, in order; ``how``
+        is ``"install"`` (``launch``) or ``"installed"``
+        (``launch_installed``).
+    :ivar pending: the unsettled attempt of each identifier.
+    :ivar cancelled: identifiers whose attempt was cancelled.
+    :ivar discarded: identifiers whose files were discarded.
+    :ivar not_local: identifiers ``launch_installed`` answers None for (not
+        a local plugin).
+    """
+
+    def __init__(self, installed=()) -> None:
+        self.attempts: list[tuple[str, str]] = []
+        self.pending: dict[str, Deferred] = {}
+        self.cancelled: list[str] = []
+        self.discarded: list[str] = []
+        self.not_local: set[str] = set()
+        self._installed = list(installed)
+
+    def _attempt(self, identifier: str, how: str) -> Deferred:
+        self.attempts.append((identifier, how))
+        d = Deferred(lambda _: self.cancelled.append(identifier))
+        self.pending[identifier] = d
+        return d
+
+    def launch(self, plugin_unique_identifier, declaration, package, progress):
+        """An install's attempt: Deferred[runtime], settled by the test."""
+        return self._attempt(plugin_unique_identifier, "install")
+
+    def launch_installed(self, plugin_unique_identifier, progress):
+        """A restore's or retry's attempt; None at once for ``not_local`` ones."""
+        if plugin_unique_identifier in self.not_local:
+            return succeed(None)
+        return self._attempt(plugin_unique_identifier, "installed")
+
+    def installed(self):
+        """Deferred[the identifiers given at construction]."""
+        return succeed(list(self._installed))
+
+    def discard(self, plugin_unique_identifier):
+        """Record the discard."""
+        self.discarded.append(plugin_unique_identifier)
+        return succeed(None)
+
+    def succeed(self, identifier: str, runtime):
+        """The pending attempt of ``identifier`` brings ``runtime`` up; returns it."""
+        self.pending.pop(identifier).callback(runtime)
+        return runtime
+
+    def fail(self, identifier: str, message: str) -> None:
+        """The pending attempt of ``identifier`` fails with ``message``."""
+        self.pending.pop(identifier).errback(InternalServerError(message))
+
+    def count(self, identifier: str) -> int:
+        """How many attempts ``identifier`` had."""
+        return sum(1 for attempted, _ in self.attempts if attempted == identifier)

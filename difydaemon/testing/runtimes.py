@@ -41,7 +41,11 @@ class FakeRuntime:
     :param runtime_type: what :attr:`runtime_type` says.
     :param declaration: the plugin's declaration (its permissions).
 
-    :ivar ready: set it to make the runtime (not) ready.
+    :ivar ready: set it to make the runtime (not) ready; becoming ready
+        calls :attr:`on_ready`, as a real runtime's restarted instance does.
+    :ivar on_ready: called with the runtime when :attr:`ready` becomes
+        true (its registry sets it), or None.
+    :ivar stop_calls: the ``(drain_timeout, reason)`` of every :meth:`stop`.
     :ivar requests: every request a session was opened with, in order.
     :ivar sent: ``(session_id, message)`` for every :meth:`send`.
     :ivar refusals: how many :meth:`open_session` calls were refused.
@@ -61,7 +65,9 @@ class FakeRuntime:
         self.plugin_unique_identifier = plugin_unique_identifier
         self.declaration = declaration if declaration is not None else {}
         self.runtime_type = runtime_type
-        self.ready = ready
+        self.on_ready = None
+        self._ready = ready
+        self.stop_calls: list[tuple] = []
         self.session_timeout = session_timeout
         self.sessions = SessionTable(reactor, session_timeout)
         self.requests: list[dict] = []
@@ -70,6 +76,17 @@ class FakeRuntime:
         self.stopped = False
         self._scripts: dict = {}
         self._default_script = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether sessions may be opened (unless stopped)."""
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        was_ready, self._ready = self._ready, value
+        if value and not was_ready and self.on_ready is not None:
+            self.on_ready(self)
 
     # -- IPluginRuntime --------------------------------------------------
 
@@ -105,10 +122,17 @@ class FakeRuntime:
             raise errors.ConnectionClosedError(f"plugin session {session_id} is not open")
         self.sent.append((session_id, message))
 
-    def stop(self):
-        """Refuse new sessions and fail the open ones. Deferred[None]."""
+    def stop(self, drain_timeout=None, reason=None):
+        """
+        Refuse new sessions and fail the open ones at once (with ``reason``
+        as a -500 when given). Deferred[None].
+        """
         self.stopped = True
-        self.sessions.fail_all(errors.ConnectionClosedError.error_type, STOPPED_MESSAGE)
+        self.stop_calls.append((drain_timeout, reason))
+        if reason is None:
+            self.sessions.fail_all(errors.ConnectionClosedError.error_type, STOPPED_MESSAGE)
+        else:
+            self.sessions.fail_all(errors.InternalServerError.error_type, reason)
         return succeed(None)
 
     # -- playing the plugin ------------------------------------------------

@@ -32,6 +32,7 @@ from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.http import http_chunks
+from difydaemon.testing.launchers import FakeRuntimeFactory
 from difydaemon.testing.runtimes import FakeRuntime
 
 KEY = "test-server-key"
@@ -106,7 +107,7 @@ class DispatchHarness:
         :class:`HeldLookups`) until released.
     """
 
-    def __init__(self, test, install: bool = True, runtime: bool = True, session_timeout=None,
+    def __init__(self, test, install: bool = True, runtime: bool = True, session_timeout=None, factory=None,
                  hold_lookups: bool = False, **dispatch_options) -> None:
         self.test = test
         self.clock = Clock()
@@ -116,7 +117,7 @@ class DispatchHarness:
             self.install(TENANT)
         self.installations = InstallationCache(self.clock, self.persistence)
         self.lookups = HeldLookups(self.installations) if hold_lookups else self.installations
-        self.registry = RuntimeRegistry(self.clock)
+        self.registry = RuntimeRegistry(self.clock, factory)
         self.runtime = FakeRuntime(self.clock, IDENTIFIER, session_timeout=session_timeout)
         if runtime:
             self.registry.register(self.runtime)
@@ -379,7 +380,8 @@ class RuntimeWaitTests(SynchronousTestCase):
         daemon = DispatchHarness(self)
         daemon.runtime.ready = False
         d = daemon.post("tool/invoke", TOOL_DATA)
-        daemon.clock.pump([0.3] * 20)
+        # 20 x 0.3 falls short of 6 s by a rounding error
+        daemon.clock.pump([0.3] * 20 + [0.01])
         response, _ = daemon.result(d)
         self.assertEqual(response.code, 500)
         self.assertEqual(daemon.runtime.requests, [])
@@ -421,6 +423,72 @@ class RuntimeWaitTests(SynchronousTestCase):
         daemon.registry.register(daemon.runtime)
         daemon.clock.advance(10)
         self.assertEqual(daemon.runtime.requests, [])
+
+
+class SupervisedRuntimeWaitTests(SynchronousTestCase):
+    """Waiting for a local plugin the registry supervises: starting, backing off, shutting down."""
+
+    def harness(self) -> DispatchHarness:
+        self.factory = FakeRuntimeFactory(installed=[IDENTIFIER])
+        daemon = DispatchHarness(self, runtime=False, factory=self.factory, runtime_wait=120)
+        self.successResultOf(daemon.registry.start())
+        return daemon
+
+    def test_plugin_still_starting_is_waited_for(self):
+        """A call for a plugin restored at start and not up yet waits, then is served."""
+        daemon = self.harness()
+        d = daemon.post("tool/invoke", TOOL_DATA)
+        daemon.clock.advance(60)
+        self.assertNoResult(d)
+        self.factory.succeed(IDENTIFIER, daemon.runtime)
+        daemon.runtime.end(daemon.runtime.last_session_id)
+        response, _ = daemon.result(d)
+        self.assertEqual(response.code, 200)
+
+    def test_failed_plugin_is_retried_and_the_500_says_why(self):
+        """A call for a plugin backing off triggers an attempt; its failure is the 500's message, at once."""
+        daemon = self.harness()
+        self.factory.fail(IDENTIFIER, "starting the plugin failed: ModuleNotFoundError: No module named 'gevent'")
+        daemon.clock.advance(0.5)
+        d = daemon.post("tool/invoke", TOOL_DATA)
+        daemon.clock.advance(4.5)
+        self.assertEqual(self.factory.count(IDENTIFIER), 2)
+        self.factory.fail(IDENTIFIER, "starting the plugin failed: ModuleNotFoundError: No module named 'gevent'")
+        response, body = daemon.result(d)
+        self.assertEqual(response.code, 500)
+        self.assertEqual(
+            error_of(orjson.loads(body)),
+            {
+                "message": "failed to get plugin runtime: starting the plugin failed:"
+                " ModuleNotFoundError: No module named 'gevent'",
+                "error_type": "PluginDaemonInternalServerError",
+                "args": None,
+            },
+        )
+
+    def test_fixed_plugin_serves_the_waiting_call(self):
+        """When the attempt a call asked for succeeds (the cause was fixed), the call is served."""
+        daemon = self.harness()
+        self.factory.fail(IDENTIFIER, "no network")
+        daemon.clock.advance(10)
+        self.factory.fail(IDENTIFIER, "no network")
+        d = daemon.post("tool/invoke", TOOL_DATA)
+        daemon.clock.advance(5)
+        self.factory.succeed(IDENTIFIER, daemon.runtime)
+        daemon.runtime.end(daemon.runtime.last_session_id)
+        response, _ = daemon.result(d)
+        self.assertEqual(response.code, 200)
+
+    def test_shutdown_ends_waiting_calls(self):
+        """Calls waiting when the daemon stops get a 500 saying it is shutting down."""
+        daemon = self.harness()
+        d = daemon.post("tool/invoke", TOOL_DATA)
+        daemon.registry.stop_all()
+        response, body = daemon.result(d)
+        self.assertEqual(response.code, 500)
+        self.assertEqual(
+            error_of(orjson.loads(body))["message"], "failed to get plugin runtime: the plugin daemon is shutting down"
+        )
 
 
 # -- the request sent to the plugin --------------------------------------------------

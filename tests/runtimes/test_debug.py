@@ -472,6 +472,22 @@ class DisconnectTests(SynchronousTestCase):
         self.assertEqual(listener.calls, [("end",)])
         self.assertGone()
 
+    def test_shutdown_ends_open_sessions_with_the_reason(self):
+        """The registry's stop_all waits the grace period, then open sessions get the shutdown error and the connection closes."""
+        h = self.harness
+        listener = RecordingListener()
+        self.runtime.open_session("s1", request("s1"), listener)
+        stopped = h.registry.stop_all()
+        h.clock.advance(7.9)
+        self.assertEqual((listener.calls, self.transport.disconnecting), ([], False))
+        h.clock.advance(0.1)
+        self.assertEqual(
+            listener.calls, [("error", "PluginDaemonInternalServerError", "the plugin daemon is shutting down", None)]
+        )
+        self.assertTrue(self.transport.disconnecting)
+        h.disconnect(self.protocol)
+        self.successResultOf(stopped)
+
     def test_registry_stop_all(self):
         """The registry's stop_all stops debug runtimes too."""
         h = self.harness

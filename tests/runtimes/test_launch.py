@@ -1,6 +1,7 @@
 """
-Bringing plugins up: the runtime registry (with fakes) and the local
-runtime factory with the real SDK in real uv venvs over real pipes.
+Bringing plugins up: the local runtime factory with the real SDK in real
+uv venvs over real pipes (the registry's own tests, with fakes, are in
+``test_registry``).
 """
 
 from __future__ import annotations
@@ -8,119 +9,20 @@ from __future__ import annotations
 import os
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
-from zope.interface.verify import verifyObject
 
 from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.errors import InternalServerError
-from difydaemon.interfaces import IRuntimeLauncher
 from difydaemon.management.packages import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.launch import LocalRuntimeFactory
-from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.storage.memory import MemoryObjectStorage
-from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
+from difydaemon.testing.cases import AsyncTestCase
 from difydaemon.testing.packages import build_package
 from difydaemon.testing.plugins import behaviour_plugin_files
 from difydaemon.testing.sdk import environment_builder
 
 POLICY = PackagePolicy(max_size=52428800, force_verify=False, enforce_langgenius=False, public_keys=())
-
-
-class _Runtime:
-    def __init__(self, identifier):
-        self.plugin_unique_identifier = identifier
-        self.stopped = False
-
-    def is_ready(self):
-        return not self.stopped
-
-    def stop(self):
-        self.stopped = True
-        return defer.succeed(None)
-
-
-class _Factory:
-    def __init__(self):
-        self.launches = []
-        self.discarded = []
-        self.pending = {}
-
-    def launch(self, identifier, declaration, package, progress):
-        self.launches.append(identifier)
-        d = defer.Deferred()
-        self.pending[identifier] = d
-        return d
-
-    def discard(self, identifier):
-        self.discarded.append(identifier)
-        return defer.succeed(None)
-
-    def restore(self):
-        return defer.succeed([_Runtime("a/restored:0.0.1@" + "1" * 64)])
-
-
-class RegistryTests(SynchronousTestCase):
-    """The registry shares launches, keeps runtimes and discards on stop."""
-
-    def setUp(self):
-        super().setUp()
-        self.factory = _Factory()
-        self.registry = RuntimeRegistry(Clock(), self.factory)
-
-    def test_provides_launcher(self):
-        """The registry is an IRuntimeLauncher."""
-        self.assertTrue(verifyObject(IRuntimeLauncher, self.registry))
-
-    def test_concurrent_launches_share_one(self):
-        """Two launches of one identifier start it once and both see the outcome."""
-        first = self.registry.launch("a/b:0.0.1@" + "2" * 64, {}, b"", lambda line: None)
-        second = self.registry.launch("a/b:0.0.1@" + "2" * 64, {}, b"", lambda line: None)
-        self.assertEqual(len(self.factory.launches), 1)
-        runtime = _Runtime("a/b:0.0.1@" + "2" * 64)
-        self.factory.pending["a/b:0.0.1@" + "2" * 64].callback(runtime)
-        self.assertIsNone(self.successResultOf(first))
-        self.assertIsNone(self.successResultOf(second))
-        self.assertIs(self.registry.get("a/b:0.0.1@" + "2" * 64), runtime)
-        self.assertEqual(self.registry.pool_status(), {"free": 1, "busy": 0, "total": 1})
-
-    def test_failed_launch_is_forgotten(self):
-        """A failed launch fails every waiter and a later launch tries again."""
-        ident = "a/b:0.0.1@" + "3" * 64
-        first = self.registry.launch(ident, {}, b"", lambda line: None)
-        second = self.registry.launch(ident, {}, b"", lambda line: None)
-        self.factory.pending[ident].errback(InternalServerError("boom"))
-        self.failureResultOf(first, InternalServerError)
-        self.failureResultOf(second, InternalServerError)
-        self.assertIsNone(self.registry.get(ident))
-        self.registry.launch(ident, {}, b"", lambda line: None)
-        self.assertEqual(len(self.factory.launches), 2)
-
-    def test_stop_stops_and_discards(self):
-        """stop() stops the runtime and discards its files."""
-        ident = "a/b:0.0.1@" + "4" * 64
-        self.registry.launch(ident, {}, b"", lambda line: None)
-        runtime = _Runtime(ident)
-        self.factory.pending[ident].callback(runtime)
-        self.successResultOf(self.registry.stop(ident))
-        self.assertTrue(runtime.stopped)
-        self.assertEqual(self.factory.discarded, [ident])
-        self.assertIsNone(self.registry.get(ident))
-
-    def test_start_restores_installed(self):
-        """start() registers what the factory restores."""
-        self.successResultOf(self.registry.start())
-        self.assertIsNotNone(self.registry.get("a/restored:0.0.1@" + "1" * 64))
-
-    def test_register_and_unregister(self):
-        """Debug runtimes register themselves; unregister only removes the same object."""
-        runtime = _Runtime("u/p:0.0.1@" + "5" * 64)
-        self.registry.register(runtime)
-        self.registry.unregister(_Runtime("u/p:0.0.1@" + "5" * 64))
-        self.assertIs(self.registry.get(runtime.plugin_unique_identifier), runtime)
-        self.registry.unregister(runtime)
-        self.assertIsNone(self.registry.get(runtime.plugin_unique_identifier))
 
 
 class _Listener:

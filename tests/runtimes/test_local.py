@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
-from difydaemon.runtimes.local import LocalRuntime, RestartPolicy
+from difydaemon.runtimes.local import LivenessPolicy, LocalRuntime, RestartPolicy, hung_message
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.process import FakeProcessReactor
 from tests.runtimes.listeners import RecordingListener
@@ -154,6 +154,21 @@ class StartTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         runtime = self.make_runtime()
         runtime.start()
         self.assertRaises(ValueError, runtime.start)
+
+    def test_cancelled_start_stops_the_process(self):
+        """Cancelling start() (an abandoned install) fails it with CancelledError and stops the process."""
+        from twisted.internet.defer import CancelledError
+
+        runtime = self.make_runtime()
+        started = runtime.start()
+        started.cancel()
+        self.failureResultOf(started, CancelledError)
+        self.assertEqual(runtime.state, "stopping")
+        self.assertEqual(self.process().signals, ["TERM"])
+        self.process().stdout(HEARTBEAT)
+        self.process().exit(0)
+        self.assertEqual(runtime.state, "stopped")
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_stop_while_starting(self):
         """Stopping before readiness fails start() and stops the process."""
@@ -327,7 +342,9 @@ class SupervisionTests(LocalRuntimeTestsMixin, SynchronousTestCase):
 
     def test_delay_reset_after_stable_run(self):
         """An instance that stayed up past stable_after restarts after min_delay again."""
-        self.started_runtime(restart_policy=RestartPolicy(stable_after=60))
+        self.started_runtime(
+            restart_policy=RestartPolicy(stable_after=60), liveness=LivenessPolicy(timeout=3600)
+        )
         self.process().exit(1)
         self.reactor.advance(1)
         self.process().exit(1)  # before ready: next delay is 2 s
@@ -360,6 +377,16 @@ class SupervisionTests(LocalRuntimeTestsMixin, SynchronousTestCase):
                 for e in self.logged)
         )
 
+    def test_on_ready_called_when_a_restarted_instance_joins(self):
+        """on_ready is told when a restarted instance becomes ready, not at start()."""
+        readied = []
+        runtime = self.started_runtime(on_ready=readied.append)
+        self.assertEqual(readied, [])
+        self.process().exit(1)
+        self.reactor.advance(1)
+        self.process().stdout(HEARTBEAT)
+        self.assertEqual(readied, [runtime])
+
     def test_readiness_resets_failure_count(self):
         """A ready instance resets the count of consecutive failed starts."""
         runtime = self.started_runtime(restart_policy=RestartPolicy(max_failed_starts=2, max_delay=1))
@@ -384,22 +411,6 @@ class SupervisionTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.reactor.advance(1)
         self.assertEqual(len(self.reactor.spawned), 2)
 
-    def test_liveness_kill(self):
-        """A ready instance silent for more than 120 s is warned about, killed and restarted."""
-        runtime = self.started_runtime()
-        self.reactor.advance(90)
-        self.assertEqual(self.process().signals, [])
-        warnings = [e for e in self.logged if e["log_level"] == LogLevel.warn and "idle" in e]
-        self.assertEqual(len(warnings), 1)
-        self.reactor.advance(30)  # exactly 120 s idle: not yet
-        self.assertEqual(self.process().signals, [])
-        self.reactor.advance(30)
-        self.assertEqual(self.process().signals, ["KILL"])
-        self.reactor.advance(0)
-        self.assertFalse(runtime.is_ready())
-        self.reactor.advance(1)
-        self.assertEqual(len(self.reactor.spawned), 2)
-
     def test_heartbeats_keep_alive(self):
         """Heartbeats every 10 s keep a ready instance from being killed."""
         self.started_runtime()
@@ -409,12 +420,133 @@ class SupervisionTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.assertEqual(self.process().signals, [])
 
 
+HUNG = ("error", "ConnectionClosedError", hung_message(30), None)
+
+
+class LivenessTests(LocalRuntimeTestsMixin, SynchronousTestCase):
+    """A ready instance that writes nothing for the heartbeat timeout is hung: failed, killed, replaced."""
+
+    def test_hung_instance_fails_sessions_at_once_and_is_killed(self):
+        """At the timeout every open session fails before the process has even ended, and KILL is sent."""
+        self.reactor.fatal_signals = frozenset()
+        runtime = self.started_runtime()
+        listeners = [RecordingListener() for _ in range(20)]
+        for number, listener in enumerate(listeners):
+            runtime.open_session(f"s{number}", request(f"s{number}"), listener)
+        self.reactor.advance(29.9)
+        self.assertEqual([listener.calls for listener in listeners], [[]] * 20)
+        self.assertEqual(self.process().signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual([listener.calls for listener in listeners], [[HUNG]] * 20)
+        self.assertEqual(self.process().signals, ["KILL"])
+        self.assertFalse(self.process().ended)
+        self.assertFalse(runtime.is_ready())
+        self.assertEqual(runtime.ready_instances, [])
+
+    def test_hung_instance_is_replaced_and_serves_again(self):
+        """The hung instance is restarted after the restart delay and the new one takes sessions."""
+        runtime = self.started_runtime()
+        self.reactor.advance(30)
+        self.reactor.advance(0)
+        self.assertEqual(runtime.instances, [])
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.process().stdout(HEARTBEAT)
+        self.assertTrue(runtime.is_ready())
+        listener = RecordingListener()
+        runtime.open_session("s1", request("s1"), listener)
+        self.assertEqual(self.stdin_lines(), [encode_request(request("s1"))])
+
+    def test_unkillable_instance_replaced_without_waiting_for_its_exit(self):
+        """A hung process that does not die on KILL is replaced all the same, and only once."""
+        self.reactor.fatal_signals = frozenset()
+        runtime = self.started_runtime()
+        self.reactor.advance(30)
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.process().stdout(HEARTBEAT)
+        self.assertEqual(runtime.ready_instances, [runtime.instances[1]])
+        for _ in range(10):
+            self.process(1).stdout(HEARTBEAT)
+            self.reactor.advance(10)
+        self.process(0).kill_by_signal(9)
+        for _ in range(10):
+            self.process(1).stdout(HEARTBEAT)
+            self.reactor.advance(10)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertTrue(runtime.is_ready())
+
+    def test_heartbeat_timeout_is_configurable(self):
+        """With a 3 s timeout an instance is hung after 3 s of silence, not before."""
+        runtime = self.started_runtime(liveness=LivenessPolicy(timeout=3))
+        self.reactor.advance(2.9)
+        self.assertTrue(runtime.is_ready())
+        self.reactor.advance(0.1)
+        self.assertEqual(self.process().signals, ["KILL"])
+
+    def test_any_output_keeps_alive(self):
+        """Session chunks or stderr lines count as signs of life, as heartbeats do."""
+        runtime = self.started_runtime()
+        runtime.open_session("s1", request("s1"), RecordingListener())
+        for _ in range(10):
+            self.reactor.advance(20)
+            self.process().stdout(session_line("s1", "stream", b'{"a":1}'))
+            self.reactor.advance(20)
+            self.process().stderr(b"still working\n")
+        self.assertEqual(self.process().signals, [])
+        self.assertTrue(runtime.is_ready())
+
+    def test_warned_once_before_hang(self):
+        """Half-way to the timeout a warning names the instance, once per silence."""
+        self.started_runtime()
+        self.reactor.advance(14.9)
+        self.assertEqual(self.silence_warnings(), 0)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.silence_warnings(), 1)
+        self.reactor.advance(14)
+        self.assertEqual(self.silence_warnings(), 1)
+        self.process().stdout(HEARTBEAT)
+        self.reactor.pump([1] * 15)
+        self.assertEqual(self.silence_warnings(), 2)
+
+    def silence_warnings(self) -> int:
+        return sum(1 for e in self.logged if e["log_level"] == LogLevel.warn and "silent for" in e["log_format"])
+
+    def test_one_timer_per_instance(self):
+        """Watching an instance costs one pending timer, not a poll of every instance."""
+        runtime = self.started_runtime(instance_count=3)
+        self.reactor.advance(5)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 3)
+        self.assertTrue(runtime.is_ready())
+
+    def test_hung_instance_leaves_rotation(self):
+        """Of two instances, the silent one stops getting sessions at the timeout; the other takes them."""
+        runtime = self.started_runtime(instance_count=2)
+        for _ in range(3):
+            self.reactor.advance(10)
+            self.process(1).stdout(HEARTBEAT)
+        self.assertEqual([i.pid for i in runtime.ready_instances], [self.process(1).pid])
+        for number in range(4):
+            runtime.open_session(f"s{number}", request(f"s{number}"), RecordingListener())
+        self.assertEqual(len(self.stdin_lines(1)), 4)
+        self.assertEqual(self.stdin_lines(0), [])
+
+    def test_not_watched_before_ready(self):
+        """Before its first heartbeat an instance is under the readiness timeout, not the liveness one."""
+        runtime = self.make_runtime(readiness_timeout=120)
+        started = runtime.start()
+        self.reactor.advance(100)
+        self.assertEqual(self.process().signals, [])
+        self.process().stdout(HEARTBEAT)
+        self.successResultOf(started)
+
+
 class StopTests(LocalRuntimeTestsMixin, SynchronousTestCase):
     """stop() drains sessions, then TERM, then KILL."""
 
     def test_drain_term_kill(self):
         """stop() waits for the open session, sends TERM, then KILL after the grace period."""
-        runtime = self.started_runtime(stop_grace_period=5)
+        runtime = self.started_runtime(stop_grace_period=5, liveness=LivenessPolicy(timeout=3600))
         listener = RecordingListener()
         runtime.open_session("s1", request("s1"), listener)
         stopped = runtime.stop()
@@ -449,7 +581,7 @@ class StopTests(LocalRuntimeTestsMixin, SynchronousTestCase):
 
     def test_drain_timeout(self):
         """Sessions still open after drain_timeout are cut off: TERM, and they get an error on exit."""
-        runtime = self.started_runtime(drain_timeout=30)
+        runtime = self.started_runtime(drain_timeout=30, liveness=LivenessPolicy(timeout=3600))
         listener = RecordingListener()
         runtime.open_session("s1", request("s1"), listener)
         stopped = runtime.stop()
@@ -460,6 +592,57 @@ class StopTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.process().exit(0)
         self.assertEqual(listener.calls, [EXITED])
         self.successResultOf(stopped)
+
+    def test_stop_with_reason_fails_open_sessions_at_the_deadline(self):
+        """stop(drain_timeout, reason): at the deadline open sessions fail with the reason, then TERM, then KILL."""
+        runtime = self.started_runtime(stop_grace_period=2, liveness=LivenessPolicy(timeout=3600))
+        finished, cut = RecordingListener(), RecordingListener()
+        runtime.open_session("s1", request("s1"), finished)
+        runtime.open_session("s2", request("s2"), cut)
+        stopped = runtime.stop(drain_timeout=8, reason="the plugin daemon is shutting down")
+        self.reactor.advance(4)
+        self.process().stdout(session_line("s1", "end"))
+        self.reactor.advance(3.9)
+        self.assertEqual((cut.calls, self.process().signals), ([], []))
+        self.reactor.advance(0.1)
+        self.assertEqual(finished.calls, [("end",)])
+        self.assertEqual(
+            cut.calls, [("error", "PluginDaemonInternalServerError", "the plugin daemon is shutting down", None)]
+        )
+        self.assertEqual(self.process().signals, ["TERM"])
+        self.reactor.advance(2)
+        self.assertEqual(self.process().signals, ["TERM", "KILL"])
+        self.successResultOf(stopped)
+
+    def test_later_stop_shortens_the_drain(self):
+        """A shutdown's stop during an uninstall's long drain brings the deadline forward; both fire."""
+        runtime = self.started_runtime(liveness=LivenessPolicy(timeout=3600))
+        listener = RecordingListener()
+        runtime.open_session("s1", request("s1"), listener)
+        uninstall = runtime.stop()
+        self.reactor.advance(10)
+        shutdown = runtime.stop(drain_timeout=5, reason="the plugin daemon is shutting down")
+        self.reactor.advance(5)
+        self.assertEqual(listener.calls[0][2], "the plugin daemon is shutting down")
+        self.assertEqual(self.process().signals, ["TERM"])
+        self.process().exit(0)
+        self.successResultOf(uninstall)
+        self.successResultOf(shutdown)
+
+    def test_later_stop_never_lengthens_the_drain(self):
+        """A stop with a longer drain than the one under way keeps the earlier deadline."""
+        runtime = self.started_runtime(liveness=LivenessPolicy(timeout=3600))
+        runtime.open_session("s1", request("s1"), RecordingListener())
+        runtime.stop(drain_timeout=5)
+        runtime.stop(drain_timeout=100)
+        self.reactor.advance(5)
+        self.assertEqual(self.process().signals, ["TERM"])
+
+    def test_stop_with_reason_and_no_sessions_terminates_at_once(self):
+        """With nothing open, a shutdown stop sends TERM at once."""
+        runtime = self.started_runtime()
+        runtime.stop(drain_timeout=8, reason="the plugin daemon is shutting down")
+        self.assertEqual(self.process().signals, ["TERM"])
 
     def test_drain_without_limit(self):
         """With no session timeout and no drain timeout, stop() waits for sessions indefinitely."""

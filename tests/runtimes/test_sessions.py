@@ -8,7 +8,7 @@ from zope.interface.verify import verifyObject
 
 from difydaemon.interfaces import ISessionListener
 from difydaemon.runtimes.codec import SessionMessage
-from difydaemon.runtimes.sessions import SessionTable
+from difydaemon.runtimes.sessions import SessionDrain, SessionTable
 from difydaemon.testing.cases import SynchronousTestCase
 from tests.runtimes.listeners import RecordingListener
 
@@ -208,3 +208,75 @@ class SessionTableTests(SynchronousTestCase):
         self.assertNoResult(waiting)
         handle.close()
         self.successResultOf(waiting)
+
+
+class SessionDrainTests(SynchronousTestCase):
+    """SessionDrain waits for sessions up to a deadline that can only come sooner."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock = MemoryReactorClock()
+        self.tables = [SessionTable(self.clock, None), SessionTable(self.clock, None)]
+        self.done = []
+
+    def drain(self) -> SessionDrain:
+        return SessionDrain(self.clock, self.tables, lambda: self.done.append(self.clock.seconds()))
+
+    def test_nothing_open(self):
+        """With no open session the drain is over at once."""
+        self.drain().start(10)
+        self.assertEqual(self.done, [0])
+
+    def test_done_when_sessions_end(self):
+        """The drain ends when the last session of every table ends, and leaves no timer."""
+        self.tables[0].open("s1", RecordingListener())
+        self.tables[1].open("s2", RecordingListener())
+        self.drain().start(10)
+        self.clock.advance(2)
+        self.tables[0].deliver(end("s1"))
+        self.assertEqual(self.done, [])
+        self.clock.advance(1)
+        self.tables[1].deliver(end("s2"))
+        self.assertEqual(self.done, [3])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reason_given_to_sessions_open_at_the_deadline(self):
+        """At the deadline the open sessions fail with the reason, then the drain is over."""
+        listener = RecordingListener()
+        self.tables[1].open("s1", listener)
+        self.drain().start(8, "the plugin daemon is shutting down")
+        self.clock.advance(8)
+        self.assertEqual(
+            listener.calls, [("error", "PluginDaemonInternalServerError", "the plugin daemon is shutting down", None)]
+        )
+        self.assertEqual(self.done, [8])
+
+    def test_without_reason_sessions_stay_open(self):
+        """Without a reason the deadline ends the drain and leaves the sessions to their runtime."""
+        listener = RecordingListener()
+        self.tables[0].open("s1", listener)
+        self.drain().start(8)
+        self.clock.advance(8)
+        self.assertEqual((listener.calls, self.done), ([], [8]))
+        self.assertIn("s1", self.tables[0])
+
+    def test_limit_only_brings_the_deadline_forward(self):
+        """A later, shorter limit wins; a later, longer one changes nothing; done is called once."""
+        self.tables[0].open("s1", RecordingListener())
+        drain = self.drain()
+        drain.start(600)
+        self.clock.advance(10)
+        drain.limit(5, "the plugin daemon is shutting down")
+        drain.limit(100)
+        self.clock.advance(5)
+        self.assertEqual(self.done, [15])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_limit_waits(self):
+        """A None timeout waits for the sessions however long they take."""
+        self.tables[0].open("s1", RecordingListener())
+        self.drain().start(None)
+        self.clock.advance(10**6)
+        self.assertEqual(self.done, [])
+        self.tables[0].deliver(end("s1"))
+        self.assertEqual(self.done, [10**6])

@@ -137,3 +137,20 @@ class FakeRuntimeTests(SynchronousTestCase):
         self.successResultOf(self.runtime.stop())
         self.assertEqual(self.listener.calls, [("error", "ConnectionClosedError", "plugin runtime stopped", None)])
         self.assertFalse(self.runtime.is_ready())
+
+    def test_stop_with_reason(self):
+        """stop(drain_timeout, reason) records the call and fails open sessions with the reason as a -500."""
+        self.runtime.open_session("s", request("s"), self.listener)
+        self.successResultOf(self.runtime.stop(drain_timeout=8, reason="shutting down"))
+        self.assertEqual(self.runtime.stop_calls, [(8, "shutting down")])
+        self.assertEqual(self.listener.calls, [("error", "PluginDaemonInternalServerError", "shutting down", None)])
+
+    def test_becoming_ready_calls_on_ready(self):
+        """Setting ready from false to true calls on_ready once; other changes do not."""
+        told = []
+        self.runtime.on_ready = told.append
+        self.runtime.ready = True
+        self.runtime.ready = False
+        self.assertEqual(told, [])
+        self.runtime.ready = True
+        self.assertEqual(told, [self.runtime])
