@@ -31,12 +31,14 @@ from difydaemon.cli.packing import DEFAULT_MAX_SIZE_MB, MEGABYTE, check_package,
 from difydaemon.errors import DaemonError
 from difydaemon.packaging.archive import extract_package
 from difydaemon.packaging.package import DecodedPackage
+from difydaemon.runtimes.child_environment import passthrough_names, plugin_environment
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.local import LocalRuntime
 
 RESPONSE_FORMATS = ("json", "text")
 NO_BACKWARDS_MESSAGE = "backwards invocation is not available under dify plugin run (there is no Dify)"
 _SESSION_FIELDS = ("conversation_id", "message_id", "app_id", "endpoint_id", "context")
+PASSTHROUGH_VARIABLE = "PLUGIN_ENV_PASSTHROUGH"
 
 
 def default_uv_cache_dir(environ) -> str:
@@ -173,7 +175,9 @@ class PluginRun:
     :param reactor: provides processes, time and a thread pool.
     :param console: where responses (stdout) and progress (stderr) go.
     :param builder: builds the venv (the daemon's builder).
-    :param environ: the plugin's inherited environment.
+    :param environ: the plugin's whole environment (``INSTALL_METHOD=local``
+        is set on top), already reduced to what a plugin may see
+        (:func:`~difydaemon.runtimes.child_environment.plugin_environment`).
     :param response_format: ``json`` or ``text``.
     """
 
@@ -332,6 +336,10 @@ def run_command(console: Console, source: str, response_format: str, enable_logs
 
     environ = dict(os.environ)
     try:
+        passthrough = passthrough_names(environ.get(PASSTHROUGH_VARIABLE))
+    except ValueError as error:
+        raise CommandError(f"{PASSTHROUGH_VARIABLE}: {error}") from None
+    try:
         uv = find_uv(environ.get("UV_PATH") or None)
     except DaemonError as error:
         raise CommandError(error.message) from None
@@ -343,8 +351,9 @@ def run_command(console: Console, source: str, response_format: str, enable_logs
         pip_extra_args=environ.get("PIP_EXTRA_ARGS") or None,
         python_interpreter_path=environ.get("PYTHON_INTERPRETER_PATH") or None,
         environ=environ,
+        passthrough=passthrough,
     )
-    run = PluginRun(reactor, console, builder, environ, response_format)
+    run = PluginRun(reactor, console, builder, plugin_environment(environ, passthrough=passthrough), response_format)
 
     def show_log(event) -> None:
         namespace = event.get("log_namespace", "")

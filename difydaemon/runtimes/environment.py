@@ -46,6 +46,7 @@ from twisted.logger import Logger
 
 from difydaemon.errors import InternalServerError
 from difydaemon.packaging.identifier import PluginIdentifier, parse_identifier
+from difydaemon.runtimes.child_environment import plugin_environment, uv_environment
 
 log = Logger()
 
@@ -57,18 +58,6 @@ REQUIREMENTS_TXT = "requirements.txt"
 PYPROJECT_TOML = "pyproject.toml"
 UV_LOCK = "uv.lock"
 TAIL_BYTES = 2048
-
-# Passed through from the daemon's environment into uv's otherwise empty one:
-# private index credentials and the CA bundles that TLS-intercepting networks
-# need (without SSL_CERT_FILE uv cannot reach PyPI on such machines).
-PASSED_THROUGH_VARIABLES = (
-    "UV_INDEX_NEXUS_USERNAME",
-    "UV_INDEX_NEXUS_PASSWORD",
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-)
-
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 _RUNNER_VERSION = re.compile(r"(\d{1,3})\.(\d{1,3})(?:\.\d{1,4})?", re.ASCII)
 _UV_TRACING_LINE = re.compile(rb"^\s*(?:[\d.]+s\s+)?(?:TRACE|DEBUG)\s")
@@ -140,28 +129,24 @@ def install_environment(
     working_dir: str,
     uv_cache_dir: str,
     proxies: Mapping[str, str],
+    passthrough: Iterable[str] = (),
 ) -> dict[str, str]:
     """
-    The whole environment of the build steps: it replaces the daemon's, it does not extend it.
+    The whole environment of the uv steps: it replaces the daemon's, it does not extend it.
 
-    Only ``VIRTUAL_ENV``, the daemon's ``PATH``, ``UV_CACHE_DIR`` (shared by
-    all plugins), the pass-through variables that are set, and the configured
-    proxies.  Notably ``PYTHONDONTWRITEBYTECODE`` never reaches the build.
+    The allow-listed variables and uv's own ``UV_*`` ones
+    (:func:`~difydaemon.runtimes.child_environment.uv_environment`), then
+    ``VIRTUAL_ENV`` and ``UV_CACHE_DIR`` (shared by all plugins).  Notably
+    ``PYTHONDONTWRITEBYTECODE`` and the daemon's secrets never reach the build.
 
     :param environ: the daemon's environment.
-    :param proxies: ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` to values; empty values are left out.
+    :param proxies: resolved proxy variables; empty values are left out.
+    :param passthrough: the names listed in ``PLUGIN_ENV_PASSTHROUGH``.
     """
-    env = {
-        "VIRTUAL_ENV": os.path.join(working_dir, VENV_DIR),
-        "PATH": environ.get("PATH", os.defpath),
-        "UV_CACHE_DIR": uv_cache_dir,
-    }
-    for name in PASSED_THROUGH_VARIABLES:
-        if environ.get(name):
-            env[name] = environ[name]
-    for name in PROXY_VARIABLES:
-        if proxies.get(name):
-            env[name] = proxies[name]
+    env = uv_environment(environ, proxies, passthrough)
+    env.setdefault("PATH", os.defpath)
+    env["VIRTUAL_ENV"] = os.path.join(working_dir, VENV_DIR)
+    env["UV_CACHE_DIR"] = uv_cache_dir
     return env
 
 
@@ -1072,7 +1057,11 @@ class PythonEnvironmentBuilder:
     :param total_timeout: seconds after which any one step is killed.
     :param python_interpreter_path: ``PYTHON_INTERPRETER_PATH``, used when it
         is the version the plugin asks for.
-    :param environ: the daemon's environment (pass-through variables, PATH).
+    :param environ: the daemon's environment, of which the steps get only
+        what :func:`install_environment` (uv) and
+        :func:`~difydaemon.runtimes.child_environment.plugin_environment`
+        (the venv's Python) allow.
+    :param passthrough: the names listed in ``PLUGIN_ENV_PASSTHROUGH``.
     :param threadpool: where blocking work runs (deleting an invalid venv,
         the caches' file work); the reactor's own thread pool by default.
     :param prepared_venvs_dir: where finished, byte-compiled venvs are kept,
@@ -1109,6 +1098,7 @@ class PythonEnvironmentBuilder:
         threadpool=None,
         prepared_venvs_dir: str | None = None,
         bytecode_entries: int = DEFAULT_BYTECODE_ENTRIES,
+        passthrough: Iterable[str] = (),
     ) -> None:
         self._reactor = reactor
         self._prepared = prepared_venvs_dir
@@ -1131,6 +1121,7 @@ class PythonEnvironmentBuilder:
         self._python_interpreter_path = python_interpreter_path
         self._launch_semaphore = launch_semaphore
         self._environ = dict(os.environ if environ is None else environ)
+        self._passthrough = tuple(passthrough)
         self._interpreter_search_dirs = tuple(interpreter_search_dirs)
         self._threadpool = threadpool
         self._locks: dict[str, DeferredLock] = {}
@@ -1176,7 +1167,10 @@ class PythonEnvironmentBuilder:
                 self._reactor, self._pool(), shutil.rmtree, os.path.join(working_dir, VENV_DIR), True
             )
         interpreter = await self._interpreter(version)
-        env = install_environment(self._environ, working_dir, self._uv_cache_dir, self._proxies)
+        env = install_environment(self._environ, working_dir, self._uv_cache_dir, self._proxies, self._passthrough)
+        # The venv's Python runs the .pth files of what uv installed: it
+        # gets what a plugin gets, not uv's index credentials.
+        python_env = plugin_environment(self._environ, self._proxies, self._passthrough)
         frozen_lock = (
             dependency_file == PYPROJECT_TOML
             and not self._ignore_uv_lock
@@ -1195,8 +1189,8 @@ class PythonEnvironmentBuilder:
         linked: list[tuple[str, BytecodeLinks]] = []
         if not fresh:
             progress("copying a prepared venv")
-            await self._run(_link_copy(os.path.join(prepared, VENV_DIR), os.path.join(working_dir, VENV_DIR), env))
-            command = plugin_compile_command(working_dir, env, self._compile_extra_args)
+            await self._run(_link_copy(os.path.join(prepared, VENV_DIR), os.path.join(working_dir, VENV_DIR), python_env))
+            command = plugin_compile_command(working_dir, python_env, self._compile_extra_args)
             progress(command.step)
             await self._run(command)
         else:
@@ -1206,7 +1200,7 @@ class PythonEnvironmentBuilder:
             progress(f"installing dependencies from {dependency_file}")
             # The plugin's own files need only the venv's python: they are
             # compiled while uv installs, off the critical path.
-            command = plugin_compile_command(working_dir, env, self._compile_extra_args)
+            command = plugin_compile_command(working_dir, python_env, self._compile_extra_args)
             progress(command.step)
             plugin_compiled = Deferred.fromCoroutine(self._run(command))
             try:
@@ -1226,7 +1220,7 @@ class PythonEnvironmentBuilder:
                 # Awaited even when the install fails: whoever then deletes
                 # the directory must not race compileall walking it.
                 await plugin_compiled
-            linked = await self._compile_site_packages(working_dir, interpreter, env, progress)
+            linked = await self._compile_site_packages(working_dir, interpreter, python_env, progress)
 
         marker = os.path.join(working_dir, MARKER_PATH)
         os.makedirs(os.path.dirname(marker), mode=0o755, exist_ok=True)

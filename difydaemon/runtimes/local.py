@@ -249,8 +249,9 @@ class LocalRuntime:
     :param python: the absolute path of the venv's ``python``.
     :param entrypoint: the module run with ``python -m`` (the manifest's
         ``meta.runner.entrypoint``, normally ``main``).
-    :param env: the child's whole environment: the daemon's (with ``PATH``
-        and any proxy variables); ``INSTALL_METHOD=local`` is set on top.
+    :param env: the child's whole environment, already reduced to what a
+        plugin may see (:mod:`difydaemon.runtimes.child_environment`);
+        ``INSTALL_METHOD=local`` is set on top.
     :param readiness_timeout: seconds from spawn to the first heartbeat.
     :param session_timeout: seconds before a session is "killed by
         timeout" (``PLUGIN_MAX_EXECUTION_TIMEOUT``).

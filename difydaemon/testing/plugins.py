@@ -8,7 +8,9 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
 - ``fail``: raises ``ValueError("planned failure")``;
 - ``crash``: yields one chunk, then kills its own process;
 - ``flood``: writes one stdout line longer than ``size`` bytes;
-- ``sleep``: yields one chunk, then sleeps ``seconds``.
+- ``sleep``: yields one chunk, then sleeps ``seconds``;
+- ``environ``: yields one JSON message ``{"pid", "environ"}``: its process
+  id and its whole ``os.environ``.
 
 ``main`` variants: ``"normal"`` (the SDK's), ``"silent"`` (never
 heartbeats: sleeps forever) and ``"broken"`` (raises at import).
@@ -63,6 +65,11 @@ _TOOLS = {
         yield self.create_text_message("sleeping")
         time.sleep(float(tool_parameters.get("seconds") or 30))
         yield self.create_text_message("woke up")
+''',
+    "environ": '''\
+        import os
+
+        yield self.create_json_message({"pid": os.getpid(), "environ": dict(os.environ)})
 ''',
 }
 

@@ -40,6 +40,29 @@ class EchoerTool(Tool):
 '''
 
 
+TOOL_WITH_ENVIRON = '''\
+import os
+from collections.abc import Generator
+from typing import Any
+
+from dify_plugin import Tool
+from dify_plugin.entities.tool import ToolInvokeMessage
+
+
+class EchoerTool(Tool):
+    def _invoke(self, tool_parameters: dict[str, Any]) -> Generator[ToolInvokeMessage, None, None]:
+        yield self.create_json_message({"pid": os.getpid(), "environ": dict(os.environ)})
+'''
+
+#: Secrets in the environment of ``dify plugin run`` that its plugin must not see.
+SECRETS = {"DB_PASSWORD": "db-password-value", "OPENAI_API_KEY": "openai-key-value", "FOO_SECRET": "foo-value"}
+
+ENVIRON_REQUEST = json.dumps({
+    "invoke_id": "env", "type": "tool", "action": "invoke_tool",
+    "request": {"provider": "echoer", "tool": "echoer", "credentials": {}, "tool_parameters": {}},
+}) + "\n"
+
+
 class ClientRequestTests(SynchronousTestCase):
     """Parsing client request lines."""
 
@@ -110,6 +133,17 @@ class RunErrorTests(OneLineErrorMixin, SynchronousTestCase):
     def test_missing_source(self):
         """A path that does not exist is one error line."""
         self.assertOneLineError(dify("plugin", "run", os.path.join(self.mktemp(), "nope")), "no plugin")
+
+    def test_bad_passthrough(self):
+        """A PLUGIN_ENV_PASSTHROUGH that is not a list of names is one error line naming it."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        result = console_script("plugin", "run", directory, extra_env={"PLUGIN_ENV_PASSTHROUGH": "OK,AWS_*"})
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            result.stderr.decode().splitlines(),
+            ["dify: error: PLUGIN_ENV_PASSTHROUGH: 'AWS_*' is not a variable name (list exact names, separated by commas)"],
+        )
 
 
 def console_script(*argv: str, stdin: str = "", extra_env: dict | None = None, timeout: float = 600):
@@ -183,6 +217,43 @@ class ConsoleScriptTests(SynchronousTestCase):
         self.assertEqual(bad["type"], "error")
         self.assertIn("creating venv", stderr)
         self.assertEqual(os.listdir(temp), [], "the plugin-run-* directory must be removed")
+
+
+def environ_plugin(test) -> str:
+    """A scaffolded tool plugin whose tool answers its pid and whole environment."""
+    parent = os.path.abspath(test.mktemp())
+    os.makedirs(parent)
+    created = dify("plugin", "init", "--quick", "--author", "acme", "--name", "echoer", "-o", parent)
+    test.assertEqual(created.status, 0, created.stderr)
+    directory = os.path.join(parent, "echoer")
+    write(os.path.join(directory, "tools", "echoer.py"), TOOL_WITH_ENVIRON)
+    return directory
+
+
+def run_environment(test) -> dict:
+    """The variables ``dify plugin run`` needs here, with a private TMPDIR."""
+    temp = os.path.abspath(test.mktemp())
+    os.makedirs(temp)
+    return {"UV_CACHE_DIR": sdk.test_uv_cache_dir(), "PYTHON_INTERPRETER_PATH": sdk.python312(), "TMPDIR": temp}
+
+
+class RunIsolationTests(SynchronousTestCase):
+    """What a plugin under ``dify plugin run`` inherits."""
+
+    def test_plugin_environment(self):
+        """The plugin sees PATH, HOME and the listed variable, none of the caller's secrets nor PYTHONPATH."""
+        directory = environ_plugin(self)
+        extra = {**run_environment(self), **SECRETS, "PLUGIN_ENV_PASSTHROUGH": "ACME_SETTING", "ACME_SETTING": "on"}
+        result = console_script("plugin", "run", directory, stdin=ENVIRON_REQUEST, extra_env=extra)
+        self.assertEqual(result.returncode, 0, result.stderr.decode("utf-8", "replace"))
+        [dump] = [json.loads(line)["response"]["message"]["json_object"] for line in result.stdout.decode().splitlines()
+                  if json.loads(line)["type"] == "plugin_response"]
+        environ = dump["environ"]
+        self.assertEqual([name for name in [*SECRETS, "PYTHONPATH", "UV_CACHE_DIR"] if name in environ], [])
+        self.assertEqual(
+            (environ.get("PATH"), environ.get("HOME"), environ.get("ACME_SETTING"), environ.get("INSTALL_METHOD")),
+            (os.environ.get("PATH"), os.environ.get("HOME"), "on", "local"),
+        )
 
 
 class ScaffoldsOnSdkTests(AsyncTestCase):
