@@ -39,6 +39,7 @@ from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.launch import LocalRuntimeFactory
+from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService
 from difydaemon.storage.filesystem import FilesystemObjectStorage
@@ -109,6 +110,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
         return None
     local = config.local_runtime
     working_path = os.path.abspath(local.plugin_working_path)
+    parent_death = parent_death_signal()
     builder = PythonEnvironmentBuilder(
         reactor,
         find_uv(local.uv_path or None),
@@ -125,6 +127,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
         prepared_venvs_dir=os.path.join(working_path, ".prepared-venvs"),
         environ=environ,
         passthrough=local.plugin_env_passthrough,
+        parent_death=parent_death,
     )
     return LocalRuntimeFactory(
         reactor,
@@ -141,6 +144,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
             "max_line_size": config.plugin_runtime_max_buffer_size,
             "readiness_timeout": local.python_env_init_timeout_seconds,
             "session_timeout": config.max_execution_timeout_seconds,
+            "parent_death": parent_death,
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
     )

@@ -1,9 +1,10 @@
 """
-What plugin processes inherit: a real ``twistd -n difydaemon`` in a
-subprocess, real SDK plugins in real uv venvs.
+What plugin processes inherit, and that none outlives the daemon: a real
+``twistd -n difydaemon`` in a subprocess, real SDK plugins in real uv venvs.
 
 The daemon runs under a subreaper (:mod:`difydaemon.testing.subreaper`), as
-under systemd or ``tini -s``, which reaps whatever the test leaves behind.
+under systemd or ``tini -s``: a plugin orphaned there is not re-parented to
+PID 1, so the SDK's own check for PID 1 cannot end it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 
 from twisted.internet import defer, reactor, task
@@ -19,11 +21,11 @@ from twisted.internet.protocol import ProcessProtocol
 from difydaemon.runtimes.child_environment import is_allowed
 from difydaemon.testing.http import http_client
 from difydaemon.testing.plugins import behaviour_plugin_files
-from difydaemon.testing.subreaper import is_running, parent_pid, subreaper_argv
+from difydaemon.testing.subreaper import children_of, command_line, is_running, parent_pid, subreaper_argv
 from tests.cli.helpers import REPOSITORY
 from tests.test_end_to_end import DaemonCase, sse_items
 
-#: Seconds the daemon and its plugins get to end.
+#: Seconds a process gets to end or to appear; the kernel needs far less.
 GRACE = 10.0
 
 #: Secrets in the daemon's environment (its own SERVER_KEY and DIFY_INNER_API_KEY come on top).
@@ -109,11 +111,25 @@ class TwistdCase(DaemonCase):
             await task.deferLater(reactor, 0.05, lambda: None)
         return self.watch.ended.called
 
+    async def wait_gone(self, pid: int) -> bool:
+        """Whether ``pid`` has ended within :data:`GRACE` seconds."""
+        for _ in range(int(GRACE / 0.05)):
+            if not is_running(pid):
+                return True
+            await task.deferLater(reactor, 0.05, lambda: None)
+        return not is_running(pid)
+
     async def tool_json(self, tool: str, parameters: dict) -> dict:
         """The JSON object of a tool's single json message."""
         [item] = sse_items(await self.tool(tool, parameters))
         self.assertEqual(item["code"], 0, item)
         return item["data"]["message"]["json_object"]
+
+    async def tool_text(self, tool: str, parameters: dict) -> str:
+        """The text of a tool's single text message."""
+        [item] = sse_items(await self.tool(tool, parameters))
+        self.assertEqual(item["code"], 0, item)
+        return item["data"]["message"]["text"]
 
 
 class PluginEnvironmentTests(TwistdCase):
@@ -154,3 +170,51 @@ class PluginEnvironmentTests(TwistdCase):
         )
         listed = {"ACME_SETTING", "ACME_FROM_DOTENV", "INSTALL_METHOD"}
         self.assertEqual(sorted(name for name in environ if not is_allowed(name) and name not in listed), [])
+
+
+class DaemonKilledTests(TwistdCase):
+    """No plugin process or build step outlives a SIGKILLed daemon."""
+
+    async def test_plugins_die_with_daemon(self):
+        """SIGKILL of the daemon ends both instances of a plugin, each ignoring SIGTERM, and nothing is left."""
+        await self.start_twistd(PLUGIN_LOCAL_INSTANCES="2")
+        await self.install(behaviour_plugin_files())
+        self.assertEqual(self.task["status"], "success", self.task)
+        # dispatch goes round-robin over the instances that are ready: call until both answered
+        pids: set[int] = set()
+        for _ in range(int(6 * GRACE / 0.1)):
+            pids.add(int(await self.tool_text("ignore_term", {})))
+            if len(pids) == 2:
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        self.watched.extend(pids)
+        self.assertEqual(len(pids), 2)
+        self.assertEqual({parent_pid(pid) for pid in pids}, {self.daemon_pid})
+
+        os.kill(self.daemon_pid, signal.SIGKILL)
+        for pid in pids:
+            self.assertTrue(await self.wait_gone(pid), f"plugin process {pid} outlived the daemon")
+        self.assertTrue(await self.ended_within(GRACE), f"processes outlived the daemon: {self.output()}")
+
+    async def test_uv_step_dies_with_daemon(self):
+        """SIGKILL of the daemon during a dependency install ends the uv process, and nothing is left."""
+        index = socket.socket()
+        self.addCleanup(index.close)
+        index.bind(("127.0.0.1", 0))
+        index.listen(16)  # connections are accepted by the kernel and never answered
+        await self.start_twistd(PIP_MIRROR_URL=f"http://127.0.0.1:{index.getsockname()[1]}/simple")
+        await self.start_install(behaviour_plugin_files())
+
+        uv = None
+        for _ in range(int(6 * GRACE / 0.1)):
+            installs = [pid for pid in children_of(self.daemon_pid) if command_line(pid)[1:3] == ["pip", "install"]]
+            if installs:
+                [uv] = installs
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIsNotNone(uv, f"no uv pip install under the daemon: {self.output()}")
+        self.watched.append(uv)
+
+        os.kill(self.daemon_pid, signal.SIGKILL)
+        self.assertTrue(await self.wait_gone(uv), f"uv process {uv} outlived the daemon")
+        self.assertTrue(await self.ended_within(GRACE), f"processes outlived the daemon: {self.output()}")

@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from difydaemon.errors import InternalServerError
 from difydaemon.packaging.identifier import PluginIdentifier, parse_identifier
 from difydaemon.runtimes.child_environment import plugin_environment, uv_environment
+from difydaemon.runtimes.parent_death import ParentDeathSignal, child_argv
 
 log = Logger()
 
@@ -913,13 +914,15 @@ async def find_interpreter(
     configured_path: str | None,
     environ: Mapping[str, str] | None = None,
     search_dirs: Sequence[str] = ("/usr/bin", "/usr/local/bin"),
+    parent_death: ParentDeathSignal | None = None,
 ) -> str:
     """
     A Python interpreter of ``version`` (``"3.12"``) on this machine.
 
     ``configured_path`` (``PYTHON_INTERPRETER_PATH``) wins if it is that
     version; otherwise the :func:`interpreter_candidates` are tried.  Each is
-    asked its version by running it, on the reactor, never blocking it.
+    asked its version by running it (through ``parent_death`` when given),
+    on the reactor, never blocking it.
 
     :raises InternalServerError: naming the version when none is found.
     """
@@ -941,6 +944,7 @@ async def find_interpreter(
             ),
             _PROBE_TIMEOUT,
             _PROBE_TIMEOUT,
+            parent_death,
         )
         if outcome.succeeded and outcome.tail.splitlines()[-1:] == [version]:
             return candidate
@@ -1010,26 +1014,29 @@ class _StepProtocol(ProcessProtocol):
         )
 
 
-async def run_step(reactor, command: StepCommand, inactivity_timeout: float, total_timeout: float) -> StepOutcome:
+async def run_step(
+    reactor,
+    command: StepCommand,
+    inactivity_timeout: float,
+    total_timeout: float,
+    parent_death: ParentDeathSignal | None = None,
+) -> StepOutcome:
     """
     Run one step as a child process on ``reactor`` and report how it ended.
 
     :param inactivity_timeout: seconds of silence on stdout and stderr before
         the child is killed (ignored unless ``command.watch_inactivity``).
     :param total_timeout: seconds before the child is killed regardless.
+    :param parent_death: the launcher that makes the child die with the
+        daemon; None starts it directly.
     """
     protocol = _StepProtocol(
         reactor,
         inactivity_timeout if command.watch_inactivity else None,
         total_timeout,
     )
-    reactor.spawnProcess(
-        protocol,
-        command.argv[0],
-        list(command.argv),
-        env=dict(command.env),
-        path=command.path,
-    )
+    argv = child_argv(parent_death, command.argv)
+    reactor.spawnProcess(protocol, argv[0], argv, env=dict(command.env), path=command.path)
     return await protocol.ended
 
 
@@ -1062,6 +1069,9 @@ class PythonEnvironmentBuilder:
         :func:`~difydaemon.runtimes.child_environment.plugin_environment`
         (the venv's Python) allow.
     :param passthrough: the names listed in ``PLUGIN_ENV_PASSTHROUGH``.
+    :param parent_death: the launcher that makes every step die with the
+        daemon (:func:`~difydaemon.runtimes.parent_death.parent_death_signal`);
+        None starts them directly.
     :param threadpool: where blocking work runs (deleting an invalid venv,
         the caches' file work); the reactor's own thread pool by default.
     :param prepared_venvs_dir: where finished, byte-compiled venvs are kept,
@@ -1099,6 +1109,7 @@ class PythonEnvironmentBuilder:
         prepared_venvs_dir: str | None = None,
         bytecode_entries: int = DEFAULT_BYTECODE_ENTRIES,
         passthrough: Iterable[str] = (),
+        parent_death: ParentDeathSignal | None = None,
     ) -> None:
         self._reactor = reactor
         self._prepared = prepared_venvs_dir
@@ -1122,6 +1133,7 @@ class PythonEnvironmentBuilder:
         self._launch_semaphore = launch_semaphore
         self._environ = dict(os.environ if environ is None else environ)
         self._passthrough = tuple(passthrough)
+        self._parent_death = parent_death
         self._interpreter_search_dirs = tuple(interpreter_search_dirs)
         self._threadpool = threadpool
         self._locks: dict[str, DeferredLock] = {}
@@ -1331,12 +1343,13 @@ class PythonEnvironmentBuilder:
                 self._python_interpreter_path,
                 self._environ,
                 self._interpreter_search_dirs,
+                self._parent_death,
             )
             self._interpreters[version] = cached
         return cached
 
     async def _run(self, command: StepCommand) -> None:
-        outcome = await run_step(self._reactor, command, self._init_timeout, self._total_timeout)
+        outcome = await run_step(self._reactor, command, self._init_timeout, self._total_timeout, self._parent_death)
         if outcome.succeeded:
             return
         message = failure_message(command.step, outcome)

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
+from difydaemon.runtimes.parent_death import ParentDeathSignal, child_argv
 from difydaemon.runtimes.process import DEFAULT_TAIL_SIZE, PluginProcessProtocol
 from difydaemon.runtimes.sessions import SessionTable
 
@@ -262,6 +263,9 @@ class LocalRuntime:
         gives up restarting after a successful :meth:`start`.
     :param declaration: the plugin's declaration (its permissions decide
         which backwards invocations it may make).
+    :param parent_death: the launcher that makes each process die with the
+        daemon (:mod:`difydaemon.runtimes.parent_death`); None starts
+        ``python -m <entrypoint>`` directly.
 
     :ivar state: ``created``, ``starting``, ``running``, ``failed``,
         ``stopping`` or ``stopped``.
@@ -289,6 +293,7 @@ class LocalRuntime:
         liveness: LivenessPolicy = LivenessPolicy(),
         on_failed=None,
         declaration: dict | None = None,
+        parent_death: ParentDeathSignal | None = None,
     ) -> None:
         if instance_count < 1:
             raise ValueError("instance_count must be at least 1")
@@ -302,6 +307,7 @@ class LocalRuntime:
         child_env = dict(env or {})
         child_env["INSTALL_METHOD"] = "local"
         self.env = child_env
+        self.parent_death = parent_death
         self.instance_count = instance_count
         self.max_line_size = max_line_size
         self.readiness_timeout = readiness_timeout
@@ -421,12 +427,13 @@ class LocalRuntime:
 
     def _launch(self, slot: int) -> None:
         self._restarts.pop(slot, None)
+        argv = child_argv(self.parent_death, [self.python, "-m", self.entrypoint])
         instance = LocalInstance(
             self._reactor,
             slot,
             self.plugin_id,
-            self.python,
-            [self.python, "-m", self.entrypoint],
+            argv[0],
+            argv,
             self.env,
             self.working_dir,
             self.max_line_size,

@@ -10,7 +10,9 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
 - ``flood``: writes one stdout line longer than ``size`` bytes;
 - ``sleep``: yields one chunk, then sleeps ``seconds``;
 - ``environ``: yields one JSON message ``{"pid", "environ"}``: its process
-  id and its whole ``os.environ``.
+  id and its whole ``os.environ``;
+- ``ignore_term``: makes its process ignore SIGTERM, and yields its process
+  id as text.
 
 ``main`` variants: ``"normal"`` (the SDK's), ``"silent"`` (never
 heartbeats: sleeps forever) and ``"broken"`` (raises at import).
@@ -70,6 +72,13 @@ _TOOLS = {
         import os
 
         yield self.create_json_message({"pid": os.getpid(), "environ": dict(os.environ)})
+''',
+    "ignore_term": '''\
+        import os
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        yield self.create_text_message(str(os.getpid()))
 ''',
 }
 

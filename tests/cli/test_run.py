@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 from difydaemon.cli.run import (
     backwards_answers,
@@ -19,6 +22,7 @@ from difydaemon.cli.run import (
 )
 from difydaemon.testing import sdk
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
+from difydaemon.testing.subreaper import children_of, is_running, parent_pid, subreaper_argv
 from tests.cli.helpers import REPOSITORY, dify, write
 from tests.cli.test_commands import OneLineErrorMixin
 
@@ -56,6 +60,9 @@ class EchoerTool(Tool):
 
 #: Secrets in the environment of ``dify plugin run`` that its plugin must not see.
 SECRETS = {"DB_PASSWORD": "db-password-value", "OPENAI_API_KEY": "openai-key-value", "FOO_SECRET": "foo-value"}
+
+#: Seconds a process gets to end; the kernel needs far less.
+GRACE = 10.0
 
 ENVIRON_REQUEST = json.dumps({
     "invoke_id": "env", "type": "tool", "action": "invoke_tool",
@@ -238,7 +245,7 @@ def run_environment(test) -> dict:
 
 
 class RunIsolationTests(SynchronousTestCase):
-    """What a plugin under ``dify plugin run`` inherits."""
+    """What a plugin under ``dify plugin run`` inherits, and that it dies with the command."""
 
     def test_plugin_environment(self):
         """The plugin sees PATH, HOME and the listed variable, none of the caller's secrets nor PYTHONPATH."""
@@ -254,6 +261,52 @@ class RunIsolationTests(SynchronousTestCase):
             (environ.get("PATH"), environ.get("HOME"), environ.get("ACME_SETTING"), environ.get("INSTALL_METHOD")),
             (os.environ.get("PATH"), os.environ.get("HOME"), "on", "local"),
         )
+
+    def test_plugin_dies_with_command(self):
+        """SIGKILL of dify plugin run ends its plugin, and nothing is left (under a subreaper)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPOSITORY
+        env.update(run_environment(self))
+        command = [sys.executable, "-m", "difydaemon.cli.main", "plugin", "run", environ_plugin(self)]
+        # unbuffered, so that select() sees every line not yet read
+        reaper = subprocess.Popen(subreaper_argv(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, env=env, bufsize=0)
+        self.addCleanup(self.end_tree, reaper)
+        self.watched = []
+        reaper.stdin.write(ENVIRON_REQUEST.encode())
+        reaper.stdin.flush()
+        answer = None
+        while answer is None:
+            line = read_line(reaper.stdout, 120)
+            self.assertTrue(line, "dify plugin run ended or said nothing")
+            output = json.loads(line)
+            if output["type"] == "plugin_response":
+                answer = output["response"]["message"]["json_object"]
+        [cli] = children_of(reaper.pid)
+        plugin = answer["pid"]
+        self.watched += [cli, plugin]
+        self.assertEqual(parent_pid(plugin), cli)
+        os.kill(cli, signal.SIGKILL)
+        deadline = time.monotonic() + GRACE
+        while is_running(plugin) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(is_running(plugin), f"plugin {plugin} outlived dify plugin run")
+        self.assertEqual(reaper.wait(timeout=GRACE), 0)
+
+    def end_tree(self, reaper) -> None:
+        for pid in self.watched:
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        reaper.stdin.close()
+        reaper.wait(timeout=GRACE)
+        reaper.stdout.close()
+
+
+def read_line(stream, timeout: float) -> bytes:
+    """One line of ``stream``, or b"" at its end or after ``timeout`` seconds without one."""
+    if not select.select([stream], [], [], timeout)[0]:
+        return b""
+    return stream.readline()
 
 
 class ScaffoldsOnSdkTests(AsyncTestCase):

@@ -54,6 +54,7 @@ from difydaemon.runtimes.environment import (
     working_dir_for,
     PythonEnvironmentBuilder,
 )
+from difydaemon.runtimes.parent_death import LAUNCHER, ParentDeathSignal
 from difydaemon.testing import sdk
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 
@@ -799,6 +800,19 @@ class RunStepTests(SynchronousTestCase):
         d = Deferred.fromCoroutine(run_step(reactor, command, 120, 600))
         return reactor, reactor.processes[0], d
 
+    def test_parent_death_launcher(self):
+        """With a parent-death launcher the step is spawned through it, its command line kept whole."""
+        reactor = ProcessReactor()
+        command = StepCommand("installing dependencies", ("/uv", "pip"), {"PATH": "/bin"}, "/wd")
+        d = Deferred.fromCoroutine(
+            run_step(reactor, command, 120, 600, ParentDeathSignal("/launcher/python", getpid=lambda: 42))
+        )
+        [process] = reactor.processes
+        self.assertEqual(process.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42", "/uv", "pip"))
+        self.assertEqual((process.env, process.path), ({"PATH": "/bin"}, "/wd"))
+        process.finish(0)
+        self.assertTrue(self.successResultOf(d).succeeded)
+
     def test_exit_status_and_tail(self):
         """The outcome carries the exit status and the output of both pipes."""
         reactor, process, d = self.start()
@@ -949,6 +963,28 @@ class FakeBuilderTests(SynchronousTestCase):
         python_env = {"PATH": "/bin", "LISTED": "yes", "HTTPS_PROXY": "http://p:1"}
         self.assertEqual((compile_plugin.env, compile_site.env), (python_env, python_env))
         compile_site.finish(0)
+        self.successResultOf(d)
+
+    def test_steps_through_parent_death_launcher(self):
+        """With a parent-death launcher every child of a build, the probe included, is spawned through it."""
+        self.builder._parent_death = ParentDeathSignal("/launcher/python", getpid=lambda: 42)
+        d = self.build()
+        probe = self.reactor.processes[-1]
+        self.assertEqual(probe.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
+        self.assertEqual(probe.argv[6], sys.executable)
+        probe.emit(b"3.12\n")
+        probe.finish(0)
+        venv = self.reactor.processes[-1]
+        self.assertEqual(venv.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42",
+                                     "/uv", "venv", ".venv", "--python", sys.executable))
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        self.assertEqual(install.argv[6:], ("/uv", "pip", "install", "-r", "requirements.txt"))
+        self.assertEqual(compile_plugin.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
+        install.finish(0)
+        compile_plugin.finish(0)
         self.successResultOf(d)
 
     def test_install_failure(self):
