@@ -17,6 +17,7 @@ from difydaemon.interfaces import IRuntimeLauncher
 from difydaemon.management.packages import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
+from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.storage.memory import MemoryObjectStorage
@@ -180,7 +181,7 @@ class LocalFactoryTests(AsyncTestCase):
             self.runner,
             environment_builder(reactor, prepared_venvs_dir=os.path.join(self.working_path, ".prepared")),
             self.working_path,
-            dict(os.environ),
+            plugin_environment(os.environ),
             52428800,
             runtime_options={"readiness_timeout": 60.0, "session_timeout": 60.0, "stop_grace_period": 2.0},
         )
