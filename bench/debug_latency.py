@@ -38,7 +38,7 @@ from difydaemon.runtimes.debug import DebugServerFactory  # noqa: E402
 from difydaemon.runtimes.registry import RuntimeRegistry  # noqa: E402
 from difydaemon.storage.memory import MemoryObjectStorage  # noqa: E402
 from difydaemon.testing import sdk  # noqa: E402
-from difydaemon.testing.packages import echo_plugin_files  # noqa: E402
+from difydaemon.testing.packages import echo_plugin_files, write_files  # noqa: E402
 
 VARIANTS = (
     ("daemon (nodelay+quickack)", True, True),
@@ -96,12 +96,7 @@ def _percentile(values, fraction):
 
 
 async def _main(reactor, calls: int, rounds: int) -> None:
-    working_dir = tempfile.mkdtemp(prefix="debug-bench-")
-    for path, content in echo_plugin_files().items():
-        target = os.path.join(working_dir, path)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "wb") as f:
-            f.write(content)
+    working_dir = write_files(tempfile.mkdtemp(prefix="debug-bench-"), echo_plugin_files())
     python = await sdk.environment_builder(reactor).build(working_dir, "3.12", lambda message: None)
 
     tenants = {}

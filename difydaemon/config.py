@@ -26,6 +26,9 @@ Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
   after which a ready plugin instance counts as hung (Go: 120 s of no output).
 - ``SHUTDOWN_GRACE_PERIOD`` (default 8) is our own: seconds a daemon stop
   lets open plugin sessions finish (Go: ``PLUGIN_MAX_EXECUTION_TIMEOUT``).
+- ``PLUGIN_ENV_PASSTHROUGH`` is our own: variables of the daemon's
+  environment that plugin processes and their builds inherit besides the
+  allow-list of :mod:`difydaemon.runtimes.child_environment`.
 - A variable set to the empty string counts as unset and takes its default,
   as in Go's default-setter; out-of-range numbers (a port of 0, a size of 0)
   are errors instead of silently meaning "default".
@@ -59,6 +62,7 @@ from zoneinfo import ZoneInfo
 from attrs import field, frozen
 
 from difydaemon.errors import ConfigError
+from difydaemon.runtimes.child_environment import passthrough_names
 
 #: Every variable :func:`load_config` reads, in documentation order.
 VARIABLES: tuple[str, ...] = (
@@ -129,6 +133,7 @@ VARIABLES: tuple[str, ...] = (
     "PLUGIN_LOCAL_LAUNCHING_CONCURRENT",
     "PLUGIN_LOCAL_INSTANCES",
     "PLUGIN_HEARTBEAT_TIMEOUT",
+    "PLUGIN_ENV_PASSTHROUGH",
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
@@ -173,6 +178,17 @@ VARIABLES: tuple[str, ...] = (
 )
 
 _KNOWN = frozenset(VARIABLES)
+
+#: The daemon's own credentials: ``PLUGIN_ENV_PASSTHROUGH`` may not name them.
+CREDENTIAL_VARIABLES: tuple[str, ...] = (
+    "SERVER_KEY",
+    "ADMIN_API_KEY",
+    "DIFY_INNER_API_KEY",
+    "DB_PASSWORD",
+    "REDIS_PASSWORD",
+    "REDIS_SENTINEL_PASSWORD",
+    "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY",
+)
 
 PORT_MAX = 65535
 _UINT16_MAX = 65535
@@ -441,6 +457,9 @@ class LocalRuntimeConfig:
     #: ``PLUGIN_HEARTBEAT_TIMEOUT``: seconds without any output (the SDK
     #: heartbeats every 10 s) after which a ready instance is hung (ours).
     plugin_heartbeat_timeout: int
+    #: ``PLUGIN_ENV_PASSTHROUGH``: names of variables plugin processes and
+    #: their builds inherit besides the allow-list (ours).
+    plugin_env_passthrough: tuple[str, ...]
     #: ``HTTP_PROXY``, falling back to ``http_proxy``; empty for none.
     http_proxy: str
     #: ``HTTPS_PROXY``, falling back to ``https_proxy``; empty for none.
@@ -1065,6 +1084,23 @@ def _proxy(values: _Values, name: str) -> str:
     return value or ""
 
 
+def _passthrough(values: _Values) -> tuple[str, ...]:
+    """``PLUGIN_ENV_PASSTHROUGH``: exact variable names, none of the daemon's credentials."""
+    try:
+        names = passthrough_names(values.raw("PLUGIN_ENV_PASSTHROUGH"))
+    except ValueError as error:
+        values.fail("PLUGIN_ENV_PASSTHROUGH", str(error))
+        return ()
+    credentials = [name for name in names if name in CREDENTIAL_VARIABLES]
+    if credentials:
+        values.fail(
+            "PLUGIN_ENV_PASSTHROUGH",
+            f"{', '.join(credentials)}: the daemon's own credentials are never passed to plugins",
+        )
+        return ()
+    return names
+
+
 def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
     """The ``local_runtime`` group."""
     return LocalRuntimeConfig(
@@ -1085,6 +1121,7 @@ def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
         ),
         plugin_local_instances=values.integer("PLUGIN_LOCAL_INSTANCES", 1, 1),
         plugin_heartbeat_timeout=values.integer("PLUGIN_HEARTBEAT_TIMEOUT", 30, 1),
+        plugin_env_passthrough=_passthrough(values),
         http_proxy=_proxy(values, "HTTP_PROXY"),
         https_proxy=_proxy(values, "HTTPS_PROXY"),
         no_proxy=_proxy(values, "NO_PROXY"),

@@ -23,7 +23,7 @@ from difydaemon.api.management import ManagementAPI
 from difydaemon.api.site import DaemonSite
 from difydaemon.api.root import BuildInfo, HealthResource, RequestCounter, RootResource
 from difydaemon.blocking import ThreadPoolRunner
-from difydaemon.config import Config, load_config, read_dotenv
+from difydaemon.config import Config, load_config, parse_dotenv, read_dotenv
 from difydaemon.errors import ConfigError
 from difydaemon.invocation.dispatcher import BackwardsInvocations
 from difydaemon.invocation.inner_api import DifyInnerAPI
@@ -35,10 +35,12 @@ from difydaemon.packaging.signature import load_public_key, official_public_key
 from difydaemon.management.debugging import DebuggingKeys
 from difydaemon.management.endpoints import Endpoints
 from difydaemon.management.installations import InstallationCache
+from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
+from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
@@ -118,12 +120,18 @@ def _listen(reactor, host: str, port: int, factory):
     return StreamServerEndpointService(endpoint, factory)
 
 
-def _local_factory(reactor, config: Config, persistence, storage, paths, blocking):
-    """The factory that brings local plugins up (None on the serverless platform)."""
+def _local_factory(reactor, config: Config, environ, persistence, storage, paths, blocking):
+    """
+    The factory that brings local plugins up (None on the serverless platform).
+
+    :param environ: the daemon's environment, of which plugin processes and
+        their builds inherit only the allow-listed variables.
+    """
     if config.platform != "local":
         return None
     local = config.local_runtime
     working_path = os.path.abspath(local.plugin_working_path)
+    parent_death = parent_death_signal()
     builder = PythonEnvironmentBuilder(
         reactor,
         find_uv(local.uv_path or None),
@@ -138,9 +146,10 @@ def _local_factory(reactor, config: Config, persistence, storage, paths, blockin
         init_timeout=local.python_env_init_timeout_seconds,
         python_interpreter_path=local.python_interpreter_path or None,
         prepared_venvs_dir=os.path.join(working_path, ".prepared-venvs"),
+        environ=environ,
+        passthrough=local.plugin_env_passthrough,
+        parent_death=parent_death,
     )
-    environ = dict(os.environ)
-    environ.update(local.proxy_environment())
     return LocalRuntimeFactory(
         reactor,
         persistence,
@@ -149,7 +158,7 @@ def _local_factory(reactor, config: Config, persistence, storage, paths, blockin
         blocking,
         builder,
         working_path,
-        environ,
+        plugin_environment(environ, local.proxy_environment(), local.plugin_env_passthrough),
         config.packages.max_plugin_package_size,
         runtime_options={
             "instance_count": local.plugin_local_instances,
@@ -158,6 +167,7 @@ def _local_factory(reactor, config: Config, persistence, storage, paths, blockin
             "session_timeout": config.max_execution_timeout_seconds,
             "liveness": LivenessPolicy(timeout=local.plugin_heartbeat_timeout_seconds),
             "stop_grace_period": PLUGIN_STOP_GRACE_PERIOD,
+            "parent_death": parent_death,
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
     )
@@ -182,8 +192,15 @@ def _backwards(reactor, config: Config, persistence, inner_api) -> BackwardsInvo
     return BackwardsInvocations(inner_api, PluginStorage(persistence, config.storage.persistence_storage_max_size))
 
 
-def build_daemon(reactor, config: Config) -> DaemonService:
-    """Wire every part of the daemon for ``config`` (no I/O happens here)."""
+def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
+    """
+    Wire every part of the daemon for ``config`` (no I/O happens here).
+
+    :param environ: the daemon's environment (``os.environ`` by default):
+        what plugin processes may inherit from it is chosen here.
+    """
+    if environ is None:
+        environ = os.environ
     persistence = _persistence(reactor, config)
     blocking = ThreadPoolRunner(reactor, "difydaemon-blocking", max_threads=4)
     storage = FilesystemObjectStorage(reactor, config.storage.plugin_storage_local_root)
@@ -213,7 +230,7 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
     runtimes = RuntimeRegistry(
         reactor,
-        _local_factory(reactor, config, persistence, storage, paths, blocking),
+        _local_factory(reactor, config, environ, persistence, storage, paths, blocking),
         shutdown_grace_period=config.shutdown_grace_period_seconds,
         # TERM, KILL after the stop grace period, and the reaping
         stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 1.0,
@@ -331,8 +348,20 @@ def makeService(options, reactor=None, environ=None):
         from twisted.internet import reactor
     if environ is None:
         environ = os.environ
-    config = load_config(environ, read_dotenv(options["env-file"]))
-    service = build_daemon(reactor, config)
+    dotenv_text = read_dotenv(options["env-file"])
+    config = load_config(environ, dotenv_text)
+    service = build_daemon(reactor, config, daemon_environment(environ, dotenv_text))
     if under_twistd:
         end_process_on_failed_start(service, reactor)
     return service
+
+
+def daemon_environment(environ, dotenv_text: str | None) -> dict:
+    """
+    The daemon's environment as its configuration sees it: ``environ``
+    over the variables of the ``.env`` text, so that a variable an operator
+    lets plugins inherit may be set in either place.
+    """
+    merged = parse_dotenv(dotenv_text) if dotenv_text is not None else {}
+    merged.update(environ)
+    return merged

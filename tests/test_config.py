@@ -449,6 +449,20 @@ class BadValueTests(SynchronousTestCase):
         self.assert_refused("SHUTDOWN_GRACE_PERIOD", "at least 0", SHUTDOWN_GRACE_PERIOD="-1")
         self.assert_refused("SHUTDOWN_GRACE_PERIOD", "not an integer", SHUTDOWN_GRACE_PERIOD="8s")
         self.assertEqual(load_config(_environ(SHUTDOWN_GRACE_PERIOD="0")).shutdown_grace_period_seconds, 0.0)
+    def test_env_passthrough(self):
+        """PLUGIN_ENV_PASSTHROUGH is a list of exact names, empty by default; a pattern is refused, named."""
+        self.assertEqual(load_config(_environ()).local_runtime.plugin_env_passthrough, ())
+        config = load_config(_environ(PLUGIN_ENV_PASSTHROUGH=" OPENAI_BASE_URL, HF_HOME ,"))
+        self.assertEqual(config.local_runtime.plugin_env_passthrough, ("OPENAI_BASE_URL", "HF_HOME"))
+        self.assert_refused("PLUGIN_ENV_PASSTHROUGH", "'AWS_*' is not a variable name", PLUGIN_ENV_PASSTHROUGH="A,AWS_*")
+
+    def test_env_passthrough_refuses_daemon_credentials(self):
+        """PLUGIN_ENV_PASSTHROUGH naming the daemon's own credentials is refused, naming them."""
+        self.assert_refused(
+            "PLUGIN_ENV_PASSTHROUGH",
+            "SERVER_KEY, DB_PASSWORD: the daemon's own credentials are never passed to plugins",
+            PLUGIN_ENV_PASSTHROUGH="HF_HOME,SERVER_KEY,DB_PASSWORD",
+        )
 
     def test_blanks_around_numbers(self):
         """Blanks around a typed value are ignored."""

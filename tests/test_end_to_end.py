@@ -51,9 +51,13 @@ class DaemonCase(AsyncTestCase):
 
     timeout = 300
 
-    async def _start(self, **extra_environ):
-        """Start the daemon; ``extra_environ`` adds or overrides variables."""
-        workdir = os.path.abspath(self.mktemp())
+    def daemon_environment(self, **extra_environ) -> dict:
+        """
+        A fresh working directory (``self.workdir``) and port (``self.port``),
+        and the daemon's variables for them; ``extra_environ`` adds or
+        overrides variables.
+        """
+        self.workdir = workdir = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(workdir, "cwd"))
         os.symlink(test_uv_cache_dir(), os.path.join(workdir, "cwd", ".uv-cache"))
         self.port = free_port()
@@ -67,6 +71,11 @@ class DaemonCase(AsyncTestCase):
             }
         )
         environ.update(extra_environ)
+        return environ
+
+    async def _start(self, **extra_environ):
+        """Start the daemon; ``extra_environ`` adds or overrides variables."""
+        environ = self.daemon_environment(**extra_environ)
         self.service = tap.build_daemon(reactor, load_config(environ))
         self.service.startService()
         self.addCleanup(self._stop)
@@ -89,7 +98,8 @@ class DaemonCase(AsyncTestCase):
         response = await self.http.request(method, self.url(path), data=body, headers=hdrs)
         return response.code, await response.content()
 
-    async def install(self, files) -> str:
+    async def start_install(self, files) -> tuple[str, str]:
+        """Upload a package and start installing it: its identifier and install task id."""
         content_type, body = encode_form({"verify_signature": "false"}, {"dify_pkg": build_package(files)})
         code, reply = await self.call(
             "POST", f"/plugin/{TENANT}/management/install/upload/package", body, {"Content-Type": content_type}
@@ -102,7 +112,11 @@ class DaemonCase(AsyncTestCase):
             f"/plugin/{TENANT}/management/install/identifiers",
             {"plugin_unique_identifiers": [identifier], "source": "package", "metas": [{}]},
         )
-        task_id = orjson.loads(reply)["data"]["task_id"]
+        return identifier, orjson.loads(reply)["data"]["task_id"]
+
+    async def install(self, files) -> str:
+        """Upload and install a package, waiting for its task to end (``self.task``)."""
+        identifier, task_id = await self.start_install(files)
         while True:
             code, reply = await self.call("GET", f"/plugin/{TENANT}/management/install/tasks/{task_id}")
             found = orjson.loads(reply)["data"]

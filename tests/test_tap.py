@@ -139,6 +139,22 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn("SERVER_PORT", str(error))
 
 
+class DaemonEnvironmentTests(SynchronousTestCase):
+    """The environment plugins may inherit from is the configuration's view of it."""
+
+    def test_dotenv_under_environment(self):
+        """Variables of .env are there unless the environment sets them, even to an empty value."""
+        merged = tap.daemon_environment({"A": "environment", "B": ""}, "A=dotenv\nB=dotenv\nC=dotenv\n")
+        self.assertEqual(merged, {"A": "environment", "B": "", "C": "dotenv"})
+
+    def test_without_dotenv(self):
+        """Without a .env file it is a copy of the environment."""
+        environ = {"A": "1"}
+        merged = tap.daemon_environment(environ, None)
+        self.assertEqual(merged, environ)
+        self.assertIsNot(merged, environ)
+
+
 class DaemonStartTests(AsyncTestCase):
     """The daemon on the embedded default, on the real reactor."""
 

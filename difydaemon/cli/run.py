@@ -31,12 +31,15 @@ from difydaemon.cli.packing import DEFAULT_MAX_SIZE_MB, MEGABYTE, check_package,
 from difydaemon.errors import DaemonError
 from difydaemon.packaging.archive import extract_package
 from difydaemon.packaging.package import DecodedPackage
+from difydaemon.runtimes.child_environment import passthrough_names, plugin_environment
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.local import LocalRuntime
+from difydaemon.runtimes.parent_death import ParentDeathSignal, parent_death_signal
 
 RESPONSE_FORMATS = ("json", "text")
 NO_BACKWARDS_MESSAGE = "backwards invocation is not available under dify plugin run (there is no Dify)"
 _SESSION_FIELDS = ("conversation_id", "message_id", "app_id", "endpoint_id", "context")
+PASSTHROUGH_VARIABLE = "PLUGIN_ENV_PASSTHROUGH"
 
 
 def default_uv_cache_dir(environ) -> str:
@@ -173,8 +176,12 @@ class PluginRun:
     :param reactor: provides processes, time and a thread pool.
     :param console: where responses (stdout) and progress (stderr) go.
     :param builder: builds the venv (the daemon's builder).
-    :param environ: the plugin's inherited environment.
+    :param environ: the plugin's whole environment (``INSTALL_METHOD=local``
+        is set on top), already reduced to what a plugin may see
+        (:func:`~difydaemon.runtimes.child_environment.plugin_environment`).
     :param response_format: ``json`` or ``text``.
+    :param parent_death: the launcher that makes the plugin die with this
+        command, even when it is SIGKILLed; None starts it directly.
     """
 
     def __init__(
@@ -186,6 +193,7 @@ class PluginRun:
         response_format: str = "json",
         max_size: int = DEFAULT_MAX_SIZE_MB * MEGABYTE,
         stop_grace_period: float = 2.0,
+        parent_death: ParentDeathSignal | None = None,
     ) -> None:
         self._reactor = reactor
         self._console = console
@@ -194,6 +202,7 @@ class PluginRun:
         self._response_format = response_format
         self._max_size = max_size
         self._stop_grace_period = stop_grace_period
+        self._parent_death = parent_death
         self.working_dir: str | None = None
         self.runtime: LocalRuntime | None = None
         self.identifier: str | None = None
@@ -245,6 +254,7 @@ class PluginRun:
             stop_grace_period=self._stop_grace_period,
             drain_timeout=0,
             on_failed=self._runtime_failed,
+            parent_death=self._parent_death,
         )
         try:
             await self.runtime.start()
@@ -332,9 +342,14 @@ def run_command(console: Console, source: str, response_format: str, enable_logs
 
     environ = dict(os.environ)
     try:
+        passthrough = passthrough_names(environ.get(PASSTHROUGH_VARIABLE))
+    except ValueError as error:
+        raise CommandError(f"{PASSTHROUGH_VARIABLE}: {error}") from None
+    try:
         uv = find_uv(environ.get("UV_PATH") or None)
     except DaemonError as error:
         raise CommandError(error.message) from None
+    parent_death = parent_death_signal()
     builder = PythonEnvironmentBuilder(
         reactor,
         uv,
@@ -343,8 +358,13 @@ def run_command(console: Console, source: str, response_format: str, enable_logs
         pip_extra_args=environ.get("PIP_EXTRA_ARGS") or None,
         python_interpreter_path=environ.get("PYTHON_INTERPRETER_PATH") or None,
         environ=environ,
+        passthrough=passthrough,
+        parent_death=parent_death,
     )
-    run = PluginRun(reactor, console, builder, environ, response_format)
+    run = PluginRun(
+        reactor, console, builder, plugin_environment(environ, passthrough=passthrough), response_format,
+        parent_death=parent_death,
+    )
 
     def show_log(event) -> None:
         namespace = event.get("log_namespace", "")

@@ -46,6 +46,8 @@ from twisted.logger import Logger
 
 from difydaemon.errors import InternalServerError
 from difydaemon.packaging.identifier import PluginIdentifier, parse_identifier
+from difydaemon.runtimes.child_environment import plugin_environment, uv_environment
+from difydaemon.runtimes.parent_death import ParentDeathSignal, child_argv
 
 log = Logger()
 
@@ -57,18 +59,6 @@ REQUIREMENTS_TXT = "requirements.txt"
 PYPROJECT_TOML = "pyproject.toml"
 UV_LOCK = "uv.lock"
 TAIL_BYTES = 2048
-
-# Passed through from the daemon's environment into uv's otherwise empty one:
-# private index credentials and the CA bundles that TLS-intercepting networks
-# need (without SSL_CERT_FILE uv cannot reach PyPI on such machines).
-PASSED_THROUGH_VARIABLES = (
-    "UV_INDEX_NEXUS_USERNAME",
-    "UV_INDEX_NEXUS_PASSWORD",
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-)
-
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 _RUNNER_VERSION = re.compile(r"(\d{1,3})\.(\d{1,3})(?:\.\d{1,4})?", re.ASCII)
 _UV_TRACING_LINE = re.compile(rb"^\s*(?:[\d.]+s\s+)?(?:TRACE|DEBUG)\s")
@@ -140,28 +130,24 @@ def install_environment(
     working_dir: str,
     uv_cache_dir: str,
     proxies: Mapping[str, str],
+    passthrough: Iterable[str] = (),
 ) -> dict[str, str]:
     """
-    The whole environment of the build steps: it replaces the daemon's, it does not extend it.
+    The whole environment of the uv steps: it replaces the daemon's, it does not extend it.
 
-    Only ``VIRTUAL_ENV``, the daemon's ``PATH``, ``UV_CACHE_DIR`` (shared by
-    all plugins), the pass-through variables that are set, and the configured
-    proxies.  Notably ``PYTHONDONTWRITEBYTECODE`` never reaches the build.
+    The allow-listed variables and uv's own ``UV_*`` ones
+    (:func:`~difydaemon.runtimes.child_environment.uv_environment`), then
+    ``VIRTUAL_ENV`` and ``UV_CACHE_DIR`` (shared by all plugins).  Notably
+    ``PYTHONDONTWRITEBYTECODE`` and the daemon's secrets never reach the build.
 
     :param environ: the daemon's environment.
-    :param proxies: ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` to values; empty values are left out.
+    :param proxies: resolved proxy variables; empty values are left out.
+    :param passthrough: the names listed in ``PLUGIN_ENV_PASSTHROUGH``.
     """
-    env = {
-        "VIRTUAL_ENV": os.path.join(working_dir, VENV_DIR),
-        "PATH": environ.get("PATH", os.defpath),
-        "UV_CACHE_DIR": uv_cache_dir,
-    }
-    for name in PASSED_THROUGH_VARIABLES:
-        if environ.get(name):
-            env[name] = environ[name]
-    for name in PROXY_VARIABLES:
-        if proxies.get(name):
-            env[name] = proxies[name]
+    env = uv_environment(environ, proxies, passthrough)
+    env.setdefault("PATH", os.defpath)
+    env["VIRTUAL_ENV"] = os.path.join(working_dir, VENV_DIR)
+    env["UV_CACHE_DIR"] = uv_cache_dir
     return env
 
 
@@ -928,13 +914,15 @@ async def find_interpreter(
     configured_path: str | None,
     environ: Mapping[str, str] | None = None,
     search_dirs: Sequence[str] = ("/usr/bin", "/usr/local/bin"),
+    parent_death: ParentDeathSignal | None = None,
 ) -> str:
     """
     A Python interpreter of ``version`` (``"3.12"``) on this machine.
 
     ``configured_path`` (``PYTHON_INTERPRETER_PATH``) wins if it is that
     version; otherwise the :func:`interpreter_candidates` are tried.  Each is
-    asked its version by running it, on the reactor, never blocking it.
+    asked its version by running it (through ``parent_death`` when given),
+    on the reactor, never blocking it.
 
     :raises InternalServerError: naming the version when none is found.
     """
@@ -956,6 +944,7 @@ async def find_interpreter(
             ),
             _PROBE_TIMEOUT,
             _PROBE_TIMEOUT,
+            parent_death,
         )
         if outcome.succeeded and outcome.tail.splitlines()[-1:] == [version]:
             return candidate
@@ -1025,26 +1014,29 @@ class _StepProtocol(ProcessProtocol):
         )
 
 
-async def run_step(reactor, command: StepCommand, inactivity_timeout: float, total_timeout: float) -> StepOutcome:
+async def run_step(
+    reactor,
+    command: StepCommand,
+    inactivity_timeout: float,
+    total_timeout: float,
+    parent_death: ParentDeathSignal | None = None,
+) -> StepOutcome:
     """
     Run one step as a child process on ``reactor`` and report how it ended.
 
     :param inactivity_timeout: seconds of silence on stdout and stderr before
         the child is killed (ignored unless ``command.watch_inactivity``).
     :param total_timeout: seconds before the child is killed regardless.
+    :param parent_death: the launcher that makes the child die with the
+        daemon; None starts it directly.
     """
     protocol = _StepProtocol(
         reactor,
         inactivity_timeout if command.watch_inactivity else None,
         total_timeout,
     )
-    reactor.spawnProcess(
-        protocol,
-        command.argv[0],
-        list(command.argv),
-        env=dict(command.env),
-        path=command.path,
-    )
+    argv = child_argv(parent_death, command.argv)
+    reactor.spawnProcess(protocol, argv[0], argv, env=dict(command.env), path=command.path)
     return await protocol.ended
 
 
@@ -1072,7 +1064,14 @@ class PythonEnvironmentBuilder:
     :param total_timeout: seconds after which any one step is killed.
     :param python_interpreter_path: ``PYTHON_INTERPRETER_PATH``, used when it
         is the version the plugin asks for.
-    :param environ: the daemon's environment (pass-through variables, PATH).
+    :param environ: the daemon's environment, of which the steps get only
+        what :func:`install_environment` (uv) and
+        :func:`~difydaemon.runtimes.child_environment.plugin_environment`
+        (the venv's Python) allow.
+    :param passthrough: the names listed in ``PLUGIN_ENV_PASSTHROUGH``.
+    :param parent_death: the launcher that makes every step die with the
+        daemon (:func:`~difydaemon.runtimes.parent_death.parent_death_signal`);
+        None starts them directly.
     :param threadpool: where blocking work runs (deleting an invalid venv,
         the caches' file work); the reactor's own thread pool by default.
     :param prepared_venvs_dir: where finished, byte-compiled venvs are kept,
@@ -1109,6 +1108,8 @@ class PythonEnvironmentBuilder:
         threadpool=None,
         prepared_venvs_dir: str | None = None,
         bytecode_entries: int = DEFAULT_BYTECODE_ENTRIES,
+        passthrough: Iterable[str] = (),
+        parent_death: ParentDeathSignal | None = None,
     ) -> None:
         self._reactor = reactor
         self._prepared = prepared_venvs_dir
@@ -1131,6 +1132,8 @@ class PythonEnvironmentBuilder:
         self._python_interpreter_path = python_interpreter_path
         self._launch_semaphore = launch_semaphore
         self._environ = dict(os.environ if environ is None else environ)
+        self._passthrough = tuple(passthrough)
+        self._parent_death = parent_death
         self._interpreter_search_dirs = tuple(interpreter_search_dirs)
         self._threadpool = threadpool
         self._locks: dict[str, DeferredLock] = {}
@@ -1176,7 +1179,10 @@ class PythonEnvironmentBuilder:
                 self._reactor, self._pool(), shutil.rmtree, os.path.join(working_dir, VENV_DIR), True
             )
         interpreter = await self._interpreter(version)
-        env = install_environment(self._environ, working_dir, self._uv_cache_dir, self._proxies)
+        env = install_environment(self._environ, working_dir, self._uv_cache_dir, self._proxies, self._passthrough)
+        # The venv's Python runs the .pth files of what uv installed: it
+        # gets what a plugin gets, not uv's index credentials.
+        python_env = plugin_environment(self._environ, self._proxies, self._passthrough)
         frozen_lock = (
             dependency_file == PYPROJECT_TOML
             and not self._ignore_uv_lock
@@ -1195,8 +1201,8 @@ class PythonEnvironmentBuilder:
         linked: list[tuple[str, BytecodeLinks]] = []
         if not fresh:
             progress("copying a prepared venv")
-            await self._run(_link_copy(os.path.join(prepared, VENV_DIR), os.path.join(working_dir, VENV_DIR), env))
-            command = plugin_compile_command(working_dir, env, self._compile_extra_args)
+            await self._run(_link_copy(os.path.join(prepared, VENV_DIR), os.path.join(working_dir, VENV_DIR), python_env))
+            command = plugin_compile_command(working_dir, python_env, self._compile_extra_args)
             progress(command.step)
             await self._run(command)
         else:
@@ -1206,7 +1212,7 @@ class PythonEnvironmentBuilder:
             progress(f"installing dependencies from {dependency_file}")
             # The plugin's own files need only the venv's python: they are
             # compiled while uv installs, off the critical path.
-            command = plugin_compile_command(working_dir, env, self._compile_extra_args)
+            command = plugin_compile_command(working_dir, python_env, self._compile_extra_args)
             progress(command.step)
             plugin_compiled = Deferred.fromCoroutine(self._run(command))
             try:
@@ -1226,7 +1232,7 @@ class PythonEnvironmentBuilder:
                 # Awaited even when the install fails: whoever then deletes
                 # the directory must not race compileall walking it.
                 await plugin_compiled
-            linked = await self._compile_site_packages(working_dir, interpreter, env, progress)
+            linked = await self._compile_site_packages(working_dir, interpreter, python_env, progress)
 
         marker = os.path.join(working_dir, MARKER_PATH)
         os.makedirs(os.path.dirname(marker), mode=0o755, exist_ok=True)
@@ -1337,12 +1343,13 @@ class PythonEnvironmentBuilder:
                 self._python_interpreter_path,
                 self._environ,
                 self._interpreter_search_dirs,
+                self._parent_death,
             )
             self._interpreters[version] = cached
         return cached
 
     async def _run(self, command: StepCommand) -> None:
-        outcome = await run_step(self._reactor, command, self._init_timeout, self._total_timeout)
+        outcome = await run_step(self._reactor, command, self._init_timeout, self._total_timeout, self._parent_death)
         if outcome.succeeded:
             return
         message = failure_message(command.step, outcome)

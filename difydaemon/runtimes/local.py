@@ -36,6 +36,7 @@ from zope.interface import implementer
 from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
+from difydaemon.runtimes.parent_death import ParentDeathSignal, child_argv
 from difydaemon.runtimes.process import DEFAULT_TAIL_SIZE, PluginProcessProtocol
 from difydaemon.runtimes.sessions import SessionDrain, SessionTable
 
@@ -319,8 +320,9 @@ class LocalRuntime:
     :param python: the absolute path of the venv's ``python``.
     :param entrypoint: the module run with ``python -m`` (the manifest's
         ``meta.runner.entrypoint``, normally ``main``).
-    :param env: the child's whole environment: the daemon's (with ``PATH``
-        and any proxy variables); ``INSTALL_METHOD=local`` is set on top.
+    :param env: the child's whole environment, already reduced to what a
+        plugin may see (:mod:`difydaemon.runtimes.child_environment`);
+        ``INSTALL_METHOD=local`` is set on top.
     :param readiness_timeout: seconds from spawn to the first heartbeat.
     :param session_timeout: seconds before a session is "killed by
         timeout" (``PLUGIN_MAX_EXECUTION_TIMEOUT``).
@@ -335,6 +337,9 @@ class LocalRuntime:
         the rotation after :meth:`start` has fired (a restarted instance).
     :param declaration: the plugin's declaration (its permissions decide
         which backwards invocations it may make).
+    :param parent_death: the launcher that makes each process die with the
+        daemon (:mod:`difydaemon.runtimes.parent_death`); None starts
+        ``python -m <entrypoint>`` directly.
 
     ``on_failed`` and ``on_ready`` are also attributes, which the owner of
     a runtime made elsewhere sets.
@@ -366,6 +371,7 @@ class LocalRuntime:
         on_failed=None,
         on_ready=None,
         declaration: dict | None = None,
+        parent_death: ParentDeathSignal | None = None,
     ) -> None:
         if instance_count < 1:
             raise ValueError("instance_count must be at least 1")
@@ -379,6 +385,7 @@ class LocalRuntime:
         child_env = dict(env or {})
         child_env["INSTALL_METHOD"] = "local"
         self.env = child_env
+        self.parent_death = parent_death
         self.instance_count = instance_count
         self.max_line_size = max_line_size
         self.readiness_timeout = readiness_timeout
@@ -518,12 +525,13 @@ class LocalRuntime:
 
     def _launch(self, slot: int) -> None:
         self._restarts.pop(slot, None)
+        argv = child_argv(self.parent_death, [self.python, "-m", self.entrypoint])
         instance = LocalInstance(
             self._reactor,
             slot,
             self.plugin_id,
-            self.python,
-            [self.python, "-m", self.entrypoint],
+            argv[0],
+            argv,
             self.env,
             self.working_dir,
             self.max_line_size,

@@ -1,11 +1,13 @@
 """
 Builders of test packages: zips laid out as the ``dify`` CLI packager lays
-them out, and the minimal real echo plugin of ``runtimes.md`` §7.
+them out, the minimal real echo plugin of ``runtimes.md`` §7, and plugin
+source trees written out as files.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from collections.abc import Mapping
 
@@ -165,3 +167,13 @@ def echo_plugin_files(
         "README.md": _README,
     }
     return {path: text.encode("utf-8") for path, text in texts.items()}
+
+
+def write_files(directory: str, files: Mapping[str, bytes]) -> str:
+    """Write ``files`` (relative path to content) under ``directory``, creating what is missing; return ``directory``."""
+    for path, content in files.items():
+        target = os.path.join(directory, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(content)
+    return directory

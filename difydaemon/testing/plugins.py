@@ -17,7 +17,11 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
   ``gap`` seconds apart, each the ``time.time()`` of its yield;
 - ``requests``: yields, as one JSON message ``{"requests": [...]}``, the
   ``data`` of every request the plugin received so far (with the
-  ``"recording"`` main only).
+  ``"recording"`` main only);
+- ``environ``: yields one JSON message ``{"pid", "environ"}``: its process
+  id and its whole ``os.environ``;
+- ``ignore_term``: makes its process ignore SIGTERM, and yields its process
+  id as text.
 
 ``main`` variants: ``"normal"`` (the SDK's), ``"silent"`` (never
 heartbeats: sleeps forever), ``"broken"`` (raises at import) and
@@ -108,6 +112,18 @@ _TOOLS = {
         import recorded
 
         yield self.create_json_message({"requests": list(recorded.REQUESTS)})
+''',
+    "environ": '''\
+        import os
+
+        yield self.create_json_message({"pid": os.getpid(), "environ": dict(os.environ)})
+''',
+    "ignore_term": '''\
+        import os
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        yield self.create_text_message(str(os.getpid()))
 ''',
 }
 

@@ -19,6 +19,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SkipTest
 
+from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.environment import (
     DEFAULT_RUNNER_VERSION,
     PythonEnvironmentBuilder,
@@ -154,13 +155,14 @@ class _FirstHeartbeat(ProcessProtocol):
 async def seconds_to_first_heartbeat(reactor, venv_python: str, working_dir: str, timeout: float = 60.0) -> float:
     """
     Start the plugin in ``working_dir`` as the local runtime does
-    (``<venv python> -m main``, ``INSTALL_METHOD=local``), wait for its first
+    (``<venv python> -m main``, the allow-listed environment,
+    ``INSTALL_METHOD=local``), wait for its first
     heartbeat line on stdout, kill it, and return the seconds it took.
 
     :raises RuntimeError: when it exits first, or stays silent for ``timeout`` seconds.
     """
     protocol = _FirstHeartbeat(reactor, reactor.seconds())
-    env = dict(os.environ, INSTALL_METHOD="local")
+    env = dict(plugin_environment(os.environ), INSTALL_METHOD="local")
     transport = reactor.spawnProcess(protocol, venv_python, [venv_python, "-m", "main"], env=env, path=working_dir)
 
     def too_slow() -> None:

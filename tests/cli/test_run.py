@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 from difydaemon.cli.run import (
     backwards_answers,
@@ -19,6 +22,7 @@ from difydaemon.cli.run import (
 )
 from difydaemon.testing import sdk
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
+from difydaemon.testing.subreaper import children_of, is_running, parent_pid, subreaper_argv
 from tests.cli.helpers import REPOSITORY, dify, write
 from tests.cli.test_commands import OneLineErrorMixin
 
@@ -38,6 +42,32 @@ class EchoerTool(Tool):
         yield self.create_text_message(query)
         yield self.create_json_message({"query": query, "length": len(query)})
 '''
+
+
+TOOL_WITH_ENVIRON = '''\
+import os
+from collections.abc import Generator
+from typing import Any
+
+from dify_plugin import Tool
+from dify_plugin.entities.tool import ToolInvokeMessage
+
+
+class EchoerTool(Tool):
+    def _invoke(self, tool_parameters: dict[str, Any]) -> Generator[ToolInvokeMessage, None, None]:
+        yield self.create_json_message({"pid": os.getpid(), "environ": dict(os.environ)})
+'''
+
+#: Secrets in the environment of ``dify plugin run`` that its plugin must not see.
+SECRETS = {"DB_PASSWORD": "db-password-value", "OPENAI_API_KEY": "openai-key-value", "FOO_SECRET": "foo-value"}
+
+#: Seconds a process gets to end; the kernel needs far less.
+GRACE = 10.0
+
+ENVIRON_REQUEST = json.dumps({
+    "invoke_id": "env", "type": "tool", "action": "invoke_tool",
+    "request": {"provider": "echoer", "tool": "echoer", "credentials": {}, "tool_parameters": {}},
+}) + "\n"
 
 
 class ClientRequestTests(SynchronousTestCase):
@@ -111,6 +141,17 @@ class RunErrorTests(OneLineErrorMixin, SynchronousTestCase):
         """A path that does not exist is one error line."""
         self.assertOneLineError(dify("plugin", "run", os.path.join(self.mktemp(), "nope")), "no plugin")
 
+    def test_bad_passthrough(self):
+        """A PLUGIN_ENV_PASSTHROUGH that is not a list of names is one error line naming it."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        result = console_script("plugin", "run", directory, extra_env={"PLUGIN_ENV_PASSTHROUGH": "OK,AWS_*"})
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            result.stderr.decode().splitlines(),
+            ["dify: error: PLUGIN_ENV_PASSTHROUGH: 'AWS_*' is not a variable name (list exact names, separated by commas)"],
+        )
+
 
 def console_script(*argv: str, stdin: str = "", extra_env: dict | None = None, timeout: float = 600):
     """Run ``python -m difydaemon.cli.main`` as the console script runs, in a subprocess."""
@@ -183,6 +224,89 @@ class ConsoleScriptTests(SynchronousTestCase):
         self.assertEqual(bad["type"], "error")
         self.assertIn("creating venv", stderr)
         self.assertEqual(os.listdir(temp), [], "the plugin-run-* directory must be removed")
+
+
+def environ_plugin(test) -> str:
+    """A scaffolded tool plugin whose tool answers its pid and whole environment."""
+    parent = os.path.abspath(test.mktemp())
+    os.makedirs(parent)
+    created = dify("plugin", "init", "--quick", "--author", "acme", "--name", "echoer", "-o", parent)
+    test.assertEqual(created.status, 0, created.stderr)
+    directory = os.path.join(parent, "echoer")
+    write(os.path.join(directory, "tools", "echoer.py"), TOOL_WITH_ENVIRON)
+    return directory
+
+
+def run_environment(test) -> dict:
+    """The variables ``dify plugin run`` needs here, with a private TMPDIR."""
+    temp = os.path.abspath(test.mktemp())
+    os.makedirs(temp)
+    return {"UV_CACHE_DIR": sdk.test_uv_cache_dir(), "PYTHON_INTERPRETER_PATH": sdk.python312(), "TMPDIR": temp}
+
+
+class RunIsolationTests(SynchronousTestCase):
+    """What a plugin under ``dify plugin run`` inherits, and that it dies with the command."""
+
+    def test_plugin_environment(self):
+        """The plugin sees PATH, HOME and the listed variable, none of the caller's secrets nor PYTHONPATH."""
+        directory = environ_plugin(self)
+        extra = {**run_environment(self), **SECRETS, "PLUGIN_ENV_PASSTHROUGH": "ACME_SETTING", "ACME_SETTING": "on"}
+        result = console_script("plugin", "run", directory, stdin=ENVIRON_REQUEST, extra_env=extra)
+        self.assertEqual(result.returncode, 0, result.stderr.decode("utf-8", "replace"))
+        [dump] = [json.loads(line)["response"]["message"]["json_object"] for line in result.stdout.decode().splitlines()
+                  if json.loads(line)["type"] == "plugin_response"]
+        environ = dump["environ"]
+        self.assertEqual([name for name in [*SECRETS, "PYTHONPATH", "UV_CACHE_DIR"] if name in environ], [])
+        self.assertEqual(
+            (environ.get("PATH"), environ.get("HOME"), environ.get("ACME_SETTING"), environ.get("INSTALL_METHOD")),
+            (os.environ.get("PATH"), os.environ.get("HOME"), "on", "local"),
+        )
+
+    def test_plugin_dies_with_command(self):
+        """SIGKILL of dify plugin run ends its plugin, and nothing is left (under a subreaper)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPOSITORY
+        env.update(run_environment(self))
+        command = [sys.executable, "-m", "difydaemon.cli.main", "plugin", "run", environ_plugin(self)]
+        # unbuffered, so that select() sees every line not yet read
+        reaper = subprocess.Popen(subreaper_argv(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, env=env, bufsize=0)
+        self.addCleanup(self.end_tree, reaper)
+        self.watched = []
+        reaper.stdin.write(ENVIRON_REQUEST.encode())
+        reaper.stdin.flush()
+        answer = None
+        while answer is None:
+            line = read_line(reaper.stdout, 120)
+            self.assertTrue(line, "dify plugin run ended or said nothing")
+            output = json.loads(line)
+            if output["type"] == "plugin_response":
+                answer = output["response"]["message"]["json_object"]
+        [cli] = children_of(reaper.pid)
+        plugin = answer["pid"]
+        self.watched += [cli, plugin]
+        self.assertEqual(parent_pid(plugin), cli)
+        os.kill(cli, signal.SIGKILL)
+        deadline = time.monotonic() + GRACE
+        while is_running(plugin) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(is_running(plugin), f"plugin {plugin} outlived dify plugin run")
+        self.assertEqual(reaper.wait(timeout=GRACE), 0)
+
+    def end_tree(self, reaper) -> None:
+        for pid in self.watched:
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        reaper.stdin.close()
+        reaper.wait(timeout=GRACE)
+        reaper.stdout.close()
+
+
+def read_line(stream, timeout: float) -> bytes:
+    """One line of ``stream``, or b"" at its end or after ``timeout`` seconds without one."""
+    if not select.select([stream], [], [], timeout)[0]:
+        return b""
+    return stream.readline()
 
 
 class ScaffoldsOnSdkTests(AsyncTestCase):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import zipfile
 
 import yaml
 
 from difydaemon.packaging.declaration import build_declaration
 from difydaemon.testing.cases import SynchronousTestCase
-from difydaemon.testing.packages import build_package, echo_plugin_files
+from difydaemon.testing.packages import build_package, echo_plugin_files, write_files
 
 
 class BuildPackageTests(SynchronousTestCase):
@@ -72,3 +73,15 @@ class EchoPluginTests(SynchronousTestCase):
     def test_declares(self):
         """The plugin passes every manifest rule."""
         self.assertEqual(build_declaration(echo_plugin_files())["tool"]["tools"][0]["identity"]["name"], "echo")
+
+
+class WriteFilesTests(SynchronousTestCase):
+    """write_files lays a plugin's files out as a source tree."""
+
+    def test_tree(self):
+        """Every file is written at its relative path, directories created, into an existing directory."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.assertEqual(write_files(directory, {"main.py": b"x", "tools/deep/a.yaml": b"y"}), directory)
+        with open(os.path.join(directory, "main.py"), "rb") as main, open(os.path.join(directory, "tools", "deep", "a.yaml"), "rb") as tool:
+            self.assertEqual((main.read(), tool.read()), (b"x", b"y"))

@@ -31,6 +31,7 @@ from difydaemon.runtimes.debug import (
     DebugRuntime,
     DebugServerFactory,
 )
+from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.storage.memory import MemoryObjectStorage
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
@@ -543,7 +544,8 @@ async def start_remote_plugin(testcase, reactor, files: dict, port: int, key: st
     python = await sdk.environment_builder(reactor).build(working_dir, "3.12", lambda message: None)
     with open(os.path.join(working_dir, ".env"), "w") as f:
         f.write(f"INSTALL_METHOD=remote\nREMOTE_INSTALL_URL=127.0.0.1:{port}\nREMOTE_INSTALL_KEY={key}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("INSTALL_METHOD", "REMOTE_INSTALL_URL", "REMOTE_INSTALL_KEY")}
+    # what a local plugin would get: no INSTALL_METHOD (from .env instead), no PYTHONPATH
+    env = plugin_environment(os.environ)
     plugin = _PluginProcess()
     reactor.spawnProcess(plugin, python, [python, "-m", "main"], env=env, path=working_dir)
     testcase.addCleanup(lambda: plugin.ended)

@@ -54,6 +54,7 @@ from difydaemon.runtimes.environment import (
     working_dir_for,
     PythonEnvironmentBuilder,
 )
+from difydaemon.runtimes.parent_death import LAUNCHER, ParentDeathSignal
 from difydaemon.testing import sdk
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 
@@ -206,30 +207,44 @@ class DependencyFileTests(SynchronousTestCase):
 
 class InstallEnvironmentTests(SynchronousTestCase):
     def test_replaced_not_inherited(self):
-        """The build environment holds only the listed variables, never PYTHONDONTWRITEBYTECODE."""
+        """The uv steps get the allow-list, UV_*, the operator's list and proxies; never secrets or PYTHON*."""
         environ = {
             "PATH": "/bin:/usr/bin",
             "HOME": "/root",
             "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPATH": "/daemon/lib",
             "SSL_CERT_FILE": "/etc/ca.pem",
             "REQUESTS_CA_BUNDLE": "",
             "UV_INDEX_NEXUS_USERNAME": "nexus",
+            "UV_CACHE_DIR": "/elsewhere",
+            "UV_PROJECT_ENVIRONMENT": "/elsewhere/.venv",
+            "DB_PASSWORD": "x",
+            "SERVER_KEY": "x",
+            "LISTED": "yes",
             "SECRET": "x",
         }
         env = install_environment(
-            environ, "/w/acme/echo", "/w/.uv-cache", {"HTTP_PROXY": "http://p:3128", "NO_PROXY": ""}
+            environ, "/w/acme/echo", "/w/.uv-cache", {"HTTP_PROXY": "http://p:3128", "NO_PROXY": ""}, ("LISTED",)
         )
         self.assertEqual(
             env,
             {
                 "VIRTUAL_ENV": "/w/acme/echo/.venv",
                 "PATH": "/bin:/usr/bin",
+                "HOME": "/root",
                 "UV_CACHE_DIR": "/w/.uv-cache",
                 "SSL_CERT_FILE": "/etc/ca.pem",
+                "REQUESTS_CA_BUNDLE": "",
                 "UV_INDEX_NEXUS_USERNAME": "nexus",
                 "HTTP_PROXY": "http://p:3128",
+                "LISTED": "yes",
             },
         )
+
+    def test_default_path(self):
+        """Without a PATH in the daemon's environment the uv steps get the system's default one."""
+        env = install_environment({}, "/w/acme/echo", "/w/.uv-cache", {})
+        self.assertEqual(env["PATH"], os.defpath)
 
 
 class CommandLineTests(SynchronousTestCase):
@@ -785,6 +800,19 @@ class RunStepTests(SynchronousTestCase):
         d = Deferred.fromCoroutine(run_step(reactor, command, 120, 600))
         return reactor, reactor.processes[0], d
 
+    def test_parent_death_launcher(self):
+        """With a parent-death launcher the step is spawned through it, its command line kept whole."""
+        reactor = ProcessReactor()
+        command = StepCommand("installing dependencies", ("/uv", "pip"), {"PATH": "/bin"}, "/wd")
+        d = Deferred.fromCoroutine(
+            run_step(reactor, command, 120, 600, ParentDeathSignal("/launcher/python", getpid=lambda: 42))
+        )
+        [process] = reactor.processes
+        self.assertEqual(process.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42", "/uv", "pip"))
+        self.assertEqual((process.env, process.path), ({"PATH": "/bin"}, "/wd"))
+        process.finish(0)
+        self.assertTrue(self.successResultOf(d).succeeded)
+
     def test_exit_status_and_tail(self):
         """The outcome carries the exit status and the output of both pipes."""
         reactor, process, d = self.start()
@@ -873,7 +901,13 @@ class FakeBuilderTests(SynchronousTestCase):
         self.assertEqual(venv.argv, ("/uv", "venv", ".venv", "--python", sys.executable))
         self.assertEqual(
             venv.env,
-            {"VIRTUAL_ENV": f"{self.working_dir}/.venv", "PATH": "", "UV_CACHE_DIR": "/cache", "SSL_CERT_FILE": "/ca.pem"},
+            {
+                "VIRTUAL_ENV": f"{self.working_dir}/.venv",
+                "PATH": "",
+                "HOME": self.working_dir,
+                "UV_CACHE_DIR": "/cache",
+                "SSL_CERT_FILE": "/ca.pem",
+            },
         )
         os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
         open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
@@ -901,6 +935,57 @@ class FakeBuilderTests(SynchronousTestCase):
                 "venv ready",
             ],
         )
+
+    def test_step_environments(self):
+        """uv steps get UV_* and the listed variables; the venv's Python only the listed ones; no step gets secrets."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable,
+            environ={"PATH": "/bin", "UV_INDEX_NEXUS_PASSWORD": "nexus", "LISTED": "yes", "DB_PASSWORD": "db",
+                     "SERVER_KEY": "key", "PYTHONPATH": "/daemon"},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), proxies={"HTTPS_PROXY": "http://p:1"},
+            passthrough=("LISTED",),
+        )
+        d = self.build()
+        self.answer_probe()
+        venv = self.reactor.processes[-1]
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        install.finish(0)
+        compile_plugin.finish(0)
+        compile_site = self.reactor.processes[-1]
+        uv_env = {"PATH": "/bin", "UV_INDEX_NEXUS_PASSWORD": "nexus", "LISTED": "yes", "HTTPS_PROXY": "http://p:1",
+                  "VIRTUAL_ENV": f"{self.working_dir}/.venv", "UV_CACHE_DIR": "/cache"}
+        self.assertEqual((venv.env, install.env), (uv_env, uv_env))
+        python_env = {"PATH": "/bin", "LISTED": "yes", "HTTPS_PROXY": "http://p:1"}
+        self.assertEqual((compile_plugin.env, compile_site.env), (python_env, python_env))
+        compile_site.finish(0)
+        self.successResultOf(d)
+
+    def test_steps_through_parent_death_launcher(self):
+        """With a parent-death launcher every child of a build, the probe included, is spawned through it."""
+        self.builder._parent_death = ParentDeathSignal("/launcher/python", getpid=lambda: 42)
+        d = self.build()
+        probe = self.reactor.processes[-1]
+        self.assertEqual(probe.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
+        self.assertEqual(probe.argv[6], sys.executable)
+        probe.emit(b"3.12\n")
+        probe.finish(0)
+        venv = self.reactor.processes[-1]
+        self.assertEqual(venv.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42",
+                                     "/uv", "venv", ".venv", "--python", sys.executable))
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        self.assertEqual(install.argv[6:], ("/uv", "pip", "install", "-r", "requirements.txt"))
+        self.assertEqual(compile_plugin.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
+        install.finish(0)
+        compile_plugin.finish(0)
+        self.successResultOf(d)
 
     def test_install_failure(self):
         """A failed install fails the build, once the plugin's compilation is over, with uv's complaint; no marker."""

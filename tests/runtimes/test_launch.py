@@ -15,6 +15,7 @@ from difydaemon.errors import InternalServerError
 from difydaemon.management.packages import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
+from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.storage.memory import MemoryObjectStorage
 from difydaemon.testing.cases import AsyncTestCase
@@ -82,7 +83,7 @@ class LocalFactoryTests(AsyncTestCase):
             self.runner,
             environment_builder(reactor, prepared_venvs_dir=os.path.join(self.working_path, ".prepared")),
             self.working_path,
-            dict(os.environ),
+            plugin_environment(os.environ),
             52428800,
             runtime_options={"readiness_timeout": 60.0, "session_timeout": 60.0, "stop_grace_period": 2.0},
         )

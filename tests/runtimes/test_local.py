@@ -13,6 +13,7 @@ from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
 from difydaemon.runtimes.local import LivenessPolicy, LocalRuntime, RestartPolicy, hung_message
+from difydaemon.runtimes.parent_death import LAUNCHER, ParentDeathSignal
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.process import FakeProcessReactor
 from tests.runtimes.listeners import RecordingListener
@@ -98,6 +99,14 @@ class StartTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.assertEqual(
             spawned.env, {"PATH": "/usr/bin:/bin", "HOME": "/root", "INSTALL_METHOD": "local"}
         )
+
+    def test_spawn_through_parent_death_launcher(self):
+        """With a parent-death launcher the plugin is spawned through it, its command line and environment kept."""
+        self.make_runtime(parent_death=ParentDeathSignal("/daemon/python", getpid=lambda: 77)).start()
+        [spawned] = self.reactor.spawned
+        self.assertEqual(spawned.executable, "/daemon/python")
+        self.assertEqual(spawned.args, ["/daemon/python", "-I", "-S", "-c", LAUNCHER, "77", PYTHON, "-m", "main"])
+        self.assertEqual((spawned.path, spawned.env["INSTALL_METHOD"]), (WORKING_DIR, "local"))
 
     def test_ready_on_first_heartbeat(self):
         """start() fires on the first heartbeat, not on the manifest line."""

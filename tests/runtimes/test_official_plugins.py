@@ -24,6 +24,7 @@ from difydaemon.invocation.messages import backwards_error
 from difydaemon.management.packages import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
+from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.storage.memory import MemoryObjectStorage
 from difydaemon.testing.cases import AsyncTestCase
@@ -116,7 +117,10 @@ class _OfficialPluginCase(AsyncTestCase):
         os.makedirs(self.working_path)
         self.runner = ThreadPoolRunner(reactor, "test-official-plugins")
         self.addCleanup(self.runner.stop)
-        environ = dict(os.environ, TIKTOKEN_CACHE_DIR=tiktoken_cache_dir())
+        # what the daemon gives a plugin, the tokenizer cache listed as in PLUGIN_ENV_PASSTHROUGH
+        environ = plugin_environment(
+            dict(os.environ, TIKTOKEN_CACHE_DIR=tiktoken_cache_dir()), passthrough=["TIKTOKEN_CACHE_DIR"]
+        )
         # The fake server is on loopback: never through a proxy.
         environ["NO_PROXY"] = environ["no_proxy"] = "127.0.0.1,localhost"
         self.factory = LocalRuntimeFactory(
