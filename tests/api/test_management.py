@@ -56,6 +56,34 @@ class AuthAndRoutingTests(SynchronousTestCase):
         self.assertEqual(response.code, 404)
         self.assertEqual(orjson.loads(body)["code"], "not_found")
 
+    def test_wrong_method_on_health_is_404(self):
+        """/health/check with another method is the 404 body of unknown routes, not twisted.web's 405 page."""
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            response, body = self.daemon.request(method, "/health/check", key=None)
+            self.assertEqual(response.code, 404, method)
+            self.assertEqual(orjson.loads(body), {"code": "not_found", "message": "route not found"})
+
+    def test_head_is_404(self):
+        """HEAD is no GET, as in Go: on /health/check and on a GET management route it is 404."""
+        for path in ("/health/check", f"/plugin/{TENANT}/management/list?page=1&page_size=10"):
+            response, _ = self.daemon.request("HEAD", path)
+            self.assertEqual(response.code, 404, path)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json; charset=utf-8"])
+
+    def test_path_tricks_without_the_channel(self):
+        """On a plain twisted.web site the root routes on the same canonical target, key check included."""
+        listing = f"/plugin/{TENANT}/management/list?page=1&page_size=10"
+        for path, key, status in (
+            ("/" + listing, None, 404),
+            ("/" + listing, "test-server-key", 404),
+            (listing.replace("/plugin/", "/plugin%2F"), None, 401),
+            (listing.replace("/plugin/", "/./plugin/"), None, 404),
+            (listing.replace("/plugin/", "/%70lugin/"), None, 401),
+        ):
+            response, body = self.daemon.request("GET", path, key=key)
+            self.assertEqual(response.code, status, (path, key, body))
+        self.assertEqual(self.daemon.ok("GET", listing.replace("/plugin/", "/%70lugin%2F")), {"list": [], "total": 0})
+
     def test_health_check_shape(self):
         """/health/check answers the raw JSON shape of §2.1 without a key."""
         response, body = self.daemon.request("GET", "/health/check", key=None)
