@@ -209,7 +209,7 @@ def build_daemon(reactor, config: Config) -> DaemonService:
     inner_api = _inner_api(reactor, config, dify_pool)
     backwards = _backwards(reactor, config, persistence, inner_api)
     endpoints = Endpoints(reactor, persistence, inner_api)
-    management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints)
+    management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints, runner=blocking)
     dispatch = DispatchResource(
         reactor,
         installations,

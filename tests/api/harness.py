@@ -46,15 +46,18 @@ class DaemonHarness:
     The management surface wired over fakes.
 
     :param test: the SynchronousTestCase using it (for successResultOf).
+    :param runner: where blocking work runs (inline by default).
     """
 
-    def __init__(self, test, policy: PackagePolicy | None = None) -> None:
+    def __init__(self, test, policy: PackagePolicy | None = None, runner=None) -> None:
         self.test = test
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.persistence = MemoryPersistence(self.clock)
         self.storage = MemoryObjectStorage()
-        self.packages = PackageRegistry(self.persistence, self.storage, policy or default_policy(), InlineRunner())
+        self.packages = PackageRegistry(
+            self.persistence, self.storage, policy or default_policy(), runner or InlineRunner()
+        )
         self.launcher = RecordingLauncher()
         self.installer = Installer(self.clock, self.persistence, self.storage, self.packages, self.launcher)
         api = ManagementAPI(self.packages, self.installer, self.persistence)

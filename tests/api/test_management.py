@@ -135,6 +135,40 @@ class UploadTests(SynchronousTestCase):
         self.assertRegex(data["manifest"]["icon"], r"^[0-9a-f]{64}\.svg$")
         self.assertFalse(data["manifest"]["verified"])
 
+    def test_form_read_through_the_runner(self):
+        """The multipart body is read by the runner (a thread pool in the daemon), not on the reactor."""
+        from difydaemon.blocking import InlineRunner
+
+        class Recording(InlineRunner):
+            def __init__(self):
+                self.functions = []
+
+            def run(self, function, *args, **kwargs):
+                self.functions.append(function.__name__)
+                return super().run(function, *args, **kwargs)
+
+        runner = Recording()
+        daemon = DaemonHarness(self, runner=runner)
+        self.assertEqual(daemon.upload(echo_package())["code"], 0)
+        self.assertEqual(runner.functions[0], "read_form")
+
+    def test_file_part_over_the_limit(self):
+        """A file part over MAX_PLUGIN_PACKAGE_SIZE is Go's -400 "file size exceeds the maximum limit"."""
+        package = echo_package()
+        daemon = DaemonHarness(self, default_policy(max_size=len(package) - 1))
+        env = daemon.upload(package)
+        self.assertEqual(env["code"], -400)
+        self.assertEqual(error_of(env)["message"], "file size exceeds the maximum limit")
+
+    def test_not_multipart_is_400(self):
+        """An upload that is not multipart/form-data is a binding failure, HTTP 400."""
+        response, body = self.daemon.request(
+            "POST", f"/plugin/{TENANT}/management/install/upload/package", data=b"{}",
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertEqual(response.code, 400)
+        self.assertEqual(error_of(orjson.loads(body))["message"], "request is not multipart/form-data")
+
     def test_uploaded_icon_is_served(self):
         """The icon asset id from the manifest is served raw by /asset/."""
         files = echo_plugin_files()
