@@ -31,7 +31,7 @@ from __future__ import annotations
 import hmac
 from functools import lru_cache
 
-from attrs import frozen
+from attrs import define, frozen
 from twisted.web.http import RESPONSES
 from twisted.web.server import version as SERVER_VERSION
 
@@ -84,10 +84,12 @@ class Refused:
     reason: str
 
 
-@frozen
+@define(slots=True)
 class Admitted:
     """
     A request whose body may be read.
+
+    Not frozen: one is built for every request, and nobody mutates it.
 
     :ivar target: its canonical target, what every router sees.
     :ivar body_limit: bytes of body it may have.

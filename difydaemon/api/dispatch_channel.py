@@ -83,7 +83,8 @@ PROCESSING_FAILED_BODY = (
 
 # header lines after the request line: an RFC 9110 token, a colon, a value
 _HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*)*")
-# request targets twisted.web serves without question (printable ASCII)
+# request targets twisted.web serves without question (printable ASCII):
+# what paths.canonical_target reads, told so by checked=True
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _CANONICAL_NAMES = {
     b"content-type": b"Content-Type",
@@ -174,7 +175,7 @@ def parse_head(head: bytes) -> RequestHead | None:
     if method == b"POST":
         # the route in the form every router and the key check see; a
         # refused target is lent, and refused by twisted.web's front door
-        canonical = canonical_target(target)
+        canonical = canonical_target(target, checked=True)
         segments = getattr(canonical, "segments", ())
         if len(segments) >= 3 and segments[0] == b"plugin" and segments[2] == b"dispatch":
             postpath = list(segments[1:])

@@ -44,11 +44,13 @@ from __future__ import annotations
 import re
 from urllib.parse import quote_from_bytes
 
-from attrs import frozen
+from attrs import define, frozen
 
 #: Raw targets this module reads: origin-form, printable ASCII.
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+#: A path twisted.web reads as it is: printable ASCII but ``%``, ``?`` and ``#``.
+_PLAIN_PATH = re.compile(rb"/[\x21\x22\x24\x26-\x3e\x40-\x7e]*")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 #: Kept as they are when a segment is re-encoded for twisted.web (which
 #: decodes ``%XX`` and nothing else): printable ASCII but ``%``, ``?``, ``#``.
@@ -58,10 +60,13 @@ _SEGMENT_SAFE = "!$&'()*+,;=:@-._~[]{}|\\^`\"<>"
 ENDPOINT_PREFIX = b"e"
 
 
-@frozen
+@define(slots=True)
 class RequestTarget:
     """
     A request target in canonical form.
+
+    Not frozen: one is built for every request (a frozen attrs class costs
+    twice as much to build), and nobody mutates it.
 
     :ivar segments: the path, decoded once and split on ``/`` (``/`` alone
         is ``(b"",)``; ``/plugin/t/`` is ``(b"plugin", b"t", b"")``).
@@ -81,6 +86,9 @@ class RequestTarget:
         The path re-encoded so that splitting it on ``/`` and decoding each
         segment (as twisted.web does) gives :attr:`segments` back exactly.
         """
+        path = self.path
+        if _PLAIN_PATH.fullmatch(path) is not None:
+            return path
         return b"/" + b"/".join(_encode_segment(segment) for segment in self.segments)
 
 
@@ -120,12 +128,15 @@ def _decode(path: bytes) -> bytes | None:
     return _ESCAPE.sub(lambda match: bytes((int(match.group(1), 16),)), path)
 
 
-def canonical_target(target: bytes) -> RequestTarget | PathRefusal:
+def canonical_target(target: bytes, *, checked: bool = False) -> RequestTarget | PathRefusal:
     """
     The canonical form of a raw request target (the second word of the
     request line), or why the daemon does not route it.
+
+    :param checked: the caller has already matched ``target`` against
+        ``/[\x21-\x7e]*`` (origin-form printable ASCII).
     """
-    if _ORIGIN_FORM.fullmatch(target) is None:
+    if not checked and _ORIGIN_FORM.fullmatch(target) is None:
         return NOT_ORIGIN_FORM
     path, _, query = target.partition(b"?")
     # the raw target is printable: only decoding can bring a control byte in
@@ -135,6 +146,9 @@ def canonical_target(target: bytes) -> RequestTarget | PathRefusal:
         if path is None:
             return BAD_ESCAPE
     segments = path[1:].split(b"/")
+    if not decoded and b"//" not in path and b"/." not in path:
+        # no empty or dot segment, no control byte: the common case, at once
+        return RequestTarget(tuple(segments), query)
     routed = segments
     if segments[0] == ENDPOINT_PREFIX:
         # /e/<hook_id>/<tail>: the tail is the endpoint plugin's own path
