@@ -31,7 +31,7 @@ from __future__ import annotations
 import hmac
 from functools import lru_cache
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.web.http import RESPONSES
 from twisted.web.server import version as SERVER_VERSION
 
@@ -169,7 +169,7 @@ class FrontDoor:
     :ivar limits: the body bounds.
     """
 
-    server_key: bytes
+    server_key: bytes = field(repr=False)
     limits: BodyLimits = BodyLimits()
 
     def admit(self, method: bytes, target: bytes, api_key: bytes | None, content_length: int | None):

@@ -45,6 +45,11 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual(UNAUTHORIZED.status, 401)
         self.assertEqual(error_of(UNAUTHORIZED.body)["error_type"], "PluginDaemonUnauthorizedError")
 
+    def test_key_not_in_repr(self):
+        """The server key never shows in the front door's repr (logs, tracebacks)."""
+        self.assertNotIn("front-door-key", repr(DOOR))
+        self.assertIn("BodyLimits", repr(DOOR))
+
     def test_other_routes_need_no_key(self):
         """/health/check, /e/ and unknown routes are admitted without a key."""
         for target in (b"/health/check", b"/e/hook/x", b"/nowhere", b"/"):
