@@ -231,8 +231,12 @@ def split_request(buffer: bytes):
         # bytes that cannot become a head within bounds are twisted.web's to refuse
         # (a pending line may still lack its final "\n")
         size = len(buffer)
-        if size > MAX_HEAD_SIZE + 1 or (size > MAX_REQUEST_LINE + 1 and buffer.find(b"\r\n") < 0):
+        if size > MAX_HEAD_SIZE + 1:
             return FOREIGN
+        if size > MAX_REQUEST_LINE + 1:
+            line_end = buffer.find(b"\r\n")
+            if line_end < 0 or line_end > MAX_REQUEST_LINE:
+                return FOREIGN
         return Incomplete(size + 1)
     # the head's size counts the request line and header lines with their line ends
     if end + 2 > MAX_HEAD_SIZE:

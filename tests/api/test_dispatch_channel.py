@@ -264,6 +264,14 @@ class SplitRequestTests(SynchronousTestCase):
         self.assertEqual((body, rest), (BODY, b"GET /"))
         self.assertIsInstance(split_request(data[:-1]), Incomplete)
 
+    def test_long_request_line_is_foreign(self):
+        """A request line over MAX_REQUEST_LINE is twisted.web's (414) as soon as it is known, ended or not."""
+        start = b"GET /e/"
+        self.assertIsInstance(split_request(start + b"a" * (MAX_REQUEST_LINE - len(start))), Incomplete)
+        self.assertIs(split_request(start + b"a" * MAX_REQUEST_LINE), FOREIGN)
+        self.assertIs(split_request(start + b"a" * MAX_REQUEST_LINE + b" HTTP/1.1\r\nA: b"), FOREIGN)
+        self.assertIs(split_request(start + b"a" * MAX_REQUEST_LINE + b" HTTP/1.1\r\n\r\n"), FOREIGN)
+
     def test_oversize_head_is_foreign(self):
         """A head longer than twisted.web's header limit is foreign before it ends, so buffering is bounded."""
         start = b"POST " + PATH.encode() + b" HTTP/1.1\r\nX-Big: "
