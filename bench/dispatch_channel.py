@@ -27,6 +27,7 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 import dispatch_relay as shared  # noqa: E402
+from difydaemon.api.admission import FrontDoor  # noqa: E402
 from difydaemon.api.dispatch_channel import DispatchGate  # noqa: E402
 from difydaemon.api.site import DaemonSite  # noqa: E402
 
@@ -36,8 +37,9 @@ PATH = f"/plugin/{shared.TENANT}/dispatch/tool/invoke"
 def site_for(lean: bool, reactor):
     """The daemon's site over a FakeRuntime; (site, runtime)."""
     clock, runtime, root = shared.build()
-    gate = DispatchGate(shared.KEY.encode(), root._counter, root._dispatch) if lean else None
-    return DaemonSite(root, reactor=reactor, log_health=False, gate=gate), runtime
+    gate = DispatchGate(root._counter, root._dispatch) if lean else None
+    front_door = FrontDoor(shared.KEY.encode())
+    return DaemonSite(root, reactor=reactor, log_health=False, gate=gate, front_door=front_door), runtime
 
 
 def in_process(n: int, lean: bool) -> float:

@@ -110,18 +110,13 @@ class Daemon:
 
     async def upload_install(self, package: bytes) -> str:
         """Upload and install one package; returns its identifier once the task succeeded."""
-        boundary = uuid.uuid4().hex
-        body = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"verify_signature\"\r\n\r\nfalse\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"dify_pkg\"; filename=\"dify_pkg\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode() + package + f"\r\n--{boundary}--\r\n".encode()
+        content_type, body = upload_form(package)
         _, reply = await http_call(
             "POST",
             self.port,
             f"/plugin/{TENANT}/management/install/upload/package",
             body,
-            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            {"Content-Type": content_type},
         )
         identifier = json.loads(reply)["data"]["unique_identifier"]
         _, reply = await http_call(
@@ -150,6 +145,17 @@ class Daemon:
             self.process.kill()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def upload_form(package: bytes) -> tuple[str, bytes]:
+    """(content type, body) of a package upload as Dify sends it (unverified)."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"verify_signature\"\r\n\r\nfalse\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"dify_pkg\"; filename=\"dify_pkg\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + package + f"\r\n--{boundary}--\r\n".encode()
+    return f"multipart/form-data; boundary={boundary}", body
 
 
 async def http_call(method, port, path, body=b"", headers=None):

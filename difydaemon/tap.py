@@ -17,6 +17,7 @@ from treq.client import HTTPClient
 
 from difydaemon import __version__
 from difydaemon.api.dispatch import DispatchResource
+from difydaemon.api.admission import BodyLimits, FrontDoor
 from difydaemon.api.dispatch_channel import DispatchGate
 from difydaemon.api.endpoint import EndpointResource
 from difydaemon.api.management import ManagementAPI
@@ -264,7 +265,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     inner_api = _inner_api(reactor, config, dify_pool)
     backwards = _backwards(reactor, config, persistence, inner_api)
     endpoints = Endpoints(reactor, persistence, inner_api)
-    management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints)
+    management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints, runner=blocking)
     dispatch = DispatchResource(
         reactor,
         installations,
@@ -293,9 +294,16 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     root = RootResource(
         config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints
     )
-    # dispatch requests skip twisted.web: the same key check, counter and resource
-    gate = DispatchGate(config.server_key.encode("utf-8"), counter, dispatch)
-    site = DaemonSite(root, reactor=reactor, log_health=config.health_api_log_enabled, gate=gate)
+    # every request head passes the front door, on the dispatch channel and on twisted.web
+    front_door = FrontDoor(
+        config.server_key.encode("utf-8"),
+        BodyLimits.for_packages(config.packages.max_plugin_package_size, config.packages.max_bundle_package_size),
+    )
+    # dispatch requests skip twisted.web: the same counter and resource
+    gate = DispatchGate(counter, dispatch)
+    site = DaemonSite(
+        root, reactor=reactor, log_health=config.health_api_log_enabled, gate=gate, front_door=front_door
+    )
 
     service.backwards = backwards
     service.dispatch = dispatch

@@ -6,9 +6,12 @@ Every Dify workflow step that calls a plugin is one ``POST
 /plugin/<tenant>/dispatch/...``; twisted.web's ``HTTPChannel`` and
 ``Request`` cost about twice the CPU of the rest of a dispatch request
 (``performance.md``; ``bench/dispatch_channel.py`` compares the two).  :class:`DispatchChannel`
-frames such a request with a few ``bytes`` operations, checks ``X-Api-Key``
-as :class:`~difydaemon.api.root.RootResource` does, and renders it with the
-same :class:`~difydaemon.api.dispatch.DispatchResource` through a
+frames such a request with a few ``bytes`` operations, passes its head
+through the same front door as twisted.web's requests
+(:class:`~difydaemon.api.admission.FrontDoor`: canonical target,
+``X-Api-Key``, body bound -- a refusal is answered before the body is
+read), and renders it with the same
+:class:`~difydaemon.api.dispatch.DispatchResource` through a
 :class:`DispatchRequest`: the few request methods the dispatch path uses,
 writing the same bytes twisted.web writes.
 
@@ -24,7 +27,11 @@ Anything this channel cannot frame -- a chunked or ``Expect``-ing body, an
 ``Upgrade``, a head that is not plainly well formed -- is handed, with every
 byte read so far, to a twisted.web channel for the rest of the connection's
 life, so such requests and bad requests behave exactly as they do without
-this channel.
+this channel.  The refusals of over-long heads (414, 431) are twisted.web's
+too, made by :class:`~difydaemon.api.web_channel.DaemonHTTPChannel` with the
+bytes handed over.  A head must be whole within
+:data:`~difydaemon.api.admission.HEAD_TIMEOUT` of its first byte, on this
+channel as on twisted.web's.
 
 Framing is pure (:func:`split_request`, :func:`parse_head`); the channel
 only buffers, lends, hands over and writes.
@@ -32,11 +39,9 @@ only buffers, lends, hands over and writes.
 
 from __future__ import annotations
 
-import hmac
 import re
 import warnings
 from io import BytesIO
-from urllib.parse import unquote_to_bytes
 
 from attrs import define, frozen
 from twisted.internet.defer import Deferred
@@ -44,28 +49,33 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
+from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.server import version as SERVER_VERSION
 from zope.interface import implementer
 
-from difydaemon.api import envelope
-from difydaemon.errors import UnauthorizedError
+from difydaemon.api.admission import (
+    HEAD_TIMED_OUT,
+    HEAD_TIMEOUT,
+    MAX_HEAD_SIZE,
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+    FrontDoor,
+    Refused,
+    refusal_response,
+)
+from difydaemon.api.paths import RequestTarget, canonical_target
 
 log = Logger()
 
-#: Heads longer than twisted.web's total header limit are its to refuse.
-MAX_HEAD_SIZE = 16384
-#: twisted.web refuses more headers than this.
-MAX_HEADERS = 500
-#: Bodies larger than this go to twisted.web, which spools them to a file.
+#: Dispatch bodies larger than this go to twisted.web, which spools them to
+#: a file (the front door bounds them all the same).
 MAX_BODY_SIZE = 64 * 1024 * 1024
 #: Bytes of pipelined requests read while one is answered before reading
 #: stops (twisted.web's ``_optimisticEagerReadSize``).
 EAGER_READ_SIZE = 0x4000
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
-UNAUTHORIZED_BODY = envelope.from_exception(UnauthorizedError("unauthorized"))
 #: twisted.web's answer to a resource that raised (tracebacks not shown).
 PROCESSING_FAILED_BODY = (
     b"<html><head><title>Processing Failed</title></head><body><b>Processing Failed</b></body></html>"
@@ -73,7 +83,8 @@ PROCESSING_FAILED_BODY = (
 
 # header lines after the request line: an RFC 9110 token, a colon, a value
 _HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*)*")
-# request targets twisted.web serves without question (printable ASCII)
+# request targets twisted.web serves without question (printable ASCII):
+# what paths.canonical_target reads, told so by checked=True
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _CANONICAL_NAMES = {
     b"content-type": b"Content-Type",
@@ -91,9 +102,10 @@ class RequestHead:
     :ivar version: ``HTTP/1.1`` or ``HTTP/1.0``.
     :ivar dispatch: whether this is a dispatch call, served by the channel
         itself; any other request is lent to twisted.web.
-    :ivar postpath: for a dispatch call, the path segments after ``plugin``
-        (``[tenant, b"dispatch", *route]``), percent-decoded as twisted.web
-        does; None otherwise.
+    :ivar target: for a dispatch call, its canonical target
+        (:func:`~difydaemon.api.paths.canonical_target`); None otherwise.
+    :ivar postpath: for a dispatch call, the canonical path segments after
+        ``plugin`` (``[tenant, b"dispatch", *route]``); None otherwise.
     :ivar headers: lower-cased name -> every value, in order.
     :ivar content_length: the body's length (0 without Content-Length).
     :ivar persistent: whether the connection stays open after the answer.
@@ -101,6 +113,7 @@ class RequestHead:
 
     version: bytes
     dispatch: bool
+    target: RequestTarget | None
     postpath: list | None
     headers: dict
     content_length: int
@@ -134,17 +147,21 @@ def parse_head(head: bytes) -> RequestHead | None:
     """
     Read a request head (without its final blank line) if this channel can
     frame its request exactly as twisted.web would: HTTP/1.1 or 1.0, an
-    origin-form target of printable ASCII, well-formed ``name: value``
-    headers, at most one decimal ``Content-Length`` and no
-    ``Transfer-Encoding``, ``Expect`` or ``Upgrade``.
+    origin-form target of printable ASCII, a request line and a head within
+    the front door's bounds, well-formed ``name: value`` headers, at most
+    one decimal ``Content-Length`` and no ``Transfer-Encoding``, ``Expect``
+    or ``Upgrade``.
 
     :return: the head (:attr:`RequestHead.dispatch` tells whether it is a
-        ``POST /plugin/<tenant>/dispatch/...``), or None for anything else
-        (twisted.web decides what that is, a 400 included).
+        ``POST /plugin/<tenant>/dispatch/...`` in canonical form), or None
+        for anything else (twisted.web decides what that is, a 400, 414 or
+        431 included).
     """
     line_end = head.find(b"\r\n")
     if line_end < 0:
         line_end = len(head)
+    if line_end > MAX_REQUEST_LINE:
+        return None
     request_line = head[:line_end].split(b" ")
     if len(request_line) != 3:
         return None
@@ -153,14 +170,17 @@ def parse_head(head: bytes) -> RequestHead | None:
         return None
     if _TARGET.fullmatch(target) is None:
         return None
+    canonical = None
     postpath = None
     if method == b"POST":
-        path = target.split(b"?", 1)[0]
-        segments = path[1:].split(b"/")
-        if b"%" in path:
-            segments = [unquote_to_bytes(segment) for segment in segments]
+        # the route in the form every router and the key check see; a
+        # refused target is lent, and refused by twisted.web's front door
+        canonical = canonical_target(target, checked=True)
+        segments = getattr(canonical, "segments", ())
         if len(segments) >= 3 and segments[0] == b"plugin" and segments[2] == b"dispatch":
-            postpath = segments[1:]
+            postpath = list(segments[1:])
+        else:
+            canonical = None
     # every header line a token, a colon and a value without CR, LF or NUL
     # (so no folded lines); twisted.web refuses, or reads, anything else
     if _HEADER_LINES.fullmatch(head, line_end) is None:
@@ -195,7 +215,7 @@ def parse_head(head: bytes) -> RequestHead | None:
         connection = headers.get(b"connection")
         # twisted.web looks for "close" among the first value's space-separated tokens
         persistent = not connection or b"close" not in connection[0].lower().split(b" ")
-    return RequestHead(version, postpath is not None, postpath, headers, length, persistent)
+    return RequestHead(version, postpath is not None, canonical, postpath, headers, length, persistent)
 
 
 def split_request(buffer: bytes):
@@ -208,8 +228,18 @@ def split_request(buffer: bytes):
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
-        return FOREIGN if len(buffer) > MAX_HEAD_SIZE else Incomplete(len(buffer) + 1)
-    if end > MAX_HEAD_SIZE:
+        # bytes that cannot become a head within bounds are twisted.web's to refuse
+        # (a pending line may still lack its final "\n")
+        size = len(buffer)
+        if size > MAX_HEAD_SIZE + 1:
+            return FOREIGN
+        if size > MAX_REQUEST_LINE + 1:
+            line_end = buffer.find(b"\r\n")
+            if line_end < 0 or line_end > MAX_REQUEST_LINE:
+                return FOREIGN
+        return Incomplete(size + 1)
+    # the head's size counts the request line and header lines with their line ends
+    if end + 2 > MAX_HEAD_SIZE:
         return FOREIGN
     head = parse_head(buffer[:end])
     if head is None:
@@ -413,39 +443,16 @@ class DispatchRequest:
 @frozen
 class DispatchGate:
     """
-    What a dispatch request passes through on its way to the dispatch
-    resource, as :class:`~difydaemon.api.root.RootResource` does it.
+    What an admitted dispatch request passes through on its way to the
+    dispatch resource, as :class:`~difydaemon.api.root.RootResource` does it.
 
-    :ivar server_key: the expected ``X-Api-Key``.
     :ivar counter: the :class:`~difydaemon.api.root.RequestCounter` of
         ``/health/check``.
     :ivar resource: the :class:`~difydaemon.api.dispatch.DispatchResource`.
     """
 
-    server_key: bytes
     counter: object
     resource: object
-
-
-class LeasableHTTPChannel(HTTPChannel):
-    """
-    twisted.web's HTTP channel, which can serve a single request on a
-    connection lent by :class:`DispatchChannel`.
-
-    :ivar returned: called (once) when the lent request has been answered
-        and the connection stays open; None when nothing is lent.
-    """
-
-    returned = None
-
-    def requestDone(self, request) -> None:
-        super().requestDone(request)
-        returned = self.returned
-        if returned is not None and self.persistent and not self.requests:
-            self.returned = None
-            # The idle timeout belongs to the lender again.
-            self.setTimeout(None)
-            returned()
 
 
 @implementer(IConsumer, IPushProducer)
@@ -457,7 +464,8 @@ class Lease:
     the channel nothing else, so the channel's pausing and resuming of its
     reading is the lender's business and ignored here.
 
-    :ivar channel: the :class:`LeasableHTTPChannel` serving the request.
+    :ivar channel: the :class:`~difydaemon.api.web_channel.DaemonHTTPChannel`
+        serving the request.
     :ivar producer: what the channel registered to hear that the
         connection's write buffer is full (the channel itself), or None.
     """
@@ -524,18 +532,24 @@ class DispatchChannel(Protocol):
     request this channel cannot frame turns the connection over to a
     ``fallback()`` channel for good.
 
-    :param gate: the key, counter and resource of the dispatch path.
-    :param fallback: builds a twisted.web :class:`LeasableHTTPChannel`.
-    :param reactor: for the idle timeout and the ``Date`` header.
+    :param front_door: the checks made on a dispatch request's head.
+    :param gate: the counter and resource of the dispatch path.
+    :param fallback: builds a twisted.web
+        :class:`~difydaemon.api.web_channel.DaemonHTTPChannel`.
+    :param reactor: for the timeouts and the ``Date`` header.
     :param timeout: seconds a connection may stay idle (the site's
         ``timeOut``); None for no limit.
     :param dates: the ``Date`` cache, shared by the site's connections.
     """
 
-    #: seconds between closing an idle connection and aborting it
+    #: seconds between closing a connection (idle, or refused) and aborting it
     abort_timeout = 15
+    #: seconds a request head may take from its first byte
+    head_timeout = HEAD_TIMEOUT
 
-    def __init__(self, gate: DispatchGate, fallback, reactor, timeout: float | None, dates: DateCache | None = None):
+    def __init__(self, front_door: FrontDoor, gate: DispatchGate, fallback, reactor, timeout: float | None,
+                 dates: DateCache | None = None):
+        self._front_door = front_door
         self._gate = gate
         self._fallback = fallback
         self._reactor = reactor
@@ -555,6 +569,7 @@ class DispatchChannel(Protocol):
         self._producer_registered = False
         self._idle_call = None
         self._abort_call = None
+        self._head_call = None
         self._last_activity = 0.0
 
     # -- IProtocol ------------------------------------------------------------------
@@ -584,7 +599,8 @@ class DispatchChannel(Protocol):
         if self._closing:
             # twisted.web drops what follows a request that closes the connection
             return
-        if self._idle_call is not None:
+        if self._idle_call is not None and self._head_call is None:
+            # a head's first bytes are activity; its deadline covers the rest
             self._last_activity = self._reactor.seconds()
         lent_body = self._lent_body
         if lent_body:
@@ -615,6 +631,7 @@ class DispatchChannel(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._stop_idle_timer()
+        self._stop_head_timer()
         abort, self._abort_call = self._abort_call, None
         if abort is not None and abort.active():
             abort.cancel()
@@ -669,11 +686,17 @@ class DispatchChannel(Protocol):
             framed = split_request(buffer)
             if type(framed) is Incomplete:
                 head = framed.head
-                if head is not None and not head.dispatch:
-                    # lent now: twisted.web spools a large body (an upload)
-                    # to a file as it arrives, rather than it piling up here
-                    self._lend(buffer, framed.need - len(buffer))
-                    return
+                if head is None:
+                    self._head_pending()
+                else:
+                    self._head_complete()
+                    if not head.dispatch:
+                        # lent now: twisted.web spools a large body (an upload)
+                        # to a file as it arrives, rather than it piling up here
+                        self._lend(buffer, framed.need - len(buffer))
+                        return
+                    if not self._admitted(head):
+                        return
                 self._parts = [buffer]
                 self._size = len(buffer)
                 self._need = framed.need
@@ -682,10 +705,13 @@ class DispatchChannel(Protocol):
                 self._hand_over(buffer)
                 return
             head, body, rest = framed
-            if head.dispatch:
+            self._head_complete()
+            if not head.dispatch:
+                self._lend(buffer[:len(buffer) - len(rest)])
+            elif self._admitted(head):
                 self._serve(head, body)
             else:
-                self._lend(buffer[:len(buffer) - len(rest)])
+                return
             buffer = rest
             if self._request is not None or self._closing:
                 if buffer and not self._closing:
@@ -694,15 +720,43 @@ class DispatchChannel(Protocol):
                     self._size = len(buffer)
                 return
 
+    def _admitted(self, head: RequestHead) -> bool:
+        """Whether the front door admits a dispatch request; if not, it is refused and the connection closes."""
+        keys = head.headers.get(b"x-api-key")
+        verdict = self._front_door.admit_target(b"POST", head.target, keys[0] if keys else None, head.content_length)
+        if type(verdict) is Refused:
+            self._refuse(head.version, verdict, head.target.path)
+            return False
+        return True
+
+    def _refuse(self, version: bytes, refused: Refused, target: bytes) -> None:
+        """Answer ``refused`` at once and close, leaving the rest of the request unread."""
+        self._stop_head_timer()
+        log.info(
+            "refused POST {target} from {peer}: {status} {reason}",
+            target=target,
+            peer=str(self.transport.getPeer()),
+            status=refused.status,
+            reason=refused.reason,
+        )
+        self.transport.write(refusal_response(version, refused, self.date()))
+        self._close()
+
+    def _close(self) -> None:
+        """Close the connection, and abort it if the client does not let it close."""
+        self._closing = True
+        self._parts = []
+        self._size = 0
+        if self.abort_timeout is not None and self._abort_call is None:
+            self._abort_call = self._reactor.callLater(self.abort_timeout, self.transport.abortConnection)
+        self._unregister()
+        self.transport.loseConnection()
+
     def _serve(self, head: RequestHead, body: bytes) -> None:
         gate = self._gate
         gate.counter.enter(True)
         request = DispatchRequest(self, head, body)
         self._request = request
-        given = head.headers.get(b"x-api-key")
-        if not hmac.compare_digest(given[0] if given else b"", gate.server_key):
-            request.respond(401, JSON_CONTENT_TYPE, UNAUTHORIZED_BODY)
-            return
         try:
             answer = gate.resource.render(request)
             if answer is not NOT_DONE_YET:
@@ -729,6 +783,7 @@ class DispatchChannel(Protocol):
         if not persistent:
             self._closing = True
             self._parts = []
+            self._size = 0
             self._unregister()
             self.transport.loseConnection()
             return
@@ -778,6 +833,7 @@ class DispatchChannel(Protocol):
     def _hand_over(self, buffer: bytes) -> None:
         """Give the connection, and ``buffer``, to a twisted.web channel."""
         self._stop_idle_timer()
+        self._stop_head_timer()
         self._unregister()
         self._parts = []
         if self._reading_paused:
@@ -802,19 +858,40 @@ class DispatchChannel(Protocol):
             return
         now = self._reactor.seconds()
         left = self._timeout - (now - self._last_activity)
+        # a request being answered is not idleness (a head's first byte was activity, the rest is not)
         if self._request is not None or left > 0:
             self._idle_call = self._reactor.callLater(self._timeout if self._request is not None else left,
                                                       self._check_idle)
             return
         log.info("Timing out client: {peer}", peer=str(self.transport.getPeer()))
-        self._closing = True
-        if self.abort_timeout is not None:
-            self._abort_call = self._reactor.callLater(self.abort_timeout, self.transport.abortConnection)
-        self._unregister()
-        self.transport.loseConnection()
+        self._close()
 
     def _stop_idle_timer(self) -> None:
         call, self._idle_call = self._idle_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- head deadline --------------------------------------------------------------------
+
+    def _head_pending(self) -> None:
+        """Part of a head has arrived: it must be whole within ``head_timeout``."""
+        if self._head_call is None and self.head_timeout is not None:
+            self._head_call = self._reactor.callLater(self.head_timeout, self._head_timed_out)
+
+    def _head_complete(self) -> None:
+        """A head is whole: its deadline is over, and the idle count starts again."""
+        if self._head_call is not None:
+            self._stop_head_timer()
+            self._last_activity = self._reactor.seconds()
+
+    def _head_timed_out(self) -> None:
+        self._head_call = None
+        log.info("Timing out a request head: {peer}", peer=str(self.transport.getPeer()))
+        self.transport.write(refusal_response(b"HTTP/1.1", HEAD_TIMED_OUT, self.date()))
+        self._close()
+
+    def _stop_head_timer(self) -> None:
+        call, self._head_call = self._head_call, None
         if call is not None and call.active():
             call.cancel()
 

@@ -9,6 +9,7 @@ answer HTTP 200 with the error inside the envelope, except binding failures
 from __future__ import annotations
 
 import functools
+import io
 
 from klein import Klein
 from twisted.logger import Logger
@@ -17,7 +18,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from difydaemon.api import envelope
 from difydaemon.api.binding import BindError, Field, bind, page_fields, page_offset, request_values
-from difydaemon.api.multipart import MultipartError, parse_form
+from difydaemon.api.multipart import FileTooLarge, MultipartError, read_form
 from difydaemon.errors import BadRequestError, DaemonError, InternalServerError, PluginNotFoundError
 from difydaemon.management import views
 from difydaemon.packaging.declaration import category_of
@@ -183,16 +184,19 @@ class ManagementAPI:
     :param endpoints: the :class:`~difydaemon.management.endpoints.Endpoints`
         behind ``/plugin/<tenant_id>/endpoint/...`` (those routes are
         unknown without it).
+    :param runner: where an upload's multipart body is read (blocking work
+        on tens of megabytes); the package registry's runner by default.
     """
 
     app = Klein()
 
-    def __init__(self, packages, installer, persistence, debugging=None, endpoints=None) -> None:
+    def __init__(self, packages, installer, persistence, debugging=None, endpoints=None, runner=None) -> None:
         self._packages = packages
         self._installer = installer
         self._persistence = persistence
         self._debugging = debugging
         self._endpoints = endpoints
+        self._runner = runner if runner is not None or packages is None else packages.runner
 
     def resource(self):
         """The twisted.web resource of this app."""
@@ -203,7 +207,7 @@ class ManagementAPI:
     @app.route("/plugin/<tenant_id>/management/install/upload/package", methods=["POST"])
     @envelope_route("UploadPluginRequest")
     async def upload_package(self, request, tenant_id, params):
-        form = self._form(request)
+        form = await self._form(request, "dify_pkg", self._packages.policy.max_size)
         data = form.files.get("dify_pkg")
         if data is None:
             raise BindError("Key: 'UploadPluginRequest.DifyPkg' Error:Field validation for 'DifyPkg' failed on the 'required' tag")
@@ -213,18 +217,31 @@ class ManagementAPI:
     @app.route("/plugin/<tenant_id>/management/install/upload/bundle", methods=["POST"])
     @envelope_route("UploadBundleRequest")
     async def upload_bundle(self, request, tenant_id, params):
-        form = self._form(request)
+        form = await self._form(request, "dify_bundle", self._packages.max_bundle_size)
         data = form.files.get("dify_bundle")
         if data is None:
             raise BindError("Key: 'UploadBundleRequest.DifyBundle' Error:Field validation for 'DifyBundle' failed on the 'required' tag")
         verify = form.fields.get("verify_signature", "").lower() == "true"
         return await self._packages.upload_bundle(data, verify)
 
-    def _form(self, request):
-        body = request.content.read() if request.content is not None else b""
+    async def _form(self, request, file_field: str, max_file_size: int):
+        """
+        The upload's file and ``verify_signature``, read in a thread from
+        the body twisted.web spooled as it arrived.
+        """
         content_type = request.getHeader(b"content-type")
+        content = request.content if request.content is not None else io.BytesIO()
         try:
-            return parse_form(content_type.decode("latin-1") if content_type else None, body)
+            return await self._runner.run(
+                read_form,
+                content,
+                content_type.decode("latin-1") if content_type else None,
+                file_field,
+                ("verify_signature",),
+                max_file_size,
+            )
+        except FileTooLarge:
+            raise BadRequestError("file size exceeds the maximum limit")
         except MultipartError as exc:
             raise BindError(str(exc))
 

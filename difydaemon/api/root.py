@@ -1,19 +1,16 @@
 """
-The daemon's root web resource: authentication, health, and the split
-between the lean dispatch path and the Klein management app.
+The daemon's root web resource: health, and the split between the lean
+dispatch path, the public endpoints and the Klein management app, on the
+canonical target the front door admitted.
 """
 
 from __future__ import annotations
-
-import hmac
 
 from attrs import frozen
 from twisted.web.resource import Resource
 
 from difydaemon.api import envelope
-from difydaemon.errors import UnauthorizedError
-
-_UNAUTHORIZED = envelope.from_exception(UnauthorizedError("unauthorized"))
+from difydaemon.api.admission import FrontDoor, Refused
 
 
 class StaticJSONResource(Resource):
@@ -108,10 +105,20 @@ class HealthResource(Resource):
 
 class RootResource(Resource):
     """
-    Routes ``/health/check``, checks ``X-Api-Key`` on ``/plugin/**``, sends
-    dispatch requests to the lean dispatch resource and public endpoint
-    calls to the endpoint resource, and everything else to the Klein app
-    (which answers unknown routes with the 404 body of §1.1).
+    Routes ``/health/check``, sends dispatch requests to the lean dispatch
+    resource and public endpoint calls to the endpoint resource, and
+    everything else to the Klein app (which answers unknown routes, and
+    known routes called with another method, with the 404 body of §1.1).
+
+    The daemon's site has admitted each request at its head (canonical
+    target, ``X-Api-Key`` on ``/plugin/**``; see
+    :mod:`difydaemon.api.admission`), and routes on that target.  A request
+    that did not come through that front door (a plain twisted.web Site, as
+    in tests) passes the same checks here, on the same canonical target.
+
+    A wrong method answers the 404 body as Go does: ``/health/check`` is
+    GET only, and HEAD is no GET here (werkzeug would answer it) -- only
+    the public endpoints take HEAD.
 
     :param server_key: the expected ``X-Api-Key``.
     :param app: the Klein resource of the management surface.
@@ -123,28 +130,36 @@ class RootResource(Resource):
 
     def __init__(self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None):
         super().__init__()
-        self._key = server_key.encode("utf-8")
+        self._front_door = FrontDoor(server_key.encode("utf-8"))
         self._app = app
         self._health = health
         self._counter = counter
         self._dispatch = dispatch
         self._endpoint = endpoint
-        self._unauthorized = StaticJSONResource(401, _UNAUTHORIZED)
+        self._not_found = StaticJSONResource(404, envelope.ROUTE_NOT_FOUND)
 
     def getChildWithDefault(self, name, request):
+        if getattr(request, "admission", None) is None:
+            keys = request.requestHeaders.getRawHeaders(b"x-api-key")
+            verdict = self._front_door.admit(request.method, request.uri, keys[0] if keys else None, None)
+            if type(verdict) is Refused:
+                return StaticJSONResource(verdict.status, verdict.body)
+            segments = verdict.target.segments
+            name = segments[0]
+            request.prepath[-1:] = [name]
+            request.postpath = list(segments[1:])
         postpath = request.postpath
+        method = request.method
         if name == b"health" and postpath == [b"check"]:
-            return self._health
+            return self._health if method == b"GET" else self._not_found
         is_dispatch = name == b"plugin" and len(postpath) >= 2 and postpath[1] == b"dispatch"
         self._counter.track(request, is_dispatch)
-        if name == b"plugin":
-            given = request.requestHeaders.getRawHeaders(b"x-api-key", [b""])[0]
-            if not hmac.compare_digest(given, self._key):
-                return self._unauthorized
-            if is_dispatch and self._dispatch is not None:
-                return self._dispatch
-        elif name == b"e" and self._endpoint is not None:
+        if name == b"e" and self._endpoint is not None:
             return self._endpoint
+        if method == b"HEAD":
+            return self._not_found
+        if is_dispatch and self._dispatch is not None:
+            return self._dispatch
         # give the whole path to Klein, which routes from the top
         request.postpath.insert(0, request.prepath.pop())
         return self._app

@@ -4,41 +4,63 @@ from __future__ import annotations
 
 from twisted.web.server import Site
 
-from difydaemon.api.dispatch_channel import DateCache, DispatchChannel, DispatchGate, LeasableHTTPChannel
+from difydaemon.api.admission import FrontDoor
+from difydaemon.api.dispatch_channel import DateCache, DispatchChannel, DispatchGate
+from difydaemon.api.web_channel import DaemonHTTPChannel, DaemonRequest
 
 
 class DaemonSite(Site):
     """
-    A Site tuned for the dispatch path.
+    A Site tuned for the dispatch path, behind the front door.
 
+    - every request passes the ``front_door``
+      (:mod:`difydaemon.api.admission`) once its head is read: canonical
+      target, ``X-Api-Key``, body bound, head size and deadline;
     - with a ``gate``, connections start on a
       :class:`~difydaemon.api.dispatch_channel.DispatchChannel`, which serves
       dispatch requests itself and lends the connection to this Site's own
       twisted.web channel for any other request;
     - that channel is twisted.web's ``HTTPChannel`` itself (as a
-      :class:`~difydaemon.api.dispatch_channel.LeasableHTTPChannel`), not the
+      :class:`~difydaemon.api.web_channel.DaemonHTTPChannel`), not the
       wrapper that can switch to HTTP/2: the daemon serves no TLS, and so no
       ALPN that could ask for HTTP/2;
     - POST bodies are not parsed as forms (that costs every request; the two
-      upload routes parse their multipart bodies themselves);
+      upload routes parse their multipart bodies themselves, in a thread);
     - dispatch calls are not access-logged (see :meth:`log`);
     - accepted connections run with ``TCP_NODELAY``: SSE items are small
       writes spaced by the plugin's pace, and Nagle's algorithm would hold
       each one back until the previous one is acknowledged, which a peer
       delays by up to ~40 ms.
 
-    :param gate: the dispatch path's key, counter and resource; None serves
+    :param front_door: the checks made on every request head; None admits
+        every request as plain twisted.web does.
+    :param gate: the dispatch path's counter and resource; None serves
         every request through twisted.web.
     """
 
-    protocol = LeasableHTTPChannel
+    protocol = DaemonHTTPChannel
+    requestFactory = DaemonRequest
 
-    def __init__(self, resource, reactor=None, log_health: bool = True, gate: DispatchGate | None = None) -> None:
+    def __init__(
+        self,
+        resource,
+        reactor=None,
+        log_health: bool = True,
+        gate: DispatchGate | None = None,
+        front_door: FrontDoor | None = None,
+    ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
+        if gate is not None and front_door is None:
+            raise ValueError("the dispatch channel needs a front door")
         self.displayTracebacks = False
         self._log_health = log_health
         self._gate = gate
+        self._front_door = front_door
         self._dates = DateCache()
+
+    def date(self) -> bytes:
+        """The ``Date`` header's value now."""
+        return self._dates.at(self.reactor.seconds())
 
     def log(self, request) -> None:
         """
@@ -58,7 +80,8 @@ class DaemonSite(Site):
         if self._gate is None:
             return self.build_web_protocol(addr)
         channel = DispatchChannel(
-            self._gate, lambda: self.build_web_protocol(addr), self.reactor, self.timeOut, self._dates
+            self._front_door, self._gate, lambda: self.build_web_protocol(addr), self.reactor, self.timeOut,
+            self._dates,
         )
         channel.factory = self
         return channel
@@ -66,6 +89,7 @@ class DaemonSite(Site):
     def build_web_protocol(self, addr):
         """A twisted.web channel for one connection (or one lent request), with ``TCP_NODELAY``."""
         protocol = super().buildProtocol(addr)
+        protocol.front_door = self._front_door
         make_connection = protocol.makeConnection
 
         def with_no_delay(transport):

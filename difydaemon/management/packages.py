@@ -88,6 +88,16 @@ class PackageRegistry:
         """The package policy in force."""
         return self._policy
 
+    @property
+    def max_bundle_size(self) -> int:
+        """``MAX_BUNDLE_PACKAGE_SIZE``."""
+        return self._max_bundle_size
+
+    @property
+    def runner(self):
+        """Where this registry's blocking work runs."""
+        return self._runner
+
     async def upload(self, data: bytes, verify_signature: bool) -> dict:
         """
         Decode and check one package, then store it with its assets and its

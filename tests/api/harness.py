@@ -47,15 +47,18 @@ class DaemonHarness:
 
     :param test: the SynchronousTestCase using it (for successResultOf).
     :param storage: the object store (an empty MemoryObjectStorage when None).
+    :param runner: where blocking work runs (inline by default).
     """
 
-    def __init__(self, test, policy: PackagePolicy | None = None, storage=None) -> None:
+    def __init__(self, test, policy: PackagePolicy | None = None, storage=None, runner=None) -> None:
         self.test = test
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.persistence = MemoryPersistence(self.clock)
         self.storage = storage if storage is not None else MemoryObjectStorage()
-        self.packages = PackageRegistry(self.persistence, self.storage, policy or default_policy(), InlineRunner())
+        self.packages = PackageRegistry(
+            self.persistence, self.storage, policy or default_policy(), runner or InlineRunner()
+        )
         self.launcher = RecordingLauncher()
         self.installer = Installer(self.clock, self.persistence, self.storage, self.packages, self.launcher)
         api = ManagementAPI(self.packages, self.installer, self.persistence)

@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from difydaemon import tap
 from difydaemon.api import envelope, sse
+from difydaemon.api.admission import HEAD_TIMEOUT, MAX_REQUEST_LINE, BodyLimits, FrontDoor
 from difydaemon.api.dispatch_channel import (
     EAGER_READ_SIZE,
     FOREIGN,
@@ -71,13 +72,14 @@ class Connection:
     """
 
     def __init__(self, test, lean: bool = True, script: bool = True, timeout=None, root=None,
-                 **harness_options) -> None:
+                 limits: BodyLimits | None = None, **harness_options) -> None:
         self.daemon = DispatchHarness(test, **harness_options)
         if script:
             self.daemon.runtime.script(None, [("stream", TEXT_HI), ("stream", TEXT_HO), ("end", {})])
         self.counter = self.daemon.root._counter
-        gate = DispatchGate(KEY.encode(), self.counter, self.daemon.dispatch) if lean else None
-        self.site = DaemonSite(root or self.daemon.root, reactor=self.daemon.clock, gate=gate)
+        gate = DispatchGate(self.counter, self.daemon.dispatch) if lean else None
+        self.site = DaemonSite(root or self.daemon.root, reactor=self.daemon.clock, gate=gate,
+                               front_door=FrontDoor(KEY.encode(), limits or BodyLimits()))
         if timeout is not None:
             self.site.timeOut = timeout
         self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -111,6 +113,15 @@ def exchange(test, data: bytes, lean: bool, **options) -> tuple[bytes, bool]:
     return without_date(connection.send(data)), connection.transport.disconnecting
 
 
+def assert_every_cut(test, data: bytes, expected: tuple[bytes, bool], **options) -> None:
+    """``data`` cut in two at every offset gets ``expected`` (as :func:`exchange` gives it)."""
+    for offset in range(1, len(data)):
+        connection = Connection(test, **options)
+        connection.send(data[:offset])
+        raw = connection.send(data[offset:])
+        test.assertEqual((without_date(raw), connection.transport.disconnecting), expected, offset)
+
+
 # -- framing ---------------------------------------------------------------------------
 
 
@@ -132,9 +143,25 @@ class ParseHeadTests(SynchronousTestCase):
         self.assertTrue(head.persistent)
 
     def test_percent_decoding_and_query(self):
-        """Segments are percent-decoded and the query string dropped, as twisted.web routes them."""
-        head = parse_head(b"POST /%70lugin/t%2F1/dispatch/tool/invoke?x=1 HTTP/1.1\r\nA: b")
-        self.assertEqual(head.postpath, [b"t/1", b"dispatch", b"tool", b"invoke"])
+        """The route is read on the canonical target: the path decoded once, then split, the query dropped."""
+        head = parse_head(b"POST /%70lugin/t/dispatch/tool/invoke?x=1 HTTP/1.1\r\nA: b")
+        self.assertEqual(head.postpath, [b"t", b"dispatch", b"tool", b"invoke"])
+        self.assertEqual(head.target.query, b"x=1")
+        # an encoded slash is a slash, as in gin: this is tenant "plugin"'s dispatch route
+        head = parse_head(b"POST /plugin%2Ft/dispatch/tool/invoke HTTP/1.1")
+        self.assertEqual(head.postpath, [b"t", b"dispatch", b"tool", b"invoke"])
+        # so a tenant cannot hold one; and what decoding gives is not decoded again
+        self.assertFalse(parse_head(b"POST /plugin/t%2F1/dispatch/tool/invoke HTTP/1.1").dispatch)
+        self.assertEqual(parse_head(b"POST /plugin/t%252F1/dispatch/x HTTP/1.1").postpath, [b"t%2F1", b"dispatch", b"x"])
+
+    def test_refused_targets_are_lent(self):
+        """Dispatch-looking targets the daemon does not route are lent, for twisted.web's front door to refuse."""
+        for target in (b"//plugin/t/dispatch/x", b"/plugin//t/dispatch/x", b"/plugin/./t/dispatch/x",
+                       b"/a/../plugin/t/dispatch/x", b"/plugin/t/%2e%2e/t/dispatch/x", b"/plugin/t%00/dispatch/x",
+                       b"/plugin/%zz/dispatch/x"):
+            head = parse_head(b"POST " + target + b" HTTP/1.1")
+            self.assertFalse(head.dispatch, target)
+            self.assertIsNone(head.target, target)
 
     def test_values_stripped_and_repeated_names_kept(self):
         """Values lose surrounding blanks; a repeated name keeps every value in order."""
@@ -237,6 +264,14 @@ class SplitRequestTests(SynchronousTestCase):
         self.assertEqual((body, rest), (BODY, b"GET /"))
         self.assertIsInstance(split_request(data[:-1]), Incomplete)
 
+    def test_long_request_line_is_foreign(self):
+        """A request line over MAX_REQUEST_LINE is twisted.web's (414) as soon as it is known, ended or not."""
+        start = b"GET /e/"
+        self.assertIsInstance(split_request(start + b"a" * (MAX_REQUEST_LINE - len(start))), Incomplete)
+        self.assertIs(split_request(start + b"a" * MAX_REQUEST_LINE), FOREIGN)
+        self.assertIs(split_request(start + b"a" * MAX_REQUEST_LINE + b" HTTP/1.1\r\nA: b"), FOREIGN)
+        self.assertIs(split_request(start + b"a" * MAX_REQUEST_LINE + b" HTTP/1.1\r\n\r\n"), FOREIGN)
+
     def test_oversize_head_is_foreign(self):
         """A head longer than twisted.web's header limit is foreign before it ends, so buffering is bounded."""
         start = b"POST " + PATH.encode() + b" HTTP/1.1\r\nX-Big: "
@@ -288,12 +323,55 @@ class SameBytesAsTwistedWebTests(SynchronousTestCase):
         "management call closing, then ignored bytes": b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n" + post(),
         "management call, then a chunked one": b"GET /a HTTP/1.1\r\n\r\n" + b"POST /b HTTP/1.1\r\n"
         + b"Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n" + post(),
+        # the front door
+        "wrong key, then a request": post(key=b"wrong") + post(),
+        "encoded slash, no key": post(path=f"/plugin%2F{TENANT}/dispatch/tool/invoke", key=b""),
+        "encoded slash, key": post(path=f"/plugin%2f{TENANT}/dispatch/tool/invoke"),
+        "double slash": post(path=f"//plugin/{TENANT}/dispatch/tool/invoke"),
+        "dot segment": post(path=f"/plugin/{TENANT}/./dispatch/tool/invoke"),
+        "double encoding": post(path=f"/plugin%252F{TENANT}/dispatch/tool/invoke"),
+        "malformed escape": post(path=f"/plugin/{TENANT}/dispatch/tool/invoke%"),
+        "dispatch body over bound": post(body=b"").replace(b"Content-Length: 0", b"Content-Length: %d" % (2**31)),
+        "management body over bound": b"POST /plugin/" + TENANT.encode() + b"/management/uninstall HTTP/1.1\r\n"
+        + b"X-Api-Key: " + KEY.encode() + b"\r\nContent-Length: 2000000\r\n\r\n{",
+        "request line too long": b"GET /e/" + b"a" * MAX_REQUEST_LINE + b" HTTP/1.1\r\n\r\n" + post(),
+        "too many headers": b"GET /a HTTP/1.1\r\n" + b"A: b\r\n" * 501 + b"\r\n" + post(),
+        "HEAD on health": b"HEAD /health/check HTTP/1.1\r\n\r\n" + post(),
+        "POST on health": b"POST /health/check HTTP/1.1\r\nContent-Length: 0\r\n\r\n" + post(),
     }
 
     def test_same_bytes(self):
         """Every case gets the same response bytes and the same closing as from twisted.web."""
         for name, data in self.cases.items():
             self.assertEqual(exchange(self, data, lean=True), exchange(self, data, lean=False), name)
+
+    def test_front_door_answers(self):
+        """The front door's cases answer what they should, and every refusal closes the connection."""
+        expected = {
+            "wrong key, then a request": (b"HTTP/1.1 401 Unauthorized", 1),
+            "encoded slash, no key": (b"HTTP/1.1 401 Unauthorized", 1),
+            "encoded slash, key": (b"HTTP/1.1 200 OK", 0),
+            "double slash": (b"HTTP/1.1 404 Not Found", 1),
+            "dot segment": (b"HTTP/1.1 404 Not Found", 1),
+            "double encoding": (b"HTTP/1.1 404 Not Found", 0),
+            "malformed escape": (b"HTTP/1.1 400 Bad Request", 1),
+            "dispatch body over bound": (b"HTTP/1.1 413 Request Entity Too Large", 1),
+            "management body over bound": (b"HTTP/1.1 413 Request Entity Too Large", 1),
+            "request line too long": (b"HTTP/1.1 414 Request-URI Too Long", 1),
+            "too many headers": (b"HTTP/1.1 431 Request Header Fields Too Large", 1),
+            "HEAD on health": (b"HTTP/1.1 404 Not Found", 0),
+            "POST on health": (b"HTTP/1.1 404 Not Found", 0),
+        }
+        for name, (status, closes) in expected.items():
+            raw, closed = exchange(self, self.cases[name], lean=True)
+            self.assertTrue(raw.startswith(status + b"\r\n"), (name, raw[:80]))
+            self.assertEqual(closed, bool(closes), name)
+            if closes:
+                self.assertEqual(raw.count(b"HTTP/1.1 "), 1, name)
+                self.assertIn(b"\r\nConnection: close\r\n", raw, name)
+            elif name != "double encoding":
+                # the dispatch call (or the next one) on the connection is served
+                self.assertIn(ITEMS, raw, name)
 
     def test_stream_response(self):
         """A stream is a chunked text/event-stream with TwistedWeb's Server and the reactor's Date."""
@@ -334,11 +412,7 @@ class SplitDeliveryTests(SynchronousTestCase):
         expected = exchange(self, data, lean=True)
         self.assertTrue(expected[1])
         self.assertEqual(expected[0].count(b"HTTP/1.1 200 OK"), 2)
-        for offset in range(1, len(data)):
-            connection = Connection(self)
-            connection.send(data[:offset])
-            raw = connection.send(data[offset:])
-            self.assertEqual((without_date(raw), connection.transport.disconnecting), expected, offset)
+        assert_every_cut(self, data, expected)
 
     def test_byte_at_a_time(self):
         """A request sent one byte at a time is served once, when its last byte arrives."""
@@ -551,11 +625,7 @@ class LendingTests(SynchronousTestCase):
         data = post(path="/nowhere").replace(b"POST", b"PUT") + post(extra=b"Connection: close\r\n")
         expected = exchange(self, data, lean=True)
         self.assertEqual(expected, exchange(self, data, lean=False))
-        for offset in range(1, len(data)):
-            connection = Connection(self)
-            connection.send(data[:offset])
-            raw = connection.send(data[offset:])
-            self.assertEqual((without_date(raw), connection.transport.disconnecting), expected, offset)
+        assert_every_cut(self, data, expected)
 
     def test_lent_channel_closes(self):
         """A lent request that closes the connection leaves the channel closing, and not a producer."""
@@ -564,6 +634,114 @@ class LendingTests(SynchronousTestCase):
         self.assertTrue(connection.transport.disconnecting)
         self.assertIsNone(connection.transport.producer)
         self.assertEqual(connection.send(post()).count(b"HTTP/1.1 "), 1)
+
+
+class FrontDoorTests(SynchronousTestCase):
+    """The channel checks a dispatch request's head before reading its body."""
+
+    def head_of(self, data: bytes) -> bytes:
+        return data[:data.index(b"\r\n\r\n") + 4]
+
+    def test_key_refused_at_head(self):
+        """A wrong key is answered as soon as the head is read; the body that follows is never read."""
+        for key in (b"", b"wrong"):
+            connection = Connection(self)
+            data = post(key=key, body=b"x" * 100_000)
+            raw = connection.send(self.head_of(data))
+            self.assertTrue(raw.startswith(b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n"), raw)
+            self.assertTrue(connection.transport.disconnecting)
+            self.assertFalse(connection.handed_over)
+            connection.send(data[len(self.head_of(data)):] + post())
+            self.assertEqual(connection.transport.value(), raw)
+            self.assertEqual(connection.protocol._parts, [])
+            self.assertEqual(connection.daemon.runtime.requests, [])
+            self.assertEqual((connection.counter.active, connection.counter.active_dispatch), (0, 0))
+
+    def test_refusal_cut_anywhere(self):
+        """A refused dispatch request gets the same answer whatever the cuts."""
+        data = post(key=b"wrong")
+        expected = exchange(self, data, lean=True)
+        assert_every_cut(self, data, expected)
+
+    def test_body_bound_at_head(self):
+        """A declared body over the dispatch bound is refused by the channel itself, before the body."""
+        connection = Connection(self, limits=BodyLimits(dispatch=10))
+        raw = connection.send(self.head_of(post()))
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\nConnection: close\r\n"), raw)
+        self.assertFalse(connection.handed_over)
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertEqual(connection.daemon.runtime.requests, [])
+        connection = Connection(self, limits=BodyLimits(dispatch=len(BODY)))
+        self.assertIn(ITEMS, connection.send(post()))
+
+    def test_refused_client_aborted(self):
+        """A refused client that does not let the connection close is aborted."""
+        connection = Connection(self)
+        connection.send(post(key=b"wrong"))
+        connection.clock.advance(connection.protocol.abort_timeout)
+        self.assertTrue(connection.transport.disconnected)
+
+
+class HeadDeadlineTests(SynchronousTestCase):
+    """A head must be whole within HEAD_TIMEOUT of its first byte, on the dispatch channel too."""
+
+    def test_trickled_head_times_out(self):
+        """A byte a second keeps nothing open: at HEAD_TIMEOUT the answer is 408, then the connection closes."""
+        connection = Connection(self, timeout=60)
+        data = post()
+        for offset in range(int(HEAD_TIMEOUT) - 1):
+            connection.send(data[offset:offset + 1])
+            connection.clock.advance(1)
+        self.assertFalse(connection.transport.disconnecting)
+        connection.clock.advance(1)
+        raw = connection.transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 408 Request Time-out\r\nConnection: close\r\n"), raw)
+        self.assertTrue(connection.transport.disconnecting)
+        connection.clock.advance(connection.protocol.abort_timeout)
+        self.assertTrue(connection.transport.disconnected)
+        self.assertEqual(connection.daemon.runtime.requests, [])
+
+    def test_head_within_deadline(self):
+        """Heads that take a little under the deadline are served, one after another, and leave no deadline."""
+        connection = Connection(self, timeout=60)
+        for count in range(1, 4):
+            connection.send(post()[:10])
+            connection.clock.advance(HEAD_TIMEOUT - 1)
+            connection.send(post()[10:])
+            self.assertEqual(len(connection.daemon.runtime.requests), count)
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertIsNone(connection.protocol._head_call)
+
+    def test_no_deadline_while_answering(self):
+        """Bytes pipelined behind a request being answered start no deadline until that answer is done."""
+        connection = Connection(self, script=False, timeout=600)
+        runtime = connection.daemon.runtime
+        connection.send(post() + post()[:10])
+        connection.clock.advance(HEAD_TIMEOUT * 3)
+        self.assertFalse(connection.transport.disconnecting)
+        runtime.end(runtime.last_session_id)
+        connection.clock.advance(HEAD_TIMEOUT)
+        self.assertTrue(connection.transport.value().split(b"0\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 408 "))
+
+    def test_body_bytes_are_activity(self):
+        """Once the head is whole, a slow body is only bounded by the idle timeout."""
+        connection = Connection(self, timeout=60)
+        data = post()
+        body_start = data.index(b"\r\n\r\n") + 4
+        connection.send(data[:body_start])
+        for offset in range(body_start, len(data)):
+            connection.clock.advance(30)
+            connection.send(data[offset:offset + 1])
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertEqual(len(connection.daemon.runtime.requests), 1)
+
+    def test_idle_timer_not_reset_by_head_bytes(self):
+        """With an idle timeout shorter than the deadline, trickled head bytes do not keep the connection."""
+        connection = Connection(self, timeout=3)
+        for offset in range(5):
+            connection.send(post()[offset:offset + 1])
+            connection.clock.advance(1)
+        self.assertTrue(connection.transport.disconnecting)
 
 
 class HandOverTests(SynchronousTestCase):
@@ -583,11 +761,7 @@ class HandOverTests(SynchronousTestCase):
         """A head cut anywhere reaches twisted.web whole once it is known to be foreign."""
         data = b"GET /nowhere HTTP/1.1\r\nX-Api-Key: " + KEY.encode() + b"\r\nExpect: 100-continue\r\n\r\n"
         expected = exchange(self, data, lean=False)
-        for offset in range(1, len(data)):
-            connection = Connection(self)
-            connection.send(data[:offset])
-            self.assertEqual((without_date(connection.send(data[offset:])), connection.transport.disconnecting),
-                             expected, offset)
+        assert_every_cut(self, data, expected)
 
     def test_bad_request_is_400(self):
         """A malformed head is twisted.web's 400, and the connection closes."""
@@ -595,15 +769,16 @@ class HandOverTests(SynchronousTestCase):
         self.assertEqual(raw, b"HTTP/1.1 400 Bad Request\r\n\r\n")
         self.assertTrue(closed)
 
-    def test_oversize_head_is_400(self):
-        """Endless headers stop being buffered here and get twisted.web's 400."""
+    def test_oversize_head_is_431(self):
+        """Endless headers stop being buffered here and get the front door's 431, and the connection closes."""
         connection = Connection(self)
         connection.send(b"POST " + PATH.encode() + b" HTTP/1.1\r\n")
         for _ in range(MAX_HEAD_SIZE // 1000 + 1):
             connection.send(b"X-Filler: " + b"a" * 1000 + b"\r\n")
         self.assertTrue(connection.handed_over)
         self.assertEqual(connection.protocol._parts, [])
-        self.assertEqual(connection.transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(connection.transport.value().startswith(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"))
         self.assertTrue(connection.transport.disconnecting)
 
     def test_disconnect_reaches_twisted_web(self):
@@ -711,7 +886,8 @@ class FailureTests(SynchronousTestCase):
                 raise ZeroDivisionError("bug")
 
         clock = MemoryReactorClock()
-        site = DaemonSite(None, reactor=clock, gate=DispatchGate(KEY.encode(), RequestCounter(), Broken()))
+        site = DaemonSite(None, reactor=clock, gate=DispatchGate(RequestCounter(), Broken()),
+                          front_door=FrontDoor(KEY.encode()))
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -731,8 +907,8 @@ class FailureTests(SynchronousTestCase):
                 request.setHeader(b"content-type", b"application/json; charset=utf-8")
                 return envelope.ROUTE_NOT_FOUND
 
-        site = DaemonSite(None, reactor=MemoryReactorClock(),
-                          gate=DispatchGate(KEY.encode(), RequestCounter(), Fixed()))
+        site = DaemonSite(None, reactor=MemoryReactorClock(), gate=DispatchGate(RequestCounter(), Fixed()),
+                          front_door=FrontDoor(KEY.encode()))
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -750,13 +926,14 @@ class IdleTimeoutTests(SynchronousTestCase):
         return Connection(self, script=False, timeout=100)
 
     def test_idle_connection_closed(self):
-        """No bytes for timeOut seconds closes the connection, and aborts it if it lingers."""
+        """No request for timeOut seconds after the last answer closes the connection, and aborts it if it lingers."""
         connection = self.make()
         connection.clock.advance(60)
-        connection.protocol.dataReceived(b"POST ")
-        connection.clock.advance(60)
+        connection.send(post())
+        connection.daemon.runtime.end(connection.daemon.runtime.last_session_id)
+        connection.clock.advance(99)
         self.assertFalse(connection.transport.disconnecting)
-        connection.clock.advance(40)
+        connection.clock.advance(1)
         self.assertTrue(connection.transport.disconnecting)
         connection.clock.advance(connection.protocol.abort_timeout)
         self.assertTrue(connection.transport.disconnected)

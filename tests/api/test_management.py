@@ -56,6 +56,34 @@ class AuthAndRoutingTests(SynchronousTestCase):
         self.assertEqual(response.code, 404)
         self.assertEqual(orjson.loads(body)["code"], "not_found")
 
+    def test_wrong_method_on_health_is_404(self):
+        """/health/check with another method is the 404 body of unknown routes, not twisted.web's 405 page."""
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            response, body = self.daemon.request(method, "/health/check", key=None)
+            self.assertEqual(response.code, 404, method)
+            self.assertEqual(orjson.loads(body), {"code": "not_found", "message": "route not found"})
+
+    def test_head_is_404(self):
+        """HEAD is no GET, as in Go: on /health/check and on a GET management route it is 404."""
+        for path in ("/health/check", f"/plugin/{TENANT}/management/list?page=1&page_size=10"):
+            response, _ = self.daemon.request("HEAD", path)
+            self.assertEqual(response.code, 404, path)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json; charset=utf-8"])
+
+    def test_path_tricks_without_the_channel(self):
+        """On a plain twisted.web site the root routes on the same canonical target, key check included."""
+        listing = f"/plugin/{TENANT}/management/list?page=1&page_size=10"
+        for path, key, status in (
+            ("/" + listing, None, 404),
+            ("/" + listing, "test-server-key", 404),
+            (listing.replace("/plugin/", "/plugin%2F"), None, 401),
+            (listing.replace("/plugin/", "/./plugin/"), None, 404),
+            (listing.replace("/plugin/", "/%70lugin/"), None, 401),
+        ):
+            response, body = self.daemon.request("GET", path, key=key)
+            self.assertEqual(response.code, status, (path, key, body))
+        self.assertEqual(self.daemon.ok("GET", listing.replace("/plugin/", "/%70lugin%2F")), {"list": [], "total": 0})
+
     def test_health_check_shape(self):
         """/health/check answers the raw JSON shape of §2.1 without a key."""
         response, body = self.daemon.request("GET", "/health/check", key=None)
@@ -106,6 +134,40 @@ class UploadTests(SynchronousTestCase):
         self.assertEqual(data["manifest"]["name"], "echo")
         self.assertRegex(data["manifest"]["icon"], r"^[0-9a-f]{64}\.svg$")
         self.assertFalse(data["manifest"]["verified"])
+
+    def test_form_read_through_the_runner(self):
+        """The multipart body is read by the runner (a thread pool in the daemon), not on the reactor."""
+        from difydaemon.blocking import InlineRunner
+
+        class Recording(InlineRunner):
+            def __init__(self):
+                self.functions = []
+
+            def run(self, function, *args, **kwargs):
+                self.functions.append(function.__name__)
+                return super().run(function, *args, **kwargs)
+
+        runner = Recording()
+        daemon = DaemonHarness(self, runner=runner)
+        self.assertEqual(daemon.upload(echo_package())["code"], 0)
+        self.assertEqual(runner.functions[0], "read_form")
+
+    def test_file_part_over_the_limit(self):
+        """A file part over MAX_PLUGIN_PACKAGE_SIZE is Go's -400 "file size exceeds the maximum limit"."""
+        package = echo_package()
+        daemon = DaemonHarness(self, default_policy(max_size=len(package) - 1))
+        env = daemon.upload(package)
+        self.assertEqual(env["code"], -400)
+        self.assertEqual(error_of(env)["message"], "file size exceeds the maximum limit")
+
+    def test_not_multipart_is_400(self):
+        """An upload that is not multipart/form-data is a binding failure, HTTP 400."""
+        response, body = self.daemon.request(
+            "POST", f"/plugin/{TENANT}/management/install/upload/package", data=b"{}",
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertEqual(response.code, 400)
+        self.assertEqual(error_of(orjson.loads(body))["message"], "request is not multipart/form-data")
 
     def test_uploaded_icon_is_served(self):
         """The icon asset id from the manifest is served raw by /asset/."""

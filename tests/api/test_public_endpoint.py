@@ -510,6 +510,8 @@ class WiringTests(SynchronousTestCase):
 
         request = DummyRequest([b"hook", b"x"])
         request.prepath = [name]
+        # the root routes on the canonical form of the request's target
+        request.uri = b"/" + name + b"/hook/x"
         return service.site.resource.getChildWithDefault(name, request)
 
     def test_enabled_by_default(self):
