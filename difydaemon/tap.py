@@ -266,18 +266,17 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     backwards = _backwards(reactor, config, persistence, inner_api)
     endpoints = Endpoints(reactor, persistence, inner_api)
     management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints, runner=blocking)
+    # as long as one start may take before it fails by itself, and well
+    # under Dify's 600 s: the caller then reads why, not a timeout
+    runtime_wait = (
+        config.local_runtime.python_env_init_timeout_seconds if runtimes.factory is not None else REMOTE_RUNTIME_WAIT
+    )
     dispatch = DispatchResource(
         reactor,
         installations,
         runtimes,
         max_execution_timeout=config.max_execution_timeout_seconds,
-        # as long as one start may take before it fails by itself, and well
-        # under Dify's 600 s: the caller then reads why, not a timeout
-        runtime_wait=(
-            config.local_runtime.python_env_init_timeout_seconds
-            if runtimes.factory is not None
-            else REMOTE_RUNTIME_WAIT
-        ),
+        runtime_wait=runtime_wait,
         backwards=backwards,
     )
     public_endpoints = None
@@ -290,6 +289,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
             endpoints,
             backwards=backwards,
             max_execution_timeout=config.max_execution_timeout_seconds,
+            runtime_wait=runtime_wait,
         )
     root = RootResource(
         config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints

@@ -312,8 +312,8 @@ class EndpointResource(Resource):
     :param max_execution_timeout: ``PLUGIN_MAX_EXECUTION_TIMEOUT``, for
         runtimes that do not time sessions out themselves.
     :param runtime_wait: seconds to wait for a runtime that is missing or
-        not ready (a plugin still starting).
-    :param runtime_retry: seconds between two looks at the runtime.
+        not ready (a plugin still starting, restarting or retried after a
+        failure: the registry's ``when_ready`` does the waiting).
     """
 
     isLeaf = True
@@ -328,7 +328,6 @@ class EndpointResource(Resource):
         backwards=None,
         max_execution_timeout: float | None = 600.0,
         runtime_wait: float = 6.0,
-        runtime_retry: float = 0.3,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -338,8 +337,7 @@ class EndpointResource(Resource):
         self._endpoints = endpoints
         self._backwards = backwards
         self._max_execution_timeout = max_execution_timeout
-        self._runtime_retry = runtime_retry
-        self._retries = max(0, int(round(runtime_wait / runtime_retry))) if runtime_retry > 0 else 0
+        self.runtime_wait = runtime_wait
 
     def render(self, request):
         """Check the route, then serve the call asynchronously."""
@@ -375,19 +373,24 @@ class EndpointResource(Resource):
         return NOT_DONE_YET
 
     def _bug(self, failure, relay: EndpointRelay) -> None:
-        log.failure("endpoint call failed", failure)
+        if isinstance(failure.value, errors.DaemonError):
+            # the database gone, say: the caller reads why, and it is no bug of ours
+            log.warn("endpoint call failed: {reason}", reason=failure.value.message)
+            body = envelope.from_exception(failure.value)
+        else:
+            log.failure("endpoint call failed", failure)
+            body = _INTERNAL_ERROR
         try:
-            relay.refuse(500, _INTERNAL_ERROR)
+            relay.refuse(500, body)
         except RuntimeError:
             pass  # the client has gone: nobody to answer
 
-    async def _runtime(self, relay: EndpointRelay, identifier: str):
-        for _ in range(self._retries):
-            runtime = self._registry.get(identifier)
-            if (runtime is not None and runtime.is_ready()) or relay.closed:
-                return runtime
-            await _sleep(self._reactor, self._runtime_retry)
-        return self._registry.get(identifier)
+    async def _runtime(self, identifier: str):
+        """The identifier's ready runtime, or the reason there is none (a DaemonError)."""
+        runtime = self._registry.get(identifier)
+        if runtime is not None and runtime.is_ready():
+            return runtime
+        return await self._registry.when_ready(identifier, self.runtime_wait)
 
     async def _serve(self, relay: EndpointRelay, hook_id: str, incoming: IncomingRequest) -> None:
         endpoint = await self._persistence.get_endpoint_by_hook_id(hook_id)
@@ -407,11 +410,17 @@ class EndpointResource(Resource):
             relay.refuse(404, _DISABLED)
             return
         raw = raw_http_request(incoming, endpoint.hook_id)
-        runtime = await self._runtime(relay, identifier)
-        if relay.closed:
+        try:
+            runtime = await self._runtime(identifier)
+        except errors.DaemonError as exc:
+            if not relay.closed:
+                if self._registry.get(identifier) is None:
+                    # no runtime at all: Go's 404, with the reason
+                    relay.refuse(404, envelope.from_exception(errors.PluginNotFoundError(exc.message)))
+                else:
+                    relay.refuse(500, envelope.from_exception(exc))
             return
-        if runtime is None:
-            relay.refuse(404, _PLUGIN_NOT_FOUND)
+        if relay.closed:
             return
         declaration = await self._endpoints.declaration(identifier)
         group = endpoint_group(declaration)
@@ -458,8 +467,3 @@ class EndpointResource(Resource):
             log.debug("cannot open a session of {identifier}: {reason}", identifier=identifier, reason=exc.message)
             relay.refuse(500, _internal(exc.message or NO_RUNTIME_MESSAGE))
 
-
-def _sleep(reactor, seconds: float) -> Deferred:
-    d = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d

@@ -55,7 +55,6 @@ class EndpointHarness(DaemonHarness):
             backwards=backwards,
             max_execution_timeout=EXECUTION_TIMEOUT,
             runtime_wait=runtime_wait,
-            runtime_retry=0.5,
         )
         api = ManagementAPI(self.packages, self.installer, self.persistence, endpoints=self.endpoints)
         health = HealthResource(

@@ -11,6 +11,7 @@ import binascii
 
 import orjson
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -18,6 +19,7 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from difydaemon.api.endpoint import EndpointRelay, parse_chunk, unhex, ChunkError
+from difydaemon.errors import DatabaseUnavailableError
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.session import MalformedInvokeError, parse_invoke
 from difydaemon.testing.cases import SynchronousTestCase
@@ -304,7 +306,7 @@ class FailureTests(EndpointCase):
             self.assertEqual(orjson.loads(body), {"code": "not_found", "message": "route not found"})
 
     def test_no_runtime(self):
-        """When no runtime appears within the wait, the call is 404 PluginNotFoundError."""
+        """When no runtime appears within the wait, the call is 404 PluginNotFoundError saying why."""
         self.daemon.registry.unregister(self.runtime)
         d = self.daemon.send("GET", f"/e/{self.hook}/x")
         self.assertNoResult(d)
@@ -313,8 +315,20 @@ class FailureTests(EndpointCase):
         self.daemon.wait(3)
         response, body = self.daemon._finish(d)
         self.assertEqual(response.code, 404)
-        self.assertEqual(self.envelope_error(body), (-404, {
-            "message": "plugin not found", "error_type": "PluginNotFoundError", "args": None}))
+        code, error = self.envelope_error(body)
+        self.assertEqual((code, error["error_type"]), (-404, "PluginNotFoundError"))
+        self.assertTrue(error["message"].startswith("failed to get plugin runtime"), error)
+
+    def test_database_unavailable(self):
+        """A database outage answers a 500 envelope that says so, and logs no failure."""
+        self.daemon.persistence.get_endpoint_by_hook_id = lambda hook_id: fail(
+            DatabaseUnavailableError("cannot connect")
+        )
+        response, body = self.call()
+        self.assertEqual(response.code, 500)
+        code, error = self.envelope_error(body)
+        self.assertEqual((code, error["message"]), (-500, "database unavailable: cannot connect"))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_runtime_that_starts_meanwhile(self):
         """A runtime that becomes ready during the wait serves the call."""
@@ -335,7 +349,7 @@ class FailureTests(EndpointCase):
         self.daemon.wait(5)
         response, body = self.daemon._finish(d)
         self.assertEqual(response.code, 500)
-        self.assertEqual(self.envelope_error(body)[1]["message"], "failed to get plugin runtime")
+        self.assertTrue(self.envelope_error(body)[1]["message"].startswith("failed to get plugin runtime"), body)
 
     def test_decrypt_failure(self):
         """When Dify cannot decrypt the settings the call is 500 'failed to decrypt settings: ...'."""
