@@ -107,10 +107,24 @@ def decode_package(data: bytes, policy: PackagePolicy, verify_signature: bool = 
     declaration["verified"] = verification is not None
     if (policy.force_verify or verify_signature) and verification is None:
         raise SignatureError(BAD_SIGNATURE)
-    if policy.enforce_langgenius and author.lower() == "langgenius":
-        if verification is None or verification.authorized_category != "langgenius":
-            raise SignatureError(UNAUTHORIZED_LANGGENIUS)
     return DecodedPackage(identifier=identifier, declaration=declaration, verification=verification, files=files)
+
+
+def check_langgenius_authorship(decoded: DecodedPackage, policy: PackagePolicy) -> None:
+    """
+    ``ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES`` for a package embedded in a
+    bundle: author ``langgenius`` needs the langgenius signature.
+
+    Go HEAD applies it to bundles only (the single-upload check is commented
+    out, ``http-api.md`` §4.4), so a package built from the official public
+    source uploads on its own under ``FORCE_VERIFYING_SIGNATURE=false``.
+
+    :raises SignatureError: the package claims langgenius without its signature.
+    """
+    if not policy.enforce_langgenius or str(decoded.declaration.get("author", "")).lower() != "langgenius":
+        return
+    if decoded.verification is None or decoded.verification.authorized_category != "langgenius":
+        raise SignatureError(UNAUTHORIZED_LANGGENIUS)
 
 
 def readmes_of(files: PackageFiles) -> dict[str, str]:
@@ -148,7 +162,8 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
     in the wire shape of ``/install/upload/bundle``; ``package`` items also
     carry ``"decoded": DecodedPackage`` and ``"data"`` (the package bytes) for the caller to persist and then
     drop before answering.  Embedded packages get every check of
-    :func:`decode_package`, Langgenius-authorship enforcement included.
+    :func:`decode_package` and, unlike single uploads, the Langgenius-authorship
+    rule (:func:`check_langgenius_authorship`).
     """
     files = read_package(data, max_bundle_size)
     manifest = load_mapping(files, MANIFEST_FILE, "bundle manifest")
@@ -196,6 +211,7 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
             if asset is None:
                 raise MalformedPackageError(f"failed to fetch package from bundle: _assets/{path} not found")
             decoded = decode_package(asset, policy, verify_signature=verify_signature)
+            check_langgenius_authorship(decoded, policy)
             result.append({
                 "type": "package",
                 "value": {"unique_identifier": decoded.identifier.raw, "manifest": decoded.declaration},
