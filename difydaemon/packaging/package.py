@@ -23,9 +23,9 @@ from difydaemon.packaging.manifest import (
     check_tags,
     check_version,
     i18n,
-    load_mapping,
     require,
 )
+from difydaemon.packaging.plugin_yaml import PackageYaml, YamlLimits
 from difydaemon.packaging.signature import Verification, verify_package
 
 BAD_SIGNATURE = "plugin verification has been enabled, and the plugin you want to install has a bad signature"
@@ -50,12 +50,14 @@ class PackagePolicy:
     :ivar force_verify: ``FORCE_VERIFYING_SIGNATURE``.
     :ivar enforce_langgenius: ``ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES``.
     :ivar public_keys: every key that may verify a signature (official first).
+    :ivar yaml_limits: what the package's YAML may cost (depth, nodes, bytes).
     """
 
     max_size: int
     force_verify: bool
     enforce_langgenius: bool
     public_keys: tuple
+    yaml_limits: YamlLimits = YamlLimits()
 
 
 @frozen
@@ -75,8 +77,8 @@ class DecodedPackage:
     files: PackageFiles
 
 
-def _identity_fields(files: PackageFiles) -> tuple[str, str, str]:
-    manifest = load_mapping(files, MANIFEST_FILE, "manifest file")
+def _identity_fields(package: PackageYaml) -> tuple[str, str, str]:
+    manifest = package.mapping(MANIFEST_FILE, "manifest file")
     version = check_version(manifest.get("version"), "version")
     author = manifest.get("author")
     require(isinstance(author, str) and AUTHOR.fullmatch(author) is not None, "author",
@@ -97,11 +99,12 @@ def decode_package(data: bytes, policy: PackagePolicy, verify_signature: bool = 
     :raises difydaemon.errors.UniqueIdentifierError: no valid identifier.
     """
     files = read_package(data, policy.max_size)
-    author, name, version = _identity_fields(files)
+    package = PackageYaml(files, policy.yaml_limits)
+    author, name, version = _identity_fields(package)
     identifier = compose_identifier(author, name, version, package_checksum(files))
     if identifier.is_remote:
         raise InvalidManifestError("cannot set author to an UUID")
-    declaration = build_declaration(files)
+    declaration = build_declaration(files, package)
 
     verification = verify_package(files, policy.public_keys)
     declaration["verified"] = verification is not None
@@ -166,7 +169,7 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
     rule (:func:`check_langgenius_authorship`).
     """
     files = read_package(data, max_bundle_size)
-    manifest = load_mapping(files, MANIFEST_FILE, "bundle manifest")
+    manifest = PackageYaml(files, policy.yaml_limits).mapping(MANIFEST_FILE, "bundle manifest")
     require(manifest.get("type") == "bundle", "type", "must be 'bundle'")
     require(isinstance(manifest.get("name"), str) and manifest["name"] != "", "name", "is required")
     i18n(manifest.get("labels"), "labels")

@@ -7,6 +7,7 @@ import yaml
 from difydaemon.errors import (
     InvalidManifestError,
     MalformedPackageError,
+    PackageError,
     PackageTooLargeError,
     SignatureError,
     UnsafePackagePathError,
@@ -18,7 +19,18 @@ from difydaemon.packaging.signature import Verification, generate_key_pair, load
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.packages import build_package, echo_plugin_files
 
-from tests.packaging.fixtures import AGENT, OPENAI, UNSIGNED, fixture_bytes, policy
+from tests.packaging.fixtures import (
+    AGENT,
+    ALIAS_BOMB,
+    ARCH_MAPPING,
+    DEEP_MAPPING,
+    DEEP_SEQUENCE,
+    OPENAI,
+    SELF_ALIAS,
+    UNSIGNED,
+    fixture_bytes,
+    policy,
+)
 
 _KEYS = {}
 
@@ -118,6 +130,20 @@ class DecodePackageTests(SynchronousTestCase):
         ]
         for data, options, error in cases:
             self.assertRaises(error, decode_package, data, policy(**options))
+
+    def test_hostile_packages_refused(self):
+        """Each hostile fixture is a -400 package error saying why, not a TypeError or RecursionError."""
+        for name, words in (
+            (ARCH_MAPPING, "invalid manifest field meta.arch"),
+            (DEEP_SEQUENCE, "failed to unmarshal manifest file manifest.yaml"),
+            (DEEP_MAPPING, "nested deeper than"),
+            (ALIAS_BOMB, "excessive aliasing"),
+            (SELF_ALIAS, "contains an alias to itself"),
+        ):
+            with self.assertRaises(PackageError) as caught:
+                decode_package(fixture_bytes(name), policy())
+            self.assertEqual(caught.exception.code, -400)
+            self.assertIn(words, caught.exception.message, name)
 
     def test_name_length(self):
         """Names up to 128 characters are accepted; longer ones are refused naming the field."""
