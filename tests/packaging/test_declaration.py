@@ -127,6 +127,18 @@ class FixtureDeclarationTests(SynchronousTestCase):
                 self.assertIn(value, assets)
             self.assertEqual(get_path(declaration, references[0][0]), references[0][1])
 
+    def test_remap_copies_only_icon_paths(self):
+        """remap_icons leaves the declaration as it was and shares every part that holds no icon."""
+        files = fixture_files(OPENAI)
+        declaration = build_declaration(files)
+        before = json.dumps(declaration, sort_keys=True)
+        remapped, _ = remap_icons(declaration, files)
+        self.assertEqual(json.dumps(declaration, sort_keys=True), before)
+        self.assertIsNot(remapped["model"], declaration["model"])
+        self.assertIs(remapped["model"]["models"], declaration["model"]["models"])
+        self.assertIs(remapped["resource"], declaration["resource"])
+        self.assertNotEqual(remapped["model"]["icon_small"], declaration["model"]["icon_small"])
+
     def test_model_icon_references(self):
         """Model provider icons are referenced per language."""
         references = dict(icon_references(build_declaration(fixture_files(OPENAI))))
