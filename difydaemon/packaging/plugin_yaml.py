@@ -172,9 +172,22 @@ def _plain_key(key) -> str:
     return str(key).lower() if isinstance(key, bool) else str(key)
 
 
-def _finite(value, event):
-    if value.__class__ is float and (value != value or value in (float("inf"), float("-inf"))):
-        raise YamlRefused(f"non-finite number{_where(event)}")
+#: What a 64-bit integer (signed or not) holds; JSON encoders stop there.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _json_scalar(value, event):
+    """A scalar value as JSON can carry it: finite floats, 64-bit integers."""
+    kind = value.__class__
+    if kind is float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise YamlRefused(f"non-finite number{_where(event)}")
+    elif kind is int and not _INT_MIN <= value <= _INT_MAX:
+        # yaml.v3 reads an integer that fits no 64-bit type as a float.
+        try:
+            return _json_scalar(float(value), event)
+        except OverflowError:
+            raise YamlRefused(f"non-finite number{_where(event)}") from None
     return value
 
 
@@ -182,7 +195,8 @@ def plain(value):
     """
     Make a value built by PyYAML JSON-ready, as this module builds values:
     string keys (booleans lowercased), lists for sequences and sets, ISO
-    text for dates, base64 for binary, no NaN or infinity.
+    text for dates, base64 for binary, no NaN or infinity, integers beyond
+    64 bits as floats.
     """
     if isinstance(value, dict):
         return {_plain_key(key): plain(item) for key, item in value.items()}
@@ -192,8 +206,8 @@ def plain(value):
         return value.isoformat()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
-    if isinstance(value, float):
-        return _finite(value, None)
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        return _json_scalar(value, None)
     return value
 
 
@@ -386,15 +400,15 @@ class _Builder:
     def _add(self, value, height: int, event) -> None:
         stack = self._stack
         if not stack:
-            self.value = _finite(value, event)
+            self.value = _json_scalar(value, event)
             return
         parent = stack[-1]
         if height >= parent.height:
             parent.height = height
         if not parent.is_mapping:
-            parent.items.append(_finite(value, event))
+            parent.items.append(_json_scalar(value, event))
         elif parent.has_key:
-            parent.items.append((parent.key, _finite(value, event)))
+            parent.items.append((parent.key, _json_scalar(value, event)))
             parent.has_key = False
         else:
             if isinstance(value, (dict, list)):

@@ -167,6 +167,21 @@ class LoaderTests(SynchronousTestCase):
         for loader in LOADERS:
             self.assertEqual(parse(text, loader), expected)
 
+    def test_integers_beyond_64_bits(self):
+        """Integers no 64-bit type holds become floats, as yaml.v3 reads them, so that orjson can store them."""
+        import orjson
+
+        text = "u: 18446744073709551615\nbig: 18446744073709551616\nlow: -9223372036854775809\nkey:\n  99999999999999999999: k\n"
+        for loader in LOADERS:
+            value = parse(text, loader)
+            self.assertEqual(value, reference(text))
+            self.assertEqual(value["u"], 2**64 - 1)
+            self.assertEqual(value["big"], float(2**64))
+            self.assertIsInstance(value["low"], float)
+            self.assertEqual(value["key"], {"99999999999999999999": "k"})
+            orjson.dumps(value)
+        self.assertRaises(YamlRefused, parse, "a: 1" + "0" * 400 + "\n")
+
     def test_empty_and_scalar_documents(self):
         """An empty document is None and a top-level scalar is itself."""
         for loader in LOADERS:
