@@ -30,6 +30,7 @@ from difydaemon.invocation.inner_api import DifyInnerAPI
 from difydaemon.invocation.storage import PluginStorage
 from difydaemon.management.installer import Installer
 from difydaemon.management.packages import PackageRegistry, StoragePaths
+from difydaemon.packaging.isolation import ChildProcessDecoder
 from difydaemon.packaging.package import PackagePolicy
 from difydaemon.packaging.signature import load_public_key, official_public_key
 from difydaemon.management.debugging import DebuggingKeys
@@ -184,6 +185,8 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         media_cache_size=config.storage.plugin_media_cache_size,
         asset_cache_size=config.storage.plugin_asset_cache_size,
         max_bundle_size=config.packages.max_bundle_package_size,
+        # In a child process: no GIL of ours held while dispatch waits.
+        decoder=ChildProcessDecoder(),
     )
     installations = InstallationCache(reactor, persistence)
     runtimes = RuntimeRegistry(reactor, _local_factory(reactor, config, persistence, storage, paths, blocking))
@@ -238,6 +241,7 @@ def build_daemon(reactor, config: Config) -> DaemonService:
         reactor, persistence, installer, runtimes=runtimes, runners=[blocking], http_pools=[dify_pool]
     )
     service.backwards = backwards
+    service.packages = packages
     service.endpoints = endpoints
     #: the ``/e/`` resource, None when PLUGIN_ENDPOINT_ENABLED is false
     service.public_endpoints = public_endpoints

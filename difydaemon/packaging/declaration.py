@@ -494,12 +494,15 @@ def _check_kinds(declaration: dict) -> None:
             )
 
 
-def build_declaration(files: Mapping[str, bytes], package: PackageYaml | None = None) -> dict:
+def build_declaration(
+    files: Mapping[str, bytes], package: PackageYaml | None = None, manifest: dict | None = None
+) -> dict:
     """
     The PluginDeclaration (JSON-ready dict, ``verified`` false) of a package.
 
     :param package: the package's YAML with the budget it reads under (one
         for ``files`` alone by default).
+    :param manifest: ``manifest.yaml`` already read through ``package``.
     :raises InvalidManifestError: a rule is broken (names the field) or a
         referenced file is missing (names the file).
     :raises MalformedPackageError: a YAML file cannot be parsed or is over a
@@ -507,7 +510,8 @@ def build_declaration(files: Mapping[str, bytes], package: PackageYaml | None = 
     """
     if package is None:
         package = PackageYaml(files)
-    manifest = package.mapping(MANIFEST_FILE, "manifest file")
+    if manifest is None:
+        manifest = package.mapping(MANIFEST_FILE, "manifest file")
     declaration = normalise_manifest(manifest)
     plugins = declaration["plugins"]
     # Only one provider per kind is kept, the last one listed, as in Go.

@@ -77,8 +77,7 @@ class DecodedPackage:
     files: PackageFiles
 
 
-def _identity_fields(package: PackageYaml) -> tuple[str, str, str]:
-    manifest = package.mapping(MANIFEST_FILE, "manifest file")
+def _identity_fields(manifest: dict) -> tuple[str, str, str]:
     version = check_version(manifest.get("version"), "version")
     author = manifest.get("author")
     require(isinstance(author, str) and AUTHOR.fullmatch(author) is not None, "author",
@@ -100,11 +99,12 @@ def decode_package(data: bytes, policy: PackagePolicy, verify_signature: bool = 
     """
     files = read_package(data, policy.max_size)
     package = PackageYaml(files, policy.yaml_limits)
-    author, name, version = _identity_fields(package)
+    manifest = package.mapping(MANIFEST_FILE, "manifest file")
+    author, name, version = _identity_fields(manifest)
     identifier = compose_identifier(author, name, version, package_checksum(files))
     if identifier.is_remote:
         raise InvalidManifestError("cannot set author to an UUID")
-    declaration = build_declaration(files, package)
+    declaration = build_declaration(files, package, manifest)
 
     verification = verify_package(files, policy.public_keys)
     declaration["verified"] = verification is not None
@@ -163,8 +163,9 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
 
     Each item is ``{"type": "github"|"marketplace"|"package", "value": {...}}``
     in the wire shape of ``/install/upload/bundle``; ``package`` items also
-    carry ``"decoded": DecodedPackage`` and ``"data"`` (the package bytes) for the caller to persist and then
-    drop before answering.  Embedded packages get every check of
+    carry ``"decoded": DecodedPackage``, ``"data"`` (the package bytes) and
+    ``"asset"`` (its entry name) for the caller to persist and then drop
+    before answering.  Embedded packages get every check of
     :func:`decode_package` and, unlike single uploads, the Langgenius-authorship
     rule (:func:`check_langgenius_authorship`).
     """
@@ -220,6 +221,7 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
                 "value": {"unique_identifier": decoded.identifier.raw, "manifest": decoded.declaration},
                 "decoded": decoded,
                 "data": asset,
+                "asset": "_assets/" + path,
             })
         else:
             require(False, f"{field}.type", "must be github, marketplace or package")
