@@ -100,19 +100,8 @@ class Daemon:
 
     async def upload_install(self, package: bytes) -> str:
         """Upload and install one package; returns its identifier once the task succeeded."""
-        boundary = uuid.uuid4().hex
-        body = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"verify_signature\"\r\n\r\nfalse\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"dify_pkg\"; filename=\"dify_pkg\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode() + package + f"\r\n--{boundary}--\r\n".encode()
-        _, reply = await http_call(
-            "POST",
-            self.port,
-            f"/plugin/{TENANT}/management/install/upload/package",
-            body,
-            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-        )
+        body, headers = upload_form(package)
+        _, reply = await http_call("POST", self.port, f"/plugin/{TENANT}/management/install/upload/package", body, headers)
         identifier = json.loads(reply)["data"]["unique_identifier"]
         _, reply = await http_call(
             "POST",
@@ -140,6 +129,17 @@ class Daemon:
             self.process.kill()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def upload_form(package: bytes) -> tuple[bytes, dict]:
+    """The multipart body and headers of ``/install/upload/package`` for one package."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"verify_signature\"\r\n\r\nfalse\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"dify_pkg\"; filename=\"dify_pkg\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + package + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 async def http_call(method, port, path, body=b"", headers=None):
