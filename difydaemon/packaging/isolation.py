@@ -24,6 +24,7 @@ child's answer: the child is our code, run with the daemon's interpreter.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -125,11 +126,15 @@ class ChildProcessDecoder:
         return self._spare
 
     def _start(self) -> subprocess.Popen:
+        # The daemon's own import path, whatever put difydaemon on it
+        # (twistd adds the working directory, for one).
+        environ = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
         return subprocess.Popen(
             [self._python, "-m", child.__name__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=environ,
         )
 
     def _take(self) -> subprocess.Popen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import sys
 
 import orjson
 
@@ -147,8 +148,8 @@ class ChildProcessDecoderTests(DecoderContract, SynchronousTestCase):
         self.assertIn("took more than 0.05 seconds", caught.exception.message)
 
 
-class ChildFailureTests(SynchronousTestCase):
-    """How the parent reads children that misbehave (fake interpreters)."""
+class FakeChildTests(SynchronousTestCase):
+    """What the parent gives its children and how it reads those that misbehave (fake interpreters)."""
 
     def fake_python(self, script: str) -> ChildProcessDecoder:
         path = os.path.abspath(self.mktemp())
@@ -158,6 +159,15 @@ class ChildFailureTests(SynchronousTestCase):
         decoder = ChildProcessDecoder(python=path)
         self.addCleanup(decoder.close)
         return decoder
+
+    def test_child_imports_what_the_daemon_imports(self):
+        """The child's PYTHONPATH is the daemon's sys.path, so it finds the same difydaemon."""
+        decoder = self.fake_python(
+            """cat > /dev/null\nprintf '{"error": {"type": "SystemExit", "message": "%s"}}' "$PYTHONPATH"\n"""
+        )
+        with self.assertRaises(InternalServerError) as caught:
+            decoder.package(b"zip", policy(), False)
+        self.assertEqual(caught.exception.message.split(os.pathsep), [path for path in sys.path if path])
 
     def test_child_killed(self):
         """A child that dies without answering is a -400 naming its exit status."""
