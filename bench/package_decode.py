@@ -28,6 +28,8 @@ FIXTURES = os.path.join(REPO, "..", "shared", "fixtures")
 # Run in a fresh interpreter per package: imports, then the decodes.
 MEASURE = r"""
 import json, resource, sys, time
+import difydaemon
+assert difydaemon.__file__.startswith(sys.argv[3]), difydaemon.__file__
 from difydaemon.errors import DaemonError
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.packaging.signature import official_public_key
@@ -49,10 +51,11 @@ print(json.dumps({"outcome": outcome, "best": times[0], "median": times[len(time
 """
 
 
-def measure(path: str, repeats: int, source: str) -> dict:
+def measure(path: str, repeats: int, source: str, directory: str) -> dict:
     env = dict(os.environ, PYTHONPATH=source)
-    completed = subprocess.run([sys.executable, "-c", MEASURE, path, str(repeats)], env=env,
-                               capture_output=True, text=True, check=False)
+    # Away from the repository: "-c" puts the working directory first on sys.path.
+    completed = subprocess.run([sys.executable, "-c", MEASURE, os.path.abspath(path), str(repeats), source], env=env,
+                               cwd=directory, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         return {"outcome": f"CRASHED ({completed.returncode}): {completed.stderr.strip().splitlines()[-1:]}",
                 "best": float("nan"), "median": float("nan"), "baseline_kib": 0, "peak_kib": 0}
@@ -85,7 +88,7 @@ def main() -> None:
         if not args.no_hostile:
             paths += sorted(glob.glob(os.path.join(FIXTURES, "hostile", "*.difypkg")))
         for path in paths:
-            result = measure(path, args.repeats, source)
+            result = measure(path, args.repeats, source, directory)
             print(
                 f"{os.path.basename(path)}: best {result['best'] * 1e3:.0f} ms, median {result['median'] * 1e3:.0f} ms, "
                 f"peak RSS {result['peak_kib'] / 1024:.0f} MiB (after imports {result['baseline_kib'] / 1024:.0f} MiB): "
