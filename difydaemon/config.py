@@ -367,8 +367,9 @@ class PackageConfig:
     third_party_signature_verification_enabled: bool
     #: ``THIRD_PARTY_SIGNATURE_VERIFICATION_PUBLIC_KEYS``: PEM file paths.
     third_party_signature_verification_public_keys: tuple[str, ...]
-    #: ``ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES``: author langgenius must be
-    #: officially signed.
+    #: ``ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES``: a package inside a bundle
+    #: with author langgenius must be officially signed (single uploads are
+    #: not concerned, as in Go).
     enforce_langgenius_plugin_signatures: bool
 
 

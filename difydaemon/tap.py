@@ -31,6 +31,7 @@ from difydaemon.invocation.inner_api import DifyInnerAPI
 from difydaemon.invocation.storage import PluginStorage
 from difydaemon.management.installer import Installer
 from difydaemon.management.packages import PackageRegistry, StoragePaths
+from difydaemon.packaging.isolation import ChildProcessDecoder
 from difydaemon.packaging.package import PackagePolicy
 from difydaemon.packaging.signature import load_public_key, official_public_key
 from difydaemon.management.debugging import DebuggingKeys
@@ -225,6 +226,8 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         media_cache_size=config.storage.plugin_media_cache_size,
         asset_cache_size=config.storage.plugin_asset_cache_size,
         max_bundle_size=config.packages.max_bundle_package_size,
+        # In a child process: no GIL of ours held while dispatch waits.
+        decoder=ChildProcessDecoder(),
     )
     installations = InstallationCache(reactor, persistence)
     dify_pool = HTTPConnectionPool(reactor, persistent=True)
@@ -307,6 +310,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
 
     service.backwards = backwards
     service.dispatch = dispatch
+    service.packages = packages
     service.endpoints = endpoints
     #: the ``/e/`` resource, None when PLUGIN_ENDPOINT_ENABLED is false
     service.public_endpoints = public_endpoints

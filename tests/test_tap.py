@@ -24,6 +24,7 @@ from txpostgres import txpostgres
 
 from difydaemon import tap
 from difydaemon.errors import ConfigError
+from difydaemon.packaging.isolation import ChildProcessDecoder
 from difydaemon.persistence.postgres import quote_identifier
 from difydaemon.service import DaemonService
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
@@ -80,6 +81,14 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(fake.tcpServers[0][0], 5002)
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
         self.assertFalse(os.path.exists(os.path.join(workdir, "daemon.db")))
+
+    def test_packages_decoded_in_child_processes(self):
+        """The daemon decodes uploaded packages in child processes, none started while building."""
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environment(self.mktemp(), 5002))
+        self.assertIsInstance(service.packages.decoder, ChildProcessDecoder)
+        self.assertIsNone(service.packages.decoder.spare)
 
     def test_debug_listener_when_remote_installing_enabled(self):
         """With remote installing enabled the daemon also listens for debug plugins."""

@@ -114,14 +114,40 @@ def find_uv_or_none() -> str | None:
         return None
 
 
+def _on_disk(directory: str, name: str) -> bool:
+    try:
+        os.stat(os.path.join(directory, name))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as error:
+        raise CommandError(f"cannot read {name}: {error.strerror}") from None
+    return True
+
+
+def wants_exported_requirements(directory: str) -> bool:
+    """
+    Whether the package gets a ``requirements.txt`` made by ``uv export``:
+    none on disk, and both ``pyproject.toml`` and ``uv.lock`` on disk.
+
+    The files on disk decide, before any ignore rule, as in the Go packager
+    (``generatedFiles`` stats them directly): an ignored ``uv.lock`` still
+    yields requirements, and an ignored ``requirements.txt`` still prevents
+    them, since ``uv export`` reads the lock file from disk either way.
+    """
+    return (
+        not _on_disk(directory, "requirements.txt")
+        and _on_disk(directory, "pyproject.toml")
+        and _on_disk(directory, "uv.lock")
+    )
+
+
 def plugin_files(directory: str, uv: str | None = None) -> dict[str, bytes]:
     """
     :func:`source_files`, plus a ``requirements.txt`` from ``uv export`` when
-    the directory has ``pyproject.toml`` and ``uv.lock`` but no requirements
-    file and ``uv`` is given.
+    :func:`wants_exported_requirements` and ``uv`` is given.
     """
     files = source_files(directory)
-    if "requirements.txt" not in files and "pyproject.toml" in files and "uv.lock" in files:
+    if wants_exported_requirements(directory):
         exported = export_requirements(directory, uv)
         if exported is not None:
             files["requirements.txt"] = exported

@@ -12,12 +12,8 @@ from difydaemon.errors import BadRequestError, NotFoundError, ObjectNotFoundErro
 from difydaemon.management.lru import LRUCache
 from difydaemon.packaging.archive import read_package
 from difydaemon.packaging.identifier import parse_identifier
-from difydaemon.packaging.package import (
-    PackagePolicy,
-    decode_bundle,
-    decode_package,
-    readmes_of,
-)
+from difydaemon.packaging.isolation import InProcessDecoder
+from difydaemon.packaging.package import PackagePolicy, readmes_of
 from difydaemon.packaging.declaration import remap_icons
 
 log = Logger()
@@ -59,6 +55,9 @@ class PackageRegistry:
     :param policy: the :class:`PackagePolicy` (sizes, signature rules).
     :param runner: where blocking work runs (zip decoding and hashing).
     :param paths: the storage prefixes.
+    :param decoder: decodes packages and bundles, blocking (run through
+        ``runner``): a :class:`~difydaemon.packaging.isolation.ChildProcessDecoder`
+        in the daemon, in-process by default.
     :param media_cache_size: LRU entries for ``/asset/`` bytes.
     :param asset_cache_size: LRU entries for ``/extract-asset/`` bytes.
     """
@@ -73,6 +72,7 @@ class PackageRegistry:
         media_cache_size: int = 1024,
         asset_cache_size: int = 256,
         max_bundle_size: int = 629145600,
+        decoder=None,
     ) -> None:
         self._persistence = persistence
         self._storage = storage
@@ -82,6 +82,7 @@ class PackageRegistry:
         self._media = LRUCache(media_cache_size)
         self._extracted = LRUCache(asset_cache_size)
         self._max_bundle_size = max_bundle_size
+        self._decoder = decoder if decoder is not None else InProcessDecoder()
 
     @property
     def policy(self) -> PackagePolicy:
@@ -98,6 +99,11 @@ class PackageRegistry:
         """Where this registry's blocking work runs."""
         return self._runner
 
+    @property
+    def decoder(self):
+        """What decodes packages and bundles."""
+        return self._decoder
+
     async def upload(self, data: bytes, verify_signature: bool) -> dict:
         """
         Decode and check one package, then store it with its assets and its
@@ -106,7 +112,7 @@ class PackageRegistry:
         """
         if len(data) > self._policy.max_size:
             raise BadRequestError("file size exceeds the maximum limit")
-        decoded = await self._runner.run(decode_package, data, self._policy, verify_signature)
+        decoded = await self._runner.run(self._decoder.package, data, self._policy, verify_signature)
         declaration = await self._persist(decoded, data)
         return {
             "unique_identifier": decoded.identifier.raw,
@@ -122,7 +128,7 @@ class PackageRegistry:
         if len(data) > self._max_bundle_size:
             raise BadRequestError("file size exceeds the maximum limit")
         dependencies = await self._runner.run(
-            decode_bundle, data, self._policy, self._max_bundle_size, verify_signature
+            self._decoder.bundle, data, self._policy, self._max_bundle_size, verify_signature
         )
         stored: list[str] = []
         answer = []
@@ -210,7 +216,7 @@ class PackageRegistry:
         """
         parse_identifier(identifier)
         data = await self.package_bytes(identifier)
-        decoded = await self._runner.run(decode_package, data, self._unforced_policy(), False)
+        decoded = await self._runner.run(self._decoder.package, data, self._unforced_policy(), False)
         declaration = await self._persistence.get_declaration(identifier)
         if declaration is None:
             declaration = await self._persist(decoded, data)
@@ -227,6 +233,7 @@ class PackageRegistry:
             force_verify=False,
             enforce_langgenius=False,
             public_keys=self._policy.public_keys,
+            yaml_limits=self._policy.yaml_limits,
         )
 
     async def declaration(self, identifier: str) -> dict | None:

@@ -22,11 +22,10 @@ from difydaemon.packaging.manifest import (
     LANGUAGES,
     check_tags,
     i18n_lenient,
-    load_mapping,
-    load_yaml,
     normalise_manifest,
     require,
 )
+from difydaemon.packaging.plugin_yaml import PackageYaml
 
 ASSETS_DIR = "_assets/"
 MODEL_POSITION_TYPES = ("llm", "text_embedding", "tts", "speech2text", "moderation", "rerank")
@@ -113,12 +112,12 @@ def _provider_configs(value, field: str) -> list:
     return [dict(config) for config in value]
 
 
-def _children(files, provider: dict, key: str, kind: str) -> list[dict]:
+def _children(package: PackageYaml, provider: dict, key: str, kind: str) -> list[dict]:
     """The items a provider lists under ``key``: file paths or inline objects."""
     items = []
     for entry in _list(provider.get(key), f"{kind}.{key}"):
         if isinstance(entry, str):
-            items.append(load_mapping(files, entry, kind))
+            items.append(package.mapping(entry, kind))
         elif isinstance(entry, dict):
             items.append(entry)
     return items
@@ -194,8 +193,8 @@ def _parameters(value, field: str, defaults: dict) -> list[dict]:
 # one function per provider kind
 
 
-def _tool_provider(files, path: str, plugin: dict) -> dict:
-    raw = load_mapping(files, path, "tool file")
+def _tool_provider(package: PackageYaml, path: str, plugin: dict) -> dict:
+    raw = package.mapping(path, "tool file")
     provider = _without_extra(raw)
     for key in ("credentials_for_provider",):
         provider.pop(key, None)
@@ -206,7 +205,7 @@ def _tool_provider(files, path: str, plugin: dict) -> dict:
     provider["credentials_schema"] = _provider_configs(credentials, "tool.credentials_schema")
     provider["oauth_schema"] = raw.get("oauth_schema")
     tools = []
-    for index, tool in enumerate(_children(files, raw, "tools", "tool file")):
+    for index, tool in enumerate(_children(package, raw, "tools", "tool file")):
         field = f"tool.tools[{index}]"
         tool = _child_entry(tool, field)
         description = tool.get("description")
@@ -221,12 +220,12 @@ def _tool_provider(files, path: str, plugin: dict) -> dict:
     return provider
 
 
-def _endpoint_group(files, path: str) -> dict:
-    raw = load_mapping(files, path, "endpoint file")
+def _endpoint_group(package: PackageYaml, path: str) -> dict:
+    raw = package.mapping(path, "endpoint file")
     group = _without_extra(raw)
     group["settings"] = _provider_configs(raw.get("settings"), "endpoint.settings")
     endpoints = []
-    for endpoint in _children(files, raw, "endpoints", "endpoint file"):
+    for endpoint in _children(package, raw, "endpoints", "endpoint file"):
         endpoint = _without_extra(endpoint)
         endpoint.setdefault("hidden", False)
         endpoints.append(endpoint)
@@ -251,15 +250,36 @@ def _go_glob(pattern: str) -> re.Pattern:
             end = pattern.find("]", index + 2)
             if end == -1:
                 raise InvalidManifestError(f"invalid model file pattern: {pattern!r}")
-            body = pattern[index + 1 : end]
-            if body.startswith("^"):
-                body = "^/" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
+            out.append("[" + _go_class(pattern[index + 1 : end]) + "]")
             index = end
         else:
             out.append(re.escape(char))
         index += 1
-    return re.compile("".join(out))
+    try:
+        return re.compile("".join(out))
+    except re.error as error:
+        # A range whose ends are reversed ("[z-a]") and the like.
+        raise InvalidManifestError(f"invalid model file pattern: {pattern!r} ({error})") from None
+
+
+def _go_class(body: str) -> str:
+    """The inside of a ``[...]`` of a Go pattern as a regex class: ranges kept, all else literal."""
+    out = []
+    if body.startswith("^"):
+        out.append("^/")
+        body = body[1:]
+    index = 0
+    while index < len(body):
+        char = body[index]
+        if char == "\\" and index + 1 < len(body):
+            index += 1
+            out.append(re.escape(body[index]))
+        elif char == "-":
+            out.append("-")
+        else:
+            out.append(re.escape(char))
+        index += 1
+    return "".join(out)
 
 
 def _parameter_rule(rule: dict, field: str) -> dict:
@@ -275,7 +295,7 @@ def _parameter_rule(rule: dict, field: str) -> dict:
     result["label"] = label if label and label.get("en_US") else {"en_US": str(rule.get("name", ""))}
     template_name = result.get("use_template")
     if template_name:
-        template = _RULE_TEMPLATES.get(template_name)
+        template = _RULE_TEMPLATES.get(template_name) if isinstance(template_name, str) else None
         require(template is not None, f"{field}.use_template", f"unknown template {template_name!r}")
         for key, value in template.items():
             if result.get(key) is None:
@@ -309,8 +329,8 @@ def _model(model: dict, field: str) -> dict:
     return result
 
 
-def _model_provider(files, path: str, plugin: dict) -> dict:
-    raw = load_mapping(files, path, "model file")
+def _model_provider(package: PackageYaml, path: str, plugin: dict) -> dict:
+    raw = package.mapping(path, "model file")
     provider = _without_extra(raw)
     provider_name = raw.get("provider")
     require(isinstance(provider_name, str) and 0 < len(provider_name) < 256, "model.provider", "is required")
@@ -343,7 +363,7 @@ def _model_provider(files, path: str, plugin: dict) -> dict:
                 continue
             position_file = spec.get("position")
             if isinstance(position_file, str) and position_file:
-                names = load_yaml(files, position_file, f"{model_type} position file")
+                names = package.load(position_file, f"{model_type} position file")
                 require(isinstance(names, list) and all(isinstance(name, str) for name in names),
                         f"model.models.{model_type}.position", f"{position_file} must be a list of model names")
                 position[model_type] = names
@@ -351,12 +371,12 @@ def _model_provider(files, path: str, plugin: dict) -> dict:
                 if isinstance(pattern, str):
                     patterns.append(pattern)
         compiled = [_go_glob(pattern) for pattern in patterns]
-        for name in files:
+        for name in package.files:
             if name.endswith("_position.yaml"):
                 continue
             for regexp in compiled:
                 if regexp.fullmatch(name):
-                    models.append(load_mapping(files, name, "model file"))
+                    models.append(package.mapping(name, "model file"))
         provider["position"] = position
     elif isinstance(models_spec, list):
         models = [model for model in models_spec if isinstance(model, dict)]
@@ -378,12 +398,12 @@ def _child_entry(entry: dict, field: str) -> dict:
     return entry
 
 
-def _agent_strategy_provider(files, path: str, plugin: dict) -> dict:
-    raw = load_mapping(files, path, "agent strategy file")
+def _agent_strategy_provider(package: PackageYaml, path: str, plugin: dict) -> dict:
+    raw = package.mapping(path, "agent strategy file")
     provider = _without_extra(raw)
     provider["identity"] = _provider_identity(raw.get("identity"), "agent_strategy.identity", plugin, inherit=False)
     strategies = []
-    for index, strategy in enumerate(_children(files, raw, "strategies", "agent strategy file")):
+    for index, strategy in enumerate(_children(package, raw, "strategies", "agent strategy file")):
         field = f"agent_strategy.strategies[{index}]"
         strategy = _child_entry(strategy, field)
         strategy["description"] = i18n_lenient(strategy.get("description"))
@@ -398,8 +418,8 @@ def _agent_strategy_provider(files, path: str, plugin: dict) -> dict:
     return provider
 
 
-def _datasource_provider(files, path: str, plugin: dict) -> dict:
-    raw = load_mapping(files, path, "datasource file")
+def _datasource_provider(package: PackageYaml, path: str, plugin: dict) -> dict:
+    raw = package.mapping(path, "datasource file")
     provider = _without_extra(raw)
     identity = raw.get("identity")
     require(isinstance(identity, dict), "datasource.identity", "is required")
@@ -413,7 +433,7 @@ def _datasource_provider(files, path: str, plugin: dict) -> dict:
     provider["credentials_schema"] = _provider_configs(raw.get("credentials_schema"), "datasource.credentials_schema")
     provider["oauth_schema"] = raw.get("oauth_schema")
     datasources = []
-    for index, datasource in enumerate(_children(files, raw, "datasources", "datasource file")):
+    for index, datasource in enumerate(_children(package, raw, "datasources", "datasource file")):
         field = f"datasource.datasources[{index}]"
         datasource = _without_extra(datasource)
         ds_identity = datasource.get("identity")
@@ -430,8 +450,8 @@ def _datasource_provider(files, path: str, plugin: dict) -> dict:
     return provider
 
 
-def _trigger_provider(files, path: str, plugin: dict) -> dict:
-    raw = load_mapping(files, path, "trigger file")
+def _trigger_provider(package: PackageYaml, path: str, plugin: dict) -> dict:
+    raw = package.mapping(path, "trigger file")
     provider = _without_extra(raw)
     provider["identity"] = _provider_identity(raw.get("identity"), "trigger.identity", plugin, inherit=True)
     provider["subscription_schema"] = _provider_configs(raw.get("subscription_schema"), "trigger.subscription_schema")
@@ -444,7 +464,7 @@ def _trigger_provider(files, path: str, plugin: dict) -> dict:
         )
     provider["subscription_constructor"] = constructor
     events = []
-    for index, event in enumerate(_children(files, raw, "events", "event file")):
+    for index, event in enumerate(_children(package, raw, "events", "event file")):
         field = f"trigger.events[{index}]"
         event = _child_entry(event, field)
         event["description"] = i18n_lenient(event.get("description"))
@@ -474,30 +494,39 @@ def _check_kinds(declaration: dict) -> None:
             )
 
 
-def build_declaration(files: Mapping[str, bytes]) -> dict:
+def build_declaration(
+    files: Mapping[str, bytes], package: PackageYaml | None = None, manifest: dict | None = None
+) -> dict:
     """
     The PluginDeclaration (JSON-ready dict, ``verified`` false) of a package.
 
+    :param package: the package's YAML with the budget it reads under (one
+        for ``files`` alone by default).
+    :param manifest: ``manifest.yaml`` already read through ``package``.
     :raises InvalidManifestError: a rule is broken (names the field) or a
         referenced file is missing (names the file).
-    :raises MalformedPackageError: a YAML file cannot be parsed (names it).
+    :raises MalformedPackageError: a YAML file cannot be parsed or is over a
+        limit (names it).
     """
-    manifest = load_mapping(files, MANIFEST_FILE, "manifest file")
+    if package is None:
+        package = PackageYaml(files)
+    if manifest is None:
+        manifest = package.mapping(MANIFEST_FILE, "manifest file")
     declaration = normalise_manifest(manifest)
     plugins = declaration["plugins"]
     # Only one provider per kind is kept, the last one listed, as in Go.
     for path in plugins["tools"]:
-        declaration["tool"] = _tool_provider(files, path, declaration)
+        declaration["tool"] = _tool_provider(package, path, declaration)
     for path in plugins["models"]:
-        declaration["model"] = _model_provider(files, path, declaration)
+        declaration["model"] = _model_provider(package, path, declaration)
     for path in plugins["endpoints"]:
-        declaration["endpoint"] = _endpoint_group(files, path)
+        declaration["endpoint"] = _endpoint_group(package, path)
     for path in plugins["agent_strategies"]:
-        declaration["agent_strategy"] = _agent_strategy_provider(files, path, declaration)
+        declaration["agent_strategy"] = _agent_strategy_provider(package, path, declaration)
     for path in plugins["datasources"]:
-        declaration["datasource"] = _datasource_provider(files, path, declaration)
+        declaration["datasource"] = _datasource_provider(package, path, declaration)
     for path in plugins["triggers"]:
-        declaration["trigger"] = _trigger_provider(files, path, declaration)
+        declaration["trigger"] = _trigger_provider(package, path, declaration)
     _check_kinds(declaration)
     for field, filename in icon_references(declaration):
         if ASSETS_DIR + filename not in files:
@@ -585,10 +614,16 @@ def remap_icons(declaration: Mapping, files: Mapping[str, bytes]) -> tuple[dict,
     """
     Replace every icon file name by its asset id.
 
+    Only the containers on the way to an icon are copied; the rest of the
+    new declaration is shared with ``declaration``, which is left as it
+    was.  (A deep copy of telegram_trigger's declaration took 50-100 ms,
+    and this runs on the reactor thread.)
+
     :returns: the new declaration and the assets to store, asset id -> bytes.
     :raises InvalidManifestError: an icon's file is not under ``_assets/``.
     """
-    remapped = copy.deepcopy(dict(declaration))
+    remapped = dict(declaration)
+    copied = {id(remapped)}
     assets: dict[str, bytes] = {}
     for path, filename in _icon_paths(declaration):
         content = files.get(ASSETS_DIR + filename)
@@ -600,6 +635,11 @@ def remap_icons(declaration: Mapping, files: Mapping[str, bytes]) -> tuple[dict,
         assets[identifier] = content
         target = remapped
         for part in path[:-1]:
-            target = target[part]
+            child = target[part]
+            if id(child) not in copied:
+                child = dict(child) if isinstance(child, dict) else list(child)
+                copied.add(id(child))
+                target[part] = child
+            target = child
         target[path[-1]] = identifier
     return remapped, assets

@@ -1,6 +1,7 @@
 """
-``manifest.yaml``: YAML loading the way Go's yaml.v3 reads it, and the
-validation rules of ``runtimes.md`` §5.3 for the plugin's own fields.
+``manifest.yaml``: the validation rules of ``runtimes.md`` §5.3 for the
+plugin's own fields (the YAML itself is read by
+:mod:`difydaemon.packaging.plugin_yaml`).
 
 The result of :func:`normalise_manifest` is the top level of the
 PluginDeclaration (``http-api.md`` §2.4), ready for JSON; the provider parts
@@ -9,15 +10,11 @@ are added by :mod:`difydaemon.packaging.declaration`.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import re
-from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-import yaml
-
-from difydaemon.errors import InvalidManifestError, MalformedPackageError
+from difydaemon.errors import InvalidManifestError
 
 MANIFEST_FILE = "manifest.yaml"
 LANGUAGES = ("en_US", "zh_Hans", "ja_JP", "pt_BR")
@@ -43,69 +40,6 @@ _TIMESTAMP = re.compile(
     r"\s*(Z|z|[+-]\d{2}:?\d{2})?)?",
     re.ASCII,
 )
-
-
-class _Loader(yaml.SafeLoader):
-    """
-    SafeLoader resolving scalars closer to yaml.v3 (YAML 1.2): timestamps stay
-    strings (we format them ourselves) and only true/false are booleans.
-    """
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp)
-        for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool")
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
-
-
-def _plain(value, filename: str):
-    """Make a loaded YAML value JSON-ready (string keys, no exotic types)."""
-    if isinstance(value, dict):
-        return {str(key).lower() if isinstance(key, bool) else str(key): _plain(item, filename) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_plain(item, filename) for item in value]
-    if isinstance(value, (datetime.date, datetime.datetime)):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        raise MalformedPackageError(f"failed to unmarshal {filename}: non-finite number")
-    return value
-
-
-def load_yaml(files: Mapping[str, bytes], filename: str, kind: str = "file"):
-    """
-    Parse one YAML file of the package.
-
-    :param kind: what the file is, for the error message ("tool file", ...).
-    :raises InvalidManifestError: the file is missing.
-    :raises MalformedPackageError: the file is not valid YAML.
-    """
-    if not isinstance(filename, str) or filename not in files:
-        raise InvalidManifestError(f"failed to read {kind}: {filename} (not found in the package)")
-    try:
-        text = files[filename].decode("utf-8")
-        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except (UnicodeDecodeError, yaml.YAMLError) as error:
-        raise MalformedPackageError(f"failed to unmarshal {kind} {filename}: {error}") from None
-    return _plain(value, filename)
-
-
-def load_mapping(files: Mapping[str, bytes], filename: str, kind: str = "file") -> dict:
-    """:func:`load_yaml` for files whose top level must be a mapping."""
-    value = load_yaml(files, filename, kind)
-    if not isinstance(value, dict):
-        raise MalformedPackageError(f"failed to unmarshal {kind} {filename}: expected a mapping")
-    return value
 
 
 def require(condition: bool, field: str, problem: str) -> None:
@@ -283,7 +217,7 @@ def normalise_manifest(manifest: dict) -> dict:
     arch = meta.get("arch")
     require(isinstance(arch, list) and len(arch) > 0, "meta.arch", "is required")
     for value in arch:
-        require(value in ARCHES, "meta.arch", f"unknown architecture {value!r}")
+        require(isinstance(value, str) and value in ARCHES, "meta.arch", f"unknown architecture {value!r}")
     runner = meta.get("runner")
     require(isinstance(runner, dict), "meta.runner", "is required")
     require(runner.get("language") == "python", "meta.runner.language", "must be 'python'")
@@ -323,7 +257,11 @@ def normalise_manifest(manifest: dict) -> dict:
         declaration["privacy"] = privacy
     repo = manifest.get("repo")
     if repo is not None and repo != "":
-        parts = urlsplit(repo) if isinstance(repo, str) else None
+        try:
+            parts = urlsplit(repo) if isinstance(repo, str) else None
+        except ValueError:
+            # urlsplit refuses some texts outright (an unclosed "[" host).
+            parts = None
         require(parts is not None and parts.scheme != "" and parts.netloc != "", "repo", "must be a URL")
         declaration["repo"] = repo
     return declaration

@@ -23,9 +23,9 @@ from difydaemon.packaging.manifest import (
     check_tags,
     check_version,
     i18n,
-    load_mapping,
     require,
 )
+from difydaemon.packaging.plugin_yaml import PackageYaml, YamlLimits
 from difydaemon.packaging.signature import Verification, verify_package
 
 BAD_SIGNATURE = "plugin verification has been enabled, and the plugin you want to install has a bad signature"
@@ -50,12 +50,14 @@ class PackagePolicy:
     :ivar force_verify: ``FORCE_VERIFYING_SIGNATURE``.
     :ivar enforce_langgenius: ``ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES``.
     :ivar public_keys: every key that may verify a signature (official first).
+    :ivar yaml_limits: what the package's YAML may cost (depth, nodes, bytes).
     """
 
     max_size: int
     force_verify: bool
     enforce_langgenius: bool
     public_keys: tuple
+    yaml_limits: YamlLimits = YamlLimits()
 
 
 @frozen
@@ -75,8 +77,7 @@ class DecodedPackage:
     files: PackageFiles
 
 
-def _identity_fields(files: PackageFiles) -> tuple[str, str, str]:
-    manifest = load_mapping(files, MANIFEST_FILE, "manifest file")
+def _identity_fields(manifest: dict) -> tuple[str, str, str]:
     version = check_version(manifest.get("version"), "version")
     author = manifest.get("author")
     require(isinstance(author, str) and AUTHOR.fullmatch(author) is not None, "author",
@@ -97,20 +98,36 @@ def decode_package(data: bytes, policy: PackagePolicy, verify_signature: bool = 
     :raises difydaemon.errors.UniqueIdentifierError: no valid identifier.
     """
     files = read_package(data, policy.max_size)
-    author, name, version = _identity_fields(files)
+    package = PackageYaml(files, policy.yaml_limits)
+    manifest = package.mapping(MANIFEST_FILE, "manifest file")
+    author, name, version = _identity_fields(manifest)
     identifier = compose_identifier(author, name, version, package_checksum(files))
     if identifier.is_remote:
         raise InvalidManifestError("cannot set author to an UUID")
-    declaration = build_declaration(files)
+    declaration = build_declaration(files, package, manifest)
 
     verification = verify_package(files, policy.public_keys)
     declaration["verified"] = verification is not None
     if (policy.force_verify or verify_signature) and verification is None:
         raise SignatureError(BAD_SIGNATURE)
-    if policy.enforce_langgenius and author.lower() == "langgenius":
-        if verification is None or verification.authorized_category != "langgenius":
-            raise SignatureError(UNAUTHORIZED_LANGGENIUS)
     return DecodedPackage(identifier=identifier, declaration=declaration, verification=verification, files=files)
+
+
+def check_langgenius_authorship(decoded: DecodedPackage, policy: PackagePolicy) -> None:
+    """
+    ``ENFORCE_LANGGENIUS_PLUGIN_SIGNATURES`` for a package embedded in a
+    bundle: author ``langgenius`` needs the langgenius signature.
+
+    Go HEAD applies it to bundles only (the single-upload check is commented
+    out, ``http-api.md`` §4.4), so a package built from the official public
+    source uploads on its own under ``FORCE_VERIFYING_SIGNATURE=false``.
+
+    :raises SignatureError: the package claims langgenius without its signature.
+    """
+    if not policy.enforce_langgenius or str(decoded.declaration.get("author", "")).lower() != "langgenius":
+        return
+    if decoded.verification is None or decoded.verification.authorized_category != "langgenius":
+        raise SignatureError(UNAUTHORIZED_LANGGENIUS)
 
 
 def readmes_of(files: PackageFiles) -> dict[str, str]:
@@ -146,12 +163,14 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
 
     Each item is ``{"type": "github"|"marketplace"|"package", "value": {...}}``
     in the wire shape of ``/install/upload/bundle``; ``package`` items also
-    carry ``"decoded": DecodedPackage`` and ``"data"`` (the package bytes) for the caller to persist and then
-    drop before answering.  Embedded packages get every check of
-    :func:`decode_package`, Langgenius-authorship enforcement included.
+    carry ``"decoded": DecodedPackage``, ``"data"`` (the package bytes) and
+    ``"asset"`` (its entry name) for the caller to persist and then drop
+    before answering.  Embedded packages get every check of
+    :func:`decode_package` and, unlike single uploads, the Langgenius-authorship
+    rule (:func:`check_langgenius_authorship`).
     """
     files = read_package(data, max_bundle_size)
-    manifest = load_mapping(files, MANIFEST_FILE, "bundle manifest")
+    manifest = PackageYaml(files, policy.yaml_limits).mapping(MANIFEST_FILE, "bundle manifest")
     require(manifest.get("type") == "bundle", "type", "must be 'bundle'")
     require(isinstance(manifest.get("name"), str) and manifest["name"] != "", "name", "is required")
     i18n(manifest.get("labels"), "labels")
@@ -196,11 +215,13 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
             if asset is None:
                 raise MalformedPackageError(f"failed to fetch package from bundle: _assets/{path} not found")
             decoded = decode_package(asset, policy, verify_signature=verify_signature)
+            check_langgenius_authorship(decoded, policy)
             result.append({
                 "type": "package",
                 "value": {"unique_identifier": decoded.identifier.raw, "manifest": decoded.declaration},
                 "decoded": decoded,
                 "data": asset,
+                "asset": "_assets/" + path,
             })
         else:
             require(False, f"{field}.type", "must be github, marketplace or package")

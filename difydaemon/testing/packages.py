@@ -177,3 +177,85 @@ def write_files(directory: str, files: Mapping[str, bytes]) -> str:
         with open(target, "wb") as f:
             f.write(content)
     return directory
+
+
+def _object_schema(depth: int, width: int, prefix: str) -> dict:
+    properties = {}
+    for index in range(width):
+        name = f"{prefix}_{index}"
+        if depth > 0 and index == 0:
+            properties[name] = {
+                "type": "object",
+                "description": f"Telegram-like object {name}.",
+                "additionalProperties": True,
+                "properties": _object_schema(depth - 1, width, name),
+            }
+        else:
+            properties[name] = {"type": ("string", "integer", "boolean")[index % 3],
+                                "description": f"Field {name} of the update."}
+    return properties
+
+
+def _event_yaml(name: str, author: str, size: int) -> bytes:
+    import yaml
+
+    def document(parts: int) -> dict:
+        shared = {"type": "object", "description": "A document.", "properties": _object_schema(2, 4, "document")}
+        properties = {f"part_{n}": {"type": "object", "description": f"Part {n}.",
+                                    "properties": _object_schema(12, 6, f"part_{n}")} for n in range(parts)}
+        # Two references to one object: PyYAML writes an anchor and an alias,
+        # as in the official telegram_trigger files.
+        properties["reply"] = {"type": "object", "properties": {"document": shared}}
+        properties["original"] = {"type": "object", "properties": {"document": shared}}
+        return {
+            "identity": {"name": name, "author": author, "label": {"en_US": name.replace("_", " ").title()}},
+            "description": {"en_US": f"Triggers when {name} happens."},
+            "parameters": [{"name": "chat_type", "label": {"en_US": "Chat Type"}, "type": "select",
+                            "required": False, "options": [{"value": "private", "label": {"en_US": "Private"}}]}],
+            "output_schema": {"type": "object", "required": ["update_id"], "properties": properties},
+        }
+
+    one = len(yaml.safe_dump(document(1), sort_keys=False))
+    text = yaml.safe_dump(document(max(1, round(size / one))), sort_keys=False, allow_unicode=True)
+    return text.encode("utf-8")
+
+
+def heavy_trigger_plugin_files(
+    events: int = 7, event_bytes: int = 200_000, blob_bytes: int = 0, author: str = "acme", nonce: str = ""
+) -> dict[str, bytes]:
+    """
+    A trigger plugin shaped like the heaviest official package
+    (triggers/telegram_trigger): ``events`` event files of about
+    ``event_bytes`` of YAML each, a deep ``output_schema`` with shared parts
+    (anchors and aliases), and optionally ``blob_bytes`` of incompressible
+    data to make the zip large.  It decodes; it is not meant to run.
+
+    :param nonce: text that makes the package (and its identifier) differ.
+    """
+    import os as _os
+
+    names = [f"event_{index}" for index in range(events)]
+    manifest = _MANIFEST.format(version="0.0.1", author=author, name="heavy").replace(
+        "  tools:\n    - provider/echo.yaml\n", "  triggers:\n    - provider/heavy.yaml\n"
+    )
+    provider = (
+        f"identity:\n  author: {author}\n  name: heavy\n  label: {{en_US: Heavy}}\n  icon: icon.svg\n"
+        "subscription_schema: []\nevents:\n" + "".join(f"  - events/{name}.yaml\n" for name in names)
+    )
+    files = {
+        "manifest.yaml": manifest.encode("utf-8"),
+        "provider/heavy.yaml": provider.encode("utf-8"),
+        "_assets/icon.svg": _ICON_SVG.encode("utf-8"),
+        "main.py": _MAIN_PY.encode("utf-8"),
+        "requirements.txt": (DEFAULT_REQUIREMENTS + "\n").encode("utf-8"),
+        "README.md": f"# Heavy\n\n{nonce}\n".encode("utf-8"),
+    }
+    # Dumping is slow; the files differ only by the event's name.
+    template = _event_yaml("event_name", author, event_bytes)
+    for name in names:
+        files[f"events/{name}.yaml"] = template.replace(b"event_name", name.encode()).replace(
+            b"Event Name", name.replace("_", " ").title().encode()
+        )
+    if blob_bytes:
+        files["data/blob.bin"] = _os.urandom(blob_bytes)
+    return files

@@ -204,6 +204,15 @@ class UploadTests(SynchronousTestCase):
         )
         self.assertEqual(daemon.stored_keys(), [])
 
+    def test_unsigned_langgenius_single_upload_under_enforcement(self):
+        """FORCE_VERIFYING_SIGNATURE=false + ENFORCE_LANGGENIUS=true accept the unsigned openai package alone."""
+        daemon = DaemonHarness(self, default_policy(force_verify=False, enforce_langgenius=True))
+        env = daemon.upload(_fixture("langgenius-openai_0.0.19.difypkg"))
+        self.assertEqual(env["code"], 0, env)
+        self.assertIsNone(env["data"]["verification"])
+        self.assertIs(env["data"]["manifest"]["verified"], False)
+        self.assertTrue(env["data"]["unique_identifier"].startswith("langgenius/openai:0.0.19@"))
+
     def test_unsigned_accepted_when_not_forced(self):
         """Without forced verification the unsigned fixture uploads."""
         env = self.daemon.upload(_fixture("unsigned-test_0.0.1.difypkg"))
@@ -575,6 +584,24 @@ class BundleTests(SynchronousTestCase):
         )
         self.assertEqual(env["code"], -400)
         self.assertEqual(self.daemon.stored_keys(), [])
+
+
+    def test_bundle_with_unsigned_langgenius_refused_under_enforcement(self):
+        """A bundle embedding the unsigned openai package is refused under enforcement; nothing is stored."""
+        from tests.packaging.test_package import bundle
+
+        daemon = DaemonHarness(self, default_policy(force_verify=False, enforce_langgenius=True))
+        self.daemon = daemon
+        good = echo_package()
+        env = self._upload_bundle(
+            bundle(
+                [{"type": "package", "value": {"path": "echo"}}, {"type": "package", "value": {"path": "openai"}}],
+                {"echo": good, "openai": _fixture("langgenius-openai_0.0.19.difypkg")},
+            )
+        )
+        self.assertEqual(env["code"], -400)
+        self.assertIn("claims to be from langgenius", error_of(env)["message"])
+        self.assertEqual(daemon.stored_keys(), [])
 
 
 class UnfinishedTaskTests(SynchronousTestCase):

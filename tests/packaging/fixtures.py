@@ -17,6 +17,13 @@ OPENAI = "langgenius-openai_0.0.19.difypkg"
 UNSIGNED = "unsigned-test_0.0.1.difypkg"
 ALL_PACKAGES = (AGENT, OPENAI, UNSIGNED)
 MAX_SIZE = 52428800
+#: Packages made to break a decoder (``hostile/`` in the fixtures).
+ARCH_MAPPING = "hostile/manifest-arch-mapping.difypkg"
+DEEP_SEQUENCE = "hostile/yaml-20000-deep-flow-sequence.difypkg"
+DEEP_MAPPING = "hostile/yaml-5000-deep-flow-mapping.difypkg"
+ALIAS_BOMB = "hostile/yaml-alias-bomb.difypkg"
+SELF_ALIAS = "hostile/yaml-self-referencing-alias.difypkg"
+HOSTILE_PACKAGES = (ARCH_MAPPING, DEEP_SEQUENCE, DEEP_MAPPING, ALIAS_BOMB, SELF_ALIAS)
 
 
 def fixture_bytes(name: str) -> bytes:

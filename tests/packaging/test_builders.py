@@ -11,7 +11,7 @@ import yaml
 
 from difydaemon.packaging.declaration import build_declaration
 from difydaemon.testing.cases import SynchronousTestCase
-from difydaemon.testing.packages import build_package, echo_plugin_files, write_files
+from difydaemon.testing.packages import build_package, echo_plugin_files, heavy_trigger_plugin_files, write_files
 
 
 class BuildPackageTests(SynchronousTestCase):
@@ -85,3 +85,30 @@ class WriteFilesTests(SynchronousTestCase):
         self.assertEqual(write_files(directory, {"main.py": b"x", "tools/deep/a.yaml": b"y"}), directory)
         with open(os.path.join(directory, "main.py"), "rb") as main, open(os.path.join(directory, "tools", "deep", "a.yaml"), "rb") as tool:
             self.assertEqual((main.read(), tool.read()), (b"x", b"y"))
+
+
+class HeavyTriggerPluginTests(SynchronousTestCase):
+    """heavy_trigger_plugin_files is shaped like telegram_trigger and decodes."""
+
+    def test_default_shape(self):
+        """Seven event files of about 200 kB, each with an anchor and an alias, and no blob."""
+        files = heavy_trigger_plugin_files()
+        events = {name: content for name, content in files.items() if name.startswith("events/")}
+        self.assertEqual(len(events), 7)
+        for content in events.values():
+            self.assertGreater(len(content), 150_000)
+            self.assertLess(len(content), 250_000)
+            self.assertEqual((content.count(b"&id001"), content.count(b"*id001")), (1, 1))
+        self.assertNotIn("data/blob.bin", files)
+
+    def test_declares_as_the_old_loader_did(self):
+        """A small heavy plugin is a trigger plugin whose declaration equals the previous loader's."""
+        from tests.packaging.test_plugin_yaml import ReferenceYaml
+
+        files = heavy_trigger_plugin_files(events=3, event_bytes=20_000, blob_bytes=1000, nonce="n")
+        declaration = build_declaration(files)
+        self.assertEqual([event["identity"]["name"] for event in declaration["trigger"]["events"]],
+                         ["event_0", "event_1", "event_2"])
+        self.assertEqual(declaration, build_declaration(files, ReferenceYaml(files)))
+        self.assertEqual(len(files["data/blob.bin"]), 1000)
+        self.assertNotEqual(files["README.md"], heavy_trigger_plugin_files(events=1, event_bytes=1)["README.md"])

@@ -127,6 +127,18 @@ class FixtureDeclarationTests(SynchronousTestCase):
                 self.assertIn(value, assets)
             self.assertEqual(get_path(declaration, references[0][0]), references[0][1])
 
+    def test_remap_copies_only_icon_paths(self):
+        """remap_icons leaves the declaration as it was and shares every part that holds no icon."""
+        files = fixture_files(OPENAI)
+        declaration = build_declaration(files)
+        before = json.dumps(declaration, sort_keys=True)
+        remapped, _ = remap_icons(declaration, files)
+        self.assertEqual(json.dumps(declaration, sort_keys=True), before)
+        self.assertIsNot(remapped["model"], declaration["model"])
+        self.assertIs(remapped["model"]["models"], declaration["model"]["models"])
+        self.assertIs(remapped["resource"], declaration["resource"])
+        self.assertNotEqual(remapped["model"]["icon_small"], declaration["model"]["icon_small"])
+
     def test_model_icon_references(self):
         """Model provider icons are referenced per language."""
         references = dict(icon_references(build_declaration(fixture_files(OPENAI))))
@@ -268,6 +280,69 @@ class EchoDeclarationTests(SynchronousTestCase):
         declaration = build_declaration(files)
         self.assertEqual(declaration["privacy"], "yes")
         self.assertEqual(declaration["created_at"], "2025-01-01T08:00:00.5+08:00")
+
+
+class FieldTypeTests(SynchronousTestCase):
+    """Fields of an unexpected type are refused with the package's own errors, never a TypeError."""
+
+    def assertRefused(self, files, *fragments):
+        with self.assertRaises((InvalidManifestError, MalformedPackageError)) as caught:
+            build_declaration(files)
+        for fragment in fragments:
+            self.assertIn(fragment, caught.exception.message)
+
+    def test_arch_entries_of_other_types(self):
+        """A mapping or list inside meta.arch is an unknown architecture (the fuzzing find)."""
+        for entry in ({"ameta": None}, ["amd64"], 64, None):
+            self.assertRefused(with_manifest(lambda m: m["meta"].update(arch=["amd64", entry])), "meta.arch")
+
+    def test_repo_that_urlsplit_refuses(self):
+        """A repo URL with an unclosed IPv6 bracket is refused naming repo."""
+        self.assertRefused(with_manifest(lambda m: m.update(repo="https://[::1/plugin")), "repo", "URL")
+
+    def model_files(self, rule):
+        files = with_manifest(lambda m: m["plugins"].update(tools=[], models=["provider/model.yaml"]))
+        files["provider/model.yaml"] = yaml.safe_dump({
+            "provider": "m", "label": {"en_US": "M"}, "supported_model_types": ["llm"],
+            "configurate_methods": ["predefined-model"], "models": {"llm": {"predefined": ["models/*.yaml"]}},
+        }).encode()
+        files["models/a.yaml"] = yaml.safe_dump({
+            "model": "a", "model_type": "llm", "parameter_rules": [rule],
+        }).encode()
+        return files
+
+    def test_use_template_of_other_types(self):
+        """A list or mapping as use_template is an unknown template (a fuzzing find)."""
+        for template in (["temperature"], {"name": "top_p"}):
+            self.assertRefused(self.model_files({"name": "t", "use_template": template}),
+                               "parameter_rules[0].use_template", "unknown template")
+        rules = build_declaration(self.model_files({"name": "t", "use_template": "top_p"}))["model"]["models"][0]
+        self.assertEqual(rules["parameter_rules"][0]["max"], 1.0)
+
+    def test_model_glob_with_reversed_range(self):
+        """A model glob Python's re cannot compile is refused naming the pattern."""
+        files = self.model_files({"name": "t"})
+        provider = yaml.safe_load(files["provider/model.yaml"])
+        provider["models"]["llm"]["predefined"] = ["models/[z-a].yaml"]
+        files["provider/model.yaml"] = yaml.safe_dump(provider).encode()
+        self.assertRefused(files, "invalid model file pattern", "[z-a]")
+
+    def test_model_glob_classes(self):
+        """Go glob classes keep their ranges and negation, and '.' inside one is literal."""
+        files = self.model_files({"name": "t"})
+        provider = yaml.safe_load(files["provider/model.yaml"])
+        provider["models"]["llm"]["predefined"] = ["models/[a-c].yaml", "models/[^a-z]x[.]yaml"]
+        files["provider/model.yaml"] = yaml.safe_dump(provider).encode()
+        files["models/9x.yaml"] = files["models/a.yaml"].replace(b"model: a", b"model: nine")
+        files["models/9xZyaml"] = files["models/a.yaml"].replace(b"model: a", b"model: never")
+        models = [model["model"] for model in build_declaration(files)["model"]["models"]]
+        self.assertEqual(sorted(models), ["a", "nine"])
+
+    def test_integer_too_long_for_python(self):
+        """An integer of 5000 digits is MalformedPackageError, not Python's ValueError."""
+        files = echo_plugin_files()
+        files["manifest.yaml"] = files["manifest.yaml"] + b"extra: " + b"7" * 5000 + b"\n"
+        self.assertRefused(files, "manifest.yaml")
 
 
 class CreatedAtTests(SynchronousTestCase):

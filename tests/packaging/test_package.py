@@ -7,6 +7,7 @@ import yaml
 from difydaemon.errors import (
     InvalidManifestError,
     MalformedPackageError,
+    PackageError,
     PackageTooLargeError,
     SignatureError,
     UnsafePackagePathError,
@@ -18,7 +19,18 @@ from difydaemon.packaging.signature import Verification, generate_key_pair, load
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.packages import build_package, echo_plugin_files
 
-from tests.packaging.fixtures import AGENT, OPENAI, UNSIGNED, fixture_bytes, policy
+from tests.packaging.fixtures import (
+    AGENT,
+    ALIAS_BOMB,
+    ARCH_MAPPING,
+    DEEP_MAPPING,
+    DEEP_SEQUENCE,
+    OPENAI,
+    SELF_ALIAS,
+    UNSIGNED,
+    fixture_bytes,
+    policy,
+)
 
 _KEYS = {}
 
@@ -28,6 +40,16 @@ def key_pair():
     if "pair" not in _KEYS:
         _KEYS["pair"] = generate_key_pair(bits=2048)
     return _KEYS["pair"]
+
+
+def key():
+    """The module's public key, as a policy's extra keys."""
+    return (load_public_key(key_pair()[1]),)
+
+
+def langgenius_signed_as_partner():
+    """An echo package with author langgenius, signed with the module key as partner."""
+    return sign_package(echo_with_manifest(lambda m: m.update(author="langgenius")), key_pair()[0], "partner", 1)
 
 
 def echo_with_manifest(change):
@@ -70,23 +92,14 @@ class DecodePackageTests(SynchronousTestCase):
         self.assertIs(decoded.declaration["verified"], True)
         self.assertEqual(decoded.identifier.plugin_id, "langgenius/agent")
 
-    def test_langgenius_enforced(self):
-        """An unsigned package claiming author langgenius is refused under enforcement."""
-        with self.assertRaises(SignatureError) as caught:
-            decode_package(fixture_bytes(OPENAI), policy(enforce_langgenius=True))
-        self.assertIn("langgenius", caught.exception.message)
-        decoded = decode_package(fixture_bytes(OPENAI), policy())
+    def test_langgenius_enforcement_spares_single_packages(self):
+        """Unsigned langgenius-authored packages decode on their own under enforcement, as in Go HEAD."""
+        decoded = decode_package(fixture_bytes(OPENAI), policy(enforce_langgenius=True))
         self.assertEqual(decoded.identifier.plugin_id, "langgenius/openai")
-
-    def test_langgenius_needs_langgenius_category(self):
-        """A langgenius-authored package signed as partner is still refused under enforcement."""
-        private_pem, public_pem = key_pair()
-        data = sign_package(echo_with_manifest(lambda m: m.update(author="langgenius")), private_pem, "partner", 1)
-        keys = (load_public_key(public_pem),)
-        decoded = decode_package(data, policy(extra_keys=keys))
-        self.assertEqual(decoded.verification, Verification("partner"))
-        with self.assertRaises(SignatureError):
-            decode_package(data, policy(enforce_langgenius=True, extra_keys=keys))
+        self.assertIsNone(decoded.verification)
+        self.assertIs(decoded.declaration["verified"], False)
+        partner = decode_package(langgenius_signed_as_partner(), policy(enforce_langgenius=True, extra_keys=key()))
+        self.assertEqual(partner.verification, Verification("partner"))
 
     def test_third_party_signed(self):
         """A package signed with a configured third-party key passes force_verify."""
@@ -117,6 +130,20 @@ class DecodePackageTests(SynchronousTestCase):
         ]
         for data, options, error in cases:
             self.assertRaises(error, decode_package, data, policy(**options))
+
+    def test_hostile_packages_refused(self):
+        """Each hostile fixture is a -400 package error saying why, not a TypeError or RecursionError."""
+        for name, words in (
+            (ARCH_MAPPING, "invalid manifest field meta.arch"),
+            (DEEP_SEQUENCE, "failed to unmarshal manifest file manifest.yaml"),
+            (DEEP_MAPPING, "nested deeper than"),
+            (ALIAS_BOMB, "excessive aliasing"),
+            (SELF_ALIAS, "contains an alias to itself"),
+        ):
+            with self.assertRaises(PackageError) as caught:
+                decode_package(fixture_bytes(name), policy())
+            self.assertEqual(caught.exception.code, -400)
+            self.assertIn(words, caught.exception.message, name)
 
     def test_name_length(self):
         """Names up to 128 characters are accepted; longer ones are refused naming the field."""
@@ -184,11 +211,28 @@ class DecodeBundleTests(SynchronousTestCase):
         self.assertEqual(result[2]["decoded"].identifier.checksum, checksum)
 
     def test_embedded_langgenius_enforced(self):
-        """An embedded unsigned langgenius package is refused under enforcement."""
+        """An embedded unsigned langgenius package is refused under enforcement, accepted without it."""
         package = fixture_bytes(OPENAI)
         data = bundle([{"type": "package", "value": {"path": "openai"}}], {"openai": package})
-        with self.assertRaises(SignatureError):
+        with self.assertRaises(SignatureError) as caught:
             decode_bundle(data, policy(enforce_langgenius=True), max_bundle_size=1 << 24)
+        self.assertIn("claims to be from langgenius", caught.exception.message)
+        result = decode_bundle(data, policy(), max_bundle_size=1 << 24)
+        self.assertEqual(result[0]["decoded"].identifier.plugin_id, "langgenius/openai")
+
+    def test_embedded_langgenius_needs_langgenius_category(self):
+        """An embedded langgenius-authored package signed as partner is refused under enforcement."""
+        data = bundle([{"type": "package", "value": {"path": "p"}}], {"p": langgenius_signed_as_partner()})
+        with self.assertRaises(SignatureError):
+            decode_bundle(data, policy(enforce_langgenius=True, extra_keys=key()), max_bundle_size=1 << 24)
+        result = decode_bundle(data, policy(extra_keys=key()), max_bundle_size=1 << 24)
+        self.assertEqual(result[0]["decoded"].verification, Verification("partner"))
+
+    def test_embedded_official_signature_passes_enforcement(self):
+        """The langgenius-signed agent fixture inside a bundle passes enforcement."""
+        data = bundle([{"type": "package", "value": {"path": "agent"}}], {"agent": fixture_bytes(AGENT)})
+        result = decode_bundle(data, policy(force_verify=True, enforce_langgenius=True), max_bundle_size=1 << 24)
+        self.assertEqual(result[0]["decoded"].verification, Verification("langgenius"))
 
     def test_bad_patterns_and_missing_asset(self):
         """Invalid patterns and missing package assets are refused."""
