@@ -52,7 +52,8 @@ class DaemonService(MultiService):
     :param runtimes: an object with ``start()`` and ``stop_all()`` returning
         Deferreds (the runtime registry, whose ``stop_all`` is bounded), or
         None.
-    :param runners: blocking-work runners to stop last.
+    :param runners: what works outside the reactor (the package decoder's
+        children, the thread pool), each ``stop()``-ped last, in order.
     :param http_pools: treq/Agent connection pools whose kept-alive
         connections are closed at the end.
     :param database_wait: seconds start-up keeps trying to reach an

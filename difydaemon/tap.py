@@ -217,6 +217,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         installed=config.storage.plugin_installed_path,
         media=config.storage.plugin_media_cache_path,
     )
+    decoder = ChildProcessDecoder()
     packages = PackageRegistry(
         persistence,
         storage,
@@ -227,7 +228,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         asset_cache_size=config.storage.plugin_asset_cache_size,
         max_bundle_size=config.packages.max_bundle_package_size,
         # In a child process: no GIL of ours held while dispatch waits.
-        decoder=ChildProcessDecoder(),
+        decoder=decoder,
     )
     installations = InstallationCache(reactor, persistence)
     dify_pool = HTTPConnectionPool(reactor, persistent=True)
@@ -253,7 +254,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         persistence,
         installer,
         runtimes=runtimes,
-        runners=[blocking],
+        runners=[decoder, blocking],
         http_pools=[dify_pool],
         database_wait=config.db.db_startup_timeout,
     )

@@ -89,6 +89,8 @@ class MakeServiceTests(SynchronousTestCase):
         service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environment(self.mktemp(), 5002))
         self.assertIsInstance(service.packages.decoder, ChildProcessDecoder)
         self.assertIsNone(service.packages.decoder.spare)
+        # stopped with the daemon, before the thread pool whose threads may wait on a child
+        self.assertEqual(service._runners[0], service.packages.decoder)
 
     def test_debug_listener_when_remote_installing_enabled(self):
         """With remote installing enabled the daemon also listens for debug plugins."""

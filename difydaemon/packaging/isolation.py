@@ -45,6 +45,8 @@ from difydaemon.packaging.signature import Verification
 log = Logger()
 
 MEBIBYTE = child.MEBIBYTE
+#: What a decoder child inherits of the daemon's environment (and ``LC_*``).
+_INHERITED = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP"})
 
 
 @frozen
@@ -118,6 +120,8 @@ class ChildProcessDecoder:
         self._python = python
         self._lock = threading.Lock()
         self._spare: subprocess.Popen | None = None
+        # children decoding now, killed if the daemon stops meanwhile
+        self._busy: set[subprocess.Popen] = set()
         self._closed = False
 
     @property
@@ -128,7 +132,10 @@ class ChildProcessDecoder:
     def _start(self) -> subprocess.Popen:
         # The daemon's own import path, whatever put difydaemon on it
         # (twistd adds the working directory, for one).
-        environ = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+        # Nothing else of the daemon's environment: its secrets are no
+        # business of a decoder reading untrusted input.
+        environ = {name: value for name, value in os.environ.items() if name in _INHERITED or name.startswith("LC_")}
+        environ["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
         return subprocess.Popen(
             [self._python, "-m", child.__name__],
             stdin=subprocess.PIPE,
@@ -142,9 +149,9 @@ class ChildProcessDecoder:
             if self._closed:
                 raise errors.InternalServerError("the package decoder is stopped")
             spare, self._spare = self._spare, None
-        if spare is not None and spare.poll() is None:
-            return spare
-        return self._start()
+            process = spare if spare is not None and spare.poll() is None else self._start()
+            self._busy.add(process)
+        return process
 
     def _replenish(self) -> None:
         # After a decode rather than when taking the spare: its start-up
@@ -154,15 +161,28 @@ class ChildProcessDecoder:
                 self._spare = self._start()
 
     def close(self) -> None:
-        """End the spare child (it exits when its stdin closes)."""
+        """
+        Kill the spare child and the children decoding now (their callers
+        get an error at once): no child outlives the daemon, no thread
+        waits on one, and the shutdown never waits for a child that does
+        not read its stdin (a stopped one, say).
+        """
         with self._lock:
             self._closed = True
             spare, self._spare = self._spare, None
+            busy = list(self._busy)
+        for process in busy:
+            process.kill()
         if spare is not None:
-            spare.stdin.close()
+            spare.kill()
             spare.wait()
+            spare.stdin.close()
             spare.stdout.close()
             spare.stderr.close()
+
+    def stop(self) -> None:
+        """:meth:`close`, as the daemon's shutdown calls each of its runners."""
+        self.close()
 
     def package(self, data: bytes, policy: PackagePolicy, verify_signature: bool) -> DecodedPackage:
         """What :func:`decode_package` gives, decoded in a child."""
@@ -207,6 +227,8 @@ class ChildProcessDecoder:
                 f"decoding the package took more than {self.limits.timeout:g} seconds"
             ) from None
         finally:
+            with self._lock:
+                self._busy.discard(process)
             self._replenish()
         try:
             document = orjson.loads(stdout)

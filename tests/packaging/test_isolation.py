@@ -6,6 +6,8 @@ import io
 import os
 import stat
 import sys
+import threading
+import time
 
 import orjson
 
@@ -124,7 +126,7 @@ class ChildProcessDecoderTests(DecoderContract, SynchronousTestCase):
         spare = self.subject.spare
         self.assertIsNone(spare.poll())
         self.subject.close()
-        self.assertEqual(spare.returncode, 0)
+        self.assertIsNotNone(spare.returncode)
         self.assertRaises(InternalServerError, self.subject.package, b"", policy(), False)
 
     def test_memory_limit(self):
@@ -168,6 +170,40 @@ class FakeChildTests(SynchronousTestCase):
         with self.assertRaises(InternalServerError) as caught:
             decoder.package(b"zip", policy(), False)
         self.assertEqual(caught.exception.message.split(os.pathsep), [path for path in sys.path if path])
+
+    def test_child_inherits_no_secret(self):
+        """A decoder child gets the daemon's PATH but none of its other variables (its secrets)."""
+        os.environ["DB_PASSWORD"] = "hunter2"
+        self.addCleanup(os.environ.pop, "DB_PASSWORD", None)
+        decoder = self.fake_python(
+            """cat > /dev/null\nprintf '{"error": {"type": "SystemExit", "message": "%s|%s"}}' "$DB_PASSWORD" "$PATH"\n"""
+        )
+        with self.assertRaises(InternalServerError) as caught:
+            decoder.package(b"zip", policy(), False)
+        self.assertEqual(caught.exception.message, "|" + os.environ["PATH"])
+
+    def test_close_kills_a_decoding_child(self):
+        """Closing the decoder kills a child still decoding: its caller's thread is not held."""
+        decoder = self.fake_python("cat > /dev/null\nexec sleep 60\n")
+        outcomes = []
+
+        def decode():
+            try:
+                decoder.package(b"zip", policy(), False)
+            except MalformedPackageError as exc:
+                outcomes.append(exc.message)
+
+        thread = threading.Thread(target=decode)
+        thread.start()
+        for _ in range(500):
+            if decoder._busy:
+                break
+            time.sleep(0.01)
+        decoder.close()
+        thread.join(30)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(len(outcomes), 1)
+        self.assertIn("exited with -9", outcomes[0])
 
     def test_child_killed(self):
         """A child that dies without answering is a -400 naming its exit status."""
