@@ -109,6 +109,26 @@ class ReadPackageTests(SynchronousTestCase):
             read_package(liar, LIMIT)
         self.assertIn("size mismatch", caught.exception.message)
 
+    def test_entry_of_many_slices(self):
+        """An entry whose deflated data spans many input slices reads back whole, its neighbours too."""
+        blob = os.urandom(300_000) + b"z" * 300_000 + os.urandom(100_001)
+        files = read_package(build_package({"a": b"head", "data/blob.bin": blob, "z": b"tail"}), LIMIT)
+        self.assertEqual((files["a"], files["data/blob.bin"], files["z"]), (b"head", blob, b"tail"))
+
+    def test_truncated_deflate_stream(self):
+        """Deflated data that ends before its stream does is malformed, not a short file."""
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("a", os.urandom(200_000))
+        data = bytearray(buffer.getvalue())
+        central = data.find(b"PK\x01\x02")
+        compressed = struct.unpack_from("<I", data, central + 20)[0]
+        # the entry's data loses its last 1000 bytes; the sizes still claim them
+        start = 30 + len("a")
+        cut = data[: start + compressed - 1000] + b"\x00" * 1000 + data[start + compressed :]
+        with self.assertRaises(MalformedPackageError):
+            read_package(bytes(cut), LIMIT)
+
     def test_bad_crc(self):
         """A corrupted CRC is refused as malformed."""
         data = bytearray(build_package({"a": b"hello"}))
