@@ -26,6 +26,9 @@ setup(
         "cryptography>=42",
         "zope.interface>=6",
         "uv>=0.5",
+        # Redis coordination for replicas (difydaemon.coordination.redis):
+        # its protocol only; connecting is ours (ecosystem.md §1)
+        "txredisapi>=1.6,<2",
     ],
     entry_points={
         "console_scripts": ["dify = difydaemon.cli.main:main"],

@@ -48,6 +48,22 @@ class DatabaseUnavailableError(InternalServerError):
         self.reason = reason
 
 
+class CoordinationUnavailableError(InternalServerError):
+    """
+    Redis, which coordinates the replicas of a cluster, cannot be reached
+    or stopped answering: connecting failed or timed out, the connection
+    broke, or a reply did not come in time.  The message says which, after
+    ``redis unavailable:``.  Raised at once while Redis is known to be
+    down; the client reconnects by itself.
+
+    :ivar reason: the text after that prefix.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"redis unavailable: {reason}")
+        self.reason = reason
+
+
 class BadRequestError(DaemonError):
     """Validation failures, bad packages, violated business rules."""
 

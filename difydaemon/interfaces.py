@@ -382,3 +382,128 @@ class IPluginRuntime(Interface):
         message is the reason) instead of being cut.  A stop while stopping
         may shorten the wait, never lengthen it.
         """
+
+
+# -- coordination between replicas (difydaemon.coordination) ------------------
+#
+# A single daemon uses the in-memory implementations; replicas sharing Redis
+# use the Redis ones.  Names (keys, channels, lock names) are non-empty
+# strings; values and messages are JSON (what comes back is what decoding
+# the JSON text gives: a tuple comes back as a list).  ``ttl`` arguments are
+# seconds (floats, > 0).  Every method returns a Deferred; while Redis is
+# down the Redis implementations fail it at once with
+# :class:`~difydaemon.errors.CoordinationUnavailableError`.  A value that
+# is not JSON, an empty name or a bad ttl is refused with ``ValueError``
+# before anything is written.
+
+
+class IKeyValueStore(Interface):
+    """
+    Shared key -> JSON value store with expiry (session info, caches,
+    debugging keys).
+    """
+
+    def get(key: str):
+        """Deferred[object | None]: the value, None if absent or expired."""
+
+    def set(key: str, value, ttl: float | None = None):
+        """Store ``value``, replacing any; expires after ``ttl`` seconds (None: never). Deferred[None]."""
+
+    def set_if_absent(key: str, value, ttl: float | None = None):
+        """Store ``value`` only if ``key`` is absent. Deferred[bool]: whether it was stored."""
+
+    def delete(key: str):
+        """Deferred[bool]: whether a value went."""
+
+    def touch(key: str, ttl: float):
+        """Make ``key`` expire ``ttl`` seconds from now. Deferred[bool]: False if absent."""
+
+
+class ISubscription(Interface):
+    """One subscription made through :meth:`IPubSub.subscribe`."""
+
+    channel = Attribute("The channel name, as given to subscribe.")
+
+    def unsubscribe():
+        """Stop delivering to this subscription. Deferred[None]; repeating is harmless."""
+
+
+class IPubSub(Interface):
+    """
+    Broadcast of small JSON messages to every replica (cache invalidation).
+
+    Delivery is at most once: a subscriber cut off from Redis loses what is
+    published meanwhile.  It resubscribes by itself when Redis is back and
+    then calls the subscription's ``on_missed()``, so that its user can
+    throw away whatever the missed messages would have invalidated.
+    Messages are delivered from the reactor, never inside ``publish``.
+    """
+
+    def publish(channel: str, message):
+        """Send ``message`` to every subscriber of ``channel``. Deferred[None]."""
+
+    def subscribe(channel: str, on_message, on_missed=None):
+        """
+        Call ``on_message(message)`` for every message published on
+        ``channel`` from now on, and ``on_missed()`` (when given) each time
+        the subscription is back after messages may have been lost.
+        Deferred[ISubscription], fired once the subscription is active.
+        """
+
+
+class ILeaseService(Interface):
+    """
+    Fenced, owned leases (locks with an expiry).
+
+    :meth:`acquire` returns a fencing token: an integer that grows with
+    every acquisition of the same name, also across expiries, so whoever
+    receives writes from lease holders can refuse one carrying a smaller
+    token than it has already seen.  Only the current token renews or
+    releases a lease; a lease not renewed within its ttl expires.
+    :class:`difydaemon.coordination.leases.HeldLease` renews one in the
+    background and tells its holder when it is lost.
+    """
+
+    def acquire(name: str, ttl: float):
+        """Deferred[int | None]: the new lease's fencing token, None if the lease is held."""
+
+    def renew(name: str, token: int, ttl: float):
+        """Make the lease expire ``ttl`` seconds from now if ``token`` still holds it. Deferred[bool]."""
+
+    def release(name: str, token: int):
+        """Drop the lease if ``token`` still holds it. Deferred[bool]."""
+
+    def holder(name: str):
+        """Deferred[int | None]: the token holding the lease now, None if free."""
+
+
+class IMembership(Interface):
+    """
+    The live replicas of a cluster, and which of them hold which plugin
+    (debug plugins are connected to one replica).
+
+    Entries expire by themselves after their ttl; readers only skip expired
+    entries, they never delete them.  A node's
+    :class:`~difydaemon.coordination.nodes.NodeInfo` is JSON-encoded.
+    """
+
+    def announce(node, ttl: float):
+        """Record ``node`` (a NodeInfo) as live for ``ttl`` seconds. Deferred[None]."""
+
+    def withdraw(node_id: str):
+        """Forget a node at once. Deferred[None]."""
+
+    def live_nodes():
+        """Deferred[list[NodeInfo]]: nodes whose announcement has not expired, by node_id."""
+
+    def claim_plugin(plugin_unique_identifier: str, node_id: str, ttl: float):
+        """Record that ``node_id`` holds the plugin for ``ttl`` seconds. Deferred[None]."""
+
+    def release_plugin(plugin_unique_identifier: str, node_id: str):
+        """Drop that claim at once. Deferred[None]."""
+
+    def plugin_holders(plugin_unique_identifier: str):
+        """
+        Deferred[list[NodeInfo]]: the live nodes with an unexpired claim on
+        the plugin, by node_id.
+        """

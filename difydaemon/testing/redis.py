@@ -1,0 +1,275 @@
+"""
+Redis servers of a test's own, for tests that need Redis to go away.
+
+Outage tests must never stop the machine's shared Redis (127.0.0.1:6379),
+so :class:`PrivateRedis` runs a ``redis-server`` of its own: a free port on
+127.0.0.1, a temporary directory, no persistence (``--save ""
+--appendonly no``).  The test starts, stops, kills, freezes (``SIGSTOP``) and
+thaws it at will; :func:`private_redis` also destroys it at clean-up, and an
+``atexit`` hook destroys whatever an interrupted run left behind.  The server
+is started through the daemon's parent-death launcher, so it dies with the
+test process even when that is killed.
+
+:func:`shared_redis_prefix` gives a test a key prefix of its own on the
+shared Redis and deletes every key under it at clean-up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+
+from twisted.internet.task import deferLater
+
+from difydaemon.runtimes.parent_death import child_argv, parent_death_signal
+from difydaemon.testing.postgres import free_port
+
+#: The machine's shared Redis (never stopped by tests).
+SHARED_HOST = "127.0.0.1"
+SHARED_PORT = 6379
+
+
+def redis_server_binary() -> str:
+    """The ``redis-server`` program; RuntimeError when it is not installed."""
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    return found
+
+
+def ping(host: str, port: int, timeout: float = 0.5, tls: bool = False) -> bool:
+    """Whether a Redis answers PING at ``host:port`` now (blocking, loopback only)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            if tls:
+                return True
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+class PrivateRedis:
+    """
+    One ``redis-server`` in a temporary directory.
+
+    :param reactor: for waiting.
+    :param options: more ``redis-server`` command-line options
+        (``["--requirepass", "secret"]``, TLS settings ...).
+    :param config: text of a configuration file to start from (Sentinel
+        needs one it can rewrite); its options come before ``options``.
+    :param sentinel: start it as a Sentinel.
+    :ivar port: the TCP port on 127.0.0.1 (the TLS port when ``options``
+        give ``--tls-port`` with this port).
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, reactor, options=(), config: str | None = None, sentinel: bool = False, port: int | None = None) -> None:
+        self._reactor = reactor
+        self.port = port or free_port()
+        self.directory = tempfile.mkdtemp(prefix="difydaemon-redis-")
+        self._options = list(options)
+        self._config = config
+        self._sentinel = sentinel
+        self._process: subprocess.Popen | None = None
+        self._log = os.path.join(self.directory, "server.log")
+        self._destroyed = False
+        self.frozen = False
+        atexit.register(self.destroy)
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def server_log(self) -> str:
+        """What the server logged (for failure messages)."""
+        try:
+            with open(self._log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _argv(self) -> list[str]:
+        argv = [redis_server_binary()]
+        if self._config is not None:
+            path = os.path.join(self.directory, "redis.conf")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self._config)
+            argv.append(path)
+        argv += [
+            "--port", "0" if "--tls-port" in self._options else str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+            "--logfile", self._log,
+            "--daemonize", "no",
+            *self._options,
+        ]
+        if self._sentinel:
+            argv.append("--sentinel")
+        return argv
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the server (again) and wait until it answers."""
+        if self._destroyed:
+            raise RuntimeError("this server has been destroyed")
+        if self.frozen:
+            self.thaw()
+        if self.running:
+            return
+        self._process = subprocess.Popen(
+            child_argv(parent_death_signal(), self._argv()),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        tls = "--tls-port" in self._options
+        waited = 0.0
+        while not ping(self.host, self.port, tls=tls):
+            if not self.running or waited > timeout:
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.server_log()}")
+            await deferLater(self._reactor, 0.02, lambda: None)
+            waited += 0.02
+
+    async def _wait_exit(self) -> None:
+        while self.running:
+            await deferLater(self._reactor, 0.02, lambda: None)
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM) and wait until it is gone; the port stays free for a restart."""
+        if self.frozen:
+            self.thaw()
+        if self.running:
+            self._process.terminate()
+            await self._wait_exit()
+
+    async def kill(self) -> None:
+        """Kill the server (SIGKILL), as a crash would."""
+        if self.frozen:
+            self.thaw()
+        if self.running:
+            self._process.kill()
+            await self._wait_exit()
+
+    def freeze(self) -> None:
+        """``SIGSTOP`` the server: it accepts TCP connections but never answers."""
+        if self.running:
+            os.kill(self._process.pid, signal.SIGSTOP)
+            self.frozen = True
+
+    def thaw(self) -> None:
+        """``SIGCONT`` what :meth:`freeze` stopped."""
+        if self._process is not None and self.frozen:
+            os.kill(self._process.pid, signal.SIGCONT)
+        self.frozen = False
+
+    def destroy(self) -> None:
+        """Kill the server at once and delete its directory (blocking; safe to call twice)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        try:
+            if self._process is not None and self._process.poll() is None:
+                self.thaw()
+                self._process.kill()
+                self._process.wait(timeout=30)
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            atexit.unregister(self.destroy)
+
+
+async def private_redis(case, reactor, **kwargs) -> PrivateRedis:
+    """A started :class:`PrivateRedis` that ``case``'s clean-up destroys."""
+    server = PrivateRedis(reactor, **kwargs)
+    case.addCleanup(server.destroy)
+    await server.start()
+    return server
+
+
+def sentinel_config(service_name: str, master_port: int, master_host: str = "127.0.0.1") -> str:
+    """The configuration of a Sentinel watching one master (quorum 1)."""
+    return (
+        f"sentinel monitor {service_name} {master_host} {master_port} 1\n"
+        f"sentinel down-after-milliseconds {service_name} 1000\n"
+    )
+
+
+def new_prefix() -> str:
+    """A key prefix no other test uses."""
+    return "difydaemon_test_" + secrets.token_hex(6)
+
+
+async def delete_prefix(connection, prefix: str) -> int:
+    """
+    Delete every key under ``prefix:`` through ``connection`` (a
+    RedisConnection); how many went.
+    """
+    deleted = 0
+    cursor = "0"
+    pattern = prefix.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":*"
+    while True:
+        cursor, keys = await connection.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 500)
+        if keys:
+            deleted += await connection.execute("DEL", *keys)
+        if str(cursor) == "0":
+            return deleted
+
+
+#: The variables every configuration needs, for building a config in tests.
+_BASE_ENVIRONMENT = {
+    "SERVER_KEY": "test-server-key",
+    "DIFY_INNER_API_URL": "http://127.0.0.1:1",
+    "DIFY_INNER_API_KEY": "test-inner-key",
+    "PLATFORM": "local",
+    "PLUGIN_REMOTE_INSTALLING_ENABLED": "false",
+}
+
+
+def redis_config(host: str = SHARED_HOST, port: int = SHARED_PORT, prefix: str | None = None, **variables):
+    """
+    A daemon Config naming a Redis (``variables`` are more ``REDIS_*``
+    settings, by name).
+    """
+    from difydaemon.config import load_config
+
+    environ = dict(_BASE_ENVIRONMENT, REDIS_HOST=host, REDIS_PORT=str(port), **variables)
+    if prefix is not None:
+        environ["REDIS_KEY_PREFIX"] = prefix
+    return load_config(environ)
+
+
+async def shared_redis_prefix(case, reactor) -> str:
+    """
+    A fresh key prefix on the shared Redis whose keys ``case``'s clean-up
+    deletes; fails the test when the shared Redis does not answer.
+    """
+    from difydaemon.coordination.redis.connection import CommandProtocol, ConnectionSettings, RedisConnection
+    from difydaemon.coordination.redis.endpoints import server_endpoint
+
+    if not ping(SHARED_HOST, SHARED_PORT):
+        case.fail(
+            f"the shared Redis at {SHARED_HOST}:{SHARED_PORT} does not answer; these tests are required "
+            "(.ci/run starts it)"
+        )
+    prefix = new_prefix()
+    connection = RedisConnection(
+        reactor, server_endpoint(reactor, SHARED_HOST, SHARED_PORT, 5.0), ConnectionSettings(), CommandProtocol
+    )
+
+    async def clean_up():
+        try:
+            await delete_prefix(connection, prefix)
+        finally:
+            await connection.close()
+
+    from twisted.internet.defer import Deferred
+
+    case.addCleanup(lambda: Deferred.fromCoroutine(clean_up()))
+    return prefix
