@@ -30,6 +30,8 @@ from difydaemon.coordination.memory import (
 CONNECT_TIMEOUT = 5.0
 #: Seconds a command may wait for its reply before the connection counts as dead.
 REPLY_TIMEOUT = 5.0
+#: Seconds between two pings of the idle subscriber connection.
+KEEPALIVE = 5.0
 #: ``REDIS_PORT`` when unset.
 DEFAULT_PORT = 6379
 
@@ -70,7 +72,13 @@ def uses_redis(redis_config) -> bool:
     return bool(redis_config.redis_host) or redis_config.redis_use_sentinel
 
 
-def coordination_for(config, reactor, connect_timeout: float = CONNECT_TIMEOUT, reply_timeout: float = REPLY_TIMEOUT) -> Coordination:
+def coordination_for(
+    config,
+    reactor,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    reply_timeout: float = REPLY_TIMEOUT,
+    keepalive: float = KEEPALIVE,
+) -> Coordination:
     """
     The coordination set the configuration asks for: in memory when
     ``REDIS_HOST`` is unset and Sentinel is off, else on Redis (connected
@@ -85,4 +93,4 @@ def coordination_for(config, reactor, connect_timeout: float = CONNECT_TIMEOUT, 
         return memory_coordination(reactor)
     from difydaemon.coordination.redis.factory import redis_coordination
 
-    return redis_coordination(config.redis, reactor, connect_timeout, reply_timeout)
+    return redis_coordination(config.redis, reactor, connect_timeout, reply_timeout, keepalive)

@@ -150,8 +150,7 @@ class _Handshake:
                 step = "ping"
                 await self.execute_command("PING")
         except Exception as e:
-            # ClientService does not close a connection whose preparation
-            # failed; the next attempt must not find this one half-open
+            # drop it: ClientService then connects again, after a pause
             if self.transport is not None:
                 self.transport.abortConnection()
             if isinstance(e, txredisapi.ResponseError):
@@ -236,14 +235,27 @@ class RedisConnection:
         self.ready_listeners: list = []
         #: called with the reason each time the usable connection is lost
         self.lost_listeners: list = []
-        factory = _ProtocolFactory(lambda: protocol_class(reactor, settings))
+        self._backoff = backoffPolicy(initialDelay=0.1, maxDelay=max_retry_delay, factor=2.0)
+        # consecutive connections refused at the handshake (bad password,
+        # not a master): ClientService counts them as successes
+        self._rejected = 0
         self._service = ClientService(
             _ObservedEndpoint(endpoint, self._attempt_failed),
-            factory,
-            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=max_retry_delay, factor=2.0),
+            _ProtocolFactory(lambda: self._build(protocol_class)),
+            retryPolicy=self._retry_delay,
             clock=reactor,
-            prepareConnection=self._prepare,
         )
+
+    def _build(self, protocol_class):
+        protocol = protocol_class(self._reactor, self._settings)
+        # The handshake is watched here rather than through ClientService's
+        # prepareConnection: a failed preparation leaves the connection open
+        # and its later close breaks ClientService's state machine.
+        protocol.ready.addCallbacks(self._usable, self._handshake_failed)
+        return protocol
+
+    def _retry_delay(self, attempt: int) -> float:
+        return self._backoff(max(attempt, self._rejected))
 
     @property
     def usable(self) -> bool:
@@ -284,12 +296,9 @@ class RedisConnection:
         """
         return await send(await self.protocol(), *args)
 
-    def _prepare(self, proxy):
-        protocol = proxy._protocol if hasattr(proxy, "_protocol") else proxy
-        return protocol.ready.addCallbacks(self._usable, self._handshake_failed)
-
     def _usable(self, protocol):
         was_down = self._down_reason is not None
+        self._rejected = 0
         self._protocol = protocol
         self._down_reason = None
         protocol.on_lost = self._connection_lost
@@ -305,9 +314,9 @@ class RedisConnection:
                 log.failure("{description}: a ready listener failed", description=self._description)
         return protocol
 
-    def _handshake_failed(self, failure):
+    def _handshake_failed(self, failure) -> None:
+        self._rejected += 1
         self._went_down(unavailable(failure).reason)
-        return failure
 
     def _attempt_failed(self, failure) -> None:
         self._went_down(f"could not connect: {failure.getErrorMessage()}")

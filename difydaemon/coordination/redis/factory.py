@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import gatherResults
+
 from difydaemon.coordination import DEFAULT_PORT, Coordination
 from difydaemon.coordination.namespace import KeySpace
 from difydaemon.coordination.redis.connection import (
@@ -63,7 +65,7 @@ def redis_endpoint(redis_config, reactor, connect_timeout: float):
     return server_endpoint(reactor, redis_config.redis_host, port, connect_timeout, tls), False
 
 
-def redis_coordination(redis_config, reactor, connect_timeout: float, reply_timeout: float, keepalive: float = 5.0) -> Coordination:
+def redis_coordination(redis_config, reactor, connect_timeout: float, reply_timeout: float, keepalive: float) -> Coordination:
     """The Redis coordination set: one command connection, one subscriber connection."""
     endpoint, require_master = redis_endpoint(redis_config, reactor, connect_timeout)
     settings = ConnectionSettings(
@@ -79,8 +81,6 @@ def redis_coordination(redis_config, reactor, connect_timeout: float, reply_time
     pubsub = RedisPubSub(reactor, commands, subscriber, keys, keepalive=keepalive)
 
     def close():
-        from twisted.internet.defer import gatherResults
-
         pubsub.close()
         return gatherResults([commands.close(), subscriber.close()], consumeErrors=True).addCallback(lambda _: None)
 
