@@ -29,6 +29,10 @@ Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
 - ``PLUGIN_ENV_PASSTHROUGH`` is our own: variables of the daemon's
   environment that plugin processes and their builds inherit besides the
   allow-list of :mod:`difydaemon.runtimes.child_environment`.
+- ``CLUSTER_ADVERTISE_HOST`` is our own: the host other replicas reach this
+  one at on ``SERVER_PORT`` (detected when unset, see
+  :mod:`difydaemon.coordination.nodes`).
+- ``REDIS_USE_AZURE_MANAGED_IDENTITY`` is refused when Redis is used.
 - A variable set to the empty string counts as unset and takes its default,
   as in Go's default-setter; out-of-range numbers (a port of 0, a size of 0)
   are errors instead of silently meaning "default".
@@ -38,7 +42,7 @@ name is the variable's name in lower case, either on :class:`Config` itself
 or on one of its groups, e.g. ``SERVER_PORT`` -> ``config.server_port`` and
 ``DB_TYPE`` -> ``config.db.db_type``.  The groups are ``storage``,
 ``packages``, ``db``, ``local_runtime``, ``remote``, ``invocation``,
-``serverless`` and ``redis``.  Durations keep the unit of the variable
+``serverless``, ``redis`` and ``cluster``.  Durations keep the unit of the variable
 (seconds, milliseconds or minutes, as documented on each class), except
 Go-style durations (``5s``), which are float seconds; properties ending in
 ``_seconds`` give the same duration as float seconds.  Two
@@ -53,6 +57,7 @@ the variable.  All problems are collected; when there is more than one,
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -158,7 +163,7 @@ VARIABLES: tuple[str, ...] = (
     "MAX_SERVERLESS_RETRY_TIMES",
     "MAX_SERVERLESS_REQUEST_BYTES",
     "MAX_SERVERLESS_TRANSACTION_TIMEOUT",
-    # redis (parsed, not used yet)
+    # redis (coordination between replicas; optional)
     "REDIS_HOST",
     "REDIS_PORT",
     "REDIS_USERNAME",
@@ -175,6 +180,8 @@ VARIABLES: tuple[str, ...] = (
     "REDIS_SENTINEL_USERNAME",
     "REDIS_SENTINEL_PASSWORD",
     "REDIS_SENTINEL_SOCKET_TIMEOUT",
+    # cluster
+    "CLUSTER_ADVERTISE_HOST",
 )
 
 _KNOWN = frozenset(VARIABLES)
@@ -581,10 +588,8 @@ class ServerlessConfig:
 @frozen
 class RedisConfig:
     """
-    A Redis connection (``config.redis``).
-
-    Parsed and validated so that a Go deployment's environment loads, but
-    difydaemon does not use Redis yet.
+    A Redis connection (``config.redis``), for replicas that coordinate
+    through it (:mod:`difydaemon.coordination`); a daemon alone needs none.
     """
 
     #: ``REDIS_HOST`` (None when unset).
@@ -625,6 +630,20 @@ class RedisConfig:
     def configured(self) -> bool:
         """Whether a Redis server (or sentinel set) was named."""
         return bool(self.redis_host) or bool(self.redis_sentinels)
+
+    @property
+    def in_use(self) -> bool:
+        """Whether the daemon coordinates through Redis: ``REDIS_HOST`` is set or Sentinel is on."""
+        return bool(self.redis_host) or self.redis_use_sentinel
+
+
+@frozen
+class ClusterConfig:
+    """How this replica is known to the others (``config.cluster``)."""
+
+    #: ``CLUSTER_ADVERTISE_HOST``: the host other replicas reach this one
+    #: at on ``SERVER_PORT``; None when unset (then detected at start-up).
+    cluster_advertise_host: str | None
 
 
 @frozen
@@ -679,6 +698,7 @@ class Config:
     invocation: InvocationConfig
     serverless: ServerlessConfig
     redis: RedisConfig
+    cluster: ClusterConfig
 
     @property
     def max_execution_timeout_seconds(self) -> float:
@@ -959,6 +979,7 @@ def _build(values: _Values) -> Config:
         invocation=_invocation(values),
         serverless=_serverless(values, platform),
         redis=_redis(values),
+        cluster=_cluster(values),
     )
 
 
@@ -1195,7 +1216,7 @@ def _serverless(values: _Values, platform: str | None) -> ServerlessConfig:
 
 
 def _redis(values: _Values) -> RedisConfig:
-    """The ``redis`` group (parsed only)."""
+    """The ``redis`` group."""
     cert_reqs = values.stripped("REDIS_SSL_CERT_REQS") or ""
     if cert_reqs.upper() not in REDIS_SSL_CERT_REQS:
         values.fail(
@@ -1207,8 +1228,28 @@ def _redis(values: _Values) -> RedisConfig:
     azure_identity = values.boolean("REDIS_USE_AZURE_MANAGED_IDENTITY", False)
     if azure_identity and redis_db != 0:
         values.fail("REDIS_DB", "must be 0 when REDIS_USE_AZURE_MANAGED_IDENTITY is true")
+    redis_host = values.optional_string("REDIS_HOST")
+    use_sentinel = values.boolean("REDIS_USE_SENTINEL", False)
+    sentinels = values.listing("REDIS_SENTINELS")
+    service_name = values.string("REDIS_SENTINEL_SERVICE_NAME")
+    if use_sentinel:
+        why = " when REDIS_USE_SENTINEL is true"
+        if not sentinels:
+            values.fail("REDIS_SENTINELS", "is required" + why)
+        if not service_name:
+            values.fail("REDIS_SENTINEL_SERVICE_NAME", "is required" + why)
+    for entry in sentinels:
+        host, colon, port = entry.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) <= PORT_MAX:
+            values.fail("REDIS_SENTINELS", f"each sentinel is host:port; got {entry!r}")
+            break
+    if azure_identity and (redis_host or use_sentinel):
+        values.fail(
+            "REDIS_USE_AZURE_MANAGED_IDENTITY",
+            "Entra ID authentication is not supported by difydaemon; use REDIS_USERNAME and REDIS_PASSWORD",
+        )
     return RedisConfig(
-        redis_host=values.optional_string("REDIS_HOST"),
+        redis_host=redis_host,
         redis_port=values.port("REDIS_PORT"),
         redis_username=values.string("REDIS_USERNAME"),
         redis_password=values.string("REDIS_PASSWORD"),
@@ -1218,10 +1259,28 @@ def _redis(values: _Values) -> RedisConfig:
         redis_ssl_cert_reqs=cert_reqs.upper(),
         redis_ssl_ca_certs=values.string("REDIS_SSL_CA_CERTS"),
         redis_use_azure_managed_identity=azure_identity,
-        redis_use_sentinel=values.boolean("REDIS_USE_SENTINEL", False),
-        redis_sentinels=values.listing("REDIS_SENTINELS"),
-        redis_sentinel_service_name=values.string("REDIS_SENTINEL_SERVICE_NAME"),
+        redis_use_sentinel=use_sentinel,
+        redis_sentinels=sentinels,
+        redis_sentinel_service_name=service_name,
         redis_sentinel_username=values.string("REDIS_SENTINEL_USERNAME"),
         redis_sentinel_password=values.string("REDIS_SENTINEL_PASSWORD"),
         redis_sentinel_socket_timeout=values.number("REDIS_SENTINEL_SOCKET_TIMEOUT", 0.0),
     )
+
+
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+
+
+def _cluster(values: _Values) -> ClusterConfig:
+    """The ``cluster`` group."""
+    host = values.stripped("CLUSTER_ADVERTISE_HOST") or None
+    if host is not None and not _HOST.match(host):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            values.fail(
+                "CLUSTER_ADVERTISE_HOST",
+                f"must be a host name or an IP address, without scheme or port; got {host!r}",
+            )
+            host = None
+    return ClusterConfig(cluster_advertise_host=host)

@@ -717,7 +717,9 @@ class ListTests(SynchronousTestCase):
 
     def test_sentinels(self):
         """Redis sentinels are a list of host:port."""
-        redis = load_config(_environ(REDIS_USE_SENTINEL="true", REDIS_SENTINELS="a:26379,b:26379")).redis
+        redis = load_config(
+            _environ(REDIS_USE_SENTINEL="true", REDIS_SENTINELS="a:26379,b:26379", REDIS_SENTINEL_SERVICE_NAME="m")
+        ).redis
         self.assertEqual(redis.redis_sentinels, ("a:26379", "b:26379"))
         self.assertTrue(redis.configured)
 
@@ -789,7 +791,36 @@ class AdminTests(SynchronousTestCase):
 
 
 class RedisTests(SynchronousTestCase):
-    """Redis settings are parsed and checked though unused."""
+    """Redis settings are parsed and checked."""
+
+    def test_in_use(self):
+        """Redis is in use when REDIS_HOST is set or Sentinel is on, not by default."""
+        self.assertFalse(load_config(_environ()).redis.in_use)
+        self.assertTrue(load_config(_environ(REDIS_HOST="redis")).redis.in_use)
+        sentinel = _environ(REDIS_USE_SENTINEL="true", REDIS_SENTINELS="s:26379", REDIS_SENTINEL_SERVICE_NAME="m")
+        self.assertTrue(load_config(sentinel).redis.in_use)
+
+    def test_sentinel_needs_sentinels_and_service(self):
+        """REDIS_USE_SENTINEL=true without sentinels or service name, or with a sentinel lacking a port, is refused."""
+        error = self.assertRaises(ConfigErrors, load_config, _environ(REDIS_USE_SENTINEL="true"))
+        self.assertEqual(
+            [e.variable for e in error.errors], ["REDIS_SENTINELS", "REDIS_SENTINEL_SERVICE_NAME"]
+        )
+        for sentinels in ("s", "s:", "s:port", ":26379", "s:0", "s:70000"):
+            error = self.assertRaises(
+                ConfigError,
+                load_config,
+                _environ(REDIS_USE_SENTINEL="true", REDIS_SENTINELS=sentinels, REDIS_SENTINEL_SERVICE_NAME="m"),
+            )
+            self.assertEqual(error.variable, "REDIS_SENTINELS")
+
+    def test_azure_identity_refused_when_used(self):
+        """Entra ID authentication is refused when Redis is in use, accepted (unused) otherwise."""
+        error = self.assertRaises(
+            ConfigError, load_config, _environ(REDIS_HOST="redis", REDIS_USE_AZURE_MANAGED_IDENTITY="true")
+        )
+        self.assertEqual(error.variable, "REDIS_USE_AZURE_MANAGED_IDENTITY")
+        self.assertTrue(load_config(_environ(REDIS_USE_AZURE_MANAGED_IDENTITY="true")).redis.redis_use_azure_managed_identity)
 
     def test_connection(self):
         """Host, port and db are read."""
@@ -808,6 +839,27 @@ class RedisTests(SynchronousTestCase):
             ConfigError, load_config, _environ(REDIS_USE_AZURE_MANAGED_IDENTITY="true", REDIS_DB="1")
         )
         self.assertEqual(error.variable, "REDIS_DB")
+
+
+class ClusterTests(SynchronousTestCase):
+    """CLUSTER_ADVERTISE_HOST is a bare host."""
+
+    def test_unset(self):
+        """Unset or blank, it is None (detected at start-up)."""
+        self.assertIsNone(load_config(_environ()).cluster.cluster_advertise_host)
+        self.assertIsNone(load_config(_environ(CLUSTER_ADVERTISE_HOST="  ")).cluster.cluster_advertise_host)
+
+    def test_hosts(self):
+        """Host names and IPv4 and IPv6 addresses are accepted, trimmed."""
+        for host in ("daemon-1", "daemon-1.plugins.svc.cluster.local", "10.0.0.5", "fd00::5", " 10.0.0.6 "):
+            config = load_config(_environ(CLUSTER_ADVERTISE_HOST=host))
+            self.assertEqual(config.cluster.cluster_advertise_host, host.strip())
+
+    def test_refused(self):
+        """A URL, a host with a port, or text with blanks is refused naming the variable."""
+        for host in ("http://daemon:5002", "daemon:5002", "two words", "[fd00::5]", "-daemon"):
+            error = self.assertRaises(ConfigError, load_config, _environ(CLUSTER_ADVERTISE_HOST=host))
+            self.assertEqual(error.variable, "CLUSTER_ADVERTISE_HOST")
 
 
 class ExampleAndDocumentationTests(SynchronousTestCase):

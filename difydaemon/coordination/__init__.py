@@ -67,11 +67,6 @@ def memory_coordination(reactor) -> Coordination:
     )
 
 
-def uses_redis(redis_config) -> bool:
-    """Whether the configuration asks for Redis."""
-    return bool(redis_config.redis_host) or redis_config.redis_use_sentinel
-
-
 def coordination_for(
     config,
     reactor,
@@ -89,7 +84,7 @@ def coordination_for(
     :raises ConfigError: when the CA file cannot be read or holds no
         certificate.
     """
-    if not uses_redis(config.redis):
+    if not config.redis.in_use:
         return memory_coordination(reactor)
     from difydaemon.coordination.redis.factory import redis_coordination
 
