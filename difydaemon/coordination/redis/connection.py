@@ -211,7 +211,10 @@ class RedisConnection:
     :param settings: the handshake.
     :param protocol_class: :class:`CommandProtocol` or
         :class:`SubscriberProtocol`.
-    :param max_retry_delay: longest pause between two connection attempts.
+    :param max_retry_delay: longest pause between two connection attempts,
+        before a random 0 to 1 s is added (Twisted's backoff jitter, which
+        spreads the reconnections of many replicas).
+    :param jitter: replaces that random addition (tests).
     """
 
     def __init__(
@@ -222,6 +225,7 @@ class RedisConnection:
         protocol_class=CommandProtocol,
         max_retry_delay: float = 2.0,
         description: str = "redis",
+        jitter=None,
     ) -> None:
         self._reactor = reactor
         self._settings = settings
@@ -235,7 +239,8 @@ class RedisConnection:
         self.ready_listeners: list = []
         #: called with the reason each time the usable connection is lost
         self.lost_listeners: list = []
-        self._backoff = backoffPolicy(initialDelay=0.1, maxDelay=max_retry_delay, factor=2.0)
+        jitter = {} if jitter is None else {"jitter": jitter}
+        self._backoff = backoffPolicy(initialDelay=0.1, maxDelay=max_retry_delay, factor=2.0, **jitter)
         # consecutive connections refused at the handshake (bad password,
         # not a master): ClientService counts them as successes
         self._rejected = 0
