@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 
+from attrs import frozen
 from twisted.internet.task import deferLater
 
 from difydaemon.runtimes.parent_death import child_argv, parent_death_signal
@@ -65,17 +66,19 @@ class PrivateRedis:
     :param config: text of a configuration file to start from (Sentinel
         needs one it can rewrite); its options come before ``options``.
     :param sentinel: start it as a Sentinel.
-    :ivar port: the TCP port on 127.0.0.1 (the TLS port when ``options``
-        give ``--tls-port`` with this port).
+    :param tls: a :class:`TLSFiles`: serve TLS only, with that certificate
+        (clients need not show one).
+    :ivar port: the TCP port on 127.0.0.1 (TLS only with ``tls``).
     """
 
     host = "127.0.0.1"
 
-    def __init__(self, reactor, options=(), config: str | None = None, sentinel: bool = False, port: int | None = None) -> None:
+    def __init__(self, reactor, options=(), config: str | None = None, sentinel: bool = False, tls=None) -> None:
         self._reactor = reactor
-        self.port = port or free_port()
+        self.port = free_port()
         self.directory = tempfile.mkdtemp(prefix="difydaemon-redis-")
         self._options = list(options)
+        self._tls = tls
         self._config = config
         self._sentinel = sentinel
         self._process: subprocess.Popen | None = None
@@ -104,8 +107,16 @@ class PrivateRedis:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(self._config)
             argv.append(path)
+        if self._tls is not None:
+            argv += [
+                "--tls-port", str(self.port),
+                "--tls-cert-file", self._tls.certificate,
+                "--tls-key-file", self._tls.key,
+                "--tls-ca-cert-file", self._tls.ca,
+                "--tls-auth-clients", "no",
+            ]
         argv += [
-            "--port", "0" if "--tls-port" in self._options else str(self.port),
+            "--port", "0" if self._tls is not None else str(self.port),
             "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
@@ -130,9 +141,8 @@ class PrivateRedis:
             child_argv(parent_death_signal(), self._argv()),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        tls = "--tls-port" in self._options
         waited = 0.0
-        while not ping(self.host, self.port, tls=tls):
+        while not ping(self.host, self.port, tls=self._tls is not None):
             if not self.running or waited > timeout:
                 raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.server_log()}")
             await deferLater(self._reactor, 0.02, lambda: None)
@@ -191,6 +201,77 @@ async def private_redis(case, reactor, **kwargs) -> PrivateRedis:
     case.addCleanup(server.destroy)
     await server.start()
     return server
+
+
+@frozen
+class TLSFiles:
+    """PEM files of a test CA and of a server certificate it signed."""
+
+    ca: str
+    certificate: str
+    key: str
+
+
+def make_tls_files(directory: str, hosts=("127.0.0.1",)) -> TLSFiles:
+    """
+    A fresh CA and a server certificate for ``hosts`` (IP addresses or
+    names), written to ``directory``.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, public_key, signing_key, ca, names=()):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    def alternative_name(host):
+        try:
+            return x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            return x509.DNSName(host)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("difydaemon test CA", "difydaemon test CA", ca_key.public_key(), ca_key, True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = certificate(
+        "redis", "difydaemon test CA", server_key.public_key(), ca_key, False, [alternative_name(h) for h in hosts]
+    )
+    files = TLSFiles(
+        ca=os.path.join(directory, "ca.pem"),
+        certificate=os.path.join(directory, "server.pem"),
+        key=os.path.join(directory, "server.key"),
+    )
+    for path, data in (
+        (files.ca, ca.public_bytes(serialization.Encoding.PEM)),
+        (files.certificate, server.public_bytes(serialization.Encoding.PEM)),
+        (
+            files.key,
+            server_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        ),
+    ):
+        with open(path, "wb") as f:
+            f.write(data)
+    return files
 
 
 def sentinel_config(service_name: str, master_port: int, master_host: str = "127.0.0.1") -> str:
