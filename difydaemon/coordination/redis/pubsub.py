@@ -22,8 +22,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from difydaemon.coordination.redis.connection import send
 from difydaemon.coordination.namespace import KeySpace, check_name, decode_value, encode_value
+from difydaemon.coordination.redis.connection import send
 from difydaemon.errors import CoordinationUnavailableError
 from difydaemon.interfaces import IPubSub, ISubscription
 
