@@ -12,6 +12,7 @@ import functools
 import io
 
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -133,6 +134,9 @@ def envelope_route(route_name: str, fields: list[Field] | None = None):
                 return _json(request, envelope.from_exception(exc), 400)
             except DaemonError as exc:
                 return _json(request, envelope.from_exception(exc))
+            except CancelledError:
+                # the client went away and Klein cancelled the handler: no bug, nobody to answer
+                raise
             except Exception:
                 log.failure("management route {route} failed", route=route_name)
                 return _json(request, envelope.from_exception(InternalServerError("internal server error")))
@@ -571,6 +575,8 @@ class ManagementAPI:
             data = await self._packages.asset(asset_id)
         except DaemonError as exc:
             return _json(request, envelope.from_exception(exc), 500)
+        except CancelledError:
+            raise
         except Exception:
             return _raw_route_bug(request, "asset")
         request.setHeader(b"content-type", b"application/octet-stream")
@@ -594,6 +600,8 @@ class ManagementAPI:
             data = await self._packages.extract_asset(params["plugin_unique_identifier"], params["file_path"])
         except DaemonError as exc:
             return _json(request, envelope.from_exception(exc), 500)
+        except CancelledError:
+            raise
         except Exception:
             return _raw_route_bug(request, "extract-asset")
         request.setHeader(b"content-type", b"application/octet-stream")

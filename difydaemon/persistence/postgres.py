@@ -94,6 +94,30 @@ def _closed(connection) -> bool:
     return pollable is None or bool(pollable.closed)
 
 
+def shielded(inner: Deferred) -> Deferred:
+    """
+    A Deferred with ``inner``'s result whose cancellation does not reach
+    ``inner``: cancelling it fails it with ``CancelledError`` at once, and
+    ``inner`` goes on; its later result is dropped (a failure logged at
+    debug level, so none is left unhandled).
+    """
+    outer: Deferred = Deferred(lambda _: None)
+
+    def settle(result):
+        if outer.called:
+            if isinstance(result, Failure):
+                log.debug("a database call whose caller left failed: {reason}", reason=result.getErrorMessage())
+            return None
+        if isinstance(result, Failure):
+            outer.errback(result)
+        else:
+            outer.callback(result)
+        return None
+
+    inner.addBoth(settle)
+    return outer
+
+
 def connection_gone(exc: BaseException, connection=None) -> bool:
     """
     Whether ``exc``, raised while using ``connection``, means the
@@ -376,7 +400,12 @@ class PostgresPersistence(SQLPersistence):
         return DatabaseUnavailableError(f"the connection broke: {_describe(exc)}")
 
     def _transact(self, operation, *args) -> Deferred:
-        return Deferred.fromCoroutine(self._run(operation, args))
+        # A caller that goes away (Klein cancels a handler whose client
+        # left) must not cancel the transaction halfway: a statement still
+        # in flight would leave the connection unusable, and a write would
+        # be cut at an unknown point.  It runs to its end; only the answer
+        # is dropped.
+        return shielded(Deferred.fromCoroutine(self._run(operation, args)))
 
     # -- start-up and shutdown ---------------------------------------------------
 

@@ -619,3 +619,26 @@ class UnfinishedTaskTests(SynchronousTestCase):
         self.assertEqual(task["status"], TASK_FAILED)
         self.assertEqual(task["plugins"][0]["message"], "An unexpected daemon shutdown occurred")
         self.assertEqual(task["total_plugins"], 1)
+
+
+class DepartedClientTests(SynchronousTestCase):
+    """A management route whose client left (Klein cancels its handler) is no failure."""
+
+    def test_cancelled_route_logs_nothing(self):
+        """Cancelling a route waiting on its work ends it with CancelledError and logs no failure."""
+        from twisted.internet.defer import CancelledError
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from difydaemon.api.management import envelope_route
+
+        waiting = Deferred()
+
+        class Routes:
+            @envelope_route("SlowRequest")
+            async def slow(self, request, tenant_id, params):
+                return await waiting
+
+        d = Deferred.fromCoroutine(Routes().slow(DummyRequest([b""]), TENANT))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import secrets
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import deferLater
 from txpostgres import txpostgres
 
 from difydaemon.errors import DatabaseUnavailableError
@@ -34,12 +36,12 @@ class PostgresOutageTests(AsyncTestCase):
 
         return Deferred.fromCoroutine(self._set_up())
 
-    async def persistence(self, **options) -> PostgresPersistence:
+    async def persistence(self, pool_size: int = 2, **options) -> PostgresPersistence:
         """A migrated PostgresPersistence on this test's database (created through ``postgres``)."""
         options.setdefault("connect_timeout", 5)
         options.setdefault("read_timeout", 10)
         persistence = PostgresPersistence(
-            reactor, self.cluster.dsn(self.database), pool_size=2, default_database="postgres", **options
+            reactor, self.cluster.dsn(self.database), pool_size=pool_size, default_database="postgres", **options
         )
         self.addCleanup(persistence.close)
         await persistence.migrate()
@@ -153,6 +155,21 @@ class PostgresOutageTests(AsyncTestCase):
         self.assertEqual(await admin.runQuery("SELECT n FROM written"), [])
         # and the next call works
         self.assertEqual(await persistence.list_tasks(TENANT, 0, 10), [])
+
+    async def test_cancelled_caller_leaves_a_usable_connection(self):
+        """A caller cancelled while its statement waits on a frozen server does not spoil the connection."""
+        persistence = await self.persistence(pool_size=1)
+        self.assertEqual(await persistence.list_tasks(TENANT, 0, 10), [])
+        self.cluster.freeze()
+        pending = persistence.list_tasks(TENANT, 0, 10)
+        await deferLater(reactor, 0.3, lambda: None)
+        pending.cancel()
+        with self.assertRaises(CancelledError):
+            await pending
+        self.cluster.thaw()
+        # the one connection is lent again: its statement finished, nothing is in flight
+        self.assertEqual(await persistence.list_tasks(TENANT, 0, 10), [])
+        self.assertEqual(await persistence.get_installation(TENANT, "acme/echo"), None)
 
     async def test_frozen_server_times_out_then_recovers(self):
         """A SIGSTOPped server fails calls after the read and connect time-outs; once resumed, calls succeed."""
