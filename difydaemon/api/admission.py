@@ -5,8 +5,10 @@ channel for the dispatch calls it serves, twisted.web for the rest).
 
 :meth:`FrontDoor.admit` reads the target in its canonical form
 (:mod:`difydaemon.api.paths`, the same form every router then sees),
-checks ``X-Api-Key`` on ``/plugin/**`` and bounds the body by its route.
-A refusal is answered at once and the connection closed, its body unread:
+checks ``X-Api-Key`` on ``/plugin/**`` and bounds the body by its route
+(one table, :data:`ROUTES`: its size, and its pace,
+:mod:`difydaemon.api.pace`).  A refusal is answered at once and the
+connection closed, its body unread:
 
 - a path the daemon does not route: 404 (or 400 when malformed), before the
   key check, which is moot then;
@@ -14,13 +16,15 @@ A refusal is answered at once and the connection closed, its body unread:
 - a declared ``Content-Length`` over the route's bound: 413 with a -400
   envelope, except on the upload routes, which answer HTTP 200 with -400
   "file size exceeds the maximum limit" as Go does (``http-api.md`` §9).
-  A chunked body is counted as it arrives against the same bound; on
-  ``/e/`` the first 10 MiB are kept and the rest dropped, as Go does.
+  A chunked body is counted as it arrives against the same bound.  A route
+  that takes no body (``/health/check``, any ``GET``) has a bound of 0.
 
 The head itself is bounded too (:data:`MAX_REQUEST_LINE`,
 :data:`MAX_HEAD_SIZE`, :data:`MAX_HEADERS`, :data:`HEAD_TIMEOUT`), with the
 answers of :data:`URI_TOO_LONG`, :data:`HEADERS_TOO_LARGE` and
-:data:`HEAD_TIMED_OUT`.
+:data:`HEAD_TIMED_OUT`; a body too slow for its pace is
+:data:`BODY_TIMED_OUT`, and a head that could be framed two ways (request
+smuggling) is :data:`BAD_REQUEST`.
 
 Pure: values in, values out; :func:`refusal_response` gives the bytes both
 stacks write.
@@ -36,7 +40,7 @@ from twisted.web.http import RESPONSES
 from twisted.web.server import version as SERVER_VERSION
 
 from difydaemon.api import envelope
-from difydaemon.api.endpoint_http import MAX_BODY as ENDPOINT_BODY_LIMIT
+from difydaemon.api.pace import KEYED_PACE, PUBLIC_PACE, BodyPace
 from difydaemon.api.paths import ENDPOINT_PREFIX, PathRefusal, RequestTarget, canonical_target
 from difydaemon.errors import BadRequestError, UnauthorizedError
 
@@ -59,6 +63,9 @@ MULTIPART_OVERHEAD = 1024 * 1024
 DISPATCH_BODY_LIMIT = 128 * 1024 * 1024
 #: Any other request's body: management JSON is a few kilobytes.
 OTHER_BODY_LIMIT = 1024 * 1024
+#: ``/e/`` bodies read at most (``ENDPOINT_READ_LIMIT``); the plugin is
+#: handed the first 10 MiB of them, as Go does.
+ENDPOINT_READ_LIMIT = 16 * 1024 * 1024
 
 _JSON = b"application/json; charset=utf-8"
 _TEXT = b"text/plain; charset=utf-8"
@@ -93,15 +100,14 @@ class Admitted:
 
     :ivar target: its canonical target, what every router sees.
     :ivar body_limit: bytes of body it may have.
-    :ivar truncate: keep the first ``body_limit`` bytes and drop the rest
-        (``/e/``) rather than refuse the request.
     :ivar oversize: the answer when a body of unannounced length goes over.
+    :ivar pace: how slowly its body may arrive.
     """
 
     target: RequestTarget
     body_limit: int
-    truncate: bool
     oversize: Refused
+    pace: BodyPace
 
 
 @lru_cache(maxsize=16)
@@ -126,6 +132,14 @@ URI_TOO_LONG = Refused(414, _TEXT, b"request line too long\n", "request line too
 HEADERS_TOO_LARGE = Refused(431, _TEXT, b"request header fields too large\n", "request head too large")
 #: A head not complete within :data:`HEAD_TIMEOUT`.
 HEAD_TIMED_OUT = Refused(408, _TEXT, b"request head not received in time\n", "request head timed out")
+#: A body slower than its route's :class:`~difydaemon.api.pace.BodyPace`.
+BODY_TIMED_OUT = Refused(408, _TEXT, b"request body not received in time\n", "request body too slow")
+#: A head HTTP/1.1 does not allow, or one that two readers could frame
+#: differently (a bare LF, a folded line, two lengths, a length and a
+#: transfer coding), or a malformed chunked body.
+BAD_REQUEST = Refused(
+    400, _JSON, envelope.from_exception(BadRequestError("malformed HTTP request")), "malformed request"
+)
 
 
 def path_refused(refusal: PathRefusal) -> Refused:
@@ -139,25 +153,96 @@ def path_refused(refusal: PathRefusal) -> Refused:
 @frozen
 class BodyLimits:
     """
-    The bytes of body each kind of route may have.
+    The bytes of body each kind of route may have (:data:`ROUTES` names them).
 
     :ivar package: ``/management/install/upload/package``.
     :ivar bundle: ``/management/install/upload/bundle``.
     :ivar dispatch: ``/plugin/<tenant>/dispatch/...``.
-    :ivar endpoint: ``/e/...``: kept, the rest dropped.
-    :ivar other: everything else.
+    :ivar endpoint: ``/e/...`` (``ENDPOINT_READ_LIMIT``).
+    :ivar other: everything else that takes a body.
     """
 
     package: int = 52428800 + MULTIPART_OVERHEAD
     bundle: int = 629145600 + MULTIPART_OVERHEAD
     dispatch: int = DISPATCH_BODY_LIMIT
-    endpoint: int = ENDPOINT_BODY_LIMIT
+    endpoint: int = ENDPOINT_READ_LIMIT
     other: int = OTHER_BODY_LIMIT
 
     @classmethod
-    def for_packages(cls, max_package_size: int, max_bundle_size: int) -> BodyLimits:
-        """The limits for ``MAX_PLUGIN_PACKAGE_SIZE`` and ``MAX_BUNDLE_PACKAGE_SIZE``."""
-        return cls(package=max_package_size + MULTIPART_OVERHEAD, bundle=max_bundle_size + MULTIPART_OVERHEAD)
+    def for_packages(cls, max_package_size: int, max_bundle_size: int, endpoint: int = ENDPOINT_READ_LIMIT) -> BodyLimits:
+        """The limits for ``MAX_PLUGIN_PACKAGE_SIZE``, ``MAX_BUNDLE_PACKAGE_SIZE`` and ``ENDPOINT_READ_LIMIT``."""
+        return cls(
+            package=max_package_size + MULTIPART_OVERHEAD,
+            bundle=max_bundle_size + MULTIPART_OVERHEAD,
+            endpoint=endpoint,
+        )
+
+
+#: In a :class:`Route`'s segments: any one segment (a tenant id, say).
+ANY = None
+
+
+@frozen
+class Route:
+    """
+    One line of :data:`ROUTES`: which requests it covers and how much body
+    they may have.
+
+    :ivar segments: the canonical path's first segments (:data:`ANY`
+        matches any one).
+    :ivar limit: a :class:`BodyLimits` field's name (configurable), or bytes.
+    :ivar methods: the methods it covers; empty for every method.
+    :ivar exact: the path is exactly ``segments``, not just starting with them.
+    :ivar upload: an upload route: over its bound it answers Go's HTTP 200
+        with -400 "file size exceeds the maximum limit" (``http-api.md`` §9).
+    """
+
+    segments: tuple
+    limit: str | int
+    methods: frozenset = frozenset()
+    exact: bool = False
+    upload: bool = False
+
+    def covers(self, method: bytes, segments: tuple) -> bool:
+        """Whether a request for ``segments`` with ``method`` falls under this line."""
+        mine = self.segments
+        if len(segments) < len(mine) or self.exact and len(segments) != len(mine):
+            return False
+        if self.methods and method not in self.methods:
+            return False
+        for wanted, segment in zip(mine, segments):
+            if wanted is not ANY and wanted != segment:
+                return False
+        return True
+
+
+_NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
+_POST = frozenset({b"POST"})
+
+#: Every route's body bound: the first line covering a request applies.
+#: A route with its own bound joins with one line, above the catch-alls.
+#: Requests under ``/plugin`` need ``X-Api-Key`` and their bodies get
+#: :data:`~difydaemon.api.pace.KEYED_PACE`; the others are public and get
+#: :data:`~difydaemon.api.pace.PUBLIC_PACE`.
+ROUTES = (
+    Route((b"plugin", ANY, b"dispatch"), "dispatch"),
+    Route((b"plugin", ANY, b"management", b"install", b"upload", b"package"), "package", _POST, True, True),
+    Route((b"plugin", ANY, b"management", b"install", b"upload", b"bundle"), "bundle", _POST, True, True),
+    Route((ENDPOINT_PREFIX, ANY), "endpoint"),
+    # routes that take no body: one would only be a way to make the daemon read
+    Route((b"health", b"check"), 0, exact=True),
+    Route((), 0, _NO_BODY_METHODS),
+    Route((), "other"),
+)
+
+
+@define(slots=True)
+class _Policy:
+    """What a :class:`Route` means under given :class:`BodyLimits`."""
+
+    route: Route
+    limit: int
+    oversize: Refused
 
 
 @frozen
@@ -167,10 +252,21 @@ class FrontDoor:
 
     :ivar server_key: the expected ``X-Api-Key`` (``SERVER_KEY``).
     :ivar limits: the body bounds.
+    :ivar routes: the route table (:data:`ROUTES`).
     """
 
     server_key: bytes = field(repr=False)
     limits: BodyLimits = BodyLimits()
+    routes: tuple = field(default=ROUTES, repr=False)
+    _policies: tuple = field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        policies = []
+        for route in self.routes:
+            limit = getattr(self.limits, route.limit) if isinstance(route.limit, str) else route.limit
+            oversize = UPLOAD_TOO_LARGE if route.upload else _too_large(limit)
+            policies.append(_Policy(route, limit, oversize))
+        object.__setattr__(self, "_policies", tuple(policies))
 
     def admit(self, method: bytes, target: bytes, api_key: bytes | None, content_length: int | None):
         """
@@ -189,31 +285,20 @@ class FrontDoor:
     def admit_target(self, method: bytes, target: RequestTarget, api_key: bytes | None, content_length: int | None):
         """:meth:`admit` for a target already in canonical form."""
         segments = target.segments
-        limits = self.limits
-        truncate = False
         if segments[0] == b"plugin":
             if not hmac.compare_digest(api_key or b"", self.server_key):
                 return UNAUTHORIZED
-            route = segments[2:]
-            if route[:1] == (b"dispatch",):
-                limit, oversize = limits.dispatch, _too_large(limits.dispatch)
-            elif (
-                method == b"POST"
-                and len(route) == 4
-                and route[:3] == (b"management", b"install", b"upload")
-                and route[3] in _UPLOAD_ROUTES
-            ):
-                limit = limits.package if route[3] == b"package" else limits.bundle
-                oversize = UPLOAD_TOO_LARGE
-            else:
-                limit, oversize = limits.other, _too_large(limits.other)
-        elif segments[0] == ENDPOINT_PREFIX:
-            limit, oversize, truncate = limits.endpoint, _too_large(limits.endpoint), True
+            pace = KEYED_PACE
         else:
-            limit, oversize = limits.other, _too_large(limits.other)
-        if content_length is not None and content_length > limit and not truncate:
-            return oversize
-        return Admitted(target, limit, truncate, oversize)
+            pace = PUBLIC_PACE
+        for policy in self._policies:
+            if policy.route.covers(method, segments):
+                break
+        else:  # pragma: no cover - ROUTES ends with a catch-all
+            raise AssertionError("no route covers " + repr(segments))
+        if content_length is not None and content_length > policy.limit:
+            return policy.oversize
+        return Admitted(target, policy.limit, policy.oversize, pace)
 
 
 def refusal_response(version: bytes, refused: Refused, date: bytes) -> bytes:

@@ -55,15 +55,18 @@ from twisted.web.server import version as SERVER_VERSION
 from zope.interface import implementer
 
 from difydaemon.api.admission import (
+    BODY_TIMED_OUT,
     HEAD_TIMED_OUT,
     HEAD_TIMEOUT,
     MAX_HEAD_SIZE,
     MAX_HEADERS,
     MAX_REQUEST_LINE,
+    Admitted,
     FrontDoor,
     Refused,
     refusal_response,
 )
+from difydaemon.api.pace import BodyClock, BodyPace
 from difydaemon.api.paths import RequestTarget, canonical_target
 
 log = Logger()
@@ -232,6 +235,9 @@ def split_request(buffer: bytes):
         # (a pending line may still lack its final "\n")
         size = len(buffer)
         if size > MAX_HEAD_SIZE + 1:
+            return FOREIGN
+        if buffer.count(b"\n") != buffer.count(b"\r\n"):
+            # a bare LF would end the head for some readers: twisted.web refuses it
             return FOREIGN
         if size > MAX_REQUEST_LINE + 1:
             line_end = buffer.find(b"\r\n")
@@ -499,6 +505,14 @@ class Lease:
     def setTcpNoDelay(self, enabled: bool) -> None:
         """The lender set it already."""
 
+    def pause_reading(self) -> None:
+        """The channel must read no more of its request for now (a check before its body)."""
+        self._lender.pause_reading()
+
+    def resume_reading(self) -> None:
+        """The channel reads its request again."""
+        self._lender.resume_reading()
+
     # -- IConsumer: the channel hearing about the write buffer ------------------
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -571,6 +585,10 @@ class DispatchChannel(Protocol):
         self._abort_call = None
         self._head_call = None
         self._last_activity = 0.0
+        # a dispatch body being read against its pace, and the call that checks it
+        self._body_clock: BodyClock | None = None
+        self._body_version = b"HTTP/1.1"
+        self._pace_call = None
 
     # -- IProtocol ------------------------------------------------------------------
 
@@ -617,6 +635,8 @@ class DispatchChannel(Protocol):
         if self._parts or self._request is not None:
             self._parts.append(data)
             self._size += len(data)
+            if self._body_clock is not None:
+                self._body_clock.advance(len(data))
             if self._request is not None:
                 if self._size > EAGER_READ_SIZE and not self._reading_paused:
                     self._reading_paused = True
@@ -632,6 +652,7 @@ class DispatchChannel(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._stop_idle_timer()
         self._stop_head_timer()
+        self._stop_pace()
         abort, self._abort_call = self._abort_call, None
         if abort is not None and abort.active():
             abort.cancel()
@@ -695,8 +716,10 @@ class DispatchChannel(Protocol):
                         # to a file as it arrives, rather than it piling up here
                         self._lend(buffer, framed.need - len(buffer))
                         return
-                    if not self._admitted(head):
+                    admitted = self._admitted(head)
+                    if admitted is None:
                         return
+                    self._start_pace(head, admitted.pace, len(buffer) - (framed.need - head.content_length))
                 self._parts = [buffer]
                 self._size = len(buffer)
                 self._need = framed.need
@@ -706,9 +729,10 @@ class DispatchChannel(Protocol):
                 return
             head, body, rest = framed
             self._head_complete()
+            self._stop_pace()
             if not head.dispatch:
                 self._lend(buffer[:len(buffer) - len(rest)])
-            elif self._admitted(head):
+            elif self._admitted(head) is not None:
                 self._serve(head, body)
             else:
                 return
@@ -720,14 +744,14 @@ class DispatchChannel(Protocol):
                     self._size = len(buffer)
                 return
 
-    def _admitted(self, head: RequestHead) -> bool:
-        """Whether the front door admits a dispatch request; if not, it is refused and the connection closes."""
+    def _admitted(self, head: RequestHead) -> Admitted | None:
+        """The front door's admission of a dispatch request; if refused (None), the connection closes."""
         keys = head.headers.get(b"x-api-key")
         verdict = self._front_door.admit_target(b"POST", head.target, keys[0] if keys else None, head.content_length)
         if type(verdict) is Refused:
             self._refuse(head.version, verdict, head.target.path)
-            return False
-        return True
+            return None
+        return verdict
 
     def _refuse(self, version: bytes, refused: Refused, target: bytes) -> None:
         """Answer ``refused`` at once and close, leaving the rest of the request unread."""
@@ -747,6 +771,7 @@ class DispatchChannel(Protocol):
         self._closing = True
         self._parts = []
         self._size = 0
+        self._stop_pace()
         if self.abort_timeout is not None and self._abort_call is None:
             self._abort_call = self._reactor.callLater(self.abort_timeout, self.transport.abortConnection)
         self._unregister()
@@ -821,6 +846,18 @@ class DispatchChannel(Protocol):
             self._request = None
             self._next(True)
 
+    def pause_reading(self) -> None:
+        """A lent channel checks its request before reading its body: read nothing meanwhile."""
+        if not self._reading_paused and not self._closing:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """The lent channel reads its body now."""
+        if self._reading_paused and not self._closing and not self._writes_blocked:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
     def lease_closes(self, lease: Lease) -> None:
         """The channel lent the connection closes it."""
         if lease is self._request:
@@ -834,6 +871,7 @@ class DispatchChannel(Protocol):
         """Give the connection, and ``buffer``, to a twisted.web channel."""
         self._stop_idle_timer()
         self._stop_head_timer()
+        self._stop_pace()
         self._unregister()
         self._parts = []
         if self._reading_paused:
@@ -895,3 +933,34 @@ class DispatchChannel(Protocol):
         if call is not None and call.active():
             call.cancel()
 
+
+    # -- body pace ------------------------------------------------------------------------
+
+    def _start_pace(self, head: RequestHead, pace: BodyPace, received: int) -> None:
+        """An admitted dispatch body is on its way: it must keep up with its route's pace."""
+        self._stop_pace()
+        clock = BodyClock(pace, self._reactor.seconds())
+        clock.advance(received)
+        self._body_clock = clock
+        self._body_version = head.version
+        self._pace_call = self._reactor.callLater(clock.pace.deadline(0.0, received), self._check_pace)
+
+    def _check_pace(self) -> None:
+        self._pace_call = None
+        clock = self._body_clock
+        if clock is None:
+            return
+        left = clock.check(self._reactor.seconds())
+        if left is None:
+            self._body_clock = None
+            self.transport.write(refusal_response(self._body_version, BODY_TIMED_OUT, self.date()))
+            log.info("Timing out a request body: {peer}", peer=str(self.transport.getPeer()))
+            self._close()
+        else:
+            self._pace_call = self._reactor.callLater(left, self._check_pace)
+
+    def _stop_pace(self) -> None:
+        self._body_clock = None
+        call, self._pace_call = self._pace_call, None
+        if call is not None and call.active():
+            call.cancel()

@@ -15,14 +15,27 @@ without that channel -- passes before its body is read.
   its first byte, and does not count its later bytes as activity (they
   restarted twisted.web's idle timer, so a client trickling a byte every
   few seconds held a connection forever);
+- refuses with 400 a head that two readers could frame differently
+  (request smuggling): a bare LF line end (twisted.web waited for a CRLF
+  that never came), a folded header line (twisted.web unfolded it), as
+  well as the shapes twisted.web already refuses (two ``Content-Length``,
+  ``Content-Length`` with ``Transfer-Encoding``, a bad chunk size), now with
+  the front door's envelope and ``Connection: close``;
 - admits the request once its head is read (canonical target, key, body
   bound), and otherwise answers at once and closes, its body unread;
+- gives the body its route's pace (:mod:`difydaemon.api.pace`): a body that
+  falls behind answers 408 and the connection closes;
+- with a ``before_body`` check (the site's), holds the body unread until
+  it has passed: an ``/e/`` call for an unknown hook answers its 404 first;
 - can serve a single request on a connection lent by
   :class:`~difydaemon.api.dispatch_channel.DispatchChannel`.
 
 :class:`DaemonRequest` routes on the canonical target the admission saw,
 and counts its body against the admitted bound as it arrives (a chunked
 body has no declared length).
+
+The pace, the hold and the refusals are driven here; what they decide is
+pure (:mod:`~difydaemon.api.admission`, :mod:`~difydaemon.api.pace`).
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from difydaemon.api.admission import (
+    BAD_REQUEST,
+    BODY_TIMED_OUT,
     HEAD_TIMED_OUT,
     HEAD_TIMEOUT,
     HEADERS_TOO_LARGE,
@@ -44,6 +59,7 @@ from difydaemon.api.admission import (
     Refused,
     refusal_response,
 )
+from difydaemon.api.pace import BodyClock
 
 log = Logger()
 
@@ -64,14 +80,9 @@ class DaemonRequest(Request):
         if admission is not None:
             received = self._body_received + len(data)
             self._body_received = received
-            over = received - admission.body_limit
-            if over > 0:
-                if not admission.truncate:
-                    self.channel.refuse(admission.oversize)
-                    return
-                data = data[: max(0, len(data) - over)]
-                if not data:
-                    return
+            if received > admission.body_limit:
+                self.channel.refuse(admission.oversize)
+                return
         self.content.write(data)
 
     def process(self) -> None:
@@ -92,6 +103,11 @@ class DaemonHTTPChannel(HTTPChannel):
     :ivar returned: called (once) when a lent request has been answered and
         the connection stays open; None when nothing is lent.
     :ivar head_timeout: seconds a request head may take from its first byte.
+    :ivar before_body: called with an admitted request's
+        :class:`~difydaemon.api.admission.Admitted` verdict when a body
+        follows its head; returns None, or a Deferred firing with a
+        :class:`~difydaemon.api.admission.Refused` (answered instead of
+        reading the body) or None (read it).  Set by the site.
     """
 
     #: no line is longer than a whole head (LineReceiver's bound)
@@ -99,6 +115,7 @@ class DaemonHTTPChannel(HTTPChannel):
     front_door = None
     returned = None
     head_timeout = HEAD_TIMEOUT
+    before_body = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,6 +124,13 @@ class DaemonHTTPChannel(HTTPChannel):
         # lines and bytes (line ends included) of the head being read
         self._head_lines = 0
         self._head_size = 0
+        # the body being read against its pace, and the call that checks it
+        self._body_clock: BodyClock | None = None
+        self._pace_call = None
+        # body bytes read while ``before_body`` decides (None: not deciding)
+        self._held: list | None = None
+        self._held_size = 0
+        self._lost = False
 
     # -- reading ---------------------------------------------------------------------
 
@@ -136,7 +160,20 @@ class DaemonHTTPChannel(HTTPChannel):
             if self._head_size > MAX_HEAD_SIZE or self._head_lines > MAX_HEADERS + 1:
                 self.refuse(HEADERS_TOO_LARGE)
                 return
+            if b"\n" in line or b"\r" in line:
+                # a bare LF (or CR) ends a line for some readers and not for others
+                self.refuse(BAD_REQUEST)
+                return
+            if self._head_lines > 1 and line[0] in b" \t":
+                # obsolete line folding: twisted.web would join it to the line
+                # before, a proxy in front may read it as a header of its own
+                self.refuse(BAD_REQUEST)
+                return
         super().lineReceived(line)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's 400, as the front door's refusal (envelope, ``Connection: close``)."""
+        self.refuse(BAD_REQUEST)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A line longer than a whole head: LineReceiver would close without a word."""
@@ -144,9 +181,15 @@ class DaemonHTTPChannel(HTTPChannel):
 
     def _head_pending(self) -> None:
         """Part of a head has arrived: bound what is buffered, and start its deadline."""
-        pending = len(self._buffer)
+        buffer = self._buffer
+        pending = len(buffer)
+        if b"\n" in buffer and b"\r\n" not in buffer and not self._busyReceiving:
+            # LineReceiver splits on CRLF only: a head of bare LFs would wait
+            # for its deadline (re-entered, the buffer holds whole lines, and
+            # maybe a body, not yet split: lineReceived sees those)
+            self.refuse(BAD_REQUEST)
         # a pending line may still lack its final "\n"
-        if self._head_lines == 0 and pending > MAX_REQUEST_LINE + 1:
+        elif self._head_lines == 0 and pending > MAX_REQUEST_LINE + 1:
             self.refuse(URI_TOO_LONG)
         elif self._head_size + pending > MAX_HEAD_SIZE + 1:
             self.refuse(HEADERS_TOO_LARGE)
@@ -176,15 +219,97 @@ class DaemonHTTPChannel(HTTPChannel):
                 self.refuse(verdict)
                 return
             request.admission = verdict
+            if self.length != 0:
+                self._start_body(verdict)
+                if self._refused or self._held is not None:
+                    return
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
+        self._stop_pace()
         if not self._refused:
             super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
-        if not self._refused:
-            super().rawDataReceived(data)
+        if self._refused:
+            return
+        held = self._held
+        if held is not None:
+            # before_body is deciding: nothing of the body is read yet
+            held.append(data)
+            self._held_size += len(data)
+            if self._held_size > self.requests[-1].admission.body_limit:
+                self.refuse(self.requests[-1].admission.oversize)
+            return
+        clock = self._body_clock
+        if clock is not None:
+            clock.advance(len(data))
+        super().rawDataReceived(data)
+
+    # -- the body: its pace, and the check before it -----------------------------------
+
+    def _start_body(self, admitted: Admitted) -> None:
+        """A body follows an admitted head: start its pace, and hold it while ``before_body`` decides."""
+        self._body_clock = BodyClock(admitted.pace, self.site.reactor.seconds())
+        self._pace_call = self.callLater(admitted.pace.grace, self._check_pace)
+        before_body = self.before_body
+        if before_body is None:
+            return
+        decision = before_body(admitted)
+        if decision is None:
+            return
+        self._held = []
+        self._pause_reading()
+        decision.addCallbacks(self._body_decided, self._body_check_failed)
+
+    def _body_decided(self, refused) -> None:
+        held, self._held = self._held, None
+        self._held_size = 0
+        if self._lost or self._refused:
+            return
+        self._resume_reading()
+        if refused is not None:
+            self.refuse(refused)
+            return
+        HTTPChannel.allHeadersReceived(self)
+        if held:
+            self.rawDataReceived(b"".join(held))
+
+    def _body_check_failed(self, failure) -> None:
+        # the resource makes the same check and answers the error itself
+        log.failure("checking a request before its body failed", failure)
+        self._body_decided(None)
+
+    def _pause_reading(self) -> None:
+        pause = getattr(self.transport, "pause_reading", None)
+        if pause is not None:
+            pause()  # a lent connection: the lender reads
+        else:
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        resume = getattr(self.transport, "resume_reading", None)
+        if resume is not None:
+            resume()
+        else:
+            self.transport.resumeProducing()
+
+    def _check_pace(self) -> None:
+        self._pace_call = None
+        clock = self._body_clock
+        if clock is None or self._refused:
+            return
+        left = clock.check(self.site.reactor.seconds())
+        if left is None:
+            self.refuse(BODY_TIMED_OUT)
+        else:
+            self._pace_call = self.callLater(left, self._check_pace)
+
+    def _stop_pace(self) -> None:
+        self._body_clock = None
+        call, self._pace_call = self._pace_call, None
+        if call is not None and call.active():
+            call.cancel()
 
     # -- refusing ----------------------------------------------------------------------
 
@@ -194,6 +319,9 @@ class DaemonHTTPChannel(HTTPChannel):
             return
         self._refused = True
         self._cancel_head_call()
+        self._stop_pace()
+        # the abort timer below is the connection's last one
+        self.setTimeout(None)
         self.persistent = False
         transport = self.transport
         log.info(
@@ -211,7 +339,9 @@ class DaemonHTTPChannel(HTTPChannel):
         self.loseConnection()
 
     def connectionLost(self, reason) -> None:
+        self._lost = True
         self._cancel_head_call()
+        self._stop_pace()
         super().connectionLost(reason)
 
     # -- lending --------------------------------------------------------------------------

@@ -13,14 +13,18 @@ from difydaemon.api.admission import (
     HEADERS_TOO_LARGE,
     MULTIPART_OVERHEAD,
     UNAUTHORIZED,
+    ANY,
+    ROUTES,
     UPLOAD_TOO_LARGE,
     URI_TOO_LONG,
     Admitted,
     BodyLimits,
     FrontDoor,
     Refused,
+    Route,
     refusal_response,
 )
+from difydaemon.api.pace import KEYED_PACE, PUBLIC_PACE
 from difydaemon.testing.cases import SynchronousTestCase
 
 KEY = b"front-door-key"
@@ -80,14 +84,13 @@ class BodyBoundTests(SynchronousTestCase):
         cases = [
             (b"POST", b"/plugin/t/dispatch/tool/invoke", 300),
             (b"POST", b"/plugin/t/management/install/identifiers", 10),
-            (b"GET", b"/plugin/t/management/list", 10),
-            (b"GET", b"/health/check", 10),
             (b"POST", b"/nowhere", 10),
+            (b"POST", b"/e/hook/x", 50),
+            (b"GET", b"/e/hook/x", 50),
         ]
         for method, target, limit in cases:
             admitted = DOOR.admit(method, target, KEY, limit)
             self.assertEqual(admitted.body_limit, limit, target)
-            self.assertFalse(admitted.truncate)
             refused = DOOR.admit(method, target, KEY, limit + 1)
             self.assertEqual(refused.status, 413, target)
             self.assertEqual(error_of(refused.body)["error_type"], "PluginDaemonBadRequestError")
@@ -106,11 +109,51 @@ class BodyBoundTests(SynchronousTestCase):
             # another method on that path is no upload
             self.assertEqual(DOOR.admit(b"GET", target, KEY, 11).status, 413)
 
-    def test_endpoint_body_truncated(self):
-        """/e/ keeps its first bytes and drops the rest, whatever the declared length, as Go does."""
-        admitted = DOOR.admit(b"POST", b"/e/hook/x", None, 10**9)
-        self.assertTrue(admitted.truncate)
-        self.assertEqual(admitted.body_limit, 50)
+    def test_no_body_routes(self):
+        """/health/check (any method) and every GET or HEAD outside /e/ take no body: one byte is 413."""
+        for method, target in ((b"GET", b"/health/check"), (b"POST", b"/health/check"),
+                               (b"GET", b"/plugin/t/management/list"), (b"HEAD", b"/nowhere")):
+            admitted = DOOR.admit(method, target, KEY, 0)
+            self.assertEqual(admitted.body_limit, 0, target)
+            self.assertEqual(DOOR.admit(method, target, KEY, 1).status, 413, target)
+            self.assertEqual(DOOR.admit(method, target, KEY, None).body_limit, 0, target)
+
+    def test_paces(self):
+        """Bodies under /plugin get the keyed pace; all others (/e/, /health/check, unknown) the public one."""
+        for target in (b"/plugin/t/dispatch/tool/invoke", b"/plugin/t/management/install/upload/package",
+                       b"/plugin/t/x"):
+            self.assertIs(DOOR.admit(b"POST", target, KEY, 0).pace, KEYED_PACE, target)
+        for target in (b"/e/hook/x", b"/health/check", b"/nowhere", b"/"):
+            self.assertIs(DOOR.admit(b"POST", target, None, 0).pace, PUBLIC_PACE, target)
+        self.assertEqual((KEYED_PACE.grace, KEYED_PACE.rate), (30.0, 16384))
+        self.assertEqual((PUBLIC_PACE.grace, PUBLIC_PACE.rate), (10.0, 32768))
+
+    def test_a_route_joins_with_one_line(self):
+        """A new route with its own bound is one more line in the table, above the catch-alls."""
+        routes = (Route((b"backwards-invocation", b"transaction"), 7, frozenset({b"POST"}), True),) + ROUTES
+        door = FrontDoor(KEY, LIMITS, routes)
+        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction", None, 7).body_limit, 7)
+        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction", None, 8).status, 413)
+        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction/x", None, 8).body_limit, 10)
+        self.assertEqual(DOOR.admit(b"POST", b"/backwards-invocation/transaction", None, 8).body_limit, 10)
+
+    def test_route_lines(self):
+        """A line covers its segments (ANY for one segment), its methods, and exactly them when exact."""
+        route = Route((b"a", ANY, b"c"), 1, frozenset({b"PUT"}))
+        self.assertTrue(route.covers(b"PUT", (b"a", b"b", b"c")))
+        self.assertTrue(route.covers(b"PUT", (b"a", b"z", b"c", b"d")))
+        self.assertFalse(route.covers(b"POST", (b"a", b"b", b"c")))
+        self.assertFalse(route.covers(b"PUT", (b"a", b"b")))
+        self.assertFalse(route.covers(b"PUT", (b"x", b"b", b"c")))
+        exact = Route((b"a",), 1, exact=True)
+        self.assertTrue(exact.covers(b"GET", (b"a",)))
+        self.assertFalse(exact.covers(b"GET", (b"a", b"")))
+
+    def test_endpoint_read_limit(self):
+        """ENDPOINT_READ_LIMIT bounds /e/ bodies (16 MiB by default); over it is 413, not a silent cut."""
+        self.assertEqual(BodyLimits().endpoint, 16 * 1024 * 1024)
+        self.assertEqual(BodyLimits.for_packages(1, 1, endpoint=99).endpoint, 99)
+        self.assertEqual(DOOR.admit(b"POST", b"/e/hook/x", None, 51).status, 413)
 
     def test_chunked_bodies_admitted(self):
         """A body of unannounced length is admitted, to be counted as it arrives."""
@@ -121,7 +164,6 @@ class BodyBoundTests(SynchronousTestCase):
         limits = BodyLimits.for_packages(5, 7)
         self.assertEqual((limits.package, limits.bundle), (5 + MULTIPART_OVERHEAD, 7 + MULTIPART_OVERHEAD))
         self.assertEqual(limits.dispatch, BodyLimits().dispatch)
-        self.assertEqual(BodyLimits().endpoint, 10 * 1024 * 1024)
 
 
 class RefusalResponseTests(SynchronousTestCase):

@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from difydaemon import tap
 from difydaemon.api import envelope, sse
-from difydaemon.api.admission import HEAD_TIMEOUT, MAX_REQUEST_LINE, BodyLimits, FrontDoor
+from difydaemon.api.admission import BAD_REQUEST, HEAD_TIMEOUT, MAX_REQUEST_LINE, BodyLimits, FrontDoor
 from difydaemon.api.dispatch_channel import (
     EAGER_READ_SIZE,
     FOREIGN,
@@ -33,9 +33,11 @@ from difydaemon.api.dispatch_channel import (
     parse_head,
     split_request,
 )
+from difydaemon.api.pace import KEYED_PACE, PUBLIC_PACE
 from difydaemon.api.root import RequestCounter
 from difydaemon.api.site import DaemonSite
 from difydaemon.testing.cases import SynchronousTestCase
+from tests.api.smuggling import shapes
 from tests.api.test_dispatch import KEY, TENANT, TEXT_HI, TEXT_HO, TOOL_DATA, DispatchHarness
 from tests.test_tap import environment
 
@@ -724,14 +726,15 @@ class HeadDeadlineTests(SynchronousTestCase):
         self.assertTrue(connection.transport.value().split(b"0\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 408 "))
 
     def test_body_bytes_are_activity(self):
-        """Once the head is whole, a slow body is only bounded by the idle timeout."""
+        """Once the head is whole its deadline is gone: a body may take longer, within its own pace."""
         connection = Connection(self, timeout=60)
         data = post()
         body_start = data.index(b"\r\n\r\n") + 4
         connection.send(data[:body_start])
-        for offset in range(body_start, len(data)):
-            connection.clock.advance(30)
+        for offset in range(body_start, body_start + 3):
+            connection.clock.advance(HEAD_TIMEOUT - 1)
             connection.send(data[offset:offset + 1])
+        connection.send(data[body_start + 3:])
         self.assertFalse(connection.transport.disconnecting)
         self.assertEqual(len(connection.daemon.runtime.requests), 1)
 
@@ -766,7 +769,8 @@ class HandOverTests(SynchronousTestCase):
     def test_bad_request_is_400(self):
         """A malformed head is twisted.web's 400, and the connection closes."""
         raw, closed = exchange(self, b"POST " + PATH.encode() + b" HTTP/1.1\r\nA: b\nC: d\r\n\r\n", lean=True)
-        self.assertEqual(raw, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"), raw)
+        self.assertTrue(raw.endswith(BAD_REQUEST.body))
         self.assertTrue(closed)
 
     def test_oversize_head_is_431(self):
@@ -1032,3 +1036,80 @@ class TurnFlushTests(SynchronousTestCase):
         self.assertNotIn(b'"ho"', other_transport.value())
         connection.clock.advance(0)
         self.assertIn(sse.success_item(orjson.dumps(TEXT_HO)), other_transport.value())
+
+
+class SmugglingTests(SynchronousTestCase):
+    """On the dispatch channel too, a head two readers could frame differently is 400, and the connection closes."""
+
+    def test_shapes(self):
+        """Each shape on a dispatch route and on a lent one: 400 with the envelope, closed, nothing served."""
+        for target in (PATH.encode(), f"/plugin/{TENANT}/management/install/identifiers".encode()):
+            for name, data in shapes(target, KEY.encode()).items():
+                for offset in range(1, len(data) + 1, 7):
+                    connection = Connection(self)
+                    connection.send(data[:offset])
+                    raw = connection.send(data[offset:])
+                    self.assertTrue(raw.startswith(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"),
+                                    (target, name, offset, raw))
+                    self.assertTrue(raw.endswith(BAD_REQUEST.body), (name, offset))
+                    self.assertTrue(connection.transport.disconnecting, (name, offset))
+                    self.assertEqual(connection.daemon.runtime.requests, [], (name, offset))
+
+    def test_bare_lf_in_a_partial_head(self):
+        """A head of bare LFs still arriving is handed over and refused at once, not at its deadline."""
+        for data in (b"POST " + PATH.encode() + b" HTTP/1.1\nHost: d\n", b"GET /health/check HTTP/1.1\n\n"):
+            self.assertIs(split_request(data), FOREIGN)
+            connection = Connection(self)
+            self.assertTrue(connection.send(data).startswith(b"HTTP/1.1 400 "), data)
+            self.assertTrue(connection.transport.disconnecting)
+
+
+class DispatchBodyPaceTests(SynchronousTestCase):
+    """A dispatch body, framed by this channel, must keep up with the keyed pace."""
+
+    def test_trickled_body_is_408(self):
+        """A dispatch body a byte every 2 s is 408 once the keyed grace is over; nothing reaches the plugin."""
+        connection = Connection(self, timeout=600)
+        data = post()
+        body_start = data.index(b"\r\n\r\n") + 4
+        connection.send(data[:body_start])
+        sent = 0
+        for offset in range(body_start, len(data)):
+            connection.clock.advance(2)
+            if connection.transport.disconnecting:
+                break
+            connection.send(data[offset:offset + 1])
+            sent += 1
+        raw = connection.transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 408 Request Time-out\r\nConnection: close\r\n"), raw)
+        self.assertIn(b"request body not received in time", raw)
+        self.assertEqual(sent, int(KEYED_PACE.grace / 2))
+        self.assertEqual(connection.daemon.runtime.requests, [])
+        self.assertFalse(connection.handed_over)
+
+    def test_body_within_pace_leaves_no_call(self):
+        """A body in time is served, and its pace call is gone with it."""
+        connection = Connection(self, timeout=600)
+        data = post()
+        body_start = data.index(b"\r\n\r\n") + 4
+        connection.send(data[:body_start + 2])
+        self.assertIsNotNone(connection.protocol._pace_call)
+        connection.clock.advance(KEYED_PACE.grace - 1)
+        self.assertIn(ITEMS, connection.send(data[body_start + 2:]))
+        self.assertIsNone(connection.protocol._pace_call)
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_lent_body_paced(self):
+        """A lent request's body (an /e/ call) is paced by twisted.web's channel: 408, and the connection closes."""
+        connection = Connection(self, timeout=600)
+        data = b"POST /e/hook/x HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"z" * 100
+        body_start = data.index(b"\r\n\r\n") + 4
+        connection.send(data[:body_start])
+        for offset in range(body_start, len(data)):
+            connection.clock.advance(1)
+            if connection.transport.disconnecting:
+                break
+            connection.send(data[offset:offset + 1])
+        self.assertTrue(connection.transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertFalse(connection.handed_over)
+        self.assertEqual(offset - body_start, int(PUBLIC_PACE.grace))

@@ -12,9 +12,19 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from difydaemon.api.admission import HEAD_TIMEOUT, MAX_HEAD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE, BodyLimits, FrontDoor
+from difydaemon.api.admission import (
+    BAD_REQUEST,
+    HEAD_TIMEOUT,
+    MAX_HEAD_SIZE,
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+    BodyLimits,
+    FrontDoor,
+)
+from difydaemon.api.pace import KEYED_PACE, PUBLIC_PACE
 from difydaemon.api.site import DaemonSite
 from difydaemon.testing.cases import SynchronousTestCase
+from tests.api.smuggling import shapes
 
 KEY = b"web-channel-key"
 LIMITS = BodyLimits(package=100, bundle=100, dispatch=100, endpoint=8, other=20)
@@ -202,14 +212,40 @@ class BodyBoundTests(SynchronousTestCase):
         self.assertTrue(client.send(head + body).endswith(b"\r\n\r\nok"))
         self.assertEqual(client.resource.seen[0][2], b"y" * 20)
 
-    def test_endpoint_body_truncated(self):
-        """/e/ keeps the first bytes of a longer body, declared or chunked, and still serves the call."""
+    def test_endpoint_body_bounded(self):
+        """/e/ refuses a body over ENDPOINT_READ_LIMIT, declared or chunked, and serves one within it."""
         client = Client()
-        client.send(request(target=b"/e/hook/x", body=b"0123456789abc", key=None))
+        raw = client.send(request(target=b"/e/hook/x", body=b"0123456789abc", key=None))
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw)
+        self.assertTrue(client.closed)
+        client = Client()
         head, body = chunked(b"/e/hook/y", b"ABCDEFGHIJ", key=None, piece=3)
-        client.send(head + body)
-        self.assertEqual([seen[2] for seen in client.resource.seen], [b"01234567", b"ABCDEFGH"])
-        self.assertFalse(client.closed)
+        raw = client.send(head + body)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw)
+        self.assertEqual(client.resource.seen, [])
+        client = Client()
+        client.send(request(target=b"/e/hook/x", body=b"01234567", key=None))
+        self.assertEqual(client.resource.seen, [(b"POST", [b"e", b"hook", b"x"], b"01234567")])
+
+    def test_no_body_routes(self):
+        """/health/check and GET requests take no body: one declared or chunked is refused with 413, unread."""
+        for method, target in ((b"GET", b"/health/check"), (b"POST", b"/health/check"),
+                               (b"GET", b"/plugin/t/management/list")):
+            client = Client()
+            data = request(method, target, b"x")
+            raw = client.send(data[:-1])
+            self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), (target, raw))
+            self.assertTrue(client.closed)
+            head, body = chunked(target, b"x")
+            client = Client()
+            raw = client.send(head.replace(b"POST", method) + body)
+            self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), (target, raw))
+            self.assertEqual(client.resource.seen, [])
+        # without a body they are served, chunked and empty too
+        client = Client()
+        head, body = chunked(b"/health/check", b"")
+        client.send(request(b"GET", b"/health/check", b"") + head.replace(b"POST", b"GET") + body)
+        self.assertEqual(len(client.resource.seen), 2)
 
 
 class HeadBoundTests(SynchronousTestCase):
@@ -293,13 +329,13 @@ class HeadDeadlineTests(SynchronousTestCase):
         self.assertEqual(len(client.clock.getDelayedCalls()), 1)
 
     def test_slow_body_is_not_a_slow_head(self):
-        """Once the head is whole its deadline is gone: body bytes are activity for the idle timer."""
+        """Once the head is whole its deadline is gone: a body may take longer, within its own pace."""
         client = Client(timeout=60)
         data = request(body=b"z" * 20)
         body_start = data.index(b"\r\n\r\n") + 4
         client.send(data[:body_start])
         for offset in range(body_start, len(data)):
-            client.clock.advance(30)
+            client.clock.advance(1)
             client.send(data[offset:offset + 1])
         self.assertFalse(client.closed)
         self.assertEqual(client.resource.seen[0][2], b"z" * 20)
@@ -311,3 +347,87 @@ class HeadDeadlineTests(SynchronousTestCase):
             client.send(b"GET /health/check HTTP/1.1\r\n"[offset:offset + 1])
             client.clock.advance(1)
         self.assertTrue(client.closed)
+
+
+class SmugglingTests(SynchronousTestCase):
+    """A head two readers could frame differently is 400 and the connection closes; nothing is served."""
+
+    def test_shapes(self):
+        """Bare LF, folded lines, two lengths, a length with a coding, bad chunk sizes: each 400, whole or cut."""
+        for name, data in shapes(b"/plugin/t/management/install/identifiers", KEY).items():
+            for offset in range(1, len(data) + 1):
+                client = Client()
+                client.send(data[:offset])
+                raw = client.send(data[offset:]) if offset < len(data) else client.transport.value()
+                self.assertTrue(raw.startswith(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"),
+                                (name, offset, raw))
+                self.assertTrue(raw.endswith(BAD_REQUEST.body), (name, offset))
+                self.assertEqual(raw.count(b"HTTP/1.1"), 1, (name, offset))
+                self.assertTrue(client.closed, (name, offset))
+                self.assertEqual(client.resource.seen, [], (name, offset))
+
+    def test_bare_lf_head_answered_at_once(self):
+        """A head of bare LFs is refused as it arrives, not at its deadline."""
+        client = Client()
+        raw = client.send(b"GET /health/check HTTP/1.1\nHost: d\n\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), raw)
+        self.assertEqual(client.clock.seconds(), 0)
+
+    def test_crlf_bodies_may_hold_lf(self):
+        """A body with bare LFs, pipelined behind a request, is no head: both requests are served."""
+        data = request(body=b'{"a":\n1}') + request(body=b'{\n}')
+        client = Client()
+        client.send(data)
+        self.assertEqual([seen[2] for seen in client.resource.seen], [b'{"a":\n1}', b"{\n}"])
+
+
+class BodyPaceTests(SynchronousTestCase):
+    """A body must keep up with its route's pace: a grace period, then a minimum average rate."""
+
+    def trickle(self, client: Client, data: bytes, every: float) -> int:
+        """Send the head, then the body a byte every ``every`` seconds; the bytes sent before the close."""
+        body_start = data.index(b"\r\n\r\n") + 4
+        client.send(data[:body_start])
+        for offset in range(body_start, len(data)):
+            client.clock.advance(every)
+            if client.closed:
+                return offset - body_start
+            client.send(data[offset:offset + 1])
+        return len(data) - body_start
+
+    def test_keyed_body_trickled(self):
+        """A /plugin body a byte every 2 s is 408 once the keyed grace is over, and the connection closes."""
+        client = Client(limits=BodyLimits(), timeout=600)
+        sent = self.trickle(client, request(body=b"z" * 1000), 2.0)
+        raw = client.transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 408 Request Time-out\r\nConnection: close\r\n"), raw)
+        self.assertIn(b"request body not received in time", raw)
+        self.assertEqual(sent, int(KEYED_PACE.grace / 2))
+        self.assertEqual(client.resource.seen, [])
+        client.clock.advance(client.protocol.abortTimeout)
+        self.assertTrue(client.transport.disconnected)
+
+    def test_public_bodies_get_less_grace(self):
+        """An /e/ or unknown-route body trickled is 408 after the public grace, chunked or not."""
+        for data in (request(target=b"/e/hook/x", body=b"z" * 100, key=None),
+                     b"".join(chunked(b"/nowhere", b"z" * 100, key=None, piece=1))):
+            client = Client(limits=BodyLimits(), timeout=600)
+            sent = self.trickle(client, data, 1.0)
+            self.assertTrue(client.transport.value().startswith(b"HTTP/1.1 408 "))
+            self.assertEqual(sent, int(PUBLIC_PACE.grace))
+
+    def test_body_at_pace_served(self):
+        """A body that keeps the pace is served, however long it takes, and leaves no pace call behind."""
+        client = Client(limits=BodyLimits(), timeout=600)
+        body = b"z" * (KEYED_PACE.rate * 60)
+        data = request(body=body)
+        body_start = data.index(b"\r\n\r\n") + 4
+        client.send(data[:body_start])
+        step = int(KEYED_PACE.rate)
+        for offset in range(body_start, len(data), step):
+            client.clock.advance(1)
+            client.send(data[offset:offset + step])
+        self.assertEqual(client.resource.seen[0][2], body)
+        self.assertFalse(client.closed)
+        # only the idle timer is left
+        self.assertEqual(len(client.clock.getDelayedCalls()), 1)
