@@ -82,6 +82,8 @@ VARIABLES: tuple[str, ...] = (
     "DIFY_INNER_API_KEY",
     "PLATFORM",
     "HEALTH_API_LOG_ENABLED",
+    "SERVER_MAX_CONNECTIONS",
+    "ENDPOINT_READ_LIMIT",
     "PLUGIN_ENDPOINT_ENABLED",
     "PLUGIN_MAX_EXECUTION_TIMEOUT",
     "PLUGIN_INSTALL_TIMEOUT",
@@ -675,6 +677,11 @@ class Config:
     platform: str
     #: ``HEALTH_API_LOG_ENABLED``: log ``/health/check`` requests.
     health_api_log_enabled: bool
+    #: ``SERVER_MAX_CONNECTIONS``: open HTTP connections at most; more are
+    #: closed as soon as they are accepted.
+    server_max_connections: int
+    #: ``ENDPOINT_READ_LIMIT``: bytes of an ``/e/...`` request body read at most.
+    endpoint_read_limit: int
     #: ``PLUGIN_ENDPOINT_ENABLED``: serve ``/e/...``.
     plugin_endpoint_enabled: bool
     #: ``PLUGIN_MAX_EXECUTION_TIMEOUT``: seconds per dispatch or endpoint call.
@@ -965,6 +972,8 @@ def _build(values: _Values) -> Config:
         dify_inner_api_key=dify_inner_api_key,
         platform=platform or "",
         health_api_log_enabled=values.boolean("HEALTH_API_LOG_ENABLED", True),
+        server_max_connections=values.integer("SERVER_MAX_CONNECTIONS", 4096, 1),
+        endpoint_read_limit=values.integer("ENDPOINT_READ_LIMIT", 16 * 1024 * 1024, 1),
         plugin_endpoint_enabled=values.boolean("PLUGIN_ENDPOINT_ENABLED", True),
         plugin_max_execution_timeout=values.integer("PLUGIN_MAX_EXECUTION_TIMEOUT", 600, 1),
         plugin_install_timeout=values.integer("PLUGIN_INSTALL_TIMEOUT", 15, 1),

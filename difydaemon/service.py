@@ -26,6 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybe
 from twisted.logger import Logger
 
 from difydaemon.errors import DatabaseUnavailableError
+from difydaemon.file_limit import raise_open_files_limit
 from difydaemon.management.installer import SHUTDOWN_MESSAGE
 
 log = Logger()
@@ -58,14 +59,18 @@ class DaemonService(MultiService):
         connections are closed at the end.
     :param database_wait: seconds start-up keeps trying to reach an
         unavailable database (0: one try).
+    :param file_limit: called once at start to raise the open-files limit
+        (:func:`~difydaemon.file_limit.raise_open_files_limit`).
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
 
     def __init__(
         self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=(), database_wait: float = 0.0,
+        file_limit=raise_open_files_limit,
     ) -> None:
         super().__init__()
+        self._file_limit = file_limit
         self._reactor = reactor
         self.persistence = persistence
         self.installer = installer
@@ -115,6 +120,8 @@ class DaemonService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
+        # before any port is open: every connection costs a file descriptor
+        self._file_limit()
         d = Deferred.fromCoroutine(self._start())
         d.addCallbacks(self._started, self._start_failed)
 

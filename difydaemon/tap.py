@@ -301,12 +301,22 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     # every request head passes the front door, on the dispatch channel and on twisted.web
     front_door = FrontDoor(
         config.server_key.encode("utf-8"),
-        BodyLimits.for_packages(config.packages.max_plugin_package_size, config.packages.max_bundle_package_size),
+        BodyLimits.for_packages(
+            config.packages.max_plugin_package_size,
+            config.packages.max_bundle_package_size,
+            config.endpoint_read_limit,
+        ),
     )
     # dispatch requests skip twisted.web: the same counter and resource
     gate = DispatchGate(counter, dispatch)
     site = DaemonSite(
-        root, reactor=reactor, log_health=config.health_api_log_enabled, gate=gate, front_door=front_door
+        root,
+        reactor=reactor,
+        log_health=config.health_api_log_enabled,
+        gate=gate,
+        front_door=front_door,
+        before_body=public_endpoints.before_body if public_endpoints is not None else None,
+        max_connections=config.server_max_connections,
     )
 
     service.backwards = backwards

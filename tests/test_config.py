@@ -132,6 +132,11 @@ class DefaultTests(SynchronousTestCase):
         self.assertEqual(self.config.shutdown_grace_period, 8)
         self.assertEqual(self.config.shutdown_grace_period_seconds, 8.0)
 
+    def test_front_door(self):
+        """At most 4096 HTTP connections; /e/ bodies read up to 16 MiB."""
+        self.assertEqual(self.config.server_max_connections, 4096)
+        self.assertEqual(self.config.endpoint_read_limit, 16 * 1024 * 1024)
+
     def test_buffers(self):
         """The plugin output buffers default to 1024 and 5242880 bytes."""
         self.assertEqual(
@@ -443,6 +448,14 @@ class BadValueTests(SynchronousTestCase):
         self.assert_refused("PLUGIN_HEARTBEAT_TIMEOUT", "not an integer", PLUGIN_HEARTBEAT_TIMEOUT="soon")
         config = load_config(_environ(PLUGIN_HEARTBEAT_TIMEOUT="5"))
         self.assertEqual(config.local_runtime.plugin_heartbeat_timeout_seconds, 5.0)
+
+    def test_front_door_bounds(self):
+        """SERVER_MAX_CONNECTIONS and ENDPOINT_READ_LIMIT are whole numbers, at least 1."""
+        for name in ("SERVER_MAX_CONNECTIONS", "ENDPOINT_READ_LIMIT"):
+            self.assert_refused(name, "at least 1", **{name: "0"})
+            self.assert_refused(name, "not an integer", **{name: "many"})
+        config = load_config(_environ(SERVER_MAX_CONNECTIONS="3", ENDPOINT_READ_LIMIT="1024"))
+        self.assertEqual((config.server_max_connections, config.endpoint_read_limit), (3, 1024))
 
     def test_shutdown_grace_period(self):
         """SHUTDOWN_GRACE_PERIOD is a whole number of seconds; 0 ends open calls at once, negatives are refused."""

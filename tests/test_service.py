@@ -95,6 +95,21 @@ class DaemonServiceTests(SynchronousTestCase):
         service.stopService()
         self.assertEqual(service.status(), "stopping")
 
+    def test_file_limit_raised_before_ports(self):
+        """The open-files limit is raised once, at start, before any port is open."""
+        calls = []
+        held = Deferred()
+        self.database.answers.append(held)
+        service = DaemonService(self.clock, self.database, QuietInstaller(),
+                                file_limit=lambda: calls.append(len(self.clock.tcpServers)))
+        StreamServerEndpointService(TCP4ServerEndpoint(self.clock, 5002, interface="127.0.0.1"),
+                                    Factory()).setServiceParent(service)
+        service.startService()
+        self.assertEqual(calls, [0])
+        held.callback(None)
+        self.successResultOf(service.ready)
+        self.assertEqual(calls, [0])
+
     def test_waits_for_the_database(self):
         """An unavailable database is tried again every second within the wait, then the daemon starts."""
         self.database.answers += [DatabaseUnavailableError("refused"), DatabaseUnavailableError("refused")]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import binascii
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -25,8 +25,10 @@ from zope.interface import implementer
 
 from difydaemon import errors
 from difydaemon.api import envelope, sse
+from difydaemon.api.admission import Admitted, Refused
 from difydaemon.api.dispatch import new_session_id
 from difydaemon.api.endpoint_http import MAX_BODY, IncomingRequest, canonical_header_name, raw_http_request
+from difydaemon.api.paths import ENDPOINT_PREFIX
 from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.dispatcher import serve_invoke
@@ -52,6 +54,8 @@ _INTERNAL = errors.InternalServerError.error_type
 _ENDPOINT_NOT_FOUND = envelope.from_exception(errors.BadRequestError("endpoint not found"))
 #: the width of ``endpoints.hook_id``: no stored hook id is longer
 MAX_HOOK_ID = 127
+#: an ``/e/`` call for a hook id no endpoint has, answered before its body is read
+UNKNOWN_HOOK = Refused(404, JSON_CONTENT_TYPE, _ENDPOINT_NOT_FOUND, "unknown hook id")
 _INSTALLATION_NOT_FOUND = envelope.from_exception(errors.BadRequestError("plugin installation not found"))
 _BAD_IDENTIFIER = envelope.from_exception(errors.UniqueIdentifierError("invalid plugin unique identifier"))
 _DISABLED = envelope.from_exception(errors.NotFoundError("endpoint not found"))
@@ -371,6 +375,27 @@ class EndpointResource(Resource):
         d = Deferred.fromCoroutine(self._serve(relay, hook_id, incoming))
         d.addErrback(self._bug, relay)
         return NOT_DONE_YET
+
+    def before_body(self, admitted: Admitted):
+        """
+        The check an ``/e/<hook_id>/...`` request with a body passes once its
+        head is in, before its body is read (the HTTP channels call it): a
+        hook id no endpoint has answers its 404 now, so nobody can make the
+        daemon read bodies for nothing.  :meth:`render` still makes every
+        check, this one included, once the body is in.
+
+        :return: None for a request that is no endpoint call; else a
+            Deferred firing with :data:`UNKNOWN_HOOK` or None (read the body).
+        """
+        segments = admitted.target.segments
+        if len(segments) < 2 or segments[0] != ENDPOINT_PREFIX:
+            return None
+        hook_id = segments[1].decode("utf-8", "replace")
+        if not hook_id or "\x00" in hook_id or len(hook_id) > MAX_HOOK_ID:
+            return succeed(UNKNOWN_HOOK)
+        found = self._persistence.get_endpoint_by_hook_id(hook_id)
+        found.addCallback(lambda endpoint: UNKNOWN_HOOK if endpoint is None else None)
+        return found
 
     def _bug(self, failure, relay: EndpointRelay) -> None:
         if isinstance(failure.value, errors.DaemonError):

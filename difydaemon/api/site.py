@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from twisted.logger import Logger
 from twisted.web.server import Site
 
 from difydaemon.api.admission import FrontDoor
 from difydaemon.api.dispatch_channel import DateCache, DispatchChannel, DispatchGate
 from difydaemon.api.web_channel import DaemonHTTPChannel, DaemonRequest
+
+log = Logger()
 
 
 class DaemonSite(Site):
@@ -30,12 +33,21 @@ class DaemonSite(Site):
     - accepted connections run with ``TCP_NODELAY``: SSE items are small
       writes spaced by the plugin's pace, and Nagle's algorithm would hold
       each one back until the previous one is acknowledged, which a peer
-      delays by up to ~40 ms.
+      delays by up to ~40 ms;
+    - with ``max_connections``, a connection accepted while that many are
+      open is closed at once (``SERVER_MAX_CONNECTIONS``): a flood of idle
+      connections costs a file descriptor each, and without a cap it ends
+      with the daemon unable to accept Dify's, or to open a file.
 
     :param front_door: the checks made on every request head; None admits
         every request as plain twisted.web does.
     :param gate: the dispatch path's counter and resource; None serves
         every request through twisted.web.
+    :param before_body: what twisted.web's channels ask before reading a
+        body (:attr:`~difydaemon.api.web_channel.DaemonHTTPChannel.before_body`).
+    :param max_connections: open connections at most; None for no cap.
+
+    :ivar open_connections: connections open now.
     """
 
     protocol = DaemonHTTPChannel
@@ -48,6 +60,8 @@ class DaemonSite(Site):
         log_health: bool = True,
         gate: DispatchGate | None = None,
         front_door: FrontDoor | None = None,
+        before_body=None,
+        max_connections: int | None = None,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
         if gate is not None and front_door is None:
@@ -57,6 +71,10 @@ class DaemonSite(Site):
         self._gate = gate
         self._front_door = front_door
         self._dates = DateCache()
+        self._before_body = before_body
+        self._max_connections = max_connections
+        self.open_connections = 0
+        self._full = False
 
     def date(self) -> bytes:
         """The ``Date`` header's value now."""
@@ -77,19 +95,38 @@ class DaemonSite(Site):
         super().log(request)
 
     def buildProtocol(self, addr):
+        if self._max_connections is not None and self.open_connections >= self._max_connections:
+            # the listening port closes the socket when given no protocol
+            if not self._full:
+                # once per flood, not once per connection refused
+                self._full = True
+                log.warn("refusing connections: {count} open, the most allowed (SERVER_MAX_CONNECTIONS); "
+                         "first refused: {peer}", peer=str(addr), count=self.open_connections)
+            return None
         if self._gate is None:
-            return self.build_web_protocol(addr)
-        channel = DispatchChannel(
-            self._front_door, self._gate, lambda: self.build_web_protocol(addr), self.reactor, self.timeOut,
-            self._dates,
-        )
-        channel.factory = self
+            channel = self.build_web_protocol(addr)
+        else:
+            channel = DispatchChannel(
+                self._front_door, self._gate, lambda: self.build_web_protocol(addr), self.reactor, self.timeOut,
+                self._dates,
+            )
+            channel.factory = self
+        self.open_connections += 1
+        connection_lost = channel.connectionLost
+
+        def counted(reason=None):
+            self.open_connections -= 1
+            self._full = False
+            connection_lost(reason)
+
+        channel.connectionLost = counted
         return channel
 
     def build_web_protocol(self, addr):
         """A twisted.web channel for one connection (or one lent request), with ``TCP_NODELAY``."""
         protocol = super().buildProtocol(addr)
         protocol.front_door = self._front_door
+        protocol.before_body = self._before_body
         make_connection = protocol.makeConnection
 
         def with_no_delay(transport):

@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
-from difydaemon.api.endpoint import EndpointRelay, parse_chunk, unhex, ChunkError
+from difydaemon.api.admission import FrontDoor
+from difydaemon.api.endpoint import UNKNOWN_HOOK, EndpointRelay, parse_chunk, unhex, ChunkError
 from difydaemon.errors import DatabaseUnavailableError
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.session import MalformedInvokeError, parse_invoke
@@ -554,3 +555,32 @@ class WiringTests(SynchronousTestCase):
         body = stub.content(response)
         stub.flush()
         self.assertEqual(orjson.loads(self.successResultOf(body)), {"code": "not_found", "message": "route not found"})
+
+
+class BeforeBodyTests(EndpointCase):
+    """The check the HTTP channels make on an /e/ call's head, before its body is read."""
+
+    def decision(self, target: bytes):
+        """What before_body answers for ``target`` (Deferred fired at once: in-memory persistence)."""
+        result = self.daemon.public.before_body(FrontDoor(b"k").admit(b"POST", target, None, None))
+        if result is None:
+            return "not asked"
+        return self.successResultOf(result)
+
+    def test_unknown_hook_refused(self):
+        """A hook id no endpoint has is the endpoint's 404 envelope; a known one passes."""
+        refused = self.decision(b"/e/no-such-hook/x")
+        self.assertIs(refused, UNKNOWN_HOOK)
+        self.assertEqual(refused.status, 404)
+        self.assertEqual(error_of(orjson.loads(refused.body))["message"], "endpoint not found")
+        self.assertIsNone(self.decision(f"/e/{self.hook}/x".encode()))
+
+    def test_impossible_hook_ids(self):
+        """An over-long hook id (wider than the column) is refused without asking the database."""
+        for target in (b"/e/" + b"h" * 128 + b"/x", b"/e/" + b"h" * 128):
+            self.assertIs(self.decision(target), UNKNOWN_HOOK, target)
+
+    def test_other_routes_not_asked(self):
+        """Requests that are no endpoint call are not held."""
+        for target in (b"/e", b"/nowhere", b"/health/check"):
+            self.assertEqual(self.decision(target), "not asked", target)

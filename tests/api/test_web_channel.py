@@ -7,6 +7,7 @@ the head's size bounds and its deadline.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -20,6 +21,7 @@ from difydaemon.api.admission import (
     MAX_REQUEST_LINE,
     BodyLimits,
     FrontDoor,
+    Refused,
 )
 from difydaemon.api.pace import KEYED_PACE, PUBLIC_PACE
 from difydaemon.api.site import DaemonSite
@@ -47,10 +49,11 @@ class Recorder(Resource):
 class Client:
     """One connection to a DaemonSite (twisted.web only) over a StringTransport."""
 
-    def __init__(self, limits: BodyLimits = LIMITS, timeout=None) -> None:
+    def __init__(self, limits: BodyLimits = LIMITS, timeout=None, before_body=None) -> None:
         self.clock = MemoryReactorClock()
         self.resource = Recorder()
-        self.site = DaemonSite(self.resource, reactor=self.clock, front_door=FrontDoor(KEY, limits))
+        self.site = DaemonSite(self.resource, reactor=self.clock, front_door=FrontDoor(KEY, limits),
+                               before_body=before_body)
         if timeout is not None:
             self.site.timeOut = timeout
         self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -431,3 +434,97 @@ class BodyPaceTests(SynchronousTestCase):
         self.assertFalse(client.closed)
         # only the idle timer is left
         self.assertEqual(len(client.clock.getDelayedCalls()), 1)
+
+
+class Decisions:
+    """A before_body check whose answers the test gives, one Deferred per request asked about."""
+
+    def __init__(self) -> None:
+        self.asked = []
+
+    def __call__(self, admitted):
+        if admitted.target.segments[0] != b"e":
+            return None
+        d = Deferred()
+        self.asked.append((admitted.target.segments[1], d))
+        return d
+
+
+class BeforeBodyTests(SynchronousTestCase):
+    """A before_body check is made once the head is in, and the body waits unread for its answer."""
+
+    def test_refused_before_the_body(self):
+        """While the check runs, reading stops and nothing of the body is read; a refusal answers and closes."""
+        decisions = Decisions()
+        client = Client(before_body=decisions)
+        data = request(target=b"/e/nohook/x", body=b"01234567", key=None)
+        body_start = data.index(b"\r\n\r\n") + 4
+        self.assertEqual(client.send(data[:body_start + 3]), b"")
+        self.assertEqual([hook for hook, _ in decisions.asked], [b"nohook"])
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertIsNone(client.protocol.requests[0].content)
+        decisions.asked[0][1].callback(Refused(404, b"application/json", b"{}", "unknown hook id"))
+        raw = client.transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n"), raw)
+        self.assertTrue(client.closed)
+        client.send(data[body_start + 3:])
+        self.assertEqual(client.resource.seen, [])
+
+    def test_admitted_body_then_read(self):
+        """Once the check passes, reading resumes and the body, held bytes first, reaches the resource whole."""
+        decisions = Decisions()
+        client = Client(before_body=decisions)
+        data = request(target=b"/e/hook/x", body=b"01234567", key=None, extra=b"Expect: 100-continue\r\n")
+        body_start = data.index(b"\r\n\r\n") + 4
+        client.send(data[:body_start + 3])
+        # no 100 Continue before the check
+        self.assertEqual(client.transport.value(), b"")
+        decisions.asked[0][1].callback(None)
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertIn(b"100 Continue", client.transport.value())
+        client.send(data[body_start + 3:])
+        self.assertEqual(client.resource.seen, [(b"POST", [b"e", b"hook", b"x"], b"01234567")])
+
+    def test_answer_in_the_same_turn(self):
+        """A check answered at once (an in-memory lookup) lets the body through untouched, cut anywhere."""
+        data = request(target=b"/e/hook/x", body=b"01234567", key=None)
+        for offset in range(1, len(data)):
+            client = Client(before_body=lambda admitted: succeed(None))
+            client.send(data[:offset])
+            client.send(data[offset:])
+            self.assertEqual(client.resource.seen, [(b"POST", [b"e", b"hook", b"x"], b"01234567")], offset)
+
+    def test_not_asked_without_a_body(self):
+        """A request without a body is not held: the resource makes its checks itself."""
+        decisions = Decisions()
+        client = Client(before_body=decisions)
+        client.send(request(b"GET", b"/e/hook/x", b"", key=None))
+        self.assertEqual(decisions.asked, [])
+        self.assertEqual(len(client.resource.seen), 1)
+
+    def test_held_bytes_bounded(self):
+        """Bytes arriving while the check runs are bounded by the route's body limit: over it is 413."""
+        decisions = Decisions()
+        client = Client(before_body=decisions)
+        head, body = chunked(b"/e/hook/x", b"z" * 40, key=None)
+        raw = client.send(head + body)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw)
+        decisions.asked[0][1].callback(None)
+        self.assertEqual(client.resource.seen, [])
+
+    def test_check_failing_lets_the_resource_answer(self):
+        """A check that fails (the database gone) is logged, and the request goes on to the resource."""
+        client = Client(before_body=lambda admitted: fail(RuntimeError("database gone")))
+        client.send(request(target=b"/e/hook/x", body=b"0123", key=None))
+        self.assertEqual(client.resource.seen, [(b"POST", [b"e", b"hook", b"x"], b"0123")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_client_gone_while_checking(self):
+        """The client leaving while the check runs: its answer changes nothing and writes nothing."""
+        decisions = Decisions()
+        client = Client(before_body=decisions)
+        client.send(request(target=b"/e/hook/x", body=b"0123", key=None)[:-2])
+        client.protocol.connectionLost(Failure(ConnectionDone()))
+        decisions.asked[0][1].callback(Refused(404, b"application/json", b"{}", "unknown hook id"))
+        self.assertEqual(client.transport.value(), b"")
+        self.assertEqual(client.resource.seen, [])
