@@ -33,6 +33,10 @@ Decisions where the Go daemon's behaviour is unsafe or unclear:
   same identifier for the tenant, the installation passes to it instead.
 - The handshake deadline (from connect to ``end``) ends with the line
   "handshake failed, timed out", like every other refusal.
+- Until its key is checked a peer is anyone: up to and including its
+  handshake line it may send 1 KiB
+  (:data:`~difydaemon.runtimes.handshake.MAX_HANDSHAKE_SIZE`), and once
+  that line is in nothing more is read from it until the key is accepted.
 """
 
 from __future__ import annotations
@@ -196,6 +200,7 @@ class DebugConnection(Protocol):
         self._peer = "?"
         self.tenant_slot: str | None = None
         self._drain: SessionDrain | None = None
+        self._reading_paused = False
 
     # -- connection life --------------------------------------------------
 
@@ -278,6 +283,10 @@ class DebugConnection(Protocol):
     def _handshake_data(self, data: bytes) -> None:
         for item in self._handshake.feed(data):
             if type(item) is KeyOffered:
+                # read nothing more from an unauthenticated peer: what came
+                # with its handshake line is all it may have sent so far
+                self._reading_paused = True
+                self.transport.pauseProducing()
                 self.factory.keys.tenant_of(item.key).addCallbacks(self._key_checked, self._key_check_failed)
             elif type(item) is Registered:
                 self._registration = item.registration
@@ -306,6 +315,9 @@ class DebugConnection(Protocol):
             return
         self.tenant_slot = tenant_id
         self.tenant_id = tenant_id
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
         self._maybe_install()
 
     def _key_check_failed(self, failure) -> None:

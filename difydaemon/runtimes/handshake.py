@@ -33,8 +33,12 @@ from difydaemon.packaging.manifest import MANIFEST_FILE
 
 DEFAULT_MAX_LINE_SIZE = 5242880
 DEFAULT_MAX_ASSET_SIZE = 52428800
+#: Bytes a connection may send up to and including its handshake line: the
+#: SDK's is about 60 bytes, and until its key is checked a peer is anyone.
+MAX_HANDSHAKE_SIZE = 1024
 
 INVALID_HANDSHAKE = "handshake failed, invalid handshake message"
+HANDSHAKE_TOO_LARGE = "handshake failed, handshake message too large"
 INVALID_KEY = "handshake failed, invalid key"
 HANDSHAKE_TIMEOUT = "handshake failed, timed out"
 DUPLICATE_HANDSHAKE = "handshake failed, handshake already received"
@@ -118,8 +122,9 @@ class HandshakeDecoder:
 
     Each line is parsed once and the asset bytes are decoded as they come,
     so a connection costs memory only for what it legitimately sends: at
-    most ``max_line_size`` bytes of an unfinished line and
-    ``max_asset_size`` bytes of assets.
+    most :data:`MAX_HANDSHAKE_SIZE` bytes up to the end of the handshake
+    line (blank lines included), then ``max_line_size`` bytes of an
+    unfinished line and ``max_asset_size`` bytes of assets.
     """
 
     def __init__(
@@ -134,6 +139,8 @@ class HandshakeDecoder:
         self._declarations: dict = {}
         self._assets: dict[str, bytearray] = {}
         self._asset_size = 0
+        # bytes consumed before the handshake line was whole
+        self._before_key = 0
 
     @property
     def asset_size(self) -> int:
@@ -152,6 +159,10 @@ class HandshakeDecoder:
             if newline < 0:
                 break
             line = buffer[start:newline]
+            if self._key is None:
+                self._before_key += newline + 1 - start
+                if self._before_key > MAX_HANDSHAKE_SIZE:
+                    return self._finish(items, Rejected(HANDSHAKE_TOO_LARGE))
             start = newline + 1
             if len(line) > self.max_line_size:
                 return self._finish(items, Rejected(MESSAGE_TOO_LARGE))
@@ -167,6 +178,8 @@ class HandshakeDecoder:
                 return self._finish(items, Registered(item, buffer[start:]))
             return self._finish(items, item)
         self._buffer = buffer[start:]
+        if self._key is None and self._before_key + len(self._buffer) > MAX_HANDSHAKE_SIZE:
+            return self._finish(items, Rejected(HANDSHAKE_TOO_LARGE))
         if len(self._buffer) > self.max_line_size:
             return self._finish(items, Rejected(MESSAGE_TOO_LARGE))
         return items

@@ -345,6 +345,40 @@ class RefusalTests(SynchronousTestCase):
         protocol.dataReceived(handshake(h.key) + message("manifest_declaration", echo_manifest()) + END)
         self.assertRefused(transport, hs.NO_PROVIDER)
 
+    def test_handshake_line_too_large(self):
+        """A first line over 1 KiB is refused before its newline, and the key is never looked up."""
+        h = self.harness
+        protocol, transport = h.connect()
+        protocol.dataReceived(b'{"type":"handshake","data":{"key":"' + b"k" * hs.MAX_HANDSHAKE_SIZE)
+        self.assertRefused(transport, hs.HANDSHAKE_TOO_LARGE)
+        self.assertEqual(h.persistence.calls, [])
+
+    def test_nothing_read_until_the_key_is_checked(self):
+        """Once the handshake line is in, reading stops until the key is accepted; then registration goes on."""
+        h = self.harness
+        checks = []
+
+        class PendingKeys:
+            def tenant_of(self, key):
+                checks.append(Deferred())
+                return checks[-1]
+
+        h.factory.keys = PendingKeys()
+        protocol, transport = h.connect()
+        protocol.dataReceived(registration(h.key))
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(len(checks), 1)
+        checks[0].callback(TENANT)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIsNotNone(h.installation())
+
+    def test_paused_peer_refused_on_a_wrong_key(self):
+        """A peer whose key is wrong is refused while its reading is paused, and the connection closes."""
+        h = self.harness
+        protocol, transport = h.connect()
+        protocol.dataReceived(handshake("not-a-key") + b"x" * 5000)
+        self.assertRefused(transport, hs.INVALID_KEY)
+
     def test_no_end_deadline(self):
         """A registration that never ends is closed 10 s after connecting."""
         h = self.harness

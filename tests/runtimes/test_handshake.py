@@ -222,6 +222,24 @@ class HandshakeDecoderTests(SynchronousTestCase):
         self.assertRejected(handshake(KEY) + b"x" * 101, hs.MESSAGE_TOO_LARGE, max_line_size=100)
         self.assertRejected(handshake(KEY) + b"x" * 101 + b"\n", hs.MESSAGE_TOO_LARGE, max_line_size=100)
 
+    def test_handshake_line_bounded(self):
+        """Up to its handshake line a connection sends at most 1 KiB, blank lines included; over it is refused."""
+        padding = b" " * (hs.MAX_HANDSHAKE_SIZE - len(handshake(KEY)))
+        self.assertEqual(feed_all(padding + handshake(KEY)), [KeyOffered(KEY)])
+        self.assertEqual(feed_all(b"\n" * len(padding) + handshake(KEY)), [KeyOffered(KEY)])
+        for data in (b" " + padding + handshake(KEY), b"\n" + b"\n" * len(padding) + handshake(KEY),
+                     b"x" * (hs.MAX_HANDSHAKE_SIZE + 1), b"\n" * (hs.MAX_HANDSHAKE_SIZE + 1)):
+            self.assertRejected(data, hs.HANDSHAKE_TOO_LARGE)
+            # refused as soon as the bound is passed, wherever the bytes are cut
+            for offset in range(0, len(data), 97):
+                items = feed_all(data, (offset,))
+                self.assertEqual(items, [Rejected(hs.HANDSHAKE_TOO_LARGE)], offset)
+
+    def test_later_lines_not_bounded_by_the_handshake(self):
+        """Once the handshake line is in, lines are bounded by max_line_size only."""
+        items = feed_all(handshake(KEY) + message("manifest_declaration", {"x": "y" * 4 * hs.MAX_HANDSHAKE_SIZE}))
+        self.assertEqual(items, [KeyOffered(KEY)])
+
     def test_nothing_before_newline(self):
         """An unfinished first line yields nothing yet."""
         self.assertEqual(feed_all(handshake(KEY)[:-1]), [])
