@@ -14,11 +14,13 @@ import orjson
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 
 from difydaemon import tap
 from difydaemon.api.dispatch_routes import ROUTES as DISPATCH_ROUTES
 from difydaemon.api.management import ManagementAPI
 from difydaemon.testing.cases import AsyncTestCase
+from tests.api.smuggling import shapes
 from tests.test_tap import KEY, environment, free_port
 
 TENANT = "0193a8a4-0000-7000-8000-0000000000fd"
@@ -229,3 +231,142 @@ class BodyNotReadTests(DaemonOnSocket):
         envelope = orjson.loads(body_of(raw))
         self.assertEqual(envelope["code"], -400)
         self.assertEqual(orjson.loads(envelope["message"])["message"], "file size exceeds the maximum limit")
+
+
+class Trickle(Protocol):
+    """Sends a head, then a byte every ``every`` seconds, until the server answers and closes."""
+
+    def __init__(self, head: bytes, body: bytes, every: float) -> None:
+        self.head = head
+        self.body = body
+        self.every = every
+        self.received = []
+        self.done = defer.Deferred()
+        self._call = None
+
+    def connectionMade(self):
+        self.transport.write(self.head)
+        self._next(0)
+
+    def _next(self, offset: int) -> None:
+        if offset < len(self.body):
+            self._call = reactor.callLater(self.every, self._send, offset)
+
+    def _send(self, offset: int) -> None:
+        self._call = None
+        self.transport.write(self.body[offset:offset + 1])
+        self._next(offset + 1)
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self.done.callback(b"".join(self.received))
+
+
+class SlowBodyTests(DaemonOnSocket):
+    """A body trickled over a real socket is answered 408 and its connection closed, lent or handed over."""
+
+    async def test_trickled_bodies(self):
+        """A byte a second to a public route: 408 once the grace is over, with Content-Length and chunked."""
+        await self.start()
+        body = b"z" * 100
+        heads = {
+            "lent (Content-Length)": (b"POST /nowhere HTTP/1.1\r\nHost: d\r\nContent-Length: 100\r\n\r\n", body),
+            "handed over (chunked)": (b"POST /nowhere HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                      b"".join(b"1\r\n%c\r\n" % byte for byte in body)),
+        }
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        trickles = {name: Trickle(head, rest, 1.0) for name, (head, rest) in heads.items()}
+        for trickle in trickles.values():
+            await connectProtocol(endpoint, trickle)
+        for name, trickle in trickles.items():
+            raw = await trickle.done
+            self.assertEqual(status_of(raw), 408, (name, raw))
+            self.assertIn(b"request body not received in time", raw)
+
+
+class SmugglingOnSocketTests(DaemonOnSocket):
+    """Request smuggling shapes over a real socket: 400 and closed, through the dispatch channel and lent."""
+
+    async def test_shapes(self):
+        """Every shape, on a dispatch route and a management route: one 400, then the connection closes."""
+        await self.start()
+        for target in (f"/plugin/{TENANT}/dispatch/tool/invoke", f"/plugin/{TENANT}/management/install/identifiers"):
+            for name, data in shapes(target.encode(), KEY.encode()).items():
+                raw = await self.exchange(data)
+                self.assertEqual(status_of(raw), 400, (target, name, raw))
+                self.assertEqual(raw.count(b"HTTP/1.1 "), 1, (target, name, raw))
+
+
+class AnsweredAtTheHeadTests(DaemonOnSocket):
+    """Bodies nobody should read are refused once the head is in: the client sends only the head."""
+
+    async def test_health_check_with_a_body(self):
+        """/health/check with a body announced is 413 at once."""
+        await self.start()
+        raw = await self.exchange(b"GET /health/check HTTP/1.1\r\nHost: d\r\nContent-Length: 100\r\n\r\n")
+        self.assertEqual(status_of(raw), 413, raw)
+        raw = await self.exchange(b"POST /health/check HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"1\r\nz\r\n")
+        self.assertEqual(status_of(raw), 413, raw)
+
+    async def test_unknown_hook(self):
+        """An /e/ call for an unknown hook, a 10 MB body announced and not sent, is the endpoint's 404 at once."""
+        await self.start()
+        for framing in (b"Content-Length: 10000000\r\n", b"Transfer-Encoding: chunked\r\n"):
+            raw = await self.exchange(b"POST /e/no-such-hook/x HTTP/1.1\r\nHost: d\r\n" + framing + b"\r\n")
+            self.assertEqual(status_of(raw), 404, raw)
+            self.assertIn(b"endpoint not found", raw)
+
+    async def test_endpoint_body_over_the_limit(self):
+        """An /e/ body announced over ENDPOINT_READ_LIMIT is 413 at once."""
+        await self.start()
+        raw = await self.exchange(b"POST /e/any/x HTTP/1.1\r\nHost: d\r\nContent-Length: %d\r\n\r\n"
+                                  % (16 * 1024 * 1024 + 1))
+        self.assertEqual(status_of(raw), 413, raw)
+
+
+class Idle(Protocol):
+    """Connects, sends nothing, and notes when the server closes."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
+
+
+class ConnectionCapOnSocketTests(DaemonOnSocket):
+    """SERVER_MAX_CONNECTIONS over a real socket: over the cap a connection is closed at once, unanswered."""
+
+    extra_environment = {"SERVER_MAX_CONNECTIONS": "3"}
+
+    async def test_cap(self):
+        """Three idle connections fill the daemon; a fourth is closed at once; once one leaves, requests are served."""
+        await self.start()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        idle = [Idle() for _ in range(3)]
+        for protocol in idle:
+            await connectProtocol(endpoint, protocol)
+        over = Idle()
+        await connectProtocol(endpoint, over)
+        self.assertEqual(await over.closed, b"")
+        idle[0].transport.loseConnection()
+        await idle[0].closed
+        raw = b""
+        for _ in range(50):
+            raw = await self.exchange(b"GET /health/check HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
+            if raw:
+                break  # the daemon may see the close after our next connect
+            await deferLater(reactor, 0.05)
+        self.assertEqual(status_of(raw), 200, raw)
+        for protocol in idle[1:]:
+            protocol.transport.loseConnection()
+            await protocol.closed
