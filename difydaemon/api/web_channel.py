@@ -219,10 +219,8 @@ class DaemonHTTPChannel(HTTPChannel):
                 self.refuse(verdict)
                 return
             request.admission = verdict
-            if self.length != 0:
-                self._start_body(verdict)
-                if self._refused or self._held is not None:
-                    return
+            if self.length != 0 and self._start_body(verdict):
+                return
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -248,19 +246,26 @@ class DaemonHTTPChannel(HTTPChannel):
 
     # -- the body: its pace, and the check before it -----------------------------------
 
-    def _start_body(self, admitted: Admitted) -> None:
-        """A body follows an admitted head: start its pace, and hold it while ``before_body`` decides."""
+    def _start_body(self, admitted: Admitted) -> bool:
+        """
+        A body follows an admitted head: start its pace, and hold it while
+        ``before_body`` decides.
+
+        :return: whether the decision (now or later) finishes the head's
+            handling, which must then not be done again.
+        """
         self._body_clock = BodyClock(admitted.pace, self.site.reactor.seconds())
         self._pace_call = self.callLater(admitted.pace.grace, self._check_pace)
         before_body = self.before_body
         if before_body is None:
-            return
+            return False
         decision = before_body(admitted)
         if decision is None:
-            return
+            return False
         self._held = []
         self._pause_reading()
         decision.addCallbacks(self._body_decided, self._body_check_failed)
+        return True
 
     def _body_decided(self, refused) -> None:
         held, self._held = self._held, None

@@ -487,12 +487,13 @@ class BeforeBodyTests(SynchronousTestCase):
 
     def test_answer_in_the_same_turn(self):
         """A check answered at once (an in-memory lookup) lets the body through untouched, cut anywhere."""
-        data = request(target=b"/e/hook/x", body=b"01234567", key=None)
+        data = request(target=b"/e/hook/x", body=b"01234567", key=None, extra=b"Expect: 100-continue\r\n")
         for offset in range(1, len(data)):
             client = Client(before_body=lambda admitted: succeed(None))
             client.send(data[:offset])
-            client.send(data[offset:])
+            raw = client.send(data[offset:])
             self.assertEqual(client.resource.seen, [(b"POST", [b"e", b"hook", b"x"], b"01234567")], offset)
+            self.assertEqual(raw.count(b"100 Continue"), 1, offset)
 
     def test_not_asked_without_a_body(self):
         """A request without a body is not held: the resource makes its checks itself."""
