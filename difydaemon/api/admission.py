@@ -17,7 +17,7 @@ connection closed, its body unread:
   envelope, except on the upload routes, which answer HTTP 200 with -400
   "file size exceeds the maximum limit" as Go does (``http-api.md`` §9).
   A chunked body is counted as it arrives against the same bound.  A route
-  that takes no body (``/health/check``, any ``GET``) has a bound of 0.
+  that takes no body (``/health/check``) has a bound of 0.
 
 The head itself is bounded too (:data:`MAX_REQUEST_LINE`,
 :data:`MAX_HEAD_SIZE`, :data:`MAX_HEADERS`, :data:`HEAD_TIMEOUT`), with the
@@ -216,7 +216,6 @@ class Route:
         return True
 
 
-_NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
 _POST = frozenset({b"POST"})
 
 #: Every route's body bound: the first line covering a request applies.
@@ -229,9 +228,9 @@ ROUTES = (
     Route((b"plugin", ANY, b"management", b"install", b"upload", b"package"), "package", _POST, True, True),
     Route((b"plugin", ANY, b"management", b"install", b"upload", b"bundle"), "bundle", _POST, True, True),
     Route((ENDPOINT_PREFIX, ANY), "endpoint"),
-    # routes that take no body: one would only be a way to make the daemon read
+    # a route that takes no body: one would only be a way to make the daemon read
+    # (GETs under /plugin may have one: an older Dify sends decode/from_identifier so)
     Route((b"health", b"check"), 0, exact=True),
-    Route((), 0, _NO_BODY_METHODS),
     Route((), "other"),
 )
 
