@@ -30,8 +30,11 @@ life, so such requests and bad requests behave exactly as they do without
 this channel.  The refusals of over-long heads (414, 431) are twisted.web's
 too, made by :class:`~difydaemon.api.web_channel.DaemonHTTPChannel` with the
 bytes handed over.  A head must be whole within
-:data:`~difydaemon.api.admission.HEAD_TIMEOUT` of its first byte, on this
-channel as on twisted.web's.
+:data:`~difydaemon.api.admission.HEAD_TIMEOUT` of its first byte, and a
+body must keep its route's pace (:mod:`difydaemon.api.pace`; 408 when it
+falls behind), on this channel as on twisted.web's.  A head with a bare
+LF, a folded line, two lengths or a transfer coding is never framed here:
+twisted.web's channel refuses it with 400.
 
 Framing is pure (:func:`split_request`, :func:`parse_head`); the channel
 only buffers, lends, hands over and writes.
