@@ -1,0 +1,493 @@
+"""
+Tests for :mod:`difydaemon.runtimes.environment.builder`: the builder on a
+fake process reactor, with and without caches, and real uv builds of the echo
+plugin with the real SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.internet.defer import DeferredSemaphore
+
+from difydaemon.errors import InternalServerError
+from difydaemon.runtimes.environment import (
+    BYTECODE_DIR,
+    MARKER_PATH,
+    BytecodeCache,
+    venv_is_valid,
+    PythonEnvironmentBuilder,
+)
+from difydaemon.runtimes.parent_death import (
+    LAUNCHER,
+    ParentDeathSignal,
+)
+from difydaemon.testing import sdk
+from difydaemon.testing.cases import (
+    AsyncTestCase,
+    SynchronousTestCase,
+)
+from tests.runtimes.environment.fakes import (
+    SITE_PACKAGES,
+    copy_echo_plugin,
+    ProcessReactor,
+    SynchronousThreadPool,
+    FakeSitePackages,
+    two_distributions,
+)
+
+
+class FakeBuilderTests(SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.reactor = ProcessReactor()
+        self.working_dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.working_dir)
+        open(os.path.join(self.working_dir, "requirements.txt"), "w").close()
+        self.progress = []
+        # sys.executable only has to be an executable: the fake process answers the version probe.
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable,
+            environ={"PATH": "", "HOME": self.working_dir, "SSL_CERT_FILE": "/ca.pem", "PYTHONDONTWRITEBYTECODE": "1"},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(),
+        )
+
+    def build(self):
+        return self.builder.build(self.working_dir, "3.12", self.progress.append)
+
+    def answer_probe(self, version=b"3.12\n"):
+        probe = self.reactor.processes[-1]
+        self.assertEqual(probe.argv[0], sys.executable)
+        probe.emit(version)
+        probe.finish(0)
+
+    def test_steps_in_order(self):
+        """A build probes, creates the venv, installs while compiling the plugin, compiles site-packages, marks."""
+        d = self.build()
+        self.answer_probe()
+        venv = self.reactor.processes[-1]
+        self.assertEqual(venv.argv, ("/uv", "venv", ".venv", "--python", sys.executable))
+        self.assertEqual(
+            venv.env,
+            {
+                "VIRTUAL_ENV": f"{self.working_dir}/.venv",
+                "PATH": "",
+                "HOME": self.working_dir,
+                "UV_CACHE_DIR": "/cache",
+                "SSL_CERT_FILE": "/ca.pem",
+            },
+        )
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        self.assertEqual(compile_plugin.argv[-1], ".")
+        self.assertEqual(install.argv, ("/uv", "pip", "install", "-r", "requirements.txt"))
+        compile_plugin.finish(1)  # best effort: the build goes on
+        self.assertEqual(self.reactor.processes[-1], install)
+        install.finish(0)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[-1], ".venv/lib/python3.12/site-packages")
+        compile_site.finish(0)
+        self.assertEqual(self.successResultOf(d), f"{self.working_dir}/.venv/bin/python")
+        self.assertTrue(venv_is_valid(self.working_dir))
+        self.assertEqual(len(self.reactor.processes), 5)
+        self.assertEqual(
+            self.progress,
+            [
+                "creating venv with Python 3.12",
+                "installing dependencies from requirements.txt",
+                "byte-compiling the plugin",
+                "byte-compiling site-packages",
+                "venv ready",
+            ],
+        )
+
+    def test_step_environments(self):
+        """uv steps get UV_* and the listed variables; the venv's Python only the listed ones; no step gets secrets."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable,
+            environ={"PATH": "/bin", "UV_INDEX_NEXUS_PASSWORD": "nexus", "LISTED": "yes", "DB_PASSWORD": "db",
+                     "SERVER_KEY": "key", "PYTHONPATH": "/daemon"},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), proxies={"HTTPS_PROXY": "http://p:1"},
+            passthrough=("LISTED",),
+        )
+        d = self.build()
+        self.answer_probe()
+        venv = self.reactor.processes[-1]
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        install.finish(0)
+        compile_plugin.finish(0)
+        compile_site = self.reactor.processes[-1]
+        uv_env = {"PATH": "/bin", "UV_INDEX_NEXUS_PASSWORD": "nexus", "LISTED": "yes", "HTTPS_PROXY": "http://p:1",
+                  "VIRTUAL_ENV": f"{self.working_dir}/.venv", "UV_CACHE_DIR": "/cache"}
+        self.assertEqual((venv.env, install.env), (uv_env, uv_env))
+        python_env = {"PATH": "/bin", "LISTED": "yes", "HTTPS_PROXY": "http://p:1"}
+        self.assertEqual((compile_plugin.env, compile_site.env), (python_env, python_env))
+        compile_site.finish(0)
+        self.successResultOf(d)
+
+    def test_steps_through_parent_death_launcher(self):
+        """With a parent-death launcher every child of a build, the probe included, is spawned through it."""
+        self.builder._parent_death = ParentDeathSignal("/launcher/python", getpid=lambda: 42)
+        d = self.build()
+        probe = self.reactor.processes[-1]
+        self.assertEqual(probe.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
+        self.assertEqual(probe.argv[6], sys.executable)
+        probe.emit(b"3.12\n")
+        probe.finish(0)
+        venv = self.reactor.processes[-1]
+        self.assertEqual(venv.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42",
+                                     "/uv", "venv", ".venv", "--python", sys.executable))
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        self.assertEqual(install.argv[6:], ("/uv", "pip", "install", "-r", "requirements.txt"))
+        self.assertEqual(compile_plugin.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
+        install.finish(0)
+        compile_plugin.finish(0)
+        self.successResultOf(d)
+
+    def test_install_failure(self):
+        """A failed install fails the build, once the plugin's compilation is over, with uv's complaint; no marker."""
+        d = self.build()
+        self.answer_probe()
+        self.reactor.processes[-1].finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        install.emit(b"DEBUG noise\nerror: No solution found when resolving dependencies\n", fd=2)
+        install.finish(1)
+        self.assertNoResult(d)  # the directory may be deleted only once compileall is done with it
+        compile_plugin.finish(0)
+        error = self.failureResultOf(d, InternalServerError).value
+        self.assertEqual(
+            error.message,
+            "installing dependencies from requirements.txt failed (exit 1):\n"
+            "error: No solution found when resolving dependencies",
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.working_dir, MARKER_PATH)))
+
+    def test_wrong_interpreter_version(self):
+        """An interpreter that answers another version is not used, and the error names the version."""
+        d = self.build()
+        self.answer_probe(b"3.11\n")
+        error = self.failureResultOf(d, InternalServerError).value
+        self.assertIn("no Python 3.12 interpreter", error.message)
+        self.assertEqual(len(self.reactor.processes), 1)
+
+    def test_invalid_venv_deleted(self):
+        """A venv without its marker is deleted before the rebuild."""
+        junk = os.path.join(self.working_dir, ".venv", "junk")
+        os.makedirs(os.path.dirname(junk))
+        open(junk, "w").close()
+        self.build()
+        self.assertFalse(os.path.exists(junk))
+        self.assertEqual(self.progress, ["deleting an incomplete venv"])
+
+    def test_same_dir_serialized(self):
+        """A second build of the same directory waits for the first and then reuses its venv."""
+        first = self.build()
+        second = self.build()
+        self.answer_probe()
+        self.assertEqual(len(self.reactor.processes), 2)  # probe, venv: nothing for the second build
+        venv = self.reactor.processes[-1]
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        install.finish(0)
+        compile_plugin.finish(0)  # no site-packages: nothing more to compile
+        self.assertEqual(self.successResultOf(first), self.successResultOf(second))
+        self.assertEqual(len(self.reactor.processes), 4)
+        self.assertEqual(self.progress[-1], "reusing the existing venv")
+        self.assertEqual(self.builder._locks, {})
+
+    def test_semaphore_bounds_builds(self):
+        """With a launch semaphore of one, a second directory's build waits for the first."""
+        self.builder._launch_semaphore = DeferredSemaphore(1)
+        other = os.path.abspath(self.mktemp())
+        os.makedirs(other)
+        open(os.path.join(other, "requirements.txt"), "w").close()
+        first = self.build()
+        second = self.builder.build(other, "3.12", self.progress.append)
+        self.answer_probe()
+        self.assertEqual(len(self.reactor.processes), 2)
+        self.reactor.processes[-1].finish(1)  # the first build's venv step fails
+        self.failureResultOf(first, InternalServerError)
+        # The interpreter is cached: the second build goes straight to its venv step.
+        self.assertEqual(self.reactor.processes[-1].path, other)
+        self.assertNoResult(second)
+
+
+class HoldingThreadPool(SynchronousThreadPool):
+    """Runs 'threaded' work at once, except calls to the functions named in ``held``, which wait for release()."""
+
+    def __init__(self, held=()):
+        self.held = set(held)
+        self.waiting = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        if getattr(f, "__name__", None) in self.held:
+            self.waiting.append((on_result, f, args, kwargs))
+        else:
+            super().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+    def release(self):
+        waiting, self.waiting = self.waiting, []
+        for on_result, f, args, kwargs in waiting:
+            super().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+
+class BrokenBytecodeCache(BytecodeCache):
+    """A bytecode cache whose operations named in ``failing`` fail, as on a full disk."""
+
+    def __init__(self, root, failing):
+        super().__init__(root)
+        self.failing = failing
+
+    def link(self, site_packages, salt):
+        if "link" in self.failing:
+            raise OSError(28, "No space left on device")
+        return super().link(site_packages, salt)
+
+    def store(self, site_packages, groups):
+        if "store" in self.failing:
+            raise OSError(28, "No space left on device")
+        return super().store(site_packages, groups)
+
+
+class FakeCachedBuilderTests(SynchronousTestCase):
+    """The builder with its prepared venvs and bytecode cache, on a fake process reactor."""
+
+    def setUp(self):
+        super().setUp()
+        self.reactor = ProcessReactor()
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.pool = HoldingThreadPool(held=("_keep_blocking",))
+        self.prepared = os.path.join(self.base, "prepared")
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": "", "HOME": self.base},
+            interpreter_search_dirs=(), threadpool=self.pool, prepared_venvs_dir=self.prepared,
+        )
+        self.progress = []
+
+    def plugin(self, name, requirements="dify_plugin\n"):
+        working_dir = os.path.join(self.base, name)
+        os.makedirs(working_dir)
+        with open(os.path.join(working_dir, "requirements.txt"), "w") as f:
+            f.write(requirements)
+        return working_dir
+
+    def build(self, working_dir):
+        return self.builder.build(working_dir, "3.12", self.progress.append)
+
+    def answer_probe(self):
+        probe = self.reactor.processes[-1]
+        self.assertEqual(probe.argv[0], sys.executable)
+        probe.emit(b"3.12\n")
+        probe.finish(0)
+
+    def play_uv(self, working_dir):
+        """Play ``uv venv`` and ``uv pip install`` (two distributions) and the plugin's compilation."""
+        venv = self.reactor.processes[-1]
+        self.assertEqual(venv.argv[:2], ("/uv", "venv"))
+        os.makedirs(os.path.join(working_dir, ".venv", "bin"))
+        open(os.path.join(working_dir, ".venv", "bin", "python"), "w").close()
+        venv.finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        self.assertEqual(install.argv[:3], ("/uv", "pip", "install"))
+        site = FakeSitePackages(os.path.join(working_dir, SITE_PACKAGES))
+        two_distributions(site)
+        compile_plugin.finish(0)
+        install.finish(0)
+        return site
+
+    def first_build(self):
+        working_dir = self.plugin("first")
+        d = self.build(working_dir)
+        self.answer_probe()
+        site = self.play_uv(working_dir)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(
+            compile_site.argv,
+            (f"{working_dir}/.venv/bin/python", "-m", "compileall", "-q",
+             f"{SITE_PACKAGES}/a/__init__.py", f"{SITE_PACKAGES}/a/x.py", f"{SITE_PACKAGES}/b.py"),
+        )
+        site.compile()
+        compile_site.finish(0)
+        self.assertEqual(self.successResultOf(d), f"{working_dir}/.venv/bin/python")
+        return working_dir, site
+
+    def test_new_dependency_set_links_bytecode(self):
+        """A new dependency set gets the bytecode an earlier build compiled and runs no compilation of site-packages."""
+        _, first_site = self.first_build()
+        self.assertIn("linked 0 cached .pyc files", self.progress)
+        self.assertEqual(len(self.pool.waiting), 1)  # keeping it for later happens in the background
+        settled = self.builder.settled()
+        self.assertNoResult(settled)
+        self.pool.release()
+        self.assertIsNone(self.successResultOf(settled))
+        second = self.plugin("second", "dify_plugin\n# a set of its own\n")
+        del self.progress[:]
+        spawned = len(self.reactor.processes)
+        d = self.build(second)
+        site = self.play_uv(second)
+        self.assertEqual(self.successResultOf(d), f"{second}/.venv/bin/python")
+        self.assertEqual(len(self.reactor.processes), spawned + 3)  # venv, install, the plugin's compilation
+        self.assertEqual(site.pycs(), first_site.pycs())
+        self.assertEqual(
+            self.progress,
+            [
+                "creating venv with Python 3.12",
+                "installing dependencies from requirements.txt",
+                "byte-compiling the plugin",
+                "linked 3 cached .pyc files",
+                "venv ready",
+            ],
+        )
+        self.assertTrue(venv_is_valid(second))
+
+    def test_same_dependencies_wait_for_keeping(self):
+        """A build of the same dependencies waits for the prepared venv being kept, then copies it."""
+        self.first_build()
+        second = self.plugin("second")
+        spawned = len(self.reactor.processes)
+        d = self.build(second)
+        self.assertEqual(len(self.reactor.processes), spawned)  # no venv yet: it waits
+        self.pool.release()
+        prepared = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
+        self.assertEqual(len(prepared), 1)
+        self.assertTrue(venv_is_valid(os.path.join(self.prepared, prepared[0])))
+        copy = self.reactor.processes[-1]
+        self.assertEqual(
+            copy.argv,
+            ("/bin/cp", "-al", os.path.join(self.prepared, prepared[0], ".venv"), os.path.join(second, ".venv")),
+        )
+        copy.finish(0)
+        self.reactor.processes[-1].finish(0)  # the plugin's compilation
+        self.successResultOf(d)
+        self.assertIn("copying a prepared venv", self.progress)
+
+    def test_invalid_prepared_venv_replaced(self):
+        """A prepared venv that lost its marker is not used; the next fresh build replaces it with a valid one."""
+        self.first_build()
+        self.pool.release()
+        (key,) = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
+        os.unlink(os.path.join(self.prepared, key, MARKER_PATH))
+        second = self.plugin("second")
+        d = self.build(second)
+        self.play_uv(second)  # built afresh: the bytecode cache gives all of site-packages
+        self.successResultOf(d)
+        self.assertNotIn("copying a prepared venv", self.progress)
+        self.pool.release()
+        self.successResultOf(self.builder.settled())
+        self.assertEqual([name for name in os.listdir(self.prepared) if name != BYTECODE_DIR], [key])
+        self.assertTrue(venv_is_valid(os.path.join(self.prepared, key)))
+
+    def test_failed_link_compiles_everything(self):
+        """When linking cached bytecode fails, all of site-packages is compiled and the failure logged."""
+        # A fake in place of the builder's cache: the only way to make a disk fail on cue.
+        self.builder._bytecode = BrokenBytecodeCache(os.path.join(self.prepared, BYTECODE_DIR), {"link"})
+        working_dir = self.plugin("first")
+        d = self.build(working_dir)
+        self.answer_probe()
+        self.play_uv(working_dir)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[-3:], ("-j", "0", SITE_PACKAGES))
+        compile_site.finish(0)
+        self.successResultOf(d)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(venv_is_valid(working_dir))
+
+    def test_failed_store_is_logged(self):
+        """When storing bytecode fails, the build is not affected, the failure is logged, and the prepared venv kept."""
+        self.builder._bytecode = BrokenBytecodeCache(os.path.join(self.prepared, BYTECODE_DIR), {"store"})
+        working_dir, _ = self.first_build()
+        self.pool.release()
+        self.assertIsNone(self.successResultOf(self.builder.settled()))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        prepared = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
+        self.assertEqual(len(prepared), 1)
+        self.assertTrue(venv_is_valid(os.path.join(self.prepared, prepared[0])))
+        self.assertFalse(os.path.exists(os.path.join(self.prepared, BYTECODE_DIR)))
+
+
+class RealBuildTests(AsyncTestCase):
+    """Real uv venvs of the echo plugin with the real SDK, on the shared uv cache."""
+
+    timeout = 300
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.builder = sdk.environment_builder(reactor)
+        self.working_dir = os.path.abspath(self.mktemp())
+        copy_echo_plugin(self.working_dir)
+        self.progress = []
+
+    async def build(self, version="3.12"):
+        return await self.builder.build(self.working_dir, version, self.progress.append)
+
+    async def test_compiled_venv(self):
+        """A build yields the venv's python, the marker, and .pyc files for the plugin and the SDK."""
+        python = await self.build()
+        self.assertEqual(python, os.path.join(self.working_dir, ".venv", "bin", "python"))
+        with open(os.path.join(self.working_dir, MARKER_PATH)) as f:
+            self.assertIsInstance(json.load(f)["timestamp"], int)
+        self.assertTrue(os.path.exists(os.path.join(self.working_dir, "__pycache__", "main.cpython-312.pyc")))
+        sdk_cache = os.path.join(
+            self.working_dir, ".venv", "lib", "python3.12", "site-packages", "dify_plugin", "__pycache__"
+        )
+        self.assertTrue(any(name.endswith(".cpython-312.pyc") for name in os.listdir(sdk_cache)))
+        self.assertIn("installing dependencies from requirements.txt", self.progress)
+
+    async def test_second_build_reuses(self):
+        """A second build of a complete venv reuses it as it is, marker included."""
+        await self.build()
+        with open(os.path.join(self.working_dir, MARKER_PATH), "rb") as f:
+            marker = f.read()
+        self.progress.clear()
+        python = await self.build()
+        self.assertEqual(self.progress, ["reusing the existing venv"])
+        self.assertEqual(python, os.path.join(self.working_dir, ".venv", "bin", "python"))
+        with open(os.path.join(self.working_dir, MARKER_PATH), "rb") as f:
+            self.assertEqual(f.read(), marker)
+
+    async def test_echo_plugin_heartbeats(self):
+        """The built venv runs the echo plugin up to its first heartbeat."""
+        python = await self.build()
+        seconds = await sdk.seconds_to_first_heartbeat(self.reactor, python, self.working_dir)
+        self.assertGreater(seconds, 0)
+
+    async def test_missing_package(self):
+        """A requirement that does not exist fails, naming the step and quoting uv."""
+        with open(os.path.join(self.working_dir, "requirements.txt"), "w") as f:
+            f.write("difydaemon-test-no-such-package-xyzzy==1.0\n")
+        with self.assertRaises(InternalServerError) as caught:
+            await self.build()
+        message = caught.exception.message
+        self.assertTrue(
+            message.startswith("installing dependencies from requirements.txt failed (exit 1):"), message
+        )
+        self.assertIn("difydaemon-test-no-such-package-xyzzy", message)
+        self.assertIn("not found in the package registry", message)
+        self.assertFalse(os.path.exists(os.path.join(self.working_dir, MARKER_PATH)))
+
+    async def test_unknown_runner_version(self):
+        """A runner version with no interpreter on the machine fails naming it."""
+        with self.assertRaises(InternalServerError) as caught:
+            await self.build("2.1")
+        self.assertIn("Python 2.1", caught.exception.message)
+        self.assertFalse(os.path.exists(os.path.join(self.working_dir, ".venv")))
