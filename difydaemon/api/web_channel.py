@@ -92,6 +92,8 @@ class DaemonHTTPChannel(HTTPChannel):
     :ivar returned: called (once) when a lent request has been answered and
         the connection stays open; None when nothing is lent.
     :ivar head_timeout: seconds a request head may take from its first byte.
+    :ivar key_header: the header whose first value the front door checks
+        (the SRI connector's channel checks ``Authorization``).
     """
 
     #: no line is longer than a whole head (LineReceiver's bound)
@@ -99,6 +101,7 @@ class DaemonHTTPChannel(HTTPChannel):
     front_door = None
     returned = None
     head_timeout = HEAD_TIMEOUT
+    key_header = b"x-api-key"
 
     def __init__(self) -> None:
         super().__init__()
@@ -170,7 +173,7 @@ class DaemonHTTPChannel(HTTPChannel):
         front_door = self.front_door
         if front_door is not None:
             request = self.requests[-1]
-            keys = request.requestHeaders.getRawHeaders(b"x-api-key")
+            keys = request.requestHeaders.getRawHeaders(self.key_header)
             verdict = front_door.admit(self._command, self._path, keys[0] if keys else None, self.length)
             if type(verdict) is Refused:
                 self.refuse(verdict)

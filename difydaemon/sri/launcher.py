@@ -1,0 +1,268 @@
+"""
+A launch, from the uploaded package to a running function
+(``serverless.md`` §9.1 step 3):
+
+1. decode the package as the daemon does (size bound, zip safety, manifest)
+   and check that its checksum is the one its file name claims;
+2. unpack it into its own working directory under ``SRI_WORKING_PATH``;
+3. build its venv with the local runtime's
+   :class:`~difydaemon.runtimes.environment.PythonEnvironmentBuilder`
+   (uv, prepared venvs, bytecode cache);
+4. start ``<venv python> -m <entrypoint>`` with ``INSTALL_METHOD=serverless``
+   on a free port of ``SRI_FUNCTION_HOST`` and wait until ``/health`` answers.
+
+Progress goes to a callback as :class:`~difydaemon.sri.wire.LaunchEvent`
+values.  A failure raises :class:`LaunchFailed` naming the stage and why,
+after removing the working directory it created: a failed launch leaves
+no directory and no process behind.  Launches of one package at once share
+one outcome; a package whose function runs is not launched again.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Callable, Mapping
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from difydaemon.errors import DaemonError
+from difydaemon.packaging.archive import extract_package
+from difydaemon.packaging.package import PackagePolicy, decode_package
+from difydaemon.packaging.signature import official_public_key
+from difydaemon.runtimes.environment import working_dir_for
+from difydaemon.runtimes.launch import SharedResult, _prepare_directory
+from difydaemon.sri import wire
+from difydaemon.sri.functions import STATE_STOPPED, Function, FunctionSpec, FunctionStartError, FunctionTable
+
+log = Logger()
+
+#: where functions' working directories live under ``SRI_WORKING_PATH``
+FUNCTIONS_DIR = "functions"
+
+
+class LaunchFailed(Exception):
+    """
+    A launch that failed.
+
+    :ivar stage: the launch stream stage it failed in.
+    :ivar message: why.
+    """
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.message = message
+
+
+def free_port(host: str, taken: set[int]) -> int:
+    """
+    A TCP port of ``host`` that nothing listens on now and no function holds.
+
+    The function binds it a moment later; another program could take it in
+    between, and the launch then fails on its health check (the port is
+    never shared silently: the SDK's bind would fail).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
+    raise OSError(f"no free port on {host}")
+
+
+def function_environment(base: Mapping[str, str], host: str, port: int, daemon_url: str) -> dict[str, str]:
+    """
+    A function's whole environment: ``base`` (the allow-listed variables,
+    never the connector's key) and the SDK's serverless settings.
+    """
+    env = dict(base)
+    # functions may write the .pyc of what was not compiled ahead
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(
+        {
+            "INSTALL_METHOD": "serverless",
+            "SERVERLESS_HOST": host,
+            "SERVERLESS_PORT": str(port),
+            "DIFY_PLUGIN_DAEMON_URL": daemon_url,
+        }
+    )
+    return env
+
+
+class FunctionLauncher:
+    """
+    Launches packages as functions and keeps them in ``table``.
+
+    :param reactor: spawns and keeps time.
+    :param builder: a ``PythonEnvironmentBuilder`` (or a fake with its ``build``).
+    :param run_blocking: ``run_blocking(f, *args) -> Deferred``: runs ``f`` off the reactor thread.
+    :param table: the :class:`FunctionTable`.
+    :param working_path: ``SRI_WORKING_PATH``, absolute.
+    :param function_host: ``SRI_FUNCTION_HOST``.
+    :param daemon_url: ``SRI_DAEMON_URL``.
+    :param base_environment: what every function inherits (allow-listed).
+    :param probe: ``probe(url) -> Deferred[bool]``: the health check.
+    :param max_package_size: the package bound (zip and uncompressed).
+    :param start_timeout: ``SRI_FUNCTION_START_TIMEOUT``.
+    :param parent_death: the launcher that makes functions die with the connector.
+    :param allocate_port: ``allocate_port(host, taken) -> int``.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        builder,
+        run_blocking: Callable[..., Deferred],
+        table: FunctionTable,
+        working_path: str,
+        function_host: str,
+        daemon_url: str,
+        base_environment: Mapping[str, str],
+        probe: Callable[[str], Deferred],
+        max_package_size: int,
+        start_timeout: float = 60.0,
+        parent_death=None,
+        allocate_port: Callable[[str, set[int]], int] = free_port,
+        stop_grace_period: float | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._builder = builder
+        self._run_blocking = run_blocking
+        self.table = table
+        self._working_path = working_path
+        self._function_host = function_host
+        self._daemon_url = daemon_url
+        self._base_environment = dict(base_environment)
+        self._probe = probe
+        self._policy = PackagePolicy(
+            max_size=max_package_size, force_verify=False, enforce_langgenius=False, public_keys=(official_public_key(),)
+        )
+        self._start_timeout = start_timeout
+        self._parent_death = parent_death
+        self._allocate_port = allocate_port
+        self._stop_grace_period = stop_grace_period
+        self._pending: dict[str, SharedResult] = {}
+        self._reserved: set[int] = set()
+
+    def launch(self, form: wire.LaunchForm, progress: Callable[[wire.LaunchEvent], None]) -> Deferred:
+        """
+        The package's function, launched unless it runs already.
+
+        :return: Deferred[Function]; fails with :class:`LaunchFailed`.  A
+            second launch of a package while the first runs waits for the
+            first's outcome (its progress goes to the first caller only).
+        """
+        running = self.table.get(form.filename)
+        if running is not None and running.state == STATE_STOPPED:
+            # its process could not be brought back: launch it afresh
+            self.table.forget(form.filename)
+            running = None
+        if running is not None:
+            progress(wire.starting("reusing the running function"))
+            done: Deferred = Deferred()
+            done.callback(running)
+            return done
+        shared = self._pending.get(form.filename)
+        if shared is None:
+            result = Deferred.fromCoroutine(self._launch(form, progress))
+            shared = SharedResult(result)
+            self._pending[form.filename] = shared
+
+            def forget(outcome):
+                self._pending.pop(form.filename, None)
+                return outcome
+
+            result.addBoth(forget)
+        else:
+            progress(wire.building("another launch of this package is under way; waiting for it"))
+        return shared.addWaiter()
+
+    async def _launch(self, form: wire.LaunchForm, progress) -> Function:
+        identifier = form.identifier
+        progress(wire.LaunchEvent(wire.STAGE_START, wire.STATE_RUNNING, "checking the package"))
+        try:
+            decoded = await self._run_blocking(decode_package, form.package, self._policy)
+        except DaemonError as error:
+            raise LaunchFailed(wire.STAGE_START, f"the package is not valid: {error.message}") from None
+        if decoded.identifier.raw != identifier.raw:
+            raise LaunchFailed(
+                wire.STAGE_START,
+                f"the package is {decoded.identifier.raw}, not the {identifier.raw} its file name says",
+            )
+        runner = (decoded.declaration.get("meta") or {}).get("runner") or {}
+        working_dir = os.path.abspath(working_dir_for(os.path.join(self._working_path, FUNCTIONS_DIR), identifier))
+        created = await self._run_blocking(_prepare_directory, working_dir)
+        stage = wire.STAGE_BUILD
+        try:
+            if created:
+                progress(wire.building("unpacking the package"))
+                await self._run_blocking(extract_package, decoded.files, working_dir)
+            try:
+                python = await self._builder.build(
+                    working_dir, runner.get("version"), lambda line: progress(wire.building(line))
+                )
+            except DaemonError as error:
+                raise LaunchFailed(stage, error.message) from None
+            stage = wire.STAGE_RUN
+            port = self._allocate_port(self._function_host, self.table.ports() | self._reserved)
+            self._reserved.add(port)
+            try:
+                function = await self._start(form, identifier, working_dir, python, runner, port, progress)
+            finally:
+                self._reserved.discard(port)
+        except LaunchFailed:
+            await self._cleanup(created, working_dir)
+            raise
+        except BaseException as error:
+            await self._cleanup(created, working_dir)
+            if isinstance(error, Exception):
+                log.failure("launching {filename} failed", filename=form.filename)
+                raise LaunchFailed(stage, f"internal error: {error}") from None
+            raise
+        self.table.add(function)
+        return function
+
+    async def _start(self, form, identifier, working_dir, python, runner, port, progress) -> Function:
+        spec = FunctionSpec(
+            filename=form.filename,
+            name=wire.function_name(identifier),
+            function_id=secrets.token_hex(8),
+            host=self._function_host,
+            port=port,
+            argv=(python, "-m", runner.get("entrypoint") or "main"),
+            env=function_environment(self._base_environment, self._function_host, port, self._daemon_url),
+            path=working_dir,
+        )
+        options = {} if self._stop_grace_period is None else {"stop_grace_period": self._stop_grace_period}
+        function = Function(
+            self._reactor, spec, self._probe, self._parent_death, start_timeout=self._start_timeout, **options
+        )
+        progress(wire.starting(f"starting the function on {spec.endpoint}"))
+        try:
+            await function.start()
+        except FunctionStartError as error:
+            await function.stop()
+            raise LaunchFailed(wire.STAGE_RUN, str(error)) from None
+        return function
+
+    async def _cleanup(self, created: bool, working_dir: str) -> None:
+        if created:
+            await self._run_blocking(shutil.rmtree, working_dir, True)
+
+    def remove(self, filename: str) -> Deferred:
+        """Stop a package's function and delete its working directory; Deferred[bool]: whether there was one."""
+        return Deferred.fromCoroutine(self._remove(filename))
+
+    async def _remove(self, filename: str) -> bool:
+        function = self.table.get(filename)
+        removed = await self.table.remove(filename)
+        if function is not None:
+            await self._run_blocking(shutil.rmtree, function.spec.path, True)
+        return removed
+
