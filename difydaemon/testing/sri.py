@@ -22,9 +22,17 @@ def package_filename(package: bytes, author: str = "acme", name: str = "echo", v
 
 
 def launch_form(package: bytes, filename: str, verified: bool = False) -> tuple[str, bytes]:
-    """``(content type, body)`` of a launch: the ``context`` file first, then ``verified`` and ``metadata``, as the daemon sends them."""
-    author, name, version, rest = filename.split("@")
-    identifier = f"{author}/{name}:{version}@{rest[: -len('.difypkg')]}"
+    """
+    ``(content type, body)`` of a launch: the ``context`` file first, then
+    ``verified`` and ``metadata``, as the daemon sends them (no metadata
+    when ``filename`` is not of the daemon's form).
+    """
+    parts = filename.split("@")
+    fields = [("verified", "true" if verified else "false")]
+    if len(parts) == 4:
+        author, name, version, rest = parts
+        identifier = f"{author}/{name}:{version}@{rest[: -len('.difypkg')]}"
+        fields.append(("metadata", json.dumps({"plugin_unique_identifier": identifier})))
     out = io.BytesIO()
     out.write(
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="context"; filename="{filename}"\r\n'
@@ -32,10 +40,7 @@ def launch_form(package: bytes, filename: str, verified: bool = False) -> tuple[
     )
     out.write(package)
     out.write(b"\r\n")
-    for field, value in (
-        ("verified", "true" if verified else "false"),
-        ("metadata", json.dumps({"plugin_unique_identifier": identifier})),
-    ):
+    for field, value in fields:
         out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
     out.write(f"--{BOUNDARY}--\r\n".encode())
     return f"multipart/form-data; boundary={BOUNDARY}", out.getvalue()

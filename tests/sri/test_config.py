@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from difydaemon.config import ConfigError, ConfigErrors, load_sri_config
+import os
+
+from difydaemon.config import SRI_VARIABLES, VARIABLES, ConfigError, ConfigErrors, load_sri_config, parse_dotenv
 from difydaemon.testing.cases import SynchronousTestCase
+from tests.cli.helpers import REPOSITORY
 
 KEY = {"SRI_API_KEY": "connector-key"}
 
@@ -71,3 +74,24 @@ class SRIConfigTests(SynchronousTestCase):
         """PLUGIN_ENV_PASSTHROUGH may not hand the connector's key to functions."""
         error = self.assertRaises(ConfigError, load_sri_config, {**KEY, "PLUGIN_ENV_PASSTHROUGH": "SRI_API_KEY"})
         self.assertEqual(error.variable, "PLUGIN_ENV_PASSTHROUGH")
+
+
+class SRIDocumentationTests(SynchronousTestCase):
+    """Every SRI variable is documented and in the example file, which loads."""
+
+    def read(self, name: str) -> str:
+        with open(os.path.join(REPOSITORY, name)) as f:
+            return f.read()
+
+    def test_documented(self):
+        """docs/configuration.md has a table row for every SRI variable."""
+        text = self.read("docs/configuration.md")
+        self.assertEqual([name for name in SRI_VARIABLES if f"| `{name}` |" not in text], [])
+
+    def test_example_file(self):
+        """.env.sri.example sets every SRI variable, only known ones, and loads as it is."""
+        text = self.read(".env.sri.example")
+        names = set(parse_dotenv(text))
+        self.assertEqual(set(SRI_VARIABLES) - names, set())
+        self.assertEqual(names - set(SRI_VARIABLES) - set(VARIABLES), set())
+        self.assertEqual(load_sri_config({}, text).sri_port, 5004)

@@ -222,11 +222,12 @@ class TwistdTests(AsyncTestCase):
         self.assertNotEqual(getattr(ended, "exitCode", 0), 0)
         self.assertIn(b"SRI_API_KEY", watch.output)
 
-    async def test_sigterm_stops_functions(self):
-        """SIGTERM to a connector with a running function stops the function, then the connector."""
+    async def launched_under_twistd(self) -> tuple[_Watch, int, int]:
+        """Start twistd dify-sri and launch the echo package: (watch, connector pid, function pid)."""
         working = os.path.abspath(self.mktemp())
         port = free_port("127.0.0.1", set())
         watch = self.spawn(connector_environment(working, port))
+        self.addCleanup(self.end, watch)
         http = http_client(self, reactor)
         events = None
         for _ in range(600):
@@ -248,7 +249,32 @@ class TwistdTests(AsyncTestCase):
             connector_pid = int(f.read())
         functions = children_of(connector_pid)
         self.assertEqual(len(functions), 1, functions)
+        return watch, connector_pid, functions[0]
+
+    async def end(self, watch: _Watch) -> None:
+        """Make sure the subreaper (and all under it) has ended."""
+        if not watch.ended.called:
+            with open(self.pidfile) as f:
+                pid = int(f.read())
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+            await watch.ended
+
+    async def test_sigterm_stops_functions(self):
+        """SIGTERM to a connector with a running function stops the function, then the connector."""
+        watch, connector_pid, function_pid = await self.launched_under_twistd()
         os.kill(connector_pid, signal.SIGTERM)
         await watch.ended
-        self.assertFalse(is_running(functions[0]))
+        self.assertFalse(is_running(function_pid))
         self.assertIn(b"1 functions stopped", watch.output)
+
+    async def test_sigkill_takes_functions_along(self):
+        """A connector killed with SIGKILL leaves no function running (the parent-death signal)."""
+        watch, connector_pid, function_pid = await self.launched_under_twistd()
+        os.kill(connector_pid, signal.SIGKILL)
+        for _ in range(int(GRACE / 0.05)):
+            if not is_running(function_pid):
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(is_running(function_pid))
+        await watch.ended
