@@ -26,7 +26,7 @@ import shutil
 import socket
 from collections.abc import Callable, Mapping
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from difydaemon.errors import DaemonError
@@ -149,6 +149,9 @@ class FunctionLauncher:
         self._stop_grace_period = stop_grace_period
         self._pending: dict[str, SharedResult] = {}
         self._reserved: set[int] = set()
+        # functions started but not yet in the table; a stop must reach them too
+        self._starting: set[Function] = set()
+        self._stopping = False
 
     def launch(self, form: wire.LaunchForm, progress: Callable[[wire.LaunchEvent], None]) -> Deferred:
         """
@@ -158,6 +161,10 @@ class FunctionLauncher:
             second launch of a package while the first runs waits for the
             first's outcome (its progress goes to the first caller only).
         """
+        if self._stopping:
+            refused: Deferred = Deferred()
+            refused.errback(LaunchFailed(wire.STAGE_START, "the connector is stopping"))
+            return refused
         running = self.table.get(form.filename)
         if running is not None and running.state == STATE_STOPPED:
             # its process could not be brought back: launch it afresh
@@ -244,12 +251,29 @@ class FunctionLauncher:
             self._reactor, spec, self._probe, self._parent_death, start_timeout=self._start_timeout, **options
         )
         progress(wire.starting(f"starting the function on {spec.endpoint}"))
+        self._starting.add(function)
         try:
             await function.start()
         except FunctionStartError as error:
             await function.stop()
+            if self._stopping:
+                raise LaunchFailed(wire.STAGE_RUN, "the connector is stopping") from None
             raise LaunchFailed(wire.STAGE_RUN, str(error)) from None
+        finally:
+            self._starting.discard(function)
+        if self._stopping:
+            await function.stop()
+            raise LaunchFailed(wire.STAGE_RUN, "the connector is stopping")
         return function
+
+    def stop(self) -> Deferred:
+        """
+        Refuse new launches and stop every function, those still starting
+        included; fires once all have ended.
+        """
+        self._stopping = True
+        starting = [function.stop() for function in list(self._starting)]
+        return DeferredList([self.table.stop_all(), *starting], consumeErrors=True).addCallback(lambda _: None)
 
     async def _cleanup(self, created: bool, working_dir: str) -> None:
         if created:

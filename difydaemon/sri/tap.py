@@ -91,9 +91,10 @@ class ConnectorService(MultiService):
     is stopped (TERM, then KILL) and the stop waits for all of them.
     """
 
-    def __init__(self, table: FunctionTable, runner: ThreadPoolRunner, pool: HTTPConnectionPool) -> None:
+    def __init__(self, launcher: FunctionLauncher, runner: ThreadPoolRunner, pool: HTTPConnectionPool) -> None:
         super().__init__()
-        self.table = table
+        self.launcher = launcher
+        self.table = launcher.table
         self._runner = runner
         self._pool = pool
 
@@ -103,7 +104,7 @@ class ConnectorService(MultiService):
     async def _stop(self) -> None:
         await MultiService.stopService(self)
         count = len(self.table)
-        await self.table.stop_all()
+        await self.launcher.stop()
         log.info("connector stopped; {count} functions stopped", count=count)
         await self._pool.closeCachedConnections()
         self._runner.stop()
@@ -141,8 +142,7 @@ def build_connector(reactor, config: SRIConfig, environ) -> ConnectorService:
     resource = ConnectorResource(launcher, runner.run, config.sri_max_package_size)
     front_door = ConnectorFrontDoor(config.sri_api_key.encode("utf-8"), config.sri_max_package_size)
     site = ConnectorSite(resource, reactor=reactor, front_door=front_door)
-    service = ConnectorService(table, runner, pool)
-    service.launcher = launcher
+    service = ConnectorService(launcher, runner, pool)
     service.site = site
     service.config = config
     host = config.sri_host

@@ -30,7 +30,9 @@ def form(package: bytes = PACKAGE, filename: str = FILENAME) -> wire.LaunchForm:
     return wire.launch_form(filename, package, "false", None)
 
 
-class LauncherTests(SynchronousTestCase):
+class LauncherCase(SynchronousTestCase):
+    """A launcher on fakes: builder, process reactor, health probe, ports."""
+
     def setUp(self):
         super().setUp()
         self.reactor = FakeProcessReactor()
@@ -66,6 +68,9 @@ class LauncherTests(SynchronousTestCase):
     def working_dir(self) -> str:
         return os.path.join(self.working_path, FUNCTIONS_DIR, "acme", f"echo-0.0.1@{CHECKSUM}")
 
+
+
+class LauncherTests(LauncherCase):
     def test_launched(self):
         """A launch unpacks, builds through the builder, starts the SDK in serverless mode and keeps the function."""
         function = self.successResultOf(self.launch())
@@ -189,3 +194,25 @@ class EnvironmentTests(SynchronousTestCase):
         """A free port is one no function holds."""
         first = free_port("127.0.0.1", set())
         self.assertNotEqual(free_port("127.0.0.1", {first}), first)
+
+
+class LauncherStopTests(LauncherCase):
+    """Stopping the launcher (the connector stopping)."""
+
+    def test_stop_reaches_starting_functions(self):
+        """A stop while a function is still starting stops it; its launch fails and nothing is kept."""
+        self.probe.healthy = False
+        launched = self.launch()
+        self.assertEqual(len(self.reactor.running_processes), 1)
+        stopped = self.launcher.stop()
+        self.reactor.advance(5)
+        self.successResultOf(stopped)
+        failure = self.failureResultOf(launched, LaunchFailed)
+        self.assertIn("stopping", failure.value.message)
+        self.assertEqual((self.reactor.running_processes, len(self.table)), ([], 0))
+
+    def test_stop_refuses_new_launches(self):
+        """After a stop no launch starts anything."""
+        self.successResultOf(self.launcher.stop())
+        self.assertIn("stopping", self.failureResultOf(self.launch(), LaunchFailed).value.message)
+        self.assertEqual(self.builder.builds, [])
