@@ -36,6 +36,7 @@ from difydaemon.packaging.signature import official_public_key
 from difydaemon.runtimes.environment import working_dir_for
 from difydaemon.runtimes.launch import SharedResult, _prepare_directory
 from difydaemon.sri import wire
+from difydaemon.sri.function_site import install_function_site
 from difydaemon.sri.functions import STATE_STOPPED, Function, FunctionSpec, FunctionStartError, FunctionTable
 
 log = Logger()
@@ -76,12 +77,17 @@ def free_port(host: str, taken: set[int]) -> int:
     raise OSError(f"no free port on {host}")
 
 
-def function_environment(base: Mapping[str, str], host: str, port: int, daemon_url: str) -> dict[str, str]:
+def function_environment(
+    base: Mapping[str, str], host: str, port: int, daemon_url: str, site_dir: str | None = None
+) -> dict[str, str]:
     """
     A function's whole environment: ``base`` (the allow-listed variables,
-    never the connector's key) and the SDK's serverless settings.
+    never the connector's key) and the SDK's serverless settings; with
+    ``site_dir``, ``PYTHONPATH`` names it (:mod:`difydaemon.sri.function_site`).
     """
     env = dict(base)
+    if site_dir is not None:
+        env["PYTHONPATH"] = site_dir
     # functions may write the .pyc of what was not compiled ahead
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(
@@ -152,6 +158,7 @@ class FunctionLauncher:
         # functions started but not yet in the table; a stop must reach them too
         self._starting: set[Function] = set()
         self._stopping = False
+        self._site_dir: str | None = None
 
     def launch(self, form: wire.LaunchForm, progress: Callable[[wire.LaunchEvent], None]) -> Deferred:
         """
@@ -203,6 +210,8 @@ class FunctionLauncher:
                 f"the package is {decoded.identifier.raw}, not the {identifier.raw} its file name says",
             )
         runner = (decoded.declaration.get("meta") or {}).get("runner") or {}
+        if self._site_dir is None:
+            self._site_dir = await self._run_blocking(install_function_site, self._working_path)
         working_dir = os.path.abspath(working_dir_for(os.path.join(self._working_path, FUNCTIONS_DIR), identifier))
         created = await self._run_blocking(_prepare_directory, working_dir)
         stage = wire.STAGE_BUILD
@@ -243,7 +252,7 @@ class FunctionLauncher:
             host=self._function_host,
             port=port,
             argv=(python, "-m", runner.get("entrypoint") or "main"),
-            env=function_environment(self._base_environment, self._function_host, port, self._daemon_url),
+            env=function_environment(self._base_environment, self._function_host, port, self._daemon_url, self._site_dir),
             path=working_dir,
         )
         options = {} if self._stop_grace_period is None else {"stop_grace_period": self._stop_grace_period}

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from twisted.internet import reactor, task
+from twisted.internet.utils import getProcessOutput
 
 from difydaemon.sri.launcher import FUNCTIONS_DIR, free_port
 from difydaemon.sri.tap import Options, makeService
@@ -134,6 +135,19 @@ class LaunchAndInvokeTests(ConnectorCase):
         self.assertEqual((await self.instances())["Items"], [])
         self.assertFalse(is_running(pid))
         self.assertFalse(os.path.exists(os.path.join(self.working, FUNCTIONS_DIR, "acme")) and os.listdir(os.path.join(self.working, FUNCTIONS_DIR, "acme")))
+
+    async def test_function_server_gets_no_delay(self):
+        """In a launched function's venv and environment, the SDK's gevent server is patched to set TCP_NODELAY."""
+        self.start()
+        await self.launch()
+        spec = self.service.table.get(ECHO_FILENAME).spec
+        output = await getProcessOutput(
+            spec.argv[0],
+            ["-c", "import gevent.pywsgi; print(gevent.pywsgi.WSGIServer.handle.__name__)"],
+            env=dict(spec.env),
+            path=spec.path,
+        )
+        self.assertEqual(output.strip(), b"handle_with_no_delay")
 
     async def test_killed_function_restarted(self):
         """A function killed with SIGKILL is restarted on the same URL and answers again."""

@@ -11,6 +11,7 @@ import os
 
 from difydaemon.blocking import InlineRunner
 from difydaemon.sri import wire
+from difydaemon.sri.function_site import FUNCTION_SITE_DIR, SITECUSTOMIZE
 from difydaemon.sri.functions import FunctionTable
 from difydaemon.sri.launcher import FUNCTIONS_DIR, FunctionLauncher, LaunchFailed, function_environment, free_port
 from difydaemon.packaging.checksum import package_checksum
@@ -69,7 +70,6 @@ class LauncherCase(SynchronousTestCase):
         return os.path.join(self.working_path, FUNCTIONS_DIR, "acme", f"echo-0.0.1@{CHECKSUM}")
 
 
-
 class LauncherTests(LauncherCase):
     def test_launched(self):
         """A launch unpacks, builds through the builder, starts the SDK in serverless mode and keeps the function."""
@@ -88,8 +88,11 @@ class LauncherTests(LauncherCase):
                 "SERVERLESS_HOST": "127.0.0.1",
                 "SERVERLESS_PORT": "41000",
                 "DIFY_PLUGIN_DAEMON_URL": "http://daemon:5002",
+                "PYTHONPATH": os.path.join(self.working_path, FUNCTION_SITE_DIR),
             },
         )
+        with open(os.path.join(self.working_path, FUNCTION_SITE_DIR, "sitecustomize.py")) as f:
+            self.assertEqual(f.read(), SITECUSTOMIZE)
         self.assertEqual(function.spec.endpoint, "http://127.0.0.1:41000")
         self.assertIs(self.table.get(FILENAME), function)
         stages = [(event.stage, event.state) for event in self.events]
