@@ -352,6 +352,10 @@ class FunctionTable:
         """Deploy ``function`` (after its start succeeded)."""
         self._functions[function.spec.filename] = function
 
+    def functions(self) -> list[Function]:
+        """The deployed functions."""
+        return list(self._functions.values())
+
     def ports(self) -> set[int]:
         """The ports functions hold."""
         return {function.spec.port for function in self._functions.values()}

@@ -26,7 +26,7 @@ import shutil
 import socket
 from collections.abc import Callable, Mapping
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.logger import Logger
 
 from difydaemon.errors import DaemonError
@@ -37,6 +37,7 @@ from difydaemon.runtimes.environment import working_dir_for
 from difydaemon.runtimes.launch import SharedResult, _prepare_directory
 from difydaemon.sri import wire
 from difydaemon.sri.function_site import install_function_site
+from difydaemon.sri.state import FunctionRecord, load_records, save_records
 from difydaemon.sri.functions import STATE_STOPPED, Function, FunctionSpec, FunctionStartError, FunctionTable
 
 log = Logger()
@@ -75,6 +76,18 @@ def free_port(host: str, taken: set[int]) -> int:
         if port not in taken:
             return port
     raise OSError(f"no free port on {host}")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port`` now (a bind succeeds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def function_environment(
@@ -118,6 +131,7 @@ class FunctionLauncher:
     :param start_timeout: ``SRI_FUNCTION_START_TIMEOUT``.
     :param parent_death: the launcher that makes functions die with the connector.
     :param allocate_port: ``allocate_port(host, taken) -> int``.
+    :param is_port_free: ``is_port_free(host, port) -> bool`` (restoring functions).
     """
 
     def __init__(
@@ -136,6 +150,7 @@ class FunctionLauncher:
         parent_death=None,
         allocate_port: Callable[[str, set[int]], int] = free_port,
         stop_grace_period: float | None = None,
+        is_port_free: Callable[[str, int], bool] | None = None,
     ) -> None:
         self._reactor = reactor
         self._builder = builder
@@ -152,6 +167,7 @@ class FunctionLauncher:
         self._start_timeout = start_timeout
         self._parent_death = parent_death
         self._allocate_port = allocate_port
+        self._is_port_free = port_is_free if is_port_free is None else is_port_free
         self._stop_grace_period = stop_grace_period
         self._pending: dict[str, SharedResult] = {}
         self._reserved: set[int] = set()
@@ -159,6 +175,7 @@ class FunctionLauncher:
         self._starting: set[Function] = set()
         self._stopping = False
         self._site_dir: str | None = None
+        self._state_lock = DeferredLock()
 
     def launch(self, form: wire.LaunchForm, progress: Callable[[wire.LaunchEvent], None]) -> Deferred:
         """
@@ -188,11 +205,7 @@ class FunctionLauncher:
             shared = SharedResult(result)
             self._pending[form.filename] = shared
 
-            def forget(outcome):
-                self._pending.pop(form.filename, None)
-                return outcome
-
-            result.addBoth(forget)
+            result.addBoth(self._forget_pending, form.filename)
         else:
             progress(wire.building("another launch of this package is under way; waiting for it"))
         return shared.addWaiter()
@@ -242,24 +255,39 @@ class FunctionLauncher:
                 raise LaunchFailed(stage, f"internal error: {error}") from None
             raise
         self.table.add(function)
+        await self._remember()
         return function
 
-    async def _start(self, form, identifier, working_dir, python, runner, port, progress) -> Function:
-        spec = FunctionSpec(
-            filename=form.filename,
-            name=wire.function_name(identifier),
-            function_id=secrets.token_hex(8),
+    def _spec(self, filename: str, name: str, function_id: str, port: int, argv, path: str) -> FunctionSpec:
+        return FunctionSpec(
+            filename=filename,
+            name=name,
+            function_id=function_id,
             host=self._function_host,
             port=port,
-            argv=(python, "-m", runner.get("entrypoint") or "main"),
+            argv=tuple(argv),
             env=function_environment(self._base_environment, self._function_host, port, self._daemon_url, self._site_dir),
-            path=working_dir,
+            path=path,
         )
+
+    async def _start(self, form, identifier, working_dir, python, runner, port, progress) -> Function:
+        spec = self._spec(
+            form.filename,
+            wire.function_name(identifier),
+            secrets.token_hex(8),
+            port,
+            (python, "-m", runner.get("entrypoint") or "main"),
+            working_dir,
+        )
+        progress(wire.starting(f"starting the function on {spec.endpoint}"))
+        return await self._run(spec)
+
+    async def _run(self, spec: FunctionSpec) -> Function:
+        """Start a function and wait until it answers; LaunchFailed at the run stage otherwise."""
         options = {} if self._stop_grace_period is None else {"stop_grace_period": self._stop_grace_period}
         function = Function(
             self._reactor, spec, self._probe, self._parent_death, start_timeout=self._start_timeout, **options
         )
-        progress(wire.starting(f"starting the function on {spec.endpoint}"))
         self._starting.add(function)
         try:
             await function.start()
@@ -296,6 +324,77 @@ class FunctionLauncher:
         function = self.table.get(filename)
         removed = await self.table.remove(filename)
         if function is not None:
+            await self._remember()
             await self._run_blocking(shutil.rmtree, function.spec.path, True)
         return removed
+
+    # -- across restarts ---------------------------------------------------------------
+
+    async def _remember(self) -> None:
+        """Write the table's functions to the state file, one writer at a time, the latest table last."""
+        async with self._state_lock:
+            records = [
+                FunctionRecord(f.spec.filename, f.spec.name, f.spec.function_id, f.spec.port, f.spec.argv, f.spec.path)
+                for f in self.table.functions()
+            ]
+            try:
+                await self._run_blocking(save_records, self._working_path, records)
+            except OSError as error:
+                log.error("cannot remember the functions in {path}: {error}", path=self._working_path, error=str(error))
+
+    def restore(self) -> Deferred:
+        """
+        Start again the functions the state file lists (connector start):
+        each on its old port when that is free, so the URLs the daemon
+        stored stay good.  A launch of one of them meanwhile waits for it.
+        Fires (with how many came back) once all have been tried; never fails.
+        """
+        return Deferred.fromCoroutine(self._restore())
+
+    async def _restore(self) -> int:
+        records = await self._run_blocking(load_records, self._working_path)
+        if not records:
+            return 0
+        self._site_dir = await self._run_blocking(install_function_site, self._working_path)
+        attempts = []
+        for record in records:
+            result = Deferred.fromCoroutine(self._restore_one(record))
+            shared = SharedResult(result)
+            self._pending[record.filename] = shared
+            result.addBoth(self._forget_pending, record.filename)
+            attempts.append(shared.addWaiter())
+        outcomes = await DeferredList(attempts, consumeErrors=True)
+        restored = sum(1 for ok, _ in outcomes if ok)
+        log.info("restored {restored} of {count} functions", restored=restored, count=len(records))
+        await self._remember()
+        return restored
+
+    def _forget_pending(self, outcome, filename: str):
+        self._pending.pop(filename, None)
+        return outcome
+
+    async def _restore_one(self, record: FunctionRecord) -> Function:
+        if not await self._run_blocking(os.path.exists, record.argv[0]):
+            log.warn("function {name} not restored: {python} is gone", name=record.name, python=record.argv[0])
+            raise LaunchFailed(wire.STAGE_RUN, "its venv is gone")
+        port = record.port
+        taken = self.table.ports() | self._reserved
+        if port in taken or not self._is_port_free(self._function_host, port):
+            port = self._allocate_port(self._function_host, taken)
+            log.warn(
+                "function {name}: port {old} is taken, restored on {new}; reinstall its plugin so that the daemon learns the new URL",
+                name=record.name,
+                old=record.port,
+                new=port,
+            )
+        self._reserved.add(port)
+        try:
+            function = await self._run(self._spec(record.filename, record.name, record.function_id, port, record.argv, record.path))
+        except LaunchFailed as error:
+            log.warn("function {name} not restored: {error}", name=record.name, error=error.message)
+            raise
+        finally:
+            self._reserved.discard(port)
+        self.table.add(function)
+        return function
 

@@ -87,8 +87,13 @@ class ConnectorService(MultiService):
     """
     The connector: its HTTP listener, and the functions it runs.
 
-    On stop the listener closes first (no new launch), then every function
-    is stopped (TERM, then KILL) and the stop waits for all of them.
+    On start the functions of the last run are started again
+    (:meth:`~difydaemon.sri.launcher.FunctionLauncher.restore`).  On stop
+    the listener closes first (no new launch), then every function is
+    stopped (TERM, then KILL) and the stop waits for all of them.
+
+    :ivar restored: fires (with how many functions came back) once the
+        last run's functions have been tried.
     """
 
     def __init__(self, launcher: FunctionLauncher, runner: ThreadPoolRunner, pool: HTTPConnectionPool) -> None:
@@ -97,6 +102,12 @@ class ConnectorService(MultiService):
         self.table = launcher.table
         self._runner = runner
         self._pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        # the functions of the last run, on their old ports (see difydaemon.sri.state)
+        self.restored = self.launcher.restore()
+        self.restored.addErrback(lambda failure: log.failure("restoring functions failed", failure))
 
     def stopService(self):
         return Deferred.fromCoroutine(self._stop())

@@ -62,9 +62,14 @@ class ConnectorCase(AsyncTestCase):
     def start(self, **extra) -> None:
         self.working = os.path.abspath(self.mktemp())
         self.port = free_port("127.0.0.1", set())
+        self.environ = connector_environment(self.working, self.port, **extra)
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a connector on the test's working path and port (again)."""
         options = Options()
         options.parseOptions(["--env-file", os.path.join(self.working, "missing.env")])
-        self.service = makeService(options, reactor, connector_environment(self.working, self.port, **extra))
+        self.service = makeService(options, reactor, self.environ)
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -159,6 +164,19 @@ class LaunchAndInvokeTests(ConnectorCase):
         await self.until(lambda: running.restarts == 1 and running.state == "running", "the function is back")
         self.assertNotEqual(running.pid, first_pid)
         self.assert_echoed(await self.invoke(function["endpoint"], "after restart"), "after restart")
+
+    async def test_functions_come_back_with_the_connector(self):
+        """A connector stopped and started again brings its function back on the same URL."""
+        self.start()
+        function = sri.announced(await self.launch())
+        first_pid = self.service.table.get(ECHO_FILENAME).pid
+        await self.service.stopService()
+        self.assertFalse(is_running(first_pid))
+        self.restart()
+        self.assertEqual(await self.service.restored, 1)
+        [item] = (await self.instances())["Items"]
+        self.assertEqual(item["Endpoint"], function["endpoint"])
+        self.assert_echoed(await self.invoke(function["endpoint"], "restored"), "restored")
 
     async def test_wrong_key_refused(self):
         """Ping with the key answers "pong"; without it, or with another, 401."""

@@ -13,6 +13,7 @@ from difydaemon.blocking import InlineRunner
 from difydaemon.sri import wire
 from difydaemon.sri.function_site import FUNCTION_SITE_DIR, SITECUSTOMIZE
 from difydaemon.sri.functions import FunctionTable
+from difydaemon.sri.state import load_records
 from difydaemon.sri.launcher import FUNCTIONS_DIR, FunctionLauncher, LaunchFailed, function_environment, free_port
 from difydaemon.packaging.checksum import package_checksum
 from difydaemon.packaging.archive import read_package
@@ -219,3 +220,65 @@ class LauncherStopTests(LauncherCase):
         self.successResultOf(self.launcher.stop())
         self.assertIn("stopping", self.failureResultOf(self.launch(), LaunchFailed).value.message)
         self.assertEqual(self.builder.builds, [])
+
+
+class RestoreTests(LauncherCase):
+    """Functions remembered in the state file come back when a connector starts."""
+
+    def launched_then_new_connector(self, **overrides) -> FunctionLauncher:
+        """Launch echo, make its python exist, and give a new launcher (a restarted connector) on the same path."""
+        function = self.successResultOf(self.launch())
+        os.makedirs(os.path.dirname(function.spec.argv[0]), exist_ok=True)
+        open(function.spec.argv[0], "w").close()
+        self.reactor = FakeProcessReactor()
+        self.builder = FakeBuilder()
+        self.table = FunctionTable()
+        return self.make_launcher(reactor=self.reactor, builder=self.builder, table=self.table, **overrides)
+
+    def test_remembered(self):
+        """A launch is written to the state file; a removal takes it out."""
+        function = self.successResultOf(self.launch())
+        [record] = load_records(self.working_path)
+        self.assertEqual((record.filename, record.port, record.argv), (FILENAME, 41000, function.spec.argv))
+        removed = self.launcher.remove(FILENAME)
+        self.reactor.advance(5)
+        self.successResultOf(removed)
+        self.assertEqual(load_records(self.working_path), [])
+
+    def test_restored_on_same_port(self):
+        """A restarted connector starts the function again on its port, without building; instances finds it."""
+        launcher = self.launched_then_new_connector(is_port_free=lambda host, port: True)
+        self.assertEqual(self.successResultOf(launcher.restore()), 1)
+        function = self.table.get(FILENAME)
+        self.assertEqual((function.spec.port, function.state), (41000, "running"))
+        self.assertEqual(self.builder.builds, [])
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertEqual(self.reactor.spawned[0].env["SERVERLESS_PORT"], "41000")
+
+    def test_taken_port_replaced(self):
+        """A function whose port is taken now comes back on another one."""
+        launcher = self.launched_then_new_connector(is_port_free=lambda host, port: False)
+        self.successResultOf(launcher.restore())
+        self.assertEqual(self.table.get(FILENAME).spec.port, 41001)
+        self.assertEqual(load_records(self.working_path)[0].port, 41001)
+
+    def test_launch_during_restore_waits(self):
+        """A launch of a function being restored waits for it instead of building another."""
+        self.probe.healthy = True
+        launcher = self.launched_then_new_connector(is_port_free=lambda host, port: True)
+        self.probe.healthy = False
+        restored = launcher.restore()
+        launched = launcher.launch(form(), self.events.append)
+        self.probe.healthy = True
+        self.reactor.advance(0.1)
+        self.successResultOf(restored)
+        self.assertIs(self.successResultOf(launched), self.table.get(FILENAME))
+        self.assertEqual((self.builder.builds, len(self.reactor.spawned)), ([], 1))
+
+    def test_gone_venv_not_restored(self):
+        """A function whose venv is gone is not restored, and forgotten."""
+        launcher = self.launched_then_new_connector(is_port_free=lambda host, port: True)
+        os.unlink(load_records(self.working_path)[0].argv[0])
+        self.assertEqual(self.successResultOf(launcher.restore()), 0)
+        self.assertEqual((len(self.table), self.reactor.spawned), (0, []))
+        self.assertEqual(load_records(self.working_path), [])

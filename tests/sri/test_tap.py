@@ -32,8 +32,10 @@ class MakeServiceTests(SynchronousTestCase):
             {"SRI_API_KEY": "k", "SRI_PORT": "5999", "SRI_HOST": "127.0.0.1", "SRI_WORKING_PATH": working, "PATH": os.environ["PATH"]},
         )
         self.assertEqual(reactor.tcpServers, [])
-        service.startService()
-        self.addCleanup(service.stopService)
+        # the listener alone: the whole service would also restore functions in threads
+        [listener] = list(service)
+        listener.startService()
+        self.addCleanup(listener.stopService)
         port, factory, _backlog, interface = reactor.tcpServers[0]
         self.assertEqual((port, interface), (5999, "127.0.0.1"))
         self.assertIsInstance(factory, ConnectorSite)
