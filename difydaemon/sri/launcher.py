@@ -26,7 +26,7 @@ import shutil
 import socket
 from collections.abc import Callable, Mapping
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.logger import Logger
 
 from difydaemon.errors import DaemonError
@@ -132,6 +132,8 @@ class FunctionLauncher:
     :param parent_death: the launcher that makes functions die with the connector.
     :param allocate_port: ``allocate_port(host, taken) -> int``.
     :param is_port_free: ``is_port_free(host, port) -> bool`` (restoring functions).
+    :param build_concurrency: venv builds running at once
+        (``PLUGIN_LOCAL_LAUNCHING_CONCURRENT``); later launches wait.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class FunctionLauncher:
         allocate_port: Callable[[str, set[int]], int] = free_port,
         stop_grace_period: float | None = None,
         is_port_free: Callable[[str, int], bool] | None = None,
+        build_concurrency: int = 2,
     ) -> None:
         self._reactor = reactor
         self._builder = builder
@@ -176,6 +179,8 @@ class FunctionLauncher:
         self._stopping = False
         self._site_dir: str | None = None
         self._state_lock = DeferredLock()
+        # builds are CPU- and disk-heavy: at most this many at once
+        self._builds = DeferredSemaphore(build_concurrency)
 
     def launch(self, form: wire.LaunchForm, progress: Callable[[wire.LaunchEvent], None]) -> Deferred:
         """
@@ -232,9 +237,11 @@ class FunctionLauncher:
             if created:
                 progress(wire.building("unpacking the package"))
                 await self._run_blocking(extract_package, decoded.files, working_dir)
+            if not self._builds.tokens:
+                progress(wire.building("waiting for other builds to finish"))
             try:
-                python = await self._builder.build(
-                    working_dir, runner.get("version"), lambda line: progress(wire.building(line))
+                python = await self._builds.run(
+                    self._builder.build, working_dir, runner.get("version"), lambda line: progress(wire.building(line))
                 )
             except DaemonError as error:
                 raise LaunchFailed(stage, error.message) from None

@@ -149,6 +149,7 @@ def build_connector(reactor, config: SRIConfig, environ) -> ConnectorService:
         config.sri_max_package_size,
         start_timeout=config.sri_function_start_timeout,
         parent_death=parent_death,
+        build_concurrency=local.plugin_local_launching_concurrent,
     )
     resource = ConnectorResource(launcher, runner.run, config.sri_max_package_size)
     front_door = ConnectorFrontDoor(config.sri_api_key.encode("utf-8"), config.sri_max_package_size)

@@ -118,6 +118,22 @@ class LauncherTests(LauncherCase):
         self.assertIs(self.successResultOf(first), self.successResultOf(second))
         self.assertEqual((len(self.builder.builds), len(self.reactor.spawned)), (1, 1))
 
+    def test_builds_bounded(self):
+        """With one build at a time, a second package's build waits for the first's, and says so."""
+        self.launcher = self.make_launcher(build_concurrency=1)
+        self.builder.hold = True
+        first = self.launch()
+        other = build_package(echo_plugin_files(name="other"))
+        checksum = package_checksum(read_package(other, 10**8))
+        second = self.launch(form(other, f"acme@other@0.0.1@{checksum}.difypkg"))
+        self.assertEqual(len(self.builder.builds), 1)
+        self.assertIn("waiting for other builds to finish", [event.message for event in self.events])
+        self.builder.release()
+        self.successResultOf(first)
+        self.assertEqual(len(self.builder.builds), 2)
+        self.builder.release()
+        self.successResultOf(second)
+
     def test_second_package_gets_another_port(self):
         """Each function gets a port no other function holds."""
         self.successResultOf(self.launch())
