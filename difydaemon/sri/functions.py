@@ -6,7 +6,10 @@ Running functions: each deployed package is one SDK process serving HTTP
 ``procmon`` does: a process that dies is started again after a delay that
 doubles (up to :data:`MAX_RESTART_DELAY`) while it keeps dying soon after
 starting, and falls back to :data:`MIN_RESTART_DELAY` once it has run for
-:data:`STABLE_AFTER` seconds.  It is restarted on the same port, so the
+:data:`STABLE_AFTER` seconds.  A running function is asked ``/health``
+every :data:`LIVENESS_INTERVAL` seconds; one that fails
+:data:`LIVENESS_FAILURES` checks in a row is hung, and is killed (and so
+restarted).  It is restarted on the same port, so the
 function URL the daemon stored stays good.  A stop sends TERM, then KILL
 after a grace period.  Every process is started through the daemon's
 parent-death launcher (:mod:`difydaemon.runtimes.parent_death`), so none
@@ -42,6 +45,11 @@ STABLE_AFTER = 30.0
 STOP_GRACE_PERIOD = 3.0
 #: seconds between two health checks while a function starts
 HEALTH_POLL_INTERVAL = 0.1
+#: seconds between two health checks of a running function
+LIVENESS_INTERVAL = 10.0
+#: failed health checks in a row after which a running function counts as
+#: hung and is killed (then restarted): about 30 s of not answering
+LIVENESS_FAILURES = 3
 #: bytes of a function's stdout and stderr kept for error messages
 TAIL_SIZE = 4096
 
@@ -188,6 +196,8 @@ class Function:
         self._protocol: _FunctionProtocol | None = None
         self._started_at = 0.0
         self._exit_waiters: list[Deferred] = []
+        self._liveness_call = None
+        self._liveness_failures = 0
 
     @property
     def pid(self) -> int | None:
@@ -222,6 +232,7 @@ class Function:
             protocol.signal("KILL")
             raise
         self.state = STATE_RUNNING
+        self._watch()
 
     def _spawn(self) -> _FunctionProtocol:
         protocol = _FunctionProtocol(self.spec.name, self._process_ended)
@@ -261,7 +272,51 @@ class Function:
 
     # -- dying and restarting --------------------------------------------------------
 
+    # -- liveness ----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Check /health again in a while."""
+        self._liveness_failures = 0
+        self._liveness_call = self._reactor.callLater(LIVENESS_INTERVAL, self._check_liveness)
+
+    def _unwatch(self) -> None:
+        call, self._liveness_call = self._liveness_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _check_liveness(self) -> None:
+        self._liveness_call = None
+        protocol = self._protocol
+        if self.state != STATE_RUNNING or protocol is None or protocol.exited:
+            return
+        Deferred.fromCoroutine(self._liveness_checked(protocol)).addErrback(
+            lambda failure: log.failure("checking {function} failed", failure, function=self.spec.name)
+        )
+
+    async def _liveness_checked(self, protocol: _FunctionProtocol) -> None:
+        try:
+            healthy = await self._probe(self.spec.endpoint)
+        except Exception:
+            healthy = False
+        if protocol is not self._protocol or self.state != STATE_RUNNING or protocol.exited:
+            return
+        if healthy:
+            self._liveness_failures = 0
+        else:
+            self._liveness_failures += 1
+            if self._liveness_failures >= LIVENESS_FAILURES:
+                log.warn(
+                    "function {function} did not answer /health {count} times in a row: killing it",
+                    function=self.spec.name,
+                    count=self._liveness_failures,
+                )
+                protocol.signal("KILL")
+                return
+        self._liveness_call = self._reactor.callLater(LIVENESS_INTERVAL, self._check_liveness)
+
     def _process_ended(self, protocol: _FunctionProtocol) -> None:
+        if protocol is self._protocol:
+            self._unwatch()
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
@@ -312,6 +367,7 @@ class Function:
             return
         if protocol is self._protocol and self.state == STATE_RESTARTING:
             self.state = STATE_RUNNING
+            self._watch()
             log.info("function {function} is back", function=self.spec.name)
 
     # -- stopping ----------------------------------------------------------------------
@@ -319,6 +375,7 @@ class Function:
     def stop(self) -> Deferred:
         """Stop for good: TERM, KILL after the grace period; fires once the process has ended."""
         self.state = STATE_STOPPED
+        self._unwatch()
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
         self._restart_call = None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from difydaemon.runtimes.parent_death import LAUNCHER, ParentDeathSignal
 from difydaemon.sri.functions import (
+    LIVENESS_FAILURES,
+    LIVENESS_INTERVAL,
     MAX_RESTART_DELAY,
     MIN_RESTART_DELAY,
     STABLE_AFTER,
@@ -184,3 +186,44 @@ class FunctionTableTests(SynchronousTestCase):
         self.assertTrue(self.successResultOf(removed))
         self.assertFalse(self.successResultOf(table.remove(SPEC.filename)))
         self.assertEqual(reactor.running_processes, [])
+
+
+class LivenessTests(SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.reactor = FakeProcessReactor()
+        self.probe = FakeProbe(healthy=True)
+        self.function = Function(self.reactor, SPEC, self.probe)
+        self.successResultOf(self.function.start())
+
+    def test_hung_function_killed_and_restarted(self):
+        """A running function that stops answering /health is killed after three checks, then restarted."""
+        self.probe.healthy = False
+        for _ in range(LIVENESS_FAILURES - 1):
+            self.reactor.advance(LIVENESS_INTERVAL)
+        self.assertEqual(self.reactor.spawned[0].transport.signals, [])
+        self.reactor.advance(LIVENESS_INTERVAL)
+        self.assertEqual(self.reactor.spawned[0].transport.signals, ["KILL"])
+        self.reactor.advance(0)
+        self.assertEqual(self.function.state, STATE_RESTARTING)
+        self.probe.healthy = True
+        self.reactor.advance(MIN_RESTART_DELAY)
+        self.assertEqual((len(self.reactor.spawned), self.function.state), (2, STATE_RUNNING))
+
+    def test_one_missed_check_forgiven(self):
+        """Checks that fail fewer than three times in a row kill nothing."""
+        for _ in range(5):
+            self.probe.healthy = False
+            self.reactor.advance(LIVENESS_INTERVAL * (LIVENESS_FAILURES - 1))
+            self.probe.healthy = True
+            self.reactor.advance(LIVENESS_INTERVAL)
+        self.assertEqual(self.reactor.spawned[0].transport.signals, [])
+
+    def test_no_checks_after_stop(self):
+        """A stopped function is not checked any more."""
+        self.function.stop()
+        self.reactor.advance(STOP_GRACE_PERIOD)
+        checks = len(self.probe.checked)
+        self.reactor.advance(LIVENESS_INTERVAL * 5)
+        self.assertEqual(len(self.probe.checked), checks)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
