@@ -209,7 +209,6 @@ class FunctionLauncher:
             result = Deferred.fromCoroutine(self._launch(form, progress))
             shared = SharedResult(result)
             self._pending[form.filename] = shared
-
             result.addBoth(self._forget_pending, form.filename)
         else:
             progress(wire.building("another launch of this package is under way; waiting for it"))
