@@ -186,7 +186,20 @@ VARIABLES: tuple[str, ...] = (
     "CLUSTER_ADVERTISE_HOST",
 )
 
-_KNOWN = frozenset(VARIABLES)
+#: Every variable :func:`load_sri_config` reads besides the local runtime's
+#: (``twistd dify-sri``, :mod:`difydaemon.sri`), in documentation order.
+SRI_VARIABLES: tuple[str, ...] = (
+    "SRI_HOST",
+    "SRI_PORT",
+    "SRI_API_KEY",
+    "SRI_WORKING_PATH",
+    "SRI_FUNCTION_HOST",
+    "SRI_DAEMON_URL",
+    "SRI_FUNCTION_START_TIMEOUT",
+    "SRI_MAX_PACKAGE_SIZE",
+)
+
+_KNOWN = frozenset(VARIABLES) | frozenset(SRI_VARIABLES)
 
 #: The daemon's own credentials: ``PLUGIN_ENV_PASSTHROUGH`` may not name them.
 CREDENTIAL_VARIABLES: tuple[str, ...] = (
@@ -197,6 +210,7 @@ CREDENTIAL_VARIABLES: tuple[str, ...] = (
     "REDIS_PASSWORD",
     "REDIS_SENTINEL_PASSWORD",
     "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY",
+    "SRI_API_KEY",
 )
 
 PORT_MAX = 65535
@@ -235,9 +249,10 @@ class ConfigErrors(ConfigError):
 
 
 def _documented_position(error: ConfigError) -> int:
-    """Where the variable of ``error`` is listed in :data:`VARIABLES`."""
+    """Where the variable of ``error`` is listed in :data:`VARIABLES` (then :data:`SRI_VARIABLES`)."""
+    listed = VARIABLES + SRI_VARIABLES
     try:
-        return VARIABLES.index(error.variable)
+        return listed.index(error.variable)
     except ValueError:
         return -1
 
@@ -915,6 +930,18 @@ def _range_problem(value: int, minimum: int | None, maximum: int | None) -> str:
 # Building the Config
 
 
+def _collect(build, environ: Mapping[str, str], dotenv_text: str | None):
+    """Run ``build`` over the values; raise what it found wrong, else return what it built."""
+    dotenv = parse_dotenv(dotenv_text) if dotenv_text is not None else {}
+    values = _Values(environ, dotenv)
+    config = build(values)
+    if len(values.errors) == 1:
+        raise values.errors[0]
+    if values.errors:
+        raise ConfigErrors(values.errors)
+    return config
+
+
 def load_config(environ: Mapping[str, str], dotenv_text: str | None = None) -> Config:
     """
     Build the configuration from ``environ`` and an optional ``.env`` text.
@@ -926,14 +953,7 @@ def load_config(environ: Mapping[str, str], dotenv_text: str | None = None) -> C
     :raises ConfigError: naming the variable, when one value is bad;
         :class:`ConfigErrors` when several are.
     """
-    dotenv = parse_dotenv(dotenv_text) if dotenv_text is not None else {}
-    values = _Values(environ, dotenv)
-    config = _build(values)
-    if len(values.errors) == 1:
-        raise values.errors[0]
-    if values.errors:
-        raise ConfigErrors(values.errors)
-    return config
+    return _collect(_build, environ, dotenv_text)
 
 
 def _build(values: _Values) -> Config:
@@ -1293,3 +1313,77 @@ def _cluster(values: _Values) -> ClusterConfig:
             )
             host = None
     return ClusterConfig(cluster_advertise_host=host)
+
+
+# ---------------------------------------------------------------------------
+# The SRI connector (``twistd dify-sri``)
+
+
+@frozen
+class SRIConfig:
+    """
+    The configuration of our SRI connector (:mod:`difydaemon.sri`); build it
+    with :func:`load_sri_config`.  Durations are float seconds.
+    """
+
+    #: ``SRI_HOST``: the connector's HTTP bind address.
+    sri_host: str
+    #: ``SRI_PORT``: the connector's HTTP port.
+    sri_port: int
+    #: ``SRI_API_KEY``: the expected ``Authorization`` header, verbatim (the
+    #: daemon's ``DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY``).
+    sri_api_key: str = field(repr=False)
+    #: ``SRI_WORKING_PATH``: where packages are unpacked and venvs built.
+    sri_working_path: str
+    #: ``SRI_FUNCTION_HOST``: the address functions bind and are announced on.
+    sri_function_host: str
+    #: ``SRI_DAEMON_URL``: the daemon's base URL, given to functions as
+    #: ``DIFY_PLUGIN_DAEMON_URL`` for their backwards invocations.
+    sri_daemon_url: str
+    #: ``SRI_FUNCTION_START_TIMEOUT``: seconds a started function has to
+    #: answer ``GET /health`` before its launch fails.
+    sri_function_start_timeout: float
+    #: ``SRI_MAX_PACKAGE_SIZE``: bytes of the largest package a launch may
+    #: upload (and its uncompressed total); defaults to ``MAX_PLUGIN_PACKAGE_SIZE``.
+    sri_max_package_size: int
+    #: How venvs are built: ``PYTHON_INTERPRETER_PATH``, ``UV_PATH``,
+    #: ``PIP_MIRROR_URL``... exactly as the daemon reads them.
+    local_runtime: LocalRuntimeConfig
+
+
+def load_sri_config(environ: Mapping[str, str], dotenv_text: str | None = None) -> SRIConfig:
+    """
+    Build the SRI connector's configuration from ``environ`` and an optional
+    ``.env`` text, the environment winning; pure, like :func:`load_config`.
+
+    :raises ConfigError: naming the variable (``SRI_API_KEY`` when it is
+        unset); :class:`ConfigErrors` when several are bad.
+    """
+    return _collect(_build_sri, environ, dotenv_text)
+
+
+def _build_sri(values: _Values) -> SRIConfig:
+    """Read the connector's variables, collecting problems in ``values.errors``."""
+    api_key = values.required_string("SRI_API_KEY", ": it is the key the daemon sends as DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY")
+    daemon_url = values.string("SRI_DAEMON_URL", "http://localhost:5002")
+    values.url("SRI_DAEMON_URL", daemon_url)
+    function_host = values.stripped("SRI_FUNCTION_HOST") or "127.0.0.1"
+    if function_host in ("0.0.0.0", "::"):
+        values.fail("SRI_FUNCTION_HOST", "must be an address the daemon can reach: it is announced in function URLs")
+    elif not _HOST.match(function_host):
+        try:
+            ipaddress.IPv6Address(function_host)
+        except ValueError:
+            values.fail("SRI_FUNCTION_HOST", f"must be a host name or an IP address; got {function_host!r}")
+    package_size = values.integer("MAX_PLUGIN_PACKAGE_SIZE", 52428800, 1)
+    return SRIConfig(
+        sri_host=values.string("SRI_HOST", "0.0.0.0"),
+        sri_port=values.integer("SRI_PORT", 5004, 1, PORT_MAX),
+        sri_api_key=api_key,
+        sri_working_path=values.string("SRI_WORKING_PATH", "sri"),
+        sri_function_host=function_host,
+        sri_daemon_url=daemon_url.rstrip("/"),
+        sri_function_start_timeout=values.duration("SRI_FUNCTION_START_TIMEOUT", 60.0),
+        sri_max_package_size=values.integer("SRI_MAX_PACKAGE_SIZE", package_size, 1),
+        local_runtime=_local_runtime(values, "local"),
+    )

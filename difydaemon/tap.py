@@ -39,7 +39,7 @@ from difydaemon.management.endpoints import Endpoints
 from difydaemon.management.installations import InstallationCache
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.debug import DebugServerFactory
-from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
+from difydaemon.runtimes.environment import configured_builder
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.parent_death import parent_death_signal
@@ -134,24 +134,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
     local = config.local_runtime
     working_path = os.path.abspath(local.plugin_working_path)
     parent_death = parent_death_signal()
-    builder = PythonEnvironmentBuilder(
-        reactor,
-        find_uv(local.uv_path or None),
-        os.path.join(working_path, ".uv-cache"),
-        pip_mirror_url=local.pip_mirror_url or None,
-        pip_extra_args=local.pip_extra_args or None,
-        pip_verbose=local.pip_verbose,
-        prefer_binary=local.pip_prefer_binary,
-        proxies=local.proxy_environment(),
-        compile_extra_args=local.python_compile_all_extra_args or None,
-        ignore_uv_lock=local.plugin_ignore_uv_lock,
-        init_timeout=local.python_env_init_timeout_seconds,
-        python_interpreter_path=local.python_interpreter_path or None,
-        prepared_venvs_dir=os.path.join(working_path, ".prepared-venvs"),
-        environ=environ,
-        passthrough=local.plugin_env_passthrough,
-        parent_death=parent_death,
-    )
+    builder = configured_builder(reactor, local, working_path, environ, parent_death)
     return LocalRuntimeFactory(
         reactor,
         persistence,

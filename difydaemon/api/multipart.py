@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import re
 
-from attrs import frozen
+from attrs import field, frozen
 
 #: Bytes read from the body file at a time.
 CHUNK_SIZE = 1024 * 1024
@@ -47,10 +47,15 @@ class FileTooLarge(MultipartError):
 
 @frozen
 class FormData:
-    """The text fields and file parts of one form body."""
+    """
+    The text fields and file parts of one form body.
+
+    :ivar filenames: the ``filename`` each file part was sent with, by name.
+    """
 
     fields: dict
     files: dict
+    filenames: dict = field(factory=dict)
 
 
 @frozen
@@ -241,17 +246,19 @@ def read_form(stream, content_type: str | None, file_field: str, text_fields=(),
     parts = scan(stream, boundary_of(content_type), chunk_size)
     files: dict = {}
     fields: dict = {}
+    filenames: dict = {}
     for part in parts:
         if part.filename is not None:
             if part.name == file_field and file_field not in files:
                 if max_file_size is not None and part.size > max_file_size:
                     raise FileTooLarge(f"the file part is larger than {max_file_size} bytes")
                 files[file_field] = _read(stream, part)
+                filenames[file_field] = part.filename
         elif part.name in text_fields and part.name not in fields:
             if part.size > MAX_FIELD_SIZE:
                 raise MultipartError(f"form field {part.name} is larger than {MAX_FIELD_SIZE} bytes")
             fields[part.name] = _read(stream, part).decode("utf-8", "replace")
-    return FormData(fields=fields, files=files)
+    return FormData(fields=fields, files=files, filenames=filenames)
 
 
 def parse_form(content_type: str | None, body: bytes) -> FormData:

@@ -108,6 +108,8 @@ class DaemonHTTPChannel(HTTPChannel):
         follows its head; returns None, or a Deferred firing with a
         :class:`~difydaemon.api.admission.Refused` (answered instead of
         reading the body) or None (read it).  Set by the site.
+    :ivar key_header: the header whose first value the front door checks
+        (the SRI connector's channel checks ``Authorization``).
     """
 
     #: no line is longer than a whole head (LineReceiver's bound)
@@ -116,6 +118,7 @@ class DaemonHTTPChannel(HTTPChannel):
     returned = None
     head_timeout = HEAD_TIMEOUT
     before_body = None
+    key_header = b"x-api-key"
 
     def __init__(self) -> None:
         super().__init__()
@@ -213,7 +216,7 @@ class DaemonHTTPChannel(HTTPChannel):
         front_door = self.front_door
         if front_door is not None:
             request = self.requests[-1]
-            keys = request.requestHeaders.getRawHeaders(b"x-api-key")
+            keys = request.requestHeaders.getRawHeaders(self.key_header)
             verdict = front_door.admit(self._command, self._path, keys[0] if keys else None, self.length)
             if type(verdict) is Refused:
                 self.refuse(verdict)

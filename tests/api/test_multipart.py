@@ -118,6 +118,11 @@ class ReadFormTests(SynchronousTestCase):
         form = read_form(io.BytesIO(BODY), CONTENT_TYPE, "other", ())
         self.assertEqual((form.files, form.fields), ({}, {}))
 
+    def test_file_name_kept(self):
+        """The file part's filename is kept (the SRI launch is keyed by it)."""
+        form = read_form(io.BytesIO(BODY), CONTENT_TYPE, "dify_pkg", ())
+        self.assertEqual(form.filenames, {"dify_pkg": 'a;b "c".difypkg'})
+
     def test_first_part_wins_and_fields_are_no_files(self):
         """The first file part of a name wins; a part without a filename is not a file."""
         content_type, body = encode_form({"dify_pkg": "text"}, {"dify_pkg": b"one"})

@@ -28,7 +28,7 @@ from difydaemon.runtimes.environment.bytecode import (
     BytecodeLinks,
     bytecode_salt,
 )
-from difydaemon.runtimes.environment.interpreters import find_interpreter
+from difydaemon.runtimes.environment.interpreters import find_interpreter, find_uv
 from difydaemon.runtimes.environment.layout import (
     MARKER_PATH,
     PYPROJECT_TOML,
@@ -445,3 +445,36 @@ def _site_packages(working_dir: str) -> list[str]:
         for name in names
         if name.startswith("python") and os.path.isdir(os.path.join(working_dir, lib, name, "site-packages"))
     ]
+
+
+def configured_builder(reactor, local, working_path: str, environ: Mapping[str, str], parent_death) -> PythonEnvironmentBuilder:
+    """
+    The builder the daemon's local runtime and the SRI connector both use:
+    configured from ``local`` (a :class:`~difydaemon.config.LocalRuntimeConfig`:
+    ``UV_PATH``, ``PIP_MIRROR_URL``, ``PYTHON_INTERPRETER_PATH``...), its uv
+    cache in ``working_path/.uv-cache`` and its prepared venvs (with the
+    bytecode cache) in ``working_path/.prepared-venvs``.
+
+    :param working_path: an absolute directory.
+    :param environ: the process's environment, of which the steps inherit
+        only the allow-listed variables.
+    :raises InternalServerError: when uv cannot be found.
+    """
+    return PythonEnvironmentBuilder(
+        reactor,
+        find_uv(local.uv_path or None),
+        os.path.join(working_path, ".uv-cache"),
+        pip_mirror_url=local.pip_mirror_url or None,
+        pip_extra_args=local.pip_extra_args or None,
+        pip_verbose=local.pip_verbose,
+        prefer_binary=local.pip_prefer_binary,
+        proxies=local.proxy_environment(),
+        compile_extra_args=local.python_compile_all_extra_args or None,
+        ignore_uv_lock=local.plugin_ignore_uv_lock,
+        init_timeout=local.python_env_init_timeout_seconds,
+        python_interpreter_path=local.python_interpreter_path or None,
+        prepared_venvs_dir=os.path.join(working_path, ".prepared-venvs"),
+        environ=environ,
+        passthrough=local.plugin_env_passthrough,
+        parent_death=parent_death,
+    )
