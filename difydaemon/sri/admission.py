@@ -25,6 +25,7 @@ import hmac
 from attrs import field, frozen
 
 from difydaemon.api.admission import MULTIPART_OVERHEAD, Admitted, Refused
+from difydaemon.api.pace import KEYED_PACE
 from difydaemon.api.paths import PathRefusal, canonical_target
 from difydaemon.sri.wire import error_body
 
@@ -89,4 +90,4 @@ class ConnectorFrontDoor:
         oversize = _too_large(limit)
         if content_length is not None and content_length > limit:
             return oversize
-        return Admitted(canonical, limit, False, oversize)
+        return Admitted(target=canonical, body_limit=limit, oversize=oversize, pace=KEYED_PACE)
