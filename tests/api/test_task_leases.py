@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 
 from difydaemon.coordination.memory import MemoryLeaseService
 from difydaemon.coordination.tasks import TASK_LEASE_TTL, TaskLeases, task_lease_name
-from difydaemon.errors import CoordinationUnavailableError
 from difydaemon.management.installer import ORPHANED_MESSAGE, SHUTDOWN_MESSAGE, Installer
 from difydaemon.persistence.records import TASK_FAILED, TASK_RUNNING, TASK_SUCCESS
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.launchers import RecordingLauncher
 from difydaemon.testing.packages import build_package, echo_plugin_files
 
+from tests.coordination.test_membership import OutageMembership as PartitionedLeases
+
 from .harness import TENANT, DaemonHarness, error_of
-
-
-class PartitionedLeases:
-    """A replica's view of the shared leases; ``down`` cuts it off from Redis."""
-
-    def __init__(self, leases) -> None:
-        self._leases = leases
-        self.down = False
-
-    def __getattr__(self, name):
-        method = getattr(self._leases, name)
-
-        def call(*args):
-            if self.down:
-                return fail(CoordinationUnavailableError("connection lost: test outage"))
-            return method(*args)
-
-        return call
 
 
 class RecordingCluster:
