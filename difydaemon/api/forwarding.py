@@ -20,7 +20,7 @@ or when the holder goes away mid-stream, the caller gets an error at once
 from __future__ import annotations
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -172,7 +172,7 @@ class _Call:
                      node_id=self.node.node_id, identifier=self.identifier, reason=failure.getErrorMessage())
             self.send_next(failure.getErrorMessage())
             return
-        reason = self.stall_reason if failure.check(CancelledError) and self.stall_reason else _reason(failure)
+        reason = self.stall_reason or _reason(failure)
         self.fail(
             f"failed to get plugin runtime: the call forwarded to node {self.node.node_id} at {self.node.url}"
             f" failed: {reason}"
