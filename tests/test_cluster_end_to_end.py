@@ -242,6 +242,13 @@ class ClusterTests(ClusterCase):
         c = await self.start(self.replica("c"))
 
         identifier = await self.install(a, behaviour_plugin_files())
+        # B and C start it on the news of the install, before any call asks
+        for _ in range(600):
+            if all(r.service.runtimes.get(identifier) is not None for r in (b, c)):
+                break
+            await sleep(0.1)
+        self.assertIsNotNone(b.service.runtimes.get(identifier))
+        self.assertIsNotNone(c.service.runtimes.get(identifier))
         entry = await self.installation(b, "acme/echo")
         self.assertEqual(entry["plugin_unique_identifier"], identifier)
         await self.echo(b, "through b")
