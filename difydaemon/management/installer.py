@@ -45,6 +45,9 @@ SHUTDOWN_MESSAGE = "An unexpected daemon shutdown occurred"
 #: seconds after which a fully successful task deletes itself
 SUCCESS_TASK_TTL = 120.0
 
+#: fenced tasks remembered (so that none of their late updates is written)
+MAX_FENCED_TASKS = 1000
+
 #: what a task says when the replica running it died (its lease expired)
 ORPHANED_MESSAGE = "The plugin daemon replica running this task stopped answering"
 
@@ -170,6 +173,9 @@ class Installer:
         """Another replica may fail this task now: stop its jobs."""
         self._leases.pop(task_id, None)
         self._lost[task_id] = reason
+        if len(self._lost) > MAX_FENCED_TASKS:
+            # the oldest: its late progress lines, if any, are long over
+            del self._lost[next(iter(self._lost))]
         log.warn("install task {task_id} lost its lease ({reason}); stopping its jobs", task_id=task_id, reason=reason)
         for key, job in list(self._running.items()):
             if key.startswith(f"{task_id}:"):
