@@ -229,3 +229,19 @@ class ForwardingTests(AsyncTestCase):
         runtime.end(session_id)
         await client.until(b"\r\n0\r\n\r\n")
         self.assertIn(b"200 OK", client.received)
+
+    async def test_caller_leaving_stops_the_forwarded_call(self):
+        """A caller that disconnects mid-stream makes the front cut the forwarded call, and the holder abandons the session."""
+        holder = Replica(self, "holder")
+        runtime = holder.hold()
+        front = Replica(self, "front", holders=lambda identifier: succeed([holder.node]))
+        client = await self.post(front)
+        session_id = await self.wait_session(runtime)
+        runtime.stream(session_id, {"type": "text", "message": {"text": "one"}, "meta": None})
+        await client.until(b'"one"')
+        client.transport.loseConnection()
+        for _ in range(500):
+            if not runtime.is_open(session_id):
+                break
+            await _sleep(0.01)
+        self.assertFalse(runtime.is_open(session_id))
