@@ -96,8 +96,10 @@ class CacheInvalidation:
 
 
 def _publish_failed(failure, channel: str) -> None:
-    failure.trap(CoordinationUnavailableError)
-    log.warn("could not publish on {channel}: {reason}", channel=channel, reason=failure.value.reason)
+    if failure.check(CoordinationUnavailableError):
+        log.warn("could not publish on {channel}: {reason}", channel=channel, reason=failure.value.reason)
+    else:
+        log.failure("publishing on {channel} failed", failure, channel=channel)
 
 
 class Replica:
@@ -171,7 +173,9 @@ class Replica:
             self.coordination.pubsub.subscribe(channel, on_message, on_missed)
             for channel, on_message, on_missed in wanted if channel not in have
         ]
-        DeferredList(pending, consumeErrors=True).addCallback(self._subscribed)
+        DeferredList(pending, consumeErrors=True).addCallback(self._subscribed).addErrback(
+            lambda f: log.failure("subscribing failed", f)
+        )
 
     def _subscribed(self, results) -> None:
         failed = False
@@ -180,7 +184,8 @@ class Replica:
                 if self._running:
                     self._subscriptions.append(result)
                 else:
-                    result.unsubscribe()
+                    # stopped meanwhile
+                    result.unsubscribe().addErrback(lambda f: log.failure("unsubscribing failed", f))
             else:
                 failed = True
                 reason = getattr(result.value, "reason", result.getErrorMessage())
@@ -274,7 +279,9 @@ class Replica:
 
 
 def _claim_failed(failure, identifier: str) -> None:
-    # the next heartbeat writes (or the ttl drops) the claim
-    failure.trap(CoordinationUnavailableError)
-    log.warn("claim of plugin {identifier} not written now: {reason}", identifier=identifier,
-             reason=failure.value.reason)
+    if failure.check(CoordinationUnavailableError):
+        # the next heartbeat writes (or the ttl drops) the claim
+        log.warn("claim of plugin {identifier} not written now: {reason}", identifier=identifier,
+                 reason=failure.value.reason)
+    else:
+        log.failure("claiming plugin {identifier} failed", failure, identifier=identifier)
