@@ -9,7 +9,7 @@ dispatch channel, the front door, DispatchResource):
   that echoes at once (one chunk, end), so that what is measured is the
   daemon's path, not a plugin;
 - the *front*, which does not hold the plugin and forwards each call to the
-  holder (DispatchForwarder, kept-alive connections, hop header).
+  holder (CallForwarder, kept-alive connections, hop header).
 
 This process sends echo calls over one keep-alive connection to each,
 interleaved (direct, forwarded, direct, ...), and prints p50/p99 of both
@@ -49,7 +49,7 @@ def serve(role: str, port: int, holder_port: int | None) -> None:
     from difydaemon.api.admission import BodyLimits, FrontDoor
     from difydaemon.api.dispatch import DispatchResource
     from difydaemon.api.dispatch_channel import DispatchGate
-    from difydaemon.api.forwarding import DispatchForwarder
+    from difydaemon.api.forwarding import CallForwarder
     from difydaemon.api.root import RequestCounter, RootResource, StaticJSONResource
     from difydaemon.api.site import DaemonSite
     from difydaemon.coordination.nodes import NodeInfo
@@ -68,7 +68,7 @@ def serve(role: str, port: int, holder_port: int | None) -> None:
         registry.register(runtime)
     else:
         holder = NodeInfo(node_id="holder", host="127.0.0.1", port=holder_port, started_at=0.0, heartbeat_at=0.0)
-        forwarder = DispatchForwarder(reactor, lambda identifier: succeed([holder]), "front", KEY)
+        forwarder = CallForwarder(reactor, lambda identifier: succeed([holder]), "front", KEY)
     dispatch = DispatchResource(reactor, InstallationCache(reactor, persistence), registry, forwarder=forwarder)
     counter = RequestCounter()
     root = RootResource(KEY, StaticJSONResource(404, envelope.ROUTE_NOT_FOUND), None, counter, dispatch=dispatch)

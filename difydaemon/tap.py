@@ -30,7 +30,7 @@ from difydaemon.coordination import coordination_for
 from difydaemon.coordination.nodes import NodeInfo, detect_advertise_host, new_node_id
 from difydaemon.coordination.replica import RECONCILE_INTERVAL, CacheInvalidation, Replica
 from difydaemon.coordination.tasks import TASK_LEASE_TTL, TaskLeases
-from difydaemon.api.forwarding import DispatchForwarder
+from difydaemon.api.forwarding import CallForwarder
 from difydaemon.errors import ConfigError
 from difydaemon.invocation.dispatcher import BackwardsInvocations
 from difydaemon.invocation.inner_api import DifyInnerAPI
@@ -292,7 +292,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     forwarder = None
     http_pools = [dify_pool]
     if coordination.uses_redis:
-        forwarder = DispatchForwarder(
+        forwarder = CallForwarder(
             reactor,
             replica.holders,
             node.node_id,
@@ -354,6 +354,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
             backwards=backwards,
             max_execution_timeout=config.max_execution_timeout_seconds,
             runtime_wait=runtime_wait,
+            forwarder=forwarder,
         )
     root = RootResource(
         config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints

@@ -437,7 +437,7 @@ class DispatchResource(Resource):
         :class:`~difydaemon.invocation.dispatcher.BackwardsInvocations`
         serving the plugins' calls into Dify; None refuses each at once.
     :param forwarder: a
-        :class:`~difydaemon.api.forwarding.DispatchForwarder` sending calls
+        :class:`~difydaemon.api.forwarding.CallForwarder` sending calls
         for a debug plugin connected to another replica there; None (a
         daemon alone) serves every call here.
     """

@@ -1,11 +1,15 @@
 """
-Forwarding a dispatch call to the replica that holds a debug plugin.
+Forwarding a call to the replica that holds a debug plugin: dispatch calls
+(``/plugin/<tenant>/dispatch/...``) and public endpoint calls (``/e/...``).
 
 A debug plugin is connected to one replica's TCP port.  A call for it that
 reaches another replica is sent on, over HTTP, to the holder that the
 membership names (its plugin claim), and the holder's answer is relayed
 back as it comes: each chunk is written on as soon as it is read, so
-Server-Sent Events pass through a hop without being held back.
+Server-Sent Events pass through a hop without being held back.  An
+endpoint call keeps its method, path, query, headers and body, and its
+``Host`` travels as ``X-Original-Host`` (which the holder shows the plugin);
+its answer keeps its status and headers.
 
 Every forwarded call carries :data:`HOP_HEADER`: a replica never forwards a
 call that carries it (no ping-pong while claims change), and answers at once
@@ -39,6 +43,12 @@ HOP_HEADER = b"X-Difydaemon-Forwarded-By"
 
 #: Request headers a forwarded call keeps (the key is the daemon's own).
 FORWARDED_HEADERS = (b"content-type", b"x-plugin-id", b"x-plugin-unique-identifier", b"traceparent", b"tracestate")
+
+#: Headers of one connection, not of the call: never forwarded nor relayed back.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"content-length", b"host", b"date", b"server",
+})
 
 #: What a connect failure looks like: the next holder is worth a try.
 _UNREACHABLE = (net_error.ConnectError, net_error.TimeoutError, net_error.DNSLookupError)
@@ -83,11 +93,17 @@ class _Call:
     what to cancel when the caller leaves or the holder stalls.
     """
 
-    def __init__(self, forwarder, request, identifier: str, body: bytes, nodes: list) -> None:
+    def __init__(self, forwarder, request, identifier: str, target: bytes, headers: Headers, body: bytes,
+                 nodes: list, whole_answer: bool = False) -> None:
         self.forwarder = forwarder
         self.request = request
         self.identifier = identifier
+        self.method = request.method
+        self.target = target
+        self.headers = headers
         self.body = body
+        #: relay every header of the answer (an endpoint's), not only its type
+        self.whole_answer = whole_answer
         self.nodes = list(nodes)
         self.node = None
         self.pending = None
@@ -155,9 +171,8 @@ class _Call:
             )
             return
         self.node = node = self.nodes.pop(0)
-        url = f"{node.url}/plugin/".encode("utf-8") + b"/".join(self.request.postpath)
         self.pending = self.forwarder.agent.request(
-            b"POST", url, self.forwarder.headers_for(self.request), BytesProducer(self.body)
+            self.method, node.url.encode("utf-8") + self.target, self.headers, BytesProducer(self.body)
         )
         self.arm()
         self.pending.addCallbacks(self.answered, self.not_answered)
@@ -185,6 +200,10 @@ class _Call:
             return
         request = self.request
         request.setResponseCode(response.code)
+        if self.whole_answer:
+            for name, values in response.headers.getAllRawHeaders():
+                if name.lower() not in HOP_BY_HOP:
+                    request.responseHeaders.setRawHeaders(name, values)
         content_type = response.headers.getRawHeaders(b"content-type")
         if content_type:
             request.setHeader(b"content-type", content_type[0])
@@ -215,6 +234,10 @@ class _Call:
                     f" mid-stream: {why}",
                     errors.InternalServerError.error_type,
                 ))
+            elif self.whole_answer and request.transport is not None:
+                # a cut answer must not look whole to the caller
+                request.transport.abortConnection()
+                return
         request.finish()
 
 
@@ -244,9 +267,9 @@ class _Discard(Protocol):
         pass
 
 
-class DispatchForwarder:
+class CallForwarder:
     """
-    Sends dispatch calls on to the replica holding their debug plugin.
+    Sends dispatch and endpoint calls on to the replica holding their debug plugin.
 
     :param reactor: the reactor.
     :param holders: ``(identifier) -> Deferred[list of NodeInfo]``: the
@@ -287,11 +310,15 @@ class DispatchForwarder:
         headers.setRawHeaders(HOP_HEADER, [self.node_id.encode("utf-8")])
         return headers
 
+    def holders(self, identifier: str):
+        """Deferred[list of NodeInfo]: the other live replicas holding a plugin."""
+        return self._holders(identifier)
+
     def forward(self, request, identifier: str, departure, local) -> None:
         """
-        Forward ``request`` to a replica holding ``identifier``; call
-        ``local()`` instead when no other replica holds it (this one may,
-        soon: a debug plugin reconnecting).  Tells ``departure`` (the
+        Forward a dispatch ``request`` to a replica holding ``identifier``;
+        call ``local()`` instead when no other replica holds it (this one
+        may, soon: a debug plugin reconnecting).  Tells ``departure`` (the
         dispatch request's) whom to stop when the caller leaves.
         """
         request.content.seek(0)
@@ -301,6 +328,26 @@ class DispatchForwarder:
                        errbackArgs=(request, departure))
         d.addErrback(lambda f: log.failure("forwarding a dispatch call failed", f))
 
+    def forward_endpoint(self, request, identifier: str, body: bytes, nodes: list) -> None:
+        """
+        Forward a public endpoint call (``/e/...``) to the first of
+        ``nodes`` that answers; its answer is relayed whole.
+
+        :param body: the call's body, as read.
+        """
+        headers = Headers()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() not in HOP_BY_HOP and name.lower() != HOP_HEADER.lower():
+                headers.setRawHeaders(name, values)
+        if not headers.hasHeader(b"x-original-host"):
+            host = request.getHeader(b"host")
+            if host:
+                headers.setRawHeaders(b"x-original-host", [host])
+        headers.setRawHeaders(HOP_HEADER, [self.node_id.encode("utf-8")])
+        call = _Call(self, request, identifier, request.uri, headers, body, nodes, whole_answer=True)
+        request.notifyFinish().addErrback(call.client_gone)
+        call.send_next()
+
     def _found(self, nodes, request, identifier, body, departure, local) -> None:
         if departure.gone:
             return
@@ -308,7 +355,8 @@ class DispatchForwarder:
             request.content.seek(0)
             local()
             return
-        call = _Call(self, request, identifier, body, nodes)
+        target = b"/plugin/" + b"/".join(request.postpath)
+        call = _Call(self, request, identifier, target, self.headers_for(request), body, nodes)
         departure.relay = call
         call.send_next()
 

@@ -1,5 +1,5 @@
 """
-Forwarding dispatch calls to the replica holding a debug plugin, over real
+Forwarding dispatch and endpoint calls to the replica holding a debug plugin, over real
 loopback sockets: a "front" replica without the plugin and a "holder"
 replica whose debug runtime is a FakeRuntime the test drives, each behind a
 real DaemonSite (the dispatch channel, or twisted.web alone).
@@ -11,12 +11,15 @@ import orjson
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from difydaemon.api import envelope
 from difydaemon.api.admission import BodyLimits, FrontDoor
 from difydaemon.api.dispatch import DispatchResource
 from difydaemon.api.dispatch_channel import DispatchGate
-from difydaemon.api.forwarding import HOP_HEADER, DispatchForwarder
+from difydaemon.api.endpoint import EndpointResource
+from difydaemon.api.forwarding import HOP_HEADER, CallForwarder
 from difydaemon.api.root import RequestCounter, RootResource, StaticJSONResource
 from difydaemon.api.site import DaemonSite
 from difydaemon.coordination.nodes import NodeInfo
@@ -52,7 +55,7 @@ class Replica:
         self.registry = RuntimeRegistry(reactor)
         self.forwarder = None
         if holders is not None:
-            self.forwarder = DispatchForwarder(reactor, holders, node_id, KEY, **forwarder_options)
+            self.forwarder = CallForwarder(reactor, holders, node_id, KEY, **forwarder_options)
             test.addCleanup(self.forwarder.pool.closeCachedConnections)
         self.dispatch = DispatchResource(reactor, InstallationCache(reactor, self.persistence), self.registry,
                                          runtime_wait=0.2, forwarder=self.forwarder)
@@ -245,3 +248,84 @@ class ForwardingTests(AsyncTestCase):
                 break
             await _sleep(0.01)
         self.assertFalse(runtime.is_open(session_id))
+
+
+class RecordingEndpoint(Resource):
+    """The holder's ``/e/`` as the front sees it: records each call and answers 201 with a header of its own."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+
+    def render(self, request):
+        self.seen.append((request.method, request.uri, request.requestHeaders, request.content.read()))
+        request.setResponseCode(201)
+        request.setHeader(b"x-plugin-header", b"yes")
+        request.setHeader(b"content-type", b"text/plain")
+        return b"made by the plugin"
+
+
+class EndpointForwardingTests(AsyncTestCase):
+    """Public endpoint calls for a debug plugin held by another replica."""
+
+    timeout = 30
+
+    def front(self, holders):
+        persistence = MemoryPersistence(reactor)
+        self.successResultOf(persistence.install_plugin(
+            TENANT, IDENTIFIER, PLUGIN_ID, "remote", "remote", {}, {}))
+        endpoint = self.successResultOf(persistence.create_endpoint("e1", TENANT, "u1", PLUGIN_ID, "hook", {}))
+        forwarder = CallForwarder(reactor, holders, "front", KEY)
+        self.addCleanup(forwarder.pool.closeCachedConnections)
+        resource = EndpointResource(reactor, persistence, InstallationCache(reactor, persistence),
+                                    RuntimeRegistry(reactor), None, runtime_wait=0.2, forwarder=forwarder)
+        root = RootResource(KEY, StaticJSONResource(404, envelope.ROUTE_NOT_FOUND), None, RequestCounter(),
+                            endpoint=resource)
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, endpoint.hook_id
+
+    def holder(self):
+        recorder = RecordingEndpoint()
+        root = Resource()
+        root.putChild(b"e", recorder)
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        node = NodeInfo(node_id="holder", host="127.0.0.1", port=port.getHost().port, started_at=0.0,
+                        heartbeat_at=0.0)
+        return recorder, node
+
+    async def call(self, port: int, request: bytes) -> bytes:
+        client = RawHTTPClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        client.transport.write(request)
+        await client.closed
+        return client.received
+
+    async def test_endpoint_call_forwarded_whole(self):
+        """Method, path, query, headers and body reach the holder (Host as X-Original-Host, with the hop header); its status, headers and body come back."""
+        recorder, node = self.holder()
+        port, hook_id = self.front(lambda identifier: succeed([node]))
+        answer = await self.call(port, (
+            b"PUT /e/%s/some/path?x=1 HTTP/1.1\r\nHost: public.example\r\nX-Custom: a\r\n"
+            b"Content-Length: 7\r\nConnection: close\r\n\r\npayload" % hook_id.encode()))
+        self.assertIn(b"201 Created", answer)
+        self.assertIn(b"X-Plugin-Header: yes", answer)
+        self.assertEqual(b"".join(http_chunks(answer.partition(b"\r\n\r\n")[2])), b"made by the plugin")
+        [(method, uri, headers, body)] = recorder.seen
+        self.assertEqual((method, uri, body), (b"PUT", b"/e/%s/some/path?x=1" % hook_id.encode(), b"payload"))
+        self.assertEqual(headers.getRawHeaders(b"x-custom"), [b"a"])
+        self.assertEqual(headers.getRawHeaders(b"x-original-host"), [b"public.example"])
+        self.assertEqual(headers.getRawHeaders(HOP_HEADER), [b"front"])
+
+    async def test_endpoint_forward_loop_refused(self):
+        """An endpoint call that was already forwarded once is refused, not forwarded again."""
+        recorder, node = self.holder()
+        port, hook_id = self.front(lambda identifier: succeed([node]))
+        answer = await self.call(port, (
+            b"GET /e/%s/x HTTP/1.1\r\nHost: h\r\n%s: a\r\nConnection: close\r\n\r\n" % (hook_id.encode(), HOP_HEADER)))
+        self.assertIn(b"500 Internal Server Error", answer)
+        self.assertIn(b"not forwarded again", answer)
+        self.assertEqual(recorder.seen, [])
