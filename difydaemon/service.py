@@ -3,12 +3,14 @@ The daemon's top service: start-up order, readiness and shutdown.
 
 Start-up: the database is reached (trying again for a while if it is not
 up yet) and migrated, install tasks left unfinished by a previous run are
-failed, and only then do the ports open: no request can meet a database
-without its tables (installed plugins come up in the background; a call for
-one still starting waits for it).  Shutdown: ports close first; install jobs
-stop while the runtimes drain for the shutdown grace period, end the
-sessions still open with an error and stop their plugins -- bounded whatever
-the plugins do; the database closes last.
+failed (in a cluster: those whose replica is gone), and only then do the
+ports open: no request can meet a database without its tables (installed
+plugins come up in the background; a call for one still starting waits for
+it); then the replica announces itself to the others.  Shutdown: the replica
+leaves the cluster, ports close; install jobs stop while the runtimes drain
+for the shutdown grace period, end the sessions still open with an error and
+stop their plugins -- bounded whatever the plugins do; the coordination's
+connections and the database close last.
 
 Under twistd a failed start must end the process with a non-zero status,
 or a supervisor that restarts on failure sees success:
@@ -25,7 +27,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
-from difydaemon.errors import DatabaseUnavailableError
+from difydaemon.errors import CoordinationUnavailableError, DatabaseUnavailableError
 from difydaemon.file_limit import raise_open_files_limit
 from difydaemon.management.installer import SHUTDOWN_MESSAGE
 
@@ -61,6 +63,12 @@ class DaemonService(MultiService):
         unavailable database (0: one try).
     :param file_limit: called once at start to raise the open-files limit
         (:func:`~difydaemon.file_limit.raise_open_files_limit`).
+    :param replica: the :class:`~difydaemon.coordination.replica.Replica`
+        (started once the ports are open, stopped first), or None.
+    :param coordination: the :class:`~difydaemon.coordination.Coordination`
+        whose connections close at the end, or None.
+    :param task_sweep_interval: seconds between two looks for install tasks
+        whose replica died (None: no sweeps).
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
@@ -68,6 +76,7 @@ class DaemonService(MultiService):
     def __init__(
         self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=(), database_wait: float = 0.0,
         file_limit=raise_open_files_limit,
+        replica=None, coordination=None, task_sweep_interval: float | None = None,
     ) -> None:
         super().__init__()
         self._file_limit = file_limit
@@ -78,6 +87,9 @@ class DaemonService(MultiService):
         self._runners = tuple(runners)
         self._http_pools = tuple(http_pools)
         self._database_wait = database_wait
+        self.replica = replica
+        self.coordination = coordination
+        self._task_sweep_interval = task_sweep_interval
         self._state = "starting"
         #: None while starting, then True or the Failure of the start
         self._outcome = None
@@ -148,7 +160,12 @@ class DaemonService(MultiService):
     async def _start(self) -> None:
         await self._prepare_database()
         self._check_running()
-        failed = await self.installer.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
+        try:
+            failed = await self.installer.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
+        except CoordinationUnavailableError as exc:
+            # which tasks are orphans is known once Redis is back: the sweeps tell
+            log.warn("unfinished install tasks left for later: {reason}", reason=exc.message)
+            failed = 0
         if failed:
             log.warn("marked {count} unfinished install tasks failed", count=failed)
         self._check_running()
@@ -163,6 +180,10 @@ class DaemonService(MultiService):
                 child._raiseSynchronously = True
             child.privilegedStartService()
             child.startService()
+        if self.replica is not None:
+            self.replica.start()
+        if self._task_sweep_interval is not None:
+            self.installer.start_sweeping(self._task_sweep_interval)
 
     def _started(self, _) -> None:
         self._state = "ok"
@@ -186,6 +207,9 @@ class DaemonService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.replica is not None:
+            # first: no other replica forwards calls here any more
+            await self.replica.stop()
         await DeferredList(
             [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running],
             consumeErrors=True,
@@ -199,6 +223,8 @@ class DaemonService(MultiService):
         for pool in self._http_pools:
             # kept-alive connections to Dify would outlive the daemon otherwise
             await pool.closeCachedConnections()
+        if self.coordination is not None:
+            await self.coordination.close()
         await self.persistence.close()
         for runner in self._runners:
             runner.stop()

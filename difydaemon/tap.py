@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -25,6 +26,11 @@ from difydaemon.api.site import DaemonSite
 from difydaemon.api.root import BuildInfo, HealthResource, RequestCounter, RootResource
 from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.config import Config, load_config, parse_dotenv, read_dotenv
+from difydaemon.coordination import coordination_for
+from difydaemon.coordination.nodes import NodeInfo, detect_advertise_host, new_node_id
+from difydaemon.coordination.replica import RECONCILE_INTERVAL, CacheInvalidation, Replica
+from difydaemon.coordination.tasks import TASK_LEASE_TTL, TaskLeases
+from difydaemon.api.forwarding import CallForwarder
 from difydaemon.errors import ConfigError
 from difydaemon.invocation.dispatcher import BackwardsInvocations
 from difydaemon.invocation.inner_api import DifyInnerAPI
@@ -58,6 +64,10 @@ PLUGIN_STOP_GRACE_PERIOD = 1.0
 #: seconds a call waits for a plugin that no local launch can bring up (a
 #: debug plugin reconnecting; the serverless platform): Go's retry window
 REMOTE_RUNTIME_WAIT = 6.0
+
+#: seconds to connect to the replica a call is forwarded to: on one network
+#: a live replica answers in milliseconds, a dead one is skipped at once
+FORWARD_CONNECT_TIMEOUT = 3.0
 
 
 class Options(usage.Options):
@@ -177,6 +187,19 @@ def _backwards(reactor, config: Config, persistence, inner_api) -> BackwardsInvo
     return BackwardsInvocations(inner_api, PluginStorage(persistence, config.storage.persistence_storage_max_size))
 
 
+def _this_node(reactor, config: Config) -> NodeInfo:
+    """
+    This replica as the others see it.  Its advertised host is looked up
+    (blocking, at start-up) only when there are others.
+    """
+    if config.redis.in_use:
+        host = detect_advertise_host(config.cluster.cluster_advertise_host, config.server_host)
+    else:
+        host = config.cluster.cluster_advertise_host or "127.0.0.1"
+    now = reactor.seconds()
+    return NodeInfo(node_id=new_node_id(), host=host, port=config.server_port, started_at=now, heartbeat_at=now)
+
+
 def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     """
     Wire every part of the daemon for ``config`` (no I/O happens here).
@@ -214,6 +237,11 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         decoder=decoder,
     )
     installations = InstallationCache(reactor, persistence)
+    coordination = coordination_for(config, reactor)
+    node = _this_node(reactor, config)
+    caches = CacheInvalidation(coordination.pubsub, node.node_id)
+    caches.register("installations", installations)
+    installations.on_invalidate = lambda tenant_id, plugin_id: caches.invalidated("installations", tenant_id, plugin_id)
     dify_pool = HTTPConnectionPool(reactor, persistent=True)
     dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
     runtimes = RuntimeRegistry(
@@ -223,6 +251,16 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         # TERM, KILL after the stop grace period, and the reaping
         stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 1.0,
     )
+    replica = Replica(
+        reactor,
+        coordination,
+        node,
+        runtimes,
+        installed=runtimes.factory.installed if runtimes.factory is not None else lambda: succeed([]),
+        caches=caches,
+        # alone, nothing is missed: the news of an install is its own
+        reconcile_interval=RECONCILE_INTERVAL if coordination.uses_redis else None,
+    )
     installer = Installer(
         reactor,
         persistence,
@@ -231,15 +269,33 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         runtimes,
         install_timeout=config.install_timeout_seconds,
         installations=installations,
+        task_leases=TaskLeases(reactor, coordination.leases),
+        cluster=replica,
     )
+    forwarder = None
+    http_pools = [dify_pool]
+    if coordination.uses_redis:
+        forwarder = CallForwarder(
+            reactor,
+            replica.holders,
+            node.node_id,
+            config.server_key,
+            connect_timeout=FORWARD_CONNECT_TIMEOUT,
+            # the holder ends a session by its own timeout before this
+            read_timeout=(config.max_execution_timeout_seconds or 600.0) + 60.0,
+        )
+        http_pools.append(forwarder.pool)
     service = DaemonService(
         reactor,
         persistence,
         installer,
         runtimes=runtimes,
         runners=[decoder, blocking],
-        http_pools=[dify_pool],
+        http_pools=http_pools,
         database_wait=config.db.db_startup_timeout,
+        replica=replica,
+        coordination=coordination,
+        task_sweep_interval=TASK_LEASE_TTL if coordination.uses_redis else None,
     )
     counter = RequestCounter()
     health = HealthResource(
@@ -249,6 +305,9 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         status=service.status,
     )
     keys = DebuggingKeys(reactor, persistence) if config.remote.plugin_remote_installing_enabled else None
+    if keys is not None:
+        caches.register("debugging_keys", keys)
+        keys.on_invalidate = lambda tenant_id: caches.invalidated("debugging_keys", tenant_id)
     inner_api = _inner_api(reactor, config, dify_pool)
     backwards = _backwards(reactor, config, persistence, inner_api)
     endpoints = Endpoints(reactor, persistence, inner_api)
@@ -265,6 +324,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         max_execution_timeout=config.max_execution_timeout_seconds,
         runtime_wait=runtime_wait,
         backwards=backwards,
+        forwarder=forwarder,
     )
     public_endpoints = None
     if config.plugin_endpoint_enabled:
@@ -277,6 +337,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
             backwards=backwards,
             max_execution_timeout=config.max_execution_timeout_seconds,
             runtime_wait=runtime_wait,
+            forwarder=forwarder,
         )
     root = RootResource(
         config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints
@@ -310,6 +371,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     service.public_endpoints = public_endpoints
     service.site = site
     service.config = config
+    service.forwarder = forwarder
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
     if keys is not None:
         debug_factory = DebugServerFactory(

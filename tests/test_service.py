@@ -269,3 +269,53 @@ class MakeServiceStartTests(SynchronousTestCase):
         self.assertEqual([port for port, *_ in fake.tcpServers], [5002])
         self.assertEqual(health(), (200, "ok"))
         self.successResultOf(stop())
+
+
+class RecordingReplica:
+    """Records when the daemon starts and stops its replica, and what was listening then."""
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self.events: list = []
+
+    def start(self):
+        self.events.append(("start", len(self._clock.tcpServers)))
+
+    def stop(self):
+        self.events.append(("stop",))
+        return succeed(None)
+
+
+class RedisDownInstaller(QuietInstaller):
+    """An installer that cannot tell orphaned tasks while Redis is down."""
+
+    async def fail_unfinished_tasks(self, message):
+        from difydaemon.errors import CoordinationUnavailableError
+
+        raise CoordinationUnavailableError("could not connect: test")
+
+
+class ReplicaLifeTests(SynchronousTestCase):
+    """The replica joins the cluster once the ports are open, leaves first, and Redis down does not stop a start."""
+
+    def test_replica_started_after_ports_and_stopped_first(self):
+        """The replica starts once the port is bound, and is stopped before the ports close."""
+        clock = MemoryReactorClock()
+        replica = RecordingReplica(clock)
+        service = DaemonService(clock, HeldDatabase(clock), QuietInstaller(), replica=replica)
+        listening = StreamServerEndpointService(TCP4ServerEndpoint(clock, 5002, interface="127.0.0.1"), Factory())
+        listening.setServiceParent(service)
+        service.startService()
+        self.successResultOf(service.ready)
+        self.assertEqual(replica.events, [("start", 1)])
+        replica.stop = lambda: replica.events.append(("stop", listening.running)) or succeed(None)
+        service.stopService()
+        self.assertEqual(replica.events, [("start", 1), ("stop", True)])
+
+    def test_redis_down_at_start_is_no_failure(self):
+        """Unfinished tasks that cannot be judged without Redis are left for the sweeps; the daemon starts."""
+        clock = MemoryReactorClock()
+        service = DaemonService(clock, HeldDatabase(clock), RedisDownInstaller())
+        service.startService()
+        self.successResultOf(service.ready)
+        self.assertEqual(service.status(), "ok")

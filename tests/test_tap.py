@@ -82,6 +82,31 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
         self.assertFalse(os.path.exists(os.path.join(workdir, "daemon.db")))
 
+    def test_alone_without_redis(self):
+        """Without REDIS_HOST the daemon coordinates in memory and forwards nothing."""
+        service = tap.makeService(self._options(), reactor=MemoryReactorClock(), environ=environment(self.mktemp(), 5002))
+        self.assertFalse(service.coordination.uses_redis)
+        self.assertIsNone(service.forwarder)
+        self.assertIsNone(service.dispatch.forwarder)
+        self.assertIsNotNone(service.replica)
+
+    def test_replica_with_redis(self):
+        """With REDIS_HOST the daemon is a replica: Redis coordination, the forwarder, its advertised address; nothing connects while building."""
+        fake = MemoryReactorClock()
+        environ = environment(self.mktemp(), 5002)
+        environ.update({"REDIS_HOST": "127.0.0.1", "CLUSTER_ADVERTISE_HOST": "10.1.2.3"})
+        service = tap.makeService(self._options(), reactor=fake, environ=environ)
+        self.assertTrue(service.coordination.uses_redis)
+        self.assertIs(service.dispatch.forwarder, service.forwarder)
+        self.assertEqual(service.replica.presence.node.url, "http://10.1.2.3:5002")
+        self.assertEqual(fake.tcpClients, [])
+
+    @staticmethod
+    def _options():
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        return options
+
     def test_packages_decoded_in_child_processes(self):
         """The daemon decodes uploaded packages in child processes, none started while building."""
         options = tap.Options()

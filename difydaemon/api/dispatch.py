@@ -27,14 +27,16 @@ from zope.interface import implementer
 
 from difydaemon import errors
 from difydaemon.api import envelope, sse
+from difydaemon.api.answers import JSON_CONTENT_TYPE
+from difydaemon.api.answers import answer_json as _answer
 from difydaemon.api.dispatch_routes import ChunkError, route_table, validate_data
+from difydaemon.api.forwarding import HOP_HEADER, hop_refusal
 from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.dispatcher import serve_invoke
 from difydaemon.invocation.session import InvocationSession, MalformedInvokeError
 from difydaemon.packaging.identifier import parse_identifier
 
-JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 NO_RUNTIME_MESSAGE = "failed to get plugin runtime"
 TIMEOUT_MESSAGE = "killed by timeout"
 NO_POLLING_RESULT_MESSAGE = "no polling result received from plugin"
@@ -61,15 +63,6 @@ def new_session_id() -> str:
     """
     h = urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:]}"
-
-
-def _answer(request, status: int, body: bytes) -> None:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", JSON_CONTENT_TYPE)
-    # sized, as the answers render() returns are, rather than chunked
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
 
 
 def _is_json(content_type: bytes | None) -> bool:
@@ -443,6 +436,10 @@ class DispatchResource(Resource):
     :param backwards: a
         :class:`~difydaemon.invocation.dispatcher.BackwardsInvocations`
         serving the plugins' calls into Dify; None refuses each at once.
+    :param forwarder: a
+        :class:`~difydaemon.api.forwarding.CallForwarder` sending calls
+        for a debug plugin connected to another replica there; None (a
+        daemon alone) serves every call here.
     """
 
     isLeaf = True
@@ -457,6 +454,7 @@ class DispatchResource(Resource):
         coalesce_writes: bool = True,
         routes=None,
         backwards=None,
+        forwarder=None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -471,6 +469,8 @@ class DispatchResource(Resource):
         self._valid_identifiers: set[str] = set()
         #: serves the plugins' backwards invocations (None: refuse them)
         self.backwards = backwards
+        #: forwards calls for debug plugins held by other replicas (None: alone)
+        self.forwarder = forwarder
 
     def render(self, request):
         """Resolve the route and the installation, then continue in :meth:`_installed`."""
@@ -552,6 +552,32 @@ class DispatchResource(Resource):
             if len(self._valid_identifiers) > 10000:
                 self._valid_identifiers.clear()
             self._valid_identifiers.add(identifier)
+        if self.forwarder is not None and installation.runtime_type == "remote":
+            runtime = self._registry.get(identifier)
+            if runtime is None or not runtime.is_ready():
+                # a debug plugin connected to another replica, perhaps
+                hop = request.requestHeaders.getRawHeaders(HOP_HEADER)
+                if hop:
+                    _answer(request, 500, hop_refusal(identifier, hop[0]))
+                    return
+                self.forwarder.forward(
+                    request, identifier, departure,
+                    lambda: self._installed_here(installation, request, route, departure),
+                )
+                return
+        self._served_here(installation, request, route, departure)
+
+    def _installed_here(self, installation, request, route, departure) -> None:
+        if departure.gone:
+            return
+        try:
+            self._served_here(installation, request, route, departure)
+        except Exception:
+            self._bug(request)
+
+    def _served_here(self, installation, request, route, departure) -> None:
+        """Open the call's session on this replica (waiting for its runtime if need be)."""
+        identifier = installation.plugin_unique_identifier
         body = None
         if _is_json(request.requestHeaders.getRawHeaders(b"content-type", (None,))[0]):
             try:

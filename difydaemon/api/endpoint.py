@@ -28,6 +28,7 @@ from difydaemon.api import envelope, sse
 from difydaemon.api.admission import Admitted, Refused
 from difydaemon.api.dispatch import new_session_id
 from difydaemon.api.endpoint_http import MAX_BODY, IncomingRequest, canonical_header_name, raw_http_request
+from difydaemon.api.forwarding import HOP_HEADER, hop_refusal
 from difydaemon.api.paths import ENDPOINT_PREFIX
 from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener
@@ -318,6 +319,9 @@ class EndpointResource(Resource):
     :param runtime_wait: seconds to wait for a runtime that is missing or
         not ready (a plugin still starting, restarting or retried after a
         failure: the registry's ``when_ready`` does the waiting).
+    :param forwarder: a :class:`~difydaemon.api.forwarding.CallForwarder`
+        sending calls for a debug plugin connected to another replica
+        there; None (a daemon alone) serves every call here.
     """
 
     isLeaf = True
@@ -332,9 +336,11 @@ class EndpointResource(Resource):
         backwards=None,
         max_execution_timeout: float | None = 600.0,
         runtime_wait: float = 6.0,
+        forwarder=None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
+        self._forwarder = forwarder
         self._persistence = persistence
         self._installations = installations
         self._registry = registry
@@ -417,6 +423,27 @@ class EndpointResource(Resource):
             return runtime
         return await self._registry.when_ready(identifier, self.runtime_wait)
 
+    async def _forwarded(self, relay: EndpointRelay, identifier: str, incoming: IncomingRequest) -> bool:
+        """
+        Send the call to the replica holding its debug plugin, if another
+        one does; whether it was sent (or refused: a call already forwarded
+        once is not forwarded again).
+        """
+        runtime = self._registry.get(identifier)
+        if runtime is not None and runtime.is_ready():
+            return False
+        hop = relay.request.requestHeaders.getRawHeaders(HOP_HEADER)
+        if hop:
+            relay.refuse(500, hop_refusal(identifier, hop[0]))
+            return True
+        nodes = await self._forwarder.holders(identifier)
+        if not nodes or relay.closed:
+            return relay.closed
+        # the relay never opens a session: the call is the holder's now
+        relay.closed = True
+        self._forwarder.forward_endpoint(relay.request, identifier, incoming.body, nodes)
+        return True
+
     async def _serve(self, relay: EndpointRelay, hook_id: str, incoming: IncomingRequest) -> None:
         endpoint = await self._persistence.get_endpoint_by_hook_id(hook_id)
         if endpoint is None:
@@ -434,6 +461,9 @@ class EndpointResource(Resource):
         if not endpoint.enabled:
             relay.refuse(404, _DISABLED)
             return
+        if self._forwarder is not None and installation.runtime_type == "remote":
+            if await self._forwarded(relay, identifier, incoming):
+                return
         raw = raw_http_request(incoming, endpoint.hook_id)
         try:
             runtime = await self._runtime(identifier)

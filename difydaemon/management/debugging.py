@@ -43,6 +43,9 @@ class DebuggingKeys:
         # key -> (tenant_id, expiry in reactor seconds); tenant -> its key
         self._known: dict[str, tuple[str, float]] = {}
         self._key_of: dict[str, str] = {}
+        #: called with the tenant id when its key was made or extended here:
+        #: the other replicas must read it again
+        self.on_invalidate = None
 
     async def key_for(self, tenant_id: str) -> str:
         """The tenant's key (made if needed), valid for ``ttl`` more seconds."""
@@ -50,7 +53,20 @@ class DebuggingKeys:
             tenant_id, self._new_key(), self.ttl
         )
         self._remember(record)
+        if self.on_invalidate is not None:
+            self.on_invalidate(tenant_id)
         return record.key
+
+    def forget(self, tenant_id: str) -> None:
+        """Forget what is known of a tenant's key (another replica changed it)."""
+        key = self._key_of.pop(tenant_id, None)
+        if key is not None:
+            self._known.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every key (invalidations may have been missed)."""
+        self._known.clear()
+        self._key_of.clear()
 
     def tenant_of(self, key: str) -> Deferred:
         """

@@ -4,7 +4,9 @@ A cache of installations in front of the database, for the dispatch hot path.
 Dispatch resolves ``(tenant_id, X-Plugin-ID)`` to an installation on every
 call; the Go daemon caches that row in Redis for 30 minutes.  Here the cache
 lives in the process and is invalidated by every install, upgrade and
-uninstall (which all go through this process), with a TTL as a safety net.
+uninstall: those made here at once, those made through another replica when
+its message arrives (``on_invalidate`` publishes ours), with a TTL as a
+safety net.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ class InstallationCache:
         self._ttl = ttl
         self._capacity = capacity
         self._entries: dict = {}
-        # bumped by invalidate(), so that a query running meanwhile is not cached
+        # bumped by forget(), so that a query running meanwhile is not cached
         self._versions: dict = {}
+        #: called with ``(tenant_id, plugin_id)`` by :meth:`invalidate`: the
+        #: other replicas must forget the entry too
+        self.on_invalidate = None
+        # bumped by clear()
+        self._generation = 0
 
     def get(self, tenant_id: str, plugin_id: str):
         """Deferred[Installation | None], from memory when fresh."""
@@ -39,9 +46,10 @@ class InstallationCache:
         if entry is not None and entry[0] > now:
             return succeed(entry[1])
         version = self._versions.get(key, 0)
+        generation = self._generation
 
         def remember(installation):
-            if self._versions.get(key, 0) == version:
+            if self._versions.get(key, 0) == version and self._generation == generation:
                 if key not in self._entries and len(self._entries) >= self._capacity:
                     self._entries.pop(next(iter(self._entries)))
                 self._entries[key] = (now + self._ttl, installation)
@@ -50,7 +58,19 @@ class InstallationCache:
         return self._persistence.get_installation(tenant_id, plugin_id).addCallback(remember)
 
     def invalidate(self, tenant_id: str, plugin_id: str) -> None:
-        """Forget what is known of one tenant's plugin."""
+        """One tenant's plugin changed here: forget it, and have every replica forget it."""
+        self.forget(tenant_id, plugin_id)
+        if self.on_invalidate is not None:
+            self.on_invalidate(tenant_id, plugin_id)
+
+    def forget(self, tenant_id: str, plugin_id: str) -> None:
+        """Forget what is known of one tenant's plugin (in this process only)."""
         key = (tenant_id, plugin_id)
         self._entries.pop(key, None)
         self._versions[key] = self._versions.get(key, 0) + 1
+
+    def clear(self) -> None:
+        """Forget everything (invalidations may have been missed)."""
+        self._entries.clear()
+        # nor is a query running now cached
+        self._generation += 1

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, DeferredSemaphore
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from difydaemon.errors import (
     AlreadyInstalledError,
     BadRequestError,
+    CoordinationUnavailableError,
     DaemonError,
     InternalServerError,
     NotFoundError,
@@ -43,6 +45,12 @@ SHUTDOWN_MESSAGE = "An unexpected daemon shutdown occurred"
 #: seconds after which a fully successful task deletes itself
 SUCCESS_TASK_TTL = 120.0
 
+#: fenced tasks remembered (so that none of their late updates is written)
+MAX_FENCED_TASKS = 1000
+
+#: what a task says when the replica running it died (its lease expired)
+ORPHANED_MESSAGE = "The plugin daemon replica running this task stopped answering"
+
 
 def truncate_message(message: str) -> str:
     """Task messages over 1024 characters keep their first and last 512."""
@@ -63,6 +71,12 @@ class Installer:
     :param install_timeout: seconds one plugin's install may take.
     :param concurrency: installs running at once.
     :param installations: the InstallationCache to invalidate, if any.
+    :param task_leases: the :class:`~difydaemon.coordination.tasks.TaskLeases`
+        each running task is held under (None: tasks belong to this process
+        alone, and a start fails every unfinished one).
+    :param cluster: told ``plugin_installed(identifier)`` and
+        ``plugin_retired(identifier)`` (the other replicas start and stop
+        local plugins), or None.
     """
 
     def __init__(
@@ -75,6 +89,8 @@ class Installer:
         install_timeout: float = 900.0,
         concurrency: int = 4,
         installations=None,
+        task_leases=None,
+        cluster=None,
     ) -> None:
         self._reactor = reactor
         self._persistence = persistence
@@ -89,6 +105,13 @@ class Installer:
         self._timers: dict[str, object] = {}
         self._stopping = False
         self._installations = installations
+        self._task_leases = task_leases
+        #: task id -> its HeldLease, while this process runs the task
+        self._leases: dict = {}
+        #: task id -> why its lease was lost
+        self._lost: dict[str, str] = {}
+        self.cluster = cluster
+        self._sweeper = None
 
     @property
     def runtime_type(self) -> str:
@@ -121,7 +144,7 @@ class Installer:
         if not todo:
             return {"all_installed": True, "task_id": ""}
         task = self._new_task(tenant_id, [(ident, declaration) for ident, _, declaration in todo], source)
-        await self._persistence.create_task(task)
+        await self._create_task(task)
         for ident, meta, declaration in todo:
             self._start_job(
                 task.id,
@@ -132,6 +155,38 @@ class Installer:
                 ),
             )
         return {"all_installed": False, "task_id": task.id}
+
+    async def _create_task(self, task: InstallTask) -> None:
+        """Write a new task's row, under its lease when tasks have leases."""
+        if self._task_leases is not None:
+            # before the row: a running row without a held lease is an orphan
+            self._leases[task.id] = await self._task_leases.hold(
+                task.id, lambda reason: self._lease_lost(task.id, reason)
+            )
+        try:
+            await self._persistence.create_task(task)
+        except BaseException:
+            self._release_lease(task.id)
+            raise
+
+    def _lease_lost(self, task_id: str, reason: str) -> None:
+        """Another replica may fail this task now: stop its jobs."""
+        self._leases.pop(task_id, None)
+        self._lost[task_id] = reason
+        if len(self._lost) > MAX_FENCED_TASKS:
+            # the oldest: its late progress lines, if any, are long over
+            del self._lost[next(iter(self._lost))]
+        log.warn("install task {task_id} lost its lease ({reason}); stopping its jobs", task_id=task_id, reason=reason)
+        for key, job in list(self._running.items()):
+            if key.startswith(f"{task_id}:"):
+                job.cancel()
+
+    def _release_lease(self, task_id: str) -> None:
+        lease = self._leases.pop(task_id, None)
+        self._lost.pop(task_id, None)
+        if lease is not None:
+            lease.release().addErrback(lambda f: log.failure("releasing the lease of task {task_id} failed", f,
+                                                             task_id=task_id))
 
     def _new_task(self, tenant_id: str, plugins: list, source: str) -> InstallTask:
         """A running task whose plugins (identifier, declaration) are pending."""
@@ -223,6 +278,8 @@ class Installer:
                     raise InternalServerError(
                         f"install timed out after {int(self._install_timeout)} seconds"
                     )
+                if task_id in self._lost:
+                    raise InternalServerError(f"the install task lost its lease: {self._lost[task_id]}")
                 raise InternalServerError(SHUTDOWN_MESSAGE)
             return failure
 
@@ -256,6 +313,7 @@ class Installer:
                 providers=providers_of(declaration),
             )
             self._invalidate(tenant_id, ident.plugin_id)
+            self._announce_installed(identifier)
         except AlreadyInstalledError:
             # another task installed it meanwhile; the runtime is shared
             raise
@@ -266,7 +324,14 @@ class Installer:
                     await self._storage.delete(installed_key)
             raise
 
+    def _announce_installed(self, identifier: str) -> None:
+        if self.cluster is not None and self.runtime_type == "local":
+            self.cluster.plugin_installed(identifier)
+
     async def _update_plugin(self, task_id, tenant_id, identifier, status, message) -> None:
+        if task_id in self._lost:
+            # fenced: another replica may have failed the task already
+            return
         lock = self._task_locks.setdefault(task_id, DeferredLock())
         await lock.acquire()
         try:
@@ -295,6 +360,7 @@ class Installer:
             await self._persistence.update_task(updated)
             if overall in (TASK_SUCCESS, TASK_FAILED):
                 self._task_locks.pop(task_id, None)
+                self._release_lease(task_id)
             if overall == TASK_SUCCESS and not self._stopping:
                 self._schedule_cleanup(tenant_id, task_id)
         finally:
@@ -334,7 +400,7 @@ class Installer:
             await self._upgrade_rows(tenant_id, original, new, declaration, source, meta)
             return {"all_installed": True, "task_id": ""}
         task = self._new_task(tenant_id, [(new_id_, declaration)], source)
-        await self._persistence.create_task(task)
+        await self._create_task(task)
         self._start_job(
             task.id,
             tenant_id,
@@ -361,6 +427,7 @@ class Installer:
             raise
         try:
             await self._upgrade_rows(tenant_id, original, identifier, declaration, source, meta)
+            self._announce_installed(identifier)
         except BaseException:
             if await self._persistence.get_plugin(identifier) is None:
                 await self._launcher.stop(identifier)
@@ -385,6 +452,8 @@ class Installer:
         """Stop and delete what a no longer referenced identifier had."""
         await self._launcher.stop(identifier)
         await self._storage.delete(self._packages.paths.installed_package(identifier))
+        if self.cluster is not None and self.runtime_type == "local":
+            self.cluster.plugin_retired(identifier)
 
     # -- uninstall --------------------------------------------------------
 
@@ -427,12 +496,25 @@ class Installer:
         finally:
             lock.release()
 
-    async def fail_unfinished_tasks(self, message: str) -> int:
+    async def fail_unfinished_tasks(self, message: str, only=None) -> int:
         """
-        Mark every pending or running task failed with ``message`` (daemon
-        start after a crash, and shutdown).  Returns how many changed.
+        Mark pending or running tasks failed with ``message``: those in
+        ``only`` (task ids), or every one nobody runs any more (with task
+        leases: those whose lease is free; without: all).  Daemon start
+        after a crash, shutdown, and the sweeps of orphaned tasks.  Returns
+        how many changed.
+
+        :raises CoordinationUnavailableError: Redis is down (nothing is
+            failed: no task can be told from an orphan).
         """
         tasks = await self._persistence.list_tasks_by_status([TASK_PENDING, TASK_RUNNING])
+        if only is not None:
+            tasks = [task for task in tasks if task.id in only]
+        elif self._task_leases is not None:
+            tasks = [
+                task for task in tasks
+                if task.id not in self._leases and await self._task_leases.is_orphaned(task.id)
+            ]
         for task in tasks:
             plugins = [
                 p if p.status in (TASK_SUCCESS, TASK_FAILED) else evolve(p, status=TASK_FAILED, message=message)
@@ -452,9 +534,45 @@ class Installer:
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        self.stop_sweeping()
         for job in list(self._running.values()):
             job.cancel()
-        await self.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
+        if self._task_leases is None:
+            await self.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
+            return
+        # only ours: the other replicas' tasks go on
+        mine = set(self._leases)
+        await self.fail_unfinished_tasks(SHUTDOWN_MESSAGE, only=mine)
+        for task_id in mine:
+            self._release_lease(task_id)
+
+    # -- orphans --------------------------------------------------------------
+
+    def start_sweeping(self, interval: float) -> None:
+        """Fail, every ``interval`` seconds, the tasks whose replica died (their lease expired)."""
+        if self._task_leases is None or self._sweeper is not None:
+            return
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self._reactor
+        self._sweeper.start(interval, now=False).addErrback(lambda f: log.failure("task sweeper failed", f))
+
+    def stop_sweeping(self) -> None:
+        """Stop the sweeps."""
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+
+    async def _sweep(self) -> None:
+        try:
+            failed = await self.fail_unfinished_tasks(ORPHANED_MESSAGE)
+        except CoordinationUnavailableError as e:
+            log.warn("cannot look for orphaned install tasks: {reason}", reason=e.reason)
+            return
+        except DaemonError as e:
+            log.warn("cannot look for orphaned install tasks: {reason}", reason=e.message)
+            return
+        if failed:
+            log.warn("failed {count} install tasks whose replica stopped answering", count=failed)
 
     def wait_idle(self) -> Deferred:
         """A Deferred that fires when no install job is running (tests)."""

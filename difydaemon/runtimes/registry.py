@@ -178,6 +178,12 @@ class RuntimeRegistry:
         self._records: dict[str, _Record] = {}
         self._waiters: dict[str, list[_Waiter]] = {}
         self._stopping = False
+        #: told ``registered(runtime)`` / ``unregistered(runtime)`` when a
+        #: debug connection's runtime comes or goes (the cluster's plugin claims)
+        self.listeners: list = []
+        # local identifiers a reconciliation found uninstalled once: stopped
+        # when the next one finds them so again
+        self._absent: set[str] = set()
 
     @property
     def factory(self):
@@ -196,6 +202,7 @@ class RuntimeRegistry:
         self._runtimes[identifier] = runtime
         if hasattr(runtime, "on_ready"):
             runtime.on_ready = self._registered_ready
+        self._tell("registered", runtime)
         self._notify(identifier)
 
     def unregister(self, runtime) -> None:
@@ -203,8 +210,16 @@ class RuntimeRegistry:
         identifier = runtime.plugin_unique_identifier
         if self._runtimes.get(identifier) is runtime:
             del self._runtimes[identifier]
+            self._tell("unregistered", runtime)
             if self._waiters.get(identifier):
                 self._demand(identifier)
+
+    def _tell(self, event: str, runtime) -> None:
+        for listener in self.listeners:
+            try:
+                getattr(listener, event)(runtime)
+            except Exception:
+                log.failure("a runtime listener failed on {event}", event=event)
 
     def status(self, plugin_unique_identifier: str) -> RuntimeStatus | None:
         """The supervision state of a local identifier, or None if it has none."""
@@ -538,9 +553,40 @@ class RuntimeRegistry:
         for identifier in identifiers:
             if self._stopping:
                 return
-            if identifier in self._records or identifier in self._runtimes:
-                continue
-            self._try_installed(self._new_record(identifier, supervised=True))
+            self.prepare(identifier)
+
+    def prepare(self, plugin_unique_identifier: str) -> None:
+        """
+        Bring up, in the background, an identifier installed elsewhere (by
+        another replica): nothing happens if it is known here already, or
+        without a factory.
+        """
+        identifier = plugin_unique_identifier
+        if self._stopping or self._factory is None:
+            return
+        if identifier in self._records or identifier in self._runtimes:
+            return
+        self._try_installed(self._new_record(identifier, supervised=True))
+
+    def reconcile(self, installed) -> Deferred:
+        """
+        Match the local identifiers supervised here with ``installed`` (the
+        database's list): bring up those missing, and stop those found
+        uninstalled by two reconciliations in a row (one alone could have
+        read the list just before an install here wrote its rows).  For a
+        replica that may have missed the news of installs and uninstalls.
+        Deferred[None] once the stops are done.
+        """
+        installed = set(installed)
+        for identifier in sorted(installed):
+            self.prepare(identifier)
+        absent = {
+            identifier for identifier, record in self._records.items()
+            if record.supervised and identifier not in installed
+        }
+        gone, self._absent = absent & self._absent, absent - self._absent
+        stops = [self.stop(identifier) for identifier in sorted(gone)]
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
 
     def stop_all(self):
         """

@@ -48,9 +48,11 @@ class DaemonHarness:
     :param test: the SynchronousTestCase using it (for successResultOf).
     :param storage: the object store (an empty MemoryObjectStorage when None).
     :param runner: where blocking work runs (inline by default).
+    :param installer_options: more keyword arguments of the Installer
+        (task leases, the cluster).
     """
 
-    def __init__(self, test, policy: PackagePolicy | None = None, storage=None, runner=None) -> None:
+    def __init__(self, test, policy: PackagePolicy | None = None, storage=None, runner=None, **installer_options) -> None:
         self.test = test
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -60,7 +62,9 @@ class DaemonHarness:
             self.persistence, self.storage, policy or default_policy(), runner or InlineRunner()
         )
         self.launcher = RecordingLauncher()
-        self.installer = Installer(self.clock, self.persistence, self.storage, self.packages, self.launcher)
+        self.installer = Installer(
+            self.clock, self.persistence, self.storage, self.packages, self.launcher, **installer_options
+        )
         api = ManagementAPI(self.packages, self.installer, self.persistence)
         self.counter = RequestCounter()
         health = HealthResource(

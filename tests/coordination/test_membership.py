@@ -13,7 +13,7 @@ from tests.coordination.contract import ECHO, node
 
 
 class OutageMembership:
-    """A membership whose writes fail with the redis-unavailable error while ``down``."""
+    """A membership (or any coordination service) whose calls fail with the redis-unavailable error while ``down``."""
 
     def __init__(self, membership) -> None:
         self._membership = membership

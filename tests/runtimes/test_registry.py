@@ -501,3 +501,62 @@ class StopAllTests(RegistryCase):
         self.failureResultOf(self.registry.when_ready(A, 120), InternalServerError)
         self.failureResultOf(self.install(B), InternalServerError)
         self.assertEqual(self.factory.count(B), 1)
+
+
+class ClusterTests(SynchronousTestCase):
+    """What other replicas' news does to the registry: prepare, reconcile, claims."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock = Clock()
+        self.factory = FakeRuntimeFactory()
+        self.registry = RuntimeRegistry(self.clock, self.factory)
+
+    def test_prepare_launches_once(self):
+        """An identifier installed elsewhere is launched from storage once, however often it is announced."""
+        self.registry.prepare(A)
+        self.registry.prepare(A)
+        self.assertEqual(self.factory.attempts, [(A, "installed")])
+        self.factory.succeed(A, _Runtime(A))
+        self.registry.prepare(A)
+        self.assertEqual(self.factory.count(A), 1)
+
+    def test_reconcile_starts_missing_and_stops_absent_twice(self):
+        """Reconciliation launches what is installed and stops a local plugin only when two in a row miss it."""
+        self.registry.prepare(B)
+        runtime = self.factory.succeed(B, _Runtime(B))
+        self.successResultOf(self.registry.reconcile([A]))
+        self.assertIn((A, "installed"), self.factory.attempts)
+        self.assertEqual(runtime.stop_calls, [])
+        self.successResultOf(self.registry.reconcile([A]))
+        self.assertEqual(len(runtime.stop_calls), 1)
+        self.assertIsNone(self.registry.get(B))
+        self.assertEqual(self.factory.discarded, [B])
+
+    def test_reconcile_forgets_a_plugin_seen_again(self):
+        """A plugin missing from one list but present in the next is not stopped by the one after."""
+        self.registry.prepare(B)
+        runtime = self.factory.succeed(B, _Runtime(B))
+        self.successResultOf(self.registry.reconcile([]))
+        self.successResultOf(self.registry.reconcile([B]))
+        self.successResultOf(self.registry.reconcile([]))
+        self.assertEqual(runtime.stop_calls, [])
+
+    def test_listeners_told_of_debug_runtimes(self):
+        """Registering and unregistering a debug runtime tells the listeners; a replaced runtime's unregister does not."""
+        told = []
+
+        class Listener:
+            def registered(self, runtime):
+                told.append(("registered", runtime))
+
+            def unregistered(self, runtime):
+                told.append(("unregistered", runtime))
+
+        self.registry.listeners.append(Listener())
+        first, second = _Runtime(A), _Runtime(A)
+        self.registry.register(first)
+        self.registry.register(second)
+        self.registry.unregister(first)
+        self.registry.unregister(second)
+        self.assertEqual(told, [("registered", first), ("registered", second), ("unregistered", second)])
