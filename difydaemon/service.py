@@ -58,12 +58,23 @@ class DaemonService(MultiService):
         connections are closed at the end.
     :param database_wait: seconds start-up keeps trying to reach an
         unavailable database (0: one try).
+    :param start_checks: callables run first at start, before any child is
+        spawned (making the daemon non-dumpable, checking the ``.env``
+        file's mode); one that raises is logged and does not stop the start.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
 
     def __init__(
-        self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=(), database_wait: float = 0.0,
+        self,
+        reactor,
+        persistence,
+        installer,
+        runtimes=None,
+        runners=(),
+        http_pools=(),
+        database_wait: float = 0.0,
+        start_checks=(),
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -73,6 +84,7 @@ class DaemonService(MultiService):
         self._runners = tuple(runners)
         self._http_pools = tuple(http_pools)
         self._database_wait = database_wait
+        self.start_checks = tuple(start_checks)
         self._state = "starting"
         #: None while starting, then True or the Failure of the start
         self._outcome = None
@@ -115,6 +127,12 @@ class DaemonService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
+        # after twistd's fork, before any plugin is spawned
+        for check in self.start_checks:
+            try:
+                check()
+            except Exception:
+                log.failure("start-up check {check!r} failed", check=check)
         d = Deferred.fromCoroutine(self._start())
         d.addCallbacks(self._started, self._start_failed)
 

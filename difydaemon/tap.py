@@ -38,11 +38,19 @@ from difydaemon.management.debugging import DebuggingKeys
 from difydaemon.management.endpoints import Endpoints
 from difydaemon.management.installations import InstallationCache
 from difydaemon.runtimes.child_environment import plugin_environment
+from difydaemon.runtimes.containment import (
+    hide_process_memory,
+    plugin_home,
+    run_as_user,
+    warn_if_exposed,
+    with_plugin_home,
+)
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.parent_death import parent_death_signal
+from difydaemon.runtimes.process_table import LinuxProcessTable
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
@@ -51,9 +59,9 @@ BUILD_TIME = "unknown"
 
 #: seconds between TERM and KILL when a plugin is stopped: the SDK dies on
 #: TERM at once, so only a hung plugin waits, and with the default
-#: SHUTDOWN_GRACE_PERIOD a shutdown ends within ``docker stop``'s 10 s even
-#: then (``bench/supervision.py`` measured 8 s + this + 0.2 s)
-PLUGIN_STOP_GRACE_PERIOD = 1.0
+#: SHUTDOWN_GRACE_PERIOD (6 s) a shutdown ends within ``docker stop``'s 10 s
+#: even then: 6 + 2 + the reaping, under 9 s (``bench/supervision.py``)
+PLUGIN_STOP_GRACE_PERIOD = 2.0
 
 #: seconds a call waits for a plugin that no local launch can bring up (a
 #: debug plugin reconnecting; the serverless platform): Go's retry window
@@ -127,13 +135,22 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
     The factory that brings local plugins up (None on the serverless platform).
 
     :param environ: the daemon's environment, of which plugin processes and
-        their builds inherit only the allow-listed variables.
+        their builds inherit only the allow-listed variables, with a
+        ``HOME`` of their own.
+    :raises ConfigError: when ``PLUGIN_RUN_AS_USER`` names no user, or one
+        this daemon cannot switch to.
     """
     if config.platform != "local":
         return None
     local = config.local_runtime
     working_path = os.path.abspath(local.plugin_working_path)
-    parent_death = parent_death_signal()
+    run_as = run_as_user(local.plugin_run_as_user)
+    try:
+        parent_death = parent_death_signal(run_as=run_as)
+    except ValueError as exc:
+        raise ConfigError("PLUGIN_RUN_AS_USER", str(exc))
+    home = plugin_home(working_path)
+    environ = with_plugin_home(environ, home)
     builder = PythonEnvironmentBuilder(
         reactor,
         find_uv(local.uv_path or None),
@@ -170,8 +187,13 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
             "liveness": LivenessPolicy(timeout=local.plugin_heartbeat_timeout_seconds),
             "stop_grace_period": PLUGIN_STOP_GRACE_PERIOD,
             "parent_death": parent_death,
+            # the launcher puts each plugin in a process group of its own
+            "process_table": LinuxProcessTable() if parent_death is not None else None,
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
+        plugin_home=home,
+        run_as=run_as,
+        shared_dirs=(os.path.join(working_path, ".uv-cache"), os.path.join(working_path, ".prepared-venvs")),
     )
 
 
@@ -194,12 +216,14 @@ def _backwards(reactor, config: Config, persistence, inner_api) -> BackwardsInvo
     return BackwardsInvocations(inner_api, PluginStorage(persistence, config.storage.persistence_storage_max_size))
 
 
-def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
+def build_daemon(reactor, config: Config, environ=None, env_file: str | None = None) -> DaemonService:
     """
     Wire every part of the daemon for ``config`` (no I/O happens here).
 
     :param environ: the daemon's environment (``os.environ`` by default):
         what plugin processes may inherit from it is chosen here.
+    :param env_file: the ``.env`` file read, checked at start for modes
+        that let other users read the daemon's secrets.
     """
     if environ is None:
         environ = os.environ
@@ -257,6 +281,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         runners=[decoder, blocking],
         http_pools=[dify_pool],
         database_wait=config.db.db_startup_timeout,
+        start_checks=_start_checks(env_file),
     )
     counter = RequestCounter()
     health = HealthResource(
@@ -343,6 +368,14 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     return service
 
 
+def _start_checks(env_file: str | None) -> tuple:
+    """What the daemon does first when it starts: hide its memory from plugins, check its ``.env``'s mode."""
+    checks = [hide_process_memory]
+    if env_file is not None:
+        checks.append(lambda: warn_if_exposed(env_file))
+    return tuple(checks)
+
+
 def makeService(options, reactor=None, environ=None):
     """
     The twistd entry point: read the configuration and build the daemon.
@@ -363,7 +396,9 @@ def makeService(options, reactor=None, environ=None):
         environ = os.environ
     dotenv_text = read_dotenv(options["env-file"])
     config = load_config(environ, dotenv_text)
-    service = build_daemon(reactor, config, daemon_environment(environ, dotenv_text))
+    service = build_daemon(
+        reactor, config, daemon_environment(environ, dotenv_text), env_file=options["env-file"] if dotenv_text is not None else None
+    )
     if under_twistd:
         end_process_on_failed_start(service, reactor)
     return service
