@@ -54,7 +54,9 @@ from attrs import field, frozen
 #: leads a session and process group of its own, so that its whole group
 #: can be signalled) and ``user=<uid>:<gid>`` (it drops to that user, with
 #: no supplementary group).  The parent-death signal is set after the change
-#: of user, which would clear it.  1 is ``PR_SET_PDEATHSIG``, 9 ``SIGKILL``.
+#: of user, which would clear it; ``ctypes`` is loaded before that change,
+#: as the new user may not read the daemon's Python (under ``/root``).  1 is
+#: ``PR_SET_PDEATHSIG``, 9 ``SIGKILL``.
 #: A missing ``ctypes`` or a refused ``prctl`` is reported on stderr and the
 #: program still runs; a session or user that cannot be had ends the
 #: launcher with 126 and one line (a plugin must never run as root by
@@ -62,6 +64,11 @@ from attrs import field, frozen
 LAUNCHER = """\
 import os, sys
 parent, options, argv = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
+try:
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+except Exception as e:
+    prctl, missing = None, e
 try:
     if "setsid" in options:
         os.setsid()
@@ -75,8 +82,9 @@ except OSError as e:
     os.write(2, ("difydaemon launcher: cannot isolate the child (%s): %s\\n" % (sys.argv[2], e.strerror)).encode())
     os._exit(126)
 try:
-    import ctypes
-    if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0:
+    if prctl is None:
+        raise missing
+    if prctl(1, 9, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 except Exception as e:
     os.write(2, ("difydaemon launcher: cannot set the parent-death signal: %s\\n" % e).encode())
