@@ -349,6 +349,19 @@ class ContainedPluginTests(AsyncTestCase):
         # out of the group: only a supervisor of the whole cgroup reaches it
         self.assertTrue(is_running(holder))
 
+    def test_parent_death_signal_kept_for_another_user(self):
+        """A child dropped to another user still has SIGKILL as its parent-death signal (set after the switch, which clears it)."""
+        if not is_root():
+            self.skipTest("only root can switch users")
+        user = throwaway_user(self)
+        show = "import ctypes; n = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(n), 0, 0, 0); print(n.value)"
+        wrapper = ParentDeathSignal(sys.executable, run_as=user)
+        # blocking is fine: nothing else runs meanwhile
+        result = subprocess.run(
+            wrapper.wrap([SYSTEM_PYTHON, "-I", "-c", show]), capture_output=True, timeout=60, check=False, cwd="/"
+        )
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, str(int(signal.SIGKILL)).encode()), result.stderr)
+
     async def test_run_as_user(self):
         """With a user to run as, a plugin runs with its uid and gid, no other group, and cannot read the daemon's environment."""
         if not is_root():

@@ -629,6 +629,19 @@ class ProcessGroupTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.assertEqual(listener.calls, [EXITED])
         self.assertEqual(runtime.instances, [])
 
+    def test_no_signal_by_number_after_the_reap(self):
+        """Once the plugin is reaped its pid may be reused: a stop in the pipe-closing window signals nothing."""
+        runtime = self.grouped_runtime()
+        pid = self.process().pid
+        self.table.remove(pid)
+        self.process().exit_holding_pipes(0)
+        self.assertEqual(self.table.signals, [(pid, "KILL")])
+        self.table.add(pid, state="S")
+        stopped = runtime.stop(drain_timeout=0)
+        self.assertEqual(self.table.signals, [(pid, "KILL")])
+        self.reactor.advance(PIPE_CLOSE_DELAY)
+        self.assertIsNone(self.successResultOf(stopped))
+
     def test_pipes_of_a_plain_exit_left_alone(self):
         """A plugin whose pipes close with its exit leaves no timer that would close them later."""
         self.grouped_runtime()
