@@ -261,8 +261,10 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         reactor,
         _local_factory(reactor, config, environ, persistence, storage, paths, blocking),
         shutdown_grace_period=config.shutdown_grace_period_seconds,
-        # TERM, KILL after the stop grace period, and the reaping
-        stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 1.0,
+        # TERM, KILL after the stop grace period, and the reaping (ms):
+        # even a plugin KILL cannot end (uninterruptible sleep) is given up
+        # on 8.5 s after SIGTERM with the default grace, under docker's 10 s
+        stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 0.5,
     )
     installer = Installer(
         reactor,
