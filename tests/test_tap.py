@@ -144,6 +144,17 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsNone(factory.runtime_options["parent_death"].run_as)
         self.assertIn(hide_process_memory, service.start_checks)
 
+    def test_default_shutdown_budget(self):
+        """With the defaults a stop drains 6 s, KILLs 2 s after TERM and gives up on plugins 8.5 s after SIGTERM: under docker's 10 s."""
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environment(self.mktemp(), 5002))
+        registry = service.runtimes
+        self.assertEqual(
+            (registry.shutdown_grace_period, registry.factory.runtime_options["stop_grace_period"], registry.stop_timeout),
+            (6.0, 2.0, 2.5),
+        )
+
     def test_exposed_env_file_warned_about_at_start(self):
         """A .env readable by others is named in a warning when the daemon starts, with its mode."""
         workdir = os.path.abspath(self.mktemp())
