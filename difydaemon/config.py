@@ -24,8 +24,10 @@ Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
   keeps trying to reach the database.
 - ``PLUGIN_HEARTBEAT_TIMEOUT`` (default 30) is our own: seconds of silence
   after which a ready plugin instance counts as hung (Go: 120 s of no output).
-- ``SHUTDOWN_GRACE_PERIOD`` (default 8) is our own: seconds a daemon stop
+- ``SHUTDOWN_GRACE_PERIOD`` (default 6) is our own: seconds a daemon stop
   lets open plugin sessions finish (Go: ``PLUGIN_MAX_EXECUTION_TIMEOUT``).
+- ``PLUGIN_RUN_AS_USER`` is our own: the user (name or uid) plugin
+  processes and their builds run as when the daemon runs as root.
 - ``PLUGIN_ENV_PASSTHROUGH`` is our own: variables of the daemon's
   environment that plugin processes and their builds inherit besides the
   allow-list of :mod:`difydaemon.runtimes.child_environment`.
@@ -141,6 +143,7 @@ VARIABLES: tuple[str, ...] = (
     "PLUGIN_LOCAL_INSTANCES",
     "PLUGIN_HEARTBEAT_TIMEOUT",
     "PLUGIN_ENV_PASSTHROUGH",
+    "PLUGIN_RUN_AS_USER",
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
@@ -485,6 +488,10 @@ class LocalRuntimeConfig:
     #: ``PLUGIN_ENV_PASSTHROUGH``: names of variables plugin processes and
     #: their builds inherit besides the allow-list (ours).
     plugin_env_passthrough: tuple[str, ...]
+    #: ``PLUGIN_RUN_AS_USER``: the user name or uid plugin processes and
+    #: their builds run as (a daemon running as root); empty for the
+    #: daemon's own user (ours).
+    plugin_run_as_user: str
     #: ``HTTP_PROXY``, falling back to ``http_proxy``; empty for none.
     http_proxy: str
     #: ``HTTPS_PROXY``, falling back to ``https_proxy``; empty for none.
@@ -997,7 +1004,7 @@ def _build(values: _Values) -> Config:
         plugin_endpoint_enabled=values.boolean("PLUGIN_ENDPOINT_ENABLED", True),
         plugin_max_execution_timeout=values.integer("PLUGIN_MAX_EXECUTION_TIMEOUT", 600, 1),
         plugin_install_timeout=values.integer("PLUGIN_INSTALL_TIMEOUT", 15, 1),
-        shutdown_grace_period=values.integer("SHUTDOWN_GRACE_PERIOD", 8, 0),
+        shutdown_grace_period=values.integer("SHUTDOWN_GRACE_PERIOD", 6, 0),
         plugin_runtime_buffer_size=buffer_size,
         plugin_runtime_max_buffer_size=max_buffer_size,
         storage=_storage(values),
@@ -1152,6 +1159,14 @@ def _passthrough(values: _Values) -> tuple[str, ...]:
     return names
 
 
+def _run_as_user(values: _Values) -> str:
+    """``PLUGIN_RUN_AS_USER``: a user name or a uid (whether it exists is asked at start)."""
+    text = values.string("PLUGIN_RUN_AS_USER").strip()
+    if text and (text.startswith("-") or any(c.isspace() or c in ":," for c in text)):
+        values.fail("PLUGIN_RUN_AS_USER", f"{text!r} is not a user name or uid")
+    return text
+
+
 def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
     """The ``local_runtime`` group."""
     return LocalRuntimeConfig(
@@ -1173,6 +1188,7 @@ def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
         plugin_local_instances=values.integer("PLUGIN_LOCAL_INSTANCES", 1, 1),
         plugin_heartbeat_timeout=values.integer("PLUGIN_HEARTBEAT_TIMEOUT", 30, 1),
         plugin_env_passthrough=_passthrough(values),
+        plugin_run_as_user=_run_as_user(values),
         http_proxy=_proxy(values, "HTTP_PROXY"),
         https_proxy=_proxy(values, "HTTPS_PROXY"),
         no_proxy=_proxy(values, "NO_PROXY"),

@@ -507,3 +507,27 @@ class IMembership(Interface):
         Deferred[list[NodeInfo]]: the live nodes with an unexpired claim on
         the plugin, by node_id.
         """
+
+
+class IProcessTable(Interface):
+    """
+    What the kernel says about processes, and signals to whole process
+    groups: what a plugin supervisor needs beyond its own child's pid.
+
+    A plugin process leads a process group of its own (its id is the
+    plugin's pid), so the group holds what the plugin spawned as well.
+    """
+
+    def state(pid: int):
+        """
+        The one-letter scheduler state of ``pid`` (``R`` running, ``S``
+        sleeping, ``D`` disk wait, ``T`` stopped, ``t`` stopped by a
+        tracer, ``Z`` zombie...), or None when there is no such process.
+        """
+
+    def signal_group(pgid: int, name: str) -> bool:
+        """
+        Send the signal ``name`` (``TERM``, ``KILL``, ``CONT``...) to every
+        process of the group ``pgid``; False when the group has no process
+        left.
+        """

@@ -69,14 +69,27 @@ class DaemonService(MultiService):
         whose connections close at the end, or None.
     :param task_sweep_interval: seconds between two looks for install tasks
         whose replica died (None: no sweeps).
+    :param start_checks: callables run first at start, before any child is
+        spawned (making the daemon non-dumpable, checking the ``.env``
+        file's mode); one that raises is logged and does not stop the start.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
 
     def __init__(
-        self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=(), database_wait: float = 0.0,
+        self,
+        reactor,
+        persistence,
+        installer,
+        runtimes=None,
+        runners=(),
+        http_pools=(),
+        database_wait: float = 0.0,
+        start_checks=(),
         file_limit=raise_open_files_limit,
-        replica=None, coordination=None, task_sweep_interval: float | None = None,
+        replica=None,
+        coordination=None,
+        task_sweep_interval: float | None = None,
     ) -> None:
         super().__init__()
         self._file_limit = file_limit
@@ -90,6 +103,7 @@ class DaemonService(MultiService):
         self.replica = replica
         self.coordination = coordination
         self._task_sweep_interval = task_sweep_interval
+        self.start_checks = tuple(start_checks)
         self._state = "starting"
         #: None while starting, then True or the Failure of the start
         self._outcome = None
@@ -132,6 +146,12 @@ class DaemonService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
+        # after twistd's fork, before any plugin is spawned
+        for check in self.start_checks:
+            try:
+                check()
+            except Exception:
+                log.failure("start-up check {check!r} failed", check=check)
         # before any port is open: every connection costs a file descriptor
         self._file_limit()
         d = Deferred.fromCoroutine(self._start())

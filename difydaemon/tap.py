@@ -44,11 +44,19 @@ from difydaemon.management.debugging import DebuggingKeys
 from difydaemon.management.endpoints import Endpoints
 from difydaemon.management.installations import InstallationCache
 from difydaemon.runtimes.child_environment import plugin_environment
+from difydaemon.runtimes.containment import (
+    hide_process_memory,
+    plugin_home,
+    run_as_user,
+    warn_if_exposed,
+    with_plugin_home,
+)
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import configured_builder
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.parent_death import parent_death_signal
+from difydaemon.runtimes.process_table import LinuxProcessTable
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
@@ -57,9 +65,9 @@ BUILD_TIME = "unknown"
 
 #: seconds between TERM and KILL when a plugin is stopped: the SDK dies on
 #: TERM at once, so only a hung plugin waits, and with the default
-#: SHUTDOWN_GRACE_PERIOD a shutdown ends within ``docker stop``'s 10 s even
-#: then (``bench/supervision.py`` measured 8 s + this + 0.2 s)
-PLUGIN_STOP_GRACE_PERIOD = 1.0
+#: SHUTDOWN_GRACE_PERIOD (6 s) a shutdown ends within ``docker stop``'s 10 s
+#: even then: 6 + 2 + the reaping, under 9 s (``bench/supervision.py``)
+PLUGIN_STOP_GRACE_PERIOD = 2.0
 
 #: seconds a call waits for a plugin that no local launch can bring up (a
 #: debug plugin reconnecting; the serverless platform): Go's retry window
@@ -137,13 +145,22 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
     The factory that brings local plugins up (None on the serverless platform).
 
     :param environ: the daemon's environment, of which plugin processes and
-        their builds inherit only the allow-listed variables.
+        their builds inherit only the allow-listed variables, with a
+        ``HOME`` of their own.
+    :raises ConfigError: when ``PLUGIN_RUN_AS_USER`` names no user, or one
+        this daemon cannot switch to.
     """
     if config.platform != "local":
         return None
     local = config.local_runtime
     working_path = os.path.abspath(local.plugin_working_path)
-    parent_death = parent_death_signal()
+    run_as = run_as_user(local.plugin_run_as_user)
+    try:
+        parent_death = parent_death_signal(run_as=run_as)
+    except ValueError as exc:
+        raise ConfigError("PLUGIN_RUN_AS_USER", str(exc))
+    home = plugin_home(working_path)
+    environ = with_plugin_home(environ, home)
     builder = configured_builder(reactor, local, working_path, environ, parent_death)
     return LocalRuntimeFactory(
         reactor,
@@ -163,8 +180,13 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
             "liveness": LivenessPolicy(timeout=local.plugin_heartbeat_timeout_seconds),
             "stop_grace_period": PLUGIN_STOP_GRACE_PERIOD,
             "parent_death": parent_death,
+            # the launcher puts each plugin in a process group of its own
+            "process_table": LinuxProcessTable() if parent_death is not None else None,
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
+        plugin_home=home,
+        run_as=run_as,
+        shared_dirs=(os.path.join(working_path, ".uv-cache"), os.path.join(working_path, ".prepared-venvs")),
     )
 
 
@@ -200,12 +222,14 @@ def _this_node(reactor, config: Config) -> NodeInfo:
     return NodeInfo(node_id=new_node_id(), host=host, port=config.server_port, started_at=now, heartbeat_at=now)
 
 
-def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
+def build_daemon(reactor, config: Config, environ=None, env_file: str | None = None) -> DaemonService:
     """
     Wire every part of the daemon for ``config`` (no I/O happens here).
 
     :param environ: the daemon's environment (``os.environ`` by default):
         what plugin processes may inherit from it is chosen here.
+    :param env_file: the ``.env`` file read, checked at start for modes
+        that let other users read the daemon's secrets.
     """
     if environ is None:
         environ = os.environ
@@ -248,8 +272,10 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         reactor,
         _local_factory(reactor, config, environ, persistence, storage, paths, blocking),
         shutdown_grace_period=config.shutdown_grace_period_seconds,
-        # TERM, KILL after the stop grace period, and the reaping
-        stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 1.0,
+        # TERM, KILL after the stop grace period, and the reaping (ms):
+        # even a plugin KILL cannot end (uninterruptible sleep) is given up
+        # on 8.5 s after SIGTERM with the default grace, under docker's 10 s
+        stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 0.5,
     )
     replica = Replica(
         reactor,
@@ -296,6 +322,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         replica=replica,
         coordination=coordination,
         task_sweep_interval=TASK_LEASE_TTL if coordination.uses_redis else None,
+        start_checks=_start_checks(env_file),
     )
     counter = RequestCounter()
     health = HealthResource(
@@ -398,6 +425,14 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     return service
 
 
+def _start_checks(env_file: str | None) -> tuple:
+    """What the daemon does first when it starts: hide its memory from plugins, check its ``.env``'s mode."""
+    checks = [hide_process_memory]
+    if env_file is not None:
+        checks.append(lambda: warn_if_exposed(env_file))
+    return tuple(checks)
+
+
 def makeService(options, reactor=None, environ=None):
     """
     The twistd entry point: read the configuration and build the daemon.
@@ -418,7 +453,9 @@ def makeService(options, reactor=None, environ=None):
         environ = os.environ
     dotenv_text = read_dotenv(options["env-file"])
     config = load_config(environ, dotenv_text)
-    service = build_daemon(reactor, config, daemon_environment(environ, dotenv_text))
+    service = build_daemon(
+        reactor, config, daemon_environment(environ, dotenv_text), env_file=options["env-file"] if dotenv_text is not None else None
+    )
     if under_twistd:
         end_process_on_failed_start(service, reactor)
     return service

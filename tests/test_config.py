@@ -126,11 +126,11 @@ class DefaultTests(SynchronousTestCase):
         self.assertEqual(config.install_timeout_seconds, 900.0)
 
     def test_supervision(self):
-        """A plugin is hung after 30 s of silence; a daemon stop drains for 8 s (under docker's 10)."""
+        """A plugin is hung after 30 s of silence; a daemon stop drains for 6 s (plus 2 s TERM->KILL: under docker's 10)."""
         self.assertEqual(self.config.local_runtime.plugin_heartbeat_timeout, 30)
         self.assertEqual(self.config.local_runtime.plugin_heartbeat_timeout_seconds, 30.0)
-        self.assertEqual(self.config.shutdown_grace_period, 8)
-        self.assertEqual(self.config.shutdown_grace_period_seconds, 8.0)
+        self.assertEqual(self.config.shutdown_grace_period, 6)
+        self.assertEqual(self.config.shutdown_grace_period_seconds, 6.0)
 
     def test_front_door(self):
         """At most 4096 HTTP connections; /e/ bodies read up to 16 MiB."""
@@ -468,6 +468,14 @@ class BadValueTests(SynchronousTestCase):
         config = load_config(_environ(PLUGIN_ENV_PASSTHROUGH=" OPENAI_BASE_URL, HF_HOME ,"))
         self.assertEqual(config.local_runtime.plugin_env_passthrough, ("OPENAI_BASE_URL", "HF_HOME"))
         self.assert_refused("PLUGIN_ENV_PASSTHROUGH", "'AWS_*' is not a variable name", PLUGIN_ENV_PASSTHROUGH="A,AWS_*")
+
+    def test_run_as_user(self):
+        """PLUGIN_RUN_AS_USER is a user name or uid, empty by default; what cannot name a user is refused."""
+        self.assertEqual(load_config(_environ()).local_runtime.plugin_run_as_user, "")
+        self.assertEqual(load_config(_environ(PLUGIN_RUN_AS_USER="difyplugins")).local_runtime.plugin_run_as_user, "difyplugins")
+        self.assertEqual(load_config(_environ(PLUGIN_RUN_AS_USER=" 1500 ")).local_runtime.plugin_run_as_user, "1500")
+        for bad in ("-1", "a b", "1000:1000", "x,y"):
+            self.assert_refused("PLUGIN_RUN_AS_USER", "is not a user name or uid", PLUGIN_RUN_AS_USER=bad)
 
     def test_env_passthrough_refuses_daemon_credentials(self):
         """PLUGIN_ENV_PASSTHROUGH naming the daemon's own credentials is refused, naming them."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import signal
 import socket
 import sys
@@ -136,7 +137,7 @@ class PluginEnvironmentTests(TwistdCase):
     """A plugin process sees the allow-list, never the daemon's secrets."""
 
     async def test_plugin_sees_no_daemon_secret(self):
-        """A plugin dumping os.environ finds no secret, no PYTHON*; PATH, HOME, proxies and listed variables are there."""
+        """A plugin dumping os.environ finds no secret, no PYTHON*; PATH, its own 0700 HOME, proxies and listed variables are there."""
         await self.start_twistd(
             **SECRETS,
             HTTP_PROXY=PROXY,
@@ -156,10 +157,11 @@ class PluginEnvironmentTests(TwistdCase):
         text = json.dumps(environ)
         for value in [*SECRETS.values(), self.daemon_env["SERVER_KEY"], "dotenv-secret-value"]:
             self.assertNotIn(value, text)
-        self.assertEqual(
-            {name: environ.get(name) for name in ("PATH", "HOME")},
-            {name: self.daemon_env[name] for name in ("PATH", "HOME")},
-        )
+        # HOME is the plugins' own, not the operator's
+        self.assertEqual(environ.get("PATH"), self.daemon_env["PATH"])
+        self.assertNotEqual(self.daemon_env["HOME"], environ.get("HOME"))
+        self.assertEqual(os.path.basename(environ.get("HOME")), ".plugin-home")
+        self.assertEqual(stat.S_IMODE(os.stat(environ["HOME"]).st_mode), 0o700)
         self.assertEqual(
             {name: environ.get(name) for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")},
             {"HTTP_PROXY": PROXY, "http_proxy": PROXY, "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"},

@@ -110,6 +110,26 @@ class DaemonServiceTests(SynchronousTestCase):
         self.successResultOf(service.ready)
         self.assertEqual(calls, [0])
 
+    def test_start_checks_run_first(self):
+        """The start-up checks run when the service starts, before the database is even reached; one that raises is logged and the start goes on."""
+        ran = []
+
+        def broken():
+            ran.append("broken")
+            raise RuntimeError("no prctl here")
+
+        held = Deferred()
+        self.database.answers.append(held)
+        service = DaemonService(
+            self.clock, self.database, QuietInstaller(), start_checks=[lambda: ran.append("first"), broken]
+        )
+        self.assertEqual(ran, [])
+        service.startService()
+        self.assertEqual(ran, ["first", "broken"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        held.callback(None)
+        self.successResultOf(service.ready)
+
     def test_waits_for_the_database(self):
         """An unavailable database is tried again every second within the wait, then the daemon starts."""
         self.database.answers += [DatabaseUnavailableError("refused"), DatabaseUnavailableError("refused")]

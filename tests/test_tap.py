@@ -18,6 +18,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.application.service import IServiceMaker
 from txpostgres import txpostgres
@@ -26,6 +27,8 @@ from difydaemon import tap
 from difydaemon.errors import ConfigError
 from difydaemon.packaging.isolation import ChildProcessDecoder
 from difydaemon.persistence.postgres import quote_identifier
+from difydaemon.runtimes.containment import hide_process_memory
+from difydaemon.runtimes.process_table import LinuxProcessTable
 from difydaemon.service import DaemonService
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.http import http_client
@@ -146,6 +149,73 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(registry.shutdown_grace_period, 5.0)
         self.assertEqual(registry.factory.runtime_options["liveness"].timeout, 12.0)
         self.assertEqual(registry.factory.runtime_options["stop_grace_period"], tap.PLUGIN_STOP_GRACE_PERIOD)
+
+    def test_plugins_are_contained(self):
+        """Plugins get HOME under the working path, lead process groups watched through /proc, and get 2 s between TERM and KILL; the daemon hides its memory at start."""
+        workdir = self.mktemp()
+        environ = environment(workdir, 5002)
+        environ["HOME"] = "/home/operator"
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        factory = service.runtimes.factory
+        home = os.path.join(os.path.abspath(environ["PLUGIN_WORKING_PATH"]), ".plugin-home")
+        self.assertEqual(factory._environ["HOME"], home)
+        self.assertEqual(factory._plugin_home, home)
+        self.assertEqual(factory._builder._environ["HOME"], home)
+        self.assertEqual(factory._builder._environ["PYENV_ROOT"], "/home/operator/.pyenv")
+        self.assertIsInstance(factory.runtime_options["process_table"], LinuxProcessTable)
+        self.assertEqual(factory.runtime_options["stop_grace_period"], 2.0)
+        self.assertIsNone(factory.runtime_options["parent_death"].run_as)
+        self.assertIn(hide_process_memory, service.start_checks)
+
+    def test_default_shutdown_budget(self):
+        """With the defaults a stop drains 6 s, KILLs 2 s after TERM and gives up on plugins 8.5 s after SIGTERM: under docker's 10 s."""
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environment(self.mktemp(), 5002))
+        registry = service.runtimes
+        self.assertEqual(
+            (registry.shutdown_grace_period, registry.factory.runtime_options["stop_grace_period"], registry.stop_timeout),
+            (6.0, 2.0, 2.5),
+        )
+
+    def test_exposed_env_file_warned_about_at_start(self):
+        """A .env readable by others is named in a warning when the daemon starts, with its mode."""
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        env_file = os.path.join(workdir, ".env")
+        with open(env_file, "w") as f:
+            f.write("SERVER_KEY=from-the-file\n")
+        os.chmod(env_file, 0o644)
+        options = tap.Options()
+        options.parseOptions(["--env-file", env_file])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environment(workdir, 5002))
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        for check in service.start_checks:
+            if check is not hide_process_memory:
+                check()
+        [warning] = [e for e in logged if "readable by" in e.get("log_format", "")]
+        self.assertEqual((warning["path"], warning["mode"], warning["who"]), (env_file, "0644", "group and others"))
+        os.chmod(env_file, 0o600)
+        del logged[:]
+        for check in service.start_checks:
+            if check is not hide_process_memory:
+                check()
+        self.assertEqual([e for e in logged if "readable by" in e.get("log_format", "")], [])
+
+    def test_unknown_run_as_user_refused(self):
+        """PLUGIN_RUN_AS_USER naming no user stops the daemon before it starts, naming the variable and the user."""
+        environ = environment(self.mktemp(), 5002)
+        environ["PLUGIN_RUN_AS_USER"] = "difydaemon-no-such-user"
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        with self.assertRaises(ConfigError) as caught:
+            tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        self.assertIn("PLUGIN_RUN_AS_USER", str(caught.exception))
+        self.assertIn("difydaemon-no-such-user", str(caught.exception))
 
     def test_calls_wait_for_a_starting_plugin_as_long_as_a_start_may_take(self):
         """Dispatch waits PYTHON_ENV_INIT_TIMEOUT for a local plugin, Go's 6 s on the serverless platform."""

@@ -12,7 +12,9 @@ with a single ``send``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 from datetime import datetime, timezone
 
@@ -136,6 +138,8 @@ class SQLitePersistence(SQLPersistence):
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
+            if self._path != ":memory:" and not self._path.startswith("file:"):
+                private_database_file(self._path)
             connection = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False
             )
@@ -192,3 +196,31 @@ class SQLitePersistence(SQLPersistence):
     def close(self) -> Deferred:
         """Close the connection, then stop the private thread pool if any."""
         return Deferred.fromCoroutine(self._close())
+
+
+#: What the database file may allow: its owner only.
+PRIVATE_MODE = 0o600
+
+
+def private_database_file(path: str) -> None:
+    """
+    Make ``path`` a file only its owner can read before SQLite opens it:
+    created 0600 when missing, group and others' bits removed from one
+    that has them (with its ``-wal`` and ``-shm``, which SQLite creates
+    with the database file's mode).  The database holds plugin credentials
+    and the endpoints' and debugging keys; umask 022 would make it
+    world-readable.  Blocking: called from the database thread.
+    """
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(descriptor)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(name, mode & 0o700)

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from difydaemon.errors import DaemonError, InternalServerError, ObjectNotFoundError
 from difydaemon.packaging.archive import extract_package, read_package
 from difydaemon.packaging.identifier import parse_identifier
+from difydaemon.runtimes.containment import give_to, prepare_private_directory
 from difydaemon.runtimes.environment import working_dir_for
 from difydaemon.runtimes.local import LocalRuntime
 
@@ -99,6 +100,14 @@ class LocalRuntimeFactory:
     :param runtime_options: keyword arguments of ``LocalRuntime`` (instance
         count, timeouts, buffer sizes).
     :param launch_concurrency: ``PLUGIN_LOCAL_LAUNCHING_CONCURRENT``.
+    :param plugin_home: the plugins' ``HOME`` (already in ``environ``),
+        created 0700 before each launch; None leaves ``HOME`` alone.
+    :param run_as: the :class:`~difydaemon.runtimes.parent_death.RunAs`
+        plugins and their builds run as (``PLUGIN_RUN_AS_USER``): their
+        working directories, ``plugin_home`` and ``shared_dirs`` are given
+        to that user.
+    :param shared_dirs: directories every build writes to (the uv cache,
+        the prepared venvs), given to ``run_as`` once, at the first launch.
     """
 
     def __init__(
@@ -114,6 +123,9 @@ class LocalRuntimeFactory:
         max_package_size: int,
         runtime_options: dict | None = None,
         launch_concurrency: int = 2,
+        plugin_home: str | None = None,
+        run_as=None,
+        shared_dirs: tuple = (),
     ) -> None:
 
         self._reactor = reactor
@@ -129,6 +141,10 @@ class LocalRuntimeFactory:
         self._max_package_size = max_package_size
         self._runtime_options = dict(runtime_options or {})
         self._semaphore = DeferredSemaphore(launch_concurrency)
+        self._plugin_home = plugin_home
+        self._run_as = run_as
+        self._shared_dirs = tuple(shared_dirs)
+        self._shared_given = False
 
     @property
     def runtime_options(self) -> dict:
@@ -188,6 +204,7 @@ class LocalRuntimeFactory:
         if runner_meta.get("language", "python") != "python":
             raise InternalServerError(f"unsupported runner language {runner_meta.get('language')!r}")
         working_dir = os.path.abspath(working_dir_for(self._working_path, identifier))
+        await self._prepare_shared()
         created = await self._runner.run(_prepare_directory, working_dir)
         try:
             if created:
@@ -197,7 +214,13 @@ class LocalRuntimeFactory:
                     await self._runner.run(_unpack, package, self._max_package_size, working_dir)
                 except DaemonError as exc:
                     raise InternalServerError(f"unpacking the package failed: {exc.message}")
+            if self._run_as is not None:
+                await self._runner.run(give_to, working_dir, self._run_as)
             python = await self._builder.build(working_dir, runner_meta.get("version"), progress)
+            if self._run_as is not None:
+                # what the daemon itself wrote during the build (a prepared
+                # venv copied in) must be the plugin's too
+                await self._runner.run(give_to, working_dir, self._run_as)
             progress("starting the plugin")
             runtime = LocalRuntime(
                 self._reactor,
@@ -227,6 +250,14 @@ class LocalRuntimeFactory:
                 await self._runner.run(_remove_tree, working_dir)
             raise
 
+    async def _prepare_shared(self) -> None:
+        if self._plugin_home is not None:
+            await self._runner.run(prepare_private_directory, self._plugin_home, self._run_as)
+        if self._run_as is not None and not self._shared_given:
+            for path in self._shared_dirs:
+                await self._runner.run(_give_directory, path, self._run_as)
+            self._shared_given = True
+
     def discard(self, plugin_unique_identifier):
         """Delete an identifier's working directory. Deferred[None]."""
         working_dir = os.path.abspath(working_dir_for(self._working_path, plugin_unique_identifier))
@@ -239,6 +270,11 @@ def _prepare_directory(path: str) -> bool:
         return False
     os.makedirs(path, mode=0o755, exist_ok=True)
     return True
+
+
+def _give_directory(path: str, run_as) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    give_to(path, run_as)
 
 
 def _unpack(package: bytes, max_size: int, target: str) -> None:

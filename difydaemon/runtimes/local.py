@@ -38,6 +38,7 @@ from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
 from difydaemon.runtimes.parent_death import ParentDeathSignal, child_argv
 from difydaemon.runtimes.process import DEFAULT_TAIL_SIZE, PluginProcessProtocol
+from difydaemon.runtimes.process_table import is_stopped
 from difydaemon.runtimes.sessions import SessionDrain, SessionTable
 
 DEFAULT_MAX_LINE_SIZE = 5242880
@@ -46,17 +47,26 @@ INSTANCE_EXITED_MESSAGE = "plugin instance exited"
 INSTANCE_HUNG_ERROR_TYPE = errors.ConnectionClosedError.error_type
 NO_INSTANCE_MESSAGE = "failed to get plugin runtime"
 
+#: Seconds the pipes of an exited plugin stay open for its last output;
+#: then they are closed even if something it spawned still holds them (a
+#: session must not stay open on a plugin that is gone).
+PIPE_CLOSE_DELAY = 1.0
+
 # Liveness deadlines are recomputed from float sums; a look this close to
 # its deadline counts as on time, so that no look is rescheduled at "now".
 _DEADLINE_SLACK = 0.001
 
 
-def hung_message(timeout: float) -> str:
-    """What the sessions of a hung instance are failed with."""
-    return (
-        f"plugin instance stopped responding: no heartbeat for {timeout:g} s;"
-        " it was killed and is being restarted"
-    )
+def hung_message(timeout: float, state: str | None = None) -> str:
+    """
+    What the sessions of a hung instance are failed with: silent for
+    ``timeout`` seconds, or stopped (``state`` ``T``: SIGSTOP, a debugger).
+    """
+    if is_stopped(state):
+        why = f"its process is stopped (state {state})"
+    else:
+        why = f"no heartbeat for {timeout:g} s"
+    return f"plugin instance stopped responding: {why}; it was killed and is being restarted"
 
 
 @frozen
@@ -88,7 +98,10 @@ class LivenessPolicy:
 
     An instance that writes nothing at all -- no heartbeat, no other stdout
     or stderr bytes -- for ``timeout`` seconds is hung; a warning is logged
-    after ``warn_after`` seconds of silence (None: half the timeout).  The
+    after ``warn_after`` seconds of silence (None: half the timeout).  An
+    instance found stopped (SIGSTOP, a debugger: state ``T``) when its
+    silence is looked at is hung at once; one busy on the CPU but still
+    heartbeating is not hung, however long its call.  The
     SDK heartbeats every 10 s (``HEARTBEAT_INTERVAL``), so the default
     tolerates two missed heartbeats.  Nothing polls: one timer per instance
     is set for the next deadline.
@@ -123,6 +136,13 @@ class LocalInstance:
     :ivar replaced: whether its supervisor has already scheduled its
         replacement (a hung instance is replaced without waiting for its
         exit: a process in uninterruptible sleep may take long to die).
+
+    With a ``process_table`` (an :class:`~difydaemon.interfaces.IProcessTable`),
+    the process is one started through the launcher, leading a process
+    group of its own: signals go to the whole group (what the plugin
+    spawned ends with it), what is left of the group is KILLed when the
+    plugin exits, and a stopped process counts as hung.  Without one, only
+    the process itself is signalled.
     """
 
     log = Logger()
@@ -142,6 +162,7 @@ class LocalInstance:
         liveness: LivenessPolicy,
         supervisor,
         tail_size: int = DEFAULT_TAIL_SIZE,
+        process_table=None,
     ) -> None:
         self._reactor = reactor
         self.slot = slot
@@ -152,6 +173,7 @@ class LocalInstance:
         self._path = path
         self._liveness = liveness
         self._supervisor = supervisor
+        self._process_table = process_table
         self.sessions = SessionTable(reactor, session_timeout)
         self.protocol = PluginProcessProtocol(
             self, reactor, plugin_id, max_line_size, readiness_timeout, tail_size
@@ -166,6 +188,7 @@ class LocalInstance:
         self._liveness_call = None
         self._warned = False
         self._kill_timer = None
+        self._pipe_timer = None
         self._exit_waiters: list[Deferred] = []
 
     def spawn(self) -> None:
@@ -198,13 +221,32 @@ class LocalInstance:
         """
         waiter = self.when_exited()
         if not self.exited and self._kill_timer is None and not self.protocol.killed:
-            if self.protocol.signal("TERM"):
+            if self._signal("TERM"):
                 self._kill_timer = self._reactor.callLater(grace_period, self._kill_after_grace)
         return waiter
 
     def kill(self) -> None:
         """Send KILL now."""
-        self.protocol.signal("KILL")
+        self._signal("KILL")
+
+    def _signal(self, name: str) -> bool:
+        """
+        Signal the process, or its whole group when it leads one; False
+        when nothing was left to signal.  A group's stopped members get
+        CONT after TERM, or the TERM would wait for them to be continued.
+        """
+        table = self._process_table
+        if table is None or self.pid is None or self.protocol.reaped:
+            # once reaped, the pid may be another process's: nothing is
+            # signalled by number any more
+            return self.protocol.signal(name)
+        sent = table.signal_group(self.pid, name)
+        if sent:
+            if name == "KILL":
+                self.protocol.killed = True
+            elif name == "TERM":
+                table.signal_group(self.pid, "CONT")
+        return sent
 
     def when_exited(self) -> Deferred:
         """A Deferred that fires (with None) when the process has ended."""
@@ -219,11 +261,43 @@ class LocalInstance:
         """How the process ended."""
         return self.protocol.describe_exit()
 
+    def process_reaped(self, protocol) -> None:
+        """
+        Called by the protocol once, when the process itself has exited:
+        KILL what is left of its group (the pid is still not reusable while
+        the group has members), and close its pipes soon even if one of
+        them holds them open.
+        """
+        table = self._process_table
+        if table is not None and self.pid is not None and table.signal_group(self.pid, "KILL"):
+            self.log.info(
+                "plugin {plugin_id} instance {pid} exited; killed the processes it left behind",
+                plugin_id=self.plugin_id,
+                pid=self.pid,
+            )
+        if not self.exited:
+            self._pipe_timer = self._reactor.callLater(PIPE_CLOSE_DELAY, self._close_pipes)
+
+    def _close_pipes(self) -> None:
+        self._pipe_timer = None
+        if not self.exited:
+            self.log.warn(
+                "plugin {plugin_id} instance {pid} exited but its pipes are held open"
+                " (by a process it started in a session of its own); closing them",
+                plugin_id=self.plugin_id,
+                pid=self.pid,
+            )
+            self._transport.loseConnection()
+
     def process_ended(self, protocol) -> None:
         """Called by the protocol once, when the process has ended."""
         self.exited = True
         self.is_ready = False
         self._stop_watching()
+        if self._pipe_timer is not None:
+            if self._pipe_timer.active():
+                self._pipe_timer.cancel()
+            self._pipe_timer = None
         if self._kill_timer is not None:
             if self._kill_timer.active():
                 self._kill_timer.cancel()
@@ -264,8 +338,9 @@ class LocalInstance:
             return
         policy = self._liveness
         idle = self._reactor.seconds() - self.protocol.last_active
-        if idle >= policy.timeout - _DEADLINE_SLACK:
-            self._declare_hung(idle)
+        state = None if self._process_table is None else self._process_table.state(self.pid)
+        if idle >= policy.timeout - _DEADLINE_SLACK or is_stopped(state):
+            self._declare_hung(idle, state)
             return
         if idle >= policy.warn_threshold - _DEADLINE_SLACK:
             if not self._warned:
@@ -282,21 +357,22 @@ class LocalInstance:
             self._warned = False
         self._watch()
 
-    def _declare_hung(self, idle: float) -> None:
+    def _declare_hung(self, idle: float, state: str | None = None) -> None:
         """Out of rotation, sessions failed, KILL: in that order, at once."""
         self.hung = True
         self.is_ready = False
         timeout = self._liveness.timeout
         self.log.error(
-            "plugin {plugin_id} instance {pid} wrote nothing for {idle:.1f} s (no heartbeat):"
+            "plugin {plugin_id} instance {pid} wrote nothing for {idle:.1f} s (process state {state}):"
             " hung; failing its {count} session(s), killing and replacing it",
             plugin_id=self.plugin_id,
             pid=self.pid,
             idle=idle,
+            state=state or "unknown",
             count=len(self.sessions),
         )
         self._supervisor.instance_hung(self)
-        self.sessions.fail_all(INSTANCE_HUNG_ERROR_TYPE, hung_message(timeout))
+        self.sessions.fail_all(INSTANCE_HUNG_ERROR_TYPE, hung_message(timeout, state))
         self.kill()
 
     def _kill_after_grace(self) -> None:
@@ -340,6 +416,11 @@ class LocalRuntime:
     :param parent_death: the launcher that makes each process die with the
         daemon (:mod:`difydaemon.runtimes.parent_death`); None starts
         ``python -m <entrypoint>`` directly.
+    :param process_table: an :class:`~difydaemon.interfaces.IProcessTable`
+        used with ``parent_death`` (whose children lead their own process
+        groups): stops signal whole groups, leftovers are killed when a
+        plugin exits, a stopped plugin is hung.  None signals the plugin's
+        process alone.
 
     ``on_failed`` and ``on_ready`` are also attributes, which the owner of
     a runtime made elsewhere sets.
@@ -372,6 +453,7 @@ class LocalRuntime:
         on_ready=None,
         declaration: dict | None = None,
         parent_death: ParentDeathSignal | None = None,
+        process_table=None,
     ) -> None:
         if instance_count < 1:
             raise ValueError("instance_count must be at least 1")
@@ -386,6 +468,8 @@ class LocalRuntime:
         child_env["INSTALL_METHOD"] = "local"
         self.env = child_env
         self.parent_death = parent_death
+        # only a launched child leads a group whose id is its pid
+        self.process_table = process_table if parent_death is not None else None
         self.instance_count = instance_count
         self.max_line_size = max_line_size
         self.readiness_timeout = readiness_timeout
@@ -539,6 +623,7 @@ class LocalRuntime:
             self.session_timeout,
             self.liveness,
             self,
+            process_table=self.process_table,
         )
         try:
             instance.spawn()

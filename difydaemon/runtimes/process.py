@@ -82,8 +82,11 @@ class PluginProcessProtocol(ProcessProtocol):
     Frames one plugin subprocess for its owner.
 
     The owner gets plain method calls: ``session_message(item)`` for each
-    :class:`~difydaemon.runtimes.codec.SessionMessage` (the hot path) and
-    ``process_ended(protocol)`` once, after :attr:`ready` has been settled.
+    :class:`~difydaemon.runtimes.codec.SessionMessage` (the hot path),
+    ``process_reaped(protocol)`` once when the process itself has exited
+    (its pipes may still be held open by what it spawned), and
+    ``process_ended(protocol)`` once, when the process has exited and its
+    pipes are closed, after :attr:`ready` has been settled.
 
     :ivar ready: fires with None on the first heartbeat; fails with an
         :class:`~difydaemon.errors.InternalServerError` naming the failed
@@ -92,6 +95,8 @@ class PluginProcessProtocol(ProcessProtocol):
         killed).
     :ivar last_active: ``reactor.seconds()`` of the latest stdout or
         stderr bytes.
+    :ivar reaped: whether the process itself has exited (its pid may be
+        reused from then on).
     :ivar exit_code: set when the process has ended (None if a signal
         ended it).
     :ivar exit_signal: the signal that ended it, if any.
@@ -120,6 +125,7 @@ class PluginProcessProtocol(ProcessProtocol):
         self.stdout_tail = RollingTail(tail_size)
         self._stderr_partial = b""
         self.last_active = reactor.seconds()
+        self.reaped = False
         self.ended = False
         self.exit_code: int | None = None
         self.exit_signal: int | None = None
@@ -226,7 +232,12 @@ class PluginProcessProtocol(ProcessProtocol):
                 line=line.decode("utf-8", "replace").rstrip(),
             )
 
+    def processExited(self, reason) -> None:
+        self.reaped = True
+        self._owner.process_reaped(self)
+
     def processEnded(self, reason) -> None:
+        self.reaped = True
         self.ended = True
         if self._stderr_partial:
             self._log_stderr(self._stderr_partial)
@@ -246,7 +257,7 @@ class PluginProcessProtocol(ProcessProtocol):
 
     def signal(self, name: str) -> bool:
         """Send a signal (``TERM``, ``KILL``); False if it had already exited."""
-        if self.ended or self.transport is None:
+        if self.ended or self.reaped or self.transport is None:
             return False
         try:
             self.transport.signalProcess(name)

@@ -165,7 +165,7 @@ class RuntimeRegistry:
         factory=None,
         runtime_type: str = "local",
         retry_policy: RetryPolicy = RetryPolicy(),
-        shutdown_grace_period: float = 8.0,
+        shutdown_grace_period: float = 6.0,
         stop_timeout: float = 5.0,
     ) -> None:
         self._reactor = reactor

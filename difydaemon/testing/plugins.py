@@ -21,7 +21,10 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
 - ``environ``: yields one JSON message ``{"pid", "environ"}``: its process
   id and its whole ``os.environ``;
 - ``ignore_term``: makes its process ignore SIGTERM, and yields its process
-  id as text.
+  id as text;
+- ``orphan``: starts ``sleep 600`` by a double fork (re-parented away from
+  the plugin, in its process group, ignoring TERM) and yields its pid as
+  text.
 
 ``main`` variants: ``"normal"`` (the SDK's), ``"silent"`` (never
 heartbeats: sleeps forever), ``"broken"`` (raises at import) and
@@ -124,6 +127,24 @@ _TOOLS = {
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         yield self.create_text_message(str(os.getpid()))
+''',
+    "orphan": '''\
+        import os
+        import signal
+
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:
+            if os.fork() == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                os.write(write, str(os.getpid()).encode())
+                os.execv("/bin/sleep", ["sleep", "600"])
+            os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        pid = os.read(read, 64).decode()
+        os.close(read)
+        yield self.create_text_message(pid)
 ''',
 }
 

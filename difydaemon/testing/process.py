@@ -73,7 +73,10 @@ class FakeProcessTransport:
         self.stdin_closed = False
         self.fatal_signals = frozenset(fatal_signals)
         self.ended = False
+        self.reaped = False
+        self.pipes_closed_by_parent = False
         self._ending = False
+        self._held: Failure | None = None
 
     # -- IProcessTransport -------------------------------------------------
 
@@ -110,8 +113,16 @@ class FakeProcessTransport:
             self.closeStdin()
 
     def loseConnection(self) -> None:
-        """Close stdin, as a real process transport does."""
+        """
+        Close stdin, as a real process transport does; once the child has
+        exited with its pipes held (:meth:`exit_holding_pipes`), close
+        them, which delivers ``processEnded``.
+        """
         self.closeStdin()
+        if self._held is not None and not self.ended:
+            self.pipes_closed_by_parent = True
+            reason, self._held = self._held, None
+            self._close_pipes(reason)
 
     def signalProcess(self, signalID) -> None:
         """
@@ -120,7 +131,7 @@ class FakeProcessTransport:
         :raises twisted.internet.error.ProcessExitedAlready: if the child
             has ended.
         """
-        if self.ended or self.pid is None:
+        if self.ended or self.reaped or self.pid is None:
             raise error.ProcessExitedAlready()
         self.signals.append(signalID)
         if signalID in self.fatal_signals and not self._ending:
@@ -153,33 +164,60 @@ class FakeProcessTransport:
 
     def exit(self, code: int = 0) -> None:
         """The child exits with ``code``: ``processEnded`` is delivered now."""
-        if code == 0:
-            reason = Failure(error.ProcessDone(0))
-        else:
-            reason = Failure(error.ProcessTerminated(exitCode=code))
-        self._end(reason)
+        self._end(_exit_reason(code))
 
     def kill_by_signal(self, signal_number: int) -> None:
         """A signal ends the child: ``processEnded`` is delivered now."""
         self._end(Failure(error.ProcessTerminated(signal=signal_number)))
 
+    def exit_holding_pipes(self, code: int = 0) -> None:
+        """
+        The child exits with ``code`` but something it spawned keeps its
+        pipes open: ``processExited`` is delivered now, ``processEnded``
+        only when the parent closes the pipes (:meth:`loseConnection`) or
+        the test calls :meth:`release_pipes`.
+        """
+        self._require_running()
+        reason = _exit_reason(code)
+        self.reaped = True
+        self._ending = True
+        self.pid = None
+        self._held = reason
+        self.proto.processExited(reason)
+
+    def release_pipes(self) -> None:
+        """What held the pipes of an exited child ends: ``processEnded`` is delivered."""
+        reason, self._held = self._held, None
+        if reason is not None and not self.ended:
+            self._close_pipes(reason)
+
     def _end_by_signal(self, signal_number: int) -> None:
-        if not self.ended:
+        if not self.ended and not self.reaped:
             self.kill_by_signal(signal_number)
 
     def _end(self, reason: Failure) -> None:
         self._require_running()
-        self.ended = True
+        self.reaped = True
         self._ending = True
         self.pid = None
+        self.proto.processExited(reason)
+        self._close_pipes(reason)
+
+    def _close_pipes(self, reason: Failure) -> None:
+        self.ended = True
         for fd in (0, 1, 2):
             self.proto.childConnectionLost(fd)
-        self.proto.processExited(reason)
         self.proto.processEnded(reason)
 
     def _require_running(self) -> None:
-        if self.ended:
+        if self.ended or self.reaped:
             raise error.ProcessExitedAlready()
+
+
+def _exit_reason(code: int) -> Failure:
+    if code == 0:
+        return Failure(error.ProcessDone(0))
+    return Failure(error.ProcessTerminated(exitCode=code))
 
 
 def _signal_number(signal_id) -> int:

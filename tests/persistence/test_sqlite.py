@@ -1,6 +1,8 @@
 """SQLitePersistence against the IPersistence contract, inline and threaded."""
 
+import os
 import sqlite3
+import stat
 
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
@@ -90,6 +92,26 @@ class SQLiteFileTests(AsyncTestCase):
         self.addCleanup(second.close)
         await second.migrate()
         self.assertEqual(await second.get_installation(T1, "acme/echo"), installation)
+
+    async def test_files_are_private(self):
+        """The database file and its -wal and -shm are created 0600, even under umask 000."""
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        persistence = SQLitePersistence(self.reactor, self.path)
+        self.addCleanup(persistence.close)
+        await persistence.migrate()
+        modes = {name: stat.S_IMODE(os.stat(self.path + name).st_mode) for name in ("", "-wal", "-shm")}
+        self.assertEqual(modes, {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+
+    async def test_readable_file_is_made_private(self):
+        """A database file left readable by group and others is made 0600 when the daemon opens it."""
+        with open(self.path, "wb"):
+            pass
+        os.chmod(self.path, 0o644)
+        persistence = SQLitePersistence(self.reactor, self.path)
+        self.addCleanup(persistence.close)
+        await persistence.migrate()
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
 
     async def test_close_stops_worker(self):
         """close() stops the private worker thread and forgets the shutdown trigger."""

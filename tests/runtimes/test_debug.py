@@ -513,7 +513,7 @@ class DisconnectTests(SynchronousTestCase):
         listener = RecordingListener()
         self.runtime.open_session("s1", request("s1"), listener)
         stopped = h.registry.stop_all()
-        h.clock.advance(7.9)
+        h.clock.advance(5.9)
         self.assertEqual((listener.calls, self.transport.disconnecting), ([], False))
         h.clock.advance(0.1)
         self.assertEqual(

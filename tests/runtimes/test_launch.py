@@ -7,20 +7,23 @@ uv venvs over real pipes (the registry's own tests, with fakes, are in
 from __future__ import annotations
 
 import os
+import stat
 
 from twisted.internet import defer, reactor
 
-from difydaemon.blocking import ThreadPoolRunner
+from difydaemon.blocking import InlineRunner, ThreadPoolRunner
 from difydaemon.errors import InternalServerError
 from difydaemon.management.packages import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.launch import LocalRuntimeFactory
+from difydaemon.runtimes.parent_death import RunAs
 from difydaemon.storage.memory import MemoryObjectStorage
-from difydaemon.testing.cases import AsyncTestCase
+from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.packages import build_package
 from difydaemon.testing.plugins import behaviour_plugin_files
+from difydaemon.testing.process import FakeProcessReactor
 from difydaemon.testing.sdk import environment_builder
 
 POLICY = PackagePolicy(max_size=52428800, force_verify=False, enforce_langgenius=False, public_keys=())
@@ -138,3 +141,64 @@ class LocalFactoryTests(AsyncTestCase):
             await self._launch(behaviour_plugin_files(main="silent"))
         self.assertIn("starting the plugin failed", caught.exception.message)
         self.assertEqual(os.listdir(os.path.join(self.working_path, "acme")), [])
+
+
+class _FakeBuilder:
+    """A builder that builds nothing and says where the venv's Python would be."""
+
+    def __init__(self):
+        self.built = []
+
+    def build(self, working_dir, version, progress):
+        self.built.append(working_dir)
+        return defer.succeed(os.path.join(working_dir, ".venv", "bin", "python"))
+
+
+class ContainedLaunchTests(SynchronousTestCase):
+    """What a launch prepares for a contained plugin, on fakes."""
+
+    def launch(self, run_as=None):
+        self.working_path = os.path.abspath(self.mktemp())
+        self.home = os.path.join(self.working_path, ".plugin-home")
+        self.reactor = FakeProcessReactor()
+        self.builder = _FakeBuilder()
+        factory = LocalRuntimeFactory(
+            self.reactor,
+            MemoryPersistence(self.reactor),
+            MemoryObjectStorage(),
+            StoragePaths(),
+            InlineRunner(),
+            self.builder,
+            self.working_path,
+            {"PATH": "/usr/bin:/bin", "HOME": self.home},
+            52428800,
+            plugin_home=self.home,
+            run_as=run_as,
+            shared_dirs=(os.path.join(self.working_path, ".uv-cache"),),
+        )
+        data = build_package(behaviour_plugin_files())
+        decoded = decode_package(data, POLICY)
+        launched = factory.launch(decoded.identifier.raw, decoded.declaration, data, lambda line: None)
+        self.reactor.spawned[-1].transport.stdout(b'{"event":"heartbeat","session_id":null,"data":{}}\n\n')
+        return self.successResultOf(launched)
+
+    def test_plugin_home_created_private(self):
+        """Before the build, the plugins' HOME is created 0700; the plugin is started with it."""
+        runtime = self.launch()
+        self.assertEqual(stat.S_IMODE(os.stat(self.home).st_mode), 0o700)
+        self.assertEqual(self.reactor.spawned[-1].env["HOME"], self.home)
+        self.assertEqual(runtime.working_dir, self.builder.built[0])
+
+    def test_directories_given_to_the_plugin_user(self):
+        """With a user to run as, the plugin's HOME, working directory and the shared uv cache become that user's."""
+        if os.geteuid() != 0:
+            self.skipTest("only root can give files away")
+        runtime = self.launch(RunAs("plugins", 54321, 54322))
+        for path in (
+            self.home,
+            runtime.working_dir,
+            os.path.join(runtime.working_dir, "manifest.yaml"),
+            os.path.join(self.working_path, ".uv-cache"),
+        ):
+            info = os.stat(path)
+            self.assertEqual((info.st_uid, info.st_gid), (54321, 54322), path)

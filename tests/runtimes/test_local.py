@@ -12,8 +12,9 @@ from zope.interface.verify import verifyObject
 from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
-from difydaemon.runtimes.local import LivenessPolicy, LocalRuntime, RestartPolicy, hung_message
+from difydaemon.runtimes.local import PIPE_CLOSE_DELAY, LivenessPolicy, LocalRuntime, RestartPolicy, hung_message
 from difydaemon.runtimes.parent_death import LAUNCHER, ParentDeathSignal
+from difydaemon.runtimes.process_table import MemoryProcessTable
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.process import FakeProcessReactor
 from tests.runtimes.listeners import RecordingListener
@@ -105,7 +106,7 @@ class StartTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.make_runtime(parent_death=ParentDeathSignal("/daemon/python", getpid=lambda: 77)).start()
         [spawned] = self.reactor.spawned
         self.assertEqual(spawned.executable, "/daemon/python")
-        self.assertEqual(spawned.args, ["/daemon/python", "-I", "-S", "-c", LAUNCHER, "77", PYTHON, "-m", "main"])
+        self.assertEqual(spawned.args, ["/daemon/python", "-I", "-S", "-c", LAUNCHER, "77", "setsid", PYTHON, "-m", "main"])
         self.assertEqual((spawned.path, spawned.env["INSTALL_METHOD"]), (WORKING_DIR, "local"))
 
     def test_ready_on_first_heartbeat(self):
@@ -548,6 +549,152 @@ class LivenessTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.assertEqual(self.process().signals, [])
         self.process().stdout(HEARTBEAT)
         self.successResultOf(started)
+
+
+class ProcessGroupTests(LocalRuntimeTestsMixin, SynchronousTestCase):
+    """
+    With a process table, a plugin leads its own process group: it is
+    stopped, killed and cleaned up with what it spawned, and a stopped
+    (SIGSTOP) plugin is hung while a busy one that heartbeats is not.
+    """
+
+    GRANDCHILD = 5000
+
+    def setUp(self):
+        super().setUp()
+        self.table = MemoryProcessTable()
+
+    def grouped_runtime(self, **kwargs) -> LocalRuntime:
+        """A started runtime whose one process leads a group holding a grandchild."""
+        kwargs.setdefault("parent_death", ParentDeathSignal("/daemon/python", getpid=lambda: 77))
+        runtime = self.make_runtime(process_table=self.table, **kwargs)
+        started = runtime.start()
+        self.track(self.process())
+        self.process().stdout(MANIFEST + HEARTBEAT)
+        self.successResultOf(started)
+        return runtime
+
+    def track(self, transport) -> None:
+        """Put ``transport``'s fake process and a grandchild that dies only by KILL in the table."""
+        pid = transport.pid
+        table = self.table
+
+        def leader(name):
+            if not transport.reaped:
+                transport.signalProcess(name)
+            if name == "KILL":
+                table.remove(pid)
+
+        def grandchild(name):
+            if name == "KILL":
+                table.remove(self.GRANDCHILD)
+
+        table.add(pid, on_signal=leader)
+        table.add(self.GRANDCHILD, group=pid, on_signal=grandchild)
+
+    def test_stop_signals_the_whole_group(self):
+        """stop() sends TERM (then CONT, for stopped members) to the group, then KILL after the grace; nothing is left."""
+        runtime = self.grouped_runtime(stop_grace_period=2, liveness=LivenessPolicy(timeout=3600))
+        pid = self.process().pid
+        stopped = runtime.stop(drain_timeout=0)
+        self.assertEqual(self.table.signals, [(pid, "TERM"), (pid, "CONT")])
+        self.assertEqual(self.process().signals, ["TERM", "CONT"])
+        self.reactor.advance(2)
+        self.reactor.advance(0)
+        self.assertEqual(self.table.signals[2:], [(pid, "KILL")])
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(self.table.members(pid), [])
+
+    def test_leftovers_killed_when_the_plugin_exits(self):
+        """When the plugin exits by itself, what it spawned is KILLed at once and a restart is scheduled."""
+        runtime = self.grouped_runtime()
+        pid = self.process().pid
+        self.table.remove(pid)
+        self.process().exit(1)
+        self.assertEqual(self.table.signals, [(pid, "KILL")])
+        self.assertEqual(self.table.members(pid), [])
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(runtime.state, "running")
+
+    def test_pipes_closed_shortly_after_exit(self):
+        """A plugin that exited while something holds its pipes has them closed after the delay: its sessions fail then."""
+        runtime = self.grouped_runtime()
+        listener = RecordingListener()
+        runtime.open_session("s1", request("s1"), listener)
+        self.process().exit_holding_pipes(0)
+        self.assertEqual(listener.calls, [])
+        self.reactor.advance(PIPE_CLOSE_DELAY)
+        self.assertTrue(self.process().pipes_closed_by_parent)
+        self.assertEqual(listener.calls, [EXITED])
+        self.assertEqual(runtime.instances, [])
+
+    def test_no_signal_by_number_after_the_reap(self):
+        """Once the plugin is reaped its pid may be reused: a stop in the pipe-closing window signals nothing."""
+        runtime = self.grouped_runtime()
+        pid = self.process().pid
+        self.table.remove(pid)
+        self.process().exit_holding_pipes(0)
+        self.assertEqual(self.table.signals, [(pid, "KILL")])
+        self.table.add(pid, state="S")
+        stopped = runtime.stop(drain_timeout=0)
+        self.assertEqual(self.table.signals, [(pid, "KILL")])
+        self.reactor.advance(PIPE_CLOSE_DELAY)
+        self.assertIsNone(self.successResultOf(stopped))
+
+    def test_pipes_of_a_plain_exit_left_alone(self):
+        """A plugin whose pipes close with its exit leaves no timer that would close them later."""
+        self.grouped_runtime()
+        self.process().exit(0)
+        self.reactor.advance(PIPE_CLOSE_DELAY)
+        self.assertFalse(self.process().pipes_closed_by_parent)
+
+    def test_stopped_plugin_is_hung_at_the_first_look(self):
+        """A plugin in state T (SIGSTOP) is hung when its silence is first looked at, before the heartbeat timeout."""
+        runtime = self.grouped_runtime(liveness=LivenessPolicy(timeout=30))
+        pid = self.process().pid
+        listener = RecordingListener()
+        runtime.open_session("s1", request("s1"), listener)
+        self.table.set_state(pid, "T")
+        self.reactor.advance(14.9)
+        self.assertEqual(listener.calls, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(listener.calls, [("error", "ConnectionClosedError", hung_message(30, "T"), None)])
+        self.assertIn((pid, "KILL"), self.table.signals)
+        self.assertIn("its process is stopped (state T)", hung_message(30, "T"))
+
+    def test_busy_plugin_that_heartbeats_is_not_hung(self):
+        """A plugin running on the CPU (state R) through a long call but heartbeating every 10 s is never hung."""
+        runtime = self.grouped_runtime(liveness=LivenessPolicy(timeout=30))
+        self.table.set_state(self.process().pid, "R")
+        listener = RecordingListener()
+        runtime.open_session("s1", request("s1"), listener)
+        # 500 s: within the 600 s session timeout
+        for _ in range(50):
+            self.reactor.advance(10)
+            self.process().stdout(HEARTBEAT)
+        self.assertEqual((listener.calls, self.table.signals), ([], []))
+        self.assertTrue(runtime.is_ready())
+
+    def test_running_but_silent_plugin_is_hung_at_the_timeout(self):
+        """A plugin that runs (state R) but writes nothing is hung at the heartbeat timeout, not before."""
+        runtime = self.grouped_runtime(liveness=LivenessPolicy(timeout=30))
+        pid = self.process().pid
+        self.table.set_state(pid, "R")
+        self.reactor.advance(29.9)
+        self.assertEqual(self.table.signals, [])
+        self.assertTrue(runtime.is_ready())
+        self.reactor.advance(0.1)
+        self.assertEqual(self.table.signals[0], (pid, "KILL"))
+
+    def test_without_launcher_the_table_is_unused(self):
+        """A plugin started directly does not lead a group: only its own pid is signalled."""
+        runtime = self.make_runtime(process_table=self.table, liveness=LivenessPolicy(timeout=3600))
+        started = runtime.start()
+        self.process().stdout(MANIFEST + HEARTBEAT)
+        self.successResultOf(started)
+        runtime.stop(drain_timeout=0)
+        self.assertEqual((self.table.signals, self.process().signals), ([], ["TERM"]))
 
 
 class StopTests(LocalRuntimeTestsMixin, SynchronousTestCase):

@@ -12,7 +12,14 @@ import subprocess
 import sys
 import time
 
-from difydaemon.runtimes.parent_death import LAUNCHER, ParentDeathSignal, child_argv, parent_death_signal
+from difydaemon.runtimes.parent_death import (
+    LAUNCHER,
+    ParentDeathSignal,
+    RunAs,
+    child_argv,
+    parent_death_signal,
+    resolve_user,
+)
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.subreaper import children_of, is_running, subreaper_argv
 
@@ -44,7 +51,7 @@ class CommandLineTests(SynchronousTestCase):
         wrapper = ParentDeathSignal("/usr/bin/python3", getpid=lambda: 4321)
         self.assertEqual(
             wrapper.wrap(["/venv/bin/python", "-m", "main"]),
-            ["/usr/bin/python3", "-I", "-S", "-c", LAUNCHER, "4321", "/venv/bin/python", "-m", "main"],
+            ["/usr/bin/python3", "-I", "-S", "-c", LAUNCHER, "4321", "setsid", "/venv/bin/python", "-m", "main"],
         )
 
     def test_pid_asked_at_each_spawn(self):
@@ -52,6 +59,37 @@ class CommandLineTests(SynchronousTestCase):
         pids = iter([10, 20])
         wrapper = ParentDeathSignal("/py", getpid=lambda: next(pids))
         self.assertEqual((wrapper.wrap(["/x"])[5], wrapper.wrap(["/x"])[5]), ("10", "20"))
+
+    def test_run_as(self):
+        """With a user to run as, the launcher is told its uid and gid after setsid."""
+        wrapper = ParentDeathSignal("/py", getpid=lambda: 1, run_as=RunAs("plugins", 1500, 1600))
+        self.assertEqual(wrapper.wrap(["/x"])[5:], ["1", "setsid,user=1500:1600", "/x"])
+
+    def test_resolve_user(self):
+        """A user is named by name or by uid; an unknown one is refused with its name."""
+        entry = type("Entry", (), {"pw_name": "plugins", "pw_uid": 1500, "pw_gid": 1600})
+
+        def by_name(name):
+            if name != "plugins":
+                raise KeyError(name)
+            return entry
+
+        def by_uid(uid):
+            if uid != 1500:
+                raise KeyError(uid)
+            return entry
+
+        expected = RunAs("plugins", 1500, 1600)
+        self.assertEqual(resolve_user("plugins", by_name, by_uid), expected)
+        self.assertEqual(resolve_user(" 1500 ", by_name, by_uid), expected)
+        for unknown in ("nobody-here", "99"):
+            with self.assertRaises(ValueError) as caught:
+                resolve_user(unknown, by_name, by_uid)
+            self.assertIn(repr(unknown), str(caught.exception))
+
+    def test_run_as_needs_a_launcher(self):
+        """Where there is no launcher, asking to run as another user is refused rather than ignored."""
+        self.assertRaises(ValueError, parent_death_signal, "darwin", "/usr/bin/python3", RunAs("p", 1, 1))
 
     def test_without_launcher(self):
         """Without a launcher the command line is spawned as it is."""
@@ -96,6 +134,26 @@ class LauncherTests(SynchronousTestCase):
         )
         result = _run_launched(os.getpid(), [sys.executable, "-I", "-c", show])
         self.assertEqual((result.returncode, result.stdout.strip()), (0, str(int(signal.SIGKILL)).encode()))
+
+    def test_own_session_and_group(self):
+        """The program leads a session and a process group of its own, whose id is its pid."""
+        show = "import json, os; print(json.dumps([os.getpid(), os.getpgid(0), os.getsid(0)]))"
+        result = _run_launched(os.getpid(), [sys.executable, "-I", "-c", show])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pid, group, session = json.loads(result.stdout)
+        self.assertEqual((group, session), (pid, pid))
+        self.assertNotEqual(group, os.getpgid(0))
+
+    def test_user_that_cannot_be_had_is_fatal(self):
+        """A user switch the kernel refuses ends the launcher with 126 and one line: the program never runs as the daemon's user."""
+        if os.getuid() == 0:
+            self.skipTest("root may switch to any user")
+        marker = os.path.abspath(self.mktemp())
+        wrapper = ParentDeathSignal(sys.executable, getpid=os.getpid, run_as=RunAs("nobody", 0, 0))
+        result = subprocess.run(wrapper.wrap(["/bin/touch", marker]), capture_output=True, timeout=60, check=False)
+        self.assertEqual(result.returncode, 126)
+        self.assertIn(b"difydaemon launcher: cannot isolate the child", result.stderr)
+        self.assertFalse(os.path.exists(marker))
 
     def test_parent_already_gone(self):
         """When the parent is not the daemon any more, the program is not run and the launcher says why."""

@@ -20,6 +20,10 @@ class RecordingOwner:
     def __init__(self):
         self.messages = []
         self.ended = []
+        self.reaped = []
+
+    def process_reaped(self, protocol):
+        self.reaped.append(protocol)
 
     def session_message(self, item):
         self.messages.append(item)
@@ -181,6 +185,16 @@ class PluginProcessProtocolTests(SynchronousTestCase):
         self.process.exit(0)
         self.failureResultOf(self.protocol.ready, errors.InternalServerError)
         self.assertFalse(self.protocol.signal("TERM"))
+
+    def test_reaped_before_pipes_close(self):
+        """The owner hears of the exit as soon as the process is reaped, before its pipes close, and then once more at the end."""
+        self.process.stdout(HEARTBEAT)
+        self.process.exit_holding_pipes(0)
+        self.assertEqual((self.owner.reaped, self.owner.ended), ([self.protocol], []))
+        self.assertTrue(self.protocol.reaped)
+        self.assertFalse(self.protocol.signal("TERM"))
+        self.process.release_pipes()
+        self.assertEqual(self.owner.ended, [self.protocol])
 
 
 class RollingTailTests(SynchronousTestCase):

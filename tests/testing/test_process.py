@@ -105,6 +105,25 @@ class FakeProcessReactorTests(SynchronousTestCase):
         self.reactor.spawnProcess(protocol, "x", ["x"]).exit(0)
         protocol.events[-1][1].trap(error.ProcessDone)
 
+    def test_exit_holding_pipes(self):
+        """A child whose pipes are held is reaped (processExited) and ends only when the parent closes its pipes."""
+        self.transport.exit_holding_pipes(0)
+        self.assertEqual(self.protocol.events[-1][0], "exited")
+        self.assertTrue(self.transport.reaped)
+        self.assertFalse(self.transport.ended)
+        self.assertRaises(error.ProcessExitedAlready, self.transport.signalProcess, "TERM")
+        self.transport.loseConnection()
+        self.assertEqual(self.protocol.events[-1][0], "ended")
+        self.assertTrue(self.transport.ended)
+        self.assertTrue(self.transport.pipes_closed_by_parent)
+
+    def test_release_pipes(self):
+        """When what held the pipes ends, processEnded follows without the parent closing them."""
+        self.transport.exit_holding_pipes(2)
+        self.transport.release_pipes()
+        self.protocol.events[-1][1].trap(error.ProcessTerminated)
+        self.assertFalse(self.transport.pipes_closed_by_parent)
+
     def test_signals_recorded_and_kill_ends(self):
         """TERM is only recorded; KILL ends the process on the next reactor turn."""
         self.transport.signalProcess("TERM")

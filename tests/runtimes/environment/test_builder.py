@@ -141,19 +141,19 @@ class FakeBuilderTests(SynchronousTestCase):
         self.builder._parent_death = ParentDeathSignal("/launcher/python", getpid=lambda: 42)
         d = self.build()
         probe = self.reactor.processes[-1]
-        self.assertEqual(probe.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
-        self.assertEqual(probe.argv[6], sys.executable)
+        self.assertEqual(probe.argv[:7], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42", "setsid"))
+        self.assertEqual(probe.argv[7], sys.executable)
         probe.emit(b"3.12\n")
         probe.finish(0)
         venv = self.reactor.processes[-1]
-        self.assertEqual(venv.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42",
+        self.assertEqual(venv.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42", "setsid",
                                      "/uv", "venv", ".venv", "--python", sys.executable))
         os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
         open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
         venv.finish(0)
         compile_plugin, install = self.reactor.processes[-2:]
-        self.assertEqual(install.argv[6:], ("/uv", "pip", "install", "-r", "requirements.txt"))
-        self.assertEqual(compile_plugin.argv[:6], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42"))
+        self.assertEqual(install.argv[7:], ("/uv", "pip", "install", "-r", "requirements.txt"))
+        self.assertEqual(compile_plugin.argv[:7], ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42", "setsid"))
         install.finish(0)
         compile_plugin.finish(0)
         self.successResultOf(d)

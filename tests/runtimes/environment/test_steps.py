@@ -253,7 +253,7 @@ class RunStepTests(SynchronousTestCase):
             run_step(reactor, command, 120, 600, ParentDeathSignal("/launcher/python", getpid=lambda: 42))
         )
         [process] = reactor.processes
-        self.assertEqual(process.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42", "/uv", "pip"))
+        self.assertEqual(process.argv, ("/launcher/python", "-I", "-S", "-c", LAUNCHER, "42", "setsid", "/uv", "pip"))
         self.assertEqual((process.env, process.path), ({"PATH": "/bin"}, "/wd"))
         process.finish(0)
         self.assertTrue(self.successResultOf(d).succeeded)
