@@ -66,12 +66,12 @@ class FunctionTests(SynchronousTestCase):
         self.assertEqual((spawned.args, spawned.env, spawned.path), (list(SPEC.argv), dict(SPEC.env), "/w"))
 
     def test_through_parent_death_launcher(self):
-        """With a parent-death signal the process is started through the launcher."""
+        """With a parent-death signal the process is started through the launcher, in a session of its own."""
         function = Function(self.reactor, SPEC, FakeProbe(), ParentDeathSignal("/usr/bin/python3", lambda: 77))
         self.successResultOf(function.start())
         args = self.reactor.spawned[0].args
-        self.assertEqual(args[:6], ["/usr/bin/python3", "-I", "-S", "-c", LAUNCHER, "77"])
-        self.assertEqual(args[6:], list(SPEC.argv))
+        self.assertEqual(args[:7], ["/usr/bin/python3", "-I", "-S", "-c", LAUNCHER, "77", "setsid"])
+        self.assertEqual(args[7:], list(SPEC.argv))
 
     def test_exit_before_health(self):
         """A process that exits before answering fails the start with its exit and stderr."""
