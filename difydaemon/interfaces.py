@@ -287,6 +287,24 @@ class IPersistence(Interface):
     def storage_size(tenant_id: str, plugin_id: str):
         """Deferred[int]: the byte total of a (tenant, plugin), 0 if none."""
 
+    # -- serverless functions (``serverless.md`` §4) --------------------------
+    #
+    # The row of an identifier goes with its ``plugins`` row (uninstall or
+    # upgrade away when ``refers`` reaches zero), in the same transaction.
+
+    def upsert_serverless_runtime(plugin_unique_identifier: str, function_url: str, function_name: str, checksum: str):
+        """
+        Record where the function of an identifier runs, replacing URL,
+        name and checksum of an existing row (its id and created_at stay).
+        Deferred[ServerlessRuntimeRecord].
+        """
+
+    def get_serverless_runtime(plugin_unique_identifier: str):
+        """Deferred[ServerlessRuntimeRecord | None]."""
+
+    def list_serverless_runtimes():
+        """Deferred[list[ServerlessRuntimeRecord]], oldest first."""
+
 
 class IRuntimeLauncher(Interface):
     """
