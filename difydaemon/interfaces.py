@@ -402,6 +402,28 @@ class IPluginRuntime(Interface):
         """
 
 
+
+class IServerlessSessions(Interface):
+    """
+    The live sessions of serverless plugins, which a backwards-invocation
+    transaction (``POST /backwards-invocation/transaction``) must name.
+
+    A session is registered before its ``/invoke`` request is sent and
+    forgotten when it ends; a registration also expires after its ttl (a
+    replica that died cannot forget).  An implementation shared by
+    replicas lets a transaction reach any of them.  Values are
+    :class:`~difydaemon.runtimes.serverless.sessions.ServerlessSession`.
+    """
+
+    def register(session, ttl: float):
+        """Record ``session`` as live for ``ttl`` seconds. Deferred[None]."""
+
+    def lookup(session_id: str):
+        """Deferred[ServerlessSession | None]: the live session of that id."""
+
+    def forget(session_id: str):
+        """Drop a session at once; unknown ids are not an error. Deferred[None]."""
+
 # -- coordination between replicas (difydaemon.coordination) ------------------
 #
 # A single daemon uses the in-memory implementations; replicas sharing Redis
