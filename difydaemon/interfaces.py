@@ -352,6 +352,10 @@ class ISessionListener(Interface):
     def end():
         """The plugin finished the session successfully."""
 
+    # Optional: ``invocation_session()`` -> the InvocationSession the
+    # session serves (tenant, user, permissions), which a serverless runtime
+    # records for the session's backwards transactions.
+
     def error(error_type: str, message: str, args: dict | None):
         """
         The session failed: the plugin's own ``error`` message, or a

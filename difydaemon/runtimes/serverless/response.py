@@ -107,11 +107,16 @@ def http_failure(status_code: int, reason: str, header_error_type: str | None, r
     said.
     """
     try:
-        found = _lambda_error(orjson.loads(body))
+        value = orjson.loads(body)
     except orjson.JSONDecodeError:
-        found = None
+        value = None
+    found = _lambda_error(value)
     if found is not None:
         error_type, message, body_request_id = found
+    elif isinstance(value, dict) and isinstance(value.get("errorMessage"), str):
+        # Lambda names the type in the header and the message in the body
+        error_type, message = "", value["errorMessage"]
+        body_request_id = value.get("requestId") if isinstance(value.get("requestId"), str) else ""
     else:
         error_type, body_request_id = "", ""
         message = body[:ERROR_BODY_LIMIT].decode("utf-8", "replace").strip()
