@@ -59,6 +59,9 @@ MULTIPART_OVERHEAD = 1024 * 1024
 DISPATCH_BODY_LIMIT = 128 * 1024 * 1024
 #: Any other request's body: management JSON is a few kilobytes.
 OTHER_BODY_LIMIT = 1024 * 1024
+#: A serverless plugin's backwards-invocation transaction: what the Go
+#: daemon reads of one (it cuts the rest; here a longer one is a 413).
+TRANSACTION_BODY_LIMIT = 6 * 1024 * 1024
 
 _JSON = b"application/json; charset=utf-8"
 _TEXT = b"text/plain; charset=utf-8"
@@ -145,6 +148,7 @@ class BodyLimits:
     :ivar bundle: ``/management/install/upload/bundle``.
     :ivar dispatch: ``/plugin/<tenant>/dispatch/...``.
     :ivar endpoint: ``/e/...``: kept, the rest dropped.
+    :ivar transaction: ``/backwards-invocation/transaction`` (serverless).
     :ivar other: everything else.
     """
 
@@ -152,6 +156,7 @@ class BodyLimits:
     bundle: int = 629145600 + MULTIPART_OVERHEAD
     dispatch: int = DISPATCH_BODY_LIMIT
     endpoint: int = ENDPOINT_BODY_LIMIT
+    transaction: int = TRANSACTION_BODY_LIMIT
     other: int = OTHER_BODY_LIMIT
 
     @classmethod
@@ -209,6 +214,8 @@ class FrontDoor:
                 limit, oversize = limits.other, _too_large(limits.other)
         elif segments[0] == ENDPOINT_PREFIX:
             limit, oversize, truncate = limits.endpoint, _too_large(limits.endpoint), True
+        elif segments[:2] == (b"backwards-invocation", b"transaction"):
+            limit, oversize = limits.transaction, _too_large(limits.transaction)
         else:
             limit, oversize = limits.other, _too_large(limits.other)
         if content_length is not None and content_length > limit and not truncate:
