@@ -58,12 +58,16 @@ class DaemonService(MultiService):
         connections are closed at the end.
     :param database_wait: seconds start-up keeps trying to reach an
         unavailable database (0: one try).
+    :param start_checks: callables returning Deferreds, run once the
+        database is ready and before the runtimes start (the serverless
+        connector's ping); a failure fails the start.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
 
     def __init__(
         self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=(), database_wait: float = 0.0,
+        start_checks=(),
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -73,6 +77,7 @@ class DaemonService(MultiService):
         self._runners = tuple(runners)
         self._http_pools = tuple(http_pools)
         self._database_wait = database_wait
+        self._start_checks = list(start_checks)
         self._state = "starting"
         #: None while starting, then True or the Failure of the start
         self._outcome = None
@@ -145,6 +150,9 @@ class DaemonService(MultiService):
         if failed:
             log.warn("marked {count} unfinished install tasks failed", count=failed)
         self._check_running()
+        for check in self._start_checks:
+            await check()
+            self._check_running()
         if self.runtimes is not None:
             await self.runtimes.start()
         self._check_running()

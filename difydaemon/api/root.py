@@ -165,6 +165,8 @@ class RootResource(Resource):
         if name == b"backwards-invocation" and self._transaction is not None:
             return self._transaction
         if name == b"admin" and self._admin is not None:
+            # Klein routes from the top, as for the management app
+            request.postpath.insert(0, request.prepath.pop())
             return self._admin
         if method == b"HEAD":
             return self._not_found

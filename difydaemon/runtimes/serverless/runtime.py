@@ -92,6 +92,10 @@ class ServerlessRuntime:
         self._drain: SessionDrain | None = None
         self._stopped: Deferred | None = None
 
+    def repoint(self, function: FunctionInfo) -> None:
+        """Send new sessions to another function (an admin reinstall or switch)."""
+        self.function = function
+
     @property
     def session_timeout(self) -> float:
         """Sessions time out in the invoke client (``PLUGIN_MAX_EXECUTION_TIMEOUT``), not in dispatch."""
