@@ -41,14 +41,14 @@ class _FailOnce(Resource):
     def __init__(self, port: int) -> None:
         super().__init__()
         self.requests = 0
-        self._proxy = ReverseProxyResource("127.0.0.1", port, b"")
+        self._port = port
 
     def render(self, request):
         self.requests += 1
         if self.requests == 1:
             request.setResponseCode(502)
             return b"bad gateway"
-        return self._proxy.render(request)
+        return ReverseProxyResource("127.0.0.1", self._port, request.path).render(request)
 
 
 class ServerlessCase(DaemonCase):
