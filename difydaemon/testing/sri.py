@@ -23,14 +23,12 @@ from collections.abc import Callable
 import orjson
 from attrs import frozen
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from difydaemon.api.multipart import MultipartError, parse_form
 from difydaemon.runtimes.serverless.connector import FunctionInfo
-from difydaemon.testing.openai import _ConnectionTrackingFactory
+from difydaemon.testing.http import LoopbackServing
 
 log = Logger()
 
@@ -108,7 +106,7 @@ class _Emitter:
             self._request.write(data)
 
 
-class FakeSRIConnector:
+class FakeSRIConnector(LoopbackServing):
     """
     The fake connector (see the module docstring).
 
@@ -119,6 +117,9 @@ class FakeSRIConnector:
     :ivar functions: package file name -> deployed :class:`FunctionInfo`.
     :ivar launches: every :class:`LaunchRequest`, oldest first.
     :ivar calls: ``(method, path, authorization)`` of every request.
+
+    :meth:`listen` serves it on a real port; :meth:`stop` is the "connector
+    is down" case.
     """
 
     app = Klein()
@@ -132,7 +133,6 @@ class FakeSRIConnector:
         self.calls: list[tuple[str, str, str]] = []
         #: launch streams the client left before they ended
         self.abandoned = 0
-        self._listening: list = []
 
     def resource(self):
         """The twisted.web resource of the fake."""
@@ -231,30 +231,6 @@ class FakeSRIConnector:
         # fires with None once finish() has finished the response: Klein
         # then writes nothing more; if the client leaves, Klein cancels it
         return running
-
-    # -- serving --------------------------------------------------------------
-
-    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> Deferred:
-        """Serve the fake on ``interface:port``. Deferred[IListeningPort]."""
-        site = Site(self.resource(), parsePOSTFormSubmission=False)
-        site.log = lambda request: None
-        factory = _ConnectionTrackingFactory(site)
-        d = TCP4ServerEndpoint(self.reactor, port, interface=interface).listen(factory)
-
-        def listening(listening_port):
-            self._listening.append((listening_port, factory))
-            return listening_port
-
-        return d.addCallback(listening)
-
-    def stop(self) -> Deferred:
-        """Stop listening and abort open connections (the "connector is down" case)."""
-        listening, self._listening = self._listening, []
-        waits = []
-        for port, factory in listening:
-            waits.append(maybeDeferred(port.stopListening))
-            waits.append(factory.close_all())
-        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
 
 def _text(value) -> str:

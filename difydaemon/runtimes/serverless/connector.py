@@ -21,7 +21,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from difydaemon.runtimes.serverless.body import BodyLost, BodyStream, StopReading, read_head, reason_of
+from difydaemon.http_body import BodyLost, BodyStream, StopReading, read_head, reason_of
 from difydaemon.runtimes.serverless.launch_stream import (
     DONE,
     ERROR,

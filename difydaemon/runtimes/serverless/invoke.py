@@ -26,7 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from difydaemon.errors import InternalServerError
-from difydaemon.runtimes.serverless.body import BodyLost, BodyStream, StopReading, read_head, reason_of
+from difydaemon.http_body import BodyLost, BodyStream, StopReading, read_head, reason_of
 from difydaemon.runtimes.serverless.response import (
     ERROR_BODY_LIMIT,
     INNER_ERROR_TYPE,

@@ -1,10 +1,10 @@
 """
 Reading an HTTP response body piece by piece, with a way to stop early.
 
-The connector's launch stream and a function's ``/invoke`` response are
-long-lived bodies read as they arrive; both may have to be cut short (an
-idle deadline, an oversized line, the caller leaving), which closes the
-connection rather than reading on.
+Dify's inner API answers, the serverless connector's launch stream and a
+function's ``/invoke`` response are bodies read as they arrive; each may
+have to be cut short (a deadline, an oversized line or frame, the caller
+leaving), which closes the connection rather than reading on.
 """
 
 from __future__ import annotations
@@ -59,10 +59,16 @@ class BodyStream(Protocol):
         if not self._reading:
             return
         self._reading = False
+        # A body without a length ends with the connection; whoever parses
+        # it notices if it was cut short.
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
-            self.done.errback(BodyLost(reason_of(reason.value)))
+            self.done.errback(self.lost(reason_of(reason.value)))
+
+    def lost(self, reason: str) -> Exception:
+        """What :attr:`done` fails with when the connection is lost (subclasses name their peer)."""
+        return BodyLost(reason)
 
     def stop(self, failure: Failure) -> None:
         """Stop reading: close the connection and fail :attr:`done`."""
