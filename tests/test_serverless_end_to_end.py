@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from difydaemon import tap
 from difydaemon.config import load_config
 from difydaemon.runtimes.serverless.connector import ConnectorError
+from difydaemon.testing.endpoint_plugin import endpoint_plugin_files
 from difydaemon.testing.http import http_client
 from difydaemon.testing.inner_api import FakeDifyInnerAPI, base_url
 from difydaemon.testing.plugins import serverless_plugin_files
@@ -193,6 +194,31 @@ class ServerlessEndToEndTests(ServerlessCase):
         message = self.task["plugins"][0]["message"]
         self.assertIn("connector", message)
         self.assertIn("refused", message.lower())
+
+
+class ServerlessEndpointTests(ServerlessCase):
+    """Public endpoints (/e/) work unchanged on a serverless function."""
+
+    async def test_endpoint_call(self):
+        """An endpoint plugin deployed as a function answers a public call with its decrypted settings."""
+        await self.start_serverless()
+        identifier = await self.install(endpoint_plugin_files())
+        self.assertEqual(self.task["status"], "success", self.task)
+        code, reply = await self.call(
+            "POST",
+            f"/plugin/{TENANT}/endpoint/setup",
+            {"plugin_unique_identifier": identifier, "user_id": "u1", "name": "hook",
+             "settings": {"api_key": "supersecret", "greeting": "hello"}},
+        )
+        self.assertEqual(orjson.loads(reply)["code"], 0, reply)
+        code, reply = await self.call("GET", f"/plugin/{TENANT}/endpoint/list?page=1&page_size=10&user_id=u1")
+        [endpoint] = orjson.loads(reply)["data"]
+        response = await self.http.get(self.url(f"/e/{endpoint['hook_id']}/echo/x?a=1"))
+        body = await response.content()
+        self.assertEqual(response.code, 200, body)
+        echoed = orjson.loads(body)
+        self.assertEqual((echoed["method"], echoed["query"]), ("GET", {"a": ["1"]}))
+        self.assertEqual(echoed["settings"], {"api_key": "supersecret", "greeting": "hello"})
 
 
 class ServerlessStartTests(DaemonCase):
