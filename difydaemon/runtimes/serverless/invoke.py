@@ -255,10 +255,15 @@ class InvokeClient:
         decoder = InvokeResponseDecoder(self.max_line_size, response.code, request_id)
 
         def sink(data: bytes) -> None:
-            for outcome in decoder.feed(data):
-                on_outcome(outcome)
-            if decoder.done:
-                raise StopReading()
+            # After the last outcome the rest of the body is read and
+            # dropped: closing the connection instead would lose it from the
+            # pool, or worse, put it back closing (the body's last chunk
+            # is often in the same read as the session's end).
+            if not decoder.done:
+                for outcome in decoder.feed(data):
+                    on_outcome(outcome)
+                if decoder.abandon:
+                    raise StopReading()
 
         reader = BodyStream(sink)
         response.deliverBody(reader)
@@ -269,6 +274,10 @@ class InvokeClient:
                 decoder.done = True
                 on_outcome(Failed(INNER_ERROR_TYPE, f"failed to read response body: {exc.reason}"))
             return
+        except _Deadline:
+            if decoder.done:
+                return  # the session ended; only the rest of its body was late
+            raise
         for outcome in decoder.finish():
             on_outcome(outcome)
 

@@ -146,6 +146,10 @@ class InvokeResponseDecoder:
         self._seen_session = False
         #: True once the last outcome was given
         self.done = False
+        #: True when the rest of the body is not worth reading (a line over
+        #: the limit, output that is not the SDK's): the caller hangs up
+        #: instead of draining it
+        self.abandon = False
 
     def feed(self, data: bytes) -> list:
         """The outcomes of the lines ``data`` completes."""
@@ -203,6 +207,7 @@ class InvokeResponseDecoder:
                 Failed(INNER_ERROR_TYPE, f"failed to parse session message {item.reason}: {_quote(item.line)}"),
             )
         elif isinstance(item, OversizedLine):
+            self.abandon = True
             self._fail(
                 out,
                 Failed(
@@ -215,6 +220,7 @@ class InvokeResponseDecoder:
 
     def _foreign(self, item: ForeignLine, out: list) -> None:
         if not item.is_json:
+            self.abandon = True
             self._fail(
                 out,
                 Failed(

@@ -137,6 +137,10 @@ class ServerlessRuntime:
 
     def _deliver(self, session_id: str, outcome) -> None:
         kind = type(outcome)
+        if kind is Finished or kind is Failed:
+            # no transaction of an ended session, even while its body drains
+            forgetting = self._sessions.forget(session_id)
+            forgetting.addErrback(lambda f: log.failure("forgetting serverless session {id}", f, id=session_id))
         if kind is Chunk:
             self._table.deliver(SessionMessage(session_id, "stream", outcome.data, outcome.raw))
         elif kind is Finished:

@@ -162,6 +162,21 @@ class InvokeClientTests(SynchronousTestCase):
         self.assertEqual([type(o) for o in self.outcomes], [Failed])
         self.assertIn("longer than the 100 bytes allowed", self.outcomes[0].message)
 
+    def test_body_drained_after_end(self):
+        """After the session's end the rest of the body is read, not hung up on, so the connection stays reusable."""
+        function = FakeFunction([Reply(body=[session_line(SID, "end", None)], hang=True)])
+        d = self.invoke(self.client(function))
+        self.assertEqual(self.outcomes, [Finished()])
+        self.assertNoResult(d)
+        [request] = function.open_requests
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+        request.write(b"\n\n")
+        request.finish()
+        self.stub.flush()
+        self.successResultOf(d)
+        self.assertEqual((gone, self.outcomes), ([], [Finished()]))
+
     def test_cancel(self):
         """Cancelling a call drops it and gives no more outcomes."""
         function = FakeFunction([Reply(body=[session_line(SID, "stream", CHUNK)], hang=True)])
