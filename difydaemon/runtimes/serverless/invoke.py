@@ -17,13 +17,15 @@ import socket
 from collections.abc import Callable
 
 import orjson
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from difydaemon.errors import InternalServerError
 from difydaemon.http_body import BodyLost, BodyStream, StopReading, read_head, reason_of
@@ -132,13 +134,45 @@ class _EndpointFactory:
         return _LowLatencyEndpoint(HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout))
 
 
-def function_http_client(reactor, connect_timeout: float = CONNECT_TIMEOUT) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """The one treq client of every ``/invoke`` call, and its pool (closed at shutdown)."""
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body written in the same turn as the head (treq's producer waits a turn for its cooperator)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _FunctionClient:
+    """The ``post`` of a treq client, straight on an Agent: the one call the invoke client makes."""
+
+    def __init__(self, agent) -> None:
+        self._agent = agent
+
+    def post(self, url: str, data: bytes, headers: dict, unbuffered: bool = True):
+        return self._agent.request(b"POST", url.encode("ascii"), Headers(headers), _BytesProducer(data))
+
+
+def function_http_client(reactor, connect_timeout: float = CONNECT_TIMEOUT):
+    """The one client of every ``/invoke`` call (treq's ``post``), and its pool (closed at shutdown)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
     agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, connect_timeout), pool=pool)
-    return HTTPClient(agent), pool
+    return _FunctionClient(agent), pool
 
 
 class _Retryable(Exception):
