@@ -176,6 +176,8 @@ async def main(args):
                              env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
         await asyncio.sleep(1.0)
+        if args.profile:
+            os.environ["BENCH_TWISTD_ARGS"] = f"--profile={args.profile} --profiler=cprofile --savestats"
         serverless = Daemon(
             extra_env={
                 "PLATFORM": "serverless",
@@ -183,6 +185,7 @@ async def main(args):
                 "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY": CONNECTOR_KEY,
             }
         )
+        os.environ.pop("BENCH_TWISTD_ARGS", None)
         await serverless.wait_ready()
         await serverless.upload_install(build_package(echo_plugin_files()))
 
@@ -234,4 +237,5 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--inflight", type=int, default=50)
     parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--profile", default="", help="write a cProfile of the serverless daemon to this file")
     asyncio.run(main(parser.parse_args()))

@@ -123,8 +123,20 @@ class _EndpointFactory:
     def __init__(self, reactor, connect_timeout: float) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
+        # the Agent asks for an endpoint on every request, pooled connection
+        # or not, and a HostnameEndpoint costs an IDNA check of its host
+        self._endpoints: dict = {}
 
     def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) > 1024:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._new_endpoint(uri)
+        return endpoint
+
+    def _new_endpoint(self, uri):
         if uri.scheme == b"https":
             from twisted.internet.endpoints import wrapClientTLS
             from twisted.internet.ssl import optionsForClientTLS
