@@ -230,6 +230,9 @@ class TransactionResource(Resource):
 
 
 def _answer(request, status: int, content_type: bytes, body: bytes):
+    if request.finished or getattr(request, "_disconnected", False):
+        # the plugin left while its session was looked up: nobody to answer
+        return NOT_DONE_YET
     request.setResponseCode(status)
     request.setHeader(b"content-type", content_type)
     request.setHeader(b"content-length", b"%d" % len(body))
