@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import REPO, HTTPConnection, free_port, http_call, percentile  # noqa: E402
-from difydaemon.testing import sri  # noqa: E402
+from difydaemon.testing import sri_client as sri  # noqa: E402
 from difydaemon.testing.packages import build_package, echo_plugin_files  # noqa: E402
 from difydaemon.testing.sdk import python312, test_uv_cache_dir  # noqa: E402
 

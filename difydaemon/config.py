@@ -775,6 +775,12 @@ class _Values:
                 return value if value != "" else None
         return None
 
+    def is_set(self, name: str) -> bool:
+        """Whether ``name`` is given at all, even as an empty value."""
+        if name not in _KNOWN:
+            raise KeyError(f"{name} is not listed in difydaemon.config.VARIABLES")
+        return any(name in source for source in self._sources)
+
     def stripped(self, name: str) -> str | None:
         """The value of ``name`` with surrounding blanks removed, or None."""
         value = self.raw(name)
@@ -1239,6 +1245,9 @@ def _serverless(values: _Values, platform: str | None) -> ServerlessConfig:
     """The ``serverless`` group; the connector is required on serverless."""
     url = values.optional_string("DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL")
     api_key = values.optional_string("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY")
+    if api_key is None and platform == "serverless" and values.is_set("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY"):
+        # required, but a connector without authentication takes an empty key
+        api_key = ""
     if platform == "serverless":
         why = " when PLATFORM is serverless"
         if url is None:

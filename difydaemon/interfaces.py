@@ -287,6 +287,24 @@ class IPersistence(Interface):
     def storage_size(tenant_id: str, plugin_id: str):
         """Deferred[int]: the byte total of a (tenant, plugin), 0 if none."""
 
+    # -- serverless functions (``serverless.md`` §4) --------------------------
+    #
+    # The row of an identifier goes with its ``plugins`` row (uninstall or
+    # upgrade away when ``refers`` reaches zero), in the same transaction.
+
+    def upsert_serverless_runtime(plugin_unique_identifier: str, function_url: str, function_name: str, checksum: str):
+        """
+        Record where the function of an identifier runs, replacing URL,
+        name and checksum of an existing row (its id and created_at stay).
+        Deferred[ServerlessRuntimeRecord].
+        """
+
+    def get_serverless_runtime(plugin_unique_identifier: str):
+        """Deferred[ServerlessRuntimeRecord | None]."""
+
+    def list_serverless_runtimes():
+        """Deferred[list[ServerlessRuntimeRecord]], oldest first."""
+
 
 class IRuntimeLauncher(Interface):
     """
@@ -333,6 +351,10 @@ class ISessionListener(Interface):
 
     def end():
         """The plugin finished the session successfully."""
+
+    # Optional: ``invocation_session()`` -> the InvocationSession the
+    # session serves (tenant, user, permissions), which a serverless runtime
+    # records for the session's backwards transactions.
 
     def error(error_type: str, message: str, args: dict | None):
         """
@@ -383,6 +405,28 @@ class IPluginRuntime(Interface):
         may shorten the wait, never lengthen it.
         """
 
+
+
+class IServerlessSessions(Interface):
+    """
+    The live sessions of serverless plugins, which a backwards-invocation
+    transaction (``POST /backwards-invocation/transaction``) must name.
+
+    A session is registered before its ``/invoke`` request is sent and
+    forgotten when it ends; a registration also expires after its ttl (a
+    replica that died cannot forget).  An implementation shared by
+    replicas lets a transaction reach any of them.  Values are
+    :class:`~difydaemon.runtimes.serverless.sessions.ServerlessSession`.
+    """
+
+    def register(session, ttl: float):
+        """Record ``session`` as live for ``ttl`` seconds. Deferred[None]."""
+
+    def lookup(session_id: str):
+        """Deferred[ServerlessSession | None]: the live session of that id."""
+
+    def forget(session_id: str):
+        """Drop a session at once; unknown ids are not an error. Deferred[None]."""
 
 # -- coordination between replicas (difydaemon.coordination) ------------------
 #

@@ -72,6 +72,9 @@ class DaemonService(MultiService):
     :param start_checks: callables run first at start, before any child is
         spawned (making the daemon non-dumpable, checking the ``.env``
         file's mode); one that raises is logged and does not stop the start.
+    :param ready_checks: callables returning Deferreds, run once the
+        database is ready and before the runtimes start (the serverless
+        connector's ping); a failure fails the start.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
@@ -86,6 +89,7 @@ class DaemonService(MultiService):
         http_pools=(),
         database_wait: float = 0.0,
         start_checks=(),
+        ready_checks=(),
         file_limit=raise_open_files_limit,
         replica=None,
         coordination=None,
@@ -104,6 +108,7 @@ class DaemonService(MultiService):
         self.coordination = coordination
         self._task_sweep_interval = task_sweep_interval
         self.start_checks = tuple(start_checks)
+        self._ready_checks = list(ready_checks)
         self._state = "starting"
         #: None while starting, then True or the Failure of the start
         self._outcome = None
@@ -189,6 +194,9 @@ class DaemonService(MultiService):
         if failed:
             log.warn("marked {count} unfinished install tasks failed", count=failed)
         self._check_running()
+        for check in self._ready_checks:
+            await check()
+            self._check_running()
         if self.runtimes is not None:
             await self.runtimes.start()
         self._check_running()

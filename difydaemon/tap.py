@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -58,6 +58,12 @@ from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.process_table import LinuxProcessTable
 from difydaemon.runtimes.registry import RuntimeRegistry
+from difydaemon.runtimes.serverless.connector import SRIClient
+from difydaemon.runtimes.serverless.invoke import CONNECT_TIMEOUT, InvokeClient, function_http_client
+from difydaemon.runtimes.serverless.runtime import ServerlessRuntimeFactory
+from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions
+from difydaemon.api.admin import AdminAPI
+from difydaemon.api.transaction import TransactionResource
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
 
@@ -190,6 +196,36 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
     )
 
 
+class _Serverless:
+    """The parts of the serverless platform: connector, shared invoke client, live sessions, factory."""
+
+    def __init__(self, reactor, config: Config, persistence) -> None:
+        serverless = config.serverless
+        self.connector_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.connector = SRIClient(
+            reactor,
+            HTTPClient(Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=self.connector_pool)),
+            serverless.dify_plugin_serverless_connector_url or "",
+            serverless.dify_plugin_serverless_connector_api_key or "",
+            launch_idle_timeout=serverless.launch_timeout_seconds,
+        )
+        http, self.function_pool = function_http_client(reactor)
+        self.invoker = InvokeClient(
+            reactor,
+            http,
+            max_request_bytes=serverless.max_serverless_request_bytes,
+            max_attempts=serverless.max_serverless_retry_times,
+            max_line_size=config.plugin_runtime_max_buffer_size,
+            execution_timeout=config.max_execution_timeout_seconds,
+        )
+        self.sessions = MemoryServerlessSessions(reactor)
+        self.factory = ServerlessRuntimeFactory(reactor, persistence, self.connector, self.invoker, self.sessions)
+
+    def ping(self):
+        """Deferred: the connector answers (a start-up check: Go panics otherwise)."""
+        return Deferred.fromCoroutine(self.connector.ping())
+
+
 def _inner_api(reactor, config: Config, pool) -> DifyInnerAPI:
     """Dify's inner API over treq: backwards invocations and endpoint settings encryption."""
     invocation = config.invocation
@@ -268,9 +304,16 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     installations.on_invalidate = lambda tenant_id, plugin_id: caches.invalidated("installations", tenant_id, plugin_id)
     dify_pool = HTTPConnectionPool(reactor, persistent=True)
     dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
+    serverless = _Serverless(reactor, config, persistence) if config.platform == "serverless" else None
+    factory = (
+        serverless.factory
+        if serverless is not None
+        else _local_factory(reactor, config, environ, persistence, storage, paths, blocking)
+    )
     runtimes = RuntimeRegistry(
         reactor,
-        _local_factory(reactor, config, environ, persistence, storage, paths, blocking),
+        factory,
+        runtime_type=config.platform,
         shutdown_grace_period=config.shutdown_grace_period_seconds,
         # TERM, KILL after the stop grace period, and the reaping (ms):
         # even a plugin KILL cannot end (uninterruptible sleep) is given up
@@ -317,12 +360,13 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         installer,
         runtimes=runtimes,
         runners=[decoder, blocking],
-        http_pools=http_pools,
+        http_pools=http_pools + ([serverless.connector_pool, serverless.function_pool] if serverless else []),
         database_wait=config.db.db_startup_timeout,
         replica=replica,
         coordination=coordination,
         task_sweep_interval=TASK_LEASE_TTL if coordination.uses_redis else None,
         start_checks=_start_checks(env_file),
+        ready_checks=[serverless.ping] if serverless is not None else [],
     )
     counter = RequestCounter()
     health = HealthResource(
@@ -342,7 +386,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     # as long as one start may take before it fails by itself, and well
     # under Dify's 600 s: the caller then reads why, not a timeout
     runtime_wait = (
-        config.local_runtime.python_env_init_timeout_seconds if runtimes.factory is not None else REMOTE_RUNTIME_WAIT
+        config.local_runtime.python_env_init_timeout_seconds if config.platform == "local" else REMOTE_RUNTIME_WAIT
     )
     dispatch = DispatchResource(
         reactor,
@@ -366,8 +410,25 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
             runtime_wait=runtime_wait,
             forwarder=forwarder,
         )
+    transaction = None
+    if serverless is not None:
+        transaction = TransactionResource(
+            reactor, serverless.sessions, backwards, timeout=config.serverless.transaction_timeout_seconds
+        )
+    admin = None
+    if config.admin_api_enabled:
+        admin = AdminAPI(
+            config.admin_api_key, persistence, packages, runtimes, serverless.factory if serverless else None
+        ).resource()
     root = RootResource(
-        config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints
+        config.server_key,
+        management.resource(),
+        health,
+        counter,
+        dispatch=dispatch,
+        endpoint=public_endpoints,
+        transaction=transaction,
+        admin=admin,
     )
     # every request head passes the front door, on the dispatch channel and on twisted.web
     front_door = FrontDoor(
@@ -399,6 +460,8 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     service.site = site
     service.config = config
     service.forwarder = forwarder
+    #: the serverless platform's parts (connector, invoker, sessions), None on local
+    service.serverless = serverless
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
     if keys is not None:
         debug_factory = DebugServerFactory(

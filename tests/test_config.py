@@ -764,6 +764,14 @@ class ServerlessTests(SynchronousTestCase):
         )
         self.assertIn("when PLATFORM is serverless", error.problem)
 
+    def test_empty_connector_key(self):
+        """An empty connector key is set (sent as an empty Authorization), not missing."""
+        config = load_config(
+            _environ(PLATFORM="serverless", DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL="http://c:1",
+                     DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY="")
+        )
+        self.assertEqual(config.serverless.dify_plugin_serverless_connector_api_key, "")
+
     def test_local_does_not_require_connector(self):
         """The local platform loads without any connector variable."""
         self.assertIsNone(load_config(_environ()).serverless.dify_plugin_serverless_connector_url)

@@ -66,6 +66,9 @@ OTHER_BODY_LIMIT = 1024 * 1024
 #: ``/e/`` bodies read at most (``ENDPOINT_READ_LIMIT``); the plugin is
 #: handed the first 10 MiB of them, as Go does.
 ENDPOINT_READ_LIMIT = 16 * 1024 * 1024
+#: A serverless plugin's backwards-invocation transaction: what the Go
+#: daemon reads of one (it cuts the rest; here a longer one is a 413).
+TRANSACTION_BODY_LIMIT = 6 * 1024 * 1024
 
 _JSON = b"application/json; charset=utf-8"
 _TEXT = b"text/plain; charset=utf-8"
@@ -159,6 +162,7 @@ class BodyLimits:
     :ivar bundle: ``/management/install/upload/bundle``.
     :ivar dispatch: ``/plugin/<tenant>/dispatch/...``.
     :ivar endpoint: ``/e/...`` (``ENDPOINT_READ_LIMIT``).
+    :ivar transaction: ``/backwards-invocation/transaction`` (serverless).
     :ivar other: everything else that takes a body.
     """
 
@@ -166,6 +170,7 @@ class BodyLimits:
     bundle: int = 629145600 + MULTIPART_OVERHEAD
     dispatch: int = DISPATCH_BODY_LIMIT
     endpoint: int = ENDPOINT_READ_LIMIT
+    transaction: int = TRANSACTION_BODY_LIMIT
     other: int = OTHER_BODY_LIMIT
 
     @classmethod
@@ -228,6 +233,7 @@ ROUTES = (
     Route((b"plugin", ANY, b"management", b"install", b"upload", b"package"), "package", _POST, True, True),
     Route((b"plugin", ANY, b"management", b"install", b"upload", b"bundle"), "bundle", _POST, True, True),
     Route((ENDPOINT_PREFIX, ANY), "endpoint"),
+    Route((b"backwards-invocation", b"transaction"), "transaction", _POST, True),
     # a route that takes no body: one would only be a way to make the daemon read
     # (GETs under /plugin may have one: an older Dify sends decode/from_identifier so)
     Route((b"health", b"check"), 0, exact=True),

@@ -163,11 +163,14 @@ class _Relay(SessionRelay):
         """
         if self.closed:
             return
-        session = InvocationSession.of(self.tenant_id, self.plugin_id, self.plugin_request, self.runtime)
         try:
-            serve_invoke(self.backwards, session, request)
+            serve_invoke(self.backwards, self.invocation_session(), request)
         except MalformedInvokeError as exc:
             self._fail_session(sse.protocol_error_text(INVOKE_DIFY_ERROR, str(exc)))
+
+    def invocation_session(self) -> InvocationSession:
+        """Who the session serves and with which permissions (a serverless runtime records it)."""
+        return InvocationSession.of(self.tenant_id, self.plugin_id, self.plugin_request, self.runtime)
 
     def fail_with(self, inner: str) -> None:
         raise NotImplementedError

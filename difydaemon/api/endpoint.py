@@ -167,6 +167,10 @@ class EndpointRelay(SessionRelay):
         self.session = session
         self.opened(runtime.open_session(session.session_id, session.session_request, self), timeout)
 
+    def invocation_session(self) -> InvocationSession | None:
+        """Who the session serves and with which permissions (a serverless runtime records it)."""
+        return self.session
+
     def session_timed_out(self) -> None:
         """``PLUGIN_MAX_EXECUTION_TIMEOUT`` passed."""
         self._fail(_INTERNAL, TIMEOUT_MESSAGE)

@@ -126,10 +126,16 @@ class RootResource(Resource):
     :param counter: the in-flight request counter.
     :param dispatch: the resource under ``/plugin/<tenant>/dispatch/``.
     :param endpoint: the resource under ``/e/``.
+    :param transaction: the resource under ``/backwards-invocation/``
+        (serverless only).
+    :param admin: the resource under ``/admin/`` (when the admin API is enabled).
     """
 
-    def __init__(self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None):
+    def __init__(self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None,
+                 transaction=None, admin=None):
         super().__init__()
+        self._transaction = transaction
+        self._admin = admin
         self._front_door = FrontDoor(server_key.encode("utf-8"))
         self._app = app
         self._health = health
@@ -156,6 +162,12 @@ class RootResource(Resource):
         self._counter.track(request, is_dispatch)
         if name == b"e" and self._endpoint is not None:
             return self._endpoint
+        if name == b"backwards-invocation" and self._transaction is not None:
+            return self._transaction
+        if name == b"admin" and self._admin is not None:
+            # Klein routes from the top, as for the management app
+            request.postpath.insert(0, request.prepath.pop())
+            return self._admin
         if method == b"HEAD":
             return self._not_found
         if is_dispatch and self._dispatch is not None:

@@ -21,11 +21,10 @@ from typing import Callable
 import orjson
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent, HTTPConnectionPool
 
+from difydaemon.http_body import BodyStream, StopReading, reason_of
 from difydaemon.invocation.frames import FRAME_OVERHEAD, MAGIC, FrameDecoder, FrameError
 
 #: How much of an unexpected answer is quoted in the error message.
@@ -45,73 +44,15 @@ class InnerAPIError(Exception):
         self.message = message
 
 
-class _Enough(Exception):
-    """Raised by a body sink that has read all it wants."""
-
-
-class _BodyReader(Protocol):
-    """
-    Hands each piece of a response body to ``sink`` as it arrives.
-
-    :ivar done: fires with None at the end of the body, or when the sink
-        raises :class:`_Enough`; fails with what the sink raised, with an
-        :class:`InnerAPIError` when the connection is lost, or with what
-        :meth:`stop` is given.  Cancelling it closes the connection.
-    """
+class _BodyReader(BodyStream):
+    """A body reader whose lost connection is an :class:`InnerAPIError` naming the path."""
 
     def __init__(self, path: str, sink: Callable[[bytes], None]) -> None:
+        super().__init__(sink)
         self._path = path
-        self._sink = sink
-        self._reading = True
-        self.done: Deferred = Deferred(lambda _: self._close())
 
-    def dataReceived(self, data: bytes) -> None:
-        if not self._reading:
-            return
-        try:
-            self._sink(data)
-        except _Enough:
-            self._end(None)
-        except BaseException:
-            self._end(Failure())
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self._reading:
-            return
-        self._reading = False
-        # A body without a length ends with the connection; the frame
-        # decoder or the JSON parser notices if it was cut short.
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(InnerAPIError(f"failed to call dify inner api {self._path}: {_reason_of(reason.value)}"))
-
-    def stop(self, failure: Failure) -> None:
-        """Stop reading: close the connection and fail :attr:`done`."""
-        self._end(failure)
-
-    def _end(self, result) -> None:
-        if not self._reading:
-            return
-        self._close()
-        if isinstance(result, Failure):
-            self.done.errback(result)
-        else:
-            self.done.callback(result)
-
-    def _close(self) -> None:
-        self._reading = False
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-
-def _reason_of(error: BaseException) -> str:
-    """A readable reason for a connection failure."""
-    # twisted.web wraps the real cause in a list of Failures.
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        error = reasons[0].value
-    return str(error) or type(error).__name__
+    def lost(self, reason: str) -> Exception:
+        return InnerAPIError(f"failed to call dify inner api {self._path}: {reason}")
 
 
 def _head_sink(pieces: list[bytes]) -> Callable[[bytes], None]:
@@ -123,7 +64,7 @@ def _head_sink(pieces: list[bytes]) -> Callable[[bytes], None]:
         pieces.append(data)
         size += len(data)
         if size > QUOTED_BODY_SIZE:
-            raise _Enough()
+            raise StopReading()
 
     return sink
 
@@ -336,7 +277,7 @@ class DifyInnerAPI:
                     raise timeout from None
                 if isinstance(exc, CancelledError):
                     raise
-                raise InnerAPIError(f"failed to call dify inner api {path}: {_reason_of(exc)}") from exc
+                raise InnerAPIError(f"failed to call dify inner api {path}: {reason_of(exc)}") from exc
             if response.code != 200:
                 head: list[bytes] = []
                 reader = _BodyReader(path, _head_sink(head))

@@ -26,6 +26,7 @@ from difydaemon.persistence.records import (
     InstallTask,
     PluginRecord,
     ProviderInstallation,
+    ServerlessRuntimeRecord,
     UninstallResult,
     UpgradeResult,
 )
@@ -84,6 +85,7 @@ class MemoryPersistence:
         self._storage_values = {}  # (tenant_id, plugin_id, key) -> bytes
         self._storage_totals = {}  # (tenant_id, plugin_id) -> bytes used
         self._endpoints = {}  # id -> Endpoint
+        self._serverless = {}  # identifier -> ServerlessRuntimeRecord
 
     def _now(self) -> float:
         return self._reactor.seconds()
@@ -113,6 +115,7 @@ class MemoryPersistence:
     def _remove_plugin(self, identifier):
         self._plugins.pop(identifier, None)
         self._declarations.pop(identifier, None)
+        self._serverless.pop(identifier, None)
 
     def _ensure_plugin(self, now, identifier, plugin_id, install_type, manifest_type, source,
                        remote_declaration):
@@ -533,3 +536,37 @@ class MemoryPersistence:
         del self._endpoints[endpoint.id]
         self._add_endpoint_counters(tenant_id, endpoint.plugin_id, -1, -1 if endpoint.enabled else 0)
         return True
+
+    # -- serverless functions ---------------------------------------------
+
+    @_synchronously
+    def upsert_serverless_runtime(self, plugin_unique_identifier, function_url, function_name, checksum):
+        now = self._now()
+        moment = utc_from_timestamp(now)
+        existing = self._serverless.get(plugin_unique_identifier)
+        if existing is None:
+            record = ServerlessRuntimeRecord(
+                id=new_id(now),
+                created_at=moment,
+                updated_at=moment,
+                plugin_unique_identifier=plugin_unique_identifier,
+                function_url=function_url,
+                function_name=function_name,
+                type="serverless",
+                checksum=checksum,
+            )
+        else:
+            record = attrs.evolve(
+                existing, function_url=function_url, function_name=function_name, checksum=checksum,
+                updated_at=moment,
+            )
+        self._serverless[plugin_unique_identifier] = record
+        return record
+
+    @_synchronously
+    def get_serverless_runtime(self, plugin_unique_identifier):
+        return self._serverless.get(plugin_unique_identifier)
+
+    @_synchronously
+    def list_serverless_runtimes(self):
+        return _oldest_first(self._serverless.values())

@@ -148,3 +148,25 @@ class Endpoint:
     expired_at: datetime
     enabled: bool
     settings: dict
+
+
+@frozen
+class ServerlessRuntimeRecord:
+    """
+    Where the serverless function of one identifier runs
+    (``serverless_runtimes``, ``serverless.md`` §4).
+
+    :ivar function_url: the base URL ``/invoke`` is joined onto.
+    :ivar function_name: the connector's name of the function.
+    :ivar type: always ``serverless``.
+    :ivar checksum: the package checksum (the ``@...`` of the identifier).
+    """
+
+    id: str
+    created_at: datetime
+    updated_at: datetime
+    plugin_unique_identifier: str
+    function_url: str
+    function_name: str
+    type: str
+    checksum: str

@@ -44,6 +44,7 @@ from difydaemon.persistence.records import (
     InstallTaskPlugin,
     PluginRecord,
     ProviderInstallation,
+    ServerlessRuntimeRecord,
     UninstallResult,
     UpgradeResult,
 )
@@ -1037,6 +1038,59 @@ async def delete_endpoint(tx, tenant_id: str, endpoint_id: str) -> bool:
 # -- the IPersistence methods -------------------------------------------------
 
 
+# -- serverless functions -------------------------------------------------------
+
+SERVERLESS_COLUMNS = (
+    "id, created_at, updated_at, plugin_unique_identifier, function_url, function_name, type, checksum"
+)
+
+
+def _serverless_runtime(dialect: Dialect, row) -> ServerlessRuntimeRecord:
+    return ServerlessRuntimeRecord(
+        id=str(row[0]),
+        created_at=dialect.decode_time(row[1]),
+        updated_at=dialect.decode_time(row[2]),
+        plugin_unique_identifier=row[3],
+        function_url=row[4],
+        function_name=row[5],
+        type=row[6],
+        checksum=row[7],
+    )
+
+
+async def upsert_serverless_runtime(
+    tx, now: float, identifier: str, function_url: str, function_name: str, checksum: str
+) -> ServerlessRuntimeRecord:
+    """Insert or update the function row of an identifier (Go's ON CONFLICT upsert)."""
+    moment = tx.dialect.encode_time(utc_from_timestamp(now))
+    await tx.execute(
+        "INSERT INTO serverless_runtimes (id, created_at, updated_at, plugin_unique_identifier, "
+        "function_url, function_name, type, checksum) VALUES (?, ?, ?, ?, ?, ?, 'serverless', ?) "
+        "ON CONFLICT (plugin_unique_identifier) DO UPDATE SET function_url = excluded.function_url, "
+        "function_name = excluded.function_name, checksum = excluded.checksum, type = excluded.type, "
+        "updated_at = excluded.updated_at",
+        (new_id(now), moment, moment, identifier, function_url, function_name, checksum),
+    )
+    return await get_serverless_runtime(tx, identifier)
+
+
+@read_only
+async def get_serverless_runtime(tx, identifier: str):
+    """The function row of an identifier, or None."""
+    rows = await tx.execute(
+        f"SELECT {SERVERLESS_COLUMNS} FROM serverless_runtimes WHERE plugin_unique_identifier = ?",
+        (identifier,),
+    )
+    return _serverless_runtime(tx.dialect, rows[0]) if rows else None
+
+
+@read_only
+async def list_serverless_runtimes(tx) -> list:
+    """Every function row, oldest first."""
+    rows = await tx.execute(f"SELECT {SERVERLESS_COLUMNS} FROM serverless_runtimes ORDER BY created_at, id", ())
+    return [_serverless_runtime(tx.dialect, row) for row in rows]
+
+
 class SQLPersistence:
     """
     The :class:`~difydaemon.interfaces.IPersistence` methods over the shared
@@ -1197,3 +1251,14 @@ class SQLPersistence:
 
     def delete_endpoint(self, tenant_id, endpoint_id):
         return self._transact(delete_endpoint, tenant_id, endpoint_id)
+
+    def upsert_serverless_runtime(self, plugin_unique_identifier, function_url, function_name, checksum):
+        return self._transact(
+            upsert_serverless_runtime, self._now(), plugin_unique_identifier, function_url, function_name, checksum
+        )
+
+    def get_serverless_runtime(self, plugin_unique_identifier):
+        return self._transact(get_serverless_runtime, plugin_unique_identifier)
+
+    def list_serverless_runtimes(self):
+        return self._transact(list_serverless_runtimes)

@@ -136,7 +136,7 @@ class SessionTable:
         if kind == "end":
             self._call(session, "end")
         elif kind == "error":
-            error_type, message, args = _plugin_error(item.data)
+            error_type, message, args = plugin_error_fields(item.data)
             self._call(session, "error", error_type, message, args)
         else:
             self._call(
@@ -279,7 +279,7 @@ class SessionDrain:
         self._done()
 
 
-def _plugin_error(data) -> tuple[str, str, dict | None]:
+def plugin_error_fields(data) -> tuple[str, str, dict | None]:
     """The (error_type, message, args) of a plugin's ``error`` message."""
     if not isinstance(data, dict):
         return "unknown_error", str(data), None

@@ -7,9 +7,11 @@ reader of chunked bodies.
 from __future__ import annotations
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 
 
 def http_client(test, reactor) -> HTTPClient:
@@ -83,3 +85,35 @@ class RawHTTPClient(Protocol):
         else:
             self._waiters.append((marker, waiter))
         return waiter
+
+
+class LoopbackServing:
+    """
+    A fake HTTP server's real ports: :meth:`listen` serves ``self.resource()``
+    on ``self.reactor`` (no form parsing, no access log), :meth:`stop`
+    closes every port and aborts open connections (the "server is down" case).
+    """
+
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> Deferred:
+        """Serve on ``interface:port`` (0: any free port). Deferred[IListeningPort]."""
+        from difydaemon.testing.openai import _ConnectionTrackingFactory
+
+        site = Site(self.resource(), parsePOSTFormSubmission=False)
+        site.log = lambda request: None
+        factory = _ConnectionTrackingFactory(site)
+        d = TCP4ServerEndpoint(self.reactor, port, interface=interface).listen(factory)
+
+        def listening(listening_port):
+            self.__dict__.setdefault("_listening", []).append((listening_port, factory))
+            return listening_port
+
+        return d.addCallback(listening)
+
+    def stop(self) -> Deferred:
+        """Stop every port :meth:`listen` opened and abort their connections; fires when all are closed."""
+        listening, self._listening = self.__dict__.get("_listening", []), []
+        waits = []
+        for port, factory in listening:
+            waits.append(maybeDeferred(port.stopListening))
+            waits.append(factory.close_all())
+        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallback(lambda _: None)

@@ -30,13 +30,11 @@ from urllib.parse import urlencode
 import orjson
 from attrs import frozen
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.web.server import Site
+from twisted.internet.defer import Deferred
 
 from difydaemon.api.multipart import MultipartError, parse_form
 from difydaemon.invocation.frames import encode_frame
-from difydaemon.testing.openai import _ConnectionTrackingFactory
+from difydaemon.testing.http import LoopbackServing
 
 #: The paths Dify answers with a stream of values.
 STREAM_PATHS = frozenset({"invoke/tool", "invoke/llm", "invoke/llm/structured-output", "invoke/tts", "invoke/app"})
@@ -307,7 +305,7 @@ def _envelope(data, error: str = "") -> dict:
     return {"data": data, "error": error}
 
 
-class FakeDifyInnerAPI:
+class FakeDifyInnerAPI(LoopbackServing):
     """
     The fake inner API (see the module docstring).
 
@@ -330,7 +328,6 @@ class FakeDifyInnerAPI:
         self.uploads: list[UploadedFile] = []
         self._overrides: dict = {}
         self._delays: dict = {}
-        self._listening: list = []
 
     def resource(self):
         """The twisted.web resource of the fake."""
@@ -378,38 +375,6 @@ class FakeDifyInnerAPI:
         self._delays.pop(path, None)
 
     # -- serving --------------------------------------------------------------
-
-    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> Deferred:
-        """
-        Serve the fake over HTTP on ``interface:port`` (0: any free port).
-
-        :returns: Deferred[IListeningPort]; :func:`base_url` of it is the
-            daemon's ``DIFY_INNER_API_URL``.
-        """
-        # As the daemon's own site: no form parsing (the upload route parses
-        # its multipart body itself), no access log.
-        site = Site(self.resource(), parsePOSTFormSubmission=False)
-        site.log = lambda request: None
-        factory = _ConnectionTrackingFactory(site)
-        d = TCP4ServerEndpoint(self.reactor, port, interface=interface).listen(factory)
-
-        def listening(listening_port):
-            self._listening.append((listening_port, factory))
-            return listening_port
-
-        return d.addCallback(listening)
-
-    def stop(self) -> Deferred:
-        """
-        Stop every port :meth:`listen` opened and abort their open
-        connections (the "inner API is down" case).  Fires when all are closed.
-        """
-        listening, self._listening = self._listening, []
-        waits = []
-        for port, factory in listening:
-            waits.append(maybeDeferred(port.stopListening))
-            waits.append(factory.close_all())
-        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallback(lambda _: None)
 
     # -- routes ---------------------------------------------------------------
 

@@ -300,6 +300,14 @@ def callback_plugin_files(permission: str, name: str = "echo") -> dict[str, byte
     return files
 
 
+def serverless_plugin_files(permission: str) -> dict[str, bytes]:
+    """
+    One package with both the misbehaving and the calling-back tools (a
+    serverless function is built once and serves them all).
+    """
+    return _with_tools(callback_plugin_files(permission), _TOOLS, "acme")
+
+
 def _with_tools(files: dict[str, bytes], tools: dict[str, str], author: str) -> dict[str, bytes]:
     """``files`` with ``tools`` (name -> body of ``_invoke``) added to the echo provider."""
     provider = files["provider/echo.yaml"].decode()

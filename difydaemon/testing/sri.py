@@ -1,96 +1,239 @@
 """
-Helpers for talking to an SRI connector as the daemon does, in tests and
-benchmarks: the launch form, the launch stream read back, and a direct
-``/invoke`` of a function.
+A fake SRI connector (``serverless.md`` §2, §9.1), for the serverless
+runtime's tests: a Klein app answering ``ping``, ``instances`` and
+``launch`` like the enterprise connector, usable through ``StubTreq`` and
+servable on a real loopback port (:meth:`FakeSRIConnector.listen`).
+
+How a launch builds a function is a *launcher*: ``launcher(request,
+emit) -> Deferred[FunctionInfo]``, where ``emit(stage, state, message)``
+writes one progress line.  The connector then writes the ``run``/``success``
+and ``end`` lines and lists the function under its package name; a failed
+Deferred becomes a ``failed`` line with the failure's text.  The default
+launcher answers at once with a function at ``function_base/<name>``;
+:func:`scripted` replays raw lines (for hanging, trickling or lying
+connectors); :class:`difydaemon.testing.serverless.SDKFunctionLauncher`
+runs the real SDK.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import re
+from collections.abc import Callable
 
-from difydaemon.packaging.archive import read_package
-from difydaemon.packaging.checksum import package_checksum
+import orjson
+from attrs import frozen
+from klein import Klein
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
 
-BOUNDARY = "sri-test-boundary-5c1e"
+from difydaemon.api.multipart import MultipartError, parse_form
+from difydaemon.runtimes.serverless.connector import FunctionInfo
+from difydaemon.testing.http import LoopbackServing
+
+log = Logger()
+
+_FILENAME = re.compile(rb'name="context"; filename="([^"]*)"')
 
 
-def package_filename(package: bytes, author: str = "acme", name: str = "echo", version: str = "0.0.1") -> str:
-    """The file name the daemon gives ``package``: ``<author>@<name>@<version>@<checksum>.difypkg``."""
-    checksum = package_checksum(read_package(package, len(package) * 64 + 10**6))
-    return f"{author}@{name}@{version}@{checksum}.difypkg"
+@frozen
+class LaunchRequest:
+    """One ``POST /v1/launch`` the fake received."""
+
+    filename: str
+    package: bytes
+    verified: str
+    metadata: dict
+    authorization: str
 
 
-def launch_form(package: bytes, filename: str, verified: bool = False) -> tuple[str, bytes]:
+def instant_launcher(function_base: str) -> Callable:
+    """A launcher whose functions are ready at once at ``function_base/<name>``."""
+
+    def launch(request: LaunchRequest, emit) -> Deferred:
+        emit("build", "running", "building " + request.filename)
+        name = "fn-" + request.filename.split("@")[-1][:12].replace(".difypkg", "")
+        return succeed(FunctionInfo(name, f"{function_base.rstrip('/')}/{name}"))
+
+    return launch
+
+
+def scripted(lines: list[bytes], pause: float | None = None, reactor=None, then_hang: bool = False) -> Callable:
     """
-    ``(content type, body)`` of a launch: the ``context`` file first, then
-    ``verified`` and ``metadata``, as the daemon sends them (no metadata
-    when ``filename`` is not of the daemon's form).
+    A launcher that writes ``lines`` (raw, each followed by ``\\n``), one
+    every ``pause`` seconds on ``reactor`` (all at once when None), then
+    ends the stream -- or never does, with ``then_hang``.  It never
+    reports a function itself: the lines say whatever the test wants.
     """
-    parts = filename.split("@")
-    fields = [("verified", "true" if verified else "false")]
-    if len(parts) == 4:
-        author, name, version, rest = parts
-        identifier = f"{author}/{name}:{version}@{rest[: -len('.difypkg')]}"
-        fields.append(("metadata", json.dumps({"plugin_unique_identifier": identifier})))
-    out = io.BytesIO()
-    out.write(
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="context"; filename="{filename}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n".encode()
-    )
-    out.write(package)
-    out.write(b"\r\n")
-    for field, value in fields:
-        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
-    out.write(f"--{BOUNDARY}--\r\n".encode())
-    return f"multipart/form-data; boundary={BOUNDARY}", out.getvalue()
+
+    def launch(request: LaunchRequest, emit) -> Deferred:
+        done: Deferred = Deferred(lambda d: _cancel(calls))
+        calls: list = []
+
+        def write(index: int) -> None:
+            if index < len(lines):
+                emit.raw(lines[index] + b"\n")
+                if pause is None:
+                    write(index + 1)
+                else:
+                    calls.append(reactor.callLater(pause, write, index + 1))
+            elif not then_hang:
+                done.callback(None)
+
+        write(0)
+        return done
+
+    return launch
 
 
-def launch_events(body: bytes) -> list[dict]:
-    """The JSON objects of a launch stream, read as the daemon reads it (``data:`` cut, ``event:`` lines skipped)."""
-    events = []
-    for line in body.split(b"\n"):
-        line = line.strip()
-        if line.startswith(b"data:"):
-            line = line[len(b"data:"):].strip()
-        if not line or line.startswith(b"event:"):
-            continue
-        events.append(json.loads(line))
-    return events
+def _cancel(calls: list) -> None:
+    for call in calls:
+        if call.active():
+            call.cancel()
 
 
-def announced(events: list[dict]) -> dict[str, str]:
-    """The ``endpoint``, ``name`` and ``id`` of a launch stream's run/success event (empty if none)."""
-    for event in events:
-        if event["Stage"] == "run" and event["State"] == "success":
-            return dict(piece.split("=", 1) for piece in event["Message"].split(","))
-    return {}
+class _Emitter:
+    """Writes launch lines on one response."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+        self.open = True
+
+    def __call__(self, stage: str, state: str, message: str) -> None:
+        self.raw(b"data: " + orjson.dumps({"Stage": stage, "State": state, "Obj": "", "Message": message}) + b"\n\n")
+
+    def raw(self, data: bytes) -> None:
+        if self.open:
+            self._request.write(data)
 
 
-def tool_invoke(session_id: str, text: str, tool: str = "echo", provider: str = "echo") -> bytes:
-    """The JSON body of a direct ``/invoke`` of an echo-like tool."""
-    return json.dumps(
-        {
-            "event": "request",
-            "session_id": session_id,
-            "conversation_id": None,
-            "message_id": None,
-            "app_id": None,
-            "endpoint_id": None,
-            "context": None,
-            "data": {
-                "user_id": "u1",
-                "type": "tool",
-                "action": "invoke_tool",
-                "provider": provider,
-                "tool": tool,
-                "tool_parameters": {"text": text},
-                "credentials": {},
-            },
-        }
-    ).encode("utf-8")
+class FakeSRIConnector(LoopbackServing):
+    """
+    The fake connector (see the module docstring).
+
+    :param reactor: serves :meth:`listen`.
+    :param api_key: the only ``Authorization`` value accepted (verbatim).
+    :param launcher: how launches build functions.
+
+    :ivar functions: package file name -> deployed :class:`FunctionInfo`.
+    :ivar launches: every :class:`LaunchRequest`, oldest first.
+    :ivar calls: ``(method, path, authorization)`` of every request.
+
+    :meth:`listen` serves it on a real port; :meth:`stop` is the "connector
+    is down" case.
+    """
+
+    app = Klein()
+
+    def __init__(self, reactor, api_key: str, launcher: Callable | None = None) -> None:
+        self.reactor = reactor
+        self.api_key = api_key
+        self.launcher = launcher if launcher is not None else instant_launcher("http://127.0.0.1:9")
+        self.functions: dict[str, FunctionInfo] = {}
+        self.launches: list[LaunchRequest] = []
+        self.calls: list[tuple[str, str, str]] = []
+        #: launch streams the client left before they ended
+        self.abandoned = 0
+
+    def resource(self):
+        """The twisted.web resource of the fake."""
+        return self.app.resource()
+
+    def _authorized(self, request) -> bool:
+        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        self.calls.append((request.method.decode(), request.path.decode(), authorization))
+        if authorization == self.api_key:
+            return True
+        request.setResponseCode(401)
+        request.setHeader(b"content-type", b"application/json")
+        return False
+
+    @app.route("/ping", methods=["POST", "GET"])
+    def ping(self, request):
+        if not self._authorized(request):
+            return b'{"error":"unauthorized"}'
+        request.setHeader(b"content-type", b"application/json")
+        return b'"pong"'
+
+    @app.route("/v1/runner/instances", methods=["GET"])
+    def instances(self, request):
+        if not self._authorized(request):
+            return b'{"error":"unauthorized","Items":[]}'
+        request.setHeader(b"content-type", b"application/json")
+        filename = (request.args.get(b"filename") or [b""])[0].decode("utf-8", "replace")
+        function = self.functions.get(filename)
+        items = []
+        if function is not None:
+            items.append(
+                {
+                    "ID": function.name,
+                    "Name": function.name,
+                    "Endpoint": function.url,
+                    "ResourceName": function.resource_name,
+                    "Status": {"State": "running"},
+                }
+            )
+        return orjson.dumps({"error": "", "Items": items})
+
+    @app.route("/v1/launch", methods=["POST"])
+    def launch(self, request):
+        if not self._authorized(request):
+            return b'{"error":"unauthorized"}'
+        body = request.content.read() if request.content is not None else b""
+        content_type = request.getHeader(b"content-type")
+        try:
+            form = parse_form(content_type.decode("latin-1") if content_type else None, body)
+        except MultipartError as exc:
+            request.setResponseCode(400)
+            return str(exc).encode()
+        found = _FILENAME.search(body)
+        try:
+            metadata = orjson.loads(form.fields.get("metadata") or b"{}")
+        except orjson.JSONDecodeError:
+            metadata = {}
+        launch = LaunchRequest(
+            filename=found.group(1).decode("utf-8", "replace") if found else "",
+            package=form.files.get("context", b""),
+            verified=_text(form.fields.get("verified")),
+            metadata=metadata,
+            authorization=(request.getHeader(b"authorization") or b"").decode("latin-1"),
+        )
+        self.launches.append(launch)
+        request.setHeader(b"content-type", b"text/event-stream")
+        emit = _Emitter(request)
+        running = maybeDeferred(self.launcher, launch, emit)
+
+        def gone(_) -> None:
+            if emit.open:
+                emit.open = False
+                self.abandoned += 1
+                running.cancel()
+
+        request.notifyFinish().addErrback(gone)
+
+        def built(function) -> None:
+            if function is not None:
+                self.functions[launch.filename] = function
+                emit("run", "success", f"endpoint={function.url},name={function.name},id={function.name}")
+                emit("end", "success", "")
+
+        def failed(failure) -> None:
+            if emit.open:
+                emit("build", "failed", failure.getErrorMessage())
+
+        def finish(_) -> None:
+            if emit.open:
+                emit.open = False
+                request.finish()
+
+        running.addCallbacks(built, failed)
+        running.addBoth(finish)
+        running.addErrback(lambda f: log.failure("fake connector launch", f))
+        # fires with None once finish() has finished the response: Klein
+        # then writes nothing more; if the client leaves, Klein cancels it
+        return running
 
 
-def invoke_events(body: bytes) -> list[dict]:
-    """The stream messages of an ``/invoke`` response: JSON objects separated by blank lines."""
-    return [json.loads(block) for block in body.split(b"\n\n") if block.strip()]
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)

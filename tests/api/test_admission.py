@@ -5,6 +5,8 @@ bound, and the bytes of a refusal.
 
 from __future__ import annotations
 
+import attrs
+
 import orjson
 
 from difydaemon.api import envelope
@@ -131,12 +133,21 @@ class BodyBoundTests(SynchronousTestCase):
 
     def test_a_route_joins_with_one_line(self):
         """A new route with its own bound is one more line in the table, above the catch-alls."""
-        routes = (Route((b"backwards-invocation", b"transaction"), 7, frozenset({b"POST"}), True),) + ROUTES
+        routes = (Route((b"new-route",), 7, frozenset({b"POST"}), True),) + ROUTES
         door = FrontDoor(KEY, LIMITS, routes)
-        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction", None, 7).body_limit, 7)
-        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction", None, 8).status, 413)
-        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction/x", None, 8).body_limit, 10)
-        self.assertEqual(DOOR.admit(b"POST", b"/backwards-invocation/transaction", None, 8).body_limit, 10)
+        self.assertEqual(door.admit(b"POST", b"/new-route", None, 7).body_limit, 7)
+        self.assertEqual(door.admit(b"POST", b"/new-route", None, 8).status, 413)
+        self.assertEqual(door.admit(b"POST", b"/new-route/x", None, 8).body_limit, 10)
+        self.assertEqual(DOOR.admit(b"POST", b"/new-route", None, 8).body_limit, 10)
+
+    def test_transaction_route_has_its_own_bound(self):
+        """A serverless transaction body is bounded by ``BodyLimits.transaction``, without the key, and nothing else under that path is."""
+        door = FrontDoor(KEY, attrs.evolve(LIMITS, transaction=20))
+        admitted = door.admit(b"POST", b"/backwards-invocation/transaction", None, 20)
+        self.assertEqual((admitted.body_limit, admitted.pace), (20, PUBLIC_PACE))
+        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction", None, 21).status, 413)
+        self.assertEqual(door.admit(b"POST", b"/backwards-invocation/transaction/x", None, 11).status, 413)
+        self.assertEqual(DOOR.admit(b"POST", b"/backwards-invocation/transaction", None, 0).body_limit, 6 * 1024 * 1024)
 
     def test_route_lines(self):
         """A line covers its segments (ANY for one segment), its methods, and exactly them when exact."""

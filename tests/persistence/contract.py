@@ -959,6 +959,46 @@ class PersistenceContract:
         self.assertEqual(await self.counters(), (0, 0))
 
 
+    # -- serverless functions -----------------------------------------------
+
+    @contract
+    async def test_serverless_runtime_upsert(self):
+        """A function row is inserted, then updated in place (same id and created_at) by a second upsert."""
+        self.assertIsNone(await self.persistence.get_serverless_runtime(ECHO_1))
+        first = await self.persistence.upsert_serverless_runtime(ECHO_1, "http://f/1", "fn-1", "a" * 64)
+        self.assertEqual(
+            (first.plugin_unique_identifier, first.function_url, first.function_name, first.type, first.checksum),
+            (ECHO_1, "http://f/1", "fn-1", "serverless", "a" * 64),
+        )
+        self.advance(1)
+        second = await self.persistence.upsert_serverless_runtime(ECHO_1, "http://f/2", "fn-2", "a" * 64)
+        self.assertEqual((second.id, second.created_at), (first.id, first.created_at))
+        self.assertEqual((second.function_url, second.function_name), ("http://f/2", "fn-2"))
+        self.assertEqual(second.updated_at, self.now())
+        self.assertEqual(await self.persistence.get_serverless_runtime(ECHO_1), second)
+        self.assertEqual(await self.persistence.list_serverless_runtimes(), [second])
+
+    @contract
+    async def test_serverless_runtimes_listed_oldest_first(self):
+        """list_serverless_runtimes gives every row, oldest first."""
+        await self.persistence.upsert_serverless_runtime(OTHER, "http://f/o", "o", "c" * 64)
+        self.advance(1)
+        await self.persistence.upsert_serverless_runtime(ECHO_1, "http://f/e", "e", "a" * 64)
+        listed = await self.persistence.list_serverless_runtimes()
+        self.assertEqual([r.plugin_unique_identifier for r in listed], [OTHER, ECHO_1])
+
+    @contract
+    async def test_serverless_runtime_goes_with_its_plugin(self):
+        """The function row goes when the last installation of its identifier is uninstalled, not before."""
+        first = await self.install(tenant_id=T1, runtime_type="serverless")
+        second = await self.install(tenant_id=T2, runtime_type="serverless")
+        await self.persistence.upsert_serverless_runtime(ECHO_1, "http://f/1", "fn", "a" * 64)
+        await self.persistence.uninstall_plugin(T1, first.id)
+        self.assertIsNotNone(await self.persistence.get_serverless_runtime(ECHO_1))
+        await self.persistence.uninstall_plugin(T2, second.id)
+        self.assertIsNone(await self.persistence.get_serverless_runtime(ECHO_1))
+
+
 class FrozenTimeReactor:
     """
     The real reactor, except that ``seconds()`` is frozen and moves only by

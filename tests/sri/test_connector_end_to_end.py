@@ -16,7 +16,7 @@ from twisted.internet.utils import getProcessOutput
 
 from difydaemon.sri.launcher import FUNCTIONS_DIR, free_port
 from difydaemon.sri.tap import Options, makeService
-from difydaemon.testing import sri
+from difydaemon.testing import sri_client as sri
 from difydaemon.testing.cases import AsyncTestCase
 from difydaemon.testing.http import http_client
 from difydaemon.testing.packages import build_package, echo_plugin_files

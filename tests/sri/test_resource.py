@@ -20,7 +20,7 @@ from difydaemon.sri.functions import FunctionTable
 from difydaemon.sri.launcher import FunctionLauncher
 from difydaemon.sri.resource import ConnectorResource
 from difydaemon.sri.tap import ConnectorSite
-from difydaemon.testing import sri
+from difydaemon.testing import sri_client as sri
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.http import http_chunks
 from difydaemon.testing.packages import build_package, echo_plugin_files

@@ -7,7 +7,7 @@ import json
 
 from difydaemon.api.multipart import read_form
 from difydaemon.sri import wire
-from difydaemon.testing import sri
+from difydaemon.testing import sri_client as sri
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.packages import build_package, echo_plugin_files
 

@@ -1,0 +1,384 @@
+"""
+Calling a function: ``POST <function_url>/invoke?action=...``
+(``serverless.md`` §3.2 - §3.5).
+
+One :class:`InvokeClient` serves every function of the daemon over one
+pooled keep-alive connection pool with a short connect timeout (the Go
+daemon builds a client per call and dials with the execution timeout,
+§11.4).  Its connections set ``TCP_NODELAY``, and on Linux re-arm
+``TCP_QUICKACK`` at every read: the SDK writes each event and its blank
+line as two chunks, and a delayed ACK of the first holds the second back
+by about 40 ms on a kept-alive connection.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import orjson
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from difydaemon.errors import InternalServerError
+from difydaemon.http_body import BodyLost, BodyStream, StopReading, read_head, reason_of
+from difydaemon.runtimes.serverless.response import (
+    ERROR_BODY_LIMIT,
+    INNER_ERROR_TYPE,
+    Failed,
+    InvokeResponseDecoder,
+    http_failure,
+)
+
+log = Logger()
+
+#: seconds to open a connection to a function
+CONNECT_TIMEOUT = 5.0
+#: seconds an idle kept-alive connection stays in the pool (Go's 120 s would
+#: outlive the idle timeouts of most function hosts; a stale connection
+#: costs one retry)
+IDLE_CONNECTION_TIMEOUT = 60.0
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+_HEADERS = {
+    b"Content-Type": [b"application/json"],
+    b"Accept": [b"text/event-stream"],
+}
+SESSION_HEADER = b"Dify-Plugin-Session-ID"
+
+
+def invoke_url(function_url: str, action: str) -> str:
+    """``<function_url>/invoke?action=<action>`` (path-joined, as Go does)."""
+    return function_url.rstrip("/") + "/invoke?action=" + action
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before attempt ``attempt`` (1-based, after the first): 0.5 s doubling, capped at 30 s."""
+    return min(0.5 * 2 ** (attempt - 1), 30.0)
+
+
+def _quick_ack(transport) -> None:
+    if _TCP_QUICKACK is None:
+        return
+    handle = getattr(transport, "getHandle", None)
+    if handle is None:
+        return
+    try:
+        handle().setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class _LowLatencyFactory(Factory):
+    """Builds the wrapped factory's protocols with Nagle off and quick ACKs at every read."""
+
+    def __init__(self, wrapped) -> None:
+        self._wrapped = wrapped
+
+    def doStart(self) -> None:
+        self._wrapped.doStart()
+
+    def doStop(self) -> None:
+        self._wrapped.doStop()
+
+    def buildProtocol(self, addr):
+        protocol = self._wrapped.buildProtocol(addr)
+        if protocol is None:
+            return None
+        made, received = protocol.connectionMade, protocol.dataReceived
+
+        def connection_made() -> None:
+            set_no_delay = getattr(protocol.transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
+            _quick_ack(protocol.transport)
+            made()
+
+        def data_received(data: bytes) -> None:
+            _quick_ack(protocol.transport)
+            received(data)
+
+        protocol.connectionMade = connection_made
+        protocol.dataReceived = data_received
+        return protocol
+
+
+class _LowLatencyEndpoint:
+    def __init__(self, endpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory):
+        return self._endpoint.connect(_LowLatencyFactory(factory))
+
+
+class _EndpointFactory:
+    """Agent endpoints: plain TCP with the short connect timeout, tuned for latency."""
+
+    def __init__(self, reactor, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        # the Agent asks for an endpoint on every request, pooled connection
+        # or not, and a HostnameEndpoint costs an IDNA check of its host
+        self._endpoints: dict = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) > 1024:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._new_endpoint(uri)
+        return endpoint
+
+    def _new_endpoint(self, uri):
+        if uri.scheme == b"https":
+            from twisted.internet.endpoints import wrapClientTLS
+            from twisted.internet.ssl import optionsForClientTLS
+
+            inner = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+            return wrapClientTLS(optionsForClientTLS(uri.host.decode("ascii")), _LowLatencyEndpoint(inner))
+        return _LowLatencyEndpoint(HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout))
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body written in the same turn as the head (treq's producer waits a turn for its cooperator)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _FunctionClient:
+    """The ``post`` of a treq client, straight on an Agent: the one call the invoke client makes."""
+
+    def __init__(self, agent) -> None:
+        self._agent = agent
+
+    def post(self, url: str, data: bytes, headers: dict, unbuffered: bool = True):
+        return self._agent.request(b"POST", url.encode("ascii"), Headers(headers), _BytesProducer(data))
+
+
+def function_http_client(reactor, connect_timeout: float = CONNECT_TIMEOUT):
+    """The one client of every ``/invoke`` call (treq's ``post``), and its pool (closed at shutdown)."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 64
+    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+    agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, connect_timeout), pool=pool)
+    return _FunctionClient(agent), pool
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way worth another attempt (transport error, 502)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InvokeClient:
+    """
+    Sends sessions to functions and turns their responses into outcomes.
+
+    :param reactor: for deadlines and backoff.
+    :param http: a treq-like client (:func:`function_http_client`, or
+        ``StubTreq`` in tests).
+    :param max_request_bytes: ``MAX_SERVERLESS_REQUEST_BYTES``.
+    :param max_attempts: ``MAX_SERVERLESS_RETRY_TIMES`` (≤ 0 means 1).
+    :param max_line_size: ``PLUGIN_RUNTIME_MAX_BUFFER_SIZE``.
+    :param execution_timeout: ``PLUGIN_MAX_EXECUTION_TIMEOUT``: the
+        deadline of a whole call, retries included.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        http,
+        max_request_bytes: int = 5242880,
+        max_attempts: int = 3,
+        max_line_size: int = 5242880,
+        execution_timeout: float = 600.0,
+    ) -> None:
+        self._reactor = reactor
+        self._http = http
+        self.max_request_bytes = max_request_bytes
+        self.max_attempts = max(max_attempts, 1)
+        self.max_line_size = max_line_size
+        self.execution_timeout = execution_timeout
+
+    def invoke(self, function_url: str, action: str, session_id: str, request: dict,
+               on_outcome: Callable[[object], None]) -> Deferred:
+        """
+        Send one session request; hand each outcome (``Chunk``,
+        ``LogLine``, then one ``Finished`` or ``Failed``) to ``on_outcome``.
+
+        Deferred[None], fired after the last outcome; cancelling it drops
+        the call (the connection is closed) and gives no more outcomes.
+        """
+        body = orjson.dumps(request)
+        if len(body) > self.max_request_bytes:
+            on_outcome(
+                Failed(
+                    InternalServerError.error_type,
+                    f"ServerlessPayloadTooLarge: action={action} payload_bytes={len(body)}"
+                    f" max_request_bytes={self.max_request_bytes}",
+                )
+            )
+            return Deferred.fromCoroutine(_nothing())
+        return Deferred.fromCoroutine(self._call(invoke_url(function_url, action), session_id, body, on_outcome))
+
+    async def _call(self, url: str, session_id: str, body: bytes, on_outcome) -> None:
+        headers = dict(_HEADERS)
+        headers[SESSION_HEADER] = [session_id.encode("ascii", "replace")]
+        state = _CallState(self._reactor, self.execution_timeout)
+        try:
+            await self._attempts(url, headers, body, on_outcome, state)
+        except _Deadline:
+            on_outcome(
+                Failed(
+                    INNER_ERROR_TYPE,
+                    f"failed to read response body: no answer within PLUGIN_MAX_EXECUTION_TIMEOUT"
+                    f" ({self.execution_timeout:g} s)",
+                )
+            )
+        finally:
+            state.close()
+
+    async def _attempts(self, url, headers, body, on_outcome, state) -> None:
+        last = ""
+        for attempt in range(self.max_attempts):
+            if attempt:
+                await state.sleep(backoff(attempt))
+            try:
+                response = await state.wait(self._http.post(url, data=body, headers=headers, unbuffered=True))
+            except (_Deadline, CancelledError):
+                raise
+            except Exception as exc:
+                last = reason_of(exc)
+                log.info("serverless call to {url} failed (attempt {attempt}): {reason}", url=url,
+                         attempt=attempt + 1, reason=last)
+                continue
+            request_id = _header(response, b"x-amzn-requestid")
+            error_type = _header(response, b"x-amzn-errortype")
+            if response.code == 502:
+                head = await state.wait(read_head(response, ERROR_BODY_LIMIT))
+                last = f"status code 502: {head[:200].decode('utf-8', 'replace')}"
+                continue
+            if not 200 <= response.code < 300 or error_type:
+                head = await state.wait(read_head(response, ERROR_BODY_LIMIT))
+                phrase = response.phrase.decode("latin-1") if isinstance(response.phrase, bytes) else str(response.phrase)
+                on_outcome(http_failure(response.code, phrase, error_type, request_id, head))
+                return
+            await self._read(response, request_id, on_outcome, state)
+            return
+        on_outcome(
+            Failed(
+                INNER_ERROR_TYPE,
+                f"Error sending request to serverless: all {self.max_attempts} attempts failed, last error: {last}",
+            )
+        )
+
+    async def _read(self, response, request_id, on_outcome, state) -> None:
+        decoder = InvokeResponseDecoder(self.max_line_size, response.code, request_id)
+
+        def sink(data: bytes) -> None:
+            # After the last outcome the rest of the body is read and
+            # dropped: closing the connection instead would lose it from the
+            # pool, or worse, put it back closing (the body's last chunk
+            # is often in the same read as the session's end).
+            if not decoder.done:
+                for outcome in decoder.feed(data):
+                    on_outcome(outcome)
+                if decoder.abandon:
+                    raise StopReading()
+
+        reader = BodyStream(sink)
+        response.deliverBody(reader)
+        try:
+            await state.wait(reader.done, reader)
+        except BodyLost as exc:
+            if not decoder.done:
+                decoder.done = True
+                on_outcome(Failed(INNER_ERROR_TYPE, f"failed to read response body: {exc.reason}"))
+            return
+        except _Deadline:
+            if decoder.done:
+                return  # the session ended; only the rest of its body was late
+            raise
+        for outcome in decoder.finish():
+            on_outcome(outcome)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _header(response, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+class _Deadline(Exception):
+    """The call's execution deadline passed."""
+
+
+class _CallState:
+    """The deadline of one call, and what it must interrupt when it passes."""
+
+    def __init__(self, reactor, timeout: float) -> None:
+        self._reactor = reactor
+        self._waiting: Deferred | None = None
+        self._reader: BodyStream | None = None
+        self.expired = False
+        self._timer = reactor.callLater(timeout, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._reader is not None:
+            self._reader.stop(Failure(_Deadline()))
+        elif self._waiting is not None:
+            self._waiting.cancel()
+
+    async def wait(self, d, reader: BodyStream | None = None):
+        """Wait for ``d`` unless the deadline passes first."""
+        if not isinstance(d, Deferred):
+            d = Deferred.fromCoroutine(d)
+        self._waiting, self._reader = d, reader
+        try:
+            return await d
+        except CancelledError:
+            if self.expired:
+                raise _Deadline() from None
+            raise
+        finally:
+            self._waiting = self._reader = None
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` unless the deadline passes first."""
+        d: Deferred = Deferred()
+        call = self._reactor.callLater(seconds, d.callback, None)
+        d.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
+        await self.wait(d)
+
+    def close(self) -> None:
+        if self._timer.active():
+            self._timer.cancel()
