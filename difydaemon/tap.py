@@ -37,6 +37,9 @@ from difydaemon.packaging.signature import load_public_key, official_public_key
 from difydaemon.management.debugging import DebuggingKeys
 from difydaemon.management.endpoints import Endpoints
 from difydaemon.management.installations import InstallationCache
+from difydaemon.observability.logs import build_observer
+from difydaemon.observability.metrics import DaemonMetrics, metrics_registry, metrics_resource
+from difydaemon.observability.otel import ShutdownInThread, build_tracing
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import PythonEnvironmentBuilder, find_uv
@@ -46,6 +49,7 @@ from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
+from difydaemon.storage.metered import MeteredObjectStorage
 
 BUILD_TIME = "unknown"
 
@@ -175,7 +179,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
     )
 
 
-def _inner_api(reactor, config: Config, pool) -> DifyInnerAPI:
+def _inner_api(reactor, config: Config, pool, tracing=None) -> DifyInnerAPI:
     """Dify's inner API over treq: backwards invocations and endpoint settings encryption."""
     invocation = config.invocation
     return DifyInnerAPI(
@@ -186,6 +190,7 @@ def _inner_api(reactor, config: Config, pool) -> DifyInnerAPI:
         write_timeout=invocation.write_timeout_seconds,
         read_timeout=invocation.read_timeout_seconds,
         max_frame_size=invocation.response_max_buffer_size,
+        tracing=tracing,
     )
 
 
@@ -203,9 +208,14 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     """
     if environ is None:
         environ = os.environ
+    observability = config.observability
+    metrics = DaemonMetrics(reactor.seconds) if observability.prometheus_enabled else None
+    tracing = build_tracing(observability) if observability.enable_otel else None
     persistence = _persistence(reactor, config)
     blocking = ThreadPoolRunner(reactor, "difydaemon-blocking", max_threads=4)
     storage = FilesystemObjectStorage(reactor, config.storage.plugin_storage_local_root)
+    if metrics is not None:
+        storage = MeteredObjectStorage(storage, metrics, config.storage.plugin_storage_type)
     policy = PackagePolicy(
         max_size=config.packages.max_plugin_package_size,
         force_verify=config.packages.force_verifying_signature,
@@ -248,13 +258,18 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         runtimes,
         install_timeout=config.install_timeout_seconds,
         installations=installations,
+        metrics=metrics,
     )
+    runners = [decoder, blocking]
+    if tracing is not None:
+        # last: spans of the shutdown itself are exported too
+        runners.append(ShutdownInThread(reactor, tracing))
     service = DaemonService(
         reactor,
         persistence,
         installer,
         runtimes=runtimes,
-        runners=[decoder, blocking],
+        runners=runners,
         http_pools=[dify_pool],
         database_wait=config.db.db_startup_timeout,
     )
@@ -266,7 +281,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         status=service.status,
     )
     keys = DebuggingKeys(reactor, persistence) if config.remote.plugin_remote_installing_enabled else None
-    inner_api = _inner_api(reactor, config, dify_pool)
+    inner_api = _inner_api(reactor, config, dify_pool, tracing)
     backwards = _backwards(reactor, config, persistence, inner_api)
     endpoints = Endpoints(reactor, persistence, inner_api)
     management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints, runner=blocking)
@@ -282,6 +297,8 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         max_execution_timeout=config.max_execution_timeout_seconds,
         runtime_wait=runtime_wait,
         backwards=backwards,
+        metrics=metrics,
+        tracing=tracing,
     )
     public_endpoints = None
     if config.plugin_endpoint_enabled:
@@ -295,8 +312,17 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
             max_execution_timeout=config.max_execution_timeout_seconds,
             runtime_wait=runtime_wait,
         )
+    metrics_page = None
+    if metrics is not None:
+        metrics_page = metrics_resource(metrics_registry(metrics, runtimes))
     root = RootResource(
-        config.server_key, management.resource(), health, counter, dispatch=dispatch, endpoint=public_endpoints
+        config.server_key,
+        management.resource(),
+        health,
+        counter,
+        dispatch=dispatch,
+        endpoint=public_endpoints,
+        metrics=metrics_page,
     )
     # every request head passes the front door, on the dispatch channel and on twisted.web
     front_door = FrontDoor(
@@ -304,9 +330,14 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         BodyLimits.for_packages(config.packages.max_plugin_package_size, config.packages.max_bundle_package_size),
     )
     # dispatch requests skip twisted.web: the same counter and resource
-    gate = DispatchGate(counter, dispatch)
+    gate = DispatchGate(counter, dispatch, metrics)
     site = DaemonSite(
-        root, reactor=reactor, log_health=config.health_api_log_enabled, gate=gate, front_door=front_door
+        root,
+        reactor=reactor,
+        log_health=config.health_api_log_enabled,
+        gate=gate,
+        front_door=front_door,
+        metrics=metrics,
     )
 
     service.backwards = backwards
@@ -317,6 +348,12 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     service.public_endpoints = public_endpoints
     service.site = site
     service.config = config
+    #: the counts behind /metrics, None when PROMETHEUS_ENABLED is false
+    service.metrics = metrics
+    #: the OpenTelemetry spans, None unless ENABLE_OTEL is true
+    service.tracing = tracing
+    # twistd asks the application for its log observer (unless --logger names one)
+    service.log_observer_factory = lambda: build_observer(observability)
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
     if keys is not None:
         debug_factory = DebugServerFactory(

@@ -126,9 +126,13 @@ class RootResource(Resource):
     :param counter: the in-flight request counter.
     :param dispatch: the resource under ``/plugin/<tenant>/dispatch/``.
     :param endpoint: the resource under ``/e/``.
+    :param metrics: the resource of ``GET /metrics`` and ``/metrics/``
+        (no key, as in Go); None answers them 404 (``PROMETHEUS_ENABLED=false``).
     """
 
-    def __init__(self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None):
+    def __init__(
+        self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None, metrics=None
+    ):
         super().__init__()
         self._front_door = FrontDoor(server_key.encode("utf-8"))
         self._app = app
@@ -136,6 +140,7 @@ class RootResource(Resource):
         self._counter = counter
         self._dispatch = dispatch
         self._endpoint = endpoint
+        self._metrics = metrics
         self._not_found = StaticJSONResource(404, envelope.ROUTE_NOT_FOUND)
 
     def getChildWithDefault(self, name, request):
@@ -152,6 +157,11 @@ class RootResource(Resource):
         method = request.method
         if name == b"health" and postpath == [b"check"]:
             return self._health if method == b"GET" else self._not_found
+        if name == b"metrics" and (not postpath or postpath == [b""]):
+            # served on both: Go redirects /metrics to /metrics/, a scraper may name either
+            if self._metrics is not None and method == b"GET":
+                return self._metrics
+            return self._not_found
         is_dispatch = name == b"plugin" and len(postpath) >= 2 and postpath[1] == b"dispatch"
         self._counter.track(request, is_dispatch)
         if name == b"e" and self._endpoint is not None:

@@ -7,6 +7,7 @@ from twisted.web.server import Site
 from difydaemon.api.admission import FrontDoor
 from difydaemon.api.dispatch_channel import DateCache, DispatchChannel, DispatchGate
 from difydaemon.api.web_channel import DaemonHTTPChannel, DaemonRequest
+from difydaemon.observability.metrics import web_endpoint
 
 
 class DaemonSite(Site):
@@ -36,6 +37,8 @@ class DaemonSite(Site):
         every request as plain twisted.web does.
     :param gate: the dispatch path's counter and resource; None serves
         every request through twisted.web.
+    :param metrics: the :class:`~difydaemon.observability.metrics.DaemonMetrics`
+        counting each request answered through twisted.web, or None.
     """
 
     protocol = DaemonHTTPChannel
@@ -48,6 +51,7 @@ class DaemonSite(Site):
         log_health: bool = True,
         gate: DispatchGate | None = None,
         front_door: FrontDoor | None = None,
+        metrics=None,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
         if gate is not None and front_door is None:
@@ -57,6 +61,7 @@ class DaemonSite(Site):
         self._gate = gate
         self._front_door = front_door
         self._dates = DateCache()
+        self._metrics = metrics
 
     def date(self) -> bytes:
         """The ``Date`` header's value now."""
@@ -64,12 +69,21 @@ class DaemonSite(Site):
 
     def log(self, request) -> None:
         """
-        The access log, without dispatch calls: formatting one line costs
+        Count the request in the metrics; then the access log, without dispatch calls: formatting one line costs
         about 120 us of CPU, a third of what a whole dispatch may cost; the
         management surface and the health check (``HEALTH_API_LOG_ENABLED``)
         are still logged.
         """
         path = request.path
+        metrics = self._metrics
+        if metrics is not None:
+            received_at = getattr(request, "received_at", None)
+            metrics.http_request(
+                request.method.decode("ascii", "replace"),
+                web_endpoint(path, request.code),
+                request.code,
+                0.0 if received_at is None else self.reactor.seconds() - received_at,
+            )
         if b"/dispatch/" in path:
             return
         if path == b"/health/check" and not self._log_health:
