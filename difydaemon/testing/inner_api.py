@@ -30,13 +30,13 @@ from urllib.parse import urlencode
 import orjson
 from attrs import frozen
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.server import Site
 
 from difydaemon.api.multipart import MultipartError, parse_form
 from difydaemon.invocation.frames import encode_frame
-from difydaemon.testing.openai import _ConnectionTrackingFactory
+from difydaemon.testing.openai import _ConnectionTrackingFactory, stop_listening
 
 #: The paths Dify answers with a stream of values.
 STREAM_PATHS = frozenset({"invoke/tool", "invoke/llm", "invoke/llm/structured-output", "invoke/tts", "invoke/app"})
@@ -405,11 +405,7 @@ class FakeDifyInnerAPI:
         connections (the "inner API is down" case).  Fires when all are closed.
         """
         listening, self._listening = self._listening, []
-        waits = []
-        for port, factory in listening:
-            waits.append(maybeDeferred(port.stopListening))
-            waits.append(factory.close_all())
-        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallback(lambda _: None)
+        return stop_listening(listening)
 
     # -- routes ---------------------------------------------------------------
 
