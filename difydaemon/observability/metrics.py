@@ -87,31 +87,49 @@ def _counter_family(name: str, documentation: str, labels: list, table: dict) ->
     return family
 
 
+class InvocationSeries:
+    """
+    The counts of one ``(plugin_id, plugin_type, runtime_type, operation)``:
+    sessions in flight, and a duration histogram per outcome.
+    """
+
+    __slots__ = ("active", "success", "error")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.success = [0] * _SLOTS + [0.0]
+        self.error = [0] * _SLOTS + [0.0]
+
+
 class InvocationMeter:
     """
     One plugin session opened by a dispatch call, counted in flight until
     :meth:`finish`.
     """
 
-    __slots__ = ("_metrics", "_key", "_started")
+    __slots__ = ("_series", "_clock", "_started", "_errors", "_plugin_id")
 
-    def __init__(self, metrics: DaemonMetrics, key: tuple, started: float) -> None:
-        self._metrics = metrics
-        self._key = key
-        self._started = started
+    def __init__(self, series: InvocationSeries, clock, errors: dict, plugin_id: str) -> None:
+        self._series = series
+        self._clock = clock
+        self._started = clock()
+        self._errors = errors
+        self._plugin_id = plugin_id
 
     def finish(self, status: str, error_class: str | None = None) -> None:
         """The session ended with ``status`` (``success`` or ``error``); count it once."""
-        metrics = self._metrics
-        if metrics is None:
+        series = self._series
+        if series is None:
             return
-        self._metrics = None
-        key = self._key
-        metrics.active[key] -= 1
-        observe(metrics.invocations, key + (status,), metrics.clock() - self._started)
+        self._series = None
+        series.active -= 1
+        histogram = series.success if status == SUCCESS else series.error
+        seconds = self._clock() - self._started
+        histogram[bisect_left(BUCKETS, seconds)] += 1
+        histogram[_SLOTS] += seconds
         if error_class is not None:
-            errors_key = (key[0], error_class)
-            metrics.invoke_errors[errors_key] = metrics.invoke_errors.get(errors_key, 0) + 1
+            key = (self._plugin_id, error_class)
+            self._errors[key] = self._errors.get(key, 0) + 1
 
 
 class DaemonMetrics:
@@ -119,18 +137,15 @@ class DaemonMetrics:
     The daemon's counters and histograms, and their exposition.
 
     :param clock: ``() -> float`` seconds (``reactor.seconds``).
-    :ivar invocations: histograms by ``(plugin_id, plugin_type,
-        runtime_type, operation, status)``; the invocation counter is
-        their counts.
-    :ivar active: sessions in flight by ``(plugin_id, plugin_type,
-        runtime_type)``.
+    :ivar invocations: an :class:`InvocationSeries` by ``(plugin_id,
+        plugin_type, runtime_type, operation)``.
+    :ivar invoke_errors: failed sessions by ``(plugin_id, error_class)``.
     :ivar http: histograms by ``(method, endpoint, status)``.
     """
 
     def __init__(self, clock) -> None:
         self.clock = clock
         self.invocations: dict = {}
-        self.active: dict = {}
         self.invoke_errors: dict = {}
         self.http: dict = {}
         self.installations: dict = {}
@@ -142,17 +157,26 @@ class DaemonMetrics:
     def invocation(self, plugin_id: str, plugin_type: str, runtime_type: str, operation: str) -> InvocationMeter:
         """A session opens: count it in flight; the meter counts its end."""
         key = (plugin_id, plugin_type, runtime_type, operation)
-        active = self.active
-        active[key] = active.get(key, 0) + 1
-        return InvocationMeter(self, key, self.clock())
+        series = self.invocations.get(key)
+        if series is None:
+            series = self.invocations[key] = InvocationSeries()
+        series.active += 1
+        return InvocationMeter(series, self.clock, self.invoke_errors, plugin_id)
 
     def http_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
         """One HTTP request answered."""
-        if endpoint not in self._endpoints:
-            if len(self._endpoints) >= MAX_ENDPOINTS:
-                endpoint = "other"
-            self._endpoints.add(endpoint)
-        observe(self.http, (method, endpoint, str(status)), seconds)
+        key = (method, endpoint, status)
+        histogram = self.http.get(key)
+        if histogram is None:
+            if endpoint not in self._endpoints:
+                if len(self._endpoints) >= MAX_ENDPOINTS:
+                    key = (method, "other", status)
+                self._endpoints.add(key[1])
+            histogram = self.http.get(key)
+            if histogram is None:
+                histogram = self.http[key] = [0] * _SLOTS + [0.0]
+        histogram[bisect_left(BUCKETS, seconds)] += 1
+        histogram[_SLOTS] += seconds
 
     def installation(self, plugin_id: str, status: str, seconds: float) -> None:
         """One install job ended with ``status`` (``success`` or ``failed``)."""
@@ -173,10 +197,19 @@ class DaemonMetrics:
         )
         durations: dict = {}
         outcomes: dict = {}
-        for key, histogram in self.invocations.items():
-            invocations.add_metric(list(key), sum(histogram[:_SLOTS]))
-            _merge(durations, key[:4], histogram)
-            _merge(outcomes, (key[0], key[4]), histogram)
+        # the in-flight gauges have no operation label: sum over operations
+        by_type: dict = {}
+        in_flight: dict = {}
+        for key, series in self.invocations.items():
+            for status, histogram in ((SUCCESS, series.success), (ERROR, series.error)):
+                count = sum(histogram[:_SLOTS])
+                if count:
+                    invocations.add_metric(list(key) + [status], count)
+                    _merge(outcomes, (key[0], status), histogram)
+            _merge(durations, key, series.success)
+            _merge(durations, key, series.error)
+            by_type[key[:3]] = by_type.get(key[:3], 0) + series.active
+            in_flight[key[0]] = in_flight.get(key[0], 0) + series.active
         yield invocations
         yield _histogram_family(
             "plugin_invocation_duration_seconds",
@@ -188,12 +221,6 @@ class DaemonMetrics:
             "plugin_daemon_invoke_duration_seconds", "Plugin invocation durations by outcome.",
             ["plugin", "outcome"], outcomes,
         )
-        # the in-flight gauges have no operation label: sum over operations
-        by_type: dict = {}
-        in_flight: dict = {}
-        for key, count in self.active.items():
-            by_type[key[:3]] = by_type.get(key[:3], 0) + count
-            in_flight[key[0]] = in_flight.get(key[0], 0) + count
         active = GaugeMetricFamily(
             "plugin_invocations_active", "Plugin invocations in flight.",
             labels=["plugin_id", "plugin_type", "runtime_type"],
@@ -239,7 +266,7 @@ def _counted_with_durations(table: dict, counter: tuple, durations: tuple):
     merged: dict = {}
     kept = len(durations[2])
     for key, histogram in table.items():
-        family.add_metric(list(key), sum(histogram[:_SLOTS]))
+        family.add_metric([str(value) for value in key], sum(histogram[:_SLOTS]))
         _merge(merged, key[:kept], histogram)
     yield family
     yield _histogram_family(*durations, merged)

@@ -55,14 +55,14 @@ class DispatchMetricsTests(SynchronousTestCase):
     def test_success_counted(self):
         """A session is in flight while open and counts as a success once its stream ends."""
         d, session_id = self.daemon.open("tool/invoke", TOOL_DATA)
-        self.assertEqual(self.daemon.metrics.active[ECHO], 1)
+        self.assertEqual(self.daemon.metrics.invocations[ECHO].active, 1)
         self.daemon.clock.advance(0.2)
         self.daemon.runtime.stream(session_id, TEXT_HI)
         self.daemon.runtime.end(session_id)
         response, _ = self.daemon.result(d)
         self.assertEqual(response.code, 200)
-        self.assertEqual(self.daemon.metrics.active[ECHO], 0)
-        histogram = self.daemon.metrics.invocations[ECHO + ("success",)]
+        self.assertEqual(self.daemon.metrics.invocations[ECHO].active, 0)
+        histogram = self.daemon.metrics.invocations[ECHO].success
         self.assertEqual(sum(histogram[:-1]), 1)
         self.assertAlmostEqual(histogram[-1], 0.2)
 
@@ -71,9 +71,9 @@ class DispatchMetricsTests(SynchronousTestCase):
         d, session_id = self.daemon.open("tool/invoke", TOOL_DATA)
         self.daemon.runtime.error(session_id, "ValueError", "planned failure")
         self.daemon.result(d)
-        self.assertEqual(sum(self.daemon.metrics.invocations[ECHO + ("error",)][:-1]), 1)
+        self.assertEqual(sum(self.daemon.metrics.invocations[ECHO].error[:-1]), 1)
         self.assertEqual(self.daemon.metrics.invoke_errors, {("acme/echo", "ValueError"): 1})
-        self.assertEqual(self.daemon.metrics.active[ECHO], 0)
+        self.assertEqual(self.daemon.metrics.invocations[ECHO].active, 0)
 
     def test_timeout_counted(self):
         """A session killed by the backstop timeout counts as an error."""
@@ -82,13 +82,12 @@ class DispatchMetricsTests(SynchronousTestCase):
         daemon.clock.advance(5)
         daemon.result(d)
         self.assertEqual(daemon.metrics.invoke_errors, {("acme/echo", "PluginDaemonInternalServerError"): 1})
-        self.assertEqual(daemon.metrics.active[ECHO], 0)
+        self.assertEqual(daemon.metrics.invocations[ECHO].active, 0)
 
     def test_refused_before_session_not_counted(self):
         """A call answered before any session (unknown plugin) is no invocation."""
         self.daemon.request("tool/invoke", TOOL_DATA, plugin_id="acme/other")
         self.assertEqual(self.daemon.metrics.invocations, {})
-        self.assertEqual(self.daemon.metrics.active, {})
 
 
 class TraceparentTests(SynchronousTestCase):

@@ -1,0 +1,124 @@
+"""
+What metrics cost the dispatch path: two daemons, ``PROMETHEUS_ENABLED=true``
+and ``false``, each with the echo plugin, measured in interleaved rounds
+(on, off, on, off ...) in one run:
+
+- echo round trip, one in flight: p50 / p99 of each;
+- echo, N in flight: calls/s of each, and the daemon's own CPU time per call
+  (user + system of the daemon process, not its plugin), the figure the
+  metrics add to;
+- in process, the counting a dispatch call does (one invocation meter opened
+  and finished, one HTTP request counted), in µs per call;
+- one scrape of ``/metrics``.
+
+Usage: ``python bench/metrics_cost.py [--rounds 5] [--calls 300] [--inflight 20] [--burst 2000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import timeit
+from statistics import median
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.echo_overhead import daemon_latency, daemon_throughput  # noqa: E402
+from bench.harness import Daemon, HTTPConnection, cpu_seconds, percentile  # noqa: E402
+from difydaemon.observability.metrics import DaemonMetrics  # noqa: E402
+from difydaemon.testing.packages import build_package, echo_plugin_files  # noqa: E402
+
+
+def counting_cost(repeats: int = 200_000) -> float:
+    """µs of the counting one dispatch call does with metrics on."""
+    metrics = DaemonMetrics(time.time)
+
+    def one_call():
+        metrics.invocation("acme/echo", "tool", "local", "invoke_tool").finish("success")
+        metrics.http_request("POST", "/plugin/:tenant_id/dispatch/tool/invoke", 200, 0.001)
+
+    one_call()
+    return min(timeit.repeat(one_call, number=repeats, repeat=5)) / repeats * 1e6
+
+
+class Side:
+    """One daemon, its connections and its samples."""
+
+    def __init__(self, name: str, enabled: bool, prepared: str) -> None:
+        self.name = name
+        self.daemon = Daemon(extra_env={"PROMETHEUS_ENABLED": "true" if enabled else "false"}, prepared_venvs=prepared)
+        self.latency: list[float] = []
+        self.throughput: list[float] = []
+        self.cpu_per_call: list[float] = []
+
+    async def start(self, inflight: int) -> None:
+        await self.daemon.wait_ready()
+        await self.daemon.upload_install(build_package(echo_plugin_files()))
+        self.connection = HTTPConnection(self.daemon.port)
+        await self.connection.open()
+        self.pool = []
+        for _ in range(inflight):
+            connection = HTTPConnection(self.daemon.port)
+            await connection.open()
+            self.pool.append(connection)
+        await daemon_latency(self.connection, 50)
+
+    async def round(self, calls: int, burst: int) -> None:
+        self.latency += await daemon_latency(self.connection, calls)
+        pid = self.daemon.process.pid
+        before = sum(cpu_seconds(pid))
+        self.throughput.append(await daemon_throughput(self.pool, burst))
+        self.cpu_per_call.append((sum(cpu_seconds(pid)) - before) / burst * 1e6)
+
+    def stop(self) -> None:
+        for connection in self.pool + [self.connection]:
+            connection.close()
+        self.daemon.stop()
+
+
+async def main(args):
+    print(f"cores: {os.cpu_count()}")
+    print(f"counting per dispatch call (in process): {counting_cost():.2f} µs")
+    prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
+    on = Side("metrics on", True, prepared)
+    off = Side("metrics off", False, prepared)
+    try:
+        for side in (on, off):
+            await side.start(args.inflight)
+        for _ in range(args.rounds):
+            for side in (on, off):
+                await side.round(args.calls, args.burst)
+        for side in (on, off):
+            print(
+                f"{side.name}: 1 in flight p50 {percentile(side.latency, 0.5) * 1e3:.3f} ms "
+                f"p99 {percentile(side.latency, 0.99) * 1e3:.3f} ms; "
+                f"{args.inflight} in flight {median(side.throughput):.0f} calls/s, "
+                f"daemon CPU {median(side.cpu_per_call):.1f} µs/call"
+            )
+        added_cpu = median(on.cpu_per_call) - median(off.cpu_per_call)
+        added_p50 = (percentile(on.latency, 0.5) - percentile(off.latency, 0.5)) * 1e6
+        print(
+            f"metrics add: {added_cpu:+.1f} µs of daemon CPU per call, {added_p50:+.0f} µs p50 "
+            f"(medians of {args.rounds} interleaved rounds; {args.calls} sequential calls and "
+            f"{args.burst} calls with {args.inflight} in flight each round)"
+        )
+        start = time.perf_counter()
+        status, page = await on.connection.request("GET", "/metrics", b"", {})
+        assert status == 200, status
+        print(f"one scrape of /metrics: {(time.perf_counter() - start) * 1e3:.1f} ms, {len(page)} bytes")
+    finally:
+        on.stop()
+        off.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--inflight", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=2000)
+    asyncio.run(main(parser.parse_args()))
