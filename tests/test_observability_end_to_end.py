@@ -218,3 +218,20 @@ class TwistdJSONLogTests(TwistdCase):
         self.assertTrue(any(e.get("log_format") == "difydaemon is ready" for e in events))
         with open(log_file) as f:
             self.assertEqual(f.read().splitlines(), lines)
+
+
+class CollectorDownEndToEndTests(ObservedDaemonCase):
+    """A collector that is down costs spans, never a call."""
+
+    async def test_calls_answer(self):
+        """With ENABLE_OTEL pointing at a closed port, calls answer and the daemon stops."""
+        from tests.test_tap import free_port
+
+        await self._start(ENABLE_OTEL="true", OTLP_BASE_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+                          OTEL_BATCH_EXPORT_SCHEDULE_DELAY="10", OTEL_BATCH_EXPORT_TIMEOUT="500")
+        await self.install(behaviour_plugin_files())
+        for text in ("a", "b", "c"):
+            body = await self.tool_with("echo", {"text": text}, {"traceparent": TRACEPARENT})
+            self.assertEqual(texts(body), [text])
+        await self._stop()
+        self.assertFalse(self.service.running)

@@ -9,7 +9,7 @@ session).  Parents travel as ``traceparent`` strings, never through
 (twisted#9807), and a span started in one callback and ended in another
 would detach the wrong one.  The exporter's batch processor runs in its own
 thread; nothing here blocks the reactor but :meth:`Tracing.shutdown`, which
-is run in a thread.
+is run in a thread of its own (:class:`ShutdownInThread`).
 """
 
 from __future__ import annotations
@@ -108,6 +108,9 @@ def build_tracing(config, exporter=None) -> Tracing:
     provider = TracerProvider(
         resource=Resource.create({"service.name": SERVICE_NAME}),
         sampler=ParentBased(TraceIdRatioBased(config.otel_sampling_rate)),
+        # not at interpreter exit: a collector that is down would hold the
+        # exit for the export timeout (ShutdownInThread does it instead)
+        shutdown_on_exit=False,
     )
     provider.add_span_processor(
         BatchSpanProcessor(
@@ -124,15 +127,24 @@ def build_tracing(config, exporter=None) -> Tracing:
 class ShutdownInThread:
     """
     A runner of :class:`~difydaemon.service.DaemonService`: at the end of a
-    stop, exports the spans still queued and shuts the provider down, in a
-    reactor thread (the reactor's thread pool is joined before the process
-    exits, so they are not lost).
+    stop, exports the spans still queued and shuts the provider down in a
+    daemon thread of its own.  A collector that is down makes the exporter
+    retry for up to ``OTEL_BATCH_EXPORT_TIMEOUT``; the process does not wait
+    for that (the reactor's thread pool would be joined at exit), and those
+    spans are lost.
     """
 
-    def __init__(self, reactor, tracing: Tracing) -> None:
+    def __init__(self, reactor, tracing: Tracing, start_thread=None) -> None:
         self._reactor = reactor
         self._tracing = tracing
+        self._start_thread = start_thread if start_thread is not None else _daemon_thread
 
     def stop(self) -> None:
-        """Shut the exporter down without blocking the reactor."""
-        self._reactor.callInThread(self._tracing.shutdown)
+        """Shut the exporter down without blocking the reactor or the exit."""
+        self._start_thread(self._tracing.shutdown)
+
+
+def _daemon_thread(target) -> None:
+    import threading
+
+    threading.Thread(target=target, name="difydaemon-otel-shutdown", daemon=True).start()

@@ -140,3 +140,30 @@ class BuildTracingTests(SynchronousTestCase):
         self.patch(builtins, "__import__", no_opentelemetry)
         error = self.assertRaises(ConfigError, otel.build_tracing, otel_config())
         self.assertIn("difydaemon[otel]", str(error))
+
+
+class ShutdownTests(SynchronousTestCase):
+    """The exporter is shut down off the reactor, in a thread that does not hold the exit."""
+
+    def test_stop_hands_shutdown_to_a_thread(self):
+        """stop() starts the provider's shutdown in a thread and returns at once."""
+        started = []
+        tracing = build_tracing(otel_config(), exporter=InMemorySpanExporter())
+        otel.ShutdownInThread(None, tracing, start_thread=started.append).stop()
+        self.assertEqual(started, [tracing.shutdown])
+        tracing.shutdown()
+
+    def test_default_thread_is_a_daemon(self):
+        """The default thread is a daemon thread, so a dead collector cannot hold the process."""
+        import threading
+
+        seen = []
+        done = threading.Event()
+
+        def target():
+            seen.append(threading.current_thread().daemon)
+            done.set()
+
+        otel._daemon_thread(target)
+        self.assertTrue(done.wait(10))
+        self.assertEqual(seen, [True])
