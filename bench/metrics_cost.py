@@ -99,11 +99,13 @@ async def main(args):
                 f"{args.inflight} in flight {median(side.throughput):.0f} calls/s, "
                 f"daemon CPU {median(side.cpu_per_call):.1f} µs/call"
             )
-        added_cpu = median(on.cpu_per_call) - median(off.cpu_per_call)
+        # paired by round: the two sides of one round ran back to back, under the same load
+        paired = [a - b for a, b in zip(on.cpu_per_call, off.cpu_per_call)]
         added_p50 = (percentile(on.latency, 0.5) - percentile(off.latency, 0.5)) * 1e6
         print(
-            f"metrics add: {added_cpu:+.1f} µs of daemon CPU per call, {added_p50:+.0f} µs p50 "
-            f"(medians of {args.rounds} interleaved rounds; {args.calls} sequential calls and "
+            f"metrics add: {median(paired):+.1f} µs of daemon CPU per call (median of per-round differences, "
+            f"which range {min(paired):+.1f} .. {max(paired):+.1f}), {added_p50:+.0f} µs p50 "
+            f"({args.rounds} interleaved rounds; {args.calls} sequential calls and "
             f"{args.burst} calls with {args.inflight} in flight each round)"
         )
         start = time.perf_counter()
