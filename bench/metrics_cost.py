@@ -11,7 +11,11 @@ and ``false``, each with the echo plugin, measured in interleaved rounds
   and finished, one HTTP request counted), in µs per call;
 - one scrape of ``/metrics``.
 
-Usage: ``python bench/metrics_cost.py [--rounds 5] [--calls 300] [--inflight 20] [--burst 2000]``
+``--control`` runs both daemons with metrics off: the differences it prints
+are the noise floor of the machine at that moment (other work on it shows
+there, not in the counting).
+
+Usage: ``python bench/metrics_cost.py [--rounds 5] [--calls 300] [--inflight 20] [--burst 2000] [--control]``
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ async def main(args):
     print(f"cores: {os.cpu_count()}")
     print(f"counting per dispatch call (in process): {counting_cost():.2f} µs")
     prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
-    on = Side("metrics on", True, prepared)
+    on = Side("metrics off (control)" if args.control else "metrics on", not args.control, prepared)
     off = Side("metrics off", False, prepared)
     try:
         for side in (on, off):
@@ -103,15 +107,16 @@ async def main(args):
         paired = [a - b for a, b in zip(on.cpu_per_call, off.cpu_per_call)]
         added_p50 = (percentile(on.latency, 0.5) - percentile(off.latency, 0.5)) * 1e6
         print(
-            f"metrics add: {median(paired):+.1f} µs of daemon CPU per call (median of per-round differences, "
+            f"{on.name} adds: {median(paired):+.1f} µs of daemon CPU per call (median of per-round differences, "
             f"which range {min(paired):+.1f} .. {max(paired):+.1f}), {added_p50:+.0f} µs p50 "
             f"({args.rounds} interleaved rounds; {args.calls} sequential calls and "
             f"{args.burst} calls with {args.inflight} in flight each round)"
         )
-        start = time.perf_counter()
-        status, page = await on.connection.request("GET", "/metrics", b"", {})
-        assert status == 200, status
-        print(f"one scrape of /metrics: {(time.perf_counter() - start) * 1e3:.1f} ms, {len(page)} bytes")
+        if not args.control:
+            start = time.perf_counter()
+            status, page = await on.connection.request("GET", "/metrics", b"", {})
+            assert status == 200, status
+            print(f"one scrape of /metrics: {(time.perf_counter() - start) * 1e3:.1f} ms, {len(page)} bytes")
     finally:
         on.stop()
         off.stop()
@@ -123,4 +128,5 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--inflight", type=int, default=20)
     parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--control", action="store_true", help="both daemons without metrics: the noise floor")
     asyncio.run(main(parser.parse_args()))
