@@ -45,6 +45,17 @@ class MetricsRouteTests(SynchronousTestCase):
         response, _ = self.get(service, "/metrics/more")
         self.assertEqual(response.code, 404)
 
+    def test_openmetrics_when_asked(self):
+        """A scraper that accepts OpenMetrics gets it, ending with # EOF."""
+        service = self.service()
+        treq = StubTreq(service.site.resource)
+        d = treq.get("http://daemon.test/metrics/", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        treq.flush()
+        response = self.successResultOf(d)
+        body = self.successResultOf(treq.content(response))
+        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text"))
+        self.assertTrue(body.endswith(b"# EOF\n"))
+
     def test_wiring(self):
         """The storage is metered and the daemon's parts share one metrics object."""
         service = self.service()
