@@ -9,6 +9,10 @@ and ``false``, each with the echo plugin, measured in interleaved rounds
   metrics add to;
 - in process, the counting a dispatch call does (one invocation meter opened
   and finished, one HTTP request counted), in µs per call;
+- in process, the whole dispatch path (the daemon's site and dispatch
+  channel over a StringTransport, a FakeRuntime answering one chunk, as
+  ``bench/dispatch_channel.py`` runs it) with metrics on and off,
+  interleaved: CPU µs per request, and the per-round difference;
 - one scrape of ``/metrics``.
 
 ``--control`` runs both daemons with metrics off: the differences it prints
@@ -32,6 +36,7 @@ from statistics import median
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.echo_overhead import daemon_latency, daemon_throughput  # noqa: E402
+from bench import dispatch_relay as shared  # noqa: E402
 from bench.harness import Daemon, HTTPConnection, cpu_seconds, percentile  # noqa: E402
 from difydaemon.observability.metrics import DaemonMetrics  # noqa: E402
 from difydaemon.testing.packages import build_package, echo_plugin_files  # noqa: E402
@@ -47,6 +52,56 @@ def counting_cost(repeats: int = 200_000) -> float:
 
     one_call()
     return min(timeit.repeat(one_call, number=repeats, repeat=5)) / repeats * 1e6
+
+
+def dispatch_path_cost(requests: int, enabled: bool) -> float:
+    """CPU µs per dispatch request through the daemon's site, in process, metrics on or off."""
+    from twisted.internet import reactor
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from difydaemon.api.admission import FrontDoor
+    from difydaemon.api.dispatch_channel import DispatchGate
+    from difydaemon.api.site import DaemonSite
+
+    _, runtime, root = shared.build()
+    metrics = DaemonMetrics(reactor.seconds) if enabled else None
+    root._dispatch.metrics = metrics
+    site = DaemonSite(
+        root, reactor=reactor, log_health=False, gate=DispatchGate(root._counter, root._dispatch, metrics),
+        front_door=FrontDoor(shared.KEY.encode()), metrics=metrics,
+    )
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    data = shared.http_request(f"/plugin/{shared.TENANT}/dispatch/tool/invoke")
+    sent = runtime.requests
+    for i in range(requests + 200):
+        if i == 200:
+            start = time.process_time()
+        protocol.dataReceived(data)
+        session_id = sent[-1]["session_id"]
+        runtime.stream(session_id, shared.CHUNK, shared.RAW)
+        runtime.end(session_id)
+        transport.clear()
+        reactor.runUntilCurrent()
+        if len(sent) > 1000:
+            sent.clear()
+    return (time.process_time() - start) / requests * 1e6
+
+
+def in_process(rounds: int, requests: int = 20000) -> None:
+    """Print the whole dispatch path's CPU per request with metrics on and off, interleaved."""
+    on, off = [], []
+    for _ in range(rounds):
+        off.append(dispatch_path_cost(requests, False))
+        on.append(dispatch_path_cost(requests, True))
+    paired = [a - b for a, b in zip(on, off)]
+    print(
+        f"dispatch path in process: metrics off {median(off):.1f} µs/request, on {median(on):.1f} µs/request; "
+        f"on adds {median(paired):+.1f} µs (median of per-round differences, range "
+        f"{min(paired):+.1f} .. {max(paired):+.1f}; {rounds} interleaved rounds of {requests} requests)"
+    )
 
 
 class Side:
@@ -87,6 +142,7 @@ class Side:
 async def main(args):
     print(f"cores: {os.cpu_count()}")
     print(f"counting per dispatch call (in process): {counting_cost():.2f} µs")
+    in_process(args.rounds)
     prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
     on = Side("metrics off (control)" if args.control else "metrics on", not args.control, prepared)
     off = Side("metrics off", False, prepared)

@@ -275,15 +275,14 @@ def _counted_with_durations(table: dict, counter: tuple, durations: tuple):
 # ---------------------------------------------------------------------------
 # The endpoint label: Go's route pattern (gin's FullPath), "" for no route
 
-_DISPATCH_ROUTES = frozenset(route_table())
+#: made once: on the dispatch path a lookup is all a label costs
+_DISPATCH_LABELS = {route: "/plugin/:tenant_id/dispatch/" + route.decode("ascii") for route in route_table()}
 _ID_LIKE = re.compile(r"[^a-z_\-]")
 
 
 def dispatch_endpoint(route: bytes) -> str:
     """The endpoint label of a dispatch route (``tool/invoke``), "" for an unknown one."""
-    if route in _DISPATCH_ROUTES:
-        return "/plugin/:tenant_id/dispatch/" + route.decode("ascii")
-    return ""
+    return _DISPATCH_LABELS.get(route, "")
 
 
 def web_endpoint(path: bytes, status: int) -> str:
