@@ -29,7 +29,16 @@ setup(
         # Redis coordination for replicas (difydaemon.coordination.redis):
         # its protocol only; connecting is ours (ecosystem.md §1)
         "txredisapi>=1.6,<2",
+        # /metrics: exposition of our own collectors (ecosystem.md §2)
+        "prometheus-client>=0.20",
     ],
+    extras_require={
+        # ENABLE_OTEL=true: spans exported over OTLP/HTTP
+        "otel": [
+            "opentelemetry-sdk>=1.25",
+            "opentelemetry-exporter-otlp-proto-http>=1.25",
+        ],
+    },
     entry_points={
         "console_scripts": ["dify = difydaemon.cli.main:main"],
     },

@@ -44,7 +44,7 @@ name is the variable's name in lower case, either on :class:`Config` itself
 or on one of its groups, e.g. ``SERVER_PORT`` -> ``config.server_port`` and
 ``DB_TYPE`` -> ``config.db.db_type``.  The groups are ``storage``,
 ``packages``, ``db``, ``local_runtime``, ``remote``, ``invocation``,
-``serverless``, ``redis`` and ``cluster``.  Durations keep the unit of the variable
+``serverless``, ``redis``, ``cluster`` and ``observability``.  Durations keep the unit of the variable
 (seconds, milliseconds or minutes, as documented on each class), except
 Go-style durations (``5s``), which are float seconds; properties ending in
 ``_seconds`` give the same duration as float seconds.  Two
@@ -187,6 +187,22 @@ VARIABLES: tuple[str, ...] = (
     "REDIS_SENTINEL_SOCKET_TIMEOUT",
     # cluster
     "CLUSTER_ADVERTISE_HOST",
+    # observability: metrics, logs, traces
+    "PROMETHEUS_ENABLED",
+    "LOG_LEVEL",
+    "LOG_OUTPUT_FORMAT",
+    "LOG_FILE",
+    "ENABLE_OTEL",
+    "OTLP_BASE_ENDPOINT",
+    "OTLP_TRACE_ENDPOINT",
+    "OTEL_API_KEY",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_TYPE",
+    "OTEL_SAMPLING_RATE",
+    "OTEL_BATCH_EXPORT_SCHEDULE_DELAY",
+    "OTEL_MAX_QUEUE_SIZE",
+    "OTEL_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_BATCH_EXPORT_TIMEOUT",
 )
 
 #: Every variable :func:`load_sri_config` reads besides the local runtime's
@@ -214,6 +230,7 @@ CREDENTIAL_VARIABLES: tuple[str, ...] = (
     "REDIS_SENTINEL_PASSWORD",
     "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY",
     "SRI_API_KEY",
+    "OTEL_API_KEY",
 )
 
 PORT_MAX = 65535
@@ -230,6 +247,11 @@ DB_TYPES = ("sqlite", "postgresql", "pgbouncer")
 _UNSUPPORTED_DB_TYPES = ("mysql", "oceanbase", "seekdb")
 DB_SSL_MODES = ("disable", "require")
 REDIS_SSL_CERT_REQS = ("", "CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED")
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")
+LOG_OUTPUT_FORMATS = ("text", "json")
+#: only the OTLP/HTTP exporter is in the ``otel`` extra
+OTLP_PROTOCOLS = ("http/protobuf",)
+OTEL_EXPORTER_TYPES = ("otlp",)
 
 _DEFAULT_BUFFER_SIZE = 1024
 _DEFAULT_MAX_BUFFER_SIZE = 5242880
@@ -671,6 +693,54 @@ class ClusterConfig:
 
 
 @frozen
+class ObservabilityConfig:
+    """
+    Metrics, logs and traces (``config.observability``).  Milliseconds
+    where the variable is in milliseconds, as in Go.
+    """
+
+    #: ``PROMETHEUS_ENABLED``: serve ``/metrics`` and ``/metrics/``.
+    prometheus_enabled: bool
+    #: ``LOG_LEVEL``: the least severe level logged, upper case
+    #: (``DEBUG``, ``INFO``, ``WARN``, ``ERROR``; ``WARNING`` and ``FATAL``
+    #: are read as ``WARN`` and ``ERROR``).
+    log_level: str
+    #: ``LOG_OUTPUT_FORMAT``: ``text`` or ``json`` (one JSON object a line).
+    log_output_format: str
+    #: ``LOG_FILE``: a file the log is also appended to; None for none.
+    log_file: str | None
+    #: ``ENABLE_OTEL``: export spans over OTLP.
+    enable_otel: bool
+    #: ``OTLP_BASE_ENDPOINT``: the collector's base URL.
+    otlp_base_endpoint: str
+    #: ``OTLP_TRACE_ENDPOINT``: the traces URL; None for the base's ``/v1/traces``.
+    otlp_trace_endpoint: str | None
+    #: ``OTEL_API_KEY``: sent as ``Authorization: Bearer`` to the collector.
+    otel_api_key: str = field(repr=False)
+    #: ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf``.
+    otel_exporter_otlp_protocol: str
+    #: ``OTEL_EXPORTER_TYPE``: ``otlp``.
+    otel_exporter_type: str
+    #: ``OTEL_SAMPLING_RATE``: the share of new traces sampled, 0 to 1.
+    otel_sampling_rate: float
+    #: ``OTEL_BATCH_EXPORT_SCHEDULE_DELAY`` (ms) between batch exports.
+    otel_batch_export_schedule_delay: int
+    #: ``OTEL_MAX_QUEUE_SIZE``: spans queued for export at most.
+    otel_max_queue_size: int
+    #: ``OTEL_MAX_EXPORT_BATCH_SIZE``: spans per export at most.
+    otel_max_export_batch_size: int
+    #: ``OTEL_BATCH_EXPORT_TIMEOUT`` (ms) per export.
+    otel_batch_export_timeout: int
+
+    @property
+    def trace_endpoint(self) -> str:
+        """The URL spans are posted to."""
+        if self.otlp_trace_endpoint:
+            return self.otlp_trace_endpoint
+        return self.otlp_base_endpoint.rstrip("/") + "/v1/traces"
+
+
+@frozen
 class Config:
     """
     The whole daemon configuration; see the module docstring for naming.
@@ -728,6 +798,7 @@ class Config:
     serverless: ServerlessConfig
     redis: RedisConfig
     cluster: ClusterConfig
+    observability: ObservabilityConfig
 
     @property
     def max_execution_timeout_seconds(self) -> float:
@@ -1022,6 +1093,37 @@ def _build(values: _Values) -> Config:
         serverless=_serverless(values, platform),
         redis=_redis(values),
         cluster=_cluster(values),
+        observability=_observability(values),
+    )
+
+
+def _observability(values: _Values) -> ObservabilityConfig:
+    level = values.choice("LOG_LEVEL", "INFO", LOG_LEVELS + tuple(name.lower() for name in LOG_LEVELS))
+    level = {"WARNING": "WARN", "FATAL": "ERROR"}.get(level.upper(), level.upper())
+    base = values.string("OTLP_BASE_ENDPOINT", "http://localhost:4318")
+    values.url("OTLP_BASE_ENDPOINT", base)
+    trace = values.stripped("OTLP_TRACE_ENDPOINT")
+    values.url("OTLP_TRACE_ENDPOINT", trace)
+    rate = values.number("OTEL_SAMPLING_RATE", 1.0)
+    if rate > 1.0:
+        values.fail("OTEL_SAMPLING_RATE", f"must be between 0 and 1, got {rate:g}")
+        rate = 1.0
+    return ObservabilityConfig(
+        prometheus_enabled=values.boolean("PROMETHEUS_ENABLED", True),
+        log_level=level,
+        log_output_format=values.choice("LOG_OUTPUT_FORMAT", "text", LOG_OUTPUT_FORMATS),
+        log_file=values.stripped("LOG_FILE"),
+        enable_otel=values.boolean("ENABLE_OTEL", False),
+        otlp_base_endpoint=base,
+        otlp_trace_endpoint=trace,
+        otel_api_key=values.string("OTEL_API_KEY"),
+        otel_exporter_otlp_protocol=values.choice("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", OTLP_PROTOCOLS),
+        otel_exporter_type=values.choice("OTEL_EXPORTER_TYPE", "otlp", OTEL_EXPORTER_TYPES),
+        otel_sampling_rate=rate,
+        otel_batch_export_schedule_delay=values.integer("OTEL_BATCH_EXPORT_SCHEDULE_DELAY", 5000, 1),
+        otel_max_queue_size=values.integer("OTEL_MAX_QUEUE_SIZE", 2048, 1),
+        otel_max_export_batch_size=values.integer("OTEL_MAX_EXPORT_BATCH_SIZE", 512, 1),
+        otel_batch_export_timeout=values.integer("OTEL_BATCH_EXPORT_TIMEOUT", 10000, 1),
     )
 
 

@@ -25,7 +25,7 @@ import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from difydaemon.errors import CoordinationUnavailableError, DatabaseUnavailableError
 from difydaemon.file_limit import raise_open_files_limit
@@ -77,7 +77,13 @@ class DaemonService(MultiService):
         connector's ping); a failure fails the start.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
+
+    :ivar log_observer_factory: None, or ``() -> ILogObserver``: the
+        daemon's log observer (``LOG_OUTPUT_FORMAT``, ``LOG_LEVEL``,
+        ``LOG_FILE``), offered to the twistd application it joins.
     """
+
+    log_observer_factory = None
 
     def __init__(
         self,
@@ -113,6 +119,11 @@ class DaemonService(MultiService):
         #: None while starting, then True or the Failure of the start
         self._outcome = None
         self._ready_waiters: list = []
+
+    def setServiceParent(self, parent) -> None:
+        super().setServiceParent(parent)
+        if self.log_observer_factory is not None:
+            offer_log_observer(parent, self.log_observer_factory)
 
     @property
     def ready(self) -> Deferred:
@@ -256,6 +267,18 @@ class DaemonService(MultiService):
         await self.persistence.close()
         for runner in self._runners:
             runner.stop()
+
+
+def offer_log_observer(parent, factory) -> None:
+    """
+    Give a twistd application (a ``Componentized``) the observer ``factory``
+    makes as its ``ILogObserver``, unless it has one: twistd starts logging
+    with it after ``makeService``, and ``--logger`` still overrides it.
+    """
+    get = getattr(parent, "getComponent", None)
+    if get is None or get(ILogObserver, None) is not None:
+        return
+    parent.setComponent(ILogObserver, factory())
 
 
 def exit_at_interpreter_exit(status: int) -> None:

@@ -43,6 +43,9 @@ from difydaemon.packaging.signature import load_public_key, official_public_key
 from difydaemon.management.debugging import DebuggingKeys
 from difydaemon.management.endpoints import Endpoints
 from difydaemon.management.installations import InstallationCache
+from difydaemon.observability.logs import build_observer
+from difydaemon.observability.metrics import DaemonMetrics, metrics_registry, metrics_resource
+from difydaemon.observability.otel import ShutdownInThread, build_tracing
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.containment import (
     hide_process_memory,
@@ -66,6 +69,7 @@ from difydaemon.api.admin import AdminAPI
 from difydaemon.api.transaction import TransactionResource
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
+from difydaemon.storage.metered import MeteredObjectStorage
 
 BUILD_TIME = "unknown"
 
@@ -226,7 +230,7 @@ class _Serverless:
         return Deferred.fromCoroutine(self.connector.ping())
 
 
-def _inner_api(reactor, config: Config, pool) -> DifyInnerAPI:
+def _inner_api(reactor, config: Config, pool, tracing=None) -> DifyInnerAPI:
     """Dify's inner API over treq: backwards invocations and endpoint settings encryption."""
     invocation = config.invocation
     return DifyInnerAPI(
@@ -237,6 +241,7 @@ def _inner_api(reactor, config: Config, pool) -> DifyInnerAPI:
         write_timeout=invocation.write_timeout_seconds,
         read_timeout=invocation.read_timeout_seconds,
         max_frame_size=invocation.response_max_buffer_size,
+        tracing=tracing,
     )
 
 
@@ -269,9 +274,14 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     """
     if environ is None:
         environ = os.environ
+    observability = config.observability
+    metrics = DaemonMetrics(reactor.seconds) if observability.prometheus_enabled else None
+    tracing = build_tracing(observability) if observability.enable_otel else None
     persistence = _persistence(reactor, config)
     blocking = ThreadPoolRunner(reactor, "difydaemon-blocking", max_threads=4)
     storage = FilesystemObjectStorage(reactor, config.storage.plugin_storage_local_root)
+    if metrics is not None:
+        storage = MeteredObjectStorage(storage, metrics, config.storage.plugin_storage_type)
     policy = PackagePolicy(
         max_size=config.packages.max_plugin_package_size,
         force_verify=config.packages.force_verifying_signature,
@@ -340,6 +350,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         installations=installations,
         task_leases=TaskLeases(reactor, coordination.leases),
         cluster=replica,
+        metrics=metrics,
     )
     forwarder = None
     http_pools = [dify_pool]
@@ -354,12 +365,16 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
             read_timeout=(config.max_execution_timeout_seconds or 600.0) + 60.0,
         )
         http_pools.append(forwarder.pool)
+    runners = [decoder, blocking]
+    if tracing is not None:
+        # last: spans of the shutdown itself are exported too
+        runners.append(ShutdownInThread(reactor, tracing))
     service = DaemonService(
         reactor,
         persistence,
         installer,
         runtimes=runtimes,
-        runners=[decoder, blocking],
+        runners=runners,
         http_pools=http_pools + ([serverless.connector_pool, serverless.function_pool] if serverless else []),
         database_wait=config.db.db_startup_timeout,
         replica=replica,
@@ -379,7 +394,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     if keys is not None:
         caches.register("debugging_keys", keys)
         keys.on_invalidate = lambda tenant_id: caches.invalidated("debugging_keys", tenant_id)
-    inner_api = _inner_api(reactor, config, dify_pool)
+    inner_api = _inner_api(reactor, config, dify_pool, tracing)
     backwards = _backwards(reactor, config, persistence, inner_api)
     endpoints = Endpoints(reactor, persistence, inner_api)
     management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints, runner=blocking)
@@ -396,6 +411,8 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         runtime_wait=runtime_wait,
         backwards=backwards,
         forwarder=forwarder,
+        metrics=metrics,
+        tracing=tracing,
     )
     public_endpoints = None
     if config.plugin_endpoint_enabled:
@@ -420,6 +437,9 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         admin = AdminAPI(
             config.admin_api_key, persistence, packages, runtimes, serverless.factory if serverless else None
         ).resource()
+    metrics_page = None
+    if metrics is not None:
+        metrics_page = metrics_resource(metrics_registry(metrics, runtimes))
     root = RootResource(
         config.server_key,
         management.resource(),
@@ -429,6 +449,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         endpoint=public_endpoints,
         transaction=transaction,
         admin=admin,
+        metrics=metrics_page,
     )
     # every request head passes the front door, on the dispatch channel and on twisted.web
     front_door = FrontDoor(
@@ -440,7 +461,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         ),
     )
     # dispatch requests skip twisted.web: the same counter and resource
-    gate = DispatchGate(counter, dispatch)
+    gate = DispatchGate(counter, dispatch, metrics)
     site = DaemonSite(
         root,
         reactor=reactor,
@@ -449,6 +470,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         front_door=front_door,
         before_body=public_endpoints.before_body if public_endpoints is not None else None,
         max_connections=config.server_max_connections,
+        metrics=metrics,
     )
 
     service.backwards = backwards
@@ -462,6 +484,12 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     service.forwarder = forwarder
     #: the serverless platform's parts (connector, invoker, sessions), None on local
     service.serverless = serverless
+    #: the counts behind /metrics, None when PROMETHEUS_ENABLED is false
+    service.metrics = metrics
+    #: the OpenTelemetry spans, None unless ENABLE_OTEL is true
+    service.tracing = tracing
+    # twistd asks the application for its log observer (unless --logger names one)
+    service.log_observer_factory = lambda: build_observer(observability)
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
     if keys is not None:
         debug_factory = DebugServerFactory(

@@ -147,22 +147,27 @@ class _Watch(ProcessProtocol):
 
     def __init__(self) -> None:
         self.output = b""
+        #: stdout alone
+        self.stdout = b""
         self.ended: defer.Deferred = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
+        self.stdout += data
 
-    errReceived = outReceived
+    def errReceived(self, data: bytes) -> None:
+        self.output += data
 
     def processEnded(self, reason) -> None:
         self.ended.callback((reason.value.exitCode, reason.value.signal))
 
 
-class TwistdShutdownTests(DaemonCase):
-    """``twistd -n difydaemon`` stopped by SIGTERM while a plugin stream is open."""
+class TwistdCase(DaemonCase):
+    """A daemon run as ``twistd -n difydaemon`` in a child process."""
 
-    async def _start_twistd(self, grace: str | None = "2") -> None:
-        workdir = os.path.abspath(self.mktemp())
+    async def _start_twistd(self, grace: str | None = "2", **extra_environ) -> None:
+        """Start it (``grace``: SHUTDOWN_GRACE_PERIOD, None for the default; ``extra_environ`` adds variables) and wait until its health check answers."""
+        workdir = self.workdir = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(workdir, "cwd"))
         os.symlink(test_uv_cache_dir(), os.path.join(workdir, "cwd", ".uv-cache"))
         self.port = free_port()
@@ -174,7 +179,7 @@ class TwistdShutdownTests(DaemonCase):
                 "PYTHON_INTERPRETER_PATH": python312(),
                 "PLUGIN_MAX_EXECUTION_TIMEOUT": "120",
                 "PYTHON_ENV_INIT_TIMEOUT": "60",
-                # this test is about shutdown, not about hung plugins
+                # these tests are not about hung plugins
                 "PLUGIN_HEARTBEAT_TIMEOUT": "600",
                 # the repository only: the plugins inherit it, and the
                 # daemon's own stdlib on their path breaks their Python 3.12
@@ -185,6 +190,7 @@ class TwistdShutdownTests(DaemonCase):
             env["SHUTDOWN_GRACE_PERIOD"] = grace
         else:
             env.pop("SHUTDOWN_GRACE_PERIOD", None)
+        env.update(extra_environ)
         self.watch = _Watch()
         self.daemon = reactor.spawnProcess(
             self.watch,
@@ -211,6 +217,11 @@ class TwistdShutdownTests(DaemonCase):
         if not self.watch.ended.called:
             self.daemon.signalProcess("KILL")
             await self.watch.ended
+
+
+
+class TwistdShutdownTests(TwistdCase):
+    """``twistd -n difydaemon`` stopped by SIGTERM while a plugin stream is open."""
 
     async def _open_stream(self, tool: str = "sleep", parameters=None):
         """Start a call (a 120 s sleep); (the response, once its first item came; its whole body)."""

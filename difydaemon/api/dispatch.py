@@ -35,12 +35,16 @@ from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.dispatcher import serve_invoke
 from difydaemon.invocation.session import InvocationSession, MalformedInvokeError
+from difydaemon.observability.otel import INTERNAL, SERVER
+from difydaemon.observability.trace import traceparent_of
 from difydaemon.packaging.identifier import parse_identifier
 
 NO_RUNTIME_MESSAGE = "failed to get plugin runtime"
 TIMEOUT_MESSAGE = "killed by timeout"
 NO_POLLING_RESULT_MESSAGE = "no polling result received from plugin"
 INVOKE_DIFY_ERROR = "invoke_dify_error"
+#: the metrics' error class of a session ended by the daemon's own check
+PLUGIN_INVOKE_ERROR = "PluginInvokeError"
 
 _INTERNAL = errors.InternalServerError.error_type
 _PLUGIN_ID_REQUIRED = envelope.from_exception(errors.BadRequestError("plugin_id is required"))
@@ -118,6 +122,10 @@ class _Relay(SessionRelay):
         "tenant_id",
         "plugin_id",
         "backwards",
+        "route",
+        "meter",
+        "error_class",
+        "span",
     )
 
     def __init__(self, reactor, request, plugin_request: dict, chunk_check) -> None:
@@ -132,6 +140,14 @@ class _Relay(SessionRelay):
         self.plugin_id = ""
         #: the BackwardsInvocations serving the plugin's calls, or None
         self.backwards = None
+        #: the dispatch route (its access type and action label the metrics)
+        self.route = None
+        #: the InvocationMeter of the open session, when metrics are on
+        self.meter = None
+        #: why the session failed (the metrics' error class), None while it has not
+        self.error_class = None
+        #: the session's span, when OpenTelemetry is on
+        self.span = None
 
     # -- life of the request -------------------------------------------------
 
@@ -139,6 +155,8 @@ class _Relay(SessionRelay):
         """Answer a plain JSON envelope: no session was opened."""
         if self.closed:
             return
+        if status != 200 and self.error_class is None:
+            self.error_class = f"http_{status}"
         self.closed = True
         self._stop_timers()
         _answer(self.request, status, body)
@@ -146,6 +164,25 @@ class _Relay(SessionRelay):
     def session_timed_out(self) -> None:
         """The backstop timeout fired (the runtime has no timeout of its own)."""
         self.error(_INTERNAL, TIMEOUT_MESSAGE, None)
+
+    def _stop_timers(self) -> None:
+        # every way a relay closes passes here once: count the session's end
+        super()._stop_timers()
+        meter = self.meter
+        if meter is not None:
+            self.meter = None
+            error_class = self.error_class
+            meter.finish("success" if error_class is None else "error", error_class)
+        span = self.span
+        if span is not None:
+            self.span = None
+            span.end(self.error_class)
+
+    def client_gone(self, failure) -> None:
+        """The client disconnected: the session ends as an error."""
+        if not self.closed and self.error_class is None:
+            self.error_class = "client_gone"
+        super().client_gone(failure)
 
     def _fail_session(self, inner: str) -> None:
         """Stop the plugin session and end the response with a PluginInvokeError."""
@@ -306,6 +343,8 @@ class StreamRelay(_Relay):
         written as it is; anything else is the plugin's, wrapped in a
         ``PluginInvokeError`` (§3.2).
         """
+        if self.error_class is None:
+            self.error_class = error_type if isinstance(error_type, str) and error_type else "unknown"
         if error_type == _INTERNAL:
             self._close(sse.error_item(-500, message, error_type))
         else:
@@ -313,6 +352,8 @@ class StreamRelay(_Relay):
 
     def fail_with(self, inner: str) -> None:
         """End the stream with a PluginInvokeError around ``inner``."""
+        if self.error_class is None:
+            self.error_class = PLUGIN_INVOKE_ERROR
         self._close(sse.invoke_error_item(inner))
 
     def _close(self, last: bytes | None) -> None:
@@ -370,6 +411,8 @@ class PollingRelay(_Relay):
 
     def error(self, error_type, message, args) -> None:
         """The session failed (HTTP 500, as the Go handler answers)."""
+        if self.error_class is None:
+            self.error_class = error_type if isinstance(error_type, str) and error_type else "unknown"
         if error_type == _INTERNAL:
             self._respond(500, envelope.error(-500, message, error_type))
         else:
@@ -377,6 +420,8 @@ class PollingRelay(_Relay):
 
     def fail_with(self, inner: str) -> None:
         """Answer HTTP 500 with a PluginInvokeError around ``inner``."""
+        if self.error_class is None:
+            self.error_class = PLUGIN_INVOKE_ERROR
         self._respond(500, sse.invoke_error_envelope(inner))
 
     def _respond(self, status: int, body: bytes) -> None:
@@ -443,6 +488,10 @@ class DispatchResource(Resource):
         :class:`~difydaemon.api.forwarding.CallForwarder` sending calls
         for a debug plugin connected to another replica there; None (a
         daemon alone) serves every call here.
+    :param metrics: a :class:`~difydaemon.observability.metrics.DaemonMetrics`
+        counting sessions, or None (``PROMETHEUS_ENABLED=false``).
+    :param tracing: a :class:`~difydaemon.observability.otel.Tracing`, or
+        None: an incoming ``traceparent`` is then passed on unchanged.
     """
 
     isLeaf = True
@@ -458,9 +507,13 @@ class DispatchResource(Resource):
         routes=None,
         backwards=None,
         forwarder=None,
+        metrics=None,
+        tracing=None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
+        self.metrics = metrics
+        self.tracing = tracing
         self._installations = installations
         self._registry = registry
         self._max_execution_timeout = max_execution_timeout
@@ -597,6 +650,11 @@ class DispatchResource(Resource):
             _answer(request, 400, envelope.from_exception(errors.BadRequestError("\n".join(failures))))
             return
         plugin_request = build_plugin_request(new_session_id(), route, body, data)
+        traceparent = traceparent_of(request.requestHeaders)
+        if self.tracing is not None:
+            traceparent = self._trace_request(request, route, traceparent)
+        if traceparent is not None:
+            plugin_request["traceparent"] = traceparent
         if route.polling:
             relay = PollingRelay(self._reactor, request, plugin_request, route.new_chunk_check())
         else:
@@ -606,6 +664,7 @@ class DispatchResource(Resource):
         relay.tenant_id = installation.tenant_id
         relay.plugin_id = installation.plugin_id
         relay.backwards = self.backwards
+        relay.route = route
         departure.relay = relay
         self._open(relay, identifier)
 
@@ -645,9 +704,17 @@ class DispatchResource(Resource):
     def _open_on(self, relay: _Relay, runtime, identifier: str) -> None:
         # set first: a runtime may deliver messages before open_session returns
         relay.runtime = runtime
+        route = relay.route
+        if self.metrics is not None:
+            relay.meter = self.metrics.invocation(
+                relay.plugin_id, route.access_type, getattr(runtime, "runtime_type", "local"), route.action
+            )
+        if self.tracing is not None:
+            self._trace_session(relay, runtime)
         try:
             handle = runtime.open_session(relay.session_id, relay.plugin_request, relay)
         except errors.DaemonError as exc:
+            relay.error_class = exc.error_type
             # it said it was ready: waiting again could go round forever
             log.debug("cannot open a session of {identifier}: {reason}", identifier=identifier, reason=exc.message)
             relay.refuse(500, envelope.from_exception(exc))
@@ -656,6 +723,35 @@ class DispatchResource(Resource):
         if getattr(runtime, "session_timeout", None) is None:
             timeout = self._max_execution_timeout
         relay.opened(handle, timeout)
+
+
+    def _trace_request(self, request, route, traceparent: str | None) -> str:
+        """Start the HTTP request's span, ended when the response is; its traceparent."""
+        span = self.tracing.start(
+            "POST /plugin/:tenant_id/dispatch/" + route.path,
+            SERVER,
+            traceparent,
+            {"http.request.method": "POST", "http.route": "/plugin/:tenant_id/dispatch/" + route.path},
+        )
+        request.notifyFinish().addBoth(lambda result: span.end(None if result is None else "client gone"))
+        return span.traceparent
+
+    def _trace_session(self, relay: _Relay, runtime) -> None:
+        """Start the plugin session's span; the plugin and Dify see it as the parent."""
+        route = relay.route
+        span = self.tracing.start(
+            "plugin session " + route.action,
+            INTERNAL,
+            relay.plugin_request.get("traceparent"),
+            {
+                "plugin.id": relay.plugin_id,
+                "plugin.session_id": relay.session_id,
+                "plugin.runtime_type": getattr(runtime, "runtime_type", "local"),
+                "plugin.operation": route.action,
+            },
+        )
+        relay.span = span
+        relay.plugin_request["traceparent"] = span.traceparent
 
 
 class _Waiting:

@@ -71,6 +71,7 @@ from difydaemon.api.admission import (
 )
 from difydaemon.api.pace import BodyClock, BodyPace
 from difydaemon.api.paths import RequestTarget, canonical_target
+from difydaemon.observability.metrics import dispatch_endpoint
 
 log = Logger()
 
@@ -341,6 +342,7 @@ class DispatchRequest:
         "_chunked",
         "_notifications",
         "_disconnected",
+        "received_at",
     )
 
     def __init__(self, channel: DispatchChannel, head: RequestHead, body: bytes) -> None:
@@ -365,6 +367,8 @@ class DispatchRequest:
         self._chunked = False
         self._notifications = None
         self._disconnected = False
+        #: ``reactor.seconds()`` when the request was read (its duration's start)
+        self.received_at = 0.0
 
     def setResponseCode(self, code: int) -> None:
         """The response's status."""
@@ -458,10 +462,13 @@ class DispatchGate:
     :ivar counter: the :class:`~difydaemon.api.root.RequestCounter` of
         ``/health/check``.
     :ivar resource: the :class:`~difydaemon.api.dispatch.DispatchResource`.
+    :ivar metrics: the :class:`~difydaemon.observability.metrics.DaemonMetrics`
+        counting each answered request, or None.
     """
 
     counter: object
     resource: object
+    metrics: object = None
 
 
 @implementer(IConsumer, IPushProducer)
@@ -784,6 +791,7 @@ class DispatchChannel(Protocol):
         gate = self._gate
         gate.counter.enter(True)
         request = DispatchRequest(self, head, body)
+        request.received_at = self._reactor.seconds()
         self._request = request
         try:
             answer = gate.resource.render(request)
@@ -801,7 +809,16 @@ class DispatchChannel(Protocol):
         if request is not self._request:
             return
         self._request = None
-        self._gate.counter.leave(True)
+        gate = self._gate
+        gate.counter.leave(True)
+        metrics = gate.metrics
+        if metrics is not None:
+            metrics.http_request(
+                "POST",
+                dispatch_endpoint(b"/".join(request.postpath[2:])),
+                request.code,
+                self._reactor.seconds() - request.received_at,
+            )
         self._next(request.persistent)
 
     def _next(self, persistent: bool) -> None:

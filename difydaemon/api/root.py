@@ -129,10 +129,14 @@ class RootResource(Resource):
     :param transaction: the resource under ``/backwards-invocation/``
         (serverless only).
     :param admin: the resource under ``/admin/`` (when the admin API is enabled).
+    :param metrics: the resource of ``GET /metrics`` and ``/metrics/``
+        (no key, as in Go); None answers them 404 (``PROMETHEUS_ENABLED=false``).
     """
 
-    def __init__(self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None,
-                 transaction=None, admin=None):
+    def __init__(
+        self, server_key: str, app, health, counter: RequestCounter, dispatch=None, endpoint=None,
+        transaction=None, admin=None, metrics=None,
+    ):
         super().__init__()
         self._transaction = transaction
         self._admin = admin
@@ -142,6 +146,7 @@ class RootResource(Resource):
         self._counter = counter
         self._dispatch = dispatch
         self._endpoint = endpoint
+        self._metrics = metrics
         self._not_found = StaticJSONResource(404, envelope.ROUTE_NOT_FOUND)
 
     def getChildWithDefault(self, name, request):
@@ -158,6 +163,11 @@ class RootResource(Resource):
         method = request.method
         if name == b"health" and postpath == [b"check"]:
             return self._health if method == b"GET" else self._not_found
+        if name == b"metrics" and (not postpath or postpath == [b""]):
+            # served on both: Go redirects /metrics to /metrics/, a scraper may name either
+            if self._metrics is not None and method == b"GET":
+                return self._metrics
+            return self._not_found
         is_dispatch = name == b"plugin" and len(postpath) >= 2 and postpath[1] == b"dispatch"
         self._counter.track(request, is_dispatch)
         if name == b"e" and self._endpoint is not None:

@@ -85,7 +85,13 @@ class DaemonRequest(Request):
                 return
         self.content.write(data)
 
+    #: ``reactor.seconds()`` when the request's head and body were read
+    received_at = None
+
     def process(self) -> None:
+        reactor = getattr(self.channel.factory, "reactor", None) if self.channel is not None else None
+        if reactor is not None:
+            self.received_at = reactor.seconds()
         admission = self.admission
         if admission is not None:
             # twisted.web splits this path on "/" and decodes each segment,

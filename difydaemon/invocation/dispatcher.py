@@ -222,10 +222,10 @@ class BackwardsInvocations:
                     if not _send(session, message):
                         raise _SessionGone()
 
-                await self._inner_api.stream(spec.path, body, on_item)
+                await self._inner_api.stream(spec.path, body, on_item, session_request.get("traceparent"))
             else:
                 body = inner_api_request(session, invoke_type, spec, request)
-                result = await self._inner_api.single(spec.path, body)
+                result = await self._inner_api.single(spec.path, body, session_request.get("traceparent"))
                 if not _send(session, backwards_response(session_request, backwards_id, "response", SINGLE, result)):
                     return
         except _SessionGone:

@@ -26,6 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from difydaemon.http_body import BodyStream, StopReading, reason_of
 from difydaemon.invocation.frames import FRAME_OVERHEAD, MAGIC, FrameDecoder, FrameError
+from difydaemon.observability.otel import CLIENT
 
 #: How much of an unexpected answer is quoted in the error message.
 QUOTED_BODY_SIZE = 1024
@@ -121,6 +122,11 @@ class DifyInnerAPI:
         (``DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT``).
     :param max_frame_size: the largest value accepted
         (``RESPONSE_MAX_BUFFER_SIZE``).
+    :param tracing: a :class:`~difydaemon.observability.otel.Tracing`
+        making a client span of each call, or None.
+
+    Each call takes the ``traceparent`` of the plugin session it serves
+    and sends it as a header (the call's own span's, with tracing on).
     """
 
     def __init__(
@@ -132,8 +138,10 @@ class DifyInnerAPI:
         write_timeout: float,
         read_timeout: float,
         max_frame_size: int,
+        tracing=None,
     ) -> None:
         self._reactor = reactor
+        self._tracing = tracing
         self._http = http_client if http_client is not None else make_http_client(reactor, write_timeout)
         self._base_url = base_url.rstrip("/") + "/inner/api/"
         self._headers = {"X-Inner-Api-Key": api_key, "Content-Type": "application/json"}
@@ -144,7 +152,9 @@ class DifyInnerAPI:
         """The URL of an inner API ``path`` such as ``invoke/llm``."""
         return self._base_url + path
 
-    async def stream(self, path: str, body: dict, on_item: Callable[[object], object]) -> None:
+    async def stream(
+        self, path: str, body: dict, on_item: Callable[[object], object], traceparent: str | None = None
+    ) -> None:
         """
         Call a streamed endpoint; ``on_item(data)`` is called for each
         frame as it arrives.  Returns at the end of the stream.
@@ -162,13 +172,13 @@ class DifyInnerAPI:
             for payload in payloads:
                 on_item(_data_of(path, payload))
 
-        await self._call(path, body, sink)
+        await self._call(path, body, sink, traceparent)
         try:
             decoder.finish()
         except FrameError as exc:
             raise InnerAPIError(f"dify inner api {path} answered a bad frame: {exc}") from None
 
-    async def single(self, path: str, body: dict):
+    async def single(self, path: str, body: dict, traceparent: str | None = None):
         """
         Call a single-answer endpoint and return the answer's ``data``.
 
@@ -188,7 +198,7 @@ class DifyInnerAPI:
                 raise InnerAPIError(f"dify inner api {path} answered more than {limit} bytes")
             pieces.append(data)
 
-        await self._call(path, body, sink)
+        await self._call(path, body, sink, traceparent)
         answer = b"".join(pieces)
         if answer.startswith(_MAGIC_BYTE):
             decoder = FrameDecoder(self._max_frame_size)
@@ -244,11 +254,30 @@ class DifyInnerAPI:
             raise InnerAPIError(f"dify inner api invoke/encrypt answered no data object: {_quote(orjson.dumps(answer))}")
         return result
 
-    async def _call(self, path: str, body: dict, sink: Callable[[bytes], None]) -> None:
+    async def _call(
+        self, path: str, body: dict, sink: Callable[[bytes], None], traceparent: str | None = None
+    ) -> None:
         """
         POST ``body`` to ``path``, require HTTP 200 and give each piece of
         the answer's body to ``sink``, all within the read timeout.
         """
+        headers = self._headers
+        span = None
+        if self._tracing is not None:
+            span = self._tracing.start("dify inner api " + path, CLIENT, traceparent, {"url.path": "/inner/api/" + path})
+            traceparent = span.traceparent
+        if traceparent:
+            headers = dict(headers, traceparent=traceparent)
+        try:
+            await self._post(path, body, sink, headers)
+        except BaseException as exc:
+            if span is not None:
+                span.end(str(exc) or type(exc).__name__)
+            raise
+        if span is not None:
+            span.end()
+
+    async def _post(self, path: str, body: dict, sink: Callable[[bytes], None], headers: dict) -> None:
         timeout: InnerAPIError | None = None
         reader: _BodyReader | None = None
         requesting: Deferred | None = None
@@ -266,7 +295,7 @@ class DifyInnerAPI:
             requesting = self._http.post(
                 self.url(path),
                 data=orjson.dumps(body),
-                headers=self._headers,
+                headers=headers,
                 unbuffered=True,
                 allow_redirects=False,
             )

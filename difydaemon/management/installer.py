@@ -77,6 +77,8 @@ class Installer:
     :param cluster: told ``plugin_installed(identifier)`` and
         ``plugin_retired(identifier)`` (the other replicas start and stop
         local plugins), or None.
+    :param metrics: the :class:`~difydaemon.observability.metrics.DaemonMetrics`
+        counting install jobs, or None.
     """
 
     def __init__(
@@ -91,8 +93,10 @@ class Installer:
         installations=None,
         task_leases=None,
         cluster=None,
+        metrics=None,
     ) -> None:
         self._reactor = reactor
+        self.metrics = metrics
         self._persistence = persistence
         self._storage = storage
         self._packages = packages
@@ -243,15 +247,23 @@ class Installer:
         return None
 
     async def _run_job(self, task_id, tenant_id, identifier, coroutine) -> None:
+        started = self._reactor.seconds()
         try:
             await self._semaphore.run(self._with_timeout, coroutine, task_id, tenant_id, identifier)
         except Exception as exc:
             message = exc.message if isinstance(exc, DaemonError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, DaemonError):
                 log.failure("install of {identifier} failed", identifier=identifier)
+            self._count(identifier, TASK_FAILED, started)
             await self._update_plugin(task_id, tenant_id, identifier, TASK_FAILED, message)
         else:
+            self._count(identifier, TASK_SUCCESS, started)
             await self._update_plugin(task_id, tenant_id, identifier, TASK_SUCCESS, "installed")
+
+    def _count(self, identifier: str, status: str, started: float) -> None:
+        """Count one ended install job in the metrics, if any."""
+        if self.metrics is not None:
+            self.metrics.installation(identifier.split(":", 1)[0], status, self._reactor.seconds() - started)
 
     def _with_timeout(self, coroutine, task_id, tenant_id, identifier) -> Deferred:
         async def progress_started():

@@ -24,6 +24,8 @@ _ID_START = len(_STREAM_PREFIX)
 _MIDDLE_LENGTH = len(_STREAM_MIDDLE)
 _loads = orjson.loads
 _HEARTBEAT_LINE = b'{"event":"heartbeat","session_id":null,"data":{}}'
+#: where a message glued after a print() starts
+_EVENT_START = b'{"event"'
 
 SESSION_MESSAGE_KINDS = frozenset({"stream", "end", "error", "invoke"})
 
@@ -158,9 +160,7 @@ class PluginOutputDecoder:
                 if len(line) > self.max_line_size:
                     items.append(OversizedLine(len(line)))
                 else:
-                    item = decode_line(line)
-                    if item is not None:
-                        items.append(item)
+                    _decode_into(line, items.append)
             data = data[newline + 1 :]
         lines = data.split(b"\n")
         tail = lines.pop()
@@ -178,9 +178,7 @@ class PluginOutputDecoder:
                 if item is not None:
                     append(item)
                     continue
-            item = decode_line(line)
-            if item is not None:
-                append(item)
+            _decode_into(line, append)
         if tail:
             self._hold(tail, items)
         return items
@@ -216,6 +214,27 @@ def _decode_compact_stream(line: bytes) -> SessionMessage | None:
     except ValueError:
         # orjson's and the UTF-8 codec's errors are both ValueErrors.
         return None
+
+
+def _decode_into(line: bytes, append) -> None:
+    """
+    Decode one line and ``append`` its items: usually one, two when text
+    with no newline of its own (``print(..., end="")``) was glued before a
+    message, which must not be lost -- the text becomes a
+    :class:`ForeignLine` of its own, then comes the message.
+    """
+    item = decode_line(line)
+    if item is None:
+        return
+    if type(item) is ForeignLine and not item.is_json:
+        start = line.find(_EVENT_START, 1)
+        if start > 0:
+            message = decode_line(line[start:])
+            if message is not None and type(message) is not ForeignLine:
+                append(ForeignLine(line[:start], False))
+                append(message)
+                return
+    append(item)
 
 
 def decode_line(line: bytes):

@@ -176,7 +176,7 @@ class LocalInstance:
         self._process_table = process_table
         self.sessions = SessionTable(reactor, session_timeout)
         self.protocol = PluginProcessProtocol(
-            self, reactor, plugin_id, max_line_size, readiness_timeout, tail_size
+            self, reactor, plugin_id, max_line_size, readiness_timeout, tail_size, instance=slot
         )
         self._transport = None
         self.started_at: float | None = None
@@ -487,6 +487,8 @@ class LocalRuntime:
         self._next = 0
         self._restarts: dict[int, object] = {}
         self._restart_delay = restart_policy.min_delay
+        #: instances restarted after an exit (read by the metrics)
+        self.restarts = 0
         self._failed_starts = 0
         self._started: Deferred | None = None
         self._stopped_waiters: list[Deferred] = []
@@ -738,6 +740,7 @@ class LocalRuntime:
             plugin_id=self.plugin_id,
             delay=delay,
         )
+        self.restarts += 1
         self._restarts[slot] = self._reactor.callLater(delay, self._launch, slot)
 
     def _fail(self, message: str, start_error) -> None:

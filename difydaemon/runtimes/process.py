@@ -5,7 +5,13 @@ The process protocol of one local plugin subprocess (``runtimes.md`` §1.4,
 :class:`PluginProcessProtocol` only frames: it feeds stdout through the
 codec, hands session messages to its owner, logs the plugin's log and error
 events, keeps the tails of stderr and of non-JSON stdout for error messages,
-and turns the first heartbeat into readiness.  What a session message or an
+and turns the first heartbeat into readiness.
+
+Whatever the plugin writes that is not protocol -- its ``log`` events, a
+stray ``print()`` on stdout, any stderr line -- is logged in the namespace
+``difydaemon.plugin`` with the fields ``plugin_id``, ``instance``, ``pid``,
+``stream`` (``log``, ``stdout`` or ``stderr``) and ``plugin_message``, so a
+JSON log can be filtered per plugin; such a line never breaks a session.  What a session message or an
 exit means is the owner's business (:mod:`difydaemon.runtimes.local`).
 """
 
@@ -17,6 +23,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 
 from difydaemon import errors
+from difydaemon.observability.logs import PLUGIN_NAMESPACE
 from difydaemon.runtimes.codec import (
     ForeignLine,
     Heartbeat,
@@ -29,6 +36,13 @@ from difydaemon.runtimes.codec import (
 )
 
 DEFAULT_TAIL_SIZE = 4096
+
+#: the plugins' own output, as log events (module level: a Logger class
+#: attribute would take its namespace from the class)
+_plugin_log = Logger(namespace=PLUGIN_NAMESPACE)
+
+#: how much of a JSON line without an event (the SDK's manifest dump) is logged
+_JSON_LINE_LOGGED = 1024
 
 _LOG_LEVELS = {
     "debug": LogLevel.debug,
@@ -112,10 +126,13 @@ class PluginProcessProtocol(ProcessProtocol):
         max_line_size: int,
         readiness_timeout: float,
         tail_size: int = DEFAULT_TAIL_SIZE,
+        instance: int | None = None,
     ) -> None:
         self._owner = owner
         self._reactor = reactor
         self.plugin_id = plugin_id
+        #: which of the plugin's instances this is (its slot), for the log
+        self.instance = instance
         self._decoder = PluginOutputDecoder(max_line_size)
         self._readiness_timeout = readiness_timeout
         self._readiness_timer = None
@@ -164,30 +181,25 @@ class PluginProcessProtocol(ProcessProtocol):
 
     def _handle_other(self, item) -> None:
         if isinstance(item, Log):
-            self.log.emit(
+            _plugin_log.emit(
                 log_level(item.level),
                 "plugin {plugin_id}: {plugin_message}",
                 plugin_id=self.plugin_id,
+                instance=self.instance,
+                pid=self.pid,
+                stream="log",
                 plugin_message=item.message,
                 plugin_level=item.level,
                 plugin_timestamp=item.timestamp,
-                pid=self.pid,
             )
         elif isinstance(item, ForeignLine):
             if item.is_json:
-                # The SDK's manifest dump and the like.
-                self.log.debug(
-                    "plugin {plugin_id} wrote a line without an event ({size} bytes)",
-                    plugin_id=self.plugin_id,
-                    size=len(item.line),
-                )
+                # The SDK's manifest dump and the like: not worth more than debug.
+                self._plugin_output(LogLevel.debug, "stdout", item.line[:_JSON_LINE_LOGGED])
             else:
+                # a print(): the plugin's own log output, not a protocol error
                 self.stdout_tail.write(item.line + b"\n")
-                self.log.warn(
-                    "plugin {plugin_id} wrote a non-JSON line: {line}",
-                    plugin_id=self.plugin_id,
-                    line=item.line.decode("utf-8", "replace"),
-                )
+                self._plugin_output(LogLevel.info, "stdout", item.line)
         elif isinstance(item, PluginErrorEvent):
             self.log.error(
                 "plugin {plugin_id} reported an error: {error}",
@@ -226,11 +238,19 @@ class PluginProcessProtocol(ProcessProtocol):
 
     def _log_stderr(self, line: bytes) -> None:
         if line.strip():
-            self.log.warn(
-                "plugin {plugin_id} stderr: {line}",
-                plugin_id=self.plugin_id,
-                line=line.decode("utf-8", "replace").rstrip(),
-            )
+            self._plugin_output(LogLevel.warn, "stderr", line)
+
+    def _plugin_output(self, level: LogLevel, stream: str, line: bytes) -> None:
+        """One line of the plugin's own output as a log event."""
+        _plugin_log.emit(
+            level,
+            "plugin {plugin_id} {stream}: {plugin_message}",
+            plugin_id=self.plugin_id,
+            instance=self.instance,
+            pid=self.pid,
+            stream=stream,
+            plugin_message=line.decode("utf-8", "replace").rstrip(),
+        )
 
     def processExited(self, reason) -> None:
         self.reaped = True

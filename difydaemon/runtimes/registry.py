@@ -221,6 +221,14 @@ class RuntimeRegistry:
             except Exception:
                 log.failure("a runtime listener failed on {event}", event=event)
 
+    def runtimes(self) -> list:
+        """The registered runtimes (a copy: for reading, e.g. by metrics)."""
+        return list(self._runtimes.values())
+
+    def launching(self) -> list[str]:
+        """The supervised identifiers with no runtime yet (launching or backing off)."""
+        return [record.identifier for record in self._records.values() if record.runtime is None]
+
     def status(self, plugin_unique_identifier: str) -> RuntimeStatus | None:
         """The supervision state of a local identifier, or None if it has none."""
         record = self._records.get(plugin_unique_identifier)

@@ -343,6 +343,19 @@ class _ConnectionTrackingFactory(WrappingFactory):
         return waiter
 
 
+def stop_listening(listening) -> Deferred:
+    """
+    Stop each ``(port, factory)`` of ``listening`` (the factories
+    :class:`_ConnectionTrackingFactory`) and abort their open connections;
+    fires when all are closed.
+    """
+    waits = []
+    for port, factory in listening:
+        waits.append(maybeDeferred(port.stopListening))
+        waits.append(factory.close_all())
+    return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallback(lambda _: None)
+
+
 class FakeOpenAIListener:
     """
     A :class:`FakeOpenAIServer` served over HTTP; made by :func:`listen`.

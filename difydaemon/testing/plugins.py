@@ -24,12 +24,19 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
   id as text;
 - ``orphan``: starts ``sleep 600`` by a double fork (re-parented away from
   the plugin, in its process group, ignoring TERM) and yields its pid as
-  text.
+  text;
+- ``print``: prints ``text`` as a line of plain text on stdout, then
+  prints ``"glued "`` with no newline (the SDK's next message follows it on
+  the same line), and yields ``"printed"``;
+- ``stdin``: yields, as one JSON message ``{"lines": [...]}``, every line
+  the plugin read on stdin so far, as sent (with the ``"recording"`` main
+  only).
 
 ``main`` variants: ``"normal"`` (the SDK's), ``"silent"`` (never
 heartbeats: sleeps forever), ``"broken"`` (raises at import) and
 ``"recording"`` (the SDK's, keeping the ``data`` of every request it
-receives, whatever its route, for the ``requests`` tool).
+receives, whatever its route, for the ``requests`` tool, and the raw bytes
+it reads on stdin, for the ``stdin`` tool).
 
 :func:`callback_plugin_files` is the echo plugin with tools that call back
 into Dify through the daemon (``runtimes.md`` §4), each answering what it
@@ -146,6 +153,17 @@ _TOOLS = {
         os.close(read)
         yield self.create_text_message(pid)
 ''',
+    "print": '''\
+        print(tool_parameters.get("text") or "plain text", flush=True)
+        print("glued ", end="", flush=True)
+        yield self.create_text_message("printed")
+''',
+    "stdin": '''\
+        import recorded
+
+        raw = b"".join(recorded.STDIN).decode("utf-8", "replace")
+        yield self.create_json_message({"lines": [line for line in raw.split("\\n") if line.strip()]})
+''',
 }
 
 _CALLBACK_TOOLS = {
@@ -238,11 +256,24 @@ _MAINS = {
     "silent": "import time\n\nif __name__ == '__main__':\n    time.sleep(3600)\n",
     "broken": "raise RuntimeError('this plugin cannot start')\n",
     # wraps the SDK's request executor (dify_plugin 0.10.x) to keep each
-    # request's data as it came off stdin, before any request model reads it
+    # request's data as it came off stdin, before any request model reads it,
+    # and its stdin reader to keep the lines as sent (keys the SDK ignores too)
     "recording": '''\
 from dify_plugin import DifyPluginEnv, Plugin
+from dify_plugin.core.server.stdio.request_reader import StdioRequestReader
 
 import recorded
+
+_read_async = StdioRequestReader._read_async
+
+
+def _recording_read(self):
+    data = _read_async(self)
+    recorded.STDIN.append(data)
+    return data
+
+
+StdioRequestReader._read_async = _recording_read
 
 plugin = Plugin(DifyPluginEnv(MAX_REQUEST_TIMEOUT=120))
 _execute_request = plugin._execute_request
@@ -261,9 +292,11 @@ if __name__ == "__main__":
 }
 
 _RECORDED_PY = '''\
-"""The data of every request this plugin received, in order (see main.py)."""
+"""The data of every request this plugin received, and its raw stdin, in order (see main.py)."""
 
 REQUESTS = []
+#: every read from stdin, as read
+STDIN = []
 '''
 
 

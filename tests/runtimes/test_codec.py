@@ -332,3 +332,29 @@ class EncodeRequestTests(SynchronousTestCase):
         line = encode_request({"data": {"text": "é\nx"}})
         self.assertEqual(line, '{"data":{"text":"é\\nx"}}\n'.encode())
         self.assertEqual(line.count(b"\n"), 1)
+
+
+class GluedPrintTests(SynchronousTestCase):
+    """Text printed without a newline right before a message loses neither."""
+
+    def test_print_glued_before_a_stream_message(self):
+        """``print("x", end="")`` then a stream chunk: the text, then the chunk, at every split."""
+        data = b"hello there" + STREAM_LINE + b"\n\n" + END_LINE + b"\n"
+        expected = [ForeignLine(b"hello there", False)] + _decode([STREAM_LINE + b"\n" + END_LINE + b"\n"])
+        self.assertEqual(len(expected), 3)
+        for offset in range(len(data) + 1):
+            self.assertEqual(_decode([data[:offset], data[offset:]]), expected, offset)
+
+    def test_print_glued_before_a_heartbeat_and_a_log(self):
+        """The glued message may be any event: heartbeat, log."""
+        self.assertEqual(
+            _decode([b"oops" + HEARTBEAT_LINE + b"\n" + b"{{" + LOG_LINE + b"\n"]),
+            [ForeignLine(b"oops", False), HEARTBEAT, ForeignLine(b"{{", False), _decode([LOG_LINE + b"\n"])[0]],
+        )
+
+    def test_text_mentioning_event_stays_text(self):
+        """A line that merely contains ``{"event"`` but no message after it is one ForeignLine."""
+        line = b'printed {"event": not json'
+        self.assertEqual(_decode([line + b"\n"]), [ForeignLine(line, False)])
+        line = b'x{"event":"mystery"}'
+        self.assertEqual(_decode([line + b"\n"]), [ForeignLine(line, False)])

@@ -168,8 +168,35 @@ class PluginProcessProtocolTests(SynchronousTestCase):
         """stderr is logged a line at a time, even when a line arrives in pieces."""
         self.process.stderr(b"first li")
         self.process.stderr(b"ne\nsecond\n")
-        lines = [e["line"] for e in self.events(LogLevel.warn) if "line" in e]
+        lines = [e["plugin_message"] for e in self.events(LogLevel.warn) if e.get("stream") == "stderr"]
         self.assertEqual(lines, ["first line", "second"])
+
+    def test_plugin_output_is_logged_per_plugin(self):
+        """Log events, print() lines and stderr lines are events of difydaemon.plugin with plugin_id and instance."""
+        protocol = PluginProcessProtocol(
+            self.owner, self.reactor, "acme/other", max_line_size=1024, readiness_timeout=120, instance=2
+        )
+        process = self.reactor.spawnProcess(protocol, "python", ["python", "-m", "main"])
+        process.stdout(b'{"event":"log","data":{"level":"INFO","message":"from logging"}}\n')
+        process.stdout(b"a stray print\n")
+        process.stderr(b"a warning\n")
+        events = [e for e in self.logged if e["log_namespace"] == "difydaemon.plugin"]
+        self.assertEqual(
+            [(e["stream"], e["plugin_message"], e["plugin_id"], e["instance"], e["log_level"]) for e in events],
+            [
+                ("log", "from logging", "acme/other", 2, LogLevel.info),
+                ("stdout", "a stray print", "acme/other", 2, LogLevel.info),
+                ("stderr", "a warning", "acme/other", 2, LogLevel.warn),
+            ],
+        )
+        self.assertEqual(events[1]["pid"], process.pid)
+
+    def test_print_glued_to_a_message_keeps_the_message(self):
+        """Text printed without a newline before a session message is logged, and the message still arrives."""
+        self.process.stdout(b'no newline{"event":"session","session_id":"s1","data":{"type":"end","data":{}}}\n')
+        self.assertEqual([m.kind for m in self.owner.messages], ["end"])
+        [event] = [e for e in self.logged if e.get("stream") == "stdout"]
+        self.assertEqual(event["plugin_message"], "no newline")
 
     def test_activity_refreshes_last_active(self):
         """Any stdout or stderr bytes refresh last_active."""

@@ -3,12 +3,15 @@
 import os
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from difydaemon.errors import ObjectNotFoundError, ObjectStorageError
 from difydaemon.interfaces import IObjectStorage
+from difydaemon.observability.metrics import DaemonMetrics
 from difydaemon.storage.filesystem import TEMPORARY_SUFFIX, FilesystemObjectStorage
 from difydaemon.storage.memory import MemoryObjectStorage
+from difydaemon.storage.metered import MeteredObjectStorage
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from tests.persistence.contract import contract
 
@@ -239,3 +242,37 @@ class FilesystemFailureTests(AsyncTestCase):
             self.assertIn("object storage cannot load assets/loop: Too many levels of symbolic links", e.message)
         else:
             self.fail("the load did not fail")
+
+
+class MeteredObjectStorageTests(ObjectStorageContract, SynchronousTestCase):
+    """The metered store keeps the contract of the store it wraps, and counts each operation."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock = Clock()
+        self.metrics = DaemonMetrics(self.clock.seconds)
+        self.storage = MeteredObjectStorage(MemoryObjectStorage(), self.metrics, "local")
+
+    def run_check(self, check):
+        self.successResultOfCoroutine(check)
+
+    def test_counts_outcomes(self):
+        """Successes and failures (a missing key, a refused key) count by operation, type and status."""
+        self.successResultOf(self.storage.save("a/b", b"x"))
+        self.successResultOf(self.storage.load("a/b"))
+        self.failureResultOf(self.storage.load("a/missing"), ObjectNotFoundError)
+        try:
+            d = self.storage.load("../escape")
+        except ValueError:
+            pass
+        else:
+            self.failureResultOf(d, ValueError)
+        counts = {key: sum(histogram[:-1]) for key, histogram in self.metrics.storage.items()}
+        self.assertEqual(
+            counts,
+            {
+                ("save", "local", "success"): 1,
+                ("load", "local", "success"): 1,
+                ("load", "local", "error"): 2,
+            },
+        )

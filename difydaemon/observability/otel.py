@@ -1,0 +1,150 @@
+"""
+OpenTelemetry spans exported over OTLP/HTTP (``ENABLE_OTEL=true``; the
+``difydaemon[otel]`` extra installs the SDK and exporter).
+
+Three kinds of span, as in Go: the HTTP request (server), the plugin session
+(internal, its child) and each call back into Dify (client, a child of the
+session).  Parents travel as ``traceparent`` strings, never through
+``contextvars``: a Deferred callback chain does not carry the context
+(twisted#9807), and a span started in one callback and ended in another
+would detach the wrong one.  The exporter's batch processor runs in its own
+thread; nothing here blocks the reactor but :meth:`Tracing.shutdown`, which
+is run in a thread of its own (:class:`ShutdownInThread`).
+"""
+
+from __future__ import annotations
+
+from difydaemon.errors import ConfigError
+
+#: the span kinds, by name (the SDK's enum is imported lazily)
+SERVER = "SERVER"
+INTERNAL = "INTERNAL"
+CLIENT = "CLIENT"
+
+SERVICE_NAME = "dify-plugin-daemon"
+
+
+class TracedSpan:
+    """
+    One started span.
+
+    :ivar traceparent: the W3C ``traceparent`` naming this span as the parent.
+    """
+
+    __slots__ = ("_span", "traceparent", "_status")
+
+    def __init__(self, span, traceparent: str, status) -> None:
+        self._span = span
+        self.traceparent = traceparent
+        self._status = status
+
+    def end(self, error: str | None = None) -> None:
+        """End the span; ``error`` marks it failed with that description."""
+        span = self._span
+        if span is None:
+            return
+        self._span = None
+        if error is not None:
+            span.set_status(self._status(error))
+        span.end()
+
+
+class Tracing:
+    """
+    Starts spans on an OpenTelemetry ``TracerProvider``.
+
+    :param provider: the ``TracerProvider`` (its processors export).
+    """
+
+    def __init__(self, provider) -> None:
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self._provider = provider
+        self._tracer = provider.get_tracer("difydaemon")
+        self._kinds = {SERVER: SpanKind.SERVER, INTERNAL: SpanKind.INTERNAL, CLIENT: SpanKind.CLIENT}
+        self._propagator = TraceContextTextMapPropagator()
+        self._in_context = set_span_in_context
+        self._error_status = lambda description: Status(StatusCode.ERROR, description)
+
+    def start(self, name: str, kind: str, parent: str | None, attributes: dict | None = None) -> TracedSpan:
+        """Start a span under the span ``parent`` names (a ``traceparent``; None: a new trace)."""
+        context = self._propagator.extract({"traceparent": parent}) if parent else None
+        span = self._tracer.start_span(name, context=context, kind=self._kinds[kind], attributes=attributes)
+        carrier: dict = {}
+        self._propagator.inject(carrier, context=self._in_context(span))
+        return TracedSpan(span, carrier.get("traceparent", parent or ""), self._error_status)
+
+    def shutdown(self) -> None:
+        """Export what is queued and stop (blocking: run it in a thread)."""
+        self._provider.shutdown()
+
+
+def build_tracing(config, exporter=None) -> Tracing:
+    """
+    The :class:`Tracing` of an ``ObservabilityConfig`` with ``enable_otel``.
+
+    :param exporter: a span exporter to use instead of OTLP/HTTP (tests).
+    :raises ConfigError: when the ``otel`` extra is not installed.
+    """
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    except ImportError:
+        raise ConfigError("ENABLE_OTEL", "needs the otel extra: pip install 'difydaemon[otel]'") from None
+    if exporter is None:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ConfigError("ENABLE_OTEL", "needs the otel extra: pip install 'difydaemon[otel]'") from None
+        headers = {"authorization": f"Bearer {config.otel_api_key}"} if config.otel_api_key else None
+        exporter = OTLPSpanExporter(
+            endpoint=config.trace_endpoint,
+            headers=headers,
+            timeout=config.otel_batch_export_timeout / 1000.0,
+        )
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": SERVICE_NAME}),
+        sampler=ParentBased(TraceIdRatioBased(config.otel_sampling_rate)),
+        # not at interpreter exit: a collector that is down would hold the
+        # exit for the export timeout (ShutdownInThread does it instead)
+        shutdown_on_exit=False,
+    )
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            exporter,
+            max_queue_size=config.otel_max_queue_size,
+            schedule_delay_millis=config.otel_batch_export_schedule_delay,
+            max_export_batch_size=min(config.otel_max_export_batch_size, config.otel_max_queue_size),
+            export_timeout_millis=config.otel_batch_export_timeout,
+        )
+    )
+    return Tracing(provider)
+
+
+class ShutdownInThread:
+    """
+    A runner of :class:`~difydaemon.service.DaemonService`: at the end of a
+    stop, exports the spans still queued and shuts the provider down in a
+    daemon thread of its own.  A collector that is down makes the exporter
+    retry for up to ``OTEL_BATCH_EXPORT_TIMEOUT``; the process does not wait
+    for that (the reactor's thread pool would be joined at exit), and those
+    spans are lost.
+    """
+
+    def __init__(self, reactor, tracing: Tracing, start_thread=None) -> None:
+        self._reactor = reactor
+        self._tracing = tracing
+        self._start_thread = start_thread if start_thread is not None else _daemon_thread
+
+    def stop(self) -> None:
+        """Shut the exporter down without blocking the reactor or the exit."""
+        self._start_thread(self._tracing.shutdown)
+
+
+def _daemon_thread(target) -> None:
+    import threading
+
+    threading.Thread(target=target, name="difydaemon-otel-shutdown", daemon=True).start()
