@@ -207,7 +207,19 @@ class PrivatePostgres:
 
     def freeze(self) -> None:
         """``SIGSTOP`` the server and all its processes: it accepts TCP connections but never answers."""
-        self._signal_all(signal.SIGSTOP)
+        # a process forked while the others are being stopped would run on:
+        # stop what appears until the set of processes holds still
+        stopped: set[int] = set()
+        for _ in range(50):
+            new = set(self._pids()) - stopped
+            if not new:
+                break
+            for pid in new:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            stopped |= new
         self.frozen = True
 
     def thaw(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import psycopg2
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from txpostgres import txpostgres
 
 from difydaemon.testing.cases import AsyncTestCase
@@ -40,6 +40,11 @@ class PrivatePostgresTests(AsyncTestCase):
         cluster.freeze()
         pids = cluster._pids()
         self.assertGreater(len(pids), 1)
+        # SIGSTOP takes effect asynchronously: wait (bounded) until it has
+        for _ in range(100):
+            if {_state(pid) for pid in pids} == {"T"}:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual({_state(pid) for pid in pids}, {"T"})
         cluster.thaw()
         self.assertEqual(await self._select_one(cluster), [(1,)])
