@@ -158,6 +158,13 @@ class IPersistence(Interface):
     def get_declarations(plugin_unique_identifiers: list):
         """Deferred[dict[str, dict]] of the ones that exist."""
 
+    def get_declarations_json(plugin_unique_identifiers: list, known=()):
+        """
+        Deferred[dict[str, bytes | None]] of the ones that exist: the stored
+        JSON of each, or None for those in ``known`` (the caller holds them
+        decoded already and only asks whether they are still stored).
+        """
+
     def delete_declaration(plugin_unique_identifier: str):
         """Deferred[None]."""
 

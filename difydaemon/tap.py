@@ -268,7 +268,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     keys = DebuggingKeys(reactor, persistence) if config.remote.plugin_remote_installing_enabled else None
     inner_api = _inner_api(reactor, config, dify_pool)
     backwards = _backwards(reactor, config, persistence, inner_api)
-    endpoints = Endpoints(reactor, persistence, inner_api)
+    endpoints = Endpoints(reactor, persistence, inner_api, declarations=packages.declarations)
     management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints, runner=blocking)
     # as long as one start may take before it fails by itself, and well
     # under Dify's 600 s: the caller then reads why, not a timeout

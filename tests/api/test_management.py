@@ -467,6 +467,38 @@ class InstallTests(SynchronousTestCase):
         self.assertNotIn(f"plugin/{self.ident}", self.daemon.stored_keys())
         self.assertIn(f"plugin_packages/{self.ident}", self.daemon.stored_keys())
 
+    def test_list_decodes_a_declaration_once(self):
+        """A second list call reads no declaration text and decodes nothing: the held one is embedded."""
+        self.daemon.install(self.ident)
+        self.daemon.packages.declarations.forget(self.ident)
+        read = []
+        original = self.daemon.persistence.get_declarations_json
+
+        def reading(identifiers, known=()):
+            return original(identifiers, known).addCallback(
+                lambda found: read.extend(i for i, text in found.items() if text is not None) or found
+            )
+
+        self.daemon.persistence.get_declarations_json = reading
+        pages = [
+            self.daemon.ok("GET", f"/plugin/{TENANT}/management/list", params={"page": 1, "page_size": 10})
+            for _ in range(2)
+        ]
+        self.assertEqual(read, [self.ident])
+        self.assertEqual(pages[0], pages[1])
+        self.assertEqual(pages[1]["list"][0]["declaration"], self.successResultOf(
+            self.daemon.persistence.get_declaration(self.ident)
+        ))
+
+    def test_last_uninstall_drops_held_declaration(self):
+        """The uninstall that deletes the declaration row drops the decoded copy too."""
+        self.daemon.install(self.ident)
+        self.daemon.ok("GET", f"/plugin/{TENANT}/management/list", params={"page": 1, "page_size": 10})
+        self.assertGreater(self.daemon.packages.declarations.weight, 0)
+        first = self.daemon.ok("GET", f"/plugin/{TENANT}/management/list", params={"page": 1, "page_size": 10})["list"][0]
+        self.daemon.ok("POST", f"/plugin/{TENANT}/management/uninstall", json={"plugin_installation_id": first["id"]})
+        self.assertEqual(self.daemon.packages.declarations.weight, 0)
+
     def test_uninstall_unknown_is_true(self):
         """Uninstalling an unknown installation id still answers true."""
         self.assertTrue(self.daemon.ok("POST", f"/plugin/{TENANT}/management/uninstall", json={"plugin_installation_id": "nope"}))

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import attrs
 
+import orjson
 from twisted.internet.defer import Deferred, DeferredList
 from zope.interface.verify import verifyObject
 
@@ -489,6 +490,23 @@ class PersistenceContract:
         found = await self.persistence.get_declarations([ECHO_1, ECHO_2, OTHER])
         self.assertEqual(found, {ECHO_1: {"v": 1}, OTHER: {"v": "o"}})
         self.assertEqual(await self.persistence.get_declarations([]), {})
+
+    @contract
+    async def test_get_declarations_json(self):
+        """get_declarations_json gives the stored JSON bytes, None for known ones, nothing for absent ones."""
+        await self.persistence.save_declaration(ECHO_1, "acme/echo", {"v": 1, "s": "回"})
+        await self.persistence.save_declaration(OTHER, "acme/other", {"v": "o"})
+        found = await self.persistence.get_declarations_json([ECHO_1, ECHO_2, OTHER])
+        self.assertEqual(set(found), {ECHO_1, OTHER})
+        self.assertIsInstance(found[ECHO_1], bytes)
+        self.assertEqual(orjson.loads(found[ECHO_1]), {"v": 1, "s": "回"})
+        self.assertEqual(orjson.loads(found[OTHER]), {"v": "o"})
+        known = await self.persistence.get_declarations_json([ECHO_1, ECHO_2, OTHER], known=[OTHER, ECHO_2])
+        self.assertEqual(set(known), {ECHO_1, OTHER})
+        self.assertIsNone(known[OTHER])
+        self.assertEqual(await self.persistence.get_declarations_json([]), {})
+        await self.persistence.delete_declaration(OTHER)
+        self.assertEqual(set(await self.persistence.get_declarations_json([OTHER], known=[OTHER])), set())
 
     @contract
     async def test_delete_declaration(self):
