@@ -149,8 +149,11 @@ class IPersistence(Interface):
 
     # -- declarations and readmes ---------------------------------------
 
-    def save_declaration(plugin_unique_identifier: str, plugin_id: str, declaration: dict):
-        """Insert the declaration if absent (duplicates ignored). Deferred[None]."""
+    def save_declaration(plugin_unique_identifier: str, plugin_id: str, declaration):
+        """
+        Insert the declaration (a dict, or an ``orjson.Fragment`` of its
+        JSON encoded already) if absent (duplicates ignored). Deferred[None].
+        """
 
     def get_declaration(plugin_unique_identifier: str):
         """Deferred[dict | None]."""

@@ -122,7 +122,7 @@ def _listen(reactor, host: str, port: int, factory):
     return StreamServerEndpointService(endpoint, factory)
 
 
-def _local_factory(reactor, config: Config, environ, persistence, storage, paths, blocking):
+def _local_factory(reactor, config: Config, environ, persistence, storage, paths, blocking, declarations=None):
     """
     The factory that brings local plugins up (None on the serverless platform).
 
@@ -172,6 +172,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
             "parent_death": parent_death,
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
+        declarations=declarations,
     )
 
 
@@ -235,7 +236,7 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
     dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
     runtimes = RuntimeRegistry(
         reactor,
-        _local_factory(reactor, config, environ, persistence, storage, paths, blocking),
+        _local_factory(reactor, config, environ, persistence, storage, paths, blocking, packages.declarations),
         shutdown_grace_period=config.shutdown_grace_period_seconds,
         # TERM, KILL after the stop grace period, and the reaping
         stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 1.0,

@@ -172,7 +172,7 @@ class PackageRegistry:
         identifier = decoded.identifier.raw
         declaration, assets = remap_icons(decoded.declaration, decoded.files)
         created_keys = []
-        declaration_created = False
+        declaration_created = remembered = False
         try:
             for asset_id, content in assets.items():
                 key = self.paths.asset(asset_id)
@@ -185,11 +185,14 @@ class PackageRegistry:
                 created_keys.append(package_key)
             existing = await self._declarations.get(identifier)
             if existing is None:
+                # encoded once, in the pool: the row is written from the
+                # same bytes (a Fragment), not encoded again on the reactor
+                existing = await self._declarations.remember(identifier, declaration)
+                remembered = True
                 await self._persistence.save_declaration(
-                    identifier, decoded.identifier.plugin_id, declaration
+                    identifier, decoded.identifier.plugin_id, existing.fragment()
                 )
                 declaration_created = True
-                existing = await self._declarations.remember(identifier, declaration)
             return existing
         except BaseException as exc:
             if isinstance(exc, ObjectStorageError):
@@ -205,9 +208,10 @@ class PackageRegistry:
                     log.error("rollback of {key} failed: {reason}", key=key, reason=error.message)
                 except Exception:
                     log.failure("rollback of {key} failed", key=key)
+            if remembered:
+                self._declarations.forget(identifier)
             if declaration_created:
                 await self._persistence.delete_declaration(identifier)
-                self._declarations.forget(identifier)
             raise
 
     async def _forget(self, identifier: str) -> None:

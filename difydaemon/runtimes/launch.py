@@ -99,6 +99,10 @@ class LocalRuntimeFactory:
     :param runtime_options: keyword arguments of ``LocalRuntime`` (instance
         count, timeouts, buffer sizes).
     :param launch_concurrency: ``PLUGIN_LOCAL_LAUNCHING_CONCURRENT``.
+    :param declarations: the
+        :class:`~difydaemon.management.declarations.DeclarationCache` to
+        read stored declarations through (a large one is then decoded in
+        the pool, once), if any.
     """
 
     def __init__(
@@ -114,10 +118,12 @@ class LocalRuntimeFactory:
         max_package_size: int,
         runtime_options: dict | None = None,
         launch_concurrency: int = 2,
+        declarations=None,
     ) -> None:
 
         self._reactor = reactor
         self._persistence = persistence
+        self._declarations = declarations
         self._storage = storage
         self._paths = paths
         self._runner = runner
@@ -162,7 +168,10 @@ class LocalRuntimeFactory:
         plugin = await self._persistence.get_plugin(identifier)
         if plugin is None or plugin.install_type != "local":
             return None
-        declaration = await self._persistence.get_declaration(identifier)
+        if self._declarations is not None:
+            declaration = await self._declarations.value(identifier)
+        else:
+            declaration = await self._persistence.get_declaration(identifier)
         if declaration is None:
             raise InternalServerError(f"installed plugin {identifier} has no declaration")
 

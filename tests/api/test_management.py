@@ -12,7 +12,7 @@ from difydaemon.persistence.records import TASK_FAILED, TASK_SUCCESS
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.packages import build_package, echo_plugin_files
 
-from .harness import OTHER_TENANT, TENANT, DaemonHarness, default_policy, error_of
+from .harness import OTHER_TENANT, TENANT, DaemonHarness, RecordingRunner, default_policy, error_of
 
 from tests.packaging.fixtures import fixture_bytes as _fixture
 
@@ -137,20 +137,32 @@ class UploadTests(SynchronousTestCase):
 
     def test_form_read_through_the_runner(self):
         """The multipart body is read by the runner (a thread pool in the daemon), not on the reactor."""
-        from difydaemon.blocking import InlineRunner
-
-        class Recording(InlineRunner):
-            def __init__(self):
-                self.functions = []
-
-            def run(self, function, *args, **kwargs):
-                self.functions.append(function.__name__)
-                return super().run(function, *args, **kwargs)
-
-        runner = Recording()
+        runner = RecordingRunner()
         daemon = DaemonHarness(self, runner=runner)
         self.assertEqual(daemon.upload(echo_package())["code"], 0)
         self.assertEqual(runner.functions[0], "read_form")
+
+    def test_declaration_encoded_in_the_runner_once(self):
+        """An upload encodes its declaration in the runner, once; the row is written from those bytes."""
+        runner = RecordingRunner()
+        daemon = DaemonHarness(self, runner=runner)
+        ident = daemon.upload(echo_package())["data"]["unique_identifier"]
+        self.assertEqual(runner.functions.count("Declaration.of"), 1)
+        held = self.successResultOfCoroutine(daemon.packages.declarations.get(ident))
+        self.assertEqual(self.successResultOf(daemon.persistence.get_declarations_json([ident]))[ident], held.json)
+
+    def test_refused_declaration_row_leaves_nothing_held(self):
+        """When the declaration row cannot be written, no decoded copy stays held."""
+        from twisted.internet.defer import fail
+
+        from difydaemon.errors import DatabaseUnavailableError
+
+        daemon = DaemonHarness(self)
+        daemon.persistence.save_declaration = lambda *args: fail(DatabaseUnavailableError("the database is down"))
+        env = daemon.upload(echo_package())
+        self.assertNotEqual(env["code"], 0)
+        self.assertEqual(daemon.packages.declarations.weight, 0)
+        self.assertEqual(daemon.stored_keys(), [])
 
     def test_file_part_over_the_limit(self):
         """A file part over MAX_PLUGIN_PACKAGE_SIZE is Go's -400 "file size exceeds the maximum limit"."""

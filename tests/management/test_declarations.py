@@ -9,12 +9,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from difydaemon.api import envelope
-from difydaemon.blocking import InlineRunner
 from difydaemon.management import views
 from difydaemon.management.declarations import Declaration, DeclarationCache
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.persistence.records import Installation, ProviderInstallation
 from difydaemon.testing.cases import SynchronousTestCase
+from tests.api.harness import RecordingRunner
 
 ECHO = "acme/echo:0.0.1@" + "a" * 64
 OTHER = "acme/other:1.0.0@" + "c" * 64
@@ -31,17 +31,6 @@ def big_declaration(nodes: int) -> dict:
         "tool": {"tools": [{"name": f"p{i}", "value": i / 3, "flag": i % 2 == 0} for i in range(nodes)]},
         "meta": {"runner": {"language": "python"}},
     }
-
-
-class RecordingRunner(InlineRunner):
-    """Runs inline and records which functions it was given."""
-
-    def __init__(self):
-        self.functions = []
-
-    def run(self, function, *args, **kwargs):
-        self.functions.append(function.__qualname__)
-        return super().run(function, *args, **kwargs)
 
 
 class HeldRunner:

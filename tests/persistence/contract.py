@@ -483,6 +483,12 @@ class PersistenceContract:
         self.assertIsNone(await self.persistence.get_declaration(ECHO_2))
 
     @contract
+    async def test_declaration_saved_from_encoded_json(self):
+        """A declaration given as an orjson.Fragment of its JSON is stored as that JSON."""
+        await self.persistence.save_declaration(ECHO_1, "acme/echo", orjson.Fragment(b'{"v":1,"s":"\xe5\x9b\x9e"}'))
+        self.assertEqual(await self.persistence.get_declaration(ECHO_1), {"v": 1, "s": "\u56de"})
+
+    @contract
     async def test_get_declarations_batch(self):
         """get_declarations returns the existing ones, keyed by identifier."""
         await self.persistence.save_declaration(ECHO_1, "acme/echo", {"v": 1})

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 
-from difydaemon.blocking import ThreadPoolRunner
+from difydaemon.blocking import InlineRunner, ThreadPoolRunner
 from difydaemon.errors import InternalServerError
 from difydaemon.management.packages import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
@@ -18,7 +19,7 @@ from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.storage.memory import MemoryObjectStorage
-from difydaemon.testing.cases import AsyncTestCase
+from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.packages import build_package
 from difydaemon.testing.plugins import behaviour_plugin_files
 from difydaemon.testing.sdk import environment_builder
@@ -138,3 +139,31 @@ class LocalFactoryTests(AsyncTestCase):
             await self._launch(behaviour_plugin_files(main="silent"))
         self.assertIn("starting the plugin failed", caught.exception.message)
         self.assertEqual(os.listdir(os.path.join(self.working_path, "acme")), [])
+
+
+class InstalledDeclarationTests(SynchronousTestCase):
+    """Restoring an installed plugin reads its declaration through the declaration cache."""
+
+    def test_declaration_read_through_the_cache(self):
+        """launch_installed asks the cache, not the database, for the declaration."""
+        clock = Clock()
+        persistence = MemoryPersistence(clock)
+        identifier = "acme/echo:0.0.1@" + "a" * 64
+        self.successResultOf(persistence.install_plugin("tenant", identifier, "acme/echo", "local", "package", {}, {}))
+        self.successResultOf(persistence.save_declaration(identifier, "acme/echo", {"name": "echo"}))
+
+        class Absent:
+            asked = []
+
+            async def value(self, wanted):
+                self.asked.append(wanted)
+                return None
+
+        declarations = Absent()
+        factory = LocalRuntimeFactory(
+            clock, persistence, MemoryObjectStorage(), StoragePaths(), InlineRunner(), None,
+            self.mktemp(), {}, 52428800, declarations=declarations,
+        )
+        failure = self.failureResultOf(factory.launch_installed(identifier, lambda line: None), InternalServerError)
+        self.assertIn("has no declaration", failure.value.message)
+        self.assertEqual(declarations.asked, [identifier])
