@@ -1,0 +1,77 @@
+"""
+A plugin whose declaration is over a megabyte of JSON, listed by the whole
+daemon on the real PostgreSQL with a real SDK plugin in a real uv venv:
+the list is right when the declaration was held since its upload, and after
+a restart, when the daemon decodes the stored row (off the reactor) first.
+"""
+
+from __future__ import annotations
+
+import orjson
+from twisted.internet import reactor
+
+from difydaemon import tap
+from difydaemon.config import load_config
+from difydaemon.testing.http import http_client
+from difydaemon.testing.plugins import behaviour_plugin_files
+from tests.daemon_postgres import connect, fresh_database
+from tests.test_end_to_end import TENANT, DaemonCase
+
+#: output-schema fields of the echo tool: ~1.2 MB of declaration JSON
+FIELDS = 20_000
+
+
+def large_declaration_files() -> dict:
+    """The echo plugin whose echo tool declares an output schema of :data:`FIELDS` fields."""
+    files = behaviour_plugin_files()
+    properties = {f"field_{n}": {"type": "string", "description": f"Field number {n}."} for n in range(FIELDS)}
+    # JSON is YAML: a flow mapping, written without a YAML emitter
+    schema = orjson.dumps({"type": "object", "properties": properties}).decode()
+    files["tools/echo.yaml"] = files["tools/echo.yaml"] + f"output_schema: {schema}\n".encode()
+    return files
+
+
+class LargeDeclarationEndToEndTests(DaemonCase):
+    """management/list of a plugin with a large declaration, on PostgreSQL."""
+
+    async def _list(self) -> bytes:
+        code, reply = await self.call("GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
+        self.assertEqual(code, 200, reply[:300])
+        return reply
+
+    async def _boot(self, environ: dict) -> None:
+        """Start a daemon with exactly ``environ``."""
+        self.service = tap.build_daemon(reactor, load_config(environ))
+        self.service.startService()
+        self.addCleanup(self._stop)
+        await self.service.ready
+        self.http = http_client(self, reactor)
+
+    async def test_large_declaration_listed(self):
+        """The list embeds the stored declaration exactly, from the upload's copy and after a restart."""
+        database = await fresh_database(self, "difydaemon_declarations_")
+        environ = self.daemon_environment(**database)
+        await self._boot(environ)
+        identifier = await self.install(large_declaration_files())
+        self.assertEqual(self.task["status"], "success", self.task)
+        connection = await connect(database)
+        self.addCleanup(connection.close)
+        rows = await connection.runQuery(
+            "SELECT declaration FROM plugin_declarations WHERE plugin_unique_identifier = %s", (identifier,)
+        )
+        stored = orjson.loads(rows[0][0])
+        self.assertGreater(len(rows[0][0]), 1_000_000)
+
+        first = await self._list()
+        entity = orjson.loads(first)["data"]["list"][0]
+        self.assertEqual(entity["plugin_unique_identifier"], identifier)
+        self.assertEqual(entity["declaration"], stored)
+        tool = entity["declaration"]["tool"]["tools"][0]
+        self.assertEqual(len(tool["output_schema"]["properties"]), FIELDS)
+        self.assertEqual(await self._list(), first)
+
+        # another daemon on the same database, storage and port: nothing held
+        await self._stop()
+        await self._boot(environ)
+        self.assertEqual(await self._list(), first)
+        self.assertIn(b'"hi"', await self.tool("echo", {"text": "hi"}))
