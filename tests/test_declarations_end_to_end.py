@@ -8,11 +8,6 @@ a restart, when the daemon decodes the stored row (off the reactor) first.
 from __future__ import annotations
 
 import orjson
-from twisted.internet import reactor
-
-from difydaemon import tap
-from difydaemon.config import load_config
-from difydaemon.testing.http import http_client
 from difydaemon.testing.plugins import behaviour_plugin_files
 from tests.daemon_postgres import connect, fresh_database
 from tests.test_end_to_end import TENANT, DaemonCase
@@ -38,14 +33,6 @@ class LargeDeclarationEndToEndTests(DaemonCase):
         code, reply = await self.call("GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
         self.assertEqual(code, 200, reply[:300])
         return reply
-
-    async def _boot(self, environ: dict) -> None:
-        """Start a daemon with exactly ``environ``."""
-        self.service = tap.build_daemon(reactor, load_config(environ))
-        self.service.startService()
-        self.addCleanup(self._stop)
-        await self.service.ready
-        self.http = http_client(self, reactor)
 
     async def test_large_declaration_listed(self):
         """The list embeds the stored declaration exactly, from the upload's copy and after a restart."""
