@@ -8,22 +8,13 @@ a restart, when the daemon decodes the stored row (off the reactor) first.
 from __future__ import annotations
 
 import orjson
-from difydaemon.testing.plugins import behaviour_plugin_files
+
+from difydaemon.testing.plugins import large_declaration_plugin_files
 from tests.daemon_postgres import connect, fresh_database
 from tests.test_end_to_end import TENANT, DaemonCase
 
 #: output-schema fields of the echo tool: ~1.2 MB of declaration JSON
 FIELDS = 20_000
-
-
-def large_declaration_files() -> dict:
-    """The echo plugin whose echo tool declares an output schema of :data:`FIELDS` fields."""
-    files = behaviour_plugin_files()
-    properties = {f"field_{n}": {"type": "string", "description": f"Field number {n}."} for n in range(FIELDS)}
-    # JSON is YAML: a flow mapping, written without a YAML emitter
-    schema = orjson.dumps({"type": "object", "properties": properties}).decode()
-    files["tools/echo.yaml"] = files["tools/echo.yaml"] + f"output_schema: {schema}\n".encode()
-    return files
 
 
 class LargeDeclarationEndToEndTests(DaemonCase):
@@ -39,7 +30,7 @@ class LargeDeclarationEndToEndTests(DaemonCase):
         database = await fresh_database(self, "difydaemon_declarations_")
         environ = self.daemon_environment(**database)
         await self._boot(environ)
-        identifier = await self.install(large_declaration_files())
+        identifier = await self.install(large_declaration_plugin_files(FIELDS))
         self.assertEqual(self.task["status"], "success", self.task)
         connection = await connect(database)
         self.addCleanup(connection.close)

@@ -61,7 +61,7 @@ class PackageRegistry:
         in the daemon, in-process by default.
     :param media_cache_size: LRU entries for ``/asset/`` bytes.
     :param asset_cache_size: LRU entries for ``/extract-asset/`` bytes.
-    :param declaration_cache_bytes: JSON bytes of decoded declarations held
+    :param declaration_cache_bytes: memory of decoded declarations held
         (:class:`~difydaemon.management.declarations.DeclarationCache`).
     """
 

@@ -140,10 +140,10 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(third).value["name"], "echo")
 
     def test_bounded_by_bytes(self):
-        """The JSON bytes held stay under the capacity: the least recently used is decoded again."""
+        """The memory held stays under the capacity: the least recently used is decoded again."""
         for identifier in (ECHO, OTHER, THIRD):
             self.store(identifier, big_declaration(20))
-        size = Declaration.of(big_declaration(20)).size
+        size = Declaration.of(big_declaration(20)).weight
         cache = self.cache(capacity=2 * size + size // 2)
         for identifier in (ECHO, OTHER, THIRD):
             self.many(cache, [identifier])
@@ -187,6 +187,28 @@ class CacheTests(SynchronousTestCase):
         held = Declaration.decode(b'{ "name" : "\\u003cecho\\u003e", "tool": {"a": 1.50} }')
         self.assertEqual(held.json, b'{"name":"<echo>","tool":{"a":1.5}}')
         self.assertEqual(held.parts, {"tool": b'{"a":1.5}'})
+
+    def test_weight_covers_memory_held(self):
+        """A declaration's weight is not below the memory its decode really holds, whatever its shape."""
+        import tracemalloc
+
+        shapes = {
+            "tool parameters": big_declaration(5000),
+            "empty objects": {"a": [{} for _ in range(20000)]},
+            "empty arrays": {"a": [[] for _ in range(20000)]},
+            "one-key objects": {"a": [{"k": n} for n in range(20000)]},
+            "short strings": {"a": [f"s{n}" for n in range(20000)]},
+            "numbers": {"a": [n + 0.5 for n in range(20000)], "b": [1] * 20000},
+        }
+        for shape, value in shapes.items():
+            text = orjson.dumps(value)
+            tracemalloc.start()
+            try:
+                held = Declaration.decode(text)
+                traced, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            self.assertGreaterEqual(held.weight, traced, shape)
 
     def test_not_an_object_refused(self):
         """A stored declaration that is not a JSON object is refused, not held."""
