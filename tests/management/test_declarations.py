@@ -55,8 +55,11 @@ class ReadingPersistence(MemoryPersistence):
     def __init__(self, clock):
         super().__init__(clock)
         self.texts_read = []
+        #: called before each answer (to change the cache while a read is under way)
+        self.meanwhile = lambda: None
 
     def get_declarations_json(self, plugin_unique_identifiers, known=()):
+        self.meanwhile()
         d = super().get_declarations_json(plugin_unique_identifiers, known)
 
         def record(found):
@@ -161,6 +164,15 @@ class CacheTests(SynchronousTestCase):
         self.successResultOf(self.persistence.delete_declaration(ECHO))
         self.assertEqual(self.many(cache, [ECHO]), {})
         self.assertEqual(cache.weight, 0)
+
+    def test_evicted_during_the_read(self):
+        """A declaration evicted while its existence was being checked is read and decoded again."""
+        self.store(ECHO, {"name": "echo"})
+        cache = self.cache()
+        self.many(cache, [ECHO])
+        self.persistence.meanwhile = lambda: cache.forget(ECHO)
+        self.assertEqual(self.many(cache, [ECHO])[ECHO].value, {"name": "echo"})
+        self.assertEqual(self.persistence.texts_read, [ECHO, ECHO])
 
     def test_forget(self):
         """forget drops what is held; a later read decodes the stored row again."""
