@@ -11,12 +11,13 @@ storage, as after a restart, and is measured: the first list call (nothing
 held yet), then ``--lists`` more, each as the wall time of the call and the
 CPU time of the daemon's main (reactor) thread, read from
 ``/proc/<pid>/task/<pid>/stat`` (10 ms ticks, so averaged over the calls);
-then echo latency alone and while another connection calls list back to
-back.  ``--daemon-source DIR`` runs both daemons from another source tree
+then echo latency alone, while another connection calls list back to
+back, and while it calls list every ``--list-pause`` seconds (the same
+list load for every version).  ``--daemon-source DIR`` runs both daemons from another source tree
 (an older version, to compare).
 
 Usage: ``python bench/declaration_cost.py [--fields 33000] [--lists 40]
-[--calls 300] [--daemon-source DIR] [--dsn DSN]``
+[--calls 300] [--list-pause 0.1] [--daemon-source DIR] [--dsn DSN]``
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ async def timed_lists(daemon: Daemon, connection: HTTPConnection, count: int) ->
     return walls, reactor_cpu(daemon.process.pid) - cpu, size
 
 
-async def list_loop(port: int, stop: asyncio.Event, done: list) -> None:
+async def list_loop(port: int, stop: asyncio.Event, done: list, pause: float) -> None:
+    """List back to back, or ``pause`` seconds apart, until ``stop`` is set."""
     connection = HTTPConnection(port)
     await connection.open()
     try:
@@ -100,14 +102,16 @@ async def list_loop(port: int, stop: asyncio.Event, done: list) -> None:
             status, reply = await connection.request("GET", LIST_PATH)
             assert status == 200, reply[:300]
             done.append(1)
+            if pause:
+                await asyncio.sleep(pause)
     finally:
         connection.close()
 
 
-async def echo_during_lists(port: int, connection: HTTPConnection, calls: int) -> tuple[list, int]:
+async def echo_during_lists(port: int, connection: HTTPConnection, calls: int, pause: float) -> tuple[list, int]:
     stop = asyncio.Event()
     done: list = []
-    lists = asyncio.ensure_future(list_loop(port, stop, done))
+    lists = asyncio.ensure_future(list_loop(port, stop, done, pause))
     await asyncio.sleep(0.2)
     try:
         return await daemon_latency(connection, calls), len(done)
@@ -159,7 +163,9 @@ async def main(args) -> None:
         walls, cpu, _ = await timed_lists(measured, connection, args.lists)
         await daemon_latency(connection, 50)
         alone = await daemon_latency(connection, args.calls)
-        during, lists = await echo_during_lists(measured.port, connection, args.calls)
+        during, lists = await echo_during_lists(measured.port, connection, args.calls, 0.0)
+        # the same number of lists per second whatever a list costs
+        paced, paced_lists = await echo_during_lists(measured.port, connection, args.calls, args.list_pause)
         connection.close()
         print(f"daemon source: {source or 'this tree'}; {os.cpu_count()} cores; PostgreSQL")
         print(f"plugin: {args.fields} output-schema fields, list answer {size / 1e6:.2f} MB")
@@ -170,6 +176,8 @@ async def main(args) -> None:
         )
         print(latency_line("echo alone", alone))
         print(latency_line("echo while list is called in a loop", during, f", {lists} lists meanwhile"))
+        print(latency_line(f"echo while list is called every {args.list_pause * 1e3:.0f} ms", paced,
+                           f", {paced_lists} lists meanwhile"))
     finally:
         for daemon in (measured, installer):
             if daemon is not None:
@@ -182,6 +190,7 @@ if __name__ == "__main__":
     parser.add_argument("--fields", type=int, default=33_000, help="output-schema fields (6 YAML nodes each)")
     parser.add_argument("--lists", type=int, default=40, help="list calls timed after the first")
     parser.add_argument("--calls", type=int, default=300, help="echo calls per measure")
+    parser.add_argument("--list-pause", type=float, default=0.1, help="seconds between lists in the paced loop")
     parser.add_argument("--daemon-source", help="run the daemons from this source tree (to compare versions)")
     parser.add_argument(
         "--dsn", default=os.environ.get("DIFYDAEMON_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
