@@ -149,14 +149,24 @@ class IPersistence(Interface):
 
     # -- declarations and readmes ---------------------------------------
 
-    def save_declaration(plugin_unique_identifier: str, plugin_id: str, declaration: dict):
-        """Insert the declaration if absent (duplicates ignored). Deferred[None]."""
+    def save_declaration(plugin_unique_identifier: str, plugin_id: str, declaration):
+        """
+        Insert the declaration (a dict, or an ``orjson.Fragment`` of its
+        JSON encoded already) if absent (duplicates ignored). Deferred[None].
+        """
 
     def get_declaration(plugin_unique_identifier: str):
         """Deferred[dict | None]."""
 
     def get_declarations(plugin_unique_identifiers: list):
         """Deferred[dict[str, dict]] of the ones that exist."""
+
+    def get_declarations_json(plugin_unique_identifiers: list, known=()):
+        """
+        Deferred[dict[str, bytes | None]] of the ones that exist: the stored
+        JSON of each, or None for those in ``known`` (the caller holds them
+        decoded already and only asks whether they are still stored).
+        """
 
     def delete_declaration(plugin_unique_identifier: str):
         """Deferred[None]."""

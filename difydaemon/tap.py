@@ -150,7 +150,7 @@ def _listen(reactor, host: str, port: int, factory):
     return StreamServerEndpointService(endpoint, factory)
 
 
-def _local_factory(reactor, config: Config, environ, persistence, storage, paths, blocking):
+def _local_factory(reactor, config: Config, environ, persistence, storage, paths, blocking, declarations=None):
     """
     The factory that brings local plugins up (None on the serverless platform).
 
@@ -197,6 +197,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
         plugin_home=home,
         run_as=run_as,
         shared_dirs=(os.path.join(working_path, ".uv-cache"), os.path.join(working_path, ".prepared-venvs")),
+        declarations=declarations,
     )
 
 
@@ -318,7 +319,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     factory = (
         serverless.factory
         if serverless is not None
-        else _local_factory(reactor, config, environ, persistence, storage, paths, blocking)
+        else _local_factory(reactor, config, environ, persistence, storage, paths, blocking, packages.declarations)
     )
     runtimes = RuntimeRegistry(
         reactor,
@@ -396,7 +397,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         keys.on_invalidate = lambda tenant_id: caches.invalidated("debugging_keys", tenant_id)
     inner_api = _inner_api(reactor, config, dify_pool, tracing)
     backwards = _backwards(reactor, config, persistence, inner_api)
-    endpoints = Endpoints(reactor, persistence, inner_api)
+    endpoints = Endpoints(reactor, persistence, inner_api, declarations=packages.declarations)
     management = ManagementAPI(packages, installer, persistence, debugging=keys, endpoints=endpoints, runner=blocking)
     # as long as one start may take before it fails by itself, and well
     # under Dify's 600 s: the caller then reads why, not a timeout

@@ -75,7 +75,10 @@ class DaemonCase(AsyncTestCase):
 
     async def _start(self, **extra_environ):
         """Start the daemon; ``extra_environ`` adds or overrides variables."""
-        environ = self.daemon_environment(**extra_environ)
+        await self._boot(self.daemon_environment(**extra_environ))
+
+    async def _boot(self, environ: dict):
+        """Start a daemon with exactly ``environ`` (a restart passes the same one again)."""
         self.service = tap.build_daemon(reactor, load_config(environ))
         self.service.startService()
         self.addCleanup(self._stop)

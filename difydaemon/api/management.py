@@ -56,6 +56,11 @@ def _identifier_list(values) -> bool:
     return isinstance(values, list) and all(isinstance(v, str) and _valid_identifier(v) for v in values)
 
 
+def _value(stored) -> dict:
+    """The decoded declaration of a held :class:`Declaration`, else ``{}``."""
+    return {} if stored is None else stored.value
+
+
 def _json(request, body: bytes, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -201,6 +206,7 @@ class ManagementAPI:
         self._debugging = debugging
         self._endpoints = endpoints
         self._runner = runner if runner is not None or packages is None else packages.runner
+        self._declarations = packages.declarations if packages is not None else None
 
     def resource(self):
         """The twisted.web resource of this app."""
@@ -337,10 +343,11 @@ class ManagementAPI:
     )
     async def fetch_manifest(self, request, tenant_id, params):
         identifier = params["plugin_unique_identifier"]
-        declaration = await self._packages.declaration(identifier)
-        if declaration is None:
-            plugin = await self._persistence.get_plugin(identifier)
-            declaration = plugin.remote_declaration if plugin is not None else None
+        stored = await self._declarations.get(identifier)
+        if stored is not None:
+            return stored.fragment()
+        plugin = await self._persistence.get_plugin(identifier)
+        declaration = plugin.remote_declaration if plugin is not None else None
         if declaration is None:
             raise BadRequestError("plugin not found")
         return declaration
@@ -376,7 +383,7 @@ class ManagementAPI:
     async def list_plugins(self, request, tenant_id, params):
         offset = page_offset(params["page"], params["page_size"])
         rows, total = await self._persistence.list_installations(tenant_id, offset, params["page_size"])
-        declarations = await self._persistence.get_declarations([r.plugin_unique_identifier for r in rows])
+        declarations = await self._declarations.many([r.plugin_unique_identifier for r in rows])
         return {
             "list": [views.plugin_entity(r, declarations.get(r.plugin_unique_identifier)) for r in rows],
             "total": total,
@@ -384,7 +391,7 @@ class ManagementAPI:
 
     async def _all_installations(self, tenant_id):
         rows, total = await self._persistence.list_installations(tenant_id, 0, 1 << 30)
-        declarations = await self._persistence.get_declarations([r.plugin_unique_identifier for r in rows])
+        declarations = await self._declarations.many([r.plugin_unique_identifier for r in rows])
         return rows, declarations
 
     @app.route("/plugin/<tenant_id>/management/installation/ids", methods=["GET"])
@@ -396,7 +403,7 @@ class ManagementAPI:
         rows, declarations = await self._all_installations(tenant_id)
         ids = []
         for row in rows:
-            declaration = declarations.get(row.plugin_unique_identifier) or {}
+            declaration = _value(declarations.get(row.plugin_unique_identifier))
             if category_of(declaration) == params["category"] and row.plugin_id not in ids:
                 ids.append(row.plugin_id)
         return {"plugin_ids": ids}
@@ -409,7 +416,7 @@ class ManagementAPI:
     async def installation_batch(self, request, tenant_id, params):
         rows = await self._persistence.list_installations_by_plugin_ids(tenant_id, params["plugin_ids"])
         rows = rows[:256]
-        declarations = await self._persistence.get_declarations([r.plugin_unique_identifier for r in rows])
+        declarations = await self._declarations.many([r.plugin_unique_identifier for r in rows])
         return [views.installation_with_declaration(r, declarations.get(r.plugin_unique_identifier)) for r in rows]
 
     @app.route("/plugin/<tenant_id>/management/installation/missing", methods=["POST"])
@@ -451,14 +458,15 @@ class ManagementAPI:
         rows, declarations = await self._all_installations(tenant_id)
         matched = []
         for row in rows:
-            declaration = declarations.get(row.plugin_unique_identifier) or {}
+            stored = declarations.get(row.plugin_unique_identifier)
+            declaration = _value(stored)
             if category_of(declaration) != category:
                 continue
             if not views.matches_query(declaration, row.plugin_id, params["query"], params["language"]):
                 continue
             if tags and not set(tags) & set(declaration.get("tags") or []):
                 continue
-            matched.append(views.plugin_entity(row, declaration))
+            matched.append(views.plugin_entity(row, stored))
         start = (params["page"] - 1) * params["page_size"]
         page = matched[start : start + params["page_size"]]
         return {"list": page, "has_more": start + params["page_size"] < len(matched)}
@@ -468,14 +476,14 @@ class ManagementAPI:
     async def _providers(self, kind, tenant_id, params):
         offset = page_offset(params["page"], params["page_size"])
         rows = await self._persistence.list_providers(kind, tenant_id, offset, params["page_size"])
-        declarations = await self._persistence.get_declarations([r.plugin_unique_identifier for r in rows])
+        declarations = await self._declarations.many([r.plugin_unique_identifier for r in rows])
         return [views.provider_json(kind, r, declarations.get(r.plugin_unique_identifier)) for r in rows]
 
     async def _provider(self, kind, tenant_id, params):
         row = await self._persistence.get_provider(kind, tenant_id, params["plugin_id"])
         if row is None or row.provider != params["provider"]:
             raise PluginNotFoundError("plugin not found")
-        declaration = await self._persistence.get_declaration(row.plugin_unique_identifier)
+        declaration = await self._declarations.get(row.plugin_unique_identifier)
         return views.provider_json(kind, row, declaration)
 
     @app.route("/plugin/<tenant_id>/management/tools", methods=["GET"])
@@ -513,7 +521,7 @@ class ManagementAPI:
             tenant_id, list({r.plugin_id for r in rows})
         )
         by_plugin = {i.plugin_id: i for i in installations}
-        declarations = await self._persistence.get_declarations([r.plugin_unique_identifier for r in rows])
+        declarations = await self._declarations.many([r.plugin_unique_identifier for r in rows])
         seen = set()
         answer = []
         for row in rows:
@@ -522,7 +530,7 @@ class ManagementAPI:
             if key in seen or inst is None:
                 continue
             seen.add(key)
-            declaration = declarations.get(row.plugin_unique_identifier) or {}
+            declaration = _value(declarations.get(row.plugin_unique_identifier))
             answer.append(
                 {
                     "provider": row.provider,

@@ -226,19 +226,26 @@ class Endpoints:
         namespace, identity, data, config) -> dict`` (a
         :class:`~difydaemon.invocation.inner_api.DifyInnerAPI`); it makes no
         call when ``config`` holds no secret-input field.
+    :param declarations: the
+        :class:`~difydaemon.management.declarations.DeclarationCache` that
+        spares each public endpoint request a decode, if any.
     """
 
-    def __init__(self, reactor, persistence, inner_api) -> None:
+    def __init__(self, reactor, persistence, inner_api, declarations=None) -> None:
         self._reactor = reactor
         self._persistence = persistence
         self._inner_api = inner_api
+        self._declarations = declarations
 
     async def declaration(self, plugin_unique_identifier: str) -> dict | None:
         """
         The declaration of an identifier: the stored one, else the one a
         debug plugin brought with it.
         """
-        declaration = await self._persistence.get_declaration(plugin_unique_identifier)
+        if self._declarations is not None:
+            declaration = await self._declarations.value(plugin_unique_identifier)
+        else:
+            declaration = await self._persistence.get_declaration(plugin_unique_identifier)
         if declaration is None:
             plugin = await self._persistence.get_plugin(plugin_unique_identifier)
             declaration = plugin.remote_declaration if plugin is not None else None

@@ -462,6 +462,8 @@ class Installer:
 
     async def _retire(self, identifier: str) -> None:
         """Stop and delete what a no longer referenced identifier had."""
+        # its plugins and declaration rows went with the last installation
+        self._packages.forget_declaration(identifier)
         await self._launcher.stop(identifier)
         await self._storage.delete(self._packages.paths.installed_package(identifier))
         if self.cluster is not None and self.runtime_type == "local":

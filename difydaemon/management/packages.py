@@ -9,6 +9,7 @@ from attrs import frozen
 from twisted.logger import Logger
 
 from difydaemon.errors import BadRequestError, NotFoundError, ObjectNotFoundError, ObjectStorageError
+from difydaemon.management.declarations import DEFAULT_CAPACITY, DeclarationCache
 from difydaemon.management.lru import LRUCache
 from difydaemon.packaging.archive import read_package
 from difydaemon.packaging.identifier import parse_identifier
@@ -60,6 +61,8 @@ class PackageRegistry:
         in the daemon, in-process by default.
     :param media_cache_size: LRU entries for ``/asset/`` bytes.
     :param asset_cache_size: LRU entries for ``/extract-asset/`` bytes.
+    :param declaration_cache_bytes: memory of decoded declarations held
+        (:class:`~difydaemon.management.declarations.DeclarationCache`).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class PackageRegistry:
         asset_cache_size: int = 256,
         max_bundle_size: int = 629145600,
         decoder=None,
+        declaration_cache_bytes: int = DEFAULT_CAPACITY,
     ) -> None:
         self._persistence = persistence
         self._storage = storage
@@ -83,6 +87,7 @@ class PackageRegistry:
         self._extracted = LRUCache(asset_cache_size)
         self._max_bundle_size = max_bundle_size
         self._decoder = decoder if decoder is not None else InProcessDecoder()
+        self._declarations = DeclarationCache(persistence, runner, capacity=declaration_cache_bytes)
 
     @property
     def policy(self) -> PackagePolicy:
@@ -98,6 +103,11 @@ class PackageRegistry:
     def runner(self):
         """Where this registry's blocking work runs."""
         return self._runner
+
+    @property
+    def declarations(self) -> DeclarationCache:
+        """The stored declarations, decoded once per process."""
+        return self._declarations
 
     @property
     def decoder(self):
@@ -116,7 +126,7 @@ class PackageRegistry:
         declaration = await self._persist(decoded, data)
         return {
             "unique_identifier": decoded.identifier.raw,
-            "manifest": declaration,
+            "manifest": declaration.fragment(),
             "verification": _verification_json(decoded.verification),
         }
 
@@ -147,7 +157,7 @@ class PackageRegistry:
                         "type": "package",
                         "value": {
                             "unique_identifier": decoded.identifier.raw,
-                            "manifest": declaration,
+                            "manifest": declaration.fragment(),
                         },
                     }
                 )
@@ -157,11 +167,12 @@ class PackageRegistry:
             raise
         return answer
 
-    async def _persist(self, decoded, data: bytes) -> dict:
+    async def _persist(self, decoded, data: bytes):
+        """Store a decoded package; its stored :class:`Declaration`."""
         identifier = decoded.identifier.raw
         declaration, assets = remap_icons(decoded.declaration, decoded.files)
         created_keys = []
-        declaration_created = False
+        declaration_created = remembered = False
         try:
             for asset_id, content in assets.items():
                 key = self.paths.asset(asset_id)
@@ -172,13 +183,16 @@ class PackageRegistry:
             if not await self._storage.exists(package_key):
                 await self._storage.save(package_key, data)
                 created_keys.append(package_key)
-            existing = await self._persistence.get_declaration(identifier)
+            existing = await self._declarations.get(identifier)
             if existing is None:
+                # encoded once, in the pool: the row is written from the
+                # same bytes (a Fragment), not encoded again on the reactor
+                existing = await self._declarations.remember(identifier, declaration)
+                remembered = True
                 await self._persistence.save_declaration(
-                    identifier, decoded.identifier.plugin_id, declaration
+                    identifier, decoded.identifier.plugin_id, existing.fragment()
                 )
                 declaration_created = True
-                existing = declaration
             return existing
         except BaseException as exc:
             if isinstance(exc, ObjectStorageError):
@@ -194,6 +208,8 @@ class PackageRegistry:
                     log.error("rollback of {key} failed: {reason}", key=key, reason=error.message)
                 except Exception:
                     log.failure("rollback of {key} failed", key=key)
+            if remembered:
+                self._declarations.forget(identifier)
             if declaration_created:
                 await self._persistence.delete_declaration(identifier)
             raise
@@ -201,6 +217,7 @@ class PackageRegistry:
     async def _forget(self, identifier: str) -> None:
         await self._storage.delete(self.paths.package(identifier))
         await self._persistence.delete_declaration(identifier)
+        self._declarations.forget(identifier)
 
     async def package_bytes(self, identifier: str) -> bytes:
         """The stored package, or BadRequestError as Go words it."""
@@ -217,12 +234,12 @@ class PackageRegistry:
         parse_identifier(identifier)
         data = await self.package_bytes(identifier)
         decoded = await self._runner.run(self._decoder.package, data, self._unforced_policy(), False)
-        declaration = await self._persistence.get_declaration(identifier)
+        declaration = await self._declarations.get(identifier)
         if declaration is None:
             declaration = await self._persist(decoded, data)
         return {
             "unique_identifier": identifier,
-            "manifest": declaration,
+            "manifest": declaration.fragment(),
             "verification": _verification_json(decoded.verification),
         }
 
@@ -237,8 +254,15 @@ class PackageRegistry:
         )
 
     async def declaration(self, identifier: str) -> dict | None:
-        """The stored declaration of an identifier (icons as asset ids)."""
-        return await self._persistence.get_declaration(identifier)
+        """
+        The stored declaration of an identifier (icons as asset ids), or
+        None.  Shared with every other reader: never change it in place.
+        """
+        return await self._declarations.value(identifier)
+
+    def forget_declaration(self, identifier: str) -> None:
+        """Drop what is held of a declaration whose row was deleted."""
+        self._declarations.forget(identifier)
 
     async def readme(self, identifier: str, language: str) -> dict:
         """

@@ -1,11 +1,14 @@
 """
 The JSON shapes Dify parses from management routes (``http-api.md`` §2.4).
 
-Pure functions from records and declarations to JSON-ready dicts.
+Pure functions from records and declarations to JSON-ready dicts.  A
+declaration is a :class:`~difydaemon.management.declarations.Declaration`
+(or None): it is embedded as the JSON bytes it holds, never re-encoded.
 """
 
 from __future__ import annotations
 
+from difydaemon.management.declarations import Declaration
 from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.persistence.records import Installation, InstallTask, ProviderInstallation
 
@@ -39,20 +42,20 @@ def installation_json(inst: Installation) -> dict:
     }
 
 
-def installation_with_declaration(inst: Installation, declaration: dict | None) -> dict:
+def installation_with_declaration(inst: Installation, declaration: Declaration | None) -> dict:
     """The batch row: the installation plus version, checksum and declaration."""
     ident = parse_identifier(inst.plugin_unique_identifier)
     row = installation_json(inst)
     row["version"] = ident.version
     row["checksum"] = ident.checksum
-    row["declaration"] = declaration
+    row["declaration"] = None if declaration is None else declaration.fragment()
     return row
 
 
-def plugin_entity(inst: Installation, declaration: dict | None) -> dict:
+def plugin_entity(inst: Installation, stored: Declaration | None) -> dict:
     """A PluginEntity of the ``list`` routes."""
     ident = parse_identifier(inst.plugin_unique_identifier)
-    declaration = declaration or {}
+    declaration = {} if stored is None else stored.value
     return {
         "id": inst.id,
         "installation_id": inst.id,
@@ -62,7 +65,7 @@ def plugin_entity(inst: Installation, declaration: dict | None) -> dict:
         "plugin_unique_identifier": inst.plugin_unique_identifier,
         "endpoints_active": inst.endpoints_active,
         "endpoints_setups": inst.endpoints_setups,
-        "declaration": declaration,
+        "declaration": {} if stored is None else stored.fragment(),
         "runtime_type": inst.runtime_type,
         "version": declaration.get("version", ident.version),
         "created_at": inst.created_at,
@@ -73,9 +76,8 @@ def plugin_entity(inst: Installation, declaration: dict | None) -> dict:
     }
 
 
-def provider_json(kind: str, row: ProviderInstallation, declaration: dict | None) -> dict:
+def provider_json(kind: str, row: ProviderInstallation, declaration: Declaration | None) -> dict:
     """A provider row (tools, models, ...) with its provider declaration."""
-    declaration = declaration or {}
     out = {
         "id": row.id,
         "created_at": row.created_at,
@@ -84,10 +86,10 @@ def provider_json(kind: str, row: ProviderInstallation, declaration: dict | None
         "provider": row.provider,
         "plugin_unique_identifier": row.plugin_unique_identifier,
         "plugin_id": row.plugin_id,
-        "declaration": declaration.get(DECLARATION_KEYS[kind]),
+        "declaration": None if declaration is None else declaration.part(DECLARATION_KEYS[kind]),
     }
     if kind == "agent_strategy":
-        out["meta"] = declaration.get("meta")
+        out["meta"] = None if declaration is None else declaration.part("meta")
     return out
 
 

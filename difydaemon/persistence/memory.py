@@ -312,6 +312,15 @@ class MemoryPersistence:
         }
 
     @_synchronously
+    def get_declarations_json(self, plugin_unique_identifiers, known=()):
+        known = frozenset(known)
+        return {
+            identifier: None if identifier in known else self._declarations[identifier][1]
+            for identifier in plugin_unique_identifiers
+            if identifier in self._declarations
+        }
+
+    @_synchronously
     def delete_declaration(self, plugin_unique_identifier):
         self._declarations.pop(plugin_unique_identifier, None)
 

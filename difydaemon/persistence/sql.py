@@ -594,15 +594,8 @@ async def save_declaration(tx, now: float, identifier: str, plugin_id: str, decl
 @read_only
 async def get_declarations(tx, identifiers) -> dict:
     """identifier -> declaration for the ones that exist."""
-    wanted = sorted(set(identifiers))
-    if not wanted:
-        return {}
-    rows = await tx.execute(
-        "SELECT plugin_unique_identifier, declaration FROM plugin_declarations "
-        f"WHERE plugin_unique_identifier IN ({_placeholders(len(wanted))})",
-        tuple(wanted),
-    )
-    return {row[0]: orjson.loads(row[1]) for row in rows}
+    found = await get_declarations_json(tx, identifiers, frozenset())
+    return {identifier: orjson.loads(text) for identifier, text in found.items()}
 
 
 @read_only
@@ -610,6 +603,37 @@ async def get_declaration(tx, identifier: str):
     """The declaration of one identifier, or None."""
     found = await get_declarations(tx, [identifier])
     return found.get(identifier)
+
+
+@read_only
+async def get_declarations_json(tx, identifiers, known) -> dict:
+    """
+    identifier -> stored JSON bytes for the ones that exist, None for those
+    in ``known``: their text is neither read nor sent.
+    """
+    wanted = sorted(set(identifiers))
+    if not wanted:
+        return {}
+    found = {}
+    unknown = wanted
+    if not set(known).isdisjoint(wanted):
+        # ask which still exist, and read only the others' text
+        rows = await tx.execute(
+            "SELECT plugin_unique_identifier FROM plugin_declarations "
+            f"WHERE plugin_unique_identifier IN ({_placeholders(len(wanted))})",
+            tuple(wanted),
+        )
+        found = {row[0]: None for row in rows}
+        unknown = sorted(set(found) - set(known))
+    if unknown:
+        rows = await tx.execute(
+            "SELECT plugin_unique_identifier, declaration FROM plugin_declarations "
+            f"WHERE plugin_unique_identifier IN ({_placeholders(len(unknown))})",
+            tuple(unknown),
+        )
+        for identifier, text in rows:
+            found[identifier] = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return found
 
 
 async def delete_declaration(tx, identifier: str) -> None:
@@ -1171,6 +1195,9 @@ class SQLPersistence:
 
     def get_declarations(self, plugin_unique_identifiers):
         return self._transact(get_declarations, list(plugin_unique_identifiers))
+
+    def get_declarations_json(self, plugin_unique_identifiers, known=()):
+        return self._transact(get_declarations_json, list(plugin_unique_identifiers), frozenset(known))
 
     def delete_declaration(self, plugin_unique_identifier):
         return self._transact(delete_declaration, plugin_unique_identifier)

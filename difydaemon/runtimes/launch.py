@@ -108,6 +108,10 @@ class LocalRuntimeFactory:
         to that user.
     :param shared_dirs: directories every build writes to (the uv cache,
         the prepared venvs), given to ``run_as`` once, at the first launch.
+    :param declarations: the
+        :class:`~difydaemon.management.declarations.DeclarationCache` to
+        read stored declarations through (a large one is then decoded in
+        the pool, once), if any.
     """
 
     def __init__(
@@ -126,10 +130,12 @@ class LocalRuntimeFactory:
         plugin_home: str | None = None,
         run_as=None,
         shared_dirs: tuple = (),
+        declarations=None,
     ) -> None:
 
         self._reactor = reactor
         self._persistence = persistence
+        self._declarations = declarations
         self._storage = storage
         self._paths = paths
         self._runner = runner
@@ -178,7 +184,10 @@ class LocalRuntimeFactory:
         plugin = await self._persistence.get_plugin(identifier)
         if plugin is None or plugin.install_type != "local":
             return None
-        declaration = await self._persistence.get_declaration(identifier)
+        if self._declarations is not None:
+            declaration = await self._declarations.value(identifier)
+        else:
+            declaration = await self._persistence.get_declaration(identifier)
         if declaration is None:
             raise InternalServerError(f"installed plugin {identifier} has no declaration")
 

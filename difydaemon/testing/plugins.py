@@ -52,6 +52,8 @@ got back as text (an error as ``"error: <message>"``):
 
 from __future__ import annotations
 
+import orjson
+
 from difydaemon.testing.packages import echo_plugin_files
 
 _TOOLS = {
@@ -314,6 +316,21 @@ def behaviour_plugin_files(
         files["main.py"] = _MAINS[main].encode()
     if main == "recording":
         files["recorded.py"] = _RECORDED_PY.encode()
+    return files
+
+
+def large_declaration_plugin_files(fields: int = 20_000) -> dict[str, bytes]:
+    """
+    The behaviour plugin whose echo tool declares an output schema of
+    ``fields`` string fields: a declaration of about 60 bytes of JSON and
+    six YAML nodes per field (20,000 fields: 1.2 MB, 120,000 nodes).  It
+    installs and runs like the behaviour plugin.
+    """
+    files = behaviour_plugin_files()
+    properties = {f"field_{n}": {"type": "string", "description": f"Field number {n}."} for n in range(fields)}
+    # JSON is YAML (a flow mapping), and much faster to write than YAML
+    schema = orjson.dumps({"type": "object", "properties": properties}).decode()
+    files["tools/echo.yaml"] += f"output_schema: {schema}\n".encode()
     return files
 
 

@@ -42,7 +42,7 @@ class EndpointHarness(DaemonHarness):
         self.inner_api = DifyInnerAPI(
             self.clock, self.inner_treq, "http://dify.test", INNER_KEY, 10.0, 60.0, 1 << 20
         )
-        self.endpoints = Endpoints(self.clock, self.persistence, self.inner_api)
+        self.endpoints = Endpoints(self.clock, self.persistence, self.inner_api, declarations=self.packages.declarations)
         # no caching: tests uninstall and expect /e/ to notice at once
         self.installations = InstallationCache(self.clock, self.persistence, ttl=0)
         self.registry = RuntimeRegistry(self.clock)

@@ -29,6 +29,17 @@ OTHER_TENANT = "0193a8a4-0000-7000-8000-000000000002"
 BASE = "http://daemon.test"
 
 
+class RecordingRunner(InlineRunner):
+    """Runs inline and records the qualified name of each function it runs."""
+
+    def __init__(self):
+        self.functions = []
+
+    def run(self, function, *args, **kwargs):
+        self.functions.append(function.__qualname__)
+        return super().run(function, *args, **kwargs)
+
+
 def default_policy(**overrides) -> PackagePolicy:
     """A policy that accepts unsigned packages, as tests need."""
     values = dict(

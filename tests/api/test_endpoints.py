@@ -9,6 +9,7 @@ from __future__ import annotations
 import orjson
 
 from difydaemon.management.endpoints import (
+    Endpoints,
     SettingsError,
     keep_masked_secrets,
     mask_secret,
@@ -429,3 +430,24 @@ class WithoutEndpointsTests(SynchronousTestCase):
                                             params={"page": 1, "page_size": 1})
             self.assertEqual(response.code, 404, action)
             self.assertEqual(orjson.loads(body), {"code": "not_found", "message": "route not found"})
+
+
+class DeclarationSourceTests(SynchronousTestCase):
+    """Endpoints read declarations through the declaration cache when given one."""
+
+    def test_declaration_through_the_cache(self):
+        """Endpoints.declaration answers the cache's decoded declaration, not a fresh decode."""
+        from twisted.internet.task import Clock
+
+        from difydaemon.blocking import InlineRunner
+        from difydaemon.management.declarations import DeclarationCache
+        from difydaemon.persistence.memory import MemoryPersistence
+
+        persistence = MemoryPersistence(Clock())
+        identifier = "acme/echo:0.0.1@" + "a" * 64
+        self.successResultOf(persistence.save_declaration(identifier, "acme/echo", {"name": "echo"}))
+        cache = DeclarationCache(persistence, InlineRunner())
+        endpoints = Endpoints(Clock(), persistence, None, declarations=cache)
+        first = self.successResultOfCoroutine(endpoints.declaration(identifier))
+        self.assertIs(self.successResultOfCoroutine(endpoints.declaration(identifier)), first)
+        self.assertIs(first, self.successResultOfCoroutine(cache.value(identifier)))

@@ -12,7 +12,7 @@ from difydaemon.persistence.records import TASK_FAILED, TASK_SUCCESS
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.packages import build_package, echo_plugin_files
 
-from .harness import OTHER_TENANT, TENANT, DaemonHarness, default_policy, error_of
+from .harness import OTHER_TENANT, TENANT, DaemonHarness, RecordingRunner, default_policy, error_of
 
 from tests.packaging.fixtures import fixture_bytes as _fixture
 
@@ -137,20 +137,32 @@ class UploadTests(SynchronousTestCase):
 
     def test_form_read_through_the_runner(self):
         """The multipart body is read by the runner (a thread pool in the daemon), not on the reactor."""
-        from difydaemon.blocking import InlineRunner
-
-        class Recording(InlineRunner):
-            def __init__(self):
-                self.functions = []
-
-            def run(self, function, *args, **kwargs):
-                self.functions.append(function.__name__)
-                return super().run(function, *args, **kwargs)
-
-        runner = Recording()
+        runner = RecordingRunner()
         daemon = DaemonHarness(self, runner=runner)
         self.assertEqual(daemon.upload(echo_package())["code"], 0)
         self.assertEqual(runner.functions[0], "read_form")
+
+    def test_declaration_encoded_in_the_runner_once(self):
+        """An upload encodes its declaration in the runner, once; the row is written from those bytes."""
+        runner = RecordingRunner()
+        daemon = DaemonHarness(self, runner=runner)
+        ident = daemon.upload(echo_package())["data"]["unique_identifier"]
+        self.assertEqual(runner.functions.count("Declaration.of"), 1)
+        held = self.successResultOfCoroutine(daemon.packages.declarations.get(ident))
+        self.assertEqual(self.successResultOf(daemon.persistence.get_declarations_json([ident]))[ident], held.json)
+
+    def test_refused_declaration_row_leaves_nothing_held(self):
+        """When the declaration row cannot be written, no decoded copy stays held."""
+        from twisted.internet.defer import fail
+
+        from difydaemon.errors import DatabaseUnavailableError
+
+        daemon = DaemonHarness(self)
+        daemon.persistence.save_declaration = lambda *args: fail(DatabaseUnavailableError("the database is down"))
+        env = daemon.upload(echo_package())
+        self.assertNotEqual(env["code"], 0)
+        self.assertEqual(daemon.packages.declarations.weight, 0)
+        self.assertEqual(daemon.stored_keys(), [])
 
     def test_file_part_over_the_limit(self):
         """A file part over MAX_PLUGIN_PACKAGE_SIZE is Go's -400 "file size exceeds the maximum limit"."""
@@ -466,6 +478,38 @@ class InstallTests(SynchronousTestCase):
         self.assertFalse(self.daemon.ok("GET", f"/plugin/{TENANT}/management/fetch/identifier", params={"plugin_unique_identifier": self.ident}))
         self.assertNotIn(f"plugin/{self.ident}", self.daemon.stored_keys())
         self.assertIn(f"plugin_packages/{self.ident}", self.daemon.stored_keys())
+
+    def test_list_decodes_a_declaration_once(self):
+        """A second list call reads no declaration text and decodes nothing: the held one is embedded."""
+        self.daemon.install(self.ident)
+        self.daemon.packages.declarations.forget(self.ident)
+        read = []
+        original = self.daemon.persistence.get_declarations_json
+
+        def reading(identifiers, known=()):
+            return original(identifiers, known).addCallback(
+                lambda found: read.extend(i for i, text in found.items() if text is not None) or found
+            )
+
+        self.daemon.persistence.get_declarations_json = reading
+        pages = [
+            self.daemon.ok("GET", f"/plugin/{TENANT}/management/list", params={"page": 1, "page_size": 10})
+            for _ in range(2)
+        ]
+        self.assertEqual(read, [self.ident])
+        self.assertEqual(pages[0], pages[1])
+        self.assertEqual(pages[1]["list"][0]["declaration"], self.successResultOf(
+            self.daemon.persistence.get_declaration(self.ident)
+        ))
+
+    def test_last_uninstall_drops_held_declaration(self):
+        """The uninstall that deletes the declaration row drops the decoded copy too."""
+        self.daemon.install(self.ident)
+        self.daemon.ok("GET", f"/plugin/{TENANT}/management/list", params={"page": 1, "page_size": 10})
+        self.assertGreater(self.daemon.packages.declarations.weight, 0)
+        first = self.daemon.ok("GET", f"/plugin/{TENANT}/management/list", params={"page": 1, "page_size": 10})["list"][0]
+        self.daemon.ok("POST", f"/plugin/{TENANT}/management/uninstall", json={"plugin_installation_id": first["id"]})
+        self.assertEqual(self.daemon.packages.declarations.weight, 0)
 
     def test_uninstall_unknown_is_true(self):
         """Uninstalling an unknown installation id still answers true."""

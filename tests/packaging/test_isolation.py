@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import attrs
 import orjson
 
 from difydaemon.errors import InternalServerError, MalformedPackageError, PackageError, SignatureError
@@ -136,7 +137,7 @@ class ChildProcessDecoderTests(DecoderContract, SynchronousTestCase):
         decoder = ChildProcessDecoder(ChildLimits(base_memory=80 << 20, memory_per_input_byte=0))
         self.addCleanup(decoder.close)
         with self.assertRaises(MalformedPackageError) as caught:
-            decoder.package(build_package(files), policy(), False)
+            decoder.package(build_package(files), _without_node_budget(), False)
         self.assertIn("more than 80 MiB", caught.exception.message)
 
     def test_deadline(self):
@@ -146,8 +147,13 @@ class ChildProcessDecoderTests(DecoderContract, SynchronousTestCase):
         decoder = ChildProcessDecoder(ChildLimits(timeout=0.05))
         self.addCleanup(decoder.close)
         with self.assertRaises(MalformedPackageError) as caught:
-            decoder.package(build_package(files), policy(), False)
+            decoder.package(build_package(files), _without_node_budget(), False)
         self.assertIn("took more than 0.05 seconds", caught.exception.message)
+
+
+def _without_node_budget() -> PackagePolicy:
+    """The fixtures' policy with room for the 400,000-node manifests that exhaust the child."""
+    return attrs.evolve(policy(), yaml_limits=YamlLimits(max_nodes=10_000_000))
 
 
 class FakeChildTests(SynchronousTestCase):

@@ -245,6 +245,15 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(parse(text, max_nodes=16)["b"], [[1, 2, 3], [1, 2, 3]])
         self.assertRefused(text, "over 15 nodes", max_nodes=15)
 
+    def test_default_node_budget(self):
+        """By default a document of 250,000 nodes is read and one of 250,001 refused."""
+        # the mapping, its key, the sequence and its items
+        text = "a: [" + "1," * 249_997 + "]\n"
+        self.assertEqual(len(parse_yaml(text, YamlBudget())["a"]), 249_997)
+        with self.assertRaises(YamlRefused) as caught:
+            parse_yaml("a: [" + "1," * 249_998 + "]\n", YamlBudget())
+        self.assertIn("over 250000 nodes", str(caught.exception))
+
     def test_excessive_aliasing(self):
         """A document made almost only of alias expansions is refused after a few thousand nodes."""
         lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import attrs
 
+import orjson
 from twisted.internet.defer import Deferred, DeferredList
 from zope.interface.verify import verifyObject
 
@@ -482,6 +483,12 @@ class PersistenceContract:
         self.assertIsNone(await self.persistence.get_declaration(ECHO_2))
 
     @contract
+    async def test_declaration_saved_from_encoded_json(self):
+        """A declaration given as an orjson.Fragment of its JSON is stored as that JSON."""
+        await self.persistence.save_declaration(ECHO_1, "acme/echo", orjson.Fragment(b'{"v":1,"s":"\xe5\x9b\x9e"}'))
+        self.assertEqual(await self.persistence.get_declaration(ECHO_1), {"v": 1, "s": "\u56de"})
+
+    @contract
     async def test_get_declarations_batch(self):
         """get_declarations returns the existing ones, keyed by identifier."""
         await self.persistence.save_declaration(ECHO_1, "acme/echo", {"v": 1})
@@ -489,6 +496,23 @@ class PersistenceContract:
         found = await self.persistence.get_declarations([ECHO_1, ECHO_2, OTHER])
         self.assertEqual(found, {ECHO_1: {"v": 1}, OTHER: {"v": "o"}})
         self.assertEqual(await self.persistence.get_declarations([]), {})
+
+    @contract
+    async def test_get_declarations_json(self):
+        """get_declarations_json gives the stored JSON bytes, None for known ones, nothing for absent ones."""
+        await self.persistence.save_declaration(ECHO_1, "acme/echo", {"v": 1, "s": "回"})
+        await self.persistence.save_declaration(OTHER, "acme/other", {"v": "o"})
+        found = await self.persistence.get_declarations_json([ECHO_1, ECHO_2, OTHER])
+        self.assertEqual(set(found), {ECHO_1, OTHER})
+        self.assertIsInstance(found[ECHO_1], bytes)
+        self.assertEqual(orjson.loads(found[ECHO_1]), {"v": 1, "s": "回"})
+        self.assertEqual(orjson.loads(found[OTHER]), {"v": "o"})
+        known = await self.persistence.get_declarations_json([ECHO_1, ECHO_2, OTHER], known=[OTHER, ECHO_2])
+        self.assertEqual(set(known), {ECHO_1, OTHER})
+        self.assertIsNone(known[OTHER])
+        self.assertEqual(await self.persistence.get_declarations_json([]), {})
+        await self.persistence.delete_declaration(OTHER)
+        self.assertEqual(set(await self.persistence.get_declarations_json([OTHER], known=[OTHER])), set())
 
     @contract
     async def test_delete_declaration(self):

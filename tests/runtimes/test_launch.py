@@ -10,6 +10,7 @@ import os
 import stat
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 
 from difydaemon.blocking import InlineRunner, ThreadPoolRunner
 from difydaemon.errors import InternalServerError
@@ -202,3 +203,29 @@ class ContainedLaunchTests(SynchronousTestCase):
         ):
             info = os.stat(path)
             self.assertEqual((info.st_uid, info.st_gid), (54321, 54322), path)
+class InstalledDeclarationTests(SynchronousTestCase):
+    """Restoring an installed plugin reads its declaration through the declaration cache."""
+
+    def test_declaration_read_through_the_cache(self):
+        """launch_installed asks the cache, not the database, for the declaration."""
+        clock = Clock()
+        persistence = MemoryPersistence(clock)
+        identifier = "acme/echo:0.0.1@" + "a" * 64
+        self.successResultOf(persistence.install_plugin("tenant", identifier, "acme/echo", "local", "package", {}, {}))
+        self.successResultOf(persistence.save_declaration(identifier, "acme/echo", {"name": "echo"}))
+
+        class Absent:
+            asked = []
+
+            async def value(self, wanted):
+                self.asked.append(wanted)
+                return None
+
+        declarations = Absent()
+        factory = LocalRuntimeFactory(
+            clock, persistence, MemoryObjectStorage(), StoragePaths(), InlineRunner(), None,
+            self.mktemp(), {}, 52428800, declarations=declarations,
+        )
+        failure = self.failureResultOf(factory.launch_installed(identifier, lambda line: None), InternalServerError)
+        self.assertIn("has no declaration", failure.value.message)
+        self.assertEqual(declarations.asked, [identifier])
