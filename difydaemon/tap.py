@@ -30,7 +30,7 @@ from difydaemon.invocation.dispatcher import BackwardsInvocations
 from difydaemon.invocation.inner_api import DifyInnerAPI
 from difydaemon.invocation.storage import PluginStorage
 from difydaemon.management.installer import Installer
-from difydaemon.management.packages import PackageRegistry, StoragePaths
+from difydaemon.management.packages import PackageRegistry
 from difydaemon.packaging.isolation import ChildProcessDecoder
 from difydaemon.packaging.package import PackagePolicy
 from difydaemon.packaging.signature import load_public_key, official_public_key
@@ -46,6 +46,7 @@ from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.filesystem import FilesystemObjectStorage
+from difydaemon.storage.paths import StoragePaths
 
 BUILD_TIME = "unknown"
 

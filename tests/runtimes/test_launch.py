@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 
 from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.errors import InternalServerError
-from difydaemon.management.packages import StoragePaths
+from difydaemon.storage.paths import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.child_environment import plugin_environment
