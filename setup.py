@@ -29,7 +29,14 @@ setup(
         # Redis coordination for replicas (difydaemon.coordination.redis):
         # its protocol only; connecting is ours (ecosystem.md §1)
         "txredisapi>=1.6,<2",
+        # PLUGIN_STORAGE_TYPE=aws_s3 (difydaemon.storage.s3): botocore signs
+        # and addresses; its calls run in a thread pool
+        "boto3>=1.36",
     ],
+    extras_require={
+        # an S3-compatible server the storage tests start on loopback
+        "test": ["moto[server]>=5"],
+    },
     entry_points={
         "console_scripts": ["dify = difydaemon.cli.main:main"],
     },
