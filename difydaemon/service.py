@@ -2,7 +2,8 @@
 The daemon's top service: start-up order, readiness and shutdown.
 
 Start-up: the database is reached (trying again for a while if it is not
-up yet) and migrated, install tasks left unfinished by a previous run are
+up yet) and migrated, a cloud object store is reached and its bucket
+checked, install tasks left unfinished by a previous run are
 failed, and only then do the ports open: no request can meet a database
 without its tables (installed plugins come up in the background; a call for
 one still starting waits for it).  Shutdown: ports close first; install jobs
@@ -25,7 +26,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
-from difydaemon.errors import DatabaseUnavailableError
+from difydaemon.errors import ConfigError, DatabaseUnavailableError
 from difydaemon.file_limit import raise_open_files_limit
 from difydaemon.management.installer import SHUTDOWN_MESSAGE
 
@@ -61,15 +62,20 @@ class DaemonService(MultiService):
         unavailable database (0: one try).
     :param file_limit: called once at start to raise the open-files limit
         (:func:`~difydaemon.file_limit.raise_open_files_limit`).
+    :param storage: the IObjectStorage; if it has a ``start()`` (a cloud
+        store: reach it, check the bucket and the credentials), that runs
+        after the database is ready and a failure stops the start with its
+        :class:`~difydaemon.errors.ConfigError` naming the setting.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
 
     def __init__(
         self, reactor, persistence, installer, runtimes=None, runners=(), http_pools=(), database_wait: float = 0.0,
-        file_limit=raise_open_files_limit,
+        file_limit=raise_open_files_limit, storage=None,
     ) -> None:
         super().__init__()
+        self.storage = storage
         self._file_limit = file_limit
         self._reactor = reactor
         self.persistence = persistence
@@ -148,6 +154,11 @@ class DaemonService(MultiService):
     async def _start(self) -> None:
         await self._prepare_database()
         self._check_running()
+        start_storage = getattr(self.storage, "start", None)
+        if start_storage is not None:
+            # installed plugins are read from it as soon as the runtimes start
+            await start_storage()
+            self._check_running()
         failed = await self.installer.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
         if failed:
             log.warn("marked {count} unfinished install tasks failed", count=failed)
@@ -172,6 +183,10 @@ class DaemonService(MultiService):
     def _start_failed(self, failure) -> None:
         if failure.check(CancelledError) and not self.running:
             log.info("difydaemon was stopped before it was ready")
+        elif failure.check(ConfigError):
+            # the operator's setting, not a bug: no traceback to read past
+            self._state = "failed"
+            log.error("difydaemon could not start: {reason}", reason=str(failure.value))
         else:
             self._state = "failed"
             log.failure("difydaemon could not start", failure)

@@ -45,6 +45,7 @@ from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.service import DaemonService, end_process_on_failed_start
+from difydaemon.storage.cache import CachedObjectStorage
 from difydaemon.storage.filesystem import FilesystemObjectStorage
 from difydaemon.storage.paths import StoragePaths
 
@@ -55,6 +56,10 @@ BUILD_TIME = "unknown"
 #: SHUTDOWN_GRACE_PERIOD a shutdown ends within ``docker stop``'s 10 s even
 #: then (``bench/supervision.py`` measured 8 s + this + 0.2 s)
 PLUGIN_STOP_GRACE_PERIOD = 1.0
+
+#: threads (and HTTP connections) for S3 calls: uploads of parts and reads
+#: of packages run side by side
+S3_THREADS = 8
 
 #: seconds a call waits for a plugin that no local launch can bring up (a
 #: debug plugin reconnecting; the serverless platform): Go's retry window
@@ -113,6 +118,35 @@ def _persistence(reactor, config: Config):
         default_database=db.db_default_database or None,
         **params,
     )
+
+
+def _object_storage(reactor, config: Config, paths: StoragePaths):
+    """
+    The object store of ``PLUGIN_STORAGE_TYPE``, and the runners it needs
+    stopped at the end.  A shared store (S3) is fronted by the per-node
+    cache of immutable keys; it is reached, and its bucket checked, when
+    the daemon starts.
+    """
+    storage = config.storage
+    if storage.plugin_storage_type != "aws_s3":
+        return FilesystemObjectStorage(reactor, storage.plugin_storage_local_root), []
+    from difydaemon.storage.s3 import S3ObjectStorage, S3Settings
+
+    settings = S3Settings(
+        bucket=storage.plugin_storage_oss_bucket,
+        region=storage.aws_region or None,
+        endpoint=storage.s3_endpoint or None,
+        path_style=storage.s3_use_path_style,
+        use_aws=storage.s3_use_aws,
+        managed_iam=storage.s3_use_aws_managed_iam,
+        access_key=storage.aws_access_key or None,
+        secret_key=storage.aws_secret_key or None,
+    )
+    # a pool of its own: a slow store must not hold the threads that
+    # decode packages
+    runner = ThreadPoolRunner(reactor, "difydaemon-s3", max_threads=S3_THREADS)
+    s3 = S3ObjectStorage(reactor, settings, runner)
+    return CachedObjectStorage(s3, paths.immutable_prefixes()), [runner]
 
 
 def _listen(reactor, host: str, port: int, factory):
@@ -206,17 +240,17 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         environ = os.environ
     persistence = _persistence(reactor, config)
     blocking = ThreadPoolRunner(reactor, "difydaemon-blocking", max_threads=4)
-    storage = FilesystemObjectStorage(reactor, config.storage.plugin_storage_local_root)
+    paths = StoragePaths(
+        packages=config.storage.plugin_package_cache_path,
+        installed=config.storage.plugin_installed_path,
+        media=config.storage.plugin_media_cache_path,
+    )
+    storage, storage_runners = _object_storage(reactor, config, paths)
     policy = PackagePolicy(
         max_size=config.packages.max_plugin_package_size,
         force_verify=config.packages.force_verifying_signature,
         enforce_langgenius=config.packages.enforce_langgenius_plugin_signatures,
         public_keys=_public_keys(config),
-    )
-    paths = StoragePaths(
-        packages=config.storage.plugin_package_cache_path,
-        installed=config.storage.plugin_installed_path,
-        media=config.storage.plugin_media_cache_path,
     )
     decoder = ChildProcessDecoder()
     packages = PackageRegistry(
@@ -255,9 +289,10 @@ def build_daemon(reactor, config: Config, environ=None) -> DaemonService:
         persistence,
         installer,
         runtimes=runtimes,
-        runners=[decoder, blocking],
+        runners=[decoder, blocking, *storage_runners],
         http_pools=[dify_pool],
         database_wait=config.db.db_startup_timeout,
+        storage=storage,
     )
     counter = RequestCounter()
     health = HealthResource(
