@@ -154,3 +154,48 @@ class TwoDaemonsOnS3Tests(DaemonCase):
         self.assertIn(b'"echo":"first call"', body)
         code, reply = await self.call_on(second, "GET", f"/plugin/{TENANT}/management/list?page=1&page_size=10")
         self.assertEqual(orjson.loads(reply)["data"]["list"][0]["plugin_unique_identifier"], uploaded["unique_identifier"])
+
+
+class StartRefusedTests(DaemonCase):
+    """``twistd -n difydaemon`` on an S3 store it cannot use exits non-zero, naming the setting."""
+
+    timeout = 120
+
+    async def run_twistd(self, **storage) -> tuple:
+        """Run twistd with the test's environment and ``storage``; its output and exit status."""
+        import sys
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from tests.test_plugin_processes_end_to_end import REPOSITORY
+
+        env = dict(os.environ)
+        env.update(self.daemon_environment(**storage))
+        env["PYTHONPATH"] = REPOSITORY
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "difydaemon",
+             "--env-file", os.path.join(self.workdir, "absent.env")],
+            env=env, path=self.workdir,
+        )
+        return (out + err).decode("utf-8", "replace"), code
+
+    async def test_unreachable_endpoint(self):
+        """An S3_ENDPOINT nobody answers on: status 1, one line naming S3_ENDPOINT, no port opened."""
+        from difydaemon.testing.postgres import free_port
+
+        endpoint = f"http://127.0.0.1:{free_port()}"
+        output, code = await self.run_twistd(
+            PLUGIN_STORAGE_TYPE="aws_s3", PLUGIN_STORAGE_OSS_BUCKET=BUCKET, S3_USE_AWS="false",
+            S3_ENDPOINT=endpoint, AWS_ACCESS_KEY=ACCESS_KEY, AWS_SECRET_KEY=SECRET_KEY,
+        )
+        self.assertEqual(code, 1, output)
+        self.assertIn(f"difydaemon could not start: S3_ENDPOINT: cannot reach the S3 store at {endpoint}", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("difydaemon is ready", output)
+
+    async def test_other_store_refused(self):
+        """PLUGIN_STORAGE_TYPE=gcs: status 1 and "not supported yet" naming PLUGIN_STORAGE_TYPE."""
+        output, code = await self.run_twistd(PLUGIN_STORAGE_TYPE="gcs", GCS_CREDENTIALS="e30=")
+        self.assertEqual(code, 1, output)
+        self.assertIn("PLUGIN_STORAGE_TYPE: 'gcs' is not supported yet by difydaemon", output)
