@@ -54,6 +54,8 @@ _TRANSIENT_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "Throttling"}
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+#: good credentials that a policy does not allow this request
+_NOT_ALLOWED_CODES = frozenset({"AccessDenied", "AllAccessDisabled"})
 
 
 @frozen
@@ -247,7 +249,33 @@ class S3ObjectStorage:
         if cause is not None and is_missing(cause):
             await self._create_bucket()
             return
+        if _http_status(cause) in (401, 403):
+            cause = await self._probe_objects()
+            if cause is None:
+                return
         raise self._startup_error(cause)
+
+    async def _probe_objects(self):
+        """
+        After a HEAD of the bucket was refused: None when the credentials are
+        good but may not list the bucket (an IAM policy granting only object
+        reads and writes, which the Go daemon runs on), else the error that
+        says what is wrong.  A HEAD answer has no body; this one has.
+        """
+        try:
+            await self._call_with_retry(
+                "reach", self._bucket, self._client.list_objects_v2, Bucket=self._bucket, MaxKeys=1
+            )
+            return None
+        except ObjectStorageError as error:
+            cause = error.__cause__
+        if _error_code(cause) in _NOT_ALLOWED_CODES:
+            log.warn(
+                "the credentials may not list bucket {bucket} ({reason}); going on, as the Go daemon does",
+                bucket=self._bucket, reason=describe(cause),
+            )
+            return None
+        return cause
 
     async def _create_bucket(self) -> None:
         log.warn("bucket {bucket} does not exist; creating it", bucket=self._bucket)
@@ -394,7 +422,10 @@ class S3ObjectStorage:
         try:
             await self._call_with_retry("look up", key, self._client.head_object, Bucket=self._bucket, Key=key)
         except ObjectStorageError as error:
-            if error.__cause__ is not None and is_missing(error.__cause__):
+            cause = error.__cause__
+            # S3 answers 403, not 404, for a missing key to whom may not
+            # list the bucket; the credentials were checked at start
+            if cause is not None and (is_missing(cause) or _http_status(cause) == 403):
                 return False
             raise
         return True

@@ -12,7 +12,7 @@ import secrets
 from botocore.exceptions import ClientError, EndpointConnectionError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 
 from difydaemon.blocking import InlineRunner, ThreadPoolRunner
@@ -153,10 +153,7 @@ class PartRefusingClient:
 
     def upload_part(self, **kwargs):
         if kwargs["PartNumber"] == self._refuse_part:
-            raise ClientError(
-                {"Error": {"Code": "AccessDenied", "Message": "refused"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
-                "UploadPart",
-            )
+            raise client_error(403, "AccessDenied", "UploadPart")
         return self._client.upload_part(**kwargs)
 
     def __getattr__(self, name):
@@ -174,18 +171,28 @@ class S3OutageTests(S3Case):
         self.raw = await self.runner.run(bucket_client, self.server)
 
     async def test_server_restarted_mid_run(self):
-        """A save met by a stopped server is tried again and succeeds once the server is back."""
-        storage = await self.make_storage(retry=RetryPolicy(attempts=100, first_pause=0.05, max_pause=0.3))
+        """A save met by a stopped server waits, is tried again and succeeds once the server is back."""
+        # the pauses run on a clock of the test's, the S3 calls on the real
+        # reactor's threads: the retry comes exactly when the test says
+        clock = Clock()
+        storage = S3ObjectStorage(
+            clock, settings_for(self.server, self.bucket), self.runner,
+            retry=RetryPolicy(attempts=3, first_pause=1.0),
+        )
+        await storage.start()
         await storage.save("assets/before", b"1")
         await self.server.stop()
         saving = storage.save("assets/during", b"2")
         while storage.transient_failures == 0:
-            await deferLater(reactor, 0.05, lambda: None)
+            await deferLater(reactor, 0.02, lambda: None)
         self.assertFalse(saving.called)
         await self.server.start()
         # moto restarts empty; a real store keeps its bucket
         await self.runner.run(self.raw.create_bucket, Bucket=self.bucket)
+        self.assertFalse(saving.called)
+        clock.advance(1.0)
         await saving
+        self.assertEqual(storage.transient_failures, 1)
         self.assertEqual(await storage.load("assets/during"), b"2")
 
     async def test_server_gone_fails_after_the_retries(self):
@@ -326,12 +333,59 @@ class RetryTests(SynchronousTestCase):
     def test_what_is_transient(self):
         """Connection failures, 5xx and SlowDown are transient; 403 and 404 are not."""
 
-        def client_error(status, code):
-            return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
-
         self.assertTrue(is_transient(EndpointConnectionError(endpoint_url="http://x")))
         self.assertTrue(is_transient(client_error(503, "ServiceUnavailable")))
         self.assertTrue(is_transient(client_error(400, "SlowDown")))
         self.assertFalse(is_transient(client_error(403, "AccessDenied")))
         self.assertFalse(is_transient(client_error(404, "NoSuchKey")))
         self.assertFalse(is_transient(ValueError("bug")))
+
+
+def client_error(status: int, code: str, operation: str = "Op") -> ClientError:
+    """The error botocore raises for an S3 answer of ``status`` and ``code``."""
+    return ClientError({"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+
+
+class PolicyClient:
+    """A client under an IAM policy that grants object reads and writes but not listing: HEADs get 403."""
+
+    def __init__(self, list_code: str) -> None:
+        self.list_code = list_code
+        self.meta = None
+
+    def head_bucket(self, Bucket):
+        raise client_error(403, "403", "HeadBucket")
+
+    def list_objects_v2(self, **kwargs):
+        raise client_error(403, self.list_code, "ListObjectsV2")
+
+    def head_object(self, Bucket, Key):
+        raise client_error(403, "403", "HeadObject")
+
+
+class NarrowPolicyTests(SynchronousTestCase):
+    """Credentials that may read and write objects but not list the bucket work, as on the Go daemon."""
+
+    def storage(self, list_code: str) -> S3ObjectStorage:
+        return S3ObjectStorage(
+            MemoryReactorClock(), S3Settings(bucket="b", access_key="id", secret_key="s"), InlineRunner(),
+            client_factory=lambda settings: PolicyClient(list_code),
+        )
+
+    def test_start_goes_on_without_list_permission(self):
+        """A refused HEAD of the bucket, then AccessDenied on listing: the start succeeds."""
+        storage = self.storage("AccessDenied")
+        self.successResultOf(storage.start())
+
+    def test_missing_key_under_narrow_policy(self):
+        """A 403 on HEAD of a key means absent (S3 hides absence from who may not list)."""
+        storage = self.storage("AccessDenied")
+        self.successResultOf(storage.start())
+        self.assertFalse(self.successResultOf(storage.exists("assets/x")))
+
+    def test_bad_key_still_refused(self):
+        """A refused HEAD, then InvalidAccessKeyId on listing: the start fails naming AWS_ACCESS_KEY."""
+        storage = self.storage("InvalidAccessKeyId")
+        failure = self.failureResultOf(storage.start(), ConfigError)
+        self.assertEqual(failure.value.variable, "AWS_ACCESS_KEY")
+        self.assertIn("InvalidAccessKeyId", failure.value.problem)
