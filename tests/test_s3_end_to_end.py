@@ -28,6 +28,7 @@ from tests.api.harness import encode_form
 from tests.daemon_postgres import fresh_database
 from tests.test_dispatch_end_to_end import wait_until
 from tests.test_end_to_end import TENANT, DaemonCase
+from tests.test_storage_end_to_end import IDENTIFIER, UploadChecks
 
 BUCKET = "dify-plugins"
 
@@ -199,3 +200,34 @@ class StartRefusedTests(DaemonCase):
         output, code = await self.run_twistd(PLUGIN_STORAGE_TYPE="gcs", GCS_CREDENTIALS="e30=")
         self.assertEqual(code, 1, output)
         self.assertIn("PLUGIN_STORAGE_TYPE: 'gcs' is not supported yet by difydaemon", output)
+
+
+class S3OutageUploadTests(UploadChecks, DaemonCase):
+    """An upload while the bucket cannot be reached."""
+
+    timeout = 120
+
+    async def test_upload_with_the_store_down(self):
+        """With the store down the upload answers -500 naming the key and the reason, leaves nothing, and works once it is back."""
+        s3 = await moto_server(self, reactor)
+        await self._start(
+            PLUGIN_STORAGE_TYPE="aws_s3", PLUGIN_STORAGE_OSS_BUCKET=BUCKET, S3_USE_AWS="false",
+            S3_ENDPOINT=s3.endpoint, AWS_ACCESS_KEY=ACCESS_KEY, AWS_SECRET_KEY=SECRET_KEY,
+        )
+        await s3.stop()
+        envelope = await self.upload()
+        self.assertEqual(envelope["code"], -500, envelope)
+        self.assertRegex(
+            orjson.loads(envelope["message"])["message"],
+            r"^object storage cannot look up assets/[0-9a-f]{64}\.svg: Could not connect to the endpoint URL",
+        )
+        await self.assert_no_declaration()
+        await s3.start()
+        raw = bucket_client(s3)
+        # moto restarts empty; a real store keeps its bucket
+        raw.create_bucket(Bucket=BUCKET)
+        envelope = await self.upload()
+        self.assertEqual(envelope["code"], 0, envelope)
+        self.assertEqual(envelope["data"]["unique_identifier"], IDENTIFIER)
+        keys = [entry["Key"] for entry in raw.list_objects_v2(Bucket=BUCKET)["Contents"]]
+        self.assertIn(f"plugin_packages/{IDENTIFIER}", keys)
