@@ -65,7 +65,8 @@ class DaemonService(MultiService):
     :param storage: the IObjectStorage; if it has a ``start()`` (a cloud
         store: reach it, check the bucket and the credentials), that runs
         after the database is ready and a failure stops the start with its
-        :class:`~difydaemon.errors.ConfigError` naming the setting.
+        :class:`~difydaemon.errors.ConfigError` naming the setting; its
+        ``stop()``, if any, runs before the runners stop.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
     """
@@ -215,6 +216,10 @@ class DaemonService(MultiService):
             # kept-alive connections to Dify would outlive the daemon otherwise
             await pool.closeCachedConnections()
         await self.persistence.close()
+        stop_storage = getattr(self.storage, "stop", None)
+        if stop_storage is not None:
+            # its retries would hand work to a pool being stopped
+            stop_storage()
         for runner in self._runners:
             runner.stop()
 

@@ -175,6 +175,22 @@ class DaemonServiceTests(SynchronousTestCase):
         self.successResultOf(service.ready)
         self.assertEqual(len(self.clock.tcpServers), 1)
 
+    def test_storage_stopped_before_the_runners(self):
+        """At shutdown the store is stopped (no more retries) after the database closes and before the thread pools stop."""
+        order = []
+
+        class Runner:
+            def stop(self):
+                order.append("runner")
+
+        storage = StartingStorage(lambda: succeed(None))
+        storage.stop = lambda: order.append("storage")
+        service = DaemonService(self.clock, self.database, QuietInstaller(), storage=storage, runners=[Runner()])
+        service.startService()
+        self.successResultOf(service.ready)
+        self.successResultOf(service.stopService())
+        self.assertEqual(order, ["storage", "runner"])
+
     def test_storage_refusal_fails_start_naming_the_setting(self):
         """A store that cannot be reached fails start-up with its ConfigError, logged without a traceback; no port opens."""
         storage = StartingStorage(lambda: fail(ConfigError("S3_ENDPOINT", "cannot reach the S3 store")))

@@ -101,6 +101,12 @@ class CachedObjectStorage:
         start = getattr(self._inner, "start", None)
         return start() if start is not None else succeed(None)
 
+    def stop(self) -> None:
+        """Stop the store behind (no more calls or retries), if it can be."""
+        stop = getattr(self._inner, "stop", None)
+        if stop is not None:
+            stop()
+
     def _cacheable(self, key: str) -> bool:
         return key.startswith(self._prefixes)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import io
 
 from attrs import field, frozen
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -223,6 +223,9 @@ class S3ObjectStorage:
         self._page_size = page_size
         #: transient failures met so far (an operator's figure; tests wait on it)
         self.transient_failures = 0
+        self._stopped = False
+        #: the retry pauses under way, cancelled by :meth:`stop`
+        self._pauses: set = set()
 
     # -- start-up
 
@@ -314,6 +317,16 @@ class S3ObjectStorage:
                 "PLUGIN_STORAGE_OSS_BUCKET", f"bucket {self._bucket!r} at {endpoint}: {describe(cause)}"
             )
         return ConfigError("S3_ENDPOINT", f"cannot reach the S3 store at {endpoint}: {describe(cause)}")
+
+    def stop(self) -> None:
+        """
+        The daemon is stopping: no call starts or is tried again any more,
+        and the calls waiting to be tried again fail now, so that nothing
+        hands work to the thread pool once it is being stopped.
+        """
+        self._stopped = True
+        for pause in list(self._pauses):
+            pause.cancel()
 
     # -- IObjectStorage
 
@@ -452,6 +465,8 @@ class S3ObjectStorage:
         """
         failures = 0
         while True:
+            if self._stopped:
+                raise storage_error(operation, key, "the daemon is stopping")
             try:
                 return await self._runner.run(function, *args, **kwargs)
             except Exception as error:
@@ -466,7 +481,14 @@ class S3ObjectStorage:
                     "object storage: {operation} {key} failed ({reason}); trying again in {pause:g} s",
                     operation=operation, key=key, reason=describe(error), pause=pause,
                 )
-                await deferLater(self._reactor, pause, lambda: None)
+                waiting = deferLater(self._reactor, pause, lambda: None)
+                self._pauses.add(waiting)
+                try:
+                    await waiting
+                except CancelledError:
+                    raise storage_error(operation, key, "the daemon is stopping") from error
+                finally:
+                    self._pauses.discard(waiting)
 
 
 def _upload_part(client, bucket: str, key: str, upload_id: str, number: int, view: memoryview) -> dict:

@@ -325,6 +325,18 @@ class RetryTests(SynchronousTestCase):
         self.assertIn("object storage cannot save plugin/k: Could not connect", failure.value.message)
         self.assertEqual(self.client.calls, 3)
 
+    def test_stop_ends_the_waiting_retries(self):
+        """stop() fails a call waiting to be tried again, and later calls, without another attempt."""
+        storage = self.storage(failures=10)
+        saving = storage.save("plugin/k", b"v")
+        self.assertEqual(self.client.calls, 1)
+        storage.stop()
+        failure = self.failureResultOf(saving, ObjectStorageError)
+        self.assertIn("object storage cannot save plugin/k: the daemon is stopping", failure.value.message)
+        self.failureResultOf(storage.save("plugin/other", b"v"), ObjectStorageError)
+        self.clock.advance(10)
+        self.assertEqual((self.client.calls, self.clock.getDelayedCalls()), (1, []))
+
     def test_pause_is_capped(self):
         """The pause doubles up to its cap."""
         policy = RetryPolicy(first_pause=0.5, max_pause=3.0)
