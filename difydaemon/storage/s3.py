@@ -330,41 +330,46 @@ class S3ObjectStorage:
 
     # -- IObjectStorage
 
-    def save(self, key: str, data: bytes) -> Deferred:
+    def _refused(self, check, key: str):
+        """A failed Deferred when ``key`` is malformed or the store has not started, else None."""
         try:
-            check_key(key)
+            check(key)
         except ValueError:
             return fail()
+        if self._client is None:
+            return fail(storage_error("use", key, "the store has not been started"))
+        return None
+
+    def save(self, key: str, data: bytes) -> Deferred:
+        refused = self._refused(check_key, key)
+        if refused is not None:
+            return refused
         return Deferred.fromCoroutine(self._save(key, bytes(data)))
 
     def load(self, key: str) -> Deferred:
-        try:
-            check_key(key)
-        except ValueError:
-            return fail()
+        refused = self._refused(check_key, key)
+        if refused is not None:
+            return refused
         return Deferred.fromCoroutine(self._load(key))
 
     def exists(self, key: str) -> Deferred:
-        try:
-            check_key(key)
-        except ValueError:
-            return fail()
+        refused = self._refused(check_key, key)
+        if refused is not None:
+            return refused
         return Deferred.fromCoroutine(self._exists(key))
 
     def delete(self, key: str) -> Deferred:
-        try:
-            check_key(key)
-        except ValueError:
-            return fail()
+        refused = self._refused(check_key, key)
+        if refused is not None:
+            return refused
         return Deferred.fromCoroutine(
             self._call_with_retry("delete", key, self._client.delete_object, Bucket=self._bucket, Key=key)
         )
 
     def list(self, prefix: str) -> Deferred:
-        try:
-            check_prefix(prefix)
-        except ValueError:
-            return fail()
+        refused = self._refused(check_prefix, prefix)
+        if refused is not None:
+            return refused
         return Deferred.fromCoroutine(self._list(prefix))
 
     # -- the operations

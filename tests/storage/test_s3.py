@@ -337,6 +337,13 @@ class RetryTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual((self.client.calls, self.clock.getDelayedCalls()), (1, []))
 
+    def test_calls_before_start_fail(self):
+        """A store used before start() fails each call with an ObjectStorageError saying so, never an AttributeError."""
+        storage = S3ObjectStorage(MemoryReactorClock(), S3Settings(bucket="b"), InlineRunner())
+        for call in (storage.load("k"), storage.exists("k"), storage.delete("k"), storage.list("p"), storage.save("k", b"")):
+            failure = self.failureResultOf(call, ObjectStorageError)
+            self.assertIn("the store has not been started", failure.value.message)
+
     def test_pause_is_capped(self):
         """The pause doubles up to its cap."""
         policy = RetryPolicy(first_pause=0.5, max_pause=3.0)
