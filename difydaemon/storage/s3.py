@@ -307,11 +307,15 @@ class S3ObjectStorage:
         if isinstance(cause, ClientError):
             status = _http_status(cause)
             if status in (401, 403):
-                variable = "S3_USE_AWS_MANAGED_IAM" if not self._settings.static_keys() else "AWS_ACCESS_KEY"
+                if self._settings.static_keys():
+                    variable, whose = "AWS_ACCESS_KEY", "AWS_ACCESS_KEY and AWS_SECRET_KEY"
+                else:
+                    variable = "S3_USE_AWS_MANAGED_IAM" if self._settings.managed_iam else "AWS_ACCESS_KEY"
+                    whose = "the AWS credential chain: the instance or pod role, AWS_* environment variables"
                 return ConfigError(
                     variable,
                     f"the S3 store at {endpoint} refused the credentials for bucket {self._bucket!r} "
-                    f"(check AWS_ACCESS_KEY and AWS_SECRET_KEY): {describe(cause)}",
+                    f"(from {whose}): {describe(cause)}",
                 )
             return ConfigError(
                 "PLUGIN_STORAGE_OSS_BUCKET", f"bucket {self._bucket!r} at {endpoint}: {describe(cause)}"

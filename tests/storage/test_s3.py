@@ -385,10 +385,10 @@ class PolicyClient:
 class NarrowPolicyTests(SynchronousTestCase):
     """Credentials that may read and write objects but not list the bucket work, as on the Go daemon."""
 
-    def storage(self, list_code: str) -> S3ObjectStorage:
+    def storage(self, list_code: str, **settings) -> S3ObjectStorage:
         return S3ObjectStorage(
-            MemoryReactorClock(), S3Settings(bucket="b", access_key="id", secret_key="s"), InlineRunner(),
-            client_factory=lambda settings: PolicyClient(list_code),
+            MemoryReactorClock(), S3Settings(bucket="b", **(settings or {"access_key": "id", "secret_key": "s"})),
+            InlineRunner(), client_factory=lambda settings: PolicyClient(list_code),
         )
 
     def test_start_goes_on_without_list_permission(self):
@@ -408,3 +408,10 @@ class NarrowPolicyTests(SynchronousTestCase):
         failure = self.failureResultOf(storage.start(), ConfigError)
         self.assertEqual(failure.value.variable, "AWS_ACCESS_KEY")
         self.assertIn("InvalidAccessKeyId", failure.value.problem)
+
+    def test_refused_role_names_managed_iam(self):
+        """With S3_USE_AWS_MANAGED_IAM, refused credentials name that setting and the credential chain."""
+        storage = self.storage("InvalidAccessKeyId", managed_iam=True)
+        failure = self.failureResultOf(storage.start(), ConfigError)
+        self.assertEqual(failure.value.variable, "S3_USE_AWS_MANAGED_IAM")
+        self.assertIn("the AWS credential chain", failure.value.problem)
