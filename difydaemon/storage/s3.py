@@ -90,6 +90,10 @@ class S3Settings:
     connect_timeout: float = 5.0
     #: seconds of silence on an open request before it counts as failed
     read_timeout: float = 30.0
+    #: seconds one request may take in all: a peer that trickles its answer
+    #: never trips the read timeout (the request's thread stays blocked
+    #: until it does, but the caller is answered)
+    call_timeout: float = 300.0
 
     def static_keys(self) -> bool:
         """Whether the access and secret keys sign requests (not the credential chain)."""
@@ -164,7 +168,7 @@ def is_transient(error) -> bool:
     """Whether trying the same request again later may succeed."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
-    if isinstance(error, (ConnectionError, HTTPClientError)):
+    if isinstance(error, (ConnectionError, HTTPClientError, CallTimeout)):
         return True
     if isinstance(error, ClientError):
         status = _http_status(error) or 0
@@ -477,7 +481,9 @@ class S3ObjectStorage:
             if self._stopped:
                 raise storage_error(operation, key, "the daemon is stopping")
             try:
-                return await self._runner.run(function, *args, **kwargs)
+                return await self._runner.run(function, *args, **kwargs).addTimeout(
+                    self._settings.call_timeout, self._reactor, onTimeoutCancel=_took_too_long
+                )
             except Exception as error:
                 if isinstance(error, (ObjectStorageError, ObjectNotFoundError)):
                     raise
@@ -498,6 +504,14 @@ class S3ObjectStorage:
                     raise storage_error(operation, key, "the daemon is stopping") from error
                 finally:
                     self._pauses.discard(waiting)
+
+
+class CallTimeout(Exception):
+    """An S3 request that went on past :attr:`S3Settings.call_timeout`."""
+
+
+def _took_too_long(result, timeout):
+    raise CallTimeout(f"no complete answer within {timeout:g} s")
 
 
 def _upload_part(client, bucket: str, key: str, upload_id: str, number: int, view: memoryview) -> dict:

@@ -12,7 +12,8 @@ import secrets
 from botocore.exceptions import ClientError, EndpointConnectionError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.internet.testing import MemoryReactorClock
 
 from difydaemon.blocking import InlineRunner, ThreadPoolRunner
@@ -415,3 +416,63 @@ class NarrowPolicyTests(SynchronousTestCase):
         failure = self.failureResultOf(storage.start(), ConfigError)
         self.assertEqual(failure.value.variable, "S3_USE_AWS_MANAGED_IAM")
         self.assertIn("the AWS credential chain", failure.value.problem)
+
+
+class TricklingS3(Protocol):
+    """Answers a HEAD at once and a GET with a 1000-byte body sent one byte every 50 ms."""
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.buffer = b""
+        self.sending = None
+
+    def dataReceived(self, data):
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        if head.startswith(b"HEAD"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            return
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        self.sending = LoopingCall(self.transport.write, b"x")
+        self.sending.clock = reactor
+        self.sending.start(0.05)
+
+    def connectionLost(self, reason):
+        if self.sending is not None and self.sending.running:
+            self.sending.stop()
+
+
+class TricklingPeerTests(AsyncTestCase):
+    """A store that trickles its answer, never silent long enough for the read timeout."""
+
+    timeout = 60
+
+    async def test_call_timeout(self):
+        """The call fails after call_timeout with an error saying so, though bytes keep coming."""
+        runner = ThreadPoolRunner(reactor, "test-s3", max_threads=2)
+        self.addCleanup(runner.stop)
+        factory = Factory.forProtocol(TricklingS3)
+        factory.connections = []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+        async def close():
+            for connection in factory.connections:
+                connection.transport.abortConnection()
+            await port.stopListening()
+
+        # before the runner's stop: the blocked thread sees the connection end
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        settings = S3Settings(
+            bucket="b", endpoint=f"http://127.0.0.1:{port.getHost().port}", use_aws=False,
+            access_key="a", secret_key="b", read_timeout=5.0, call_timeout=1.0,
+        )
+        storage = S3ObjectStorage(reactor, settings, runner, retry=RetryPolicy(attempts=1))
+        await storage.start()
+        try:
+            await storage.load("plugin/slow")
+        except ObjectStorageError as error:
+            self.assertEqual(error.message, "object storage cannot load plugin/slow: no complete answer within 1 s")
+        else:
+            self.fail("the load did not fail")
