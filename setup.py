@@ -31,8 +31,13 @@ setup(
         "txredisapi>=1.6,<2",
         # /metrics: exposition of our own collectors (ecosystem.md §2)
         "prometheus-client>=0.20",
+        # PLUGIN_STORAGE_TYPE=aws_s3 (difydaemon.storage.s3): botocore signs
+        # and addresses; its calls run in a thread pool
+        "boto3>=1.36",
     ],
     extras_require={
+        # an S3-compatible server the storage tests start on loopback
+        "test": ["moto[server]>=5"],
         # ENABLE_OTEL=true: spans exported over OTLP/HTTP
         "otel": [
             "opentelemetry-sdk>=1.25",

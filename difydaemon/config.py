@@ -13,7 +13,10 @@ Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
 - ``DB_TYPE`` also accepts ``sqlite``, the default (an embedded database whose
   file is ``DB_DATABASE``, default ``difydaemon.db``).  ``postgresql`` and
   ``pgbouncer`` select PostgreSQL; the MySQL family is refused.
-- ``PLUGIN_STORAGE_TYPE`` accepts only ``local`` so far.
+- ``PLUGIN_STORAGE_TYPE`` accepts ``local`` and ``aws_s3``; the other Go
+  stores are parsed with their variables and refused as not supported yet.
+  ``S3_USE_PATH_STYLE`` applies with ``S3_USE_AWS`` true too (Go ignores it
+  then).
 - ``PLUGIN_WORKING_PATH`` defaults to ``cwd`` on the local platform.
 - ``DB_PASSWORD`` may be empty (trust or peer authentication).
 - ``PLUGIN_LOCAL_INSTANCES`` (default 1) is our own: processes per local
@@ -71,6 +74,39 @@ from attrs import field, frozen
 from difydaemon.errors import ConfigError
 from difydaemon.runtimes.child_environment import passthrough_names
 
+#: The Go daemon's object stores difydaemon does not support yet, and the
+#: variables of each: parsed (so that a typo is still reported as the
+#: store's), and refused at start with ``PLUGIN_STORAGE_TYPE`` named.
+_OTHER_STORAGE_VARIABLES: dict[str, tuple[str, ...]] = {
+    "tencent_cos": ("TENCENT_COS_SECRET_KEY", "TENCENT_COS_SECRET_ID", "TENCENT_COS_REGION", "TENCENT_COS_ENDPOINT"),
+    "azure_blob": (
+        "AZURE_BLOB_STORAGE_CONTAINER_NAME",
+        "AZURE_BLOB_STORAGE_CONNECTION_STRING",
+        "AZURE_BLOB_STORAGE_ACCOUNT_URL",
+        "AZURE_BLOB_STORAGE_USE_MANAGED_IDENTITY",
+    ),
+    "gcs": ("GCS_CREDENTIALS",),
+    "aliyun_oss": (
+        "ALIYUN_OSS_REGION",
+        "ALIYUN_OSS_ENDPOINT",
+        "ALIYUN_OSS_ACCESS_KEY_ID",
+        "ALIYUN_OSS_ACCESS_KEY_SECRET",
+        "ALIYUN_OSS_AUTH_VERSION",
+        "ALIYUN_OSS_PATH",
+        "ALIYUN_OSS_CLOUDBOX_ID",
+    ),
+    "huawei_obs": ("HUAWEI_OBS_ACCESS_KEY", "HUAWEI_OBS_SECRET_KEY", "HUAWEI_OBS_SERVER", "HUAWEI_OBS_PATH_STYLE"),
+    "volcengine_tos": (
+        "VOLCENGINE_TOS_ENDPOINT", "VOLCENGINE_TOS_ACCESS_KEY", "VOLCENGINE_TOS_SECRET_KEY", "VOLCENGINE_TOS_REGION",
+    ),
+    "baidu_bos": ("BAIDU_BOS_ENDPOINT", "BAIDU_BOS_ACCESS_KEY", "BAIDU_BOS_SECRET_KEY", "BAIDU_BOS_REGION"),
+}
+#: Boolean variables among them (parsed as booleans, like Go).
+_OTHER_STORAGE_BOOLEANS = frozenset({"AZURE_BLOB_STORAGE_USE_MANAGED_IDENTITY", "HUAWEI_OBS_PATH_STYLE"})
+
+#: ``PLUGIN_STORAGE_TYPE`` values difydaemon runs on.
+STORAGE_TYPES = ("local", "aws_s3")
+
 #: Every variable :func:`load_config` reads, in documentation order.
 VARIABLES: tuple[str, ...] = (
     # HTTP server, authentication, Dify inner API, platform
@@ -97,6 +133,15 @@ VARIABLES: tuple[str, ...] = (
     # object storage
     "PLUGIN_STORAGE_TYPE",
     "PLUGIN_STORAGE_LOCAL_ROOT",
+    "PLUGIN_STORAGE_OSS_BUCKET",
+    "S3_USE_AWS",
+    "S3_USE_AWS_MANAGED_IAM",
+    "S3_ENDPOINT",
+    "S3_USE_PATH_STYLE",
+    "AWS_ACCESS_KEY",
+    "AWS_SECRET_KEY",
+    "AWS_REGION",
+    *(name for names in _OTHER_STORAGE_VARIABLES.values() for name in names),
     "PLUGIN_INSTALLED_PATH",
     "PLUGIN_PACKAGE_CACHE_PATH",
     "PLUGIN_MEDIA_CACHE_PATH",
@@ -231,6 +276,15 @@ CREDENTIAL_VARIABLES: tuple[str, ...] = (
     "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY",
     "SRI_API_KEY",
     "OTEL_API_KEY",
+    "AWS_ACCESS_KEY",
+    "AWS_SECRET_KEY",
+    "TENCENT_COS_SECRET_KEY",
+    "AZURE_BLOB_STORAGE_CONNECTION_STRING",
+    "GCS_CREDENTIALS",
+    "ALIYUN_OSS_ACCESS_KEY_SECRET",
+    "HUAWEI_OBS_SECRET_KEY",
+    "VOLCENGINE_TOS_SECRET_KEY",
+    "BAIDU_BOS_SECRET_KEY",
 )
 
 PORT_MAX = 65535
@@ -382,7 +436,7 @@ class StorageConfig:
     Relative paths are relative to the daemon's working directory.
     """
 
-    #: ``PLUGIN_STORAGE_TYPE``: always ``local`` for now.
+    #: ``PLUGIN_STORAGE_TYPE``: ``local`` or ``aws_s3``.
     plugin_storage_type: str
     #: ``PLUGIN_STORAGE_LOCAL_ROOT``: directory holding the local store.
     plugin_storage_local_root: str
@@ -400,6 +454,28 @@ class StorageConfig:
     plugin_media_cache_size: int
     #: ``PLUGIN_ASSET_CACHE_SIZE``: LRU entries for extract-asset.
     plugin_asset_cache_size: int
+    #: ``PLUGIN_STORAGE_OSS_BUCKET``: the bucket of a cloud store.
+    plugin_storage_oss_bucket: str = ""
+    #: ``S3_USE_AWS``: AWS's credential chain when no keys are given (else
+    #: an S3-compatible store: ``S3_ENDPOINT`` and keys required).
+    s3_use_aws: bool = True
+    #: ``S3_USE_AWS_MANAGED_IAM``: credentials from the instance or pod role
+    #: (the credential chain), never from the keys.
+    s3_use_aws_managed_iam: bool = False
+    #: ``S3_ENDPOINT``: the store's URL; empty for AWS's own.
+    s3_endpoint: str = ""
+    #: ``S3_USE_PATH_STYLE``: ``host/bucket/key`` addressing.
+    s3_use_path_style: bool = True
+    #: ``AWS_ACCESS_KEY``.
+    aws_access_key: str = field(default="", repr=False)
+    #: ``AWS_SECRET_KEY``.
+    aws_secret_key: str = field(default="", repr=False)
+    #: ``AWS_REGION``: empty for botocore's own resolution.
+    aws_region: str = ""
+    #: the other Go stores' variables that are set (``TENCENT_COS_*``,
+    #: ``AZURE_BLOB_*``, ...): sorted ``(name, value)`` pairs, booleans
+    #: parsed; none of those stores runs yet
+    other_storage_variables: tuple = field(default=(), repr=False)
 
 
 @frozen
@@ -1161,13 +1237,27 @@ def _buffer_sizes(values: _Values) -> tuple[int, int]:
 def _storage(values: _Values) -> StorageConfig:
     """The ``storage`` group."""
     storage_type = values.string("PLUGIN_STORAGE_TYPE", "local").strip() or "local"
-    if storage_type != "local":
+    if storage_type in _OTHER_STORAGE_VARIABLES:
         values.fail(
             "PLUGIN_STORAGE_TYPE",
-            f"{storage_type!r} is not supported by difydaemon; only local is supported so far",
+            f"{storage_type!r} is not supported yet by difydaemon (supported: {', '.join(STORAGE_TYPES)})",
         )
+        storage_type = "local"
+    elif storage_type not in STORAGE_TYPES:
+        known = STORAGE_TYPES + tuple(_OTHER_STORAGE_VARIABLES)
+        values.fail("PLUGIN_STORAGE_TYPE", f"must be one of {', '.join(known)}; got {storage_type!r}")
+        storage_type = "local"
+    other = {}
+    for names in _OTHER_STORAGE_VARIABLES.values():
+        for name in names:
+            if name in _OTHER_STORAGE_BOOLEANS:
+                if values.raw(name) is not None:
+                    other[name] = values.boolean(name, False)
+            elif values.raw(name) is not None:
+                other[name] = values.raw(name)
+    s3 = _s3(values, storage_type == "aws_s3")
     return StorageConfig(
-        plugin_storage_type="local",
+        plugin_storage_type=storage_type,
         plugin_storage_local_root=values.string("PLUGIN_STORAGE_LOCAL_ROOT", "storage"),
         plugin_installed_path=values.string("PLUGIN_INSTALLED_PATH", "plugin"),
         plugin_package_cache_path=values.string("PLUGIN_PACKAGE_CACHE_PATH", "plugin_packages"),
@@ -1178,7 +1268,45 @@ def _storage(values: _Values) -> StorageConfig:
         ),
         plugin_media_cache_size=values.integer("PLUGIN_MEDIA_CACHE_SIZE", 1024, 1, _UINT16_MAX),
         plugin_asset_cache_size=values.integer("PLUGIN_ASSET_CACHE_SIZE", 256, 1, _UINT16_MAX),
+        other_storage_variables=tuple(sorted(other.items())),
+        **s3,
     )
+
+
+def _s3(values: _Values, used: bool) -> dict:
+    """
+    The S3 fields of the ``storage`` group; what S3 needs is required only
+    when ``used`` (``PLUGIN_STORAGE_TYPE=aws_s3``).
+    """
+    fields = dict(
+        plugin_storage_oss_bucket=values.stripped("PLUGIN_STORAGE_OSS_BUCKET") or "",
+        s3_use_aws=values.boolean("S3_USE_AWS", True),
+        s3_use_aws_managed_iam=values.boolean("S3_USE_AWS_MANAGED_IAM", False),
+        s3_endpoint=values.stripped("S3_ENDPOINT") or "",
+        s3_use_path_style=values.boolean("S3_USE_PATH_STYLE", True),
+        aws_access_key=values.stripped("AWS_ACCESS_KEY") or "",
+        aws_secret_key=values.raw("AWS_SECRET_KEY") or "",
+        aws_region=values.stripped("AWS_REGION") or "",
+    )
+    values.url("S3_ENDPOINT", fields["s3_endpoint"])
+    if not used:
+        return fields
+    why = " when PLUGIN_STORAGE_TYPE is aws_s3"
+    if not fields["plugin_storage_oss_bucket"]:
+        values.fail("PLUGIN_STORAGE_OSS_BUCKET", "is required" + why)
+    if fields["s3_use_aws_managed_iam"]:
+        # the role's credentials; keys set beside it would be ignored silently
+        return fields
+    if bool(fields["aws_access_key"]) != bool(fields["aws_secret_key"]):
+        missing = "AWS_SECRET_KEY" if fields["aws_access_key"] else "AWS_ACCESS_KEY"
+        values.fail(missing, "is required when the other of AWS_ACCESS_KEY and AWS_SECRET_KEY is set")
+    elif not fields["s3_use_aws"]:
+        why = " when S3_USE_AWS is false"
+        if not fields["s3_endpoint"]:
+            values.fail("S3_ENDPOINT", "is required" + why)
+        if not fields["aws_access_key"]:
+            values.fail("AWS_ACCESS_KEY", "is required" + why + " (and S3_USE_AWS_MANAGED_IAM is false)")
+    return fields
 
 
 def _packages(values: _Values) -> PackageConfig:

@@ -2,7 +2,8 @@
 The daemon's top service: start-up order, readiness and shutdown.
 
 Start-up: the database is reached (trying again for a while if it is not
-up yet) and migrated, install tasks left unfinished by a previous run are
+up yet) and migrated, a cloud object store is reached and its bucket
+checked, install tasks left unfinished by a previous run are
 failed (in a cluster: those whose replica is gone), and only then do the
 ports open: no request can meet a database without its tables (installed
 plugins come up in the background; a call for one still starting waits for
@@ -27,7 +28,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
-from difydaemon.errors import CoordinationUnavailableError, DatabaseUnavailableError
+from difydaemon.errors import ConfigError, CoordinationUnavailableError, DatabaseUnavailableError
 from difydaemon.file_limit import raise_open_files_limit
 from difydaemon.management.installer import SHUTDOWN_MESSAGE
 
@@ -75,6 +76,11 @@ class DaemonService(MultiService):
     :param ready_checks: callables returning Deferreds, run once the
         database is ready and before the runtimes start (the serverless
         connector's ping); a failure fails the start.
+    :param storage: the IObjectStorage; if it has a ``start()`` (a cloud
+        store: reach it, check the bucket and the credentials), that runs
+        after the database is ready and a failure stops the start with its
+        :class:`~difydaemon.errors.ConfigError` naming the setting; its
+        ``stop()``, if any, runs before the runners stop.
     The Deferreds of :attr:`ready` fail if start-up fails (with
     CancelledError if the daemon is stopped before it is ready).
 
@@ -100,8 +106,10 @@ class DaemonService(MultiService):
         replica=None,
         coordination=None,
         task_sweep_interval: float | None = None,
+        storage=None,
     ) -> None:
         super().__init__()
+        self.storage = storage
         self._file_limit = file_limit
         self._reactor = reactor
         self.persistence = persistence
@@ -196,6 +204,11 @@ class DaemonService(MultiService):
     async def _start(self) -> None:
         await self._prepare_database()
         self._check_running()
+        start_storage = getattr(self.storage, "start", None)
+        if start_storage is not None:
+            # installed plugins are read from it as soon as the runtimes start
+            await start_storage()
+            self._check_running()
         try:
             failed = await self.installer.fail_unfinished_tasks(SHUTDOWN_MESSAGE)
         except CoordinationUnavailableError as exc:
@@ -232,6 +245,10 @@ class DaemonService(MultiService):
     def _start_failed(self, failure) -> None:
         if failure.check(CancelledError) and not self.running:
             log.info("difydaemon was stopped before it was ready")
+        elif failure.check(ConfigError):
+            # the operator's setting, not a bug: no traceback to read past
+            self._state = "failed"
+            log.error("difydaemon could not start: {reason}", reason=str(failure.value))
         else:
             self._state = "failed"
             log.failure("difydaemon could not start", failure)
@@ -265,6 +282,10 @@ class DaemonService(MultiService):
         if self.coordination is not None:
             await self.coordination.close()
         await self.persistence.close()
+        stop_storage = getattr(self.storage, "stop", None)
+        if stop_storage is not None:
+            # its retries would hand work to a pool being stopped
+            stop_storage()
         for runner in self._runners:
             runner.stop()
 

@@ -36,7 +36,7 @@ from difydaemon.invocation.dispatcher import BackwardsInvocations
 from difydaemon.invocation.inner_api import DifyInnerAPI
 from difydaemon.invocation.storage import PluginStorage
 from difydaemon.management.installer import Installer
-from difydaemon.management.packages import PackageRegistry, StoragePaths
+from difydaemon.management.packages import PackageRegistry
 from difydaemon.packaging.isolation import ChildProcessDecoder
 from difydaemon.packaging.package import PackagePolicy
 from difydaemon.packaging.signature import load_public_key, official_public_key
@@ -68,8 +68,10 @@ from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions
 from difydaemon.api.admin import AdminAPI
 from difydaemon.api.transaction import TransactionResource
 from difydaemon.service import DaemonService, end_process_on_failed_start
+from difydaemon.storage.cache import CachedObjectStorage
 from difydaemon.storage.filesystem import FilesystemObjectStorage
 from difydaemon.storage.metered import MeteredObjectStorage
+from difydaemon.storage.paths import StoragePaths
 
 BUILD_TIME = "unknown"
 
@@ -78,6 +80,10 @@ BUILD_TIME = "unknown"
 #: SHUTDOWN_GRACE_PERIOD (6 s) a shutdown ends within ``docker stop``'s 10 s
 #: even then: 6 + 2 + the reaping, under 9 s (``bench/supervision.py``)
 PLUGIN_STOP_GRACE_PERIOD = 2.0
+
+#: threads (and HTTP connections) for S3 calls: uploads of parts and reads
+#: of packages run side by side
+S3_THREADS = 8
 
 #: seconds a call waits for a plugin that no local launch can bring up (a
 #: debug plugin reconnecting; the serverless platform): Go's retry window
@@ -140,6 +146,35 @@ def _persistence(reactor, config: Config):
         default_database=db.db_default_database or None,
         **params,
     )
+
+
+def _object_storage(reactor, config: Config, paths: StoragePaths):
+    """
+    The object store of ``PLUGIN_STORAGE_TYPE``, and the runners it needs
+    stopped at the end.  A shared store (S3) is fronted by the per-node
+    cache of immutable keys; it is reached, and its bucket checked, when
+    the daemon starts.
+    """
+    storage = config.storage
+    if storage.plugin_storage_type != "aws_s3":
+        return FilesystemObjectStorage(reactor, storage.plugin_storage_local_root), []
+    from difydaemon.storage.s3 import S3ObjectStorage, S3Settings
+
+    settings = S3Settings(
+        bucket=storage.plugin_storage_oss_bucket,
+        region=storage.aws_region or None,
+        endpoint=storage.s3_endpoint or None,
+        path_style=storage.s3_use_path_style,
+        use_aws=storage.s3_use_aws,
+        managed_iam=storage.s3_use_aws_managed_iam,
+        access_key=storage.aws_access_key or None,
+        secret_key=storage.aws_secret_key or None,
+    )
+    # a pool of its own: a slow store must not hold the threads that
+    # decode packages
+    runner = ThreadPoolRunner(reactor, "difydaemon-s3", max_threads=S3_THREADS)
+    s3 = S3ObjectStorage(reactor, settings, runner)
+    return CachedObjectStorage(s3, paths.immutable_prefixes()), [runner]
 
 
 def _listen(reactor, host: str, port: int, factory):
@@ -280,7 +315,13 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     tracing = build_tracing(observability) if observability.enable_otel else None
     persistence = _persistence(reactor, config)
     blocking = ThreadPoolRunner(reactor, "difydaemon-blocking", max_threads=4)
-    storage = FilesystemObjectStorage(reactor, config.storage.plugin_storage_local_root)
+    paths = StoragePaths(
+        packages=config.storage.plugin_package_cache_path,
+        installed=config.storage.plugin_installed_path,
+        media=config.storage.plugin_media_cache_path,
+    )
+    storage, storage_runners = _object_storage(reactor, config, paths)
+    raw_storage = storage
     if metrics is not None:
         storage = MeteredObjectStorage(storage, metrics, config.storage.plugin_storage_type)
     policy = PackagePolicy(
@@ -288,11 +329,6 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         force_verify=config.packages.force_verifying_signature,
         enforce_langgenius=config.packages.enforce_langgenius_plugin_signatures,
         public_keys=_public_keys(config),
-    )
-    paths = StoragePaths(
-        packages=config.storage.plugin_package_cache_path,
-        installed=config.storage.plugin_installed_path,
-        media=config.storage.plugin_media_cache_path,
     )
     decoder = ChildProcessDecoder()
     packages = PackageRegistry(
@@ -366,7 +402,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
             read_timeout=(config.max_execution_timeout_seconds or 600.0) + 60.0,
         )
         http_pools.append(forwarder.pool)
-    runners = [decoder, blocking]
+    runners = [decoder, blocking, *storage_runners]
     if tracing is not None:
         # last: spans of the shutdown itself are exported too
         runners.append(ShutdownInThread(reactor, tracing))
@@ -383,6 +419,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         task_sweep_interval=TASK_LEASE_TTL if coordination.uses_redis else None,
         start_checks=_start_checks(env_file),
         ready_checks=[serverless.ping] if serverless is not None else [],
+        storage=raw_storage,
     )
     counter = RequestCounter()
     health = HealthResource(

@@ -423,10 +423,19 @@ class BadValueTests(SynchronousTestCase):
         for db_type in ("mysql", "oceanbase", "seekdb"):
             self.assert_refused("DB_TYPE", "not supported by difydaemon", DB_TYPE=db_type)
 
-    def test_cloud_storage(self):
-        """Any store other than local is refused."""
-        for storage_type in ("aws_s3", "gcs", "baidu_bos"):
-            self.assert_refused("PLUGIN_STORAGE_TYPE", "only local is supported", PLUGIN_STORAGE_TYPE=storage_type)
+    def test_other_cloud_storage(self):
+        """The Go daemon's other stores are refused as not supported yet, naming PLUGIN_STORAGE_TYPE."""
+        for storage_type in (
+            "tencent_cos", "azure_blob", "gcs", "aliyun_oss", "huawei_obs", "volcengine_tos", "baidu_bos",
+        ):
+            self.assert_refused(
+                "PLUGIN_STORAGE_TYPE", f"{storage_type!r} is not supported yet", "local, aws_s3",
+                PLUGIN_STORAGE_TYPE=storage_type,
+            )
+
+    def test_unknown_storage(self):
+        """A store nobody knows is refused with the list of the known ones."""
+        self.assert_refused("PLUGIN_STORAGE_TYPE", "must be one of local, aws_s3, tencent_cos", PLUGIN_STORAGE_TYPE="s3")
 
     def test_bad_time_zone(self):
         """SERVER_TZ must name a known zone."""
@@ -959,3 +968,91 @@ class ExampleAndDocumentationTests(SynchronousTestCase):
         text = _read(_CONFIGURATION_DOC)
         missing = [name for name in VARIABLES if f"| `{name}` |" not in text]
         self.assertEqual(missing, [])
+
+
+class S3StorageTests(SynchronousTestCase):
+    """PLUGIN_STORAGE_TYPE=aws_s3 and the S3 variables, with Go's names and defaults."""
+
+    def s3(self, **overrides):
+        return load_config(_environ(PLUGIN_STORAGE_TYPE="aws_s3", **overrides)).storage
+
+    def test_go_defaults(self):
+        """A bucket alone is enough on AWS: the credential chain, path style, no endpoint."""
+        storage = self.s3(PLUGIN_STORAGE_OSS_BUCKET="plugins")
+        self.assertEqual(storage.plugin_storage_type, "aws_s3")
+        self.assertEqual(storage.plugin_storage_oss_bucket, "plugins")
+        self.assertEqual(
+            (storage.s3_use_aws, storage.s3_use_aws_managed_iam, storage.s3_use_path_style, storage.s3_endpoint),
+            (True, False, True, ""),
+        )
+
+    def test_compatible_store(self):
+        """S3_USE_AWS=false takes the endpoint and the keys; the secret is kept out of repr."""
+        storage = self.s3(
+            PLUGIN_STORAGE_OSS_BUCKET="plugins", S3_USE_AWS="false", S3_ENDPOINT="http://minio:9000",
+            AWS_ACCESS_KEY="id", AWS_SECRET_KEY="s3cret", AWS_REGION="eu-west-1", S3_USE_PATH_STYLE="false",
+        )
+        self.assertEqual(
+            (storage.s3_endpoint, storage.aws_access_key, storage.aws_secret_key, storage.aws_region),
+            ("http://minio:9000", "id", "s3cret", "eu-west-1"),
+        )
+        self.assertFalse(storage.s3_use_path_style)
+        self.assertNotIn("s3cret", repr(storage))
+
+    def test_bucket_required(self):
+        """aws_s3 without PLUGIN_STORAGE_OSS_BUCKET is refused, naming it."""
+        error = self.assertRaises(ConfigError, self.s3)
+        self.assertEqual(error.variable, "PLUGIN_STORAGE_OSS_BUCKET")
+        self.assertIn("is required when PLUGIN_STORAGE_TYPE is aws_s3", error.problem)
+
+    def test_compatible_store_needs_endpoint_and_keys(self):
+        """S3_USE_AWS=false without an endpoint and keys names S3_ENDPOINT and AWS_ACCESS_KEY."""
+        error = self.assertRaises(ConfigErrors, self.s3, PLUGIN_STORAGE_OSS_BUCKET="b", S3_USE_AWS="false")
+        self.assertEqual([e.variable for e in error.errors], ["S3_ENDPOINT", "AWS_ACCESS_KEY"])
+
+    def test_half_a_key_pair(self):
+        """An access key without its secret names AWS_SECRET_KEY."""
+        error = self.assertRaises(ConfigError, self.s3, PLUGIN_STORAGE_OSS_BUCKET="b", AWS_ACCESS_KEY="id")
+        self.assertEqual(error.variable, "AWS_SECRET_KEY")
+
+    def test_managed_iam_needs_no_keys(self):
+        """With S3_USE_AWS_MANAGED_IAM the keys are not required, even for a compatible store."""
+        storage = self.s3(
+            PLUGIN_STORAGE_OSS_BUCKET="b", S3_USE_AWS="false", S3_ENDPOINT="http://s3:9000",
+            S3_USE_AWS_MANAGED_IAM="true",
+        )
+        self.assertTrue(storage.s3_use_aws_managed_iam)
+
+    def test_endpoint_is_a_url(self):
+        """S3_ENDPOINT must be an http(s) URL."""
+        error = self.assertRaises(ConfigError, self.s3, PLUGIN_STORAGE_OSS_BUCKET="b", S3_ENDPOINT="minio:9000")
+        self.assertEqual(error.variable, "S3_ENDPOINT")
+
+    def test_bad_boolean(self):
+        """S3_USE_PATH_STYLE is a Go boolean."""
+        error = self.assertRaises(ConfigError, self.s3, PLUGIN_STORAGE_OSS_BUCKET="b", S3_USE_PATH_STYLE="yes")
+        self.assertEqual(error.variable, "S3_USE_PATH_STYLE")
+
+    def test_local_ignores_s3_requirements(self):
+        """With the local store the S3 variables are parsed but nothing of S3 is required."""
+        storage = load_config(_environ(S3_USE_AWS="false")).storage
+        self.assertEqual(storage.plugin_storage_type, "local")
+        self.assertFalse(storage.s3_use_aws)
+
+    def test_other_stores_variables_parsed(self):
+        """The other stores' variables are read with their Go names, booleans checked."""
+        storage = load_config(
+            _environ(AZURE_BLOB_STORAGE_CONTAINER_NAME="c", HUAWEI_OBS_PATH_STYLE="true")
+        ).storage
+        self.assertEqual(
+            dict(storage.other_storage_variables),
+            {"AZURE_BLOB_STORAGE_CONTAINER_NAME": "c", "HUAWEI_OBS_PATH_STYLE": True},
+        )
+        error = self.assertRaises(ConfigError, load_config, _environ(AZURE_BLOB_STORAGE_USE_MANAGED_IDENTITY="maybe"))
+        self.assertEqual(error.variable, "AZURE_BLOB_STORAGE_USE_MANAGED_IDENTITY")
+
+    def test_storage_secrets_never_passed_to_plugins(self):
+        """PLUGIN_ENV_PASSTHROUGH may not name a storage credential."""
+        for name in ("AWS_SECRET_KEY", "GCS_CREDENTIALS", "AZURE_BLOB_STORAGE_CONNECTION_STRING"):
+            error = self.assertRaises(ConfigError, load_config, _environ(PLUGIN_ENV_PASSTHROUGH=name))
+            self.assertEqual(error.variable, "PLUGIN_ENV_PASSTHROUGH")

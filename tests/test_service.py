@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 
 from difydaemon import tap
-from difydaemon.errors import DatabaseUnavailableError
+from difydaemon.errors import ConfigError, DatabaseUnavailableError
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.testing.cases import SynchronousTestCase
@@ -54,6 +54,13 @@ class QuietInstaller:
 
     async def stop(self):
         return None
+
+
+class StartingStorage:
+    """An object store with a start() (as a cloud store has) that answers what ``start`` returns."""
+
+    def __init__(self, start) -> None:
+        self.start = start
 
 
 class RefusingEndpoint:
@@ -173,6 +180,57 @@ class DaemonServiceTests(SynchronousTestCase):
         self.clock.advance(1)
         self.failureResultOf(service.ready, CancelledError)
         self.assertEqual((self.clock.tcpServers, service.status(), self.database.migrations), ([], "starting", 1))
+
+    def test_storage_checked_after_the_database_before_the_ports(self):
+        """A cloud store is started once the database is migrated, and the ports open only when it is ready."""
+        order = []
+        held = Deferred()
+        storage = StartingStorage(lambda: order.append(("storage", self.database.migrations)) or held)
+        service = DaemonService(self.clock, self.database, QuietInstaller(), storage=storage)
+        StreamServerEndpointService(TCP4ServerEndpoint(self.clock, 5002, interface="127.0.0.1"),
+                                    Factory()).setServiceParent(service)
+        service.startService()
+        self.assertEqual((order, self.clock.tcpServers), ([("storage", 1)], []))
+        held.callback(None)
+        self.successResultOf(service.ready)
+        self.assertEqual(len(self.clock.tcpServers), 1)
+
+    def test_storage_stopped_before_the_runners(self):
+        """At shutdown the store is stopped (no more retries) after the database closes and before the thread pools stop."""
+        order = []
+
+        class Runner:
+            def stop(self):
+                order.append("runner")
+
+        storage = StartingStorage(lambda: succeed(None))
+        storage.stop = lambda: order.append("storage")
+        service = DaemonService(self.clock, self.database, QuietInstaller(), storage=storage, runners=[Runner()])
+        service.startService()
+        self.successResultOf(service.ready)
+        self.successResultOf(service.stopService())
+        self.assertEqual(order, ["storage", "runner"])
+
+    def test_storage_refusal_fails_start_naming_the_setting(self):
+        """A store that cannot be reached fails start-up with its ConfigError, logged without a traceback; no port opens."""
+        storage = StartingStorage(lambda: fail(ConfigError("S3_ENDPOINT", "cannot reach the S3 store")))
+        service = DaemonService(self.clock, self.database, QuietInstaller(), storage=storage)
+        StreamServerEndpointService(TCP4ServerEndpoint(self.clock, 5002, interface="127.0.0.1"),
+                                    Factory()).setServiceParent(service)
+        logged = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        service.startService()
+        failure = self.failureResultOf(service.ready, ConfigError)
+        self.assertEqual(failure.value.variable, "S3_ENDPOINT")
+        self.assertEqual((self.clock.tcpServers, service.status()), ([], "failed"))
+        self.assertEqual(self.flushLoggedErrors(ConfigError), [])
+        self.assertIn(
+            "difydaemon could not start: S3_ENDPOINT: cannot reach the S3 store",
+            [e.get("reason") and "difydaemon could not start: " + e["reason"] for e in logged],
+        )
 
     def test_port_in_use_fails_start(self):
         """A port that cannot be bound fails start-up instead of leaving a deaf daemon running."""

@@ -45,10 +45,8 @@ async def mount_tmpfs(test, path: str, options: str) -> None:
     test.addCleanup(getProcessOutputAndValue, "umount", [path])
 
 
-class FailingStorageRootTests(DaemonCase):
-    """Uploads onto a storage root that refuses them."""
-
-    timeout = 120
+class UploadChecks:
+    """Upload PACKAGE to the daemon of a DaemonCase, and what a failed upload must leave."""
 
     async def upload(self) -> dict:
         """Upload PACKAGE; the envelope."""
@@ -65,6 +63,13 @@ class FailingStorageRootTests(DaemonCase):
             "GET", f"/plugin/{TENANT}/management/fetch/manifest?plugin_unique_identifier={IDENTIFIER}"
         )
         self.assertEqual(orjson.loads(orjson.loads(reply)["message"])["message"], "plugin not found")
+
+
+
+class FailingStorageRootTests(UploadChecks, DaemonCase):
+    """Uploads onto a storage root that refuses them."""
+
+    timeout = 120
 
     def assert_storage_error(self, envelope: dict, reason: str) -> None:
         """A -500 envelope naming the package key and the disk's reason."""

@@ -120,6 +120,40 @@ class MakeServiceTests(SynchronousTestCase):
         # stopped with the daemon, before the thread pool whose threads may wait on a child
         self.assertEqual(service._runners[0], service.packages.decoder)
 
+    def test_s3_storage_behind_the_node_cache(self):
+        """PLUGIN_STORAGE_TYPE=aws_s3 gives the S3 store behind the per-node cache, built without I/O, its pool stopped last."""
+        from difydaemon.storage.cache import CachedObjectStorage
+        from difydaemon.storage.s3 import S3ObjectStorage
+
+        environ = environment(self.mktemp(), 5002)
+        environ.update(
+            {
+                "PLUGIN_STORAGE_TYPE": "aws_s3",
+                "PLUGIN_STORAGE_OSS_BUCKET": "plugins",
+                "S3_USE_AWS": "false",
+                "S3_ENDPOINT": "http://127.0.0.1:1",
+                "AWS_ACCESS_KEY": "id",
+                "AWS_SECRET_KEY": "secret",
+            }
+        )
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        self.assertIsInstance(service.storage, CachedObjectStorage)
+        self.assertIsInstance(service.storage.inner, S3ObjectStorage)
+        self.assertIs(service.packages._storage, service.storage)
+        self.assertEqual(service._runners[-1]._pool.name, "difydaemon-s3")
+        self.assertEqual(service.storage.inner._settings.endpoint, "http://127.0.0.1:1")
+
+    def test_local_storage_by_default(self):
+        """The default store is the directory PLUGIN_STORAGE_LOCAL_ROOT, with no start step."""
+        from difydaemon.storage.filesystem import FilesystemObjectStorage
+
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environment(self.mktemp(), 5002))
+        self.assertIsInstance(service.storage, FilesystemObjectStorage)
+
     def test_debug_listener_when_remote_installing_enabled(self):
         """With remote installing enabled the daemon also listens for debug plugins."""
         fake = MemoryReactorClock()

@@ -5,7 +5,6 @@ Stored plugin packages: upload, decode, declarations, readmes and assets
 
 from __future__ import annotations
 
-from attrs import frozen
 from twisted.logger import Logger
 
 from difydaemon.errors import BadRequestError, NotFoundError, ObjectNotFoundError, ObjectStorageError
@@ -16,29 +15,9 @@ from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.packaging.isolation import InProcessDecoder
 from difydaemon.packaging.package import PackagePolicy, readmes_of
 from difydaemon.packaging.declaration import remap_icons
+from difydaemon.storage.paths import StoragePaths
 
 log = Logger()
-
-
-@frozen
-class StoragePaths:
-    """The object-storage prefixes of ``http-api.md`` §5.3."""
-
-    packages: str = "plugin_packages"
-    installed: str = "plugin"
-    media: str = "assets"
-
-    def package(self, identifier: str) -> str:
-        """The key of an uploaded package."""
-        return f"{self.packages}/{identifier}"
-
-    def installed_package(self, identifier: str) -> str:
-        """The key of an installed package's copy."""
-        return f"{self.installed}/{identifier}"
-
-    def asset(self, asset_id: str) -> str:
-        """The key of an icon asset."""
-        return f"{self.media}/{asset_id}"
 
 
 def _verification_json(verification):

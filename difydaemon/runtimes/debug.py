@@ -52,7 +52,7 @@ from zope.interface import implementer
 from difydaemon import errors
 from difydaemon.blocking import InlineRunner
 from difydaemon.interfaces import IPluginRuntime
-from difydaemon.management.packages import StoragePaths
+from difydaemon.storage.paths import StoragePaths
 from difydaemon.runtimes.codec import (
     Heartbeat,
     Log,

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from difydaemon.errors import ObjectNotFoundError, ObjectStorageError
 from difydaemon.interfaces import IObjectStorage
-from difydaemon.storage.keys import check_key, check_prefix
+from difydaemon.storage.keys import check_key, check_prefix, storage_error
 
 TEMPORARY_SUFFIX = ".difydaemon-tmp"
 
@@ -99,8 +99,7 @@ SAVE_ATTEMPTS = 3
 
 
 def _storage_error(operation: str, key: str, error: OSError) -> ObjectStorageError:
-    shown = key if len(key) <= 256 else key[:256] + "..."
-    return ObjectStorageError(f"object storage cannot {operation} {shown}: {error.strerror or error}")
+    return storage_error(operation, key, error.strerror or str(error))
 
 
 def _write_atomically(root: str, path: str, key: str, data: bytes) -> None:

@@ -5,6 +5,8 @@ every implementation so that they refuse exactly the same keys.
 
 from __future__ import annotations
 
+from difydaemon.errors import ObjectStorageError
+
 
 def check_key(key: str) -> list:
     """
@@ -33,3 +35,13 @@ def check_prefix(prefix: str) -> list:
     if prefix == "":
         return []
     return check_key(prefix)
+
+
+def storage_error(operation: str, key: str, reason: str) -> ObjectStorageError:
+    """
+    The :class:`~difydaemon.errors.ObjectStorageError` every store raises
+    when it cannot do ``operation`` on ``key``: names both (an absurdly long
+    key shortened) and the store's reason.
+    """
+    shown = key if len(key) <= 256 else key[:256] + "..."
+    return ObjectStorageError(f"object storage cannot {operation} {shown}: {reason}")

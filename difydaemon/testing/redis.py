@@ -16,20 +16,15 @@ shared Redis and deletes every key under it at clean-up.
 
 from __future__ import annotations
 
-import atexit
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 
 from attrs import frozen
-from twisted.internet.task import deferLater
 
-from difydaemon.runtimes.parent_death import child_argv, parent_death_signal
-from difydaemon.testing.postgres import free_port
+from difydaemon.testing.server_process import ServerProcess
 
 #: The machine's shared Redis (never stopped by tests).
 SHARED_HOST = "127.0.0.1"
@@ -56,7 +51,7 @@ def ping(host: str, port: int, timeout: float = 0.5, tls: bool = False) -> bool:
         return False
 
 
-class PrivateRedis:
+class PrivateRedis(ServerProcess):
     """
     One ``redis-server`` in a temporary directory.
 
@@ -71,26 +66,16 @@ class PrivateRedis:
     :ivar port: the TCP port on 127.0.0.1 (TLS only with ``tls``).
     """
 
-    host = "127.0.0.1"
+    name = "redis-server"
 
     def __init__(self, reactor, options=(), config: str | None = None, sentinel: bool = False, tls=None) -> None:
-        self._reactor = reactor
-        self.port = free_port()
+        super().__init__(reactor)
         self.directory = tempfile.mkdtemp(prefix="difydaemon-redis-")
         self._options = list(options)
         self._tls = tls
         self._config = config
         self._sentinel = sentinel
-        self._process: subprocess.Popen | None = None
         self._log = os.path.join(self.directory, "server.log")
-        self._destroyed = False
-        self.frozen = False
-        atexit.register(self.destroy)
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._process is not None and self._process.poll() is None
 
     def server_log(self) -> str:
         """What the server logged (for failure messages)."""
@@ -99,6 +84,12 @@ class PrivateRedis:
                 return f.read()
         except OSError:
             return ""
+
+    def _answers(self) -> bool:
+        return ping(self.host, self.port, tls=self._tls is not None)
+
+    def _remove_files(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def _argv(self) -> list[str]:
         argv = [redis_server_binary()]
@@ -128,71 +119,6 @@ class PrivateRedis:
         if self._sentinel:
             argv.append("--sentinel")
         return argv
-
-    async def start(self, timeout: float = 10.0) -> None:
-        """Start the server (again) and wait until it answers."""
-        if self._destroyed:
-            raise RuntimeError("this server has been destroyed")
-        if self.frozen:
-            self.thaw()
-        if self.running:
-            return
-        self._process = subprocess.Popen(
-            child_argv(parent_death_signal(), self._argv()),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        waited = 0.0
-        while not ping(self.host, self.port, tls=self._tls is not None):
-            if not self.running or waited > timeout:
-                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.server_log()}")
-            await deferLater(self._reactor, 0.02, lambda: None)
-            waited += 0.02
-
-    async def _wait_exit(self) -> None:
-        while self.running:
-            await deferLater(self._reactor, 0.02, lambda: None)
-
-    async def stop(self) -> None:
-        """Stop the server (SIGTERM) and wait until it is gone; the port stays free for a restart."""
-        if self.frozen:
-            self.thaw()
-        if self.running:
-            self._process.terminate()
-            await self._wait_exit()
-
-    async def kill(self) -> None:
-        """Kill the server (SIGKILL), as a crash would."""
-        if self.frozen:
-            self.thaw()
-        if self.running:
-            self._process.kill()
-            await self._wait_exit()
-
-    def freeze(self) -> None:
-        """``SIGSTOP`` the server: it accepts TCP connections but never answers."""
-        if self.running:
-            os.kill(self._process.pid, signal.SIGSTOP)
-            self.frozen = True
-
-    def thaw(self) -> None:
-        """``SIGCONT`` what :meth:`freeze` stopped."""
-        if self._process is not None and self.frozen:
-            os.kill(self._process.pid, signal.SIGCONT)
-        self.frozen = False
-
-    def destroy(self) -> None:
-        """Kill the server at once and delete its directory (blocking; safe to call twice)."""
-        if self._destroyed:
-            return
-        self._destroyed = True
-        try:
-            if self._process is not None and self._process.poll() is None:
-                self.thaw()
-                self._process.kill()
-                self._process.wait(timeout=30)
-        finally:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            atexit.unregister(self.destroy)
 
 
 async def private_redis(case, reactor, **kwargs) -> PrivateRedis:

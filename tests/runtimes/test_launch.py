@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 
 from difydaemon.blocking import InlineRunner, ThreadPoolRunner
 from difydaemon.errors import InternalServerError
-from difydaemon.management.packages import StoragePaths
+from difydaemon.storage.paths import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.child_environment import plugin_environment

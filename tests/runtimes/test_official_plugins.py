@@ -21,7 +21,7 @@ from zope.interface import implementer
 from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.messages import backwards_error
-from difydaemon.management.packages import StoragePaths
+from difydaemon.storage.paths import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.child_environment import plugin_environment
