@@ -83,13 +83,23 @@ class HideProcessMemoryTests(SynchronousTestCase):
 #: started, which tries to read the daemon's environment; prints the child's
 #: exit status and output.
 DAEMON = """\
-import subprocess, sys
+import ctypes, os, subprocess, sys
 from difydaemon.runtimes.containment import hide_process_memory
 from difydaemon.runtimes.parent_death import ParentDeathSignal
-if sys.argv[1] == "hide" and not hide_process_memory():
+mode, python = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3:
+    # as root: everything is imported, now become the daemon's user (the
+    # virtualenv may be unreadable to it); changing user clears the dumpable
+    # flag, so set it back as for a daemon started as that user
+    uid, gid = int(sys.argv[3]), int(sys.argv[4])
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)
+if mode == "hide" and not hide_process_memory():
     sys.exit("could not hide")
 child = "import os\\ntry:\\n  data = open('/proc/%d/environ' % os.getppid(), 'rb').read()\\n  print('read', b'DAEMON_SECRET=s3cret' in data)\\nexcept OSError as e:\\n  print('refused', e.errno)"
-result = subprocess.run(ParentDeathSignal(sys.executable).wrap([sys.executable, "-I", "-c", child]), capture_output=True)
+result = subprocess.run(ParentDeathSignal(python).wrap([python, "-I", "-c", child]), capture_output=True, cwd="/")
 print(result.returncode, result.stdout.decode().strip(), result.stderr.decode().strip())
 """
 
@@ -98,21 +108,18 @@ class DaemonEnvironmentTests(SynchronousTestCase):
     """A plugin of the daemon's user cannot read the environment of a daemon that hid its memory."""
 
     def run_daemon(self, mode: str) -> str:
-        """Run :data:`DAEMON` as a non-root user (a throwaway one when the test runs as root)."""
+        """Run :data:`DAEMON` as a non-root user (a throwaway one when the test runs as root: it imports as root, then switches)."""
         site = [p for p in sys.path if p.endswith("site-packages")]
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([REPOSITORY, *site]), "DAEMON_SECRET": "s3cret"}
-        options = {}
-        python = sys.executable
+        argv = [sys.executable, "-c", DAEMON, mode, sys.executable]
         if is_root():
             user = throwaway_user(self)
-            options = {"user": user.uid, "group": user.gid, "extra_groups": []}
-            python = SYSTEM_PYTHON
-            if not os.access(python, os.X_OK):
-                self.skipTest(f"no {python} for a non-root user")
+            if not os.access(SYSTEM_PYTHON, os.X_OK):
+                self.skipTest(f"no {SYSTEM_PYTHON} for a non-root user")
+            # the child runs as that user: an interpreter it may execute
+            argv = [sys.executable, "-c", DAEMON, mode, SYSTEM_PYTHON, str(user.uid), str(user.gid)]
         # blocking is fine: nothing else runs meanwhile
-        result = subprocess.run(
-            [python, "-c", DAEMON, mode], capture_output=True, env=env, timeout=60, check=False, cwd="/", **options
-        )
+        result = subprocess.run(argv, capture_output=True, env=env, timeout=60, check=False, cwd="/")
         self.assertEqual(result.returncode, 0, result.stderr)
         return result.stdout.decode().strip()
 
