@@ -20,7 +20,13 @@ Variable names, defaults and units are those of the Go ``dify-plugin-daemon``
 - ``PLUGIN_WORKING_PATH`` defaults to ``cwd`` on the local platform.
 - ``DB_PASSWORD`` may be empty (trust or peer authentication).
 - ``PLUGIN_LOCAL_INSTANCES`` (default 1) is our own: processes per local
-  plugin.
+  plugin (the minimum when load may bring more).
+- ``PLUGIN_LOCAL_MAX_INSTANCES`` (default: ``PLUGIN_LOCAL_INSTANCES``) and
+  ``PLUGIN_LOCAL_SCALE_DOWN_DELAY`` (default 60) are our own: the most
+  processes load may bring a local plugin, and the seconds of lighter load
+  before one is stopped again.
+- ``PLUGIN_IDLE_TIMEOUT`` (default 0: never) is our own: seconds without a
+  session after which a local plugin is stopped until its next request.
 - ``DB_CONNECT_TIMEOUT`` and ``DB_READ_TIMEOUT`` (Go durations such as
   ``5s``; MySQL-only in Go) also bound PostgreSQL connects and answers;
   ``DB_STARTUP_TIMEOUT`` (default ``30s``) is our own: how long start-up
@@ -186,6 +192,9 @@ VARIABLES: tuple[str, ...] = (
     "PLUGIN_IGNORE_UV_LOCK",
     "PLUGIN_LOCAL_LAUNCHING_CONCURRENT",
     "PLUGIN_LOCAL_INSTANCES",
+    "PLUGIN_LOCAL_MAX_INSTANCES",
+    "PLUGIN_LOCAL_SCALE_DOWN_DELAY",
+    "PLUGIN_IDLE_TIMEOUT",
     "PLUGIN_HEARTBEAT_TIMEOUT",
     "PLUGIN_ENV_PASSTHROUGH",
     "PLUGIN_RUN_AS_USER",
@@ -580,6 +589,15 @@ class LocalRuntimeConfig:
     plugin_local_launching_concurrent: int
     #: ``PLUGIN_LOCAL_INSTANCES``: processes per local plugin (ours).
     plugin_local_instances: int
+    #: ``PLUGIN_LOCAL_MAX_INSTANCES``: the most processes load may bring a
+    #: local plugin; at least ``plugin_local_instances`` (ours).
+    plugin_local_max_instances: int
+    #: ``PLUGIN_LOCAL_SCALE_DOWN_DELAY``: seconds the load must not have
+    #: needed every process before one above the minimum stops (ours).
+    plugin_local_scale_down_delay: int
+    #: ``PLUGIN_IDLE_TIMEOUT``: seconds without a session after which a
+    #: local plugin is stopped until its next request; 0: never (ours).
+    plugin_idle_timeout: int
     #: ``PLUGIN_HEARTBEAT_TIMEOUT``: seconds without any output (the SDK
     #: heartbeats every 10 s) after which a ready instance is hung (ours).
     plugin_heartbeat_timeout: int
@@ -601,6 +619,11 @@ class LocalRuntimeConfig:
     def python_env_init_timeout_seconds(self) -> float:
         """``python_env_init_timeout`` in seconds."""
         return float(self.python_env_init_timeout)
+
+    @property
+    def plugin_idle_timeout_seconds(self) -> float | None:
+        """``plugin_idle_timeout`` in seconds, None for never."""
+        return float(self.plugin_idle_timeout) if self.plugin_idle_timeout else None
 
     @property
     def plugin_heartbeat_timeout_seconds(self) -> float:
@@ -1403,8 +1426,20 @@ def _run_as_user(values: _Values) -> str:
     return text
 
 
+def _max_instances(values: _Values, instances: int) -> int:
+    """``PLUGIN_LOCAL_MAX_INSTANCES``: at least ``PLUGIN_LOCAL_INSTANCES``, which is its default."""
+    most = values.integer("PLUGIN_LOCAL_MAX_INSTANCES", instances, 1)
+    if most < instances:
+        values.fail(
+            "PLUGIN_LOCAL_MAX_INSTANCES", f"{most} is below PLUGIN_LOCAL_INSTANCES ({instances})"
+        )
+        return instances
+    return most
+
+
 def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
     """The ``local_runtime`` group."""
+    instances = values.integer("PLUGIN_LOCAL_INSTANCES", 1, 1)
     return LocalRuntimeConfig(
         plugin_working_path=values.string(
             "PLUGIN_WORKING_PATH", "cwd" if platform == "local" else ""
@@ -1421,7 +1456,10 @@ def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
         plugin_local_launching_concurrent=values.integer(
             "PLUGIN_LOCAL_LAUNCHING_CONCURRENT", 2, 1
         ),
-        plugin_local_instances=values.integer("PLUGIN_LOCAL_INSTANCES", 1, 1),
+        plugin_local_instances=instances,
+        plugin_local_max_instances=_max_instances(values, instances),
+        plugin_local_scale_down_delay=values.integer("PLUGIN_LOCAL_SCALE_DOWN_DELAY", 60, 1),
+        plugin_idle_timeout=values.integer("PLUGIN_IDLE_TIMEOUT", 0, 0),
         plugin_heartbeat_timeout=values.integer("PLUGIN_HEARTBEAT_TIMEOUT", 30, 1),
         plugin_env_passthrough=_passthrough(values),
         plugin_run_as_user=_run_as_user(values),

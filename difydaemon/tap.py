@@ -219,6 +219,9 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
         config.packages.max_plugin_package_size,
         runtime_options={
             "instance_count": local.plugin_local_instances,
+            "max_instances": local.plugin_local_max_instances,
+            "scale_down_delay": float(local.plugin_local_scale_down_delay),
+            "idle_timeout": local.plugin_idle_timeout_seconds,
             "max_line_size": config.plugin_runtime_max_buffer_size,
             "readiness_timeout": local.python_env_init_timeout_seconds,
             "session_timeout": config.max_execution_timeout_seconds,

@@ -451,6 +451,28 @@ class BadValueTests(SynchronousTestCase):
         config = load_config(_environ(PLUGIN_LOCAL_INSTANCES="3"))
         self.assertEqual(config.local_runtime.plugin_local_instances, 3)
 
+    def test_instance_scaling(self):
+        """PLUGIN_LOCAL_MAX_INSTANCES defaults to PLUGIN_LOCAL_INSTANCES and may not be below it."""
+        config = load_config(_environ(PLUGIN_LOCAL_INSTANCES="2"))
+        self.assertEqual(config.local_runtime.plugin_local_max_instances, 2)
+        self.assertEqual(config.local_runtime.plugin_local_scale_down_delay, 60)
+        self.assert_refused(
+            "PLUGIN_LOCAL_MAX_INSTANCES", "below PLUGIN_LOCAL_INSTANCES",
+            PLUGIN_LOCAL_INSTANCES="3", PLUGIN_LOCAL_MAX_INSTANCES="2",
+        )
+        self.assert_refused("PLUGIN_LOCAL_SCALE_DOWN_DELAY", "at least 1", PLUGIN_LOCAL_SCALE_DOWN_DELAY="0")
+        config = load_config(_environ(PLUGIN_LOCAL_MAX_INSTANCES="4", PLUGIN_LOCAL_SCALE_DOWN_DELAY="30"))
+        self.assertEqual(
+            (config.local_runtime.plugin_local_max_instances, config.local_runtime.plugin_local_scale_down_delay),
+            (4, 30),
+        )
+
+    def test_idle_timeout(self):
+        """PLUGIN_IDLE_TIMEOUT defaults to 0, never stopping; a positive value is seconds."""
+        self.assertIsNone(load_config(_environ()).local_runtime.plugin_idle_timeout_seconds)
+        self.assertEqual(load_config(_environ(PLUGIN_IDLE_TIMEOUT="90")).local_runtime.plugin_idle_timeout_seconds, 90.0)
+        self.assert_refused("PLUGIN_IDLE_TIMEOUT", "at least 0", PLUGIN_IDLE_TIMEOUT="-1")
+
     def test_heartbeat_timeout(self):
         """PLUGIN_HEARTBEAT_TIMEOUT is a whole number of seconds, at least 1."""
         self.assert_refused("PLUGIN_HEARTBEAT_TIMEOUT", "at least 1", PLUGIN_HEARTBEAT_TIMEOUT="0")

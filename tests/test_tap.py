@@ -185,6 +185,21 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(registry.factory.runtime_options["liveness"].timeout, 12.0)
         self.assertEqual(registry.factory.runtime_options["stop_grace_period"], tap.PLUGIN_STOP_GRACE_PERIOD)
 
+    def test_lifecycle_settings_reach_the_runtimes(self):
+        """PLUGIN_IDLE_TIMEOUT, PLUGIN_LOCAL_MAX_INSTANCES and PLUGIN_LOCAL_SCALE_DOWN_DELAY reach the plugin runtimes."""
+        environ = environment(self.mktemp(), 5002)
+        environ.update(
+            {"PLUGIN_IDLE_TIMEOUT": "90", "PLUGIN_LOCAL_MAX_INSTANCES": "3", "PLUGIN_LOCAL_SCALE_DOWN_DELAY": "20"}
+        )
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        runtime_options = service.runtimes.factory.runtime_options
+        self.assertEqual(
+            (runtime_options["idle_timeout"], runtime_options["max_instances"], runtime_options["scale_down_delay"]),
+            (90.0, 3, 20.0),
+        )
+
     def test_plugins_are_contained(self):
         """Plugins get HOME under the working path, lead process groups watched through /proc, and get 2 s between TERM and KILL; the daemon hides its memory at start."""
         workdir = self.mktemp()

@@ -21,6 +21,7 @@ from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.runtimes.containment import give_to, prepare_private_directory
 from difydaemon.runtimes.environment import working_dir_for
 from difydaemon.runtimes.local import LocalRuntime
+from difydaemon.runtimes.memory import memory_limit_of
 
 
 class SharedResult:
@@ -240,6 +241,7 @@ class LocalRuntimeFactory:
                 entrypoint=runner_meta.get("entrypoint") or "main",
                 env=self._environ,
                 declaration=declaration,
+                memory_limit=memory_limit_of(declaration),
                 **self._runtime_options,
             )
             try:

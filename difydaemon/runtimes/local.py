@@ -36,10 +36,12 @@ from zope.interface import implementer
 from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.runtimes.codec import encode_request
+from difydaemon.runtimes.memory import MEMORY_ERROR_TYPE, memory_message, ran_out_of_memory
 from difydaemon.runtimes.parent_death import ParentDeathSignal, child_argv
 from difydaemon.runtimes.process import DEFAULT_TAIL_SIZE, PluginProcessProtocol
 from difydaemon.runtimes.process_table import is_stopped
-from difydaemon.runtimes.sessions import SessionDrain, SessionTable
+from difydaemon.runtimes.scaling import ScalingPolicy
+from difydaemon.runtimes.sessions import SessionDrain, SessionTable, plugin_error_fields
 
 DEFAULT_MAX_LINE_SIZE = 5242880
 INSTANCE_EXITED_ERROR_TYPE = errors.ConnectionClosedError.error_type
@@ -163,9 +165,11 @@ class LocalInstance:
         supervisor,
         tail_size: int = DEFAULT_TAIL_SIZE,
         process_table=None,
+        memory_limit: int | None = None,
     ) -> None:
         self._reactor = reactor
         self.slot = slot
+        self.memory_limit = memory_limit
         self.plugin_id = plugin_id
         self._executable = executable
         self._args = args
@@ -174,7 +178,7 @@ class LocalInstance:
         self._liveness = liveness
         self._supervisor = supervisor
         self._process_table = process_table
-        self.sessions = SessionTable(reactor, session_timeout)
+        self.sessions = SessionTable(reactor, session_timeout, on_empty=self._sessions_ended)
         self.protocol = PluginProcessProtocol(
             self, reactor, plugin_id, max_line_size, readiness_timeout, tail_size, instance=slot
         )
@@ -185,6 +189,10 @@ class LocalInstance:
         self.exited = False
         self.hung = False
         self.replaced = False
+        #: stopped because load no longer needs it: not restarted
+        self.retired = False
+        #: killed for going over ``memory_limit``
+        self.out_of_memory = False
         self._liveness_call = None
         self._warned = False
         self._kill_timer = None
@@ -211,8 +219,45 @@ class LocalInstance:
         self._transport.write(encode_request(message))
 
     def session_message(self, item) -> None:
-        """Called by the protocol for each session message."""
+        """
+        Called by the protocol for each session message.  A MemoryError
+        reported by a plugin that has a memory limit is the limit at work:
+        the instance is killed instead of the error being passed on.
+        """
+        if (
+            item.kind == "error"
+            and self.memory_limit is not None
+            and plugin_error_fields(item.data)[0] == MEMORY_ERROR_TYPE
+        ):
+            self._kill_out_of_memory()
+            return
         self.sessions.deliver(item)
+
+    def _sessions_ended(self) -> None:
+        self._supervisor.instance_unused(self)
+
+    def memory_message(self) -> str:
+        """What callers are told when this instance went over its memory limit."""
+        return memory_message(self.plugin_id, self.memory_limit or 0)
+
+    def _kill_out_of_memory(self) -> None:
+        """Out of rotation, sessions failed with the memory error, KILL: at once."""
+        if self.out_of_memory or self.exited:
+            return
+        self.out_of_memory = True
+        self.is_ready = False
+        self._stop_watching()
+        self.log.error(
+            "plugin {plugin_id} instance {pid} went over its memory limit of {limit} bytes;"
+            " failing its {count} session(s), killing and replacing it",
+            plugin_id=self.plugin_id,
+            pid=self.pid,
+            limit=self.memory_limit,
+            count=len(self.sessions),
+        )
+        self._supervisor.instance_hung(self)
+        self.sessions.fail_all(INSTANCE_EXITED_ERROR_TYPE, self.memory_message())
+        self.kill()
 
     def terminate(self, grace_period: float) -> Deferred:
         """
@@ -258,8 +303,11 @@ class LocalInstance:
         return waiter
 
     def describe_exit(self) -> str:
-        """How the process ended."""
-        return self.protocol.describe_exit()
+        """How the process ended (and why, when it was over its memory limit)."""
+        how = self.protocol.describe_exit()
+        if self.out_of_memory:
+            how = f"{how}: {self.memory_message()}"
+        return how
 
     def process_reaped(self, protocol) -> None:
         """
@@ -291,6 +339,18 @@ class LocalInstance:
 
     def process_ended(self, protocol) -> None:
         """Called by the protocol once, when the process has ended."""
+        if (
+            self.memory_limit is not None
+            and not self.out_of_memory
+            and ran_out_of_memory(self.protocol.stderr_tail.text())
+        ):
+            self.out_of_memory = True
+            self.log.error(
+                "plugin {plugin_id} instance {pid} died of MemoryError: over its memory limit of {limit} bytes",
+                plugin_id=self.plugin_id,
+                pid=self.pid,
+                limit=self.memory_limit,
+            )
         self.exited = True
         self.is_ready = False
         self._stop_watching()
@@ -303,7 +363,8 @@ class LocalInstance:
                 self._kill_timer.cancel()
             self._kill_timer = None
         self._supervisor.instance_gone(self)
-        self.sessions.fail_all(INSTANCE_EXITED_ERROR_TYPE, INSTANCE_EXITED_MESSAGE)
+        message = self.memory_message() if self.out_of_memory else INSTANCE_EXITED_MESSAGE
+        self.sessions.fail_all(INSTANCE_EXITED_ERROR_TYPE, message)
         self._supervisor.instance_exited(self)
         waiters, self._exit_waiters = self._exit_waiters, []
         for waiter in waiters:
@@ -421,9 +482,21 @@ class LocalRuntime:
         groups): stops signal whole groups, leftovers are killed when a
         plugin exits, a stopped plugin is hung.  None signals the plugin's
         process alone.
+    :param max_instances: the most instances load may bring (None: just
+        ``instance_count``, which is the minimum); see
+        :mod:`difydaemon.runtimes.scaling`.
+    :param scale_down_delay: seconds the load must not have needed every
+        instance before one above ``instance_count`` is stopped.
+    :param idle_timeout: seconds without any session after which
+        ``on_idle(runtime)`` is called (its owner stops it and starts it
+        again on the next request); None: never.
+    :param memory_limit: bytes of memory each instance may use (the
+        manifest's ``resource.memory``), enforced by the launcher; None, or
+        no ``parent_death``: no limit.
+    :param on_idle: see ``idle_timeout``.
 
-    ``on_failed`` and ``on_ready`` are also attributes, which the owner of
-    a runtime made elsewhere sets.
+    ``on_failed``, ``on_ready`` and ``on_idle`` are also attributes, which
+    the owner of a runtime made elsewhere sets.
 
     :ivar state: ``created``, ``starting``, ``running``, ``failed``,
         ``stopping`` or ``stopped``.
@@ -454,9 +527,24 @@ class LocalRuntime:
         declaration: dict | None = None,
         parent_death: ParentDeathSignal | None = None,
         process_table=None,
+        max_instances: int | None = None,
+        scale_down_delay: float = 60.0,
+        idle_timeout: float | None = None,
+        memory_limit: int | None = None,
+        on_idle=None,
     ) -> None:
         if instance_count < 1:
             raise ValueError("instance_count must be at least 1")
+        self.scaling = ScalingPolicy(
+            instance_count, max(instance_count, max_instances or instance_count), scale_down_delay
+        )
+        self.idle_timeout = idle_timeout
+        # only the launcher can set the limit
+        self.memory_limit = memory_limit if parent_death is not None else None
+        self.on_idle = on_idle
+        self._idle_call = None
+        self._scale_call = None
+        self._last_full_at = reactor.seconds()
         self._reactor = reactor
         self.plugin_unique_identifier = plugin_unique_identifier
         self.plugin_id = plugin_id
@@ -549,7 +637,112 @@ class LocalRuntime:
             raise errors.InternalServerError(NO_INSTANCE_MESSAGE)
         instance = ready[self._next % len(ready)]
         self._next += 1
-        return instance.open_session(session_id, request, listener)
+        handle = instance.open_session(session_id, request, listener)
+        self._cancel_call("_idle_call")
+        if self.scaling.scales:
+            self._load_changed()
+        return handle
+
+    @property
+    def in_flight(self) -> int:
+        """Sessions open on all instances."""
+        return sum(len(instance.sessions) for instance in self._instances)
+
+    # -- load: idle stop and scaling ----------------------------------------
+
+    def _cancel_call(self, name: str) -> None:
+        call = getattr(self, name)
+        setattr(self, name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _arm_idle(self) -> None:
+        """No session is open: the idle clock starts (unless it runs already)."""
+        if self.idle_timeout is None or self.state != "running" or self._idle_call is not None:
+            return
+        self._idle_call = self._reactor.callLater(self.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        if self.state != "running" or self.in_flight:
+            return
+        self.log.info(
+            "plugin {plugin_id} had no session for {seconds:g} s: stopping it until the next request",
+            plugin_id=self.plugin_id,
+            seconds=self.idle_timeout,
+        )
+        self._tell("on_idle", self)
+
+    def _load_changed(self) -> None:
+        """A session opened: note whether every instance is needed, maybe start one more."""
+        in_flight = self.in_flight
+        count = self._instance_count()
+        if in_flight >= count:
+            self._last_full_at = self._reactor.seconds()
+        starting = count - len(self._ready)
+        if self.scaling.scale_up(in_flight, count, starting):
+            slot = self._free_slot()
+            self.log.info(
+                "plugin {plugin_id}: {in_flight} session(s) in flight on {count} instance(s);"
+                " starting instance {slot}",
+                plugin_id=self.plugin_id,
+                in_flight=in_flight,
+                count=count,
+                slot=slot,
+            )
+            self._launch(slot)
+        self._arm_scale_down()
+
+    def _instance_count(self) -> int:
+        """Instances serving, starting or about to restart; not those being retired."""
+        return sum(1 for instance in self._instances if not instance.retired) + len(self._restarts)
+
+    def _free_slot(self) -> int:
+        used = {instance.slot for instance in self._instances} | set(self._restarts)
+        slot = 0
+        while slot in used:
+            slot += 1
+        return slot
+
+    def _arm_scale_down(self) -> None:
+        if self._scale_call is not None or self.state != "running":
+            return
+        if self._instance_count() <= self.scaling.min_instances:
+            return
+        delay = max(0.0, self._last_full_at + self.scaling.scale_down_delay - self._reactor.seconds())
+        self._scale_call = self._reactor.callLater(delay, self._scale_down)
+
+    def _scale_down(self) -> None:
+        """Stop one unused instance above the minimum if the load has been lighter for long enough."""
+        self._scale_call = None
+        if self.state != "running":
+            return
+        quiet_for = self._reactor.seconds() - self._last_full_at
+        count = self._instance_count()
+        if self.scaling.scale_down(count, quiet_for):
+            unused = [instance for instance in self._instances if not instance.sessions and not instance.retired]
+            if unused:
+                # the newest goes: the oldest have warm caches
+                instance = max(unused, key=lambda instance: instance.slot)
+                instance.retired = True
+                if instance in self._ready:
+                    self._ready.remove(instance)
+                self.log.info(
+                    "plugin {plugin_id}: load needed fewer than {count} instance(s) for {seconds:g} s;"
+                    " stopping instance {pid}",
+                    plugin_id=self.plugin_id,
+                    count=count,
+                    seconds=quiet_for,
+                    pid=instance.pid,
+                )
+                instance.terminate(self.stop_grace_period)
+                self._last_full_at = self._reactor.seconds()
+        self._arm_scale_down()
+
+    def instance_unused(self, instance: LocalInstance) -> None:
+        """The last session of an instance ended."""
+        if not self.in_flight:
+            self._arm_idle()
 
     def send(self, session_id: str, message: dict) -> None:
         """
@@ -590,6 +783,8 @@ class LocalRuntime:
             return waiter
         self.state = "stopping"
         self._cancel_restarts()
+        self._cancel_call("_idle_call")
+        self._cancel_call("_scale_call")
         self._fail_start(
             errors.InternalServerError("plugin did not become ready: the runtime was stopped")
         )
@@ -611,7 +806,7 @@ class LocalRuntime:
 
     def _launch(self, slot: int) -> None:
         self._restarts.pop(slot, None)
-        argv = child_argv(self.parent_death, [self.python, "-m", self.entrypoint])
+        argv = child_argv(self.parent_death, [self.python, "-m", self.entrypoint], self.memory_limit)
         instance = LocalInstance(
             self._reactor,
             slot,
@@ -626,6 +821,7 @@ class LocalRuntime:
             self.liveness,
             self,
             process_table=self.process_table,
+            memory_limit=self.memory_limit,
         )
         try:
             instance.spawn()
@@ -656,10 +852,14 @@ class LocalRuntime:
             self.state = "running"
             started, self._started = self._started, None
             self._ready.append(instance)
+            self._arm_idle()
             started.callback(None)
-        elif self.state == "running":
+        elif self.state == "running" and not instance.retired:
             self._ready.append(instance)
             self._tell("on_ready", self)
+        elif instance.retired:
+            # stopped while it started (load fell): already TERMed
+            pass
         else:
             # Stopping or failed: it came up too late to serve anything.
             instance.terminate(self.stop_grace_period)
@@ -677,12 +877,16 @@ class LocalRuntime:
             self._fail(message, failure.value)
 
     def instance_hung(self, instance: LocalInstance) -> None:
-        """A ready instance stopped writing: out of rotation, replaced now."""
+        """
+        A ready instance stopped writing, or went over its memory limit:
+        out of rotation, replaced now.
+        """
         if instance in self._ready:
             self._ready.remove(instance)
         if self.state in ("running", "starting"):
             instance.replaced = True
-            self._schedule_restart(instance.slot, instance.started_at)
+            reason = instance.memory_message() if instance.out_of_memory else "it stopped responding"
+            self._schedule_restart(instance.slot, instance.started_at, reason)
 
     def instance_gone(self, instance: LocalInstance) -> None:
         """An instance's process ended: no more sessions for it."""
@@ -698,9 +902,9 @@ class LocalRuntime:
             pid=instance.pid,
             how=instance.describe_exit(),
         )
-        if self.state in ("running", "starting") and not instance.replaced:
+        if self.state in ("running", "starting") and not instance.replaced and not instance.retired:
             if instance.protocol.is_ready:
-                self._schedule_restart(instance.slot, instance.started_at)
+                self._schedule_restart(instance.slot, instance.started_at, instance.describe_exit())
             else:
                 message = f"plugin did not become ready: {instance.describe_exit()}"
                 tails = instance.protocol.output_tails()
@@ -726,7 +930,7 @@ class LocalRuntime:
             return
         self._schedule_restart(slot, started_at)
 
-    def _schedule_restart(self, slot: int, started_at) -> None:
+    def _schedule_restart(self, slot: int, started_at, reason: str | None = None) -> None:
         if slot in self._restarts:
             return
         policy = self.restart_policy
@@ -736,9 +940,10 @@ class LocalRuntime:
         delay = self._restart_delay
         self._restart_delay = min(delay * policy.factor, policy.max_delay)
         self.log.info(
-            "restarting plugin {plugin_id} instance in {delay:g} s",
+            "restarting plugin {plugin_id} instance in {delay:g} s ({reason})",
             plugin_id=self.plugin_id,
             delay=delay,
+            reason=reason or "it did not start",
         )
         self.restarts += 1
         self._restarts[slot] = self._reactor.callLater(delay, self._launch, slot)
@@ -749,6 +954,8 @@ class LocalRuntime:
         self.state = "failed"
         self.failure_message = message
         self._cancel_restarts()
+        self._cancel_call("_idle_call")
+        self._cancel_call("_scale_call")
         self.log.error(
             "plugin {plugin_id} runtime failed: {reason}",
             plugin_id=self.plugin_id,

@@ -52,8 +52,9 @@ from attrs import field, frozen
 #: ``<python> -I -S -c LAUNCHER <daemon pid> <options> <program> <args...>``.
 #: ``options`` is ``-`` or a comma-separated list of ``setsid`` (the child
 #: leads a session and process group of its own, so that its whole group
-#: can be signalled) and ``user=<uid>:<gid>`` (it drops to that user, with
-#: no supplementary group).  The parent-death signal is set after the change
+#: can be signalled), ``user=<uid>:<gid>`` (it drops to that user, with
+#: no supplementary group) and ``data=<bytes>`` (its ``RLIMIT_DATA``: the
+#: plugin's memory limit, see :mod:`difydaemon.runtimes.memory`).  The parent-death signal is set after the change
 #: of user, which would clear it; ``ctypes`` is loaded before that change,
 #: as the new user may not read the daemon's Python (under ``/root``).  1 is
 #: ``PR_SET_PDEATHSIG``, 9 ``SIGKILL``.
@@ -73,13 +74,17 @@ try:
     if "setsid" in options:
         os.setsid()
     for option in options:
+        if option.startswith("data="):
+            import resource
+            resource.setrlimit(resource.RLIMIT_DATA, (int(option[5:]),) * 2)
+    for option in options:
         if option.startswith("user="):
             uid, gid = (int(n) for n in option[5:].split(":"))
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-except OSError as e:
-    os.write(2, ("difydaemon launcher: cannot isolate the child (%s): %s\\n" % (sys.argv[2], e.strerror)).encode())
+except (OSError, ValueError) as e:
+    os.write(2, ("difydaemon launcher: cannot isolate the child (%s): %s\\n" % (sys.argv[2], getattr(e, "strerror", None) or e)).encode())
     os._exit(126)
 try:
     if prctl is None:
@@ -152,16 +157,25 @@ class ParentDeathSignal:
     getpid: Callable[[], int] = field(default=os.getpid, eq=False, repr=False)
     run_as: RunAs | None = None
 
-    def options(self) -> str:
-        """The launcher's ``options`` argument."""
+    def options(self, memory_limit: int | None = None) -> str:
+        """The launcher's ``options`` argument (``memory_limit``: bytes of ``RLIMIT_DATA``)."""
         options = ["setsid"]
+        if memory_limit is not None:
+            # before the change of user: lowering a limit needs no privilege
+            options.append(f"data={int(memory_limit)}")
         if self.run_as is not None:
             options.append(f"user={self.run_as.uid}:{self.run_as.gid}")
         return ",".join(options)
 
-    def wrap(self, argv: Sequence[str]) -> list[str]:
-        """The command line that runs ``argv`` (``argv[0]`` being the program's path) through the launcher."""
-        return [self.interpreter, "-I", "-S", "-c", LAUNCHER, str(self.getpid()), self.options(), *argv]
+    def wrap(self, argv: Sequence[str], memory_limit: int | None = None) -> list[str]:
+        """
+        The command line that runs ``argv`` (``argv[0]`` being the
+        program's path) through the launcher, with at most ``memory_limit``
+        bytes of data memory when one is given.
+        """
+        return [
+            self.interpreter, "-I", "-S", "-c", LAUNCHER, str(self.getpid()), self.options(memory_limit), *argv
+        ]
 
 
 def parent_death_signal(
@@ -181,6 +195,11 @@ def parent_death_signal(
     return ParentDeathSignal(interpreter, run_as=run_as)
 
 
-def child_argv(parent_death: ParentDeathSignal | None, argv: Sequence[str]) -> list[str]:
-    """The command line to spawn for ``argv``: through the launcher when there is one."""
-    return list(argv) if parent_death is None else parent_death.wrap(argv)
+def child_argv(
+    parent_death: ParentDeathSignal | None, argv: Sequence[str], memory_limit: int | None = None
+) -> list[str]:
+    """
+    The command line to spawn for ``argv``: through the launcher when there
+    is one (which alone can enforce ``memory_limit``).
+    """
+    return list(argv) if parent_death is None else parent_death.wrap(argv, memory_limit)

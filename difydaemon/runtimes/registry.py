@@ -17,7 +17,12 @@ Every installed local identifier has a supervision record in one state:
   repeated crashes; the record keeps why, and the next attempt comes after
   a capped exponential delay (1 s doubling to 5 min), forever -- fixing the
   cause (a dependency, the network) brings the plugin back without an
-  uninstall or a restart.
+  uninstall or a restart;
+- ``idle``: its runtime had no session for ``PLUGIN_IDLE_TIMEOUT`` and was
+  stopped; the next request launches it again and waits for it.  The
+  runtime leaves the table the moment it goes idle, before its processes
+  end, so a request arriving during the stop starts a new runtime instead
+  of finding one that refuses sessions.
 
 A request for an identifier that is backing off pulls its next attempt
 forward; an identifier installed but unknown here (its restore failed to
@@ -51,6 +56,7 @@ log = Logger()
 LAUNCHING = "launching"
 RUNNING = "running"
 BACKING_OFF = "backing_off"
+IDLE = "idle"
 
 NO_RUNTIME_MESSAGE = "failed to get plugin runtime"
 SHUTDOWN_MESSAGE = "the plugin daemon is shutting down"
@@ -85,7 +91,7 @@ class RuntimeStatus:
     """
     What the registry knows of one supervised identifier.
 
-    :ivar state: ``launching``, ``running`` or ``backing_off``.
+    :ivar state: ``launching``, ``running``, ``backing_off`` or ``idle``.
     :ivar failures: failed attempts (or runtimes given up) in a row.
     :ivar last_error: why the last one failed, or None.
     :ivar next_attempt_at: ``reactor.seconds()`` of the next scheduled
@@ -184,6 +190,8 @@ class RuntimeRegistry:
         # local identifiers a reconciliation found uninstalled once: stopped
         # when the next one finds them so again
         self._absent: set[str] = set()
+        # runtimes stopped for idleness whose processes have not ended yet
+        self._idle_stops: set = set()
 
     @property
     def factory(self):
@@ -261,7 +269,7 @@ class RuntimeRegistry:
             serving = len(runtime.ready_instances) if ready else 0
             free += serving
             busy += max(len(instances), serving, 1) - serving
-        busy += sum(1 for record in self._records.values() if record.runtime is None)
+        busy += sum(1 for record in self._records.values() if record.runtime is None and record.state != IDLE)
         return {"free": free, "busy": busy, "total": free + busy}
 
     # -- waiting ------------------------------------------------------------
@@ -337,6 +345,8 @@ class RuntimeRegistry:
                 detail += f" (after {record.failures} failed attempt(s); last failure: {record.last_error})"
         elif record.state == RUNNING:
             detail = f"plugin {identifier} is restarting"
+        elif record.state == IDLE:
+            detail = f"plugin {identifier} is stopped while idle"
         else:
             detail = f"plugin {identifier} failed to start {record.failures} time(s) in a row"
             if record.timer is not None and record.timer.active():
@@ -355,6 +365,10 @@ class RuntimeRegistry:
             if self._factory is None or identifier in self._runtimes:
                 return
             self._try_installed(self._new_record(identifier, supervised=True))
+            return
+        if record.state == IDLE:
+            # not a failure: no pacing
+            self._try_installed(record)
             return
         if record.state != BACKING_OFF:
             return
@@ -426,6 +440,8 @@ class RuntimeRegistry:
             runtime.on_failed = lambda failed, message: self._runtime_failed(record, failed, message)
         if hasattr(runtime, "on_ready"):
             runtime.on_ready = lambda ready: self._runtime_ready(record, ready)
+        if hasattr(runtime, "on_idle"):
+            runtime.on_idle = lambda idle: self._runtime_idle(record, idle)
         self._runtimes[identifier] = runtime
         log.info("plugin {identifier} is running", identifier=identifier)
         self._notify(identifier)
@@ -478,6 +494,25 @@ class RuntimeRegistry:
             del self._runtimes[identifier]
         self._stop_quietly(runtime)
         self._back_off(record, message)
+        if self._waiters.get(identifier):
+            self._demand(identifier)
+
+    def _runtime_idle(self, record: _Record, runtime) -> None:
+        """
+        A runtime had no session for its idle timeout: out of the table at
+        once, stopped in the background; the next request launches it again.
+        """
+        identifier = record.identifier
+        if record.runtime is not runtime or self._records.get(identifier) is not record or self._stopping:
+            return
+        record.runtime = None
+        record.state = IDLE
+        if self._runtimes.get(identifier) is runtime:
+            del self._runtimes[identifier]
+        stopping = self._stop_quietly(runtime)
+        if not stopping.called:
+            self._idle_stops.add(stopping)
+            stopping.addBoth(lambda _: self._idle_stops.discard(stopping))
         if self._waiters.get(identifier):
             self._demand(identifier)
 
@@ -622,6 +657,8 @@ class RuntimeRegistry:
             stopped = self._stop_quietly(runtime, drain_timeout=grace, reason=SHUTDOWN_MESSAGE)
             stopped.addCallback(lambda _, runtime=runtime: running.discard(runtime))
             pending.append(stopped)
+        # the idle plugins' processes end within the stop budget too
+        pending.extend(stop.addErrback(lambda _: None) for stop in list(self._idle_stops))
         finished: Deferred = Deferred()
         all_done = DeferredList(pending, consumeErrors=True)
 

@@ -73,13 +73,16 @@ class SessionTable:
     :param default_timeout: seconds before an open session fails with
         "killed by timeout" (``PLUGIN_MAX_EXECUTION_TIMEOUT``); None for
         none.
+    :param on_empty: called (no arguments) each time the last open session
+        ends (the owner's idle and scale-down clocks start then).
     """
 
     log = Logger()
 
-    def __init__(self, reactor, default_timeout: float | None) -> None:
+    def __init__(self, reactor, default_timeout: float | None, on_empty=None) -> None:
         self._reactor = reactor
         self._default_timeout = default_timeout
+        self._on_empty = on_empty
         self._sessions: dict[str, _Session] = {}
         self._drain_waiters: list[Deferred] = []
 
@@ -182,10 +185,17 @@ class SessionTable:
             timer.cancel()
 
     def _notify_if_drained(self) -> None:
-        if not self._sessions and self._drain_waiters:
+        if self._sessions:
+            return
+        if self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+        if self._on_empty is not None:
+            try:
+                self._on_empty()
+            except Exception:
+                self.log.failure("the on_empty hook of a session table failed")
 
     def _call(self, session: _Session, method: str, *args) -> None:
         try:

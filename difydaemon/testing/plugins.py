@@ -22,6 +22,9 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
   id and its whole ``os.environ``;
 - ``ignore_term``: makes its process ignore SIGTERM, and yields its process
   id as text;
+- ``allocate``: allocates ``mb`` MiB, yields ``"allocated"``, and keeps
+  them until the next call (past the manifest's 256 MiB ``resource.memory``
+  it runs out of memory);
 - ``orphan``: starts ``sleep 600`` by a double fork (re-parented away from
   the plugin, in its process group, ignoring TERM) and yields its pid as
   text;
@@ -61,6 +64,12 @@ _TOOLS = {
         count = int(tool_parameters.get("count") or 100)
         for i in range(count):
             yield self.create_text_message(f"chunk-{i}")
+''',
+    "allocate": '''\
+        import builtins
+
+        builtins.ALLOCATED = bytearray(int(tool_parameters.get("mb") or 1) * 1048576)
+        yield self.create_text_message("allocated")
 ''',
     "fail": '''\
         raise ValueError("planned failure")

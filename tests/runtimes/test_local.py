@@ -928,3 +928,62 @@ class RealProcessTests(AsyncTestCase):
         [instance] = runtime.instances
         await runtime.stop()
         self.assertEqual(instance.describe_exit(), "killed by signal 15")
+
+
+class IdleTests(LocalRuntimeTestsMixin, SynchronousTestCase):
+    """idle_timeout: a runtime without sessions for that long tells its owner."""
+
+    def idle_runtime(self, **kwargs):
+        self.idle = []
+        return self.started_runtime(idle_timeout=300, on_idle=self.idle.append, **kwargs)
+
+    def test_idle_after_timeout_without_sessions(self):
+        """A runtime with no session for idle_timeout seconds calls on_idle, not before."""
+        runtime = self.idle_runtime()
+        self.reactor.advance(299)
+        self.assertEqual(self.idle, [])
+        self.reactor.advance(1)
+        self.assertEqual(self.idle, [runtime])
+
+    def test_open_session_holds_it(self):
+        """An open session, however long, keeps the runtime from going idle."""
+        runtime = self.idle_runtime(session_timeout=None)
+        runtime.open_session("s1", request("s1"), RecordingListener())
+        self.reactor.advance(3600)
+        self.assertEqual(self.idle, [])
+
+    def test_clock_restarts_when_the_last_session_ends(self):
+        """The idle clock starts when the last session ends, not at the first request."""
+        runtime = self.idle_runtime(liveness=LivenessPolicy(timeout=3600))
+        self.reactor.advance(200)
+        runtime.open_session("s1", request("s1"), RecordingListener())
+        self.reactor.advance(200)
+        self.process().stdout(session_line("s1", "end"))
+        self.reactor.advance(299)
+        self.assertEqual(self.idle, [])
+        self.reactor.advance(1)
+        self.assertEqual(self.idle, [runtime])
+
+    def test_abandoned_session_ends_the_hold(self):
+        """A session closed by its caller counts as ended for the idle clock."""
+        runtime = self.idle_runtime(liveness=LivenessPolicy(timeout=3600))
+        runtime.open_session("s1", request("s1"), RecordingListener()).close()
+        self.reactor.advance(300)
+        self.assertEqual(self.idle, [runtime])
+
+    def test_never_without_timeout(self):
+        """Without idle_timeout (the default), a runtime never goes idle."""
+        self.idle = []
+        self.started_runtime(on_idle=self.idle.append, liveness=LivenessPolicy(timeout=10**6))
+        self.reactor.advance(10**5)
+        self.assertEqual(self.idle, [])
+
+    def test_stopped_runtime_leaves_no_idle_timer(self):
+        """stop() cancels the idle clock."""
+        self.reactor.fatal_signals = frozenset({"TERM", "KILL"})
+        runtime = self.idle_runtime()
+        stopped = runtime.stop()
+        self.reactor.advance(0)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.idle, [])

@@ -54,6 +54,13 @@ class CommandLineTests(SynchronousTestCase):
             ["/usr/bin/python3", "-I", "-S", "-c", LAUNCHER, "4321", "setsid", "/venv/bin/python", "-m", "main"],
         )
 
+    def test_memory_limit_option(self):
+        """A memory limit is passed to the launcher as data=<bytes>, before the change of user."""
+        wrapper = ParentDeathSignal("/py", getpid=lambda: 1, run_as=RunAs("plugins", 1500, 1600))
+        self.assertEqual(wrapper.wrap(["/x"], 268435456)[5:], ["1", "setsid,data=268435456,user=1500:1600", "/x"])
+        self.assertEqual(child_argv(wrapper, ["/x"], 1024)[6], "setsid,data=1024,user=1500:1600")
+        self.assertEqual(child_argv(None, ["/x"], 1024), ["/x"])
+
     def test_pid_asked_at_each_spawn(self):
         """The daemon's pid is read when the child is spawned, not when the launcher is made (twistd forks)."""
         pids = iter([10, 20])
@@ -134,6 +141,18 @@ class LauncherTests(SynchronousTestCase):
         )
         result = _run_launched(os.getpid(), [sys.executable, "-I", "-c", show])
         self.assertEqual((result.returncode, result.stdout.strip()), (0, str(int(signal.SIGKILL)).encode()))
+
+    def test_memory_limit_set(self):
+        """With data=<bytes>, the program runs with that RLIMIT_DATA and gets MemoryError past it."""
+        show = (
+            "import resource; print(resource.getrlimit(resource.RLIMIT_DATA)[0]); "
+            "b = bytearray(300 * 1048576)"
+        )
+        wrapper = ParentDeathSignal(sys.executable)
+        argv = wrapper.wrap([sys.executable, "-I", "-c", show], 200 * 1048576)
+        result = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        self.assertEqual(result.stdout.strip(), str(200 * 1048576).encode())
+        self.assertIn(b"MemoryError", result.stderr)
 
     def test_own_session_and_group(self):
         """The program leads a session and a process group of its own, whose id is its pid."""

@@ -16,6 +16,7 @@ from difydaemon.errors import InternalServerError
 from difydaemon.interfaces import IRuntimeLauncher
 from difydaemon.runtimes.registry import (
     BACKING_OFF,
+    IDLE,
     LAUNCHING,
     RUNNING,
     SHUTDOWN_MESSAGE,
@@ -37,6 +38,7 @@ class _Runtime:
         self.ready = ready
         self.on_ready = None
         self.on_failed = None
+        self.on_idle = None
         self.stop_calls = []
         self._stops = stops
         if instances is not None:
@@ -57,6 +59,9 @@ class _Runtime:
     def give_up(self, message):
         self.ready = False
         self.on_failed(self, message)
+
+    def go_idle(self):
+        self.on_idle(self)
 
 
 class _Instance:
@@ -501,6 +506,79 @@ class StopAllTests(RegistryCase):
         self.failureResultOf(self.registry.when_ready(A, 120), InternalServerError)
         self.failureResultOf(self.install(B), InternalServerError)
         self.assertEqual(self.factory.count(B), 1)
+
+
+class IdleTests(RegistryCase):
+    """A runtime stopped for idleness is launched again by the next request, which waits for it."""
+
+    def test_idle_runtime_leaves_the_table_and_is_stopped(self):
+        """An idle runtime is unregistered at once and stopped; the record says idle, nothing is busy."""
+        runtime = self.running()
+        runtime.go_idle()
+        self.assertIsNone(self.registry.get(A))
+        self.assertEqual(runtime.stop_calls, [(None, None)])
+        self.assertEqual(self.registry.status(A).state, IDLE)
+        self.assertEqual(self.registry.pool_status(), {"free": 0, "busy": 0, "total": 0})
+        self.assertEqual(self.factory.count(A), 1)
+
+    def test_next_request_launches_again_and_waits(self):
+        """A wait for an idle plugin launches it at once and gets the new runtime."""
+        old = self.running()
+        old.go_idle()
+        waiting = self.registry.when_ready(A, 120)
+        self.assertEqual(self.factory.attempts, [(A, "installed"), (A, "installed")])
+        self.assertNoResult(waiting)
+        new = self.factory.succeed(A)
+        self.assertIs(self.successResultOf(waiting), new)
+        self.assertIs(self.registry.get(A), new)
+        self.assertEqual(self.registry.status(A).state, RUNNING)
+
+    def test_request_during_the_idle_stop_starts_a_new_runtime(self):
+        """A request arriving while the idle runtime is still stopping waits for a new one, not the old."""
+        old = _Runtime(A, stops=False)
+        self.successResultOf(self.registry.start())
+        self.factory.succeed(A, old)
+        old.go_idle()
+        waiting = self.registry.when_ready(A, 120)
+        self.assertEqual(self.factory.count(A), 2)
+        new = self.factory.succeed(A)
+        self.assertIs(self.successResultOf(waiting), new)
+
+    def test_many_waits_make_one_launch(self):
+        """A burst of requests for an idle plugin launches it once and all get it."""
+        self.running().go_idle()
+        waits = [self.registry.when_ready(A, 120) for _ in range(20)]
+        self.assertEqual(self.factory.count(A), 2)
+        new = self.factory.succeed(A)
+        self.assertEqual({id(self.successResultOf(wait)) for wait in waits}, {id(new)})
+
+    def test_idle_from_a_replaced_runtime_is_ignored(self):
+        """An idle report from a runtime no longer registered changes nothing."""
+        old = self.running()
+        self.registry.stop(A)
+        old.go_idle()
+        self.assertIsNone(self.registry.status(A))
+
+    def test_shutdown_waits_for_idle_stops(self):
+        """stop_all waits (bounded) for the processes of a plugin stopped for idleness."""
+        stopping = defer.Deferred()
+        old = _Runtime(A)
+        old.stop = lambda drain_timeout=None, reason=None: stopping
+        self.successResultOf(self.registry.start())
+        self.factory.succeed(A, old)
+        old.go_idle()
+        stopped = self.registry.stop_all()
+        self.assertNoResult(stopped)
+        stopping.callback(None)
+        self.successResultOf(stopped)
+
+    def test_install_of_idle_plugin_launches_it(self):
+        """An install of an identifier stopped for idleness brings it up again."""
+        self.running().go_idle()
+        installing = self.install(A)
+        self.assertEqual(self.factory.attempts[-1], (A, "install"))
+        self.factory.succeed(A)
+        self.assertIsNone(self.successResultOf(installing))
 
 
 class ClusterTests(SynchronousTestCase):

@@ -210,6 +210,25 @@ class SessionTableTests(SynchronousTestCase):
         self.successResultOf(waiting)
 
 
+    def test_on_empty_each_time_the_last_session_ends(self):
+        """on_empty is called whenever the table empties: by end, error, close, timeout or fail_all."""
+        emptied = []
+        table = SessionTable(self.clock, 10, on_empty=lambda: emptied.append(len(table)))
+        table.open("s1", RecordingListener())
+        table.open("s2", RecordingListener())
+        table.deliver(end("s1"))
+        self.assertEqual(emptied, [])
+        table.open("s3", RecordingListener()).close()
+        self.assertEqual(emptied, [])
+        table.deliver(end("s2"))
+        self.assertEqual(emptied, [0])
+        table.open("s4", RecordingListener())
+        self.clock.advance(10)
+        table.open("s5", RecordingListener())
+        table.fail_all("E", "m")
+        self.assertEqual(emptied, [0, 0, 0])
+
+
 class SessionDrainTests(SynchronousTestCase):
     """SessionDrain waits for sessions up to a deadline that can only come sooner."""
 
