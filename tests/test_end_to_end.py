@@ -102,8 +102,9 @@ class DaemonCase(AsyncTestCase):
         return response.code, await response.content()
 
     async def start_install(self, files) -> tuple[str, str]:
-        """Upload a package and start installing it: its identifier and install task id."""
-        content_type, body = encode_form({"verify_signature": "false"}, {"dify_pkg": build_package(files)})
+        """Upload a package (its files, or its bytes) and start installing it: its identifier and install task id."""
+        package = files if isinstance(files, bytes) else build_package(files)
+        content_type, body = encode_form({"verify_signature": "false"}, {"dify_pkg": package})
         code, reply = await self.call(
             "POST", f"/plugin/{TENANT}/management/install/upload/package", body, {"Content-Type": content_type}
         )

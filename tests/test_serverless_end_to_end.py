@@ -97,6 +97,62 @@ class ServerlessCase(DaemonCase):
         self.assertEqual(self.task["status"], "success", self.task)
         return identifier
 
+    async def assert_tools_work(self) -> None:
+        """The serverless plugin's tools through the daemon: text, 1000 chunks, a failing tool, storage, a tool called back through Dify."""
+        self.assertEqual(texts(await self.tool("echo", {"text": "hi"})), ["hi"])
+        items = sse_items(await self.tool("stream", {"count": "1000"}))
+        self.assertEqual([i["data"]["message"]["text"] for i in items], [f"chunk-{i}" for i in range(1000)])
+
+        items = sse_items(await self.tool("fail", {}))
+        self.assertEqual(items[-1]["code"], -500)
+        outer = orjson.loads(items[-1]["message"])
+        inner = orjson.loads(outer["message"])
+        self.assertEqual((inner["error_type"], inner["message"]), ("ValueError", "planned failure"))
+
+        self.assertEqual(texts(await self.tool("kv", {"op": "set", "key": "greeting", "text": "hello"})), ["set"])
+        self.assertEqual(texts(await self.tool("kv", {"op": "get", "key": "greeting"})), ["hello"])
+
+        answer = texts(await self.tool("call_tool", {"provider": "time", "tool": "now", "text": "hello"}))
+        self.assertIn("hello", "".join(answer))
+        call = [r for r in self.dify.received if r.path == "invoke/tool"][-1]
+        self.assertEqual((call.body["tenant_id"], call.body["user_id"]), (TENANT, "u1"))
+
+    async def assert_endpoint_serves(self, identifier: str) -> None:
+        """Set an endpoint of ``identifier`` up and check that a public /e/ call reaches it with its decrypted settings."""
+        code, reply = await self.call(
+            "POST",
+            f"/plugin/{TENANT}/endpoint/setup",
+            {"plugin_unique_identifier": identifier, "user_id": "u1", "name": "hook",
+             "settings": {"api_key": "supersecret", "greeting": "hello"}},
+        )
+        self.assertEqual(orjson.loads(reply)["code"], 0, reply)
+        code, reply = await self.call("GET", f"/plugin/{TENANT}/endpoint/list?page=1&page_size=10&user_id=u1")
+        [endpoint] = orjson.loads(reply)["data"]
+        response = await self.http.get(self.url(f"/e/{endpoint['hook_id']}/echo/x?a=1"))
+        body = await response.content()
+        self.assertEqual(response.code, 200, body)
+        echoed = orjson.loads(body)
+        self.assertEqual((echoed["method"], echoed["query"]), ("GET", {"a": ["1"]}))
+        self.assertEqual(echoed["settings"], {"api_key": "supersecret", "greeting": "hello"})
+
+    async def put_gateway_in_front(self, identifier: str, function_name: str, function_port: int):
+        """
+        Serve a :class:`_FailOnce` gateway in front of a function on loopback
+        and repoint the identifier at it (``switch-endpoint``): (gateway,
+        the admin call's status, its body).
+        """
+        gateway = _FailOnce(function_port)
+        site = Site(gateway)
+        site.log = lambda request: None
+        listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        code, body = await self.admin(
+            "switch-endpoint",
+            {"plugin_unique_identifier": identifier, "function_name": function_name,
+             "function_url": f"http://127.0.0.1:{listening.getHost().port}"},
+        )
+        return gateway, code, body
+
     async def admin(self, route: str, body: dict):
         response = await self.http.post(
             self.url(f"/admin/plugin/serverless/{route}"),
@@ -117,23 +173,7 @@ class ServerlessEndToEndTests(ServerlessCase):
         row = await self.service.persistence.get_serverless_runtime(identifier)
         self.assertEqual(row.function_url, self.connector.functions[self.connector.launches[0].filename].url)
 
-        self.assertEqual(texts(await self.tool("echo", {"text": "hi"})), ["hi"])
-        items = sse_items(await self.tool("stream", {"count": "1000"}))
-        self.assertEqual([i["data"]["message"]["text"] for i in items], [f"chunk-{i}" for i in range(1000)])
-
-        items = sse_items(await self.tool("fail", {}))
-        self.assertEqual(items[-1]["code"], -500)
-        outer = orjson.loads(items[-1]["message"])
-        inner = orjson.loads(outer["message"])
-        self.assertEqual((inner["error_type"], inner["message"]), ("ValueError", "planned failure"))
-
-        self.assertEqual(texts(await self.tool("kv", {"op": "set", "key": "greeting", "text": "hello"})), ["set"])
-        self.assertEqual(texts(await self.tool("kv", {"op": "get", "key": "greeting"})), ["hello"])
-
-        answer = texts(await self.tool("call_tool", {"provider": "time", "tool": "now", "text": "hello"}))
-        self.assertIn("hello", "".join(answer))
-        call = [r for r in self.dify.received if r.path == "invoke/tool"][-1]
-        self.assertEqual((call.body["tenant_id"], call.body["user_id"]), (TENANT, "u1"))
+        await self.assert_tools_work()
         # every session was forgotten when it ended
         self.assertEqual(len(self.service.serverless.sessions), 0)
 
@@ -168,19 +208,7 @@ class ServerlessEndToEndTests(ServerlessCase):
         await self.start_serverless()
         identifier = await self.install_function()
         function = next(iter(self.connector.functions.values()))
-        gateway = _FailOnce(int(function.url.rsplit(":", 1)[1]))
-        site = Site(gateway)
-        site.log = lambda request: None
-        listening = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        code, body = await self.admin(
-            "switch-endpoint",
-            {
-                "plugin_unique_identifier": identifier,
-                "function_name": function.name,
-                "function_url": f"http://127.0.0.1:{listening.getHost().port}",
-            },
-        )
+        gateway, code, body = await self.put_gateway_in_front(identifier, function.name, int(function.url.rsplit(":", 1)[1]))
         self.assertEqual(code, 200, body)
         self.assertEqual(texts(await self.tool("echo", {"text": "retried"})), ["retried"])
         self.assertEqual(gateway.requests, 2)
@@ -204,21 +232,7 @@ class ServerlessEndpointTests(ServerlessCase):
         await self.start_serverless()
         identifier = await self.install(endpoint_plugin_files())
         self.assertEqual(self.task["status"], "success", self.task)
-        code, reply = await self.call(
-            "POST",
-            f"/plugin/{TENANT}/endpoint/setup",
-            {"plugin_unique_identifier": identifier, "user_id": "u1", "name": "hook",
-             "settings": {"api_key": "supersecret", "greeting": "hello"}},
-        )
-        self.assertEqual(orjson.loads(reply)["code"], 0, reply)
-        code, reply = await self.call("GET", f"/plugin/{TENANT}/endpoint/list?page=1&page_size=10&user_id=u1")
-        [endpoint] = orjson.loads(reply)["data"]
-        response = await self.http.get(self.url(f"/e/{endpoint['hook_id']}/echo/x?a=1"))
-        body = await response.content()
-        self.assertEqual(response.code, 200, body)
-        echoed = orjson.loads(body)
-        self.assertEqual((echoed["method"], echoed["query"]), ("GET", {"a": ["1"]}))
-        self.assertEqual(echoed["settings"], {"api_key": "supersecret", "greeting": "hello"})
+        await self.assert_endpoint_serves(identifier)
 
 
 class ServerlessStartTests(DaemonCase):

@@ -54,9 +54,41 @@ class ConnectorChannel(DaemonHTTPChannel):
 
 
 class ConnectorSite(DaemonSite):
-    """The daemon's Site (bounded heads, admission before the body, ``TCP_NODELAY``) for the connector."""
+    """
+    The daemon's Site (bounded heads, admission before the body,
+    ``TCP_NODELAY``) for the connector, keeping its open connections so a
+    stopping connector can close them (:meth:`close_connections`).
+    """
 
     protocol = ConnectorChannel
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels: set = set()
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            return None
+        self.channels.add(channel)
+        connection_lost = channel.connectionLost
+
+        def forget(reason=None):
+            self.channels.discard(channel)
+            connection_lost(reason)
+
+        channel.connectionLost = forget
+        return channel
+
+    def close_connections(self) -> None:
+        """
+        Close every open connection: a daemon's keep-alive connection would
+        otherwise go on reaching a connector that no longer listens (and
+        whose launches can no longer run), instead of being refused.
+        """
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
 
 
 class HealthProbe:
@@ -114,6 +146,7 @@ class ConnectorService(MultiService):
 
     async def _stop(self) -> None:
         await MultiService.stopService(self)
+        self.site.close_connections()
         count = len(self.table)
         await self.launcher.stop()
         log.info("connector stopped; {count} functions stopped", count=count)

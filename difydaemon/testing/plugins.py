@@ -9,6 +9,8 @@ Real SDK plugins with misbehaviours, for the end-to-end tests of runtimes.
 - ``crash``: yields one chunk, then kills its own process;
 - ``flood``: writes one stdout line longer than ``size`` bytes;
 - ``sleep``: yields one chunk, then sleeps ``seconds``;
+- ``blob``: yields one blob of ``size`` bytes (``b"0123456789"`` repeated),
+  which the SDK sends as 8192-byte ``blob_chunk`` pieces;
 - ``gate``: creates the file ``started`` in the directory ``dir``, waits
   for a file ``first`` there before its first chunk (``"first"``) and for
   a file ``second`` before its second (``"second"``): the test decides
@@ -99,6 +101,10 @@ _TOOLS = {
         yield self.create_text_message("sleeping")
         time.sleep(float(tool_parameters.get("seconds") or 30))
         yield self.create_text_message("woke up")
+''',
+    "blob": '''\
+        size = int(tool_parameters.get("size") or 20000)
+        yield self.create_blob_message((b"0123456789" * (size // 10 + 1))[:size], meta={"mime_type": "text/plain"})
 ''',
     "gate": '''\
         import os

@@ -1,7 +1,8 @@
 """
 A fake SRI connector (``serverless.md`` §2, §9.1), for the serverless
 runtime's tests: a Klein app answering ``ping``, ``instances`` and
-``launch`` like the enterprise connector, usable through ``StubTreq`` and
+``launch`` like the enterprise connector (and, when told to, ``dify-sri``'s
+``DELETE`` extension), usable through ``StubTreq`` and
 servable on a real loopback port (:meth:`FakeSRIConnector.listen`).
 
 How a launch builds a function is a *launcher*: ``launcher(request,
@@ -114,6 +115,10 @@ class FakeSRIConnector(LoopbackServing):
     :param api_key: the only ``Authorization`` value accepted (verbatim).
     :param launcher: how launches build functions.
 
+    :ivar supports_remove: whether ``DELETE /v1/runner/instances`` (the
+        ``dify-sri`` extension) removes a function; False answers 405, as a
+        connector without the route.
+    :ivar removals: the file names every ``DELETE`` asked for.
     :ivar functions: package file name -> deployed :class:`FunctionInfo`.
     :ivar launches: every :class:`LaunchRequest`, oldest first.
     :ivar calls: ``(method, path, authorization)`` of every request.
@@ -131,6 +136,8 @@ class FakeSRIConnector(LoopbackServing):
         self.functions: dict[str, FunctionInfo] = {}
         self.launches: list[LaunchRequest] = []
         self.calls: list[tuple[str, str, str]] = []
+        self.supports_remove = False
+        self.removals: list[str] = []
         #: launch streams the client left before they ended
         self.abandoned = 0
 
@@ -173,6 +180,18 @@ class FakeSRIConnector(LoopbackServing):
                 }
             )
         return orjson.dumps({"error": "", "Items": items})
+
+    @app.route("/v1/runner/instances", methods=["DELETE"])
+    def remove(self, request):
+        if not self._authorized(request):
+            return b'{"error":"unauthorized"}'
+        filename = (request.args.get(b"filename") or [b""])[0].decode("utf-8", "replace")
+        self.removals.append(filename)
+        if not self.supports_remove:
+            request.setResponseCode(405)
+            return b"method not allowed"
+        request.setHeader(b"content-type", b"application/json")
+        return orjson.dumps({"error": "", "removed": self.functions.pop(filename, None) is not None})
 
     @app.route("/v1/launch", methods=["POST"])
     def launch(self, request):

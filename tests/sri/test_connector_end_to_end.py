@@ -12,7 +12,10 @@ import signal
 import sys
 
 from twisted.internet import reactor, task
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.utils import getProcessOutput
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from treq.client import HTTPClient
 
 from difydaemon.sri.launcher import FUNCTIONS_DIR, free_port
 from difydaemon.sri.tap import Options, makeService
@@ -177,6 +180,18 @@ class LaunchAndInvokeTests(ConnectorCase):
         [item] = (await self.instances())["Items"]
         self.assertEqual(item["Endpoint"], function["endpoint"])
         self.assert_echoed(await self.invoke(function["endpoint"], "restored"), "restored")
+
+    async def test_stop_closes_keep_alive_connections(self):
+        """A stopped connector closes a client's keep-alive connection: a later call is not served on it."""
+        self.start()
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        keep_alive = HTTPClient(Agent(reactor, pool=pool))
+        response = await keep_alive.post(self.url("/ping"), headers={"Authorization": KEY})
+        self.assertEqual(await response.content(), b'"pong"')
+        await self.service.stopService()
+        with self.assertRaises((ConnectionRefusedError, ResponseNeverReceived)):
+            await keep_alive.post(self.url("/ping"), headers={"Authorization": KEY})
 
     async def test_wrong_key_refused(self):
         """Ping with the key answers "pong"; without it, or with another, 401."""

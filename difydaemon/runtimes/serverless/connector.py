@@ -1,6 +1,7 @@
 """
 The client of an SRI connector (``serverless.md`` §2): ping, find an
-existing function, launch (build and deploy) a package.
+existing function, launch (build and deploy) a package; and, where the
+connector offers it (``dify-sri`` does), remove a function.
 
 Every call sends the API key verbatim as ``Authorization`` (no ``Bearer``)
 and joins its path onto the base URL, keeping a base path
@@ -40,6 +41,10 @@ CALL_TIMEOUT = 60.0
 ERROR_BODY_LIMIT = 4096
 MISSING_FUNCTION_MESSAGE = "Internal server error, failed to get lambda url or function name"
 NO_END_MESSAGE = "the connector's launch stream ended before the function was reported ready"
+#: outcomes of :meth:`SRIClient.remove_function`
+REMOVED = "removed"
+NOT_THERE = "not there"
+UNSUPPORTED = "unsupported"
 
 
 class ConnectorError(Exception):
@@ -163,7 +168,12 @@ class SRIClient:
         return self._base + "/" + path.lstrip("/")
 
     async def _get_body(self, method: str, path: str) -> bytes:
-        """The whole body of a short call, within the call timeout."""
+        """The whole body of a short call, within the call timeout (its status is not checked, as in Go)."""
+        _code, body = await self._call(method, path)
+        return body
+
+    async def _call(self, method: str, path: str) -> tuple[int, bytes]:
+        """The status and whole body of a short call, within the call timeout."""
         timed_out = []
         requesting = self._http.request(method, self.url(path), headers=self._headers, unbuffered=True)
         reader = None
@@ -177,9 +187,11 @@ class SRIClient:
 
         deadline = self._reactor.callLater(self.call_timeout, expire)
         pieces: list[bytes] = []
+        code = 0
         try:
             try:
                 response = await requesting
+                code = response.code
                 reader = BodyStream(pieces.append)
                 response.deliverBody(reader)
                 await reader.done
@@ -196,7 +208,7 @@ class SRIClient:
         finally:
             if deadline.active():
                 deadline.cancel()
-        return b"".join(pieces)
+        return code, b"".join(pieces)
 
     async def ping(self) -> None:
         """
@@ -219,6 +231,31 @@ class SRIClient:
     async def find_function(self, filename: str) -> FunctionInfo | None:
         """``GET /v1/runner/instances?filename=...``: the deployed function of a package, or None."""
         return decode_instances(await self._get_body("GET", "v1/runner/instances?filename=" + quote(filename, safe="")))
+
+    async def remove_function(self, filename: str) -> str:
+        """
+        ``DELETE /v1/runner/instances?filename=...``: ask the connector to
+        stop and remove the function of a package no longer installed.  Not
+        an SRI call: an extension of ``dify-sri`` (``serverless.md`` §11.7),
+        which a connector without it answers 404 or 405.
+
+        :return: :data:`REMOVED`, :data:`NOT_THERE` (the connector had no
+            such function) or :data:`UNSUPPORTED` (404, 405 or 501).
+        :raises ConnectorError: any other status, an ``error`` in the answer,
+            or a failed call.
+        """
+        path = "v1/runner/instances?filename=" + quote(filename, safe="")
+        code, body = await self._call("DELETE", path)
+        if code in (404, 405, 501):
+            return UNSUPPORTED
+        try:
+            answer = _lower_keys(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            answer = {}
+        if code != 200 or answer.get("error"):
+            reason = answer.get("error") or body[:200].decode("utf-8", "replace")
+            raise ConnectorError(f"connector DELETE v1/runner/instances answered {code}: {reason}")
+        return REMOVED if answer.get("removed") else NOT_THERE
 
     async def launch(
         self, filename: str, package: bytes, verified: bool, identifier: str, progress: Callable[[str], None]

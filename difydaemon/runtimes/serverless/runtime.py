@@ -12,7 +12,7 @@ forgotten when it ends.
 from __future__ import annotations
 
 import orjson
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -30,7 +30,12 @@ from difydaemon.runtimes.serverless.batching import (
     batch_request,
     plan_batches,
 )
-from difydaemon.runtimes.serverless.connector import ConnectorError, FunctionInfo, package_filename
+from difydaemon.runtimes.serverless.connector import (
+    UNSUPPORTED,
+    ConnectorError,
+    FunctionInfo,
+    package_filename,
+)
 from difydaemon.runtimes.serverless.response import Chunk, Failed, Finished, LogLine
 from difydaemon.runtimes.serverless.sessions import ServerlessSession
 from difydaemon.runtimes.sessions import SessionDrain, SessionTable
@@ -270,9 +275,12 @@ class ServerlessRuntimeFactory:
         self.connector = connector
         self._invoker = invoker
         self._sessions = sessions
+        # identifier -> the connector's package name, for discard()
+        self._filenames: dict[str, str] = {}
 
     def runtime(self, identifier: str, declaration: dict, function: FunctionInfo) -> ServerlessRuntime:
         """The runtime of a deployed function."""
+        self._filenames[identifier] = function_filename(identifier, declaration)
         return ServerlessRuntime(self._reactor, identifier, declaration, function, self._invoker, self._sessions)
 
     def launch(self, plugin_unique_identifier, declaration, package, progress):
@@ -319,10 +327,32 @@ class ServerlessRuntimeFactory:
         return d.addCallback(lambda rows: [row.plugin_unique_identifier for row in rows])
 
     def discard(self, plugin_unique_identifier):
-        # the row goes with the plugins row; the connector keeps the
-        # function (the SRI has no delete call): say so, an operator may care
-        log.info(
-            "plugin {identifier} uninstalled; its serverless function stays on the connector",
-            identifier=plugin_unique_identifier,
-        )
-        return succeed(None)
+        """
+        The identifier is no longer installed (its row went with the plugins
+        row): ask the connector to remove its function, so uninstalls do not
+        leak functions (``serverless.md`` §11.7).  Never fails: a connector
+        without the route, or one that fails, is logged and left alone.
+        """
+        return Deferred.fromCoroutine(self._discard(plugin_unique_identifier))
+
+    async def _discard(self, identifier: str) -> None:
+        # the manifest's names when this daemon saw them, else the identifier's (the same for any sane package)
+        filename = self._filenames.pop(identifier, None) or function_filename(identifier, {})
+        try:
+            outcome = await self.connector.remove_function(filename)
+        except ConnectorError as exc:
+            log.warn(
+                "plugin {identifier} uninstalled; removing its function {filename} from the connector failed: {error}",
+                identifier=identifier, filename=filename, error=exc.message,
+            )
+            return
+        if outcome == UNSUPPORTED:
+            log.info(
+                "plugin {identifier} uninstalled; the connector cannot remove functions, {filename} stays there",
+                identifier=identifier, filename=filename,
+            )
+        else:
+            log.info(
+                "plugin {identifier} uninstalled; the connector's function {filename}: {outcome}",
+                identifier=identifier, filename=filename, outcome=outcome,
+            )

@@ -10,6 +10,9 @@ from twisted.web.resource import Resource
 from difydaemon.runtimes.serverless.connector import (
     MISSING_FUNCTION_MESSAGE,
     NO_END_MESSAGE,
+    NOT_THERE,
+    REMOVED,
+    UNSUPPORTED,
     ConnectorError,
     FunctionInfo,
     SRIClient,
@@ -120,6 +123,40 @@ class InstancesTests(ConnectorCase):
     def test_not_json(self):
         """A body that is not JSON fails."""
         self.assertRaises(ConnectorError, decode_instances, b"<html>")
+
+
+class RemoveTests(ConnectorCase):
+    """The DELETE extension (serverless.md §11.7): optional, never required of a connector."""
+
+    def test_removed(self):
+        """A connector with the route removes the named function and says so."""
+        self.connector.supports_remove = True
+        self.connector.functions[FILENAME] = FunctionInfo("fn", "http://f/fn")
+        self.assertEqual(self.successResultOf(self.call(self.client.remove_function(FILENAME))), REMOVED)
+        self.assertEqual(self.connector.removals, [FILENAME])
+        self.assertEqual(self.connector.functions, {})
+        method, path, authorization = self.connector.calls[0]
+        self.assertEqual((method, path, authorization), ("DELETE", "/sri/v1/runner/instances", KEY))
+
+    def test_not_there(self):
+        """A connector without that function answers removed: false."""
+        self.connector.supports_remove = True
+        self.assertEqual(self.successResultOf(self.call(self.client.remove_function(FILENAME))), NOT_THERE)
+
+    def test_unsupported(self):
+        """A connector answering 405 (or 404) to the DELETE has no such route: unsupported, not an error."""
+        self.assertEqual(self.successResultOf(self.call(self.client.remove_function(FILENAME))), UNSUPPORTED)
+        stub = StubTreq(Resource())  # nothing mounted: 404
+        client = SRIClient(self.clock, stub, "http://connector.example/sri/", KEY)
+        removing = Deferred.fromCoroutine(client.remove_function(FILENAME))
+        stub.flush()
+        self.assertEqual(self.successResultOf(removing), UNSUPPORTED)
+
+    def test_refused(self):
+        """A wrong key (401) fails with the status named."""
+        client = self.make_client("wrong")
+        failure = self.failureResultOf(self.call(client.remove_function(FILENAME)), ConnectorError)
+        self.assertIn("answered 401", failure.value.message)
 
 
 class LaunchTests(ConnectorCase):

@@ -180,6 +180,32 @@ class FactoryTests(SynchronousTestCase):
         self.assertEqual(failure.value.message, "no wheel for numpy")
         self.assertIsNone(self.successResultOf(self.persistence.get_serverless_runtime(IDENTIFIER)))
 
+    def test_discard_removes_the_function(self):
+        """Discarding a launched identifier asks the connector to remove its function, by its package name."""
+        self.connector.supports_remove = True
+        self.successResultOf(self.launch())
+        filename = package_filename("acme", "echo", "0.0.1", "a" * 64)
+        self.assertIn(filename, self.connector.functions)
+        discarding = self.factory.discard(IDENTIFIER)
+        self.stub.flush()
+        self.successResultOf(discarding)
+        self.assertEqual(self.connector.removals, [filename])
+        self.assertNotIn(filename, self.connector.functions)
+
+    def test_discard_on_a_connector_without_the_route(self):
+        """A connector answering 405 to the removal is logged and ignored: discard succeeds."""
+        discarding = self.factory.discard(IDENTIFIER)
+        self.stub.flush()
+        self.assertIsNone(self.successResultOf(discarding))
+        self.assertEqual(self.connector.removals, [package_filename("acme", "echo", "0.0.1", "a" * 64)])
+
+    def test_discard_refused_by_the_connector(self):
+        """A connector refusing the removal (401) does not fail the uninstall: it is only logged."""
+        self.connector.api_key = "another"  # answers 401
+        discarding = self.factory.discard(IDENTIFIER)
+        self.stub.flush()
+        self.assertIsNone(self.successResultOf(discarding))
+
     def test_restore(self):
         """A recorded function is brought back without calling the connector; unknown ones are None."""
         self.successResultOf(self.persistence.upsert_serverless_runtime(IDENTIFIER, "http://f/x", "x", "a" * 64))
