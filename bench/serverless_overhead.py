@@ -176,7 +176,10 @@ async def wait_healthy(port, timeout=60.0):
 async def main(args):
     print(f"cores: {os.cpu_count()}")
     children = []
+    if args.profile:
+        os.environ["BENCH_TWISTD_ARGS"] = f"--profile={args.profile}.local --profiler=cprofile --savestats"
     local = Daemon()
+    os.environ.pop("BENCH_TWISTD_ARGS", None)
     serverless = baseline = None
     try:
         await local.wait_ready()
@@ -288,5 +291,5 @@ if __name__ == "__main__":
     parser.add_argument("--burst", type=int, default=2000)
     parser.add_argument("--baseline", default="",
                         help="also run the serverless daemon of another checkout of the project (before / after)")
-    parser.add_argument("--profile", default="", help="write a cProfile of the serverless daemon to this file")
+    parser.add_argument("--profile", default="", help="write a cProfile of the serverless daemon to this file (of the local one to FILE.local)")
     asyncio.run(main(parser.parse_args()))

@@ -12,6 +12,8 @@ line receiver per response); :func:`encode_post` and
 
 from __future__ import annotations
 
+import re
+
 from attrs import frozen
 
 #: bytes of a response head (status line and headers) at most
@@ -21,7 +23,7 @@ MAX_HEADERS = 128
 #: bytes of a chunk-size line at most (a size, extensions ignored)
 MAX_CHUNK_LINE = 4096
 
-_FORBIDDEN = (b"\r", b"\n", b"\x00")
+_FORBIDDEN = re.compile(rb"[\r\n\x00]")
 
 
 class MalformedResponse(Exception):
@@ -68,17 +70,16 @@ def encode_post(host: bytes, target: bytes, headers: list[tuple[bytes, bytes]], 
     :raises ValueError: a header name or value holds CR, LF or NUL (what
         would let a value smuggle another header or request).
     """
-    parts = [b"POST ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    for name, value in headers:
-        parts += [name, b": ", value, b"\r\n"]
-    parts += [b"Content-Length: ", b"%d" % len(body), b"\r\n\r\n", body]
-    for piece in [host, target] + [part for pair in headers for part in pair]:
-        for forbidden in _FORBIDDEN:
-            if forbidden in piece:
-                raise ValueError(f"a request header holds {forbidden!r}")
-    if b" " in target:
-        raise ValueError("the request target holds a space")
-    return b"".join(parts)
+    head = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    # the head holds one CR and one LF per header, ours: any other CR, LF
+    # or NUL the caller gave would smuggle a header or a request
+    count = len(headers)
+    if (
+        head.count(b"\r") != count or head.count(b"\n") != count or b"\x00" in head
+        or _FORBIDDEN.search(host + target) is not None or b" " in target
+    ):
+        raise ValueError("a request header or the target holds a forbidden character")
+    return b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (target, host, head, len(body), body)
 
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -157,18 +158,32 @@ class ResponseDecoder:
                 position += 2
                 self._state = _CHUNK_SIZE
             elif state == _CHUNK_SIZE:
-                eol = buffer.find(b"\r\n", position, position + MAX_CHUNK_LINE)
-                if eol < 0:
-                    if end - position >= MAX_CHUNK_LINE:
-                        raise MalformedResponse("a chunk-size line is too long")
+                # the SDK sends a chunk per event and per blank line: read
+                # every whole chunk of the buffer in this one loop
+                while True:
+                    eol = buffer.find(b"\r\n", position, position + MAX_CHUNK_LINE)
+                    if eol < 0:
+                        if end - position >= MAX_CHUNK_LINE:
+                            raise MalformedResponse("a chunk-size line is too long")
+                        break
+                    size = _chunk_size(buffer[position:eol])
+                    start = eol + 2
+                    if not size:
+                        position = start
+                        self._state = _TRAILERS
+                        break
+                    stop = start + size
+                    if stop + 2 > end:
+                        position = start
+                        self._remaining = size
+                        self._state = _CHUNK_DATA
+                        break
+                    if buffer[stop:stop + 2] != b"\r\n":
+                        raise MalformedResponse("a chunk does not end with CRLF")
+                    body.append(buffer[start:stop])
+                    position = stop + 2
+                if self._state == _CHUNK_SIZE:
                     break
-                size = _chunk_size(buffer[position:eol])
-                position = eol + 2
-                if size:
-                    self._remaining = size
-                    self._state = _CHUNK_DATA
-                else:
-                    self._state = _TRAILERS
             elif state == _TRAILERS:
                 eol = buffer.find(b"\r\n", position)
                 if eol < 0:
@@ -262,10 +277,11 @@ class ResponseDecoder:
 
 
 def _chunk_size(line: bytes) -> int:
-    size = line.split(b";", 1)[0].strip()
-    if not size or size.strip(b"0123456789abcdefABCDEF"):
+    if b";" in line:
+        line = line.split(b";", 1)[0].rstrip(b" \t")
+    if not line or line.strip(b"0123456789abcdefABCDEF"):
         raise MalformedResponse("a chunk size is not hexadecimal")
-    return int(size, 16)
+    return int(line, 16)
 
 
 def _parse_head(data: bytes) -> ResponseHead:
