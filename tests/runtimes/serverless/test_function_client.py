@@ -6,13 +6,15 @@ from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from difydaemon.http_body import BodyLost, BodyStream, StopReading
 from difydaemon.runtimes.serverless.function_client import FunctionHTTPClient, function_http_client
 from difydaemon.runtimes.serverless.http1 import MalformedResponse
 from difydaemon.runtimes.serverless.invoke import InvokeClient
 from difydaemon.runtimes.serverless.response import Chunk, Failed, Finished
-from difydaemon.testing.cases import SynchronousTestCase
+from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
+from tests.runtimes.serverless.functions import FakeFunction, Reply
 
 URL = "http://fn.example:9000/invoke?action=invoke_tool"
 HEADERS = {b"Content-Type": [b"application/json"], b"Dify-Plugin-Session-ID": [b"s-1"]}
@@ -273,3 +275,46 @@ class InvokeOverPoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual([type(o) for o in outcomes], [Chunk, Failed])
         self.assertIn("failed to read response body", outcomes[1].message)
+
+
+
+class _CountingSite(Site):
+    """A Site that counts the connections it served."""
+
+    connections = 0
+
+    def buildProtocol(self, addr):
+        self.connections += 1
+        return super().buildProtocol(addr)
+
+
+class LoopbackTests(AsyncTestCase):
+    """The pool against a real HTTP server on loopback."""
+
+    async def test_requests_reuse_one_connection(self):
+        """Sequential calls to a real server go over one kept-alive connection, each request sent at once."""
+        from twisted.internet import reactor
+
+        function = FakeFunction([Reply(body=[session_line("end", b"null")])])
+        site = _CountingSite(function)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = FunctionHTTPClient(reactor)
+        self.addCleanup(client.closeCachedConnections)
+        key = ("http", "127.0.0.1", port.getHost().port)
+        url = f"http://127.0.0.1:{key[2]}/invoke?action=invoke_tool"
+        for call in range(3):
+            idle = list(client._idle.get(key, []))
+            d = client.post(url, b'{"a":1}', HEADERS)
+            if call:
+                # sent in this turn: nothing left for the reactor to write
+                self.assertEqual(len(idle), 1)
+                self.assertNotIn(idle[0].transport, reactor.getWriters())
+            response = await d
+            pieces = []
+            reader = BodyStream(pieces.append)
+            response.deliverBody(reader)
+            await reader.done
+            self.assertEqual((response.code, b"".join(pieces)), (200, session_line("end", b"null")))
+        self.assertEqual([request[3] for request in function.requests], [b'{"a":1}'] * 3)
+        self.assertEqual((site.connections, client.idle_connections()), (1, 1))
