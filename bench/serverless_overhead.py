@@ -12,7 +12,12 @@ on loopback (its venv is the one a local daemon built for the same
 package); a fake SRI connector in a child process hands its URL to the
 serverless daemon's install.
 
-Usage: ``python bench/serverless_overhead.py [--rounds 3] [--calls 300] [--inflight 50] [--burst 2000]``
+``--baseline DIR`` adds the serverless daemon of another checkout (say
+``mkdir /tmp/before && git archive main | tar -x -C /tmp/before``) on the same function, so a change is
+measured before and after in one interleaved run.
+
+Usage: ``python bench/serverless_overhead.py [--rounds 3] [--calls 300] [--inflight 50] [--burst 2000]
+[--baseline DIR] [--profile FILE]``
 """
 
 from __future__ import annotations
@@ -90,12 +95,27 @@ class QuickAckConnection(HTTPConnection):
         reader.readline, reader.readexactly = quick_readline, quick_readexactly
 
 
-class Path:
-    """One way to make an echo call: ``call(connection)`` checks the answer."""
+def cpu_seconds(pid):
+    """``(user, system)`` CPU seconds of process ``pid`` so far (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
-    def __init__(self, name, port, path, body, headers, stream_marker):
+
+class Path:
+    """
+    One way to make an echo call: ``call(connection)`` checks the answer.
+    ``pid`` is the daemon whose CPU a call costs (None for the function).
+    """
+
+    def __init__(self, name, port, path, body, headers, stream_marker, pid=None):
         self.name, self.port, self.path, self.body, self.headers = name, port, path, body, headers
         self.marker = stream_marker
+        self.pid = pid
 
     async def call(self, connection):
         body, headers = self.body, self.headers
@@ -156,8 +176,11 @@ async def wait_healthy(port, timeout=60.0):
 async def main(args):
     print(f"cores: {os.cpu_count()}")
     children = []
+    if args.profile:
+        os.environ["BENCH_TWISTD_ARGS"] = f"--profile={args.profile}.local --profiler=cprofile --savestats"
     local = Daemon()
-    serverless = None
+    os.environ.pop("BENCH_TWISTD_ARGS", None)
+    serverless = baseline = None
     try:
         await local.wait_ready()
         identifier = await local.upload_install(build_package(echo_plugin_files()))
@@ -178,34 +201,48 @@ async def main(args):
         await asyncio.sleep(1.0)
         if args.profile:
             os.environ["BENCH_TWISTD_ARGS"] = f"--profile={args.profile} --profiler=cprofile --savestats"
-        serverless = Daemon(
-            extra_env={
-                "PLATFORM": "serverless",
-                "DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL": f"http://127.0.0.1:{connector_port}",
-                "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY": CONNECTOR_KEY,
-            }
-        )
+        serverless_env = {
+            "PLATFORM": "serverless",
+            "DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL": f"http://127.0.0.1:{connector_port}",
+            "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY": CONNECTOR_KEY,
+        }
+        serverless = Daemon(extra_env=serverless_env)
         os.environ.pop("BENCH_TWISTD_ARGS", None)
         await serverless.wait_ready()
         await serverless.upload_install(build_package(echo_plugin_files()))
+        if args.baseline:
+            # another checkout's daemon on the same function: before / after in one run
+            baseline = Daemon(extra_env=dict(serverless_env, PYTHONPATH=os.path.abspath(args.baseline)))
+            await baseline.wait_ready()
+            await baseline.upload_install(build_package(echo_plugin_files()))
 
         paths = [
             Path("function direct", function_port, "/invoke?action=invoke_tool", None,
                  {"Content-Type": "application/json", "Accept": "text/event-stream"}, b'"type":"stream"'),
-            Path("serverless daemon", serverless.port, PATH, dispatch_body(), HEADERS, b"data: "),
-            Path("local daemon", local.port, PATH, dispatch_body(), HEADERS, b"data: "),
+            Path("serverless daemon", serverless.port, PATH, dispatch_body(), HEADERS, b"data: ",
+                 serverless.process.pid),
+            Path("local daemon", local.port, PATH, dispatch_body(), HEADERS, b"data: ", local.process.pid),
         ]
+        if baseline is not None:
+            paths.insert(2, Path("baseline serverless daemon", baseline.port, PATH, dispatch_body(), HEADERS,
+                                 b"data: ", baseline.process.pid))
         singles = {p.name: (await p.connections(1))[0] for p in paths}
         pools = {p.name: await p.connections(args.inflight) for p in paths}
         for p in paths:
             await latency(p, singles[p.name], 50)
         samples = {p.name: [] for p in paths}
         rates = {p.name: [] for p in paths}
+        cpu = {p.name: [0.0, 0.0] for p in paths if p.pid is not None}
         for _ in range(args.rounds):
             for p in paths:
                 samples[p.name] += await latency(p, singles[p.name], args.calls)
             for p in paths:
+                before = cpu_seconds(p.pid) if p.pid is not None else None
                 rates[p.name].append(await throughput(p, pools[p.name], args.burst))
+                if before is not None:
+                    after = cpu_seconds(p.pid)
+                    cpu[p.name][0] += after[0] - before[0]
+                    cpu[p.name][1] += after[1] - before[1]
         p50 = {name: percentile(values, 0.5) * 1e3 for name, values in samples.items()}
         for name, values in samples.items():
             print(f"echo, 1 in flight, {name}: p50 {p50[name]:.2f} ms p99 {percentile(values, 0.99) * 1e3:.2f} ms")
@@ -213,6 +250,9 @@ async def main(args):
             f"added p50: serverless daemon over the function {p50['serverless daemon'] - p50['function direct']:.2f} ms"
             f" ({len(samples['function direct'])} calls each, {args.rounds} interleaved rounds)"
         )
+        if baseline is not None:
+            print(f"added p50: baseline serverless daemon over the function"
+                  f" {p50['baseline serverless daemon'] - p50['function direct']:.2f} ms")
         medians = {name: sorted(values)[len(values) // 2] for name, values in rates.items()}
         for name, value in medians.items():
             print(f"echo, {args.inflight} in flight, {name}: {value:.0f} calls/s")
@@ -220,6 +260,16 @@ async def main(args):
             f"serverless daemon / function direct: {medians['serverless daemon'] / medians['function direct']:.2f}"
             f" (medians of {args.rounds} interleaved rounds of {args.burst} calls)"
         )
+        if baseline is not None:
+            print(f"baseline serverless daemon / function direct:"
+                  f" {medians['baseline serverless daemon'] / medians['function direct']:.2f}")
+        # CPU per call is what the daemon itself spends, whatever else the
+        # machine runs: steadier than rates on a shared machine
+        calls = args.rounds * args.burst
+        for name, (user, system) in cpu.items():
+            print(f"daemon CPU per call at {args.inflight} in flight, {name}: {(user + system) / calls * 1e6:.0f} us"
+                  f" (user {user / calls * 1e6:.0f} us, system {system / calls * 1e6:.0f} us;"
+                  " the local daemon's plugin process not counted)")
         for connection in list(singles.values()) + [c for pool in pools.values() for c in pool]:
             connection.close()
     finally:
@@ -228,6 +278,8 @@ async def main(args):
             child.wait(10)
         if serverless is not None:
             serverless.stop()
+        if baseline is not None:
+            baseline.stop()
         local.stop()
 
 
@@ -237,5 +289,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--inflight", type=int, default=50)
     parser.add_argument("--burst", type=int, default=2000)
-    parser.add_argument("--profile", default="", help="write a cProfile of the serverless daemon to this file")
+    parser.add_argument("--baseline", default="",
+                        help="also run the serverless daemon of another checkout of the project (before / after)")
+    parser.add_argument("--profile", default="", help="write a cProfile of the serverless daemon to this file (of the local one to FILE.local)")
     asyncio.run(main(parser.parse_args()))

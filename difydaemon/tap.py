@@ -62,7 +62,8 @@ from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.process_table import LinuxProcessTable
 from difydaemon.runtimes.registry import RuntimeRegistry
 from difydaemon.runtimes.serverless.connector import SRIClient
-from difydaemon.runtimes.serverless.invoke import CONNECT_TIMEOUT, InvokeClient, function_http_client
+from difydaemon.runtimes.serverless.function_client import CONNECT_TIMEOUT, function_http_client
+from difydaemon.runtimes.serverless.invoke import InvokeClient
 from difydaemon.runtimes.serverless.runtime import ServerlessRuntimeFactory
 from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions
 from difydaemon.api.admin import AdminAPI

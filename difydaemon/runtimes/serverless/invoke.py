@@ -3,29 +3,19 @@ Calling a function: ``POST <function_url>/invoke?action=...``
 (``serverless.md`` §3.2 - §3.5).
 
 One :class:`InvokeClient` serves every function of the daemon over one
-pooled keep-alive connection pool with a short connect timeout (the Go
-daemon builds a client per call and dials with the execution timeout,
-§11.4).  Its connections set ``TCP_NODELAY``, and on Linux re-arm
-``TCP_QUICKACK`` at every read: the SDK writes each event and its blank
-line as two chunks, and a delayed ACK of the first holds the second back
-by about 40 ms on a kept-alive connection.
+pool of kept-alive connections with a short connect timeout (the Go daemon
+builds a client per call and dials with the execution timeout, §11.4):
+:func:`~.function_client.function_http_client`.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 
 import orjson
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from difydaemon.errors import InternalServerError
 from difydaemon.http_body import BodyLost, BodyStream, StopReading, read_head, reason_of
@@ -39,13 +29,6 @@ from difydaemon.runtimes.serverless.response import (
 
 log = Logger()
 
-#: seconds to open a connection to a function
-CONNECT_TIMEOUT = 5.0
-#: seconds an idle kept-alive connection stays in the pool (Go's 120 s would
-#: outlive the idle timeouts of most function hosts; a stale connection
-#: costs one retry)
-IDLE_CONNECTION_TIMEOUT = 60.0
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _HEADERS = {
     b"Content-Type": [b"application/json"],
     b"Accept": [b"text/event-stream"],
@@ -63,130 +46,6 @@ def backoff(attempt: int) -> float:
     return min(0.5 * 2 ** (attempt - 1), 30.0)
 
 
-def _quick_ack(transport) -> None:
-    if _TCP_QUICKACK is None:
-        return
-    handle = getattr(transport, "getHandle", None)
-    if handle is None:
-        return
-    try:
-        handle().setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-    except (OSError, AttributeError):
-        pass
-
-
-class _LowLatencyFactory(Factory):
-    """Builds the wrapped factory's protocols with Nagle off and quick ACKs at every read."""
-
-    def __init__(self, wrapped) -> None:
-        self._wrapped = wrapped
-
-    def doStart(self) -> None:
-        self._wrapped.doStart()
-
-    def doStop(self) -> None:
-        self._wrapped.doStop()
-
-    def buildProtocol(self, addr):
-        protocol = self._wrapped.buildProtocol(addr)
-        if protocol is None:
-            return None
-        made, received = protocol.connectionMade, protocol.dataReceived
-
-        def connection_made() -> None:
-            set_no_delay = getattr(protocol.transport, "setTcpNoDelay", None)
-            if set_no_delay is not None:
-                set_no_delay(True)
-            _quick_ack(protocol.transport)
-            made()
-
-        def data_received(data: bytes) -> None:
-            _quick_ack(protocol.transport)
-            received(data)
-
-        protocol.connectionMade = connection_made
-        protocol.dataReceived = data_received
-        return protocol
-
-
-class _LowLatencyEndpoint:
-    def __init__(self, endpoint) -> None:
-        self._endpoint = endpoint
-
-    def connect(self, factory):
-        return self._endpoint.connect(_LowLatencyFactory(factory))
-
-
-class _EndpointFactory:
-    """Agent endpoints: plain TCP with the short connect timeout, tuned for latency."""
-
-    def __init__(self, reactor, connect_timeout: float) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        # the Agent asks for an endpoint on every request, pooled connection
-        # or not, and a HostnameEndpoint costs an IDNA check of its host
-        self._endpoints: dict = {}
-
-    def endpointForURI(self, uri):
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if len(self._endpoints) > 1024:
-                self._endpoints.clear()
-            endpoint = self._endpoints[key] = self._new_endpoint(uri)
-        return endpoint
-
-    def _new_endpoint(self, uri):
-        if uri.scheme == b"https":
-            from twisted.internet.endpoints import wrapClientTLS
-            from twisted.internet.ssl import optionsForClientTLS
-
-            inner = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
-            return wrapClientTLS(optionsForClientTLS(uri.host.decode("ascii")), _LowLatencyEndpoint(inner))
-        return _LowLatencyEndpoint(HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout))
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body written in the same turn as the head (treq's producer waits a turn for its cooperator)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _FunctionClient:
-    """The ``post`` of a treq client, straight on an Agent: the one call the invoke client makes."""
-
-    def __init__(self, agent) -> None:
-        self._agent = agent
-
-    def post(self, url: str, data: bytes, headers: dict, unbuffered: bool = True):
-        return self._agent.request(b"POST", url.encode("ascii"), Headers(headers), _BytesProducer(data))
-
-
-def function_http_client(reactor, connect_timeout: float = CONNECT_TIMEOUT):
-    """The one client of every ``/invoke`` call (treq's ``post``), and its pool (closed at shutdown)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
-    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
-    agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, connect_timeout), pool=pool)
-    return _FunctionClient(agent), pool
-
-
 class _Retryable(Exception):
     """An attempt failed in a way worth another attempt (transport error, 502)."""
 
@@ -200,7 +59,7 @@ class InvokeClient:
     Sends sessions to functions and turns their responses into outcomes.
 
     :param reactor: for deadlines and backoff.
-    :param http: a treq-like client (:func:`function_http_client`, or
+    :param http: a treq-like client (:func:`~.function_client.function_http_client`, or
         ``StubTreq`` in tests).
     :param max_request_bytes: ``MAX_SERVERLESS_REQUEST_BYTES``.
     :param max_attempts: ``MAX_SERVERLESS_RETRY_TIMES`` (≤ 0 means 1).

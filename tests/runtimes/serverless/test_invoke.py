@@ -6,12 +6,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from difydaemon.runtimes.serverless.invoke import (
-    InvokeClient,
-    backoff,
-    function_http_client,
-    invoke_url,
-)
+from difydaemon.runtimes.serverless.invoke import InvokeClient, backoff, invoke_url
 from difydaemon.runtimes.serverless.response import INNER_ERROR_TYPE, RUNTIME_ERROR_TYPE, Chunk, Failed, Finished
 from difydaemon.testing.cases import SynchronousTestCase
 from tests.runtimes.serverless.functions import FakeFunction, Reply, session_line
@@ -184,14 +179,3 @@ class InvokeClientTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d)
         self.assertEqual([type(o) for o in self.outcomes], [Chunk])
-
-
-class PoolTests(SynchronousTestCase):
-    """The one pooled client."""
-
-    def test_pool_is_persistent(self):
-        """The invoke client keeps connections alive in one pool."""
-        from twisted.internet.testing import MemoryReactorClock
-
-        _client, pool = function_http_client(MemoryReactorClock())
-        self.assertTrue(pool.persistent)
