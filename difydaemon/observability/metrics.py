@@ -368,6 +368,11 @@ class RuntimeCollector:
         restarts = CounterMetricFamily(
             "plugin_restarts_total", "Plugin process restarts by the current runtimes.", labels=["plugin_id"]
         )
+        memory_kills = CounterMetricFamily(
+            "plugin_memory_kills_total",
+            "Plugin processes killed for going over their manifest's resource.memory.",
+            labels=["plugin_id"],
+        )
         processes = GaugeMetricFamily(
             "plugin_daemon_plugin_processes", "Running plugin processes.", labels=["plugin"]
         )
@@ -388,6 +393,9 @@ class RuntimeCollector:
             count = getattr(runtime, "restarts", None)
             if count is not None:
                 restarts.add_metric([plugin_id], count)
+            count = getattr(runtime, "memory_kills", None)
+            if count is not None:
+                memory_kills.add_metric([plugin_id], count)
             instances = getattr(runtime, "instances", None)
             if instances is not None:
                 pids = [instance.pid for instance in instances if instance.pid is not None and not instance.exited]
@@ -398,6 +406,7 @@ class RuntimeCollector:
             status.add_metric([_plugin_id_of(identifier), self._registry.runtime_type], 0.5)
         yield status
         yield restarts
+        yield memory_kills
         yield processes
         yield memory
         plugins = GaugeMetricFamily("active_plugins_total", "Plugins serving.", labels=["runtime_type"])

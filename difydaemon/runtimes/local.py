@@ -577,6 +577,8 @@ class LocalRuntime:
         self._restart_delay = restart_policy.min_delay
         #: instances restarted after an exit (read by the metrics)
         self.restarts = 0
+        #: instances that ended over their memory limit (read by the metrics)
+        self.memory_kills = 0
         self._failed_starts = 0
         self._started: Deferred | None = None
         self._stopped_waiters: list[Deferred] = []
@@ -896,6 +898,8 @@ class LocalRuntime:
 
     def instance_exited(self, instance: LocalInstance) -> None:
         """An instance's process ended and its sessions have been failed."""
+        if instance.out_of_memory:
+            self.memory_kills += 1
         self.log.info(
             "plugin {plugin_id} instance {pid} {how}",
             plugin_id=self.plugin_id,

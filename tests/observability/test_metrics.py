@@ -152,7 +152,7 @@ class FakeInstance:
 
 
 class FakeRuntime:
-    def __init__(self, plugin_id, ready, state, instances=None, runtime_type="local", restarts=None):
+    def __init__(self, plugin_id, ready, state, instances=None, runtime_type="local", restarts=None, memory_kills=None):
         self.plugin_id = plugin_id
         self._ready = ready
         self.state = state
@@ -161,6 +161,8 @@ class FakeRuntime:
             self.instances = instances
         if restarts is not None:
             self.restarts = restarts
+        if memory_kills is not None:
+            self.memory_kills = memory_kills
 
     def is_ready(self):
         return self._ready
@@ -184,9 +186,10 @@ class RuntimeCollectorTests(SynchronousTestCase):
     """Runtime state is read from the registry at scrape time."""
 
     def test_status_processes_memory_sessions(self):
-        """Status values, restarts, processes and their summed RSS, active plugins and open sessions."""
+        """Status values, restarts, memory kills, processes and their summed RSS, active plugins and open sessions."""
         running = FakeRuntime(
-            "acme/echo", True, "running", [FakeInstance(11, sessions=2), FakeInstance(12, sessions=1)], restarts=3
+            "acme/echo", True, "running", [FakeInstance(11, sessions=2), FakeInstance(12, sessions=1)], restarts=3,
+            memory_kills=2,
         )
         starting = FakeRuntime("acme/slow", False, "starting", [FakeInstance(13)], restarts=0)
         failed = FakeRuntime("acme/dead", False, "failed", [FakeInstance(14, exited=True)], restarts=5)
@@ -202,6 +205,8 @@ class RuntimeCollectorTests(SynchronousTestCase):
         self.assertEqual(found[(status, (("plugin_id", "acme/debug"), ("runtime_type", "remote")))], 1.0)
         self.assertEqual(found[(status, (("plugin_id", "acme/new"), ("runtime_type", "local")))], 0.5)
         self.assertEqual(found[("plugin_restarts_total", (("plugin_id", "acme/echo"),))], 3)
+        self.assertEqual(found[("plugin_memory_kills_total", (("plugin_id", "acme/echo"),))], 2)
+        self.assertNotIn(("plugin_memory_kills_total", (("plugin_id", "acme/debug"),)), found)
         self.assertEqual(found[("plugin_daemon_plugin_processes", (("plugin", "acme/echo"),))], 2)
         self.assertEqual(found[("plugin_daemon_plugin_processes", (("plugin", "acme/dead"),))], 0)
         self.assertEqual(found[("plugin_process_resident_memory_bytes", (("plugin_id", "acme/echo"),))], 3000)

@@ -78,6 +78,17 @@ class LimitedRuntimeTests(LocalRuntimeTestsMixin, SynchronousTestCase):
         self.reactor.advance(1)
         self.assertEqual(len(self.reactor.spawned), 2)
 
+    def test_memory_kills_counted(self):
+        """Each instance that ends over its limit counts once in ``memory_kills`` (read by /metrics); other exits do not."""
+        runtime = self.limited_runtime()
+        runtime.open_session("s1", request("s1"), RecordingListener())
+        self.process().stdout(session_line("s1", "error", MEMORY_ERROR))
+        self.process().kill_by_signal(9)
+        self.assertEqual(runtime.memory_kills, 1)
+        self.reactor.advance(1)
+        self.process().exit(1)
+        self.assertEqual(runtime.memory_kills, 1)
+
     def test_death_with_memory_error_on_stderr(self):
         """An instance that dies with MemoryError on stderr fails its sessions with the memory message."""
         runtime = self.limited_runtime()
