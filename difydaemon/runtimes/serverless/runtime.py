@@ -131,6 +131,13 @@ class ServerlessRuntime:
         if isinstance(result, Failure):
             if result.check(CancelledError):
                 return None
+            if result.check(errors.CoordinationUnavailableError):
+                # Redis down: the session could not be shared, so its
+                # callbacks could not be served; the function was not called
+                log.warn("serverless session {session_id} not started: {reason}",
+                         session_id=session_id, reason=result.value.reason)
+                self._deliver(session_id, Failed(result.value.error_type, result.value.message))
+                return None
             log.failure("serverless session {session_id} failed", result, session_id=session_id)
             self._deliver(session_id, Failed(errors.InternalServerError.error_type, "internal server error"))
         return None
