@@ -28,6 +28,7 @@ from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.config import Config, load_config, parse_dotenv, read_dotenv
 from difydaemon.coordination import coordination_for
 from difydaemon.coordination.nodes import NodeInfo, detect_advertise_host, new_node_id
+from difydaemon.coordination.debug_plugins import DebugInstallationSweeper, DebugInstallGuard
 from difydaemon.coordination.replica import RECONCILE_INTERVAL, CacheInvalidation, Replica
 from difydaemon.coordination.sessions import SharedServerlessSessions
 from difydaemon.coordination.tasks import TASK_LEASE_TTL, TaskLeases
@@ -469,6 +470,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     service.serverless = serverless
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
     if keys is not None:
+        guard = DebugInstallGuard(reactor, coordination.leases, coordination.membership, node.node_id)
         debug_factory = DebugServerFactory(
             reactor,
             keys,
@@ -482,8 +484,14 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
             max_tenant_connections=config.remote.plugin_remote_installing_max_single_tenant_conn,
             session_timeout=config.max_execution_timeout_seconds,
             max_line_size=config.plugin_runtime_max_buffer_size,
+            guard=guard,
         )
         service.debug_factory = debug_factory
+        # the rows of debug plugins whose replica died (alone: a killed previous run)
+        service.debug_sweeper = DebugInstallationSweeper(
+            reactor, persistence, guard, installations.invalidate, debug_factory.owns
+        )
+        service.debug_sweeper.setServiceParent(service)
         _listen(
             reactor,
             config.remote.plugin_remote_installing_host,
