@@ -138,6 +138,9 @@ class IPersistence(Interface):
     def list_installations_by_plugin_ids(tenant_id: str, plugin_ids: list):
         """Deferred[list[Installation]] for those plugin_ids (any order)."""
 
+    def list_installations_by_runtime_type(runtime_type: str):
+        """Deferred[list[Installation]]: every tenant's installations of that runtime type, oldest first."""
+
     def list_providers(kind: str, tenant_id: str, offset: int, limit: int):
         """
         Deferred[list[ProviderInstallation]]: a page of one projection

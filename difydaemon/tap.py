@@ -28,7 +28,9 @@ from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.config import Config, load_config, parse_dotenv, read_dotenv
 from difydaemon.coordination import coordination_for
 from difydaemon.coordination.nodes import NodeInfo, detect_advertise_host, new_node_id
+from difydaemon.coordination.debug_plugins import DebugInstallationSweeper, DebugInstallGuard
 from difydaemon.coordination.replica import RECONCILE_INTERVAL, CacheInvalidation, Replica
+from difydaemon.coordination.sessions import SharedServerlessSessions
 from difydaemon.coordination.tasks import TASK_LEASE_TTL, TaskLeases
 from difydaemon.api.forwarding import CallForwarder
 from difydaemon.errors import ConfigError
@@ -243,7 +245,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
 class _Serverless:
     """The parts of the serverless platform: connector, shared invoke client, live sessions, factory."""
 
-    def __init__(self, reactor, config: Config, persistence) -> None:
+    def __init__(self, reactor, config: Config, persistence, coordination) -> None:
         serverless = config.serverless
         self.connector_pool = HTTPConnectionPool(reactor, persistent=True)
         self.connector = SRIClient(
@@ -262,7 +264,11 @@ class _Serverless:
             max_line_size=config.plugin_runtime_max_buffer_size,
             execution_timeout=config.max_execution_timeout_seconds,
         )
-        self.sessions = MemoryServerlessSessions(reactor)
+        # a function's callbacks may land on any replica: with Redis, every
+        # replica sees every live session
+        self.sessions = (
+            SharedServerlessSessions(coordination.kv) if coordination.uses_redis else MemoryServerlessSessions(reactor)
+        )
         self.factory = ServerlessRuntimeFactory(reactor, persistence, self.connector, self.invoker, self.sessions)
 
     def ping(self):
@@ -355,7 +361,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     installations.on_invalidate = lambda tenant_id, plugin_id: caches.invalidated("installations", tenant_id, plugin_id)
     dify_pool = HTTPConnectionPool(reactor, persistent=True)
     dify_pool.cachedConnectionTimeout = config.invocation.connection_idle_timeout_seconds
-    serverless = _Serverless(reactor, config, persistence) if config.platform == "serverless" else None
+    serverless = _Serverless(reactor, config, persistence, coordination) if config.platform == "serverless" else None
     factory = (
         serverless.factory
         if serverless is not None
@@ -534,6 +540,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     service.log_observer_factory = lambda: build_observer(observability)
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
     if keys is not None:
+        guard = DebugInstallGuard(reactor, coordination.leases, coordination.membership, node.node_id)
         debug_factory = DebugServerFactory(
             reactor,
             keys,
@@ -547,8 +554,14 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
             max_tenant_connections=config.remote.plugin_remote_installing_max_single_tenant_conn,
             session_timeout=config.max_execution_timeout_seconds,
             max_line_size=config.plugin_runtime_max_buffer_size,
+            guard=guard,
         )
         service.debug_factory = debug_factory
+        # the rows of debug plugins whose replica died (alone: a killed previous run)
+        service.debug_sweeper = DebugInstallationSweeper(
+            reactor, persistence, guard, installations.invalidate, debug_factory.owns
+        )
+        service.debug_sweeper.setServiceParent(service)
         _listen(
             reactor,
             config.remote.plugin_remote_installing_host,

@@ -10,6 +10,7 @@ kills with SIGKILL: that one is ``twistd -n difydaemon``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -18,11 +19,14 @@ import orjson
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import ProcessProtocol
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from difydaemon import tap
 from difydaemon.config import load_config
 from difydaemon.testing.cases import AsyncTestCase
+from difydaemon.testing.endpoint_plugin import endpoint_plugin_files
 from difydaemon.testing.http import http_client
+from difydaemon.testing.inner_api import FakeDifyInnerAPI, base_url
 from difydaemon.testing.packages import build_package, echo_plugin_files
 from difydaemon.testing.plugins import behaviour_plugin_files
 from difydaemon.testing.proc import descendants
@@ -32,6 +36,7 @@ from tests.api.harness import encode_form
 from tests.daemon_postgres import fresh_database
 from tests.runtimes.test_debug import start_remote_plugin
 from tests.test_end_to_end import TENANT, sse_items
+from tests.test_endpoint_end_to_end import INNER_KEY
 from tests.test_tap import KEY, environment, free_port
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,6 +235,15 @@ class ClusterCase(AsyncTestCase):
                 return entry
         return None
 
+    async def debug_installation(self, replica: Replica, plugin_id: str, plugin):
+        """The installation of a debug plugin once ``replica`` lists it (the plugin's output if it never does)."""
+        for _ in range(600):
+            entry = await self.installation(replica, plugin_id)
+            if entry is not None:
+                return entry
+            await sleep(0.1)
+        self.fail(f"{plugin_id} never listed:\n" + plugin.output.decode("utf-8", "replace"))
+
 
 class ClusterTests(ClusterCase):
     """Install, invoke, debug and uninstall across three replicas sharing real PostgreSQL and Redis."""
@@ -261,13 +275,7 @@ class ClusterTests(ClusterCase):
         code, reply = await self.call(a, "POST", f"/plugin/{TENANT}/debugging/key")
         key = orjson.loads(reply)["data"]["key"]
         plugin = await start_remote_plugin(self, reactor, echo_plugin_files(name="debugecho"), a.debug_port, key)
-        debug_entry = None
-        for _ in range(600):
-            debug_entry = await self.installation(c, "acme/debugecho")
-            if debug_entry is not None:
-                break
-            await sleep(0.1)
-        self.assertIsNotNone(debug_entry, plugin.output.decode("utf-8", "replace"))
+        debug_entry = await self.debug_installation(c, "acme/debugecho", plugin)
         self.assertIsNone(c.service.runtimes.get(debug_entry["plugin_unique_identifier"]))
         await self.echo(c, "debugged", plugin_id="acme/debugecho")
         await self.echo(b, "debugged too", plugin_id="acme/debugecho")
@@ -356,3 +364,58 @@ class ClusterTests(ClusterCase):
         self.assertEqual(found["status"], "success", found)
         await self.echo(b, "after", plugin_id="acme/later")
         await self.echo(b, "still")
+
+
+class ForwardedEndpointTests(ClusterCase):
+    """Endpoint calls (``/e/``) for a debug plugin held by another replica, end to end."""
+
+    async def test_debug_endpoint_through_another_replica(self):
+        """A real endpoint plugin connected to A answers /e/ calls made to B: path, query, Host, a 2 MiB body, a stream, a custom status."""
+        await self.cluster()
+        dify = FakeDifyInnerAPI(reactor, INNER_KEY)
+        self.shared.update({"DIFY_INNER_API_URL": base_url(await dify.listen()), "DIFY_INNER_API_KEY": INNER_KEY})
+        self.addCleanup(dify.stop)
+        a = await self.start(self.replica("a"))
+        b = await self.start(self.replica("b"))
+
+        code, reply = await self.call(a, "POST", f"/plugin/{TENANT}/debugging/key")
+        key = orjson.loads(reply)["data"]["key"]
+        plugin = await start_remote_plugin(self, reactor, endpoint_plugin_files(), a.debug_port, key)
+        entry = await self.debug_installation(b, "acme/hooks", plugin)
+        identifier = entry["plugin_unique_identifier"]
+        self.assertIsNone(b.service.runtimes.get(identifier))
+        code, reply = await self.call(
+            b, "POST", f"/plugin/{TENANT}/endpoint/setup",
+            {"plugin_unique_identifier": identifier, "user_id": "u1", "name": "hook",
+             "settings": {"api_key": "supersecret", "greeting": "hello"}},
+        )
+        self.assertEqual(orjson.loads(reply)["code"], 0, reply)
+        code, reply = await self.call(b, "GET", f"/plugin/{TENANT}/endpoint/list?page=1&page_size=10&user_id=u1")
+        [endpoint] = orjson.loads(reply)["data"]
+        hook = endpoint["hook_id"]
+
+        async def public(method, path, body=None, headers=None):
+            response = await self.http.request(method, b.url(path), data=body, headers=headers or {})
+            return response, await response.content()
+
+        response, body = await public("GET", f"/e/{hook}/echo/deep%20path?b=2&a=1&a=0")
+        self.assertEqual(response.code, 200, body)
+        echoed = orjson.loads(body)
+        self.assertEqual((echoed["method"], echoed["path"]), ("GET", "/echo/deep path"))
+        self.assertEqual(echoed["query"], {"a": ["1", "0"], "b": ["2"]})
+        # the plugin sees the Host the caller used (B's), not the hop's (A's)
+        self.assertEqual(echoed["host"], f"127.0.0.1:{b.port}")
+        self.assertEqual(echoed["settings"], {"api_key": "supersecret", "greeting": "hello"})
+
+        large = os.urandom(2 * 1024 * 1024)
+        response, body = await public("POST", f"/e/{hook}/hash", large, {"Content-Type": "application/octet-stream"})
+        self.assertEqual(response.code, 200, body[:500])
+        self.assertEqual(orjson.loads(body), {"sha256": hashlib.sha256(large).hexdigest(), "length": len(large)})
+
+        response, body = await public("GET", f"/e/{hook}/stream?count=200")
+        self.assertEqual((response.code, response.length), (200, UNKNOWN_LENGTH))
+        self.assertEqual(body, b"".join(f"line-{i}\n".encode() for i in range(200)))
+
+        response, body = await public("GET", f"/e/{hook}/custom")
+        self.assertEqual((response.code, body), (418, b"teapot"))
+        self.assertEqual(response.headers.getRawHeaders("x-custom"), ["yes"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 from twisted.internet.testing import MemoryReactorClock
 
 from difydaemon import tap
+from difydaemon.coordination.sessions import SharedServerlessSessions
 from difydaemon.runtimes.serverless.runtime import ServerlessRuntimeFactory
+from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions
 from difydaemon.testing.cases import SynchronousTestCase
 from tests.test_tap import environment
 
@@ -50,3 +52,18 @@ class ServerlessWiringTests(SynchronousTestCase):
         """The admin routes exist only with ADMIN_API_ENABLED."""
         self.assertIsNone(self.make().site.resource._admin)
         self.assertIsNotNone(self.make(ADMIN_API_ENABLED="true", ADMIN_API_KEY="0123456789").site.resource._admin)
+
+    def test_sessions_alone_in_memory(self):
+        """Without Redis the live serverless sessions are kept in memory, and the transaction route reads them."""
+        service = self.make()
+        self.assertIsInstance(service.serverless.sessions, MemoryServerlessSessions)
+        self.assertIs(service.site.resource._transaction._sessions, service.serverless.sessions)
+
+    def test_sessions_shared_with_redis(self):
+        """With Redis the live serverless sessions are in Redis's store, so a callback may land on any replica."""
+        service = self.make(REDIS_HOST="127.0.0.1", CLUSTER_ADVERTISE_HOST="10.1.2.3")
+        sessions = service.serverless.sessions
+        self.assertIsInstance(sessions, SharedServerlessSessions)
+        self.assertIs(sessions._kv, service.coordination.kv)
+        self.assertIs(service.runtimes.factory._sessions, sessions)
+        self.assertIs(service.site.resource._transaction._sessions, sessions)

@@ -274,6 +274,10 @@ class MemoryPersistence:
         ]
 
     @_synchronously
+    def list_installations_by_runtime_type(self, runtime_type):
+        return _oldest_first(i for i in self._installations.values() if i.runtime_type == runtime_type)
+
+    @_synchronously
     def list_providers(self, kind, tenant_id, offset, limit):
         provider_table(kind)
         mine = _newest_first(

@@ -542,6 +542,17 @@ async def list_installations(tx, tenant_id: str, offset: int, limit: int) -> tup
 
 
 @read_only
+async def list_installations_by_runtime_type(tx, runtime_type: str) -> list:
+    """Every tenant's installations of one runtime type, oldest first."""
+    rows = await tx.execute(
+        f"SELECT {INSTALLATION_COLUMNS} FROM plugin_installations WHERE runtime_type = ? "
+        "ORDER BY created_at, id",
+        (runtime_type,),
+    )
+    return [_installation(tx.dialect, row) for row in rows]
+
+
+@read_only
 async def list_installations_by_plugin_ids(tx, tenant_id: str, plugin_ids) -> list:
     """A tenant's installations of the given plugin_ids."""
     wanted = sorted(set(plugin_ids))
@@ -1178,6 +1189,9 @@ class SQLPersistence:
 
     def list_installations_by_plugin_ids(self, tenant_id, plugin_ids):
         return self._transact(list_installations_by_plugin_ids, tenant_id, list(plugin_ids))
+
+    def list_installations_by_runtime_type(self, runtime_type):
+        return self._transact(list_installations_by_runtime_type, runtime_type)
 
     def list_providers(self, kind, tenant_id, offset, limit):
         return self._transact(list_providers, kind, tenant_id, offset, limit)

@@ -498,6 +498,10 @@ class DebugServerFactory(ServerFactory):
         (default: ``session_timeout``).
     :param no_delay: set ``TCP_NODELAY`` on accepted sockets.
     :param quick_ack: set ``TCP_QUICKACK`` after every read (Linux).
+    :param guard: the
+        :class:`~difydaemon.coordination.debug_plugins.DebugInstallGuard`
+        fencing installations against other replicas' sweeps (None: alone,
+        unfenced).
     """
 
     log = Logger()
@@ -523,6 +527,7 @@ class DebugServerFactory(ServerFactory):
         max_asset_size: int = DEFAULT_MAX_ASSET_SIZE,
         no_delay: bool = True,
         quick_ack: bool = True,
+        guard=None,
     ) -> None:
         self.reactor = reactor
         self.keys = keys
@@ -543,6 +548,7 @@ class DebugServerFactory(ServerFactory):
         self.max_asset_size = max_asset_size
         self.no_delay = no_delay
         self.quick_ack = quick_ack
+        self.guard = guard
         self.connections: set[DebugConnection] = set()
         self._tenant_counts: dict[str, int] = {}
         # (tenant_id, plugin_id) -> the connection whose disconnect uninstalls
@@ -594,6 +600,8 @@ class DebugServerFactory(ServerFactory):
         """
         tenant_id = connection.tenant_id
         key = (tenant_id, plugin.plugin_id)
+        # no other replica's sweep removes the rows while they are written
+        lease = await self.guard.hold(tenant_id, plugin.plugin_id) if self.guard is not None else None
         previous_owner = self._owners.get(key)
         # Claimed first, so that the previous owner disconnecting meanwhile
         # does not uninstall what is being taken over.
@@ -601,6 +609,9 @@ class DebugServerFactory(ServerFactory):
         try:
             installation = await self._install_rows(tenant_id, plugin)
             await self.persistence.save_declaration(plugin.identifier, plugin.plugin_id, plugin.declaration)
+            if self.guard is not None:
+                # claimed before the lease goes: a sweep never sees these rows unclaimed
+                await self.guard.claim(plugin.identifier)
         except BaseException:
             if self._owners.get(key) is connection:
                 if previous_owner is not None and previous_owner.state in (RUNNING, STOPPING):
@@ -608,8 +619,15 @@ class DebugServerFactory(ServerFactory):
                 else:
                     del self._owners[key]
             raise
+        finally:
+            if lease is not None:
+                await lease.release()
         self.installations.invalidate(tenant_id, plugin.plugin_id)
         return installation
+
+    def owns(self, tenant_id: str, plugin_id: str) -> bool:
+        """Whether a connection here owns the tenant's debug installation of ``plugin_id``."""
+        return (tenant_id, plugin_id) in self._owners
 
     async def _install_rows(self, tenant_id: str, plugin):
         persistence = self.persistence

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import orjson
 from treq.testing import StubTreq
+from twisted.internet.defer import fail
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.resource import Resource
 
 from difydaemon.api.admission import FrontDoor, Refused
 from difydaemon.api.transaction import TransactionResource
+from difydaemon.errors import CoordinationUnavailableError
 from difydaemon.invocation.dispatcher import BackwardsInvocations
 from difydaemon.invocation.inner_api import DifyInnerAPI
 from difydaemon.invocation.storage import PluginStorage
@@ -121,6 +123,21 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(answer["data"]["error_type"], "SessionNotFound")
         self.assertEqual(answer["message"], "failed to get session info from cache")
         self.assertEqual(answer["backwards_request_id"], "b" * 32)
+
+    def test_sessions_unavailable(self):
+        """With Redis down the session lookup fails at once: 500 with the 'redis unavailable' envelope, no hang."""
+
+        class Down:
+            def lookup(self, session_id):
+                return fail(CoordinationUnavailableError("connection refused"))
+
+        self.resource._sessions = Down()
+        response, body = self.post(transaction("storage", {"opt": "get", "key": "k"}))
+        self.assertEqual(response.code, 500)
+        answer = orjson.loads(body)
+        self.assertEqual(answer["code"], -500)
+        self.assertIn("redis unavailable: connection refused", answer["message"])
+        self.assertEqual(self.dify.received, [])
 
     def test_header_must_match(self):
         """A live session named in the body but not in the header is refused."""

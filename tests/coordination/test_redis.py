@@ -14,8 +14,12 @@ from difydaemon.testing.redis import redis_config, shared_redis_prefix
 from tests.coordination.contract import CoordinationContract
 
 
-class RedisCoordinationTests(CoordinationContract, AsyncTestCase):
-    """Two replicas' Redis connections share the state of one prefix and keep the contract."""
+class TwoRedisReplicas:
+    """
+    A case mixin: ``self.coordination`` and ``self.other``, two replicas'
+    Redis coordination sets under a fresh prefix (``self.prefix``) of the
+    shared Redis, and the real clock for ``run_check`` and ``wait``.
+    """
 
     timeout = 30
 
@@ -35,6 +39,10 @@ class RedisCoordinationTests(CoordinationContract, AsyncTestCase):
 
     async def wait(self, seconds):
         await deferLater(reactor, seconds, lambda: None)
+
+
+class RedisCoordinationTests(TwoRedisReplicas, CoordinationContract, AsyncTestCase):
+    """Two replicas' Redis connections share the state of one prefix and keep the contract."""
 
     async def delivered(self, deferred):
         return await deferred

@@ -206,6 +206,19 @@ class PersistenceContract:
         self.assertEqual(await self.persistence.list_plugins("serverless"), [])
 
     @contract
+    async def test_list_installations_by_runtime_type(self):
+        """list_installations_by_runtime_type returns every tenant's installations of one runtime type, oldest first."""
+        first = await self.install(identifier=ECHO_1, runtime_type="remote")
+        self.advance(1)
+        await self.install(identifier=OTHER, plugin_id="acme/other", runtime_type="local")
+        self.advance(1)
+        second = await self.install(tenant_id=T2, identifier=ECHO_1, runtime_type="remote")
+        remote = await self.persistence.list_installations_by_runtime_type("remote")
+        self.assertEqual([i.id for i in remote], [first.id, second.id])
+        self.assertEqual([i.tenant_id for i in remote], [T1, T2])
+        self.assertEqual(await self.persistence.list_installations_by_runtime_type("serverless"), [])
+
+    @contract
     async def test_already_installed(self):
         """Installing a plugin_id the tenant has (any version) fails and changes nothing."""
         first = await self.install(identifier=ECHO_1)

@@ -131,21 +131,30 @@ class ServerlessRuntime:
 
     def _call_done(self, result, call: Deferred, session_id: str):
         self._calls.discard(call)
-        forgetting = self._sessions.forget(session_id)
-        forgetting.addErrback(lambda f: log.failure("forgetting serverless session {id}", f, id=session_id))
+        self._forget(session_id)
         if isinstance(result, Failure):
             if result.check(CancelledError):
+                return None
+            if result.check(errors.CoordinationUnavailableError):
+                # Redis down: the session could not be shared, so its
+                # callbacks could not be served; the function was not called
+                log.warn("serverless session {session_id} not started: {reason}",
+                         session_id=session_id, reason=result.value.reason)
+                self._deliver(session_id, Failed(result.value.error_type, result.value.message))
                 return None
             log.failure("serverless session {session_id} failed", result, session_id=session_id)
             self._deliver(session_id, Failed(errors.InternalServerError.error_type, "internal server error"))
         return None
 
+    def _forget(self, session_id: str) -> None:
+        """Drop a session from the live ones; with Redis down its key expires by itself."""
+        self._sessions.forget(session_id).addErrback(_forget_failed, session_id)
+
     def _deliver(self, session_id: str, outcome) -> None:
         kind = type(outcome)
         if kind is Finished or kind is Failed:
             # no transaction of an ended session, even while its body drains
-            forgetting = self._sessions.forget(session_id)
-            forgetting.addErrback(lambda f: log.failure("forgetting serverless session {id}", f, id=session_id))
+            self._forget(session_id)
         if kind is Chunk:
             self._table.deliver(SessionMessage(session_id, "stream", outcome.data, outcome.raw))
         elif kind is Finished:
@@ -356,3 +365,11 @@ class ServerlessRuntimeFactory:
                 "plugin {identifier} uninstalled; the connector's function {filename}: {outcome}",
                 identifier=identifier, filename=filename, outcome=outcome,
             )
+
+
+def _forget_failed(failure, session_id: str) -> None:
+    if failure.check(errors.CoordinationUnavailableError):
+        log.warn("serverless session {session_id} not forgotten now ({reason}); it expires by itself",
+                 session_id=session_id, reason=failure.value.reason)
+    else:
+        log.failure("forgetting serverless session {session_id}", failure, session_id=session_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 from treq.testing import StubTreq
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
@@ -89,6 +90,26 @@ class RuntimeTests(SynchronousTestCase):
         self.stub.flush()
         self.assertEqual(listener.calls, [("end",)])
         self.assertEqual(len(self.sessions), 0)
+
+    def test_sessions_unavailable(self):
+        """With Redis down the session cannot be shared: it fails with 'redis unavailable' and the function is not called."""
+
+        class Down:
+            def register(self, session, ttl):
+                return fail(errors.CoordinationUnavailableError("connection refused"))
+
+            def forget(self, session_id):
+                return fail(errors.CoordinationUnavailableError("connection refused"))
+
+        self.runtime._sessions = Down()
+        listener, _ = self.open({"type": "tool", "action": "invoke_tool"})
+        self.stub.flush()
+        [(event, error_type, message)] = [call[:3] for call in listener.calls]
+        self.assertEqual((event, error_type), ("error", errors.CoordinationUnavailableError.error_type))
+        self.assertEqual(message, "redis unavailable: connection refused")
+        self.assertEqual(self.function.requests, [])
+        # a warning, not an error: the key expires by itself
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_send_refused(self):
         """Nothing can be sent to a function after its request: send fails."""

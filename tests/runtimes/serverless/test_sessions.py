@@ -8,6 +8,7 @@ from zope.interface.verify import verifyObject
 from difydaemon.interfaces import IServerlessSessions
 from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions, ServerlessSession
 from difydaemon.testing.cases import SynchronousTestCase
+from tests.persistence.contract import contract
 
 
 def session(session_id: str = "s-1") -> ServerlessSession:
@@ -23,42 +24,75 @@ def session(session_id: str = "s-1") -> ServerlessSession:
 
 
 class ServerlessSessionsContract:
-    """What every IServerlessSessions does; ``self.sessions`` and ``self.advance(seconds)`` come from the case."""
+    """
+    What every IServerlessSessions does.  The case provides
+    ``self.sessions``, ``self.ttl`` (seconds, long enough for a few round
+    trips), ``self.run_check(coroutine)`` and ``await self.wait(seconds)``.
+    """
 
-    def lookup(self, session_id):
-        return self.successResultOf(self.sessions.lookup(session_id))
-
-    def test_interface(self):
+    @contract
+    async def test_interface(self):
         """The implementation provides IServerlessSessions."""
         self.assertTrue(verifyObject(IServerlessSessions, self.sessions))
 
-    def test_register_lookup_forget(self):
+    @contract
+    async def test_register_lookup_forget(self):
         """A registered session is found by its id until it is forgotten."""
-        self.assertIsNone(self.lookup("s-1"))
-        self.successResultOf(self.sessions.register(session(), 60))
-        self.assertEqual(self.lookup("s-1"), session())
-        self.assertIsNone(self.lookup("s-2"))
-        self.successResultOf(self.sessions.forget("s-1"))
-        self.assertIsNone(self.lookup("s-1"))
-        self.successResultOf(self.sessions.forget("s-1"))
+        self.assertIsNone(await self.sessions.lookup("s-1"))
+        await self.sessions.register(session(), self.ttl)
+        self.assertEqual(await self.sessions.lookup("s-1"), session())
+        self.assertIsNone(await self.sessions.lookup("s-2"))
+        await self.sessions.forget("s-1")
+        self.assertIsNone(await self.sessions.lookup("s-1"))
+        await self.sessions.forget("s-1")
 
-    def test_expiry(self):
+    @contract
+    async def test_sessions_apart(self):
+        """Two sessions are registered and forgotten apart."""
+        await self.sessions.register(session("s-1"), self.ttl)
+        await self.sessions.register(session("s-2"), self.ttl)
+        await self.sessions.forget("s-1")
+        self.assertIsNone(await self.sessions.lookup("s-1"))
+        self.assertEqual(await self.sessions.lookup("s-2"), session("s-2"))
+
+    @contract
+    async def test_expiry(self):
         """A session not forgotten is gone after its ttl."""
-        self.successResultOf(self.sessions.register(session(), 60))
-        self.advance(59)
-        self.assertIsNotNone(self.lookup("s-1"))
-        self.advance(1)
-        self.assertIsNone(self.lookup("s-1"))
+        await self.sessions.register(session(), self.ttl)
+        await self.wait(self.ttl * 0.1)
+        self.assertIsNotNone(await self.sessions.lookup("s-1"))
+        await self.wait(self.ttl)
+        self.assertIsNone(await self.sessions.lookup("s-1"))
+
+    @contract
+    async def test_bad_ttl(self):
+        """A ttl that is not positive is refused before anything is stored."""
+        with self.assertRaises(ValueError):
+            self.sessions.register(session(), 0)
+        self.assertIsNone(await self.sessions.lookup("s-1"))
+
+    @contract
+    async def test_odd_ids(self):
+        """An empty or absurdly long session id names no session, and forgetting it is no error."""
+        self.assertIsNone(await self.sessions.lookup(""))
+        self.assertIsNone(await self.sessions.lookup("s" * 100_000))
+        await self.sessions.forget("s" * 100_000)
 
 
 class MemoryServerlessSessionsTests(ServerlessSessionsContract, SynchronousTestCase):
     """The in-memory implementation."""
 
+    ttl = 60
+
     def setUp(self):
+        super().setUp()
         self.clock = Clock()
         self.sessions = MemoryServerlessSessions(self.clock)
 
-    def advance(self, seconds):
+    def run_check(self, check):
+        self.successResultOfCoroutine(check)
+
+    async def wait(self, seconds):
         self.clock.advance(seconds)
 
 
