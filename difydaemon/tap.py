@@ -52,7 +52,7 @@ from difydaemon.runtimes.containment import (
     with_plugin_home,
 )
 from difydaemon.runtimes.debug import DebugServerFactory
-from difydaemon.runtimes.environment import configured_builder
+from difydaemon.runtimes.environment import BackgroundBuildsService, configured_builder
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.parent_death import parent_death_signal
@@ -463,6 +463,9 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     #: the serverless platform's parts (connector, invoker, sessions), None on local
     service.serverless = serverless
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
+    if isinstance(factory, LocalRuntimeFactory):
+        # the stop waits for the bytecode compilations of fresh installs
+        BackgroundBuildsService(factory.builder).setServiceParent(service)
     if keys is not None:
         debug_factory = DebugServerFactory(
             reactor,

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
@@ -201,6 +201,21 @@ def site_packages_compile_command(
         watch_inactivity=False,
         required=False,
     )
+
+
+BACKGROUND_NICENESS = 10
+
+
+def niced(command: StepCommand, nice_path: str | None, niceness: int = BACKGROUND_NICENESS) -> StepCommand:
+    """
+    ``command`` run under ``nice -n <niceness>``: work done in the background
+    while a plugin starts and answers must leave the cores to it.
+
+    :param nice_path: the ``nice`` executable; None runs the command as it is.
+    """
+    if nice_path is None:
+        return command
+    return evolve(command, argv=(nice_path, "-n", str(niceness), *command.argv))
 
 
 def compile_commands(

@@ -14,6 +14,7 @@ from twisted.internet.defer import DeferredSemaphore
 
 from difydaemon.errors import InternalServerError
 from difydaemon.runtimes.environment import (
+    BackgroundBuildsService,
     BYTECODE_DIR,
     MARKER_PATH,
     BytecodeCache,
@@ -106,6 +107,80 @@ class FakeBuilderTests(SynchronousTestCase):
                 "venv ready",
             ],
         )
+
+    def test_background_compilation(self):
+        """With compile_in_background the build fires once the install is done; site-packages compile niced afterwards."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(),
+            nice_path="/usr/bin/nice", compile_in_background=True,
+        )
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        self.reactor.processes[-1].finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        compile_plugin.finish(0)
+        install.finish(0)
+        self.assertEqual(self.successResultOf(d), f"{self.working_dir}/.venv/bin/python")
+        self.assertTrue(venv_is_valid(self.working_dir))
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[:3], ("/usr/bin/nice", "-n", "10"))
+        self.assertEqual(compile_site.argv[-1], ".venv/lib/python3.12/site-packages")
+        self.assertEqual(self.progress[-2:], ["byte-compiling site-packages in the background", "venv ready"])
+        settled = self.builder.settled()
+        self.assertNoResult(settled)
+        compile_site.finish(0)
+        self.assertIsNone(self.successResultOf(settled))
+
+    def test_background_compilation_failure_logged(self):
+        """A failed background compilation leaves the venv valid and is only logged; settled() still fires."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), compile_in_background=True,
+        )
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        self.reactor.processes[-1].finish(0)
+        for process in self.reactor.processes[-2:]:
+            process.finish(0)
+        self.successResultOf(d)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[1:3], ("-m", "compileall"))  # no nice_path: not niced
+        settled = self.builder.settled()
+        compile_site.finish(1)
+        self.assertIsNone(self.successResultOf(settled))
+        self.assertTrue(venv_is_valid(self.working_dir))
+
+    def test_background_builds_service_waits(self):
+        """BackgroundBuildsService's stop fires only once the background compilation is over."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), compile_in_background=True,
+        )
+        service = BackgroundBuildsService(self.builder)
+        service.startService()
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        self.reactor.processes[-1].finish(0)
+        for process in self.reactor.processes[-2:]:
+            process.finish(0)
+        self.successResultOf(d)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.reactor.processes[-1].finish(0)
+        self.successResultOf(stopped)
 
     def test_step_environments(self):
         """uv steps get UV_* and the listed variables; the venv's Python only the listed ones; no step gets secrets."""
@@ -452,6 +527,20 @@ class RealBuildTests(AsyncTestCase):
         )
         self.assertTrue(any(name.endswith(".cpython-312.pyc") for name in os.listdir(sdk_cache)))
         self.assertIn("installing dependencies from requirements.txt", self.progress)
+
+    async def test_background_compiled_venv(self):
+        """A build compiling in the background yields a working venv at once, and the SDK's .pyc files once settled."""
+        self.builder = sdk.environment_builder(self.reactor, compile_in_background=True)
+        python = await self.build()
+        self.assertTrue(venv_is_valid(self.working_dir))
+        self.assertIn("byte-compiling site-packages in the background", self.progress)
+        await self.builder.settled()
+        sdk_cache = os.path.join(
+            self.working_dir, ".venv", "lib", "python3.12", "site-packages", "dify_plugin", "__pycache__"
+        )
+        self.assertTrue(any(name.endswith(".cpython-312.pyc") for name in os.listdir(sdk_cache)))
+        seconds = await sdk.seconds_to_first_heartbeat(self.reactor, python, self.working_dir)
+        self.assertGreater(seconds, 0)
 
     async def test_second_build_reuses(self):
         """A second build of a complete venv reuses it as it is, marker included."""
