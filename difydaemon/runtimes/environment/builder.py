@@ -35,7 +35,9 @@ from difydaemon.runtimes.environment.interpreters import find_interpreter, find_
 from difydaemon.runtimes.environment.layout import (
     MARKER_PATH,
     PYPROJECT_TOML,
+    REQUIREMENTS_TXT,
     UV_LOCK,
+    WHEELS_DIR,
     VENV_DIR,
     VENV_PYTHON,
     choose_dependency_file,
@@ -52,6 +54,7 @@ from difydaemon.runtimes.environment.steps import (
     niced,
     run_step,
     site_packages_compile_command,
+    unreachable_index_message,
     venv_command,
 )
 from difydaemon.runtimes.parent_death import ParentDeathSignal
@@ -104,6 +107,9 @@ class PythonEnvironmentBuilder:
         to the background (see :meth:`settled`): the plugin answers seconds
         sooner, compiling what it imports itself.  False compiles before
         returning (short-lived users such as ``dify plugin run``).
+    :param wheelhouse: ``PIP_WHEELHOUSE_PATH``: a directory of wheels a
+        ``requirements.txt`` install first tries alone, with no index, then
+        offered alongside the index; None for none.
     :param nice_path: the ``nice`` executable, which lowers the priority of
         that background compilation; None runs it at normal priority.
     """
@@ -134,7 +140,9 @@ class PythonEnvironmentBuilder:
         parent_death: ParentDeathSignal | None = None,
         nice_path: str | None = None,
         compile_in_background: bool = False,
+        wheelhouse: str | None = None,
     ) -> None:
+        self._wheelhouse = wheelhouse
         self._reactor = reactor
         self._compile_in_background = compile_in_background
         self._nice_path = nice_path
@@ -244,18 +252,7 @@ class PythonEnvironmentBuilder:
             progress(command.step)
             plugin_compiled = Deferred.fromCoroutine(self._run(command))
             try:
-                await self._run(
-                    install_command(
-                        self._uv,
-                        working_dir,
-                        dependency_file,
-                        env,
-                        pip_mirror_url=self._pip_mirror_url,
-                        pip_extra_args=self._pip_extra_args,
-                        pip_verbose=self._pip_verbose,
-                        frozen_lock=frozen_lock,
-                    )
-                )
+                await self._install(working_dir, dependency_file, env, frozen_lock)
             finally:
                 # Awaited even when the install fails: whoever then deletes
                 # the directory must not race compileall walking it.
@@ -278,6 +275,47 @@ class PythonEnvironmentBuilder:
                 progress("byte-compiling site-packages in the background")
             self._finish_later(working_dir, prepared, linked, compile_site)
         progress("venv ready")
+
+    async def _install(self, working_dir: str, dependency_file: str, env, frozen_lock: bool) -> None:
+        """
+        Install the dependencies: from the package's ``wheels/`` alone when
+        it ships one; else from the wheelhouse alone when it has everything,
+        else from the index (offered the wheelhouse too).
+        """
+
+        def command(find_links: str | None = None, no_index: bool = False) -> StepCommand:
+            return install_command(
+                self._uv,
+                working_dir,
+                dependency_file,
+                env,
+                pip_mirror_url=self._pip_mirror_url,
+                pip_extra_args=self._pip_extra_args,
+                pip_verbose=self._pip_verbose,
+                frozen_lock=frozen_lock,
+                find_links=find_links,
+                no_index=no_index,
+            )
+
+        if dependency_file == REQUIREMENTS_TXT:
+            if os.path.isdir(os.path.join(working_dir, WHEELS_DIR)):
+                await self._run(command(WHEELS_DIR, no_index=True))
+                return
+            if self._wheelhouse is not None:
+                offline = command(self._wheelhouse, no_index=True)
+                outcome = await run_step(
+                    self._reactor, offline, self._init_timeout, self._total_timeout, self._parent_death
+                )
+                if outcome.succeeded:
+                    return
+                log.info(
+                    "the wheelhouse lacks some of {path}'s dependencies, trying the index: {message}",
+                    path=working_dir,
+                    message=failure_message(offline.step, outcome),
+                )
+                await self._run(command(self._wheelhouse), index_url=self._pip_mirror_url)
+                return
+        await self._run(command(), index_url=self._pip_mirror_url)
 
     def settled(self) -> Deferred:
         """
@@ -382,7 +420,16 @@ class PythonEnvironmentBuilder:
     def _prepared_key(self, working_dir: str, interpreter: str, dependency_file: str, frozen_lock: bool) -> str:
         """What decides a venv's content, hashed (blocking: reads files)."""
         digest = hashlib.sha256()
-        for part in (interpreter, dependency_file, self._pip_mirror_url or "", self._pip_extra_args or "", str(frozen_lock)):
+        parts = (
+            interpreter,
+            dependency_file,
+            self._pip_mirror_url or "",
+            self._pip_extra_args or "",
+            str(frozen_lock),
+            self._wheelhouse or "",
+            str(os.path.isdir(os.path.join(working_dir, WHEELS_DIR))),
+        )
+        for part in parts:
             digest.update(part.encode() + b"\0")
         names = [dependency_file]
         if dependency_file == PYPROJECT_TOML and os.path.exists(os.path.join(working_dir, UV_LOCK)):
@@ -406,11 +453,20 @@ class PythonEnvironmentBuilder:
             self._interpreters[version] = cached
         return cached
 
-    async def _run(self, command: StepCommand) -> None:
+    async def _run(self, command: StepCommand, index_url: str | None | bool = False) -> None:
+        """
+        Run a step; a required one that fails raises its failure.
+
+        :param index_url: for a step that uses an index, that index (None
+            for PyPI): when uv could not reach it the error says so first.
+        """
         outcome = await run_step(self._reactor, command, self._init_timeout, self._total_timeout, self._parent_death)
         if outcome.succeeded:
             return
         message = failure_message(command.step, outcome)
+        unreachable = None if index_url is False else unreachable_index_message(outcome.tail, index_url)
+        if unreachable is not None:
+            message = f"{unreachable}\n{message}"
         if command.required:
             raise InternalServerError(message)
         log.warn("{step} of {path} failed, continuing: {message}", step=command.step, path=command.path, message=message)
@@ -542,4 +598,5 @@ def configured_builder(reactor, local, working_path: str, environ: Mapping[str, 
         parent_death=parent_death,
         nice_path=shutil.which("nice", path=environ.get("PATH") or os.defpath),
         compile_in_background=True,
+        wheelhouse=os.path.abspath(local.pip_wheelhouse_path) if local.pip_wheelhouse_path else None,
     )

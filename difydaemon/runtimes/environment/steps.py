@@ -104,18 +104,27 @@ def install_command(
     pip_extra_args: str | None,
     pip_verbose: bool,
     frozen_lock: bool,
+    find_links: str | None = None,
+    no_index: bool = False,
 ) -> StepCommand:
     """
     The dependency installation of ``runtimes.md`` §1.3 step 6.
 
     :param frozen_lock: whether ``uv sync`` gets ``--frozen`` (a ``uv.lock``
         exists and ``PLUGIN_IGNORE_UV_LOCK`` is off); only for ``pyproject.toml``.
+    :param find_links: a directory of wheels offered to uv (the package's
+        ``wheels/`` folder, or ``PIP_WHEELHOUSE_PATH``); requirements only.
+    :param no_index: install from ``find_links`` alone, with no index at all.
     """
     extra = split_extra_args(pip_extra_args)
     if dependency_file == REQUIREMENTS_TXT:
         argv = [uv, "pip", "install"]
-        if pip_mirror_url:
+        if no_index:
+            argv.append("--no-index")
+        elif pip_mirror_url:
             argv += ["-i", pip_mirror_url]
+        if find_links:
+            argv += ["--find-links", find_links]
         argv += ["-r", REQUIREMENTS_TXT]
         if pip_verbose:
             argv.append("-vvv")
@@ -300,6 +309,33 @@ class StepOutcome:
     def succeeded(self) -> bool:
         """Whether the process exited 0 by itself."""
         return self.timed_out is None and self.exit_code == 0
+
+
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+
+# What uv says when it cannot connect to an index at all (as opposed to an
+# index that answers "no such package").
+_UNREACHABLE = re.compile(
+    r"(error sending request|tcp connect error|Connection refused|dns error|failed to lookup address"
+    r"|Network is unreachable|No route to host|connection timed out|operation timed out)",
+    re.IGNORECASE,
+)
+
+
+def unreachable_index_message(tail: str, index_url: str | None) -> str | None:
+    """
+    The plain "needs the network and has none" error of a failed install,
+    or None when uv's output does not say it could not connect.
+
+    :param tail: the end of uv's output.
+    :param index_url: the index in use (``PIP_MIRROR_URL``), None for PyPI.
+    """
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    causes = [line for line in lines if _UNREACHABLE.search(line)]
+    if not causes:
+        return None
+    cause = re.sub(r"^(?:[^\w]*\s*)?(?:cause:\s*)?", "", causes[-1]) or causes[-1]
+    return f"cannot reach the package index {index_url or DEFAULT_INDEX_URL}: {cause}"
 
 
 def failure_message(step: str, outcome: StepOutcome) -> str:

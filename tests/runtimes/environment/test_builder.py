@@ -6,6 +6,7 @@ plugin with the real SDK.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from difydaemon.testing.cases import (
     AsyncTestCase,
     SynchronousTestCase,
 )
+from tests.runtimes.environment.test_bytecode import tiny_wheel
 from tests.runtimes.environment.fakes import (
     SITE_PACKAGES,
     copy_echo_plugin,
@@ -580,3 +582,51 @@ class RealBuildTests(AsyncTestCase):
             await self.build("2.1")
         self.assertIn("Python 2.1", caught.exception.message)
         self.assertFalse(os.path.exists(os.path.join(self.working_dir, ".venv")))
+
+
+DEAD_INDEX = "http://127.0.0.1:9/simple"
+
+
+class RealOfflineBuildTests(AsyncTestCase):
+    """Real uv builds with the index pointed at a dead address: wheels shipped or in a wheelhouse install, else a plain error."""
+
+    timeout = 300
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.working_dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.working_dir)
+        with open(os.path.join(self.working_dir, "requirements.txt"), "w") as f:
+            f.write("tinydist==1.0\n")
+        self.progress = []
+
+    def builder(self, **overrides):
+        return sdk.environment_builder(self.reactor, pip_mirror_url=DEAD_INDEX, **overrides)
+
+    async def test_shipped_wheels_install_without_index(self):
+        """A package's wheels/ folder installs its requirements with no index at all."""
+        tiny_wheel(os.path.join(self.working_dir, "wheels"))
+        python = await self.builder().build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(venv_is_valid(self.working_dir))
+        self.assertTrue(glob.glob(os.path.join(os.path.dirname(os.path.dirname(python)), "lib", "python3.12",
+                                               "site-packages", "tinydist-1.0.dist-info")))
+
+    async def test_wheelhouse_tried_before_index(self):
+        """PIP_WHEELHOUSE_PATH satisfies an install on its own: the dead index is never needed."""
+        wheelhouse = os.path.abspath(self.mktemp())
+        tiny_wheel(wheelhouse)
+        python = await self.builder(wheelhouse=wheelhouse).build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(venv_is_valid(self.working_dir))
+        self.assertTrue(os.path.exists(python))
+
+    async def test_unreachable_index_said_plainly(self):
+        """An install that needs the network and has none fails with "cannot reach the package index <url>"."""
+        with self.assertRaises(InternalServerError) as caught:
+            await self.builder().build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(
+            caught.exception.message.startswith(f"cannot reach the package index {DEAD_INDEX}: "),
+            caught.exception.message,
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.working_dir, MARKER_PATH)))
