@@ -112,6 +112,8 @@ class Installer:
         self._lost: dict[str, str] = {}
         self.cluster = cluster
         self._sweeper = None
+        # old versions draining after an upgrade, until they are stopped
+        self._retiring: set[Deferred] = set()
 
     @property
     def runtime_type(self) -> str:
@@ -446,7 +448,21 @@ class Installer:
         )
         self._invalidate(tenant_id, result.installation.plugin_id)
         if result.original_plugin_removed:
-            await self._retire(original)
+            self._retire_in_background(original)
+
+    def _retire_in_background(self, identifier: str) -> None:
+        """
+        Retire an upgraded-away identifier without making the upgrade wait:
+        new sessions already go to the new version, and the old one drains
+        its open sessions (a long LLM stream may take minutes) before it stops.
+        """
+        retiring = Deferred.fromCoroutine(self._retire(identifier))
+        if retiring.called:
+            retiring.addErrback(lambda f: log.failure("retiring {identifier} failed", f, identifier=identifier))
+            return
+        self._retiring.add(retiring)
+        retiring.addErrback(lambda f: log.failure("retiring {identifier} failed", f, identifier=identifier))
+        retiring.addBoth(lambda _: self._retiring.discard(retiring))
 
     async def _retire(self, identifier: str) -> None:
         """Stop and delete what a no longer referenced identifier had."""
@@ -575,7 +591,7 @@ class Installer:
             log.warn("failed {count} install tasks whose replica stopped answering", count=failed)
 
     def wait_idle(self) -> Deferred:
-        """A Deferred that fires when no install job is running (tests)."""
+        """A Deferred that fires when no install job is running and no upgraded-away version is draining (tests)."""
         from twisted.internet.defer import DeferredList
 
-        return DeferredList(list(self._running.values()), consumeErrors=True)
+        return DeferredList(list(self._running.values()) + list(self._retiring), consumeErrors=True)
