@@ -16,6 +16,8 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock, Defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from difydaemon.background import start_tracked
+
 from difydaemon.errors import (
     AlreadyInstalledError,
     BadRequestError,
@@ -456,13 +458,7 @@ class Installer:
         new sessions already go to the new version, and the old one drains
         its open sessions (a long LLM stream may take minutes) before it stops.
         """
-        retiring = Deferred.fromCoroutine(self._retire(identifier))
-        if retiring.called:
-            retiring.addErrback(lambda f: log.failure("retiring {identifier} failed", f, identifier=identifier))
-            return
-        self._retiring.add(retiring)
-        retiring.addErrback(lambda f: log.failure("retiring {identifier} failed", f, identifier=identifier))
-        retiring.addBoth(lambda _: self._retiring.discard(retiring))
+        start_tracked(self._retire(identifier), self._retiring, "retiring {identifier} failed", identifier=identifier)
 
     async def _retire(self, identifier: str) -> None:
         """Stop and delete what a no longer referenced identifier had."""

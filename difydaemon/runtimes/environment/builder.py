@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from difydaemon.background import start_tracked
 from difydaemon.errors import InternalServerError
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.environment.bytecode import (
@@ -349,13 +350,7 @@ class PythonEnvironmentBuilder:
             if prepared is not None or self._bytecode is not None:
                 self._keep_for_later(working_dir, prepared, linked)
 
-        done = Deferred.fromCoroutine(finish())
-        if done.called:
-            done.addErrback(lambda failure: log.failure("finishing {path} failed", failure, path=working_dir))
-            return
-        self._compiling.add(done)
-        done.addErrback(lambda failure: log.failure("finishing {path} failed", failure, path=working_dir))
-        done.addBoth(lambda _: self._compiling.discard(done))
+        start_tracked(finish(), self._compiling, "finishing {path} in the background failed", path=working_dir)
 
     def _keep_for_later(self, working_dir: str, prepared: str | None, linked) -> None:
         """Start keeping a fresh build for later ones; tracked until done, its errors logged."""
