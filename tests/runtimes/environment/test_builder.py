@@ -613,6 +613,14 @@ class RealOfflineBuildTests(AsyncTestCase):
         self.assertTrue(glob.glob(os.path.join(os.path.dirname(os.path.dirname(python)), "lib", "python3.12",
                                                "site-packages", "tinydist-1.0.dist-info")))
 
+    async def test_repackaged_requirements_install_without_index(self):
+        """A requirements.txt naming its own --no-index --find-links=./wheels/ (community repackaging) installs offline."""
+        tiny_wheel(os.path.join(self.working_dir, "wheels"))
+        with open(os.path.join(self.working_dir, "requirements.txt"), "w") as f:
+            f.write("--no-index\n--find-links=./wheels/\ntinydist==1.0\n")
+        await self.builder().build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(venv_is_valid(self.working_dir))
+
     async def test_wheelhouse_tried_before_index(self):
         """PIP_WHEELHOUSE_PATH satisfies an install on its own: the dead index is never needed."""
         wheelhouse = os.path.abspath(self.mktemp())
