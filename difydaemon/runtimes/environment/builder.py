@@ -47,7 +47,9 @@ from difydaemon.runtimes.environment.layout import (
     venv_is_valid,
 )
 from difydaemon.runtimes.environment.steps import (
+    LOCKED_REQUIREMENTS,
     StepCommand,
+    export_lock_command,
     failure_message,
     install_command,
     install_environment,
@@ -284,11 +286,11 @@ class PythonEnvironmentBuilder:
         else from the index (offered the wheelhouse too).
         """
 
-        def command(find_links: str | None = None, no_index: bool = False) -> StepCommand:
+        def command(find_links: str | None = None, no_index: bool = False, **options) -> StepCommand:
             return install_command(
                 self._uv,
                 working_dir,
-                dependency_file,
+                options.pop("dependency_file", dependency_file),
                 env,
                 pip_mirror_url=self._pip_mirror_url,
                 pip_extra_args=self._pip_extra_args,
@@ -296,7 +298,18 @@ class PythonEnvironmentBuilder:
                 frozen_lock=frozen_lock,
                 find_links=find_links,
                 no_index=no_index,
+                **options,
             )
+
+        if dependency_file == PYPROJECT_TOML and frozen_lock and self._pip_mirror_url:
+            # the lock's own URLs would bypass the mirror
+            os.makedirs(os.path.dirname(os.path.join(working_dir, LOCKED_REQUIREMENTS)), mode=0o755, exist_ok=True)
+            await self._run(export_lock_command(self._uv, working_dir, env))
+            await self._run(
+                command(dependency_file=REQUIREMENTS_TXT, requirements_path=LOCKED_REQUIREMENTS),
+                index_url=self._pip_mirror_url,
+            )
+            return
 
         if dependency_file == REQUIREMENTS_TXT:
             if os.path.isdir(os.path.join(working_dir, WHEELS_DIR)):

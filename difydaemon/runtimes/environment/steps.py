@@ -106,6 +106,7 @@ def install_command(
     frozen_lock: bool,
     find_links: str | None = None,
     no_index: bool = False,
+    requirements_path: str = REQUIREMENTS_TXT,
 ) -> StepCommand:
     """
     The dependency installation of ``runtimes.md`` §1.3 step 6.
@@ -115,6 +116,8 @@ def install_command(
     :param find_links: a directory of wheels offered to uv (the package's
         ``wheels/`` folder, or ``PIP_WHEELHOUSE_PATH``); requirements only.
     :param no_index: install from ``find_links`` alone, with no index at all.
+    :param requirements_path: the requirements file ``-r`` reads (a locked
+        export, see :func:`export_lock_command`), for ``requirements.txt``.
     """
     extra = split_extra_args(pip_extra_args)
     if dependency_file == REQUIREMENTS_TXT:
@@ -125,7 +128,7 @@ def install_command(
             argv += ["-i", pip_mirror_url]
         if find_links:
             argv += ["--find-links", find_links]
-        argv += ["-r", REQUIREMENTS_TXT]
+        argv += ["-r", requirements_path]
         if pip_verbose:
             argv.append("-vvv")
         argv += extra
@@ -144,6 +147,28 @@ def install_command(
     return StepCommand(
         step=f"installing dependencies from {dependency_file}",
         argv=tuple(argv),
+        env=env,
+        path=working_dir,
+    )
+
+
+LOCKED_REQUIREMENTS = os.path.join(VENV_DIR, "dify", "locked-requirements.txt")
+
+
+def export_lock_command(uv: str, working_dir: str, env: Mapping[str, str]) -> StepCommand:
+    """
+    ``uv export`` of a ``uv.lock`` to pinned requirements (``LOCKED_REQUIREMENTS``).
+
+    ``uv sync --frozen`` downloads from the URLs written in the lock, whatever
+    index it is given: with ``PIP_MIRROR_URL`` set, the locked versions are
+    installed from the mirror with ``uv pip install`` instead.
+    """
+    return StepCommand(
+        step="exporting uv.lock",
+        argv=(
+            uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
+            "--format", "requirements-txt", "-o", LOCKED_REQUIREMENTS,
+        ),
         env=env,
         path=working_dir,
     )

@@ -161,6 +161,39 @@ class FakeBuilderTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(settled))
         self.assertTrue(venv_is_valid(self.working_dir))
 
+    def test_locked_project_installs_from_mirror(self):
+        """With PIP_MIRROR_URL, a uv.lock project is exported and its pinned versions installed from the mirror."""
+        os.unlink(os.path.join(self.working_dir, "requirements.txt"))
+        for name in ("pyproject.toml", "uv.lock"):
+            open(os.path.join(self.working_dir, name), "w").close()
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_mirror_url="https://mirror/simple", pip_verbose=False,
+            init_timeout=120, python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(),
+        )
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        self.reactor.processes[-1].finish(0)
+        export = self.reactor.processes[-1]
+        self.assertEqual(
+            export.argv,
+            ("/uv", "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
+             "--format", "requirements-txt", "-o", ".venv/dify/locked-requirements.txt"),
+        )
+        export.finish(0)
+        install = self.reactor.processes[-1]
+        self.assertEqual(
+            install.argv,
+            ("/uv", "pip", "install", "-i", "https://mirror/simple", "-r", ".venv/dify/locked-requirements.txt"),
+        )
+        install.finish(0)
+        [compile_plugin] = [p for p in self.reactor.processes if p.argv[-1] == "."]
+        compile_plugin.finish(0)
+        self.successResultOf(d)
+        self.assertTrue(venv_is_valid(self.working_dir))
+
     def test_background_builds_service_waits(self):
         """BackgroundBuildsService's stop fires only once the background compilation is over."""
         self.builder = PythonEnvironmentBuilder(
