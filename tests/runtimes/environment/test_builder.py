@@ -32,6 +32,7 @@ from difydaemon.testing.cases import (
     SynchronousTestCase,
 )
 from tests.runtimes.environment.test_bytecode import tiny_wheel
+from tests.runtimes.environment.wheelhouse import wheels_from_site_packages
 from tests.runtimes.environment.fakes import (
     SITE_PACKAGES,
     copy_echo_plugin,
@@ -671,3 +672,28 @@ class RealOfflineBuildTests(AsyncTestCase):
             caught.exception.message,
         )
         self.assertFalse(os.path.exists(os.path.join(self.working_dir, MARKER_PATH)))
+
+
+class RealOfflineSDKPluginTests(AsyncTestCase):
+    """The real echo plugin, its SDK wheels shipped in the package, built with the index at a dead address."""
+
+    timeout = 600
+
+    async def test_offline_sdk_plugin(self):
+        """A package shipping the SDK's wheels in wheels/ builds with a dead index and runs to its first heartbeat."""
+        from twisted.internet import reactor
+
+        online = os.path.abspath(self.mktemp())
+        copy_echo_plugin(online)
+        await sdk.environment_builder(reactor).build(online, "3.12", lambda line: None)
+        offline = os.path.abspath(self.mktemp())
+        copy_echo_plugin(offline)
+        wheels = wheels_from_site_packages(
+            os.path.join(online, SITE_PACKAGES), os.path.join(offline, "wheels")
+        )
+        self.assertTrue(any(os.path.basename(w).startswith("dify_plugin-") for w in wheels))
+        progress = []
+        python = await sdk.environment_builder(reactor, pip_mirror_url=DEAD_INDEX).build(offline, "3.12", progress.append)
+        self.assertTrue(venv_is_valid(offline))
+        seconds = await sdk.seconds_to_first_heartbeat(reactor, python, offline)
+        self.assertGreater(seconds, 0)
