@@ -414,7 +414,9 @@ class PythonEnvironmentBuilder:
             else:
                 missing = [os.path.join(directory, path) for directory, links in linked for path in links.missing]
                 progress(f"linked {sum(links.linked for _, links in linked)} cached .pyc files")
-        return linked, site_packages_compile_command(working_dir, site_packages, env, self._compile_extra_args, missing)
+        return linked, site_packages_compile_command(
+            working_dir, site_packages, env, self._compile_extra_args, missing, parallel=not self._compile_in_background
+        )
 
     def _store_bytecode(self, working_dir: str, linked: Sequence[tuple[str, BytecodeLinks]]) -> None:
         """Keep what was compiled for the next venvs, and bound the cache (blocking)."""

@@ -199,6 +199,7 @@ def site_packages_compile_command(
     env: Mapping[str, str],
     compile_extra_args: str | None,
     missing: Sequence[str] | None = None,
+    parallel: bool = True,
 ) -> StepCommand | None:
     """
     Byte-compilation of the venv's site-packages, or of the part of it the
@@ -209,6 +210,10 @@ def site_packages_compile_command(
     :param site_packages: the site-packages directories, relative to ``working_dir``.
     :param missing: the sources still to compile, relative to ``working_dir``;
         None means all of site-packages.
+    :param parallel: one worker process per core; False compiles in one
+        process, as in the background: its workers would escape the
+        parent-death signal (only the process itself gets it), and the
+        cores belong to the plugins then.
     :return: None when there is nothing to compile.
     """
     python = os.path.join(working_dir, VENV_PYTHON)
@@ -229,7 +234,7 @@ def site_packages_compile_command(
         # One worker per core: site-packages is most of the build's time,
         # and two free cores cut it by about a third.  Files whose .pyc is
         # already valid (linked from the cache) are only checked.
-        argv=(python, "-m", "compileall", "-q", "-j", "0", *extra, *site_packages),
+        argv=(python, "-m", "compileall", "-q", *(("-j", "0") if parallel else ()), *extra, *site_packages),
         env=env,
         path=working_dir,
         watch_inactivity=False,

@@ -133,6 +133,7 @@ class FakeBuilderTests(SynchronousTestCase):
         compile_site = self.reactor.processes[-1]
         self.assertEqual(compile_site.argv[:3], ("/usr/bin/nice", "-n", "10"))
         self.assertEqual(compile_site.argv[-1], ".venv/lib/python3.12/site-packages")
+        self.assertNotIn("-j", compile_site.argv)  # one process: the parent-death signal reaches all of it
         self.assertEqual(self.progress[-2:], ["byte-compiling site-packages in the background", "venv ready"])
         settled = self.builder.settled()
         self.assertNoResult(settled)
