@@ -189,6 +189,7 @@ VARIABLES: tuple[str, ...] = (
     "PIP_PREFER_BINARY",
     "PIP_VERBOSE",
     "PIP_EXTRA_ARGS",
+    "PIP_WHEELHOUSE_PATH",
     "PLUGIN_IGNORE_UV_LOCK",
     "PLUGIN_LOCAL_LAUNCHING_CONCURRENT",
     "PLUGIN_LOCAL_INSTANCES",
@@ -583,6 +584,9 @@ class LocalRuntimeConfig:
     pip_verbose: bool
     #: ``PIP_EXTRA_ARGS``: extra installer arguments.
     pip_extra_args: str
+    #: ``PIP_WHEELHOUSE_PATH``: a local directory of wheels tried before any
+    #: index; empty for none.
+    pip_wheelhouse_path: str
     #: ``PLUGIN_IGNORE_UV_LOCK``: do not pass ``--frozen`` for a uv.lock.
     plugin_ignore_uv_lock: bool
     #: ``PLUGIN_LOCAL_LAUNCHING_CONCURRENT``: launches running at once.
@@ -1452,6 +1456,7 @@ def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
         pip_prefer_binary=values.boolean("PIP_PREFER_BINARY", True),
         pip_verbose=values.boolean("PIP_VERBOSE", True),
         pip_extra_args=values.string("PIP_EXTRA_ARGS"),
+        pip_wheelhouse_path=values.string("PIP_WHEELHOUSE_PATH"),
         plugin_ignore_uv_lock=values.boolean("PLUGIN_IGNORE_UV_LOCK", False),
         plugin_local_launching_concurrent=values.integer(
             "PLUGIN_LOCAL_LAUNCHING_CONCURRENT", 2, 1

@@ -57,7 +57,7 @@ from difydaemon.runtimes.containment import (
     with_plugin_home,
 )
 from difydaemon.runtimes.debug import DebugServerFactory
-from difydaemon.runtimes.environment import configured_builder
+from difydaemon.runtimes.environment import BackgroundBuildsService, configured_builder
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.parent_death import parent_death_signal
@@ -539,6 +539,9 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     # twistd asks the application for its log observer (unless --logger names one)
     service.log_observer_factory = lambda: build_observer(observability)
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)
+    if isinstance(factory, LocalRuntimeFactory):
+        # the stop waits for the bytecode compilations of fresh installs
+        BackgroundBuildsService(factory.builder).setServiceParent(service)
     if keys is not None:
         guard = DebugInstallGuard(reactor, coordination.leases, coordination.membership, node.node_id)
         debug_factory = DebugServerFactory(

@@ -18,7 +18,7 @@ from treq import collect
 
 from difydaemon import tap
 from difydaemon.testing.plugins import behaviour_plugin_files
-from difydaemon.testing.proc import descendants
+from difydaemon.testing.proc import command_line, descendants
 from difydaemon.testing.sdk import python312, test_uv_cache_dir
 from difydaemon.testing.subreaper import is_running
 from tests.test_end_to_end import TENANT, DaemonCase, _alive, sse_items
@@ -249,6 +249,11 @@ class TwistdShutdownTests(TwistdCase):
         await self._start_twistd(grace)
         await self.install(heartbeating_plugin_files())
         self.assertEqual(self.task["status"], "success", self.task)
+        # a fresh install byte-compiles in the background: only plugins are wanted here
+        await until(
+            lambda: not any(b"compileall" in command_line(pid) for pid in descendants(self.daemon.pid)),
+            "the background compilation's end",
+        )
         plugins = descendants(self.daemon.pid)
         self.assertTrue(plugins)
         for pid in plugins:

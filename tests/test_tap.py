@@ -23,6 +23,7 @@ from twisted.plugin import getPlugins
 from twisted.application.service import IServiceMaker
 from txpostgres import txpostgres
 
+from difydaemon.runtimes.environment import BackgroundBuildsService
 from difydaemon import tap
 from difydaemon.errors import ConfigError
 from difydaemon.packaging.isolation import ChildProcessDecoder
@@ -199,6 +200,17 @@ class MakeServiceTests(SynchronousTestCase):
             (runtime_options["idle_timeout"], runtime_options["max_instances"], runtime_options["scale_down_delay"]),
             (90.0, 3, 20.0),
         )
+
+    def test_installs_compile_in_the_background(self):
+        """The daemon's builder compiles site-packages in the background, and the daemon's stop waits for it."""
+        environ = environment(self.mktemp(), 5002)
+        options = tap.Options()
+        options.parseOptions(["--env-file", "/nonexistent/.env"])
+        service = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ)
+        builder = service.runtimes.factory.builder
+        self.assertTrue(builder._compile_in_background)
+        waiting = [child for child in service if isinstance(child, BackgroundBuildsService)]
+        self.assertEqual([child._builder for child in waiting], [builder])
 
     def test_plugins_are_contained(self):
         """Plugins get HOME under the working path, lead process groups watched through /proc, and get 2 s between TERM and KILL; the daemon hides its memory at start."""

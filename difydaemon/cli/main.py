@@ -153,12 +153,27 @@ def _cmd_plugin_package(args, console: Console) -> int:
     from difydaemon.cli.packing import find_uv_or_none, package_directory
 
     directory = args.directory
-    data, decoded = package_directory(directory, _max_size(args), find_uv_or_none())
+    data, decoded = package_directory(directory, _max_size(args), find_uv_or_none(), _offline(args, console))
     output = args.output or os.path.basename(os.path.abspath(directory).rstrip(os.sep)) + ".difypkg"
     _write_file(output, data)
     console.progress(f"wrote {output} ({len(data)} bytes)")
     console.out(decoded.identifier.raw)
     return 0
+
+
+def _offline(args, console: Console):
+    """For ``--offline``: what adds the wheels of the target platforms to the files; else None."""
+    if not args.offline:
+        return None
+    from difydaemon.cli.offline import DEFAULT_PLATFORMS, with_wheels
+
+    platforms = tuple(args.platform) or DEFAULT_PLATFORMS
+
+    def add_wheels(files):
+        console.progress(f"downloading wheels for Python {args.python_version} on {', '.join(platforms)}")
+        return with_wheels(files, platforms, args.python_version)
+
+    return add_wheels
 
 
 def _write_file(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -366,6 +381,11 @@ def build_parser(console: Console) -> argparse.ArgumentParser:
     package.add_argument("-o", "--output", "--output_path", dest="output",
                          help="the package file (default: <directory name>.difypkg)")
     package.add_argument("--max-size", type=float, default=50, help="maximum uncompressed size in MB (default: 50)")
+    package.add_argument("--offline", action="store_true",
+                         help="put the wheels of the requirements in the package (wheels/), for installs with no index")
+    package.add_argument("--platform", action="append", default=[],
+                         help="a target platform tag for --offline (repeatable; default: manylinux2014_x86_64 and _aarch64)")
+    package.add_argument("--python-version", default="3.12", help="the target Python for --offline (default: 3.12)")
 
     checksum = add(plugin_commands, "checksum", "print the checksum of a package or plugin directory",
                    _cmd_plugin_checksum)

@@ -195,9 +195,14 @@ def check_package(data: bytes, max_size: int) -> DecodedPackage:
         raise CommandError(f"the daemon would refuse this package: {error.message}") from None
 
 
-def package_directory(directory: str, max_size: int, uv: str | None = None) -> tuple[bytes, DecodedPackage]:
+def package_directory(
+    directory: str, max_size: int, uv: str | None = None, add_files=None
+) -> tuple[bytes, DecodedPackage]:
     """
     The ``.difypkg`` bytes of a plugin directory and what the daemon makes of them.
+
+    :param add_files: None, or a function of the package's files to the
+        files to package instead (``--offline`` adds the wheels).
 
     :raises CommandError: unreadable directory, too large, or refused.
     """
@@ -206,6 +211,9 @@ def package_directory(directory: str, max_size: int, uv: str | None = None) -> t
             raise CommandError(f"plugin directory not found: {directory}")
         raise CommandError(f"no manifest.yaml in {directory}")
     files = plugin_files(directory, uv)
+    if add_files is not None:
+        files = add_files(files)
+        files = {name: files[name] for name in sorted(files, key=_sort_key)}
     if sum(len(content) for content in files.values()) > max_size:
         raise CommandError(largest_files_message(files, max_size))
     data = build_zip(files)

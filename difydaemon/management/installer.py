@@ -16,6 +16,8 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock, Defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from difydaemon.background import start_tracked
+
 from difydaemon.errors import (
     AlreadyInstalledError,
     BadRequestError,
@@ -116,6 +118,8 @@ class Installer:
         self._lost: dict[str, str] = {}
         self.cluster = cluster
         self._sweeper = None
+        # old versions draining after an upgrade, until they are stopped
+        self._retiring: set[Deferred] = set()
 
     @property
     def runtime_type(self) -> str:
@@ -458,7 +462,15 @@ class Installer:
         )
         self._invalidate(tenant_id, result.installation.plugin_id)
         if result.original_plugin_removed:
-            await self._retire(original)
+            self._retire_in_background(original)
+
+    def _retire_in_background(self, identifier: str) -> None:
+        """
+        Retire an upgraded-away identifier without making the upgrade wait:
+        new sessions already go to the new version, and the old one drains
+        its open sessions (a long LLM stream may take minutes) before it stops.
+        """
+        start_tracked(self._retire(identifier), self._retiring, "retiring {identifier} failed", identifier=identifier)
 
     async def _retire(self, identifier: str) -> None:
         """Stop and delete what a no longer referenced identifier had."""
@@ -589,7 +601,7 @@ class Installer:
             log.warn("failed {count} install tasks whose replica stopped answering", count=failed)
 
     def wait_idle(self) -> Deferred:
-        """A Deferred that fires when no install job is running (tests)."""
+        """A Deferred that fires when no install job is running and no upgraded-away version is draining (tests)."""
         from twisted.internet.defer import DeferredList
 
-        return DeferredList(list(self._running.values()), consumeErrors=True)
+        return DeferredList(list(self._running.values()) + list(self._retiring), consumeErrors=True)

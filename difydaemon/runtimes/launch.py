@@ -154,6 +154,11 @@ class LocalRuntimeFactory:
         self._shared_given = False
 
     @property
+    def builder(self):
+        """The :class:`~difydaemon.runtimes.environment.PythonEnvironmentBuilder` of the venvs."""
+        return self._builder
+
+    @property
     def runtime_options(self) -> dict:
         """The keyword arguments every ``LocalRuntime`` is made with (a copy)."""
         return dict(self._runtime_options)

@@ -25,7 +25,7 @@ from difydaemon.api.web_channel import DaemonHTTPChannel
 from difydaemon.blocking import ThreadPoolRunner
 from difydaemon.config import SRIConfig, load_sri_config, read_dotenv
 from difydaemon.runtimes.child_environment import plugin_environment
-from difydaemon.runtimes.environment import configured_builder
+from difydaemon.runtimes.environment import BackgroundBuildsService, configured_builder
 from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.sri.admission import ConnectorFrontDoor
 from difydaemon.sri.functions import FunctionTable
@@ -196,6 +196,8 @@ def build_connector(reactor, config: SRIConfig, environ) -> ConnectorService:
     else:
         endpoint = TCP4ServerEndpoint(reactor, config.sri_port, interface=host)
     StreamServerEndpointService(endpoint, site).setServiceParent(service)
+    # the stop waits for the bytecode compilations of fresh builds
+    BackgroundBuildsService(builder).setServiceParent(service)
     return service
 
 

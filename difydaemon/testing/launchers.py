@@ -37,6 +37,9 @@ class RecordingLauncher:
         self.failures: dict[str, str] = {}
         self.held: dict[str, Deferred] = {}
         self.hold_all = False
+        #: when true, stops stay pending until the test fires them (a runtime draining its sessions)
+        self.hold_stops = False
+        self.held_stops: dict[str, Deferred] = {}
         self.progress_lines: list[str] = []
 
     def fail(self, identifier: str, message: str) -> None:
@@ -66,9 +69,12 @@ class RecordingLauncher:
         self.held.pop(identifier).callback(None)
 
     def stop(self, plugin_unique_identifier):
-        """Record the stop."""
+        """Record the stop; held (see ``hold_stops``) or done at once."""
         self.stopped.append(plugin_unique_identifier)
         self.running.discard(plugin_unique_identifier)
+        if self.hold_stops:
+            d = self.held_stops[plugin_unique_identifier] = Deferred()
+            return d
         return succeed(None)
 
 

@@ -530,6 +530,21 @@ class InstallTests(SynchronousTestCase):
         self.assertEqual([p["plugin_unique_identifier"] for p in listing["list"]], [new])
         self.assertEqual(self.daemon.launcher.stopped, [self.ident])
 
+    def test_upgrade_does_not_wait_for_old_sessions(self):
+        """An upgrade's task succeeds while the old version still drains its sessions; the old one is stopped meanwhile."""
+        self.daemon.install(self.ident)
+        new = self.daemon.upload(echo_package(version="0.0.2"))["data"]["unique_identifier"]
+        self.daemon.launcher.hold_stops = True
+        answer = self.daemon.ok(
+            "POST",
+            f"/plugin/{TENANT}/management/install/upgrade",
+            json={"original_plugin_unique_identifier": self.ident, "new_plugin_unique_identifier": new, "source": "package", "meta": {}},
+        )
+        self.assertEqual(self._task(answer["task_id"])["status"], TASK_SUCCESS)
+        self.assertEqual(self.daemon.launcher.stopped, [self.ident])
+        self.daemon.launcher.held_stops.pop(self.ident).callback(None)
+        self.assertEqual(self.daemon.launcher.running, {new})
+
     def test_upgrade_rules(self):
         """Upgrade refuses equal identifiers, different plugin ids and uninstalled originals."""
         url = f"/plugin/{TENANT}/management/install/upgrade"

@@ -16,7 +16,7 @@ through the same :class:`PythonEnvironmentBuilder`.
 Callers import from this package; the modules are how it is kept readable.
 """
 
-from difydaemon.runtimes.environment.builder import PythonEnvironmentBuilder, configured_builder
+from difydaemon.runtimes.environment.builder import BackgroundBuildsService, PythonEnvironmentBuilder, configured_builder
 from difydaemon.runtimes.environment.bytecode import (
     BYTECODE_DIR,
     BYTECODE_FORMAT,
@@ -90,6 +90,7 @@ __all__ = [
     "choose_dependency_file",
     "compile_commands",
     "configured_builder",
+    "BackgroundBuildsService",
     "failure_message",
     "find_interpreter",
     "find_uv",

@@ -1,9 +1,11 @@
 """
 :class:`PythonEnvironmentBuilder`: builds (or reuses) a plugin's ``.venv``
-with uv, then byte-compiles it and writes the marker that says it is
-complete.  It keeps finished venvs as prepared venvs and their bytecode in
-the :class:`~difydaemon.runtimes.environment.bytecode.BytecodeCache`, in the
-background, so that later builds of the same or similar dependencies are cheap.
+with uv and writes the marker that says it is complete as soon as the
+dependencies are in.  Byte-compiling site-packages (seconds) happens
+afterwards, in the background, niced, while the plugin starts; then the
+finished venv is kept as a prepared venv and its bytecode in the
+:class:`~difydaemon.runtimes.environment.bytecode.BytecodeCache`, so that
+later builds of the same or similar dependencies are cheap.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
+from twisted.application.service import Service
 from twisted.logger import Logger
 
+from difydaemon.background import start_tracked
 from difydaemon.errors import InternalServerError
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.environment.bytecode import (
@@ -32,7 +36,9 @@ from difydaemon.runtimes.environment.interpreters import find_interpreter, find_
 from difydaemon.runtimes.environment.layout import (
     MARKER_PATH,
     PYPROJECT_TOML,
+    REQUIREMENTS_TXT,
     UV_LOCK,
+    WHEELS_DIR,
     VENV_DIR,
     VENV_PYTHON,
     choose_dependency_file,
@@ -41,13 +47,17 @@ from difydaemon.runtimes.environment.layout import (
     venv_is_valid,
 )
 from difydaemon.runtimes.environment.steps import (
+    LOCKED_REQUIREMENTS,
     StepCommand,
+    export_lock_command,
     failure_message,
     install_command,
     install_environment,
     plugin_compile_command,
+    niced,
     run_step,
     site_packages_compile_command,
+    unreachable_index_message,
     venv_command,
 )
 from difydaemon.runtimes.parent_death import ParentDeathSignal
@@ -95,6 +105,16 @@ class PythonEnvironmentBuilder:
         an earlier plugin installed, and compiles only the rest.  Both are
         filled in the background after a fresh build (see :meth:`settled`).
     :param bytecode_entries: how many distributions' bytecode is kept.
+    :param compile_in_background: whether a fresh build returns as soon as
+        the dependencies are in, leaving the compilation of site-packages
+        to the background (see :meth:`settled`): the plugin answers seconds
+        sooner, compiling what it imports itself.  False compiles before
+        returning (short-lived users such as ``dify plugin run``).
+    :param wheelhouse: ``PIP_WHEELHOUSE_PATH``: a directory of wheels a
+        ``requirements.txt`` install first tries alone, with no index, then
+        offered alongside the index; None for none.
+    :param nice_path: the ``nice`` executable, which lowers the priority of
+        that background compilation; None runs it at normal priority.
     """
 
     def __init__(
@@ -121,8 +141,16 @@ class PythonEnvironmentBuilder:
         bytecode_entries: int = DEFAULT_BYTECODE_ENTRIES,
         passthrough: Iterable[str] = (),
         parent_death: ParentDeathSignal | None = None,
+        nice_path: str | None = None,
+        compile_in_background: bool = False,
+        wheelhouse: str | None = None,
     ) -> None:
+        self._wheelhouse = wheelhouse
         self._reactor = reactor
+        self._compile_in_background = compile_in_background
+        self._nice_path = nice_path
+        # Site-packages compilations running after their build returned.
+        self._compiling: set[Deferred] = set()
         self._prepared = prepared_venvs_dir
         self._bytecode = (
             None
@@ -227,50 +255,115 @@ class PythonEnvironmentBuilder:
             progress(command.step)
             plugin_compiled = Deferred.fromCoroutine(self._run(command))
             try:
-                await self._run(
-                    install_command(
-                        self._uv,
-                        working_dir,
-                        dependency_file,
-                        env,
-                        pip_mirror_url=self._pip_mirror_url,
-                        pip_extra_args=self._pip_extra_args,
-                        pip_verbose=self._pip_verbose,
-                        frozen_lock=frozen_lock,
-                    )
-                )
+                await self._install(working_dir, dependency_file, env, frozen_lock)
             finally:
                 # Awaited even when the install fails: whoever then deletes
                 # the directory must not race compileall walking it.
                 await plugin_compiled
-            linked = await self._compile_site_packages(working_dir, interpreter, python_env, progress)
+            linked, compile_site = await self._link_site_packages(working_dir, python_env, interpreter, progress)
+            if compile_site is not None and not self._compile_in_background:
+                progress(compile_site.step)
+                await self._run(compile_site)
+                compile_site = None
 
         marker = os.path.join(working_dir, MARKER_PATH)
         os.makedirs(os.path.dirname(marker), mode=0o755, exist_ok=True)
         with open(marker, "wb") as f:
             f.write(marker_content(self._reactor.seconds()))
-        if fresh and (prepared is not None or self._bytecode is not None):
-            # Keeping the venv and its bytecode for later builds is no
-            # business of this plugin's start: it happens in the background
-            # (see settled()), in a thread, while the plugin starts.
-            self._keep_for_later(working_dir, prepared, linked)
+        if fresh:
+            # The venv works without its bytecode: the plugin starts now and
+            # compiles what it imports itself, while the rest is compiled
+            # in the background, niced, then kept for later builds.
+            if compile_site is not None:
+                progress("byte-compiling site-packages in the background")
+            self._finish_later(working_dir, prepared, linked, compile_site)
         progress("venv ready")
+
+    async def _install(self, working_dir: str, dependency_file: str, env, frozen_lock: bool) -> None:
+        """
+        Install the dependencies: from the package's ``wheels/`` alone when
+        it ships one; else from the wheelhouse alone when it has everything,
+        else from the index (offered the wheelhouse too).
+        """
+
+        def command(find_links: str | None = None, no_index: bool = False, **options) -> StepCommand:
+            return install_command(
+                self._uv,
+                working_dir,
+                options.pop("dependency_file", dependency_file),
+                env,
+                pip_mirror_url=self._pip_mirror_url,
+                pip_extra_args=self._pip_extra_args,
+                pip_verbose=self._pip_verbose,
+                frozen_lock=frozen_lock,
+                find_links=find_links,
+                no_index=no_index,
+                **options,
+            )
+
+        if dependency_file == PYPROJECT_TOML and frozen_lock and self._pip_mirror_url:
+            # the lock's own URLs would bypass the mirror
+            os.makedirs(os.path.dirname(os.path.join(working_dir, LOCKED_REQUIREMENTS)), mode=0o755, exist_ok=True)
+            await self._run(export_lock_command(self._uv, working_dir, env))
+            await self._run(
+                command(dependency_file=REQUIREMENTS_TXT, requirements_path=LOCKED_REQUIREMENTS),
+                index_url=self._pip_mirror_url,
+            )
+            return
+
+        if dependency_file == REQUIREMENTS_TXT:
+            if os.path.isdir(os.path.join(working_dir, WHEELS_DIR)):
+                await self._run(command(WHEELS_DIR, no_index=True))
+                return
+            if self._wheelhouse is not None:
+                offline = command(self._wheelhouse, no_index=True)
+                outcome = await run_step(
+                    self._reactor, offline, self._init_timeout, self._total_timeout, self._parent_death
+                )
+                if outcome.succeeded:
+                    return
+                log.info(
+                    "the wheelhouse lacks some of {path}'s dependencies, trying the index: {message}",
+                    path=working_dir,
+                    message=failure_message(offline.step, outcome),
+                )
+                await self._run(command(self._wheelhouse), index_url=self._pip_mirror_url)
+                return
+        await self._run(command(), index_url=self._pip_mirror_url)
 
     def settled(self) -> Deferred:
         """
         A Deferred that fires (with None) once the work finished builds left
-        in the background is done: keeping their venv as a prepared venv and
-        their new bytecode in the cache.  It never fails.
+        in the background is done: compiling their site-packages, then
+        keeping their venv as a prepared venv and their new bytecode in the
+        cache.  It never fails.
         """
         return Deferred.fromCoroutine(self._settled())
 
-    async def _settled(self, prepared: str | None = None) -> None:
-        """Wait for background work: all of it, or only the keeping of ``prepared``."""
+    async def _settled(self, prepared: str | None = None, compiling: bool = True) -> None:
+        """
+        Wait for background work: all of it, or only the keeping of
+        ``prepared``, or (``compiling`` false) only the keeping of venvs
+        and bytecode, not the compilations before it.
+        """
         while True:
             pending = [d for d, target in self._background.items() if prepared is None or target == prepared]
+            if compiling and prepared is None:
+                pending += list(self._compiling)
             if not pending:
                 return
             await DeferredList(pending)
+
+    def _finish_later(self, working_dir: str, prepared: str | None, linked, compile_site: StepCommand | None) -> None:
+        """Compile site-packages (niced), then keep the build for later ones; tracked until done, errors logged."""
+
+        async def finish() -> None:
+            if compile_site is not None:
+                await self._run(niced(compile_site, self._nice_path))
+            if prepared is not None or self._bytecode is not None:
+                self._keep_for_later(working_dir, prepared, linked)
+
+        start_tracked(finish(), self._compiling, "finishing {path} in the background failed", path=working_dir)
 
     def _keep_for_later(self, working_dir: str, prepared: str | None, linked) -> None:
         """Start keeping a fresh build for later ones; tracked until done, its errors logged."""
@@ -290,20 +383,24 @@ class PythonEnvironmentBuilder:
         if self._bytecode is not None:
             self._store_bytecode(working_dir, linked)
 
-    async def _compile_site_packages(self, working_dir: str, interpreter: str, env, progress) -> list[tuple[str, BytecodeLinks]]:
+    async def _link_site_packages(
+        self, working_dir: str, env, interpreter: str, progress
+    ) -> tuple[list[tuple[str, BytecodeLinks]], StepCommand | None]:
         """
-        Byte-compile site-packages, taking what the bytecode cache has.
+        Give site-packages what the bytecode cache has, and say what is left to compile.
 
         :return: each site-packages directory with what the cache gave it
-            (empty without a cache, or when the cache failed).
+            (empty without a cache, or when the cache failed), and the
+            compilation of the rest (None when nothing is left).
         """
         site_packages = _site_packages(working_dir)
         linked: list[tuple[str, BytecodeLinks]] = []
         missing: list[str] | None = None
         if self._bytecode is not None and site_packages:
             salt = bytecode_salt(interpreter, self._compile_extra_args)
-            # Bytecode other builds are storing right now is worth the wait.
-            await self._settled()
+            # Bytecode other builds are storing right now is worth the wait;
+            # their compilations are not.
+            await self._settled(compiling=False)
             try:
                 for directory in site_packages:
                     links = await deferToThreadPool(
@@ -317,11 +414,9 @@ class PythonEnvironmentBuilder:
             else:
                 missing = [os.path.join(directory, path) for directory, links in linked for path in links.missing]
                 progress(f"linked {sum(links.linked for _, links in linked)} cached .pyc files")
-        command = site_packages_compile_command(working_dir, site_packages, env, self._compile_extra_args, missing)
-        if command is not None:
-            progress(command.step)
-            await self._run(command)
-        return linked
+        return linked, site_packages_compile_command(
+            working_dir, site_packages, env, self._compile_extra_args, missing, parallel=not self._compile_in_background
+        )
 
     def _store_bytecode(self, working_dir: str, linked: Sequence[tuple[str, BytecodeLinks]]) -> None:
         """Keep what was compiled for the next venvs, and bound the cache (blocking)."""
@@ -335,7 +430,16 @@ class PythonEnvironmentBuilder:
     def _prepared_key(self, working_dir: str, interpreter: str, dependency_file: str, frozen_lock: bool) -> str:
         """What decides a venv's content, hashed (blocking: reads files)."""
         digest = hashlib.sha256()
-        for part in (interpreter, dependency_file, self._pip_mirror_url or "", self._pip_extra_args or "", str(frozen_lock)):
+        parts = (
+            interpreter,
+            dependency_file,
+            self._pip_mirror_url or "",
+            self._pip_extra_args or "",
+            str(frozen_lock),
+            self._wheelhouse or "",
+            str(os.path.isdir(os.path.join(working_dir, WHEELS_DIR))),
+        )
+        for part in parts:
             digest.update(part.encode() + b"\0")
         names = [dependency_file]
         if dependency_file == PYPROJECT_TOML and os.path.exists(os.path.join(working_dir, UV_LOCK)):
@@ -359,11 +463,20 @@ class PythonEnvironmentBuilder:
             self._interpreters[version] = cached
         return cached
 
-    async def _run(self, command: StepCommand) -> None:
+    async def _run(self, command: StepCommand, index_url: str | None | bool = False) -> None:
+        """
+        Run a step; a required one that fails raises its failure.
+
+        :param index_url: for a step that uses an index, that index (None
+            for PyPI): when uv could not reach it the error says so first.
+        """
         outcome = await run_step(self._reactor, command, self._init_timeout, self._total_timeout, self._parent_death)
         if outcome.succeeded:
             return
         message = failure_message(command.step, outcome)
+        unreachable = None if index_url is False else unreachable_index_message(outcome.tail, index_url)
+        if unreachable is not None:
+            message = f"{unreachable}\n{message}"
         if command.required:
             raise InternalServerError(message)
         log.warn("{step} of {path} failed, continuing: {message}", step=command.step, path=command.path, message=message)
@@ -372,6 +485,22 @@ class PythonEnvironmentBuilder:
         if self._threadpool is None:
             self._threadpool = self._reactor.getThreadPool()
         return self._threadpool
+
+
+class BackgroundBuildsService(Service):
+    """
+    Makes a daemon's stop wait for the work its builder left in the
+    background (a site-packages compilation takes seconds, bounded by the
+    steps' total time-out), so that no build step outlives the daemon's
+    services.
+    """
+
+    def __init__(self, builder: PythonEnvironmentBuilder) -> None:
+        self._builder = builder
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return self._builder.settled()
 
 
 def _keep_prepared(venv: str, prepared: str) -> None:
@@ -477,4 +606,7 @@ def configured_builder(reactor, local, working_path: str, environ: Mapping[str, 
         environ=environ,
         passthrough=local.plugin_env_passthrough,
         parent_death=parent_death,
+        nice_path=shutil.which("nice", path=environ.get("PATH") or os.defpath),
+        compile_in_background=True,
+        wheelhouse=os.path.abspath(local.pip_wheelhouse_path) if local.pip_wheelhouse_path else None,
     )

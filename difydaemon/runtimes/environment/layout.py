@@ -22,6 +22,9 @@ DEFAULT_RUNNER_VERSION = "3.12"
 REQUIREMENTS_TXT = "requirements.txt"
 PYPROJECT_TOML = "pyproject.toml"
 UV_LOCK = "uv.lock"
+# Wheels a package ships for offline installs (as community repackaging
+# tools and ``dify plugin package --offline`` make them).
+WHEELS_DIR = "wheels"
 
 _RUNNER_VERSION = re.compile(r"(\d{1,3})\.(\d{1,3})(?:\.\d{1,4})?", re.ASCII)
 
@@ -67,13 +70,14 @@ def choose_dependency_file(present: Collection[str], pip_mirror_url: str | None)
     """
     The dependency file to install from, given the names present in the working directory.
 
-    ``requirements.txt`` when a mirror is set and it exists; otherwise
+    ``requirements.txt`` when a mirror is set or the package ships a
+    ``wheels/`` folder, and it exists; otherwise
     ``pyproject.toml`` first, then ``requirements.txt`` (``runtimes.md`` §1.3
     step 5).
 
     :raises InternalServerError: when neither file is present.
     """
-    if pip_mirror_url and REQUIREMENTS_TXT in present:
+    if (pip_mirror_url or WHEELS_DIR in present) and REQUIREMENTS_TXT in present:
         return REQUIREMENTS_TXT
     if PYPROJECT_TOML in present:
         return PYPROJECT_TOML

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
@@ -104,19 +104,31 @@ def install_command(
     pip_extra_args: str | None,
     pip_verbose: bool,
     frozen_lock: bool,
+    find_links: str | None = None,
+    no_index: bool = False,
+    requirements_path: str = REQUIREMENTS_TXT,
 ) -> StepCommand:
     """
     The dependency installation of ``runtimes.md`` §1.3 step 6.
 
     :param frozen_lock: whether ``uv sync`` gets ``--frozen`` (a ``uv.lock``
         exists and ``PLUGIN_IGNORE_UV_LOCK`` is off); only for ``pyproject.toml``.
+    :param find_links: a directory of wheels offered to uv (the package's
+        ``wheels/`` folder, or ``PIP_WHEELHOUSE_PATH``); requirements only.
+    :param no_index: install from ``find_links`` alone, with no index at all.
+    :param requirements_path: the requirements file ``-r`` reads (a locked
+        export, see :func:`export_lock_command`), for ``requirements.txt``.
     """
     extra = split_extra_args(pip_extra_args)
     if dependency_file == REQUIREMENTS_TXT:
         argv = [uv, "pip", "install"]
-        if pip_mirror_url:
+        if no_index:
+            argv.append("--no-index")
+        elif pip_mirror_url:
             argv += ["-i", pip_mirror_url]
-        argv += ["-r", REQUIREMENTS_TXT]
+        if find_links:
+            argv += ["--find-links", find_links]
+        argv += ["-r", requirements_path]
         if pip_verbose:
             argv.append("-vvv")
         argv += extra
@@ -135,6 +147,28 @@ def install_command(
     return StepCommand(
         step=f"installing dependencies from {dependency_file}",
         argv=tuple(argv),
+        env=env,
+        path=working_dir,
+    )
+
+
+LOCKED_REQUIREMENTS = os.path.join(VENV_DIR, "dify", "locked-requirements.txt")
+
+
+def export_lock_command(uv: str, working_dir: str, env: Mapping[str, str]) -> StepCommand:
+    """
+    ``uv export`` of a ``uv.lock`` to pinned requirements (``LOCKED_REQUIREMENTS``).
+
+    ``uv sync --frozen`` downloads from the URLs written in the lock, whatever
+    index it is given: with ``PIP_MIRROR_URL`` set, the locked versions are
+    installed from the mirror with ``uv pip install`` instead.
+    """
+    return StepCommand(
+        step="exporting uv.lock",
+        argv=(
+            uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
+            "--format", "requirements-txt", "-o", LOCKED_REQUIREMENTS,
+        ),
         env=env,
         path=working_dir,
     )
@@ -165,6 +199,7 @@ def site_packages_compile_command(
     env: Mapping[str, str],
     compile_extra_args: str | None,
     missing: Sequence[str] | None = None,
+    parallel: bool = True,
 ) -> StepCommand | None:
     """
     Byte-compilation of the venv's site-packages, or of the part of it the
@@ -175,6 +210,10 @@ def site_packages_compile_command(
     :param site_packages: the site-packages directories, relative to ``working_dir``.
     :param missing: the sources still to compile, relative to ``working_dir``;
         None means all of site-packages.
+    :param parallel: one worker process per core; False compiles in one
+        process, as in the background: its workers would escape the
+        parent-death signal (only the process itself gets it), and the
+        cores belong to the plugins then.
     :return: None when there is nothing to compile.
     """
     python = os.path.join(working_dir, VENV_PYTHON)
@@ -195,12 +234,27 @@ def site_packages_compile_command(
         # One worker per core: site-packages is most of the build's time,
         # and two free cores cut it by about a third.  Files whose .pyc is
         # already valid (linked from the cache) are only checked.
-        argv=(python, "-m", "compileall", "-q", "-j", "0", *extra, *site_packages),
+        argv=(python, "-m", "compileall", "-q", *(("-j", "0") if parallel else ()), *extra, *site_packages),
         env=env,
         path=working_dir,
         watch_inactivity=False,
         required=False,
     )
+
+
+BACKGROUND_NICENESS = 10
+
+
+def niced(command: StepCommand, nice_path: str | None, niceness: int = BACKGROUND_NICENESS) -> StepCommand:
+    """
+    ``command`` run under ``nice -n <niceness>``: work done in the background
+    while a plugin starts and answers must leave the cores to it.
+
+    :param nice_path: the ``nice`` executable; None runs the command as it is.
+    """
+    if nice_path is None:
+        return command
+    return evolve(command, argv=(nice_path, "-n", str(niceness), *command.argv))
 
 
 def compile_commands(
@@ -285,6 +339,33 @@ class StepOutcome:
     def succeeded(self) -> bool:
         """Whether the process exited 0 by itself."""
         return self.timed_out is None and self.exit_code == 0
+
+
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+
+# What uv says when it cannot connect to an index at all (as opposed to an
+# index that answers "no such package").
+_UNREACHABLE = re.compile(
+    r"(error sending request|tcp connect error|Connection refused|dns error|failed to lookup address"
+    r"|Network is unreachable|No route to host|connection timed out|operation timed out)",
+    re.IGNORECASE,
+)
+
+
+def unreachable_index_message(tail: str, index_url: str | None) -> str | None:
+    """
+    The plain "needs the network and has none" error of a failed install,
+    or None when uv's output does not say it could not connect.
+
+    :param tail: the end of uv's output.
+    :param index_url: the index in use (``PIP_MIRROR_URL``), None for PyPI.
+    """
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    causes = [line for line in lines if _UNREACHABLE.search(line)]
+    if not causes:
+        return None
+    cause = re.sub(r"^(?:[^\w]*\s*)?(?:cause:\s*)?", "", causes[-1]) or causes[-1]
+    return f"cannot reach the package index {index_url or DEFAULT_INDEX_URL}: {cause}"
 
 
 def failure_message(step: str, outcome: StepOutcome) -> str:

@@ -6,6 +6,7 @@ plugin with the real SDK.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from twisted.internet.defer import DeferredSemaphore
 
 from difydaemon.errors import InternalServerError
 from difydaemon.runtimes.environment import (
+    BackgroundBuildsService,
     BYTECODE_DIR,
     MARKER_PATH,
     BytecodeCache,
@@ -29,6 +31,8 @@ from difydaemon.testing.cases import (
     AsyncTestCase,
     SynchronousTestCase,
 )
+from tests.runtimes.environment.test_bytecode import tiny_wheel
+from tests.runtimes.environment.wheelhouse import wheels_from_site_packages
 from tests.runtimes.environment.fakes import (
     SITE_PACKAGES,
     copy_echo_plugin,
@@ -106,6 +110,114 @@ class FakeBuilderTests(SynchronousTestCase):
                 "venv ready",
             ],
         )
+
+    def test_background_compilation(self):
+        """With compile_in_background the build fires once the install is done; site-packages compile niced afterwards."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(),
+            nice_path="/usr/bin/nice", compile_in_background=True,
+        )
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        self.reactor.processes[-1].finish(0)
+        compile_plugin, install = self.reactor.processes[-2:]
+        compile_plugin.finish(0)
+        install.finish(0)
+        self.assertEqual(self.successResultOf(d), f"{self.working_dir}/.venv/bin/python")
+        self.assertTrue(venv_is_valid(self.working_dir))
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[:3], ("/usr/bin/nice", "-n", "10"))
+        self.assertEqual(compile_site.argv[-1], ".venv/lib/python3.12/site-packages")
+        self.assertNotIn("-j", compile_site.argv)  # one process: the parent-death signal reaches all of it
+        self.assertEqual(self.progress[-2:], ["byte-compiling site-packages in the background", "venv ready"])
+        settled = self.builder.settled()
+        self.assertNoResult(settled)
+        compile_site.finish(0)
+        self.assertIsNone(self.successResultOf(settled))
+
+    def test_background_compilation_failure_logged(self):
+        """A failed background compilation leaves the venv valid and is only logged; settled() still fires."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), compile_in_background=True,
+        )
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        self.reactor.processes[-1].finish(0)
+        for process in self.reactor.processes[-2:]:
+            process.finish(0)
+        self.successResultOf(d)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[1:3], ("-m", "compileall"))  # no nice_path: not niced
+        settled = self.builder.settled()
+        compile_site.finish(1)
+        self.assertIsNone(self.successResultOf(settled))
+        self.assertTrue(venv_is_valid(self.working_dir))
+
+    def test_locked_project_installs_from_mirror(self):
+        """With PIP_MIRROR_URL, a uv.lock project is exported and its pinned versions installed from the mirror."""
+        os.unlink(os.path.join(self.working_dir, "requirements.txt"))
+        for name in ("pyproject.toml", "uv.lock"):
+            open(os.path.join(self.working_dir, name), "w").close()
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_mirror_url="https://mirror/simple", pip_verbose=False,
+            init_timeout=120, python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(),
+        )
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        self.reactor.processes[-1].finish(0)
+        export = self.reactor.processes[-1]
+        self.assertEqual(
+            export.argv,
+            ("/uv", "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
+             "--format", "requirements-txt", "-o", ".venv/dify/locked-requirements.txt"),
+        )
+        export.finish(0)
+        install = self.reactor.processes[-1]
+        self.assertEqual(
+            install.argv,
+            ("/uv", "pip", "install", "-i", "https://mirror/simple", "-r", ".venv/dify/locked-requirements.txt"),
+        )
+        install.finish(0)
+        [compile_plugin] = [p for p in self.reactor.processes if p.argv[-1] == "."]
+        compile_plugin.finish(0)
+        self.successResultOf(d)
+        self.assertTrue(venv_is_valid(self.working_dir))
+
+    def test_background_builds_service_waits(self):
+        """BackgroundBuildsService's stop fires only once the background compilation is over."""
+        self.builder = PythonEnvironmentBuilder(
+            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
+            python_interpreter_path=sys.executable, environ={"PATH": ""},
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), compile_in_background=True,
+        )
+        service = BackgroundBuildsService(self.builder)
+        service.startService()
+        d = self.build()
+        self.answer_probe()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
+        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
+        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
+        self.reactor.processes[-1].finish(0)
+        for process in self.reactor.processes[-2:]:
+            process.finish(0)
+        self.successResultOf(d)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.reactor.processes[-1].finish(0)
+        self.successResultOf(stopped)
 
     def test_step_environments(self):
         """uv steps get UV_* and the listed variables; the venv's Python only the listed ones; no step gets secrets."""
@@ -453,6 +565,20 @@ class RealBuildTests(AsyncTestCase):
         self.assertTrue(any(name.endswith(".cpython-312.pyc") for name in os.listdir(sdk_cache)))
         self.assertIn("installing dependencies from requirements.txt", self.progress)
 
+    async def test_background_compiled_venv(self):
+        """A build compiling in the background yields a working venv at once, and the SDK's .pyc files once settled."""
+        self.builder = sdk.environment_builder(self.reactor, compile_in_background=True)
+        python = await self.build()
+        self.assertTrue(venv_is_valid(self.working_dir))
+        self.assertIn("byte-compiling site-packages in the background", self.progress)
+        await self.builder.settled()
+        sdk_cache = os.path.join(
+            self.working_dir, ".venv", "lib", "python3.12", "site-packages", "dify_plugin", "__pycache__"
+        )
+        self.assertTrue(any(name.endswith(".cpython-312.pyc") for name in os.listdir(sdk_cache)))
+        seconds = await sdk.seconds_to_first_heartbeat(self.reactor, python, self.working_dir)
+        self.assertGreater(seconds, 0)
+
     async def test_second_build_reuses(self):
         """A second build of a complete venv reuses it as it is, marker included."""
         await self.build()
@@ -491,3 +617,84 @@ class RealBuildTests(AsyncTestCase):
             await self.build("2.1")
         self.assertIn("Python 2.1", caught.exception.message)
         self.assertFalse(os.path.exists(os.path.join(self.working_dir, ".venv")))
+
+
+DEAD_INDEX = "http://127.0.0.1:9/simple"
+
+
+class RealOfflineBuildTests(AsyncTestCase):
+    """Real uv builds with the index pointed at a dead address: wheels shipped or in a wheelhouse install, else a plain error."""
+
+    timeout = 300
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.working_dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.working_dir)
+        with open(os.path.join(self.working_dir, "requirements.txt"), "w") as f:
+            f.write("tinydist==1.0\n")
+        self.progress = []
+
+    def builder(self, **overrides):
+        return sdk.environment_builder(self.reactor, pip_mirror_url=DEAD_INDEX, **overrides)
+
+    async def test_shipped_wheels_install_without_index(self):
+        """A package's wheels/ folder installs its requirements with no index at all."""
+        tiny_wheel(os.path.join(self.working_dir, "wheels"))
+        python = await self.builder().build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(venv_is_valid(self.working_dir))
+        self.assertTrue(glob.glob(os.path.join(os.path.dirname(os.path.dirname(python)), "lib", "python3.12",
+                                               "site-packages", "tinydist-1.0.dist-info")))
+
+    async def test_repackaged_requirements_install_without_index(self):
+        """A requirements.txt naming its own --no-index --find-links=./wheels/ (community repackaging) installs offline."""
+        tiny_wheel(os.path.join(self.working_dir, "wheels"))
+        with open(os.path.join(self.working_dir, "requirements.txt"), "w") as f:
+            f.write("--no-index\n--find-links=./wheels/\ntinydist==1.0\n")
+        await self.builder().build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(venv_is_valid(self.working_dir))
+
+    async def test_wheelhouse_tried_before_index(self):
+        """PIP_WHEELHOUSE_PATH satisfies an install on its own: the dead index is never needed."""
+        wheelhouse = os.path.abspath(self.mktemp())
+        tiny_wheel(wheelhouse)
+        python = await self.builder(wheelhouse=wheelhouse).build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(venv_is_valid(self.working_dir))
+        self.assertTrue(os.path.exists(python))
+
+    async def test_unreachable_index_said_plainly(self):
+        """An install that needs the network and has none fails with "cannot reach the package index <url>"."""
+        with self.assertRaises(InternalServerError) as caught:
+            await self.builder().build(self.working_dir, "3.12", self.progress.append)
+        self.assertTrue(
+            caught.exception.message.startswith(f"cannot reach the package index {DEAD_INDEX}: "),
+            caught.exception.message,
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.working_dir, MARKER_PATH)))
+
+
+class RealOfflineSDKPluginTests(AsyncTestCase):
+    """The real echo plugin, its SDK wheels shipped in the package, built with the index at a dead address."""
+
+    timeout = 600
+
+    async def test_offline_sdk_plugin(self):
+        """A package shipping the SDK's wheels in wheels/ builds with a dead index and runs to its first heartbeat."""
+        from twisted.internet import reactor
+
+        online = os.path.abspath(self.mktemp())
+        copy_echo_plugin(online)
+        await sdk.environment_builder(reactor).build(online, "3.12", lambda line: None)
+        offline = os.path.abspath(self.mktemp())
+        copy_echo_plugin(offline)
+        wheels = wheels_from_site_packages(
+            os.path.join(online, SITE_PACKAGES), os.path.join(offline, "wheels")
+        )
+        self.assertTrue(any(os.path.basename(w).startswith("dify_plugin-") for w in wheels))
+        progress = []
+        python = await sdk.environment_builder(reactor, pip_mirror_url=DEAD_INDEX).build(offline, "3.12", progress.append)
+        self.assertTrue(venv_is_valid(offline))
+        seconds = await sdk.seconds_to_first_heartbeat(reactor, python, offline)
+        self.assertGreater(seconds, 0)

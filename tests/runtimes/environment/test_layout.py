@@ -71,6 +71,11 @@ class DependencyFileTests(SynchronousTestCase):
         """With a mirror but no requirements.txt, pyproject.toml is used."""
         self.assertEqual(choose_dependency_file({"pyproject.toml"}, "https://m"), "pyproject.toml")
 
+    def test_shipped_wheels_prefer_requirements(self):
+        """A package shipping a wheels/ folder installs from requirements.txt even without a mirror."""
+        present = {"pyproject.toml", "requirements.txt", "wheels"}
+        self.assertEqual(choose_dependency_file(present, None), "requirements.txt")
+
     def test_no_mirror_prefers_pyproject(self):
         """Without a mirror, pyproject.toml wins."""
         present = {"pyproject.toml", "requirements.txt"}

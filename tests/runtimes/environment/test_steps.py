@@ -25,6 +25,7 @@ from difydaemon.runtimes.environment import (
     site_packages_compile_command,
     venv_command,
 )
+from difydaemon.runtimes.environment.steps import niced, unreachable_index_message
 from difydaemon.runtimes.parent_death import (
     LAUNCHER,
     ParentDeathSignal,
@@ -104,6 +105,60 @@ class CommandLineTests(SynchronousTestCase):
             command.argv,
             ("/uv", "pip", "install", "-i", "https://m/simple", "-r", "requirements.txt", "-vvv", "--no-cache", "--frozen"),
         )
+
+    def test_requirements_no_index(self):
+        """An offline install names no index at all, even with a mirror, and finds wheels in the given folder."""
+        command = install_command(
+            "/uv", "/wd", "requirements.txt", self.env,
+            pip_mirror_url="https://m/simple", pip_extra_args=None, pip_verbose=False, frozen_lock=False,
+            find_links="wheels", no_index=True,
+        )
+        self.assertEqual(
+            command.argv, ("/uv", "pip", "install", "--no-index", "--find-links", "wheels", "-r", "requirements.txt")
+        )
+
+    def test_requirements_find_links_with_index(self):
+        """A wheelhouse offered alongside the index keeps the mirror."""
+        command = install_command(
+            "/uv", "/wd", "requirements.txt", self.env,
+            pip_mirror_url="https://m/simple", pip_extra_args=None, pip_verbose=False, frozen_lock=False,
+            find_links="/wh",
+        )
+        self.assertEqual(
+            command.argv,
+            ("/uv", "pip", "install", "-i", "https://m/simple", "--find-links", "/wh", "-r", "requirements.txt"),
+        )
+
+    def test_unreachable_index_message(self):
+        """uv's connection failure becomes "cannot reach the package index <url>: <cause>"."""
+        tail = (
+            "error: Request failed after 3 retries in 6.4s\n"
+            "  cause: Failed to fetch: http://127.0.0.1:9/simple/six/\n"
+            "  cause: error sending request for url (http://127.0.0.1:9/simple/six/)\n"
+            "  cause: client error (Connect)\n"
+            "  cause: tcp connect error\n"
+            "  cause: Connection refused (os error 111)\n"
+        )
+        self.assertEqual(
+            unreachable_index_message(tail, "http://127.0.0.1:9/simple"),
+            "cannot reach the package index http://127.0.0.1:9/simple: Connection refused (os error 111)",
+        )
+        self.assertTrue(unreachable_index_message("  cause: dns error\n", None).startswith(
+            "cannot reach the package index https://pypi.org/simple: dns error"))
+
+    def test_missing_package_is_not_unreachable(self):
+        """An index that answers "not found" is not reported as unreachable."""
+        tail = "  x No solution found when resolving dependencies:\n  `-> Because nope was not found in the package registry\n"
+        self.assertIsNone(unreachable_index_message(tail, None))
+
+    def test_niced(self):
+        """niced() prefixes nice -n 10 when a nice executable is known, and changes nothing otherwise."""
+        command = install_command(
+            "/uv", "/wd", "requirements.txt", self.env,
+            pip_mirror_url=None, pip_extra_args=None, pip_verbose=False, frozen_lock=False,
+        )
+        self.assertEqual(niced(command, "/usr/bin/nice").argv[:4], ("/usr/bin/nice", "-n", "10", "/uv"))
+        self.assertIs(niced(command, None), command)
 
     def test_sync_frozen(self):
         """pyproject.toml is installed with ``uv sync --no-dev --frozen`` when the lock counts."""
