@@ -202,7 +202,7 @@ class MakeServiceTests(SynchronousTestCase):
         )
 
     def test_installs_compile_in_the_background(self):
-        """The daemon's builder compiles site-packages in the background, and the daemon's stop waits for it."""
+        """The daemon's builder compiles site-packages in the background, and the daemon's stop ends it (BackgroundBuildsService)."""
         environ = environment(self.mktemp(), 5002)
         options = tap.Options()
         options.parseOptions(["--env-file", "/nonexistent/.env"])

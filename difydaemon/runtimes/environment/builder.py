@@ -17,7 +17,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -331,6 +331,11 @@ class PythonEnvironmentBuilder:
                 return
         await self._run(command(), index_url=self._pip_mirror_url)
 
+    def stop_compiling(self) -> None:
+        """Kill the background compilations still running (at stop: they are only an optimisation)."""
+        for done in list(self._compiling):
+            done.cancel()
+
     def settled(self) -> Deferred:
         """
         A Deferred that fires (with None) once the work finished builds left
@@ -359,7 +364,12 @@ class PythonEnvironmentBuilder:
 
         async def finish() -> None:
             if compile_site is not None:
-                await self._run(niced(compile_site, self._nice_path))
+                try:
+                    await self._run(niced(compile_site, self._nice_path))
+                except CancelledError:
+                    # the daemon is stopping: the venv runs without bytecode
+                    log.info("byte-compiling {path} stopped with the daemon", path=working_dir)
+                    return
             if prepared is not None or self._bytecode is not None:
                 self._keep_for_later(working_dir, prepared, linked)
 
@@ -489,10 +499,10 @@ class PythonEnvironmentBuilder:
 
 class BackgroundBuildsService(Service):
     """
-    Makes a daemon's stop wait for the work its builder left in the
-    background (a site-packages compilation takes seconds, bounded by the
-    steps' total time-out), so that no build step outlives the daemon's
-    services.
+    Makes a daemon's stop end the work its builder left in the background:
+    a site-packages compilation still running is killed (the venv works
+    without bytecode), and the keeping of finished builds is waited for, so
+    that no build step outlives the daemon's services.
     """
 
     def __init__(self, builder: PythonEnvironmentBuilder) -> None:
@@ -500,6 +510,9 @@ class BackgroundBuildsService(Service):
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
+        # a compilation would hold the stop for seconds (or, stopped, for
+        # the steps' whole time-out): kill it, then wait for what is left
+        self._builder.stop_compiling()
         return self._builder.settled()
 
 

@@ -385,7 +385,8 @@ class _StepProtocol(ProcessProtocol):
     """Collects a step's output tail and kills it when the watchdog fires."""
 
     def __init__(self, reactor, inactivity_timeout: float | None, total_timeout: float) -> None:
-        self.ended: Deferred[StepOutcome] = Deferred()
+        # cancelling the wait kills the step (a background compilation at stop)
+        self.ended: Deferred[StepOutcome] = Deferred(lambda _: self._kill("cancelled"))
         self._reactor = reactor
         self._inactivity_timeout = inactivity_timeout
         self._total_timeout = total_timeout
@@ -412,6 +413,8 @@ class _StepProtocol(ProcessProtocol):
             self._idle_call.reset(self._inactivity_timeout)
 
     def _kill(self, why: str) -> None:
+        if self.transport is None:
+            return
         self._timed_out = why
         for call in (self._idle_call, self._total_call):
             if call is not None and call.active():
@@ -428,6 +431,9 @@ class _StepProtocol(ProcessProtocol):
         for call in (self._idle_call, self._total_call):
             if call is not None and call.active():
                 call.cancel()
+        if self.ended.called:
+            # cancelled: the waiter has gone
+            return
         self.ended.callback(
             StepOutcome(
                 exit_code=getattr(reason.value, "exitCode", None),

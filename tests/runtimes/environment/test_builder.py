@@ -196,8 +196,8 @@ class FakeBuilderTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertTrue(venv_is_valid(self.working_dir))
 
-    def test_background_builds_service_waits(self):
-        """BackgroundBuildsService's stop fires only once the background compilation is over."""
+    def test_background_builds_service_kills_the_compilation(self):
+        """BackgroundBuildsService's stop kills a background compilation still running (KILL), logs no failure, and fires."""
         self.builder = PythonEnvironmentBuilder(
             self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
             python_interpreter_path=sys.executable, environ={"PATH": ""},
@@ -214,10 +214,15 @@ class FakeBuilderTests(SynchronousTestCase):
         for process in self.reactor.processes[-2:]:
             process.finish(0)
         self.successResultOf(d)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.signals, [])
         stopped = service.stopService()
-        self.assertNoResult(stopped)
-        self.reactor.processes[-1].finish(0)
+        self.assertEqual(compile_site.signals, ["KILL"])
         self.successResultOf(stopped)
+        # the killed process is reaped later: nothing is called twice, nothing logged as failed
+        compile_site.finish(None, 9)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertTrue(venv_is_valid(self.working_dir))
 
     def test_step_environments(self):
         """uv steps get UV_* and the listed variables; the venv's Python only the listed ones; no step gets secrets."""
