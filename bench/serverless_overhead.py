@@ -6,8 +6,12 @@ one run:
 - echo round trip, one in flight: p50 / p99 of each path;
 - echo, N in flight: calls/s of each path.
 
-The direct client re-arms TCP_QUICKACK as the daemon's function client does
-(without it every direct call waits ~40 ms for a delayed ACK). The function is the echo plugin's SDK in ``INSTALL_METHOD=serverless`` mode
+Every path is driven by the same load generator (``bench/serverless_load.py``),
+one child process per path, calling over the daemon's own function client
+(kept-alive pool, TCP_NODELAY, TCP_QUICKACK re-armed at every read, the lean
+HTTP/1.1 decoder): the direct calls cost their client what the daemon's calls
+to the function cost the daemon, so the paths differ by the daemon hop
+alone.  The function is the echo plugin's SDK in ``INSTALL_METHOD=serverless`` mode
 on loopback (its venv is the one a local daemon built for the same
 package); a fake SRI connector in a child process hands its URL to the
 serverless daemon's install.
@@ -26,20 +30,19 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.echo_overhead import ECHO, HEADERS, PATH, dispatch_body  # noqa: E402
-from bench.harness import REPO, Daemon, HTTPConnection, free_port, percentile  # noqa: E402
+from bench.echo_overhead import PATH  # noqa: E402
+from bench.harness import REPO, Daemon, HTTPConnection, cpu_seconds, free_port, percentile  # noqa: E402
 from difydaemon.runtimes.environment import working_dir_for  # noqa: E402
 from difydaemon.testing.packages import build_package, echo_plugin_files  # noqa: E402
 
 CONNECTOR_KEY = "bench-connector-key"
+LOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serverless_load.py")
 CONNECTOR = """
 import sys
 from twisted.internet import reactor
@@ -53,108 +56,48 @@ reactor.run()
 """
 
 
-def invoke_body(session_id: str = "bench") -> bytes:
-    return json.dumps(
-        {
-            "session_id": session_id, "conversation_id": None, "message_id": None, "app_id": None,
-            "endpoint_id": None, "context": None, "event": "request", "data": ECHO,
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-class QuickAckConnection(HTTPConnection):
-    """
-    The harness's client, re-arming TCP_QUICKACK at every read as the
-    daemon's function client does: the SDK writes each event and its blank
-    line as two chunks, and a delayed ACK would hold the second ~40 ms.
-    """
-
-    async def open(self):
-        await super().open()
-        sock = self.writer.get_extra_info("socket")
-        quick = getattr(socket, "TCP_QUICKACK", None)
-
-        def rearm():
-            if quick is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, quick, 1)
-
-        reader = self.reader
-        readline, readexactly = reader.readline, reader.readexactly
-
-        async def quick_readline():
-            line = await readline()
-            rearm()
-            return line
-
-        async def quick_readexactly(n):
-            data = await readexactly(n)
-            rearm()
-            return data
-
-        reader.readline, reader.readexactly = quick_readline, quick_readexactly
-
-
-def cpu_seconds(pid):
-    """``(user, system)`` CPU seconds of process ``pid`` so far (Linux), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 class Path:
     """
-    One way to make an echo call: ``call(connection)`` checks the answer.
-    ``pid`` is the daemon whose CPU a call costs (None for the function).
+    One way to make an echo call, driven by a load generator of its own
+    (``bench/serverless_load.py``, the same code for every path).  ``pid``
+    is the daemon whose CPU a call costs (None for the function).
     """
 
-    def __init__(self, name, port, path, body, headers, stream_marker, pid=None):
-        self.name, self.port, self.path, self.body, self.headers = name, port, path, body, headers
-        self.marker = stream_marker
-        self.pid = pid
+    def __init__(self, name, url, kind, pid=None):
+        self.name, self.url, self.kind, self.pid = name, url, kind, pid
 
-    async def call(self, connection):
-        body, headers = self.body, self.headers
-        if body is None:
-            # a function call of its own: each session id once, as the daemon sends them
-            session_id = str(uuid.uuid4())
-            body, headers = invoke_body(session_id), dict(headers, **{"Dify-Plugin-Session-ID": session_id})
-        status, reply = await connection.request("POST", self.path, body, headers)
-        assert status == 200 and reply.count(self.marker) == 2, (self.name, status, reply[:300])
+    async def start(self):
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, LOAD, self.url, self.kind,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024,
+        )
 
-    async def connections(self, count):
-        out = []
-        for _ in range(count):
-            connection = (QuickAckConnection if self.body is None else HTTPConnection)(self.port)
-            await connection.open()
-            out.append(connection)
-        return out
+    async def ask(self, **command):
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        line = await self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: the load generator exited")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: {answer['error']}")
+        return answer
 
+    async def latency(self, calls):
+        return (await self.ask(op="latency", calls=calls))["samples"]
 
-async def latency(path, connection, calls):
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        await path.call(connection)
-        samples.append(time.perf_counter() - start)
-    return samples
+    async def throughput(self, total, inflight):
+        return (await self.ask(op="throughput", total=total, inflight=inflight))["rate"]
 
-
-async def throughput(path, connections, total):
-    remaining = [total]
-
-    async def worker(connection):
-        while remaining[0] > 0:
-            remaining[0] -= 1
-            await path.call(connection)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in connections))
-    return total / (time.perf_counter() - start)
+    async def stop(self):
+        process = getattr(self, "process", None)
+        if process is None or process.returncode is not None:
+            return
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 async def wait_healthy(port, timeout=60.0):
@@ -181,6 +124,7 @@ async def main(args):
     local = Daemon()
     os.environ.pop("BENCH_TWISTD_ARGS", None)
     serverless = baseline = None
+    paths = []
     try:
         await local.wait_ready()
         identifier = await local.upload_install(build_package(echo_plugin_files()))
@@ -216,29 +160,33 @@ async def main(args):
             await baseline.wait_ready()
             await baseline.upload_install(build_package(echo_plugin_files()))
 
+        daemon_url = "http://127.0.0.1:{}" + PATH
         paths = [
-            Path("function direct", function_port, "/invoke?action=invoke_tool", None,
-                 {"Content-Type": "application/json", "Accept": "text/event-stream"}, b'"type":"stream"'),
-            Path("serverless daemon", serverless.port, PATH, dispatch_body(), HEADERS, b"data: ",
-                 serverless.process.pid),
-            Path("local daemon", local.port, PATH, dispatch_body(), HEADERS, b"data: ", local.process.pid),
+            Path("function direct", function_url, "function"),
+            Path("serverless daemon", daemon_url.format(serverless.port), "daemon", serverless.process.pid),
+            Path("local daemon", daemon_url.format(local.port), "daemon", local.process.pid),
         ]
         if baseline is not None:
-            paths.insert(2, Path("baseline serverless daemon", baseline.port, PATH, dispatch_body(), HEADERS,
-                                 b"data: ", baseline.process.pid))
-        singles = {p.name: (await p.connections(1))[0] for p in paths}
-        pools = {p.name: await p.connections(args.inflight) for p in paths}
+            paths.insert(2, Path("baseline serverless daemon", daemon_url.format(baseline.port), "daemon",
+                                 baseline.process.pid))
         for p in paths:
-            await latency(p, singles[p.name], 50)
+            await p.start()
+        # warm up: every generator's pool (and the daemons' own pools) at full size
+        for p in paths:
+            await p.latency(50)
+            await p.throughput(args.inflight * 4, args.inflight)
         samples = {p.name: [] for p in paths}
         rates = {p.name: [] for p in paths}
         cpu = {p.name: [0.0, 0.0] for p in paths if p.pid is not None}
+        client_cpu = {p.name: 0.0 for p in paths}
         for _ in range(args.rounds):
             for p in paths:
-                samples[p.name] += await latency(p, singles[p.name], args.calls)
+                samples[p.name] += await p.latency(args.calls)
             for p in paths:
                 before = cpu_seconds(p.pid) if p.pid is not None else None
-                rates[p.name].append(await throughput(p, pools[p.name], args.burst))
+                client_before = sum(cpu_seconds(p.process.pid))
+                rates[p.name].append(await p.throughput(args.burst, args.inflight))
+                client_cpu[p.name] += sum(cpu_seconds(p.process.pid)) - client_before
                 if before is not None:
                     after = cpu_seconds(p.pid)
                     cpu[p.name][0] += after[0] - before[0]
@@ -270,9 +218,11 @@ async def main(args):
             print(f"daemon CPU per call at {args.inflight} in flight, {name}: {(user + system) / calls * 1e6:.0f} us"
                   f" (user {user / calls * 1e6:.0f} us, system {system / calls * 1e6:.0f} us;"
                   " the local daemon's plugin process not counted)")
-        for connection in list(singles.values()) + [c for pool in pools.values() for c in pool]:
-            connection.close()
+        for name, seconds in client_cpu.items():
+            print(f"load generator CPU per call at {args.inflight} in flight, {name}: {seconds / calls * 1e6:.0f} us")
     finally:
+        for p in paths:
+            await p.stop()
         for child in children:
             child.terminate()
             child.wait(10)
