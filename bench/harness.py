@@ -52,6 +52,17 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def stop_child(process: subprocess.Popen, log, directory: str) -> None:
+    """TERM a server the bench started (KILL after 30 s), close its log and remove its directory."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 class Daemon:
     """``twistd -n difydaemon`` in a temporary directory, on the embedded default."""
 
@@ -138,13 +149,7 @@ class Daemon:
         return identifier
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_child(self.process, self.log, self.dir)
 
 
 def upload_form(package: bytes) -> tuple[str, bytes]:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import REPO, HTTPConnection, free_port, http_call, percentile  # noqa: E402
+from bench.harness import REPO, HTTPConnection, free_port, http_call, percentile, stop_child  # noqa: E402
 from difydaemon.testing import sri_client as sri  # noqa: E402
 from difydaemon.testing.packages import build_package, echo_plugin_files  # noqa: E402
 from difydaemon.testing.sdk import python312, test_uv_cache_dir  # noqa: E402
@@ -94,13 +93,7 @@ class Connector:
         return elapsed, sri.announced(events)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_child(self.process, self.log, self.dir)
 
 
 async def invoke_latencies(endpoint: str, calls: int) -> list[float]:
