@@ -118,7 +118,8 @@ class DaemonSite(Site):
             duration_ms=seconds * 1e3,
             client=getattr(client, "host", None),
         )
-        super().log(request)
+        # not Site.log as well: it would write a second, combined-log line
+        # for the same request through the legacy log
 
     def buildProtocol(self, addr):
         if self._max_connections is not None and self.open_connections >= self._max_connections:

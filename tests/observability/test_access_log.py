@@ -60,3 +60,17 @@ class AccessLogTests(SynchronousTestCase):
         loud = self.client(log_health=True)
         loud.send(request(method=b"GET", target=b"/health/check", body=b"", key=None))
         self.assertEqual([e["path"] for e in self.access()], ["/health/check"])
+
+    def test_one_line_per_request(self):
+        """A request is logged once, as our event: twisted.web's own combined-log line is not written too."""
+        client = self.client(log_health=True)
+        # as when the port listens: twisted.web opens its request log here
+        client.site.startFactory()
+        self.addCleanup(client.site.stopFactory)
+        client.send(request(target=b"/plugin/t/management/install/identifiers"))
+        client.send(request(method=b"GET", target=b"/health/check", body=b"", key=None))
+        self.assertEqual(
+            [(e.get("log_namespace"), e.get("path")) for e in self.events],
+            [("difydaemon.api.access", "/plugin/t/management/install/identifiers"),
+             ("difydaemon.api.access", "/health/check")],
+        )
