@@ -474,6 +474,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
             max_execution_timeout=config.max_execution_timeout_seconds,
             runtime_wait=runtime_wait,
             forwarder=forwarder,
+            tracing=tracing,
         )
     transaction = None
     if serverless is not None:
@@ -509,7 +510,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         ),
     )
     # dispatch requests skip twisted.web: the same counter and resource
-    gate = DispatchGate(counter, dispatch, metrics)
+    gate = DispatchGate(counter, dispatch, metrics, tracing)
     site = DaemonSite(
         root,
         reactor=reactor,
@@ -519,6 +520,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         before_body=public_endpoints.before_body if public_endpoints is not None else None,
         max_connections=config.server_max_connections,
         metrics=metrics,
+        tracing=tracing,
     )
 
     service.backwards = backwards

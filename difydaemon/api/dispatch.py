@@ -650,9 +650,15 @@ class DispatchResource(Resource):
             _answer(request, 400, envelope.from_exception(errors.BadRequestError("\n".join(failures))))
             return
         plugin_request = build_plugin_request(new_session_id(), route, body, data)
-        traceparent = traceparent_of(request.requestHeaders)
-        if self.tracing is not None:
-            traceparent = self._trace_request(request, route, traceparent)
+        # the HTTP stack's server span when it traces; a resource that
+        # traces under a stack that does not starts its own
+        span = getattr(request, "span", None)
+        if span is not None:
+            traceparent = span.traceparent
+        else:
+            traceparent = traceparent_of(request.requestHeaders)
+            if self.tracing is not None:
+                traceparent = self._trace_request(request, route, traceparent)
         if traceparent is not None:
             plugin_request["traceparent"] = traceparent
         if route.polling:

@@ -343,6 +343,7 @@ class DispatchRequest:
         "_notifications",
         "_disconnected",
         "received_at",
+        "span",
     )
 
     def __init__(self, channel: DispatchChannel, head: RequestHead, body: bytes) -> None:
@@ -369,6 +370,8 @@ class DispatchRequest:
         self._disconnected = False
         #: ``reactor.seconds()`` when the request was read (its duration's start)
         self.received_at = 0.0
+        #: the request's server span when the gate traces, else None
+        self.span = None
 
     def setResponseCode(self, code: int) -> None:
         """The response's status."""
@@ -438,6 +441,8 @@ class DispatchRequest:
     def connection_lost(self, reason: Failure) -> None:
         """The client went away before the response was finished."""
         self._disconnected = True
+        if self.span is not None:
+            self.span.client_gone()
         notifications, self._notifications = self._notifications, None
         if notifications:
             for waiter in notifications:
@@ -464,11 +469,14 @@ class DispatchGate:
     :ivar resource: the :class:`~difydaemon.api.dispatch.DispatchResource`.
     :ivar metrics: the :class:`~difydaemon.observability.metrics.DaemonMetrics`
         counting each answered request, or None.
+    :ivar tracing: the :class:`~difydaemon.observability.otel.Tracing`
+        giving each request a server span, or None (``ENABLE_OTEL`` off).
     """
 
     counter: object
     resource: object
     metrics: object = None
+    tracing: object = None
 
 
 @implementer(IConsumer, IPushProducer)
@@ -792,6 +800,8 @@ class DispatchChannel(Protocol):
         gate.counter.enter(True)
         request = DispatchRequest(self, head, body)
         request.received_at = self._reactor.seconds()
+        if gate.tracing is not None:
+            request.span = gate.tracing.start_request("POST", request.requestHeaders)
         self._request = request
         try:
             answer = gate.resource.render(request)
@@ -812,13 +822,13 @@ class DispatchChannel(Protocol):
         gate = self._gate
         gate.counter.leave(True)
         metrics = gate.metrics
-        if metrics is not None:
-            metrics.http_request(
-                "POST",
-                dispatch_endpoint(b"/".join(request.postpath[2:])),
-                request.code,
-                self._reactor.seconds() - request.received_at,
-            )
+        span = request.span
+        if metrics is not None or span is not None:
+            endpoint = dispatch_endpoint(b"/".join(request.postpath[2:]))
+            if metrics is not None:
+                metrics.http_request("POST", endpoint, request.code, self._reactor.seconds() - request.received_at)
+            if span is not None:
+                span.end_request("POST", endpoint, request.code)
         self._next(request.persistent)
 
     def _next(self, persistent: bool) -> None:

@@ -34,6 +34,8 @@ from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.dispatcher import serve_invoke
 from difydaemon.invocation.session import InvocationSession, MalformedInvokeError
+from difydaemon.observability.otel import INTERNAL
+from difydaemon.observability.trace import traceparent_of
 from difydaemon.management.endpoints import endpoint_group, setting_configs
 from difydaemon.packaging.identifier import parse_identifier
 
@@ -140,7 +142,25 @@ class EndpointRelay(SessionRelay):
         self._declared_length = None
         self._written = 0
 
+    #: the session's span when OpenTelemetry is on, ended as the call is
+    span = None
+    #: why the call failed (the span's error), None while it has not
+    failed_with = None
+
     # -- life of the call ---------------------------------------------------
+
+    def _stop_timers(self) -> None:
+        # every way the call ends passes here once
+        super()._stop_timers()
+        span, self.span = self.span, None
+        if span is not None:
+            span.end(self.failed_with)
+
+    def client_gone(self, failure) -> None:
+        """The client disconnected: the session ends, as a failure."""
+        if not self.closed and self.failed_with is None:
+            self.failed_with = "client gone"
+        super().client_gone(failure)
 
     def refuse(self, status: int, body: bytes) -> None:
         """Answer a JSON envelope (nothing was written yet)."""
@@ -219,6 +239,8 @@ class EndpointRelay(SessionRelay):
         """
         if self.closed:
             return
+        if self.failed_with is None:
+            self.failed_with = error_type or text
         if not self.started:
             self.refuse(500, _internal(text))
             return
@@ -326,6 +348,9 @@ class EndpointResource(Resource):
     :param forwarder: a :class:`~difydaemon.api.forwarding.CallForwarder`
         sending calls for a debug plugin connected to another replica
         there; None (a daemon alone) serves every call here.
+    :param tracing: a :class:`~difydaemon.observability.otel.Tracing`
+        giving each plugin session a span, or None (``ENABLE_OTEL`` off):
+        an incoming ``traceparent`` is then passed on unchanged.
     """
 
     isLeaf = True
@@ -341,10 +366,12 @@ class EndpointResource(Resource):
         max_execution_timeout: float | None = 600.0,
         runtime_wait: float = 6.0,
         forwarder=None,
+        tracing=None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
         self._forwarder = forwarder
+        self._tracing = tracing
         self._persistence = persistence
         self._installations = installations
         self._registry = registry
@@ -510,6 +537,7 @@ class EndpointResource(Resource):
                 "settings": settings,
             },
         }
+        self._trace(relay, session_request, installation.plugin_id, runtime)
         session = InvocationSession(
             tenant_id=endpoint.tenant_id,
             user_id="",
@@ -524,5 +552,31 @@ class EndpointResource(Resource):
             relay.open(runtime, session, timeout)
         except errors.DaemonError as exc:
             log.debug("cannot open a session of {identifier}: {reason}", identifier=identifier, reason=exc.message)
+            relay.failed_with = exc.error_type
             relay.refuse(500, _internal(exc.message or NO_RUNTIME_MESSAGE))
+
+    def _trace(self, relay: EndpointRelay, session_request: dict, plugin_id: str, runtime) -> None:
+        """
+        Pass the call's trace context on to the plugin session (as
+        dispatch does): under the session's own span when tracing, else
+        the request's valid ``traceparent`` unchanged.
+        """
+        request = relay.request
+        span = getattr(request, "span", None)
+        traceparent = span.traceparent if span is not None else traceparent_of(request.requestHeaders)
+        if self._tracing is not None:
+            relay.span = self._tracing.start(
+                "plugin session " + ACTION,
+                INTERNAL,
+                traceparent,
+                {
+                    "plugin.id": plugin_id,
+                    "plugin.session_id": session_request["session_id"],
+                    "plugin.runtime_type": getattr(runtime, "runtime_type", "local"),
+                    "plugin.operation": ACTION,
+                },
+            )
+            traceparent = relay.span.traceparent
+        if traceparent is not None:
+            session_request["traceparent"] = traceparent
 

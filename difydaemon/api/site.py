@@ -55,6 +55,8 @@ class DaemonSite(Site):
     :ivar open_connections: connections open now.
     :param metrics: the :class:`~difydaemon.observability.metrics.DaemonMetrics`
         counting each request answered through twisted.web, or None.
+    :param tracing: the :class:`~difydaemon.observability.otel.Tracing`
+        giving each request a server span (``ENABLE_OTEL``), or None.
     """
 
     protocol = DaemonHTTPChannel
@@ -70,6 +72,7 @@ class DaemonSite(Site):
         before_body=None,
         max_connections: int | None = None,
         metrics=None,
+        tracing=None,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
         if gate is not None and front_door is None:
@@ -84,6 +87,8 @@ class DaemonSite(Site):
         self.open_connections = 0
         self._full = False
         self._metrics = metrics
+        #: read by each request as it starts (:class:`DaemonRequest`)
+        self.tracing = tracing
 
     def date(self) -> bytes:
         """The ``Date`` header's value now."""
@@ -103,8 +108,13 @@ class DaemonSite(Site):
         seconds = 0.0 if received_at is None else self.reactor.seconds() - received_at
         method = request.method.decode("ascii", "replace")
         metrics = self._metrics
-        if metrics is not None:
-            metrics.http_request(method, web_endpoint(path, request.code), request.code, seconds)
+        span = getattr(request, "span", None)
+        if metrics is not None or span is not None:
+            endpoint = web_endpoint(path, request.code)
+            if metrics is not None:
+                metrics.http_request(method, endpoint, request.code, seconds)
+            if span is not None:
+                span.end_request(method, endpoint, request.code)
         if b"/dispatch/" in path:
             return
         if path == b"/health/check" and not self._log_health:

@@ -87,11 +87,20 @@ class DaemonRequest(Request):
 
     #: ``reactor.seconds()`` when the request's head and body were read
     received_at = None
+    #: the request's server span (a :class:`~difydaemon.observability.otel.TracedSpan`)
+    #: when the site traces, else None; the site ends it when it logs the answer
+    span = None
 
     def process(self) -> None:
-        reactor = getattr(self.channel.factory, "reactor", None) if self.channel is not None else None
+        factory = self.channel.factory if self.channel is not None else None
+        reactor = getattr(factory, "reactor", None)
         if reactor is not None:
             self.received_at = reactor.seconds()
+        tracing = getattr(factory, "tracing", None)
+        if tracing is not None:
+            span = self.span = tracing.start_request(self.method.decode("ascii", "replace"), self.requestHeaders)
+            # a client that leaves first never has its answer logged
+            self.notifyFinish().addErrback(span.client_gone)
         admission = self.admission
         if admission is not None:
             # twisted.web splits this path on "/" and decodes each segment,

@@ -15,6 +15,7 @@ is run in a thread of its own (:class:`ShutdownInThread`).
 from __future__ import annotations
 
 from difydaemon.errors import ConfigError
+from difydaemon.observability.trace import traceparent_of
 
 #: the span kinds, by name (the SDK's enum is imported lazily)
 SERVER = "SERVER"
@@ -48,6 +49,25 @@ class TracedSpan:
             span.set_status(self._status(error))
         span.end()
 
+    def end_request(self, method: str, route: str, code: int) -> None:
+        """
+        End an HTTP request's span, named ``METHOD route`` (only ``METHOD``
+        when no route answered): the route is known once the request is
+        answered, not when its span starts.  A 5xx answer marks it failed.
+        """
+        span = self._span
+        if span is None:
+            return
+        span.update_name(f"{method} {route}" if route else method)
+        if route:
+            span.set_attribute("http.route", route)
+        span.set_attribute("http.response.status_code", code)
+        self.end(f"HTTP {code}" if code >= 500 else None)
+
+    def client_gone(self, reason=None) -> None:
+        """End the span of a request whose client left before its answer (a Deferred errback)."""
+        self.end("client gone")
+
 
 class Tracing:
     """
@@ -74,6 +94,16 @@ class Tracing:
         carrier: dict = {}
         self._propagator.inject(carrier, context=self._in_context(span))
         return TracedSpan(span, carrier.get("traceparent", parent or ""), self._error_status)
+
+    def start_request(self, method: str, headers) -> TracedSpan:
+        """
+        Start the server span of an HTTP request whose head was just read,
+        under the request's valid ``traceparent`` if it has one; it is
+        named after its route when it ends (:meth:`TracedSpan.end_request`).
+
+        :param headers: the request's headers (``getRawHeaders``).
+        """
+        return self.start(method, SERVER, traceparent_of(headers), {"http.request.method": method})
 
     def shutdown(self) -> None:
         """Export what is queued and stop (blocking: run it in a thread)."""

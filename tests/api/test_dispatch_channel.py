@@ -74,14 +74,14 @@ class Connection:
     """
 
     def __init__(self, test, lean: bool = True, script: bool = True, timeout=None, root=None,
-                 limits: BodyLimits | None = None, **harness_options) -> None:
-        self.daemon = DispatchHarness(test, **harness_options)
+                 limits: BodyLimits | None = None, tracing=None, **harness_options) -> None:
+        self.daemon = DispatchHarness(test, tracing=tracing, **harness_options)
         if script:
             self.daemon.runtime.script(None, [("stream", TEXT_HI), ("stream", TEXT_HO), ("end", {})])
         self.counter = self.daemon.root._counter
-        gate = DispatchGate(self.counter, self.daemon.dispatch) if lean else None
+        gate = DispatchGate(self.counter, self.daemon.dispatch, tracing=tracing) if lean else None
         self.site = DaemonSite(root or self.daemon.root, reactor=self.daemon.clock, gate=gate,
-                               front_door=FrontDoor(KEY.encode(), limits or BodyLimits()))
+                               front_door=FrontDoor(KEY.encode(), limits or BodyLimits()), tracing=tracing)
         if timeout is not None:
             self.site.timeOut = timeout
         self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
