@@ -19,7 +19,14 @@ and ``false``, each with the echo plugin, measured in interleaved rounds
 are the noise floor of the machine at that moment (other work on it shows
 there, not in the counting).
 
-Usage: ``python bench/metrics_cost.py [--rounds 5] [--calls 300] [--inflight 20] [--burst 2000] [--control]``
+``--tracing`` measures OpenTelemetry instead (needs the ``otel`` extra): the
+same figures with ``ENABLE_OTEL=true`` against ``false`` (metrics on in
+both), every request sampled and its spans (request, session) exported over
+OTLP/HTTP to a sink in this process that answers 200; in process, the
+exporter drops the spans, but the batch processor's thread still runs and
+its CPU is counted.
+
+Usage: ``python bench/metrics_cost.py [--rounds 5] [--calls 300] [--inflight 20] [--burst 2000] [--control | --tracing]``
 """
 
 from __future__ import annotations
@@ -54,8 +61,31 @@ def counting_cost(repeats: int = 200_000) -> float:
     return min(timeit.repeat(one_call, number=repeats, repeat=5)) / repeats * 1e6
 
 
-def dispatch_path_cost(requests: int, enabled: bool) -> float:
-    """CPU µs per dispatch request through the daemon's site, in process, metrics on or off."""
+def discarding_tracing():
+    """A Tracing that samples every span and exports it to nowhere (through the batch processor)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from difydaemon.config import load_config
+    from difydaemon.observability.otel import build_tracing
+
+    class Discard(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    environ = {
+        "DIFY_INNER_API_URL": "http://127.0.0.1:5001", "DIFY_INNER_API_KEY": "k", "SERVER_KEY": "k", "PLATFORM": "local",
+        "PLUGIN_REMOTE_INSTALLING_ENABLED": "false", "ENABLE_OTEL": "true",
+        # every span exported, none dropped for a full queue: the whole cost
+        "OTEL_MAX_QUEUE_SIZE": "100000",
+    }
+    return build_tracing(load_config(environ).observability, exporter=Discard())
+
+
+def dispatch_path_cost(requests: int, enabled: bool, tracing: bool = False) -> float:
+    """
+    CPU µs per dispatch request through the daemon's site, in process:
+    ``enabled`` turns on metrics, or with ``tracing`` OpenTelemetry (metrics on either way).
+    """
     from twisted.internet import reactor
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
@@ -65,11 +95,13 @@ def dispatch_path_cost(requests: int, enabled: bool) -> float:
     from difydaemon.api.site import DaemonSite
 
     _, runtime, root = shared.build()
-    metrics = DaemonMetrics(reactor.seconds) if enabled else None
+    metrics = DaemonMetrics(reactor.seconds) if enabled or tracing else None
+    spans = discarding_tracing() if tracing and enabled else None
     root._dispatch.metrics = metrics
+    root._dispatch.tracing = spans
     site = DaemonSite(
-        root, reactor=reactor, log_health=False, gate=DispatchGate(root._counter, root._dispatch, metrics),
-        front_door=FrontDoor(shared.KEY.encode()), metrics=metrics,
+        root, reactor=reactor, log_health=False, gate=DispatchGate(root._counter, root._dispatch, metrics, spans),
+        front_door=FrontDoor(shared.KEY.encode()), metrics=metrics, tracing=spans,
     )
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
@@ -87,18 +119,22 @@ def dispatch_path_cost(requests: int, enabled: bool) -> float:
         reactor.runUntilCurrent()
         if len(sent) > 1000:
             sent.clear()
+    if spans is not None:
+        # the spans still queued are exported in this run, on this process's CPU
+        spans.shutdown()
     return (time.process_time() - start) / requests * 1e6
 
 
-def in_process(rounds: int, requests: int = 20000) -> None:
-    """Print the whole dispatch path's CPU per request with metrics on and off, interleaved."""
+def in_process(rounds: int, requests: int = 20000, tracing: bool = False) -> None:
+    """Print the whole dispatch path's CPU per request with metrics (or tracing) on and off, interleaved."""
     on, off = [], []
     for _ in range(rounds):
-        off.append(dispatch_path_cost(requests, False))
-        on.append(dispatch_path_cost(requests, True))
+        off.append(dispatch_path_cost(requests, False, tracing))
+        on.append(dispatch_path_cost(requests, True, tracing))
     paired = [a - b for a, b in zip(on, off)]
+    what = "tracing" if tracing else "metrics"
     print(
-        f"dispatch path in process: metrics off {median(off):.1f} µs/request, on {median(on):.1f} µs/request; "
+        f"dispatch path in process: {what} off {median(off):.1f} µs/request, on {median(on):.1f} µs/request; "
         f"on adds {median(paired):+.1f} µs (median of per-round differences, range "
         f"{min(paired):+.1f} .. {max(paired):+.1f}; {rounds} interleaved rounds of {requests} requests)"
     )
@@ -107,9 +143,9 @@ def in_process(rounds: int, requests: int = 20000) -> None:
 class Side:
     """One daemon, its connections and its samples."""
 
-    def __init__(self, name: str, enabled: bool, prepared: str) -> None:
+    def __init__(self, name: str, environ: dict, prepared: str) -> None:
         self.name = name
-        self.daemon = Daemon(extra_env={"PROMETHEUS_ENABLED": "true" if enabled else "false"}, prepared_venvs=prepared)
+        self.daemon = Daemon(extra_env=environ, prepared_venvs=prepared)
         self.latency: list[float] = []
         self.throughput: list[float] = []
         self.cpu_per_call: list[float] = []
@@ -139,13 +175,46 @@ class Side:
         self.daemon.stop()
 
 
+def otlp_sink() -> str:
+    """An OTLP/HTTP endpoint in a thread of this process that reads each export and answers 200; its base URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def sides(args) -> tuple[tuple, tuple]:
+    """((name, environment) of the measured daemon, the same of its baseline)."""
+    if args.tracing:
+        traced = {"ENABLE_OTEL": "true", "OTLP_BASE_ENDPOINT": otlp_sink(), "OTEL_SAMPLING_RATE": "1.0"}
+        return ("tracing on", traced), ("tracing off", {"ENABLE_OTEL": "false"})
+    off = ("metrics off", {"PROMETHEUS_ENABLED": "false"})
+    if args.control:
+        return ("metrics off (control)", off[1]), off
+    return ("metrics on", {"PROMETHEUS_ENABLED": "true"}), off
+
+
 async def main(args):
     print(f"cores: {os.cpu_count()}")
-    print(f"counting per dispatch call (in process): {counting_cost():.2f} µs")
-    in_process(args.rounds)
+    if not args.tracing:
+        print(f"counting per dispatch call (in process): {counting_cost():.2f} µs")
+    in_process(args.rounds, tracing=args.tracing)
     prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
-    on = Side("metrics off (control)" if args.control else "metrics on", not args.control, prepared)
-    off = Side("metrics off", False, prepared)
+    (on_name, on_environ), (off_name, off_environ) = sides(args)
+    on = Side(on_name, on_environ, prepared)
+    off = Side(off_name, off_environ, prepared)
     try:
         for side in (on, off):
             await side.start(args.inflight)
@@ -168,7 +237,7 @@ async def main(args):
             f"({args.rounds} interleaved rounds; {args.calls} sequential calls and "
             f"{args.burst} calls with {args.inflight} in flight each round)"
         )
-        if not args.control:
+        if not args.control and not args.tracing:
             start = time.perf_counter()
             status, page = await on.connection.request("GET", "/metrics", b"", {})
             assert status == 200, status
@@ -184,5 +253,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--inflight", type=int, default=20)
     parser.add_argument("--burst", type=int, default=2000)
-    parser.add_argument("--control", action="store_true", help="both daemons without metrics: the noise floor")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--control", action="store_true", help="both daemons without metrics: the noise floor")
+    choice.add_argument("--tracing", action="store_true", help="ENABLE_OTEL on against off, instead of metrics")
     asyncio.run(main(parser.parse_args()))

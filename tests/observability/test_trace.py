@@ -126,6 +126,27 @@ class BuildTracingTests(SynchronousTestCase):
         tracing.shutdown()
         self.assertEqual([span.name for span in exporter.get_finished_spans()], ["continued"])
 
+    def test_traceparent_of_a_span(self):
+        """A span's traceparent keeps its parent's trace and flags, and names the span; bad parents start anew."""
+        exporter = InMemorySpanExporter()
+        tracing = build_tracing(otel_config(), exporter=exporter)
+        unsampled = TRACEPARENT[:-2] + "00"
+        child = tracing.start("child", CLIENT, unsampled)
+        fresh = tracing.start("fresh", CLIENT, "00-zz-yy-01")
+        child.end()
+        fresh.end()
+        tracing.shutdown()
+        [recorded] = exporter.get_finished_spans()
+        self.assertEqual(recorded.name, "fresh")
+        self.assertEqual(child.traceparent.split("-")[1], TRACEPARENT.split("-")[1])
+        self.assertTrue(child.traceparent.endswith("-00"))
+        self.assertNotEqual(child.traceparent.split("-")[2], TRACEPARENT.split("-")[2])
+        self.assertEqual(parse_traceparent(child.traceparent), child.traceparent)
+        self.assertEqual(
+            fresh.traceparent,
+            f"00-{recorded.context.trace_id:032x}-{recorded.context.span_id:016x}-{recorded.context.trace_flags:02x}",
+        )
+
     def test_missing_extra(self):
         """Without the otel extra, ENABLE_OTEL is refused with the install hint."""
         import builtins
