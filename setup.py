@@ -38,10 +38,16 @@ setup(
     extras_require={
         # an S3-compatible server the storage tests start on loopback
         "test": ["moto[server]>=5"],
-        # ENABLE_OTEL=true: spans exported over OTLP/HTTP
+        # ENABLE_OTEL=true: spans and metrics exported over OTLP/HTTP
         "otel": [
             "opentelemetry-sdk>=1.25",
             "opentelemetry-exporter-otlp-proto-http>=1.25",
+        ],
+        # ENABLE_OTEL=true with OTEL_EXPORTER_OTLP_PROTOCOL=grpc (grpcio is
+        # a large binary wheel: only for those who choose gRPC)
+        "otel-grpc": [
+            "opentelemetry-sdk>=1.25",
+            "opentelemetry-exporter-otlp-proto-grpc>=1.25",
         ],
     },
     entry_points={

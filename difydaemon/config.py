@@ -250,6 +250,7 @@ VARIABLES: tuple[str, ...] = (
     "ENABLE_OTEL",
     "OTLP_BASE_ENDPOINT",
     "OTLP_TRACE_ENDPOINT",
+    "OTLP_METRIC_ENDPOINT",
     "OTEL_API_KEY",
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_TYPE",
@@ -258,6 +259,8 @@ VARIABLES: tuple[str, ...] = (
     "OTEL_MAX_QUEUE_SIZE",
     "OTEL_MAX_EXPORT_BATCH_SIZE",
     "OTEL_BATCH_EXPORT_TIMEOUT",
+    "OTEL_METRIC_EXPORT_INTERVAL",
+    "OTEL_METRIC_EXPORT_TIMEOUT",
 )
 
 #: Every variable :func:`load_sri_config` reads besides the local runtime's
@@ -313,8 +316,8 @@ DB_SSL_MODES = ("disable", "require")
 REDIS_SSL_CERT_REQS = ("", "CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED")
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")
 LOG_OUTPUT_FORMATS = ("text", "json")
-#: only the OTLP/HTTP exporter is in the ``otel`` extra
-OTLP_PROTOCOLS = ("http/protobuf",)
+#: OTLP/HTTP (the ``otel`` extra) or OTLP/gRPC (the ``otel-grpc`` extra)
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 OTEL_EXPORTER_TYPES = ("otlp",)
 
 _DEFAULT_BUFFER_SIZE = 1024
@@ -818,9 +821,11 @@ class ObservabilityConfig:
     otlp_base_endpoint: str
     #: ``OTLP_TRACE_ENDPOINT``: the traces URL; None for the base's ``/v1/traces``.
     otlp_trace_endpoint: str | None
+    #: ``OTLP_METRIC_ENDPOINT``: the metrics URL; None for the base's ``/v1/metrics``.
+    otlp_metric_endpoint: str | None
     #: ``OTEL_API_KEY``: sent as ``Authorization: Bearer`` to the collector.
     otel_api_key: str = field(repr=False)
-    #: ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf``.
+    #: ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf`` or ``grpc``.
     otel_exporter_otlp_protocol: str
     #: ``OTEL_EXPORTER_TYPE``: ``otlp``.
     otel_exporter_type: str
@@ -834,13 +839,31 @@ class ObservabilityConfig:
     otel_max_export_batch_size: int
     #: ``OTEL_BATCH_EXPORT_TIMEOUT`` (ms) per export.
     otel_batch_export_timeout: int
+    #: ``OTEL_METRIC_EXPORT_INTERVAL`` (ms) between two exports of the metrics.
+    otel_metric_export_interval: int
+    #: ``OTEL_METRIC_EXPORT_TIMEOUT`` (ms) one export of the metrics may take.
+    otel_metric_export_timeout: int
 
     @property
     def trace_endpoint(self) -> str:
-        """The URL spans are posted to."""
-        if self.otlp_trace_endpoint:
-            return self.otlp_trace_endpoint
-        return self.otlp_base_endpoint.rstrip("/") + "/v1/traces"
+        """
+        Where spans go: ``OTLP_TRACE_ENDPOINT``, else the base's
+        ``/v1/traces`` over HTTP, the base itself over gRPC (which has no
+        paths).
+        """
+        return self._endpoint(self.otlp_trace_endpoint, "/v1/traces")
+
+    @property
+    def metric_endpoint(self) -> str:
+        """Where metrics go, as :attr:`trace_endpoint` says for ``/v1/metrics``."""
+        return self._endpoint(self.otlp_metric_endpoint, "/v1/metrics")
+
+    def _endpoint(self, own: str | None, path: str) -> str:
+        if own:
+            return own
+        if self.otel_exporter_otlp_protocol == "grpc":
+            return self.otlp_base_endpoint
+        return self.otlp_base_endpoint.rstrip("/") + path
 
 
 @frozen
@@ -1207,6 +1230,8 @@ def _observability(values: _Values) -> ObservabilityConfig:
     values.url("OTLP_BASE_ENDPOINT", base)
     trace = values.stripped("OTLP_TRACE_ENDPOINT")
     values.url("OTLP_TRACE_ENDPOINT", trace)
+    metric = values.stripped("OTLP_METRIC_ENDPOINT")
+    values.url("OTLP_METRIC_ENDPOINT", metric)
     rate = values.number("OTEL_SAMPLING_RATE", 1.0)
     if rate > 1.0:
         values.fail("OTEL_SAMPLING_RATE", f"must be between 0 and 1, got {rate:g}")
@@ -1219,6 +1244,7 @@ def _observability(values: _Values) -> ObservabilityConfig:
         enable_otel=values.boolean("ENABLE_OTEL", False),
         otlp_base_endpoint=base,
         otlp_trace_endpoint=trace,
+        otlp_metric_endpoint=metric,
         otel_api_key=values.string("OTEL_API_KEY"),
         otel_exporter_otlp_protocol=values.choice("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", OTLP_PROTOCOLS),
         otel_exporter_type=values.choice("OTEL_EXPORTER_TYPE", "otlp", OTEL_EXPORTER_TYPES),
@@ -1227,6 +1253,8 @@ def _observability(values: _Values) -> ObservabilityConfig:
         otel_max_queue_size=values.integer("OTEL_MAX_QUEUE_SIZE", 2048, 1),
         otel_max_export_batch_size=values.integer("OTEL_MAX_EXPORT_BATCH_SIZE", 512, 1),
         otel_batch_export_timeout=values.integer("OTEL_BATCH_EXPORT_TIMEOUT", 10000, 1),
+        otel_metric_export_interval=values.integer("OTEL_METRIC_EXPORT_INTERVAL", 60000, 1),
+        otel_metric_export_timeout=values.integer("OTEL_METRIC_EXPORT_TIMEOUT", 30000, 1),
     )
 
 

@@ -48,6 +48,7 @@ from difydaemon.management.installations import InstallationCache
 from difydaemon.observability.logs import build_observer
 from difydaemon.observability.metrics import DaemonMetrics, metrics_registry, metrics_resource
 from difydaemon.observability.otel import ShutdownInThread, build_tracing
+from difydaemon.observability.otlp_metrics import build_metrics_push
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.containment import (
     hide_process_memory,
@@ -321,7 +322,9 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     if environ is None:
         environ = os.environ
     observability = config.observability
-    metrics = DaemonMetrics(reactor.seconds) if observability.prometheus_enabled else None
+    # counted for /metrics, or for the OTLP push, or both
+    counting = observability.prometheus_enabled or observability.enable_otel
+    metrics = DaemonMetrics(reactor.seconds) if counting else None
     tracing = build_tracing(observability) if observability.enable_otel else None
     persistence = _persistence(reactor, config)
     blocking = ThreadPoolRunner(reactor, "difydaemon-blocking", max_threads=4)
@@ -486,9 +489,10 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         admin = AdminAPI(
             config.admin_api_key, persistence, packages, runtimes, serverless.factory if serverless else None
         ).resource()
-    metrics_page = None
-    if metrics is not None:
-        metrics_page = metrics_resource(metrics_registry(metrics, runtimes))
+    registry = metrics_registry(metrics, runtimes) if metrics is not None else None
+    metrics_page = metrics_resource(registry) if observability.prometheus_enabled else None
+    # built here, so that a missing exporter stops the start, not the first push
+    metrics_push = build_metrics_push(reactor, observability, registry) if observability.enable_otel else None
     root = RootResource(
         config.server_key,
         management.resource(),
@@ -534,10 +538,15 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     service.forwarder = forwarder
     #: the serverless platform's parts (connector, invoker, sessions), None on local
     service.serverless = serverless
-    #: the counts behind /metrics, None when PROMETHEUS_ENABLED is false
+    #: the counts behind /metrics and the OTLP push, None when
+    #: PROMETHEUS_ENABLED and ENABLE_OTEL are both false
     service.metrics = metrics
     #: the OpenTelemetry spans, None unless ENABLE_OTEL is true
     service.tracing = tracing
+    #: the metrics pushed over OTLP, None unless ENABLE_OTEL is true
+    service.metrics_push = metrics_push
+    if metrics_push is not None:
+        metrics_push.setServiceParent(service)
     # twistd asks the application for its log observer (unless --logger names one)
     service.log_observer_factory = lambda: build_observer(observability)
     _listen(reactor, config.server_host, config.server_port, site).setServiceParent(service)

@@ -55,6 +55,18 @@ class ObservedDaemonCase(DaemonCase):
         self.assertEqual(code, 200, body)
         return body
 
+    async def collector(self) -> tuple:
+        """An OTLP receiver on loopback; (it, the environment that sends a daemon's spans and metrics there)."""
+        receiver = OTLPReceiver(reactor)
+        port = await receiver.listen()
+        self.addCleanup(receiver.stop)
+        return receiver, {
+            "ENABLE_OTEL": "true",
+            "OTLP_BASE_ENDPOINT": endpoint_of(port),
+            "OTEL_API_KEY": "collector-key",
+            "OTEL_BATCH_EXPORT_SCHEDULE_DELAY": "50",
+        }
+
     async def scrape(self, path: str = "/metrics") -> dict:
         response = await self.http.get(self.url(path))
         self.assertEqual(response.code, 200)
@@ -162,15 +174,8 @@ class TraceEndToEndTests(ObservedDaemonCase):
 
     async def test_spans_exported(self):
         """ENABLE_OTEL: request, session and Dify call spans reach an OTLP receiver, in one trace."""
-        receiver = OTLPReceiver(reactor)
-        port = await receiver.listen()
-        self.addCleanup(receiver.stop)
-        await self.start_with_dify(
-            ENABLE_OTEL="true",
-            OTLP_BASE_ENDPOINT=endpoint_of(port),
-            OTEL_API_KEY="collector-key",
-            OTEL_BATCH_EXPORT_SCHEDULE_DELAY="50",
-        )
+        receiver, environ = await self.collector()
+        await self.start_with_dify(**environ)
         await self.install(callback_plugin_files(TOOL_AND_LLM))
         body = await self.tool_with("call_tool", {"provider": "time", "tool": "now", "text": "t"},
                                     {"traceparent": TRACEPARENT})
@@ -192,6 +197,45 @@ class TraceEndToEndTests(ObservedDaemonCase):
         [call] = [r for r in self.dify.received if r.path == "invoke/tool"]
         self.assertEqual(call.headers["traceparent"], client.traceparent)
         self.assertEqual(receiver.headers[0]["authorization"], "Bearer collector-key")
+
+
+class MetricsPushEndToEndTests(ObservedDaemonCase):
+    """ENABLE_OTEL pushes the metrics over OTLP, /metrics or not, and every request is a span."""
+
+    async def test_pushed_after_invocations(self):
+        """With /metrics off, an invocation's counts and the management span reach an OTLP receiver."""
+        receiver, environ = await self.collector()
+        await self._start(
+            PROMETHEUS_ENABLED="false",
+            OTEL_METRIC_EXPORT_INTERVAL="100",
+            # the push at stop, after the receiver has gone, gives up soon
+            OTEL_METRIC_EXPORT_TIMEOUT="1000",
+            **environ,
+        )
+        await self.install(behaviour_plugin_files())
+        body = await self.tool_with("echo", {"text": "pushed"}, {})
+        self.assertEqual(texts(body), ["pushed"])
+        invocations = await receiver.wait_for_metric(
+            lambda metric: metric.name == "plugin_invocations_total"
+            and any(attributes.get("status") == "success" for attributes, _ in metric.points)
+        )
+        self.assertEqual(invocations.kind, "sum")
+        [(attributes, value)] = invocations.points
+        self.assertEqual(
+            (attributes["plugin_id"], attributes["operation"], attributes["runtime_type"], value),
+            ("acme/echo", "invoke_tool", "local", 1),
+        )
+        self.assertEqual(invocations.service_name, "dify-plugin-daemon")
+        metrics_headers = [h for h in receiver.headers if h.get("content-type") == "application/x-protobuf"]
+        self.assertTrue(all(h["authorization"] == "Bearer collector-key" for h in metrics_headers))
+        response = await self.http.get(self.url("/metrics"))
+        self.assertEqual(response.code, 404)
+        await response.content()
+        # the upload and install went through twisted.web: each request is a server span
+        spans = await receiver.wait_for("POST /plugin/:tenant_id/management/install/upload/package")
+        upload = [s for s in spans if s.name == "POST /plugin/:tenant_id/management/install/upload/package"]
+        self.assertEqual(upload[0].kind, "SPAN_KIND_SERVER")
+        self.assertEqual(upload[0].attributes["http.response.status_code"], 200)
 
 
 class TwistdJSONLogTests(TwistdCase):

@@ -1,6 +1,8 @@
 """
-OpenTelemetry spans exported over OTLP/HTTP (``ENABLE_OTEL=true``; the
-``difydaemon[otel]`` extra installs the SDK and exporter).
+OpenTelemetry spans exported over OTLP (``ENABLE_OTEL=true``; the
+``difydaemon[otel]`` extra installs the SDK and the OTLP/HTTP exporter,
+``difydaemon[otel-grpc]`` the OTLP/gRPC one for
+``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``).
 
 Three kinds of span, as in Go: the HTTP request (server), the plugin session
 (internal, its child) and each call back into Dify (client, a child of the
@@ -134,12 +136,54 @@ class Tracing:
         self._provider.shutdown()
 
 
+#: the extra to install for each ``OTEL_EXPORTER_OTLP_PROTOCOL``, and the
+#: module of its exporters
+_PROTOCOLS = {
+    "http/protobuf": ("otel", "opentelemetry.exporter.otlp.proto.http"),
+    "grpc": ("otel-grpc", "opentelemetry.exporter.otlp.proto.grpc"),
+}
+
+
+def otlp_exporter(config, signal: str):
+    """
+    The OTLP exporter of ``signal`` (``trace`` or ``metric``) for the
+    protocol ``OTEL_EXPORTER_OTLP_PROTOCOL`` names, sending
+    ``OTEL_API_KEY`` as a bearer token.
+
+    :raises ConfigError: when that protocol's extra is not installed (at
+        start-up: never on the first export).
+    """
+    extra, package = _PROTOCOLS[config.otel_exporter_otlp_protocol]
+    try:
+        module = __import__(f"{package}.{signal}_exporter", fromlist=["_"])
+    except ImportError:
+        raise ConfigError(
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            f"{config.otel_exporter_otlp_protocol} needs the {extra} extra: pip install 'difydaemon[{extra}]'",
+        ) from None
+    if signal == "trace":
+        exporter_class, endpoint = module.OTLPSpanExporter, config.trace_endpoint
+        timeout = config.otel_batch_export_timeout / 1000.0
+    else:
+        exporter_class, endpoint = module.OTLPMetricExporter, config.metric_endpoint
+        timeout = config.otel_metric_export_timeout / 1000.0
+    options = {"endpoint": endpoint, "timeout": timeout}
+    if config.otel_api_key:
+        # gRPC metadata keys are lower case; HTTP does not mind
+        options["headers"] = {"authorization": f"Bearer {config.otel_api_key}"}
+    if extra == "otel-grpc":
+        # an http:// endpoint means a collector without TLS, as the URL says
+        options["insecure"] = endpoint.startswith("http://")
+    return exporter_class(**options)
+
+
 def build_tracing(config, exporter=None) -> Tracing:
     """
     The :class:`Tracing` of an ``ObservabilityConfig`` with ``enable_otel``.
 
-    :param exporter: a span exporter to use instead of OTLP/HTTP (tests).
-    :raises ConfigError: when the ``otel`` extra is not installed.
+    :param exporter: a span exporter to use instead of OTLP (tests).
+    :raises ConfigError: when the ``otel`` extra (or, for gRPC, the
+        ``otel-grpc`` one) is not installed.
     """
     try:
         from opentelemetry.sdk.resources import Resource
@@ -149,16 +193,7 @@ def build_tracing(config, exporter=None) -> Tracing:
     except ImportError:
         raise ConfigError("ENABLE_OTEL", "needs the otel extra: pip install 'difydaemon[otel]'") from None
     if exporter is None:
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError:
-            raise ConfigError("ENABLE_OTEL", "needs the otel extra: pip install 'difydaemon[otel]'") from None
-        headers = {"authorization": f"Bearer {config.otel_api_key}"} if config.otel_api_key else None
-        exporter = OTLPSpanExporter(
-            endpoint=config.trace_endpoint,
-            headers=headers,
-            timeout=config.otel_batch_export_timeout / 1000.0,
-        )
+        exporter = otlp_exporter(config, "trace")
     provider = TracerProvider(
         resource=Resource.create({"service.name": SERVICE_NAME}),
         sampler=ParentBased(TraceIdRatioBased(config.otel_sampling_rate)),

@@ -22,6 +22,20 @@ BASE = "http://dify.test:5001/"
 LLM_BODY = {"tenant_id": "t1", "user_id": "u1", "type": "llm", "provider": "openai", "model": "gpt-x", "stream": True}
 
 
+def refuse_imports(test, prefix: str) -> None:
+    """For the rest of ``test``, importing a module whose name starts with ``prefix`` fails, as if not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refusing(name, *args, **kwargs):
+        if name.startswith(prefix):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    test.patch(builtins, "__import__", refusing)
+
+
 class ParseTests(SynchronousTestCase):
     """Only well-formed W3C traceparent values pass."""
 
@@ -149,16 +163,7 @@ class BuildTracingTests(SynchronousTestCase):
 
     def test_missing_extra(self):
         """Without the otel extra, ENABLE_OTEL is refused with the install hint."""
-        import builtins
-
-        real_import = builtins.__import__
-
-        def no_opentelemetry(name, *args, **kwargs):
-            if name.startswith("opentelemetry"):
-                raise ImportError(name)
-            return real_import(name, *args, **kwargs)
-
-        self.patch(builtins, "__import__", no_opentelemetry)
+        refuse_imports(self, "opentelemetry")
         error = self.assertRaises(ConfigError, otel.build_tracing, otel_config())
         self.assertIn("difydaemon[otel]", str(error))
 

@@ -1,0 +1,232 @@
+"""
+The daemon's metrics pushed over OTLP (``ENABLE_OTEL=true``), as the Go
+daemon pushes its own to ``OTLP_METRIC_ENDPOINT`` every
+``OTEL_METRIC_EXPORT_INTERVAL``.
+
+What is pushed is what ``/metrics`` shows (the same Prometheus registry,
+the same names and labels), read on the reactor thread and handed to the
+OpenTelemetry SDK's OTLP metric exporter, which sends it from a thread of
+its own: counters as cumulative monotonic sums, gauges as gauges,
+histograms as cumulative explicit-bucket histograms.  The metrics are not
+counted twice through OpenTelemetry instruments: the dispatch path pays for
+one set of counts only.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from difydaemon.observability.otel import SERVICE_NAME
+
+log = Logger()
+
+SCOPE = "difydaemon"
+
+
+def metrics_data(registry, start_ns: int, now_ns: int):
+    """
+    The OpenTelemetry ``MetricsData`` of everything ``registry`` (a
+    Prometheus ``CollectorRegistry``) collects now.  Summaries and info
+    metrics, which the daemon does not make, are left out.
+
+    :param start_ns: when the counts started (the daemon's start), ns.
+    :param now_ns: the time of this reading, ns.
+    """
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        Gauge,
+        Histogram,
+        HistogramDataPoint,
+        Metric,
+        MetricsData,
+        NumberDataPoint,
+        ResourceMetrics,
+        ScopeMetrics,
+        Sum,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    cumulative = AggregationTemporality.CUMULATIVE
+    metrics = []
+    for family in registry.collect():
+        kind = family.type
+        if kind == "counter":
+            points = [
+                NumberDataPoint(dict(sample.labels), start_ns, now_ns, sample.value)
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            ]
+            name = family.name + "_total"
+            data = Sum(points, cumulative, True)
+        elif kind in ("gauge", "unknown"):
+            points = [NumberDataPoint(dict(sample.labels), start_ns, now_ns, sample.value) for sample in family.samples]
+            name, data = family.name, Gauge(points)
+        elif kind == "histogram":
+            name, data = family.name, Histogram(_histogram_points(family, start_ns, now_ns, HistogramDataPoint), cumulative)
+        else:
+            continue
+        if data.data_points:
+            metrics.append(Metric(name, family.documentation, family.unit or "", data))
+    scope = ScopeMetrics(InstrumentationScope(SCOPE), metrics, "")
+    resource = Resource.create({"service.name": SERVICE_NAME})
+    return MetricsData([ResourceMetrics(resource, [scope], "")])
+
+
+def _histogram_points(family, start_ns: int, now_ns: int, point_class) -> list:
+    """A Prometheus histogram family's series as OTLP points (per-bucket counts, bounds without +Inf)."""
+    series: dict = {}
+    for sample in family.samples:
+        labels = dict(sample.labels)
+        le = labels.pop("le", None)
+        key = tuple(sorted(labels.items()))
+        entry = series.setdefault(key, {"buckets": [], "count": 0, "sum": 0.0})
+        if sample.name.endswith("_bucket") and le is not None:
+            entry["buckets"].append((float(le), sample.value))
+        elif sample.name.endswith("_count"):
+            entry["count"] = int(sample.value)
+        elif sample.name.endswith("_sum"):
+            entry["sum"] = sample.value
+    points = []
+    for key, entry in series.items():
+        buckets = sorted(entry["buckets"])
+        bounds = [bound for bound, _ in buckets if bound != float("inf")]
+        counts = []
+        below = 0
+        for _, cumulative in buckets:
+            counts.append(int(cumulative - below))
+            below = cumulative
+        if len(counts) == len(bounds):
+            # no +Inf bucket: what is above the last bound is the rest of the count
+            counts.append(max(0, entry["count"] - int(below)))
+        points.append(point_class(dict(key), start_ns, now_ns, entry["count"], entry["sum"], counts, bounds, None, None))
+    return points
+
+
+class MetricsPush(Service):
+    """
+    Pushes ``registry`` through ``exporter`` every ``interval`` seconds
+    while running, and once more when stopped (so the last counts leave).
+
+    The registry is read on the reactor thread (the collectors read the
+    runtimes' state, which only that thread changes); the export runs in a
+    daemon thread, so a collector that is down costs its timeout there,
+    never a stalled reactor or a held exit.  An export still running when
+    the next one is due makes that one skip.
+
+    :param reactor: an ``IReactorTime`` (and ``IReactorThreads`` unless
+        ``run_in_thread`` is given).
+    :param exporter: an OpenTelemetry ``MetricExporter`` (the OTLP one).
+    :param timeout: seconds one export may take, its retries included.
+    :param run_in_thread: ``f -> Deferred`` running ``f`` off the reactor
+        thread and firing with its result on it (by default in a daemon
+        thread of its own).
+    """
+
+    def __init__(
+        self, reactor, registry, exporter, interval: float, timeout: float = 30.0, run_in_thread=None
+    ) -> None:
+        self._reactor = reactor
+        self._registry = registry
+        self._exporter = exporter
+        self._interval = interval
+        self._timeout_millis = timeout * 1000.0
+        self._run_in_thread = run_in_thread if run_in_thread is not None else _in_daemon_thread(reactor)
+        self._started_ns = 0
+        self._loop = None
+        self._busy = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._started_ns = int(self._reactor.seconds() * 1e9)
+        self._loop = LoopingCall(self.push)
+        self._loop.clock = self._reactor
+        self._loop.start(self._interval, now=False).addErrback(
+            lambda failure: log.failure("pushing the metrics stopped", failure)
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.push(then_shutdown=True)
+
+    def push(self, then_shutdown: bool = False) -> None:
+        """Read the registry now and export it off the reactor thread (unless an export is running)."""
+        if self._busy and not then_shutdown:
+            log.debug("metrics export skipped: the previous one is still running")
+            return
+        try:
+            data = metrics_data(self._registry, self._started_ns, int(self._reactor.seconds() * 1e9))
+        except Exception:
+            log.failure("reading the metrics to export failed")
+            return
+        self._busy = True
+        exporter = self._exporter
+        timeout_millis = self._timeout_millis
+
+        def export():
+            try:
+                # the export's deadline is OTEL_METRIC_EXPORT_TIMEOUT, not the
+                # exporter's own default (10 s), where the exporter takes one
+                return exporter.export(data, timeout_millis=timeout_millis)
+            finally:
+                if then_shutdown:
+                    exporter.shutdown()
+
+        self._run_in_thread(export).addBoth(self._exported)
+
+    def _exported(self, result) -> None:
+        self._busy = False
+        if isinstance(result, Failure):
+            log.warn("metrics export failed: {error}", error=result.getErrorMessage())
+        elif getattr(result, "name", "SUCCESS") != "SUCCESS":
+            log.warn("metrics export failed: the collector refused or did not answer ({result})", result=str(result))
+
+
+def _in_daemon_thread(reactor):
+    """``f -> Deferred``: ``f`` run in a daemon thread of its own, its result handed back to the reactor."""
+
+    def run(f) -> Deferred:
+        done: Deferred = Deferred()
+
+        def target() -> None:
+            try:
+                result = f()
+            except BaseException:
+                reactor.callFromThread(done.errback, Failure())
+            else:
+                reactor.callFromThread(done.callback, result)
+
+        threading.Thread(target=target, name="difydaemon-otlp-metrics", daemon=True).start()
+        return done
+
+    return run
+
+
+def build_metrics_push(reactor, config, registry, exporter=None) -> MetricsPush:
+    """
+    The :class:`MetricsPush` of an ``ObservabilityConfig`` with ``enable_otel``.
+
+    :param exporter: a metric exporter to use instead of OTLP (tests).
+    :raises ConfigError: when the protocol's extra is not installed.
+    """
+    if exporter is None:
+        from difydaemon.observability.otel import otlp_exporter
+
+        exporter = otlp_exporter(config, "metric")
+    return MetricsPush(
+        reactor,
+        registry,
+        exporter,
+        config.otel_metric_export_interval / 1000.0,
+        timeout=config.otel_metric_export_timeout / 1000.0,
+    )
+
