@@ -365,8 +365,11 @@ class RuntimeCollector:
             "Plugin runtime status: 1 active, 0.5 launching, 0 stopped.",
             labels=["plugin_id", "runtime_type"],
         )
+        # Go's labels: a dashboard that sums by runtime_type needs it
         restarts = CounterMetricFamily(
-            "plugin_restarts_total", "Plugin process restarts by the current runtimes.", labels=["plugin_id"]
+            "plugin_restarts_total",
+            "Plugin process restarts by the current runtimes.",
+            labels=["plugin_id", "runtime_type"],
         )
         memory_kills = CounterMetricFamily(
             "plugin_memory_kills_total",
@@ -392,7 +395,7 @@ class RuntimeCollector:
             sessions += _sessions(runtime)
             count = getattr(runtime, "restarts", None)
             if count is not None:
-                restarts.add_metric([plugin_id], count)
+                restarts.add_metric([plugin_id, runtime_type], count)
             count = getattr(runtime, "memory_kills", None)
             if count is not None:
                 memory_kills.add_metric([plugin_id], count)

@@ -204,7 +204,7 @@ class RuntimeCollectorTests(SynchronousTestCase):
         self.assertEqual(found[(status, (("plugin_id", "acme/dead"), ("runtime_type", "local")))], 0.0)
         self.assertEqual(found[(status, (("plugin_id", "acme/debug"), ("runtime_type", "remote")))], 1.0)
         self.assertEqual(found[(status, (("plugin_id", "acme/new"), ("runtime_type", "local")))], 0.5)
-        self.assertEqual(found[("plugin_restarts_total", (("plugin_id", "acme/echo"),))], 3)
+        self.assertEqual(found[("plugin_restarts_total", (("plugin_id", "acme/echo"), ("runtime_type", "local")))], 3)
         self.assertEqual(found[("plugin_memory_kills_total", (("plugin_id", "acme/echo"),))], 2)
         self.assertNotIn(("plugin_memory_kills_total", (("plugin_id", "acme/debug"),)), found)
         self.assertEqual(found[("plugin_daemon_plugin_processes", (("plugin", "acme/echo"),))], 2)
