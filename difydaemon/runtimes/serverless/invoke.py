@@ -34,6 +34,7 @@ _HEADERS = {
     b"Accept": [b"text/event-stream"],
 }
 SESSION_HEADER = b"Dify-Plugin-Session-ID"
+TRACEPARENT_HEADER = b"traceparent"
 
 
 def invoke_url(function_url: str, action: str) -> str:
@@ -92,6 +93,10 @@ class InvokeClient:
 
         Deferred[None], fired after the last outcome; cancelling it drops
         the call (the connection is closed) and gives no more outcomes.
+
+        The request's ``traceparent`` (the session's trace context) is also
+        sent as the ``traceparent`` header, as Go's instrumented client
+        does, so a function behind a tracing gateway joins the trace.
         """
         body = orjson.dumps(request)
         if len(body) > self.max_request_bytes:
@@ -103,11 +108,16 @@ class InvokeClient:
                 )
             )
             return Deferred.fromCoroutine(_nothing())
-        return Deferred.fromCoroutine(self._call(invoke_url(function_url, action), session_id, body, on_outcome))
+        return Deferred.fromCoroutine(
+            self._call(invoke_url(function_url, action), session_id, body, on_outcome, request.get("traceparent"))
+        )
 
-    async def _call(self, url: str, session_id: str, body: bytes, on_outcome) -> None:
+    async def _call(self, url: str, session_id: str, body: bytes, on_outcome, traceparent=None) -> None:
         headers = dict(_HEADERS)
         headers[SESSION_HEADER] = [session_id.encode("ascii", "replace")]
+        if type(traceparent) is str:
+            # checked where it entered the daemon, or one of ours
+            headers[TRACEPARENT_HEADER] = [traceparent.encode("ascii", "replace")]
         state = _CallState(self._reactor, self.execution_timeout)
         try:
             await self._attempts(url, headers, body, on_outcome, state)

@@ -62,6 +62,17 @@ class InvokeClientTests(SynchronousTestCase):
         self.assertEqual([type(o) for o in self.outcomes], [Chunk, Finished])
         self.assertEqual(self.outcomes[0].data, CHUNK)
 
+    def test_traceparent_header(self):
+        """The session's traceparent also goes as the traceparent header; a request without one sends none."""
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        function = FakeFunction([Reply(body=[session_line(SID, "end", None)])] * 2)
+        client = self.client(function)
+        self.successResultOf(self.invoke(client, dict(REQUEST, traceparent=traceparent)))
+        self.successResultOf(self.invoke(client))
+        [(_, _, traced, _), (_, _, plain, _)] = function.requests
+        self.assertEqual(traced["traceparent"], traceparent)
+        self.assertNotIn("traceparent", plain)
+
     def test_url(self):
         """The action is appended to the path-joined URL."""
         self.assertEqual(invoke_url("http://f/a", "x"), "http://f/a/invoke?action=x")
