@@ -21,12 +21,13 @@ there, not in the counting).
 
 ``--tracing`` measures OpenTelemetry instead (needs the ``otel`` extra): the
 same figures with ``ENABLE_OTEL=true`` against ``false`` (metrics on in
-both), every request sampled and its spans (request, session) exported over
-OTLP/HTTP to a sink in this process that answers 200; in process, the
-exporter drops the spans, but the batch processor's thread still runs and
-its CPU is counted.
+both), requests sampled at ``--sampling-rate`` (1.0) and their spans
+(request, session) exported over OTLP/HTTP to a sink in this process that
+answers 200; in process, the exporter drops the spans, but the batch
+processor's thread still runs and its CPU is counted.
 
-Usage: ``python bench/metrics_cost.py [--rounds 5] [--calls 300] [--inflight 20] [--burst 2000] [--control | --tracing]``
+Usage: ``python bench/metrics_cost.py [--rounds 5] [--calls 300] [--inflight 20] [--burst 2000]
+[--control | --tracing [--sampling-rate 1.0]]``
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def counting_cost(repeats: int = 200_000) -> float:
     return min(timeit.repeat(one_call, number=repeats, repeat=5)) / repeats * 1e6
 
 
-def discarding_tracing():
-    """A Tracing that samples every span and exports it to nowhere (through the batch processor)."""
+def discarding_tracing(sampling_rate: float = 1.0):
+    """A Tracing that samples at ``sampling_rate`` and exports to nowhere (through the batch processor)."""
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     from difydaemon.config import load_config
@@ -77,11 +78,12 @@ def discarding_tracing():
         "PLUGIN_REMOTE_INSTALLING_ENABLED": "false", "ENABLE_OTEL": "true",
         # every span exported, none dropped for a full queue: the whole cost
         "OTEL_MAX_QUEUE_SIZE": "100000",
+        "OTEL_SAMPLING_RATE": str(sampling_rate),
     }
     return build_tracing(load_config(environ).observability, exporter=Discard())
 
 
-def dispatch_path_cost(requests: int, enabled: bool, tracing: bool = False) -> float:
+def dispatch_path_cost(requests: int, enabled: bool, tracing: bool = False, sampling_rate: float = 1.0) -> float:
     """
     CPU µs per dispatch request through the daemon's site, in process:
     ``enabled`` turns on metrics, or with ``tracing`` OpenTelemetry (metrics on either way).
@@ -96,7 +98,7 @@ def dispatch_path_cost(requests: int, enabled: bool, tracing: bool = False) -> f
 
     _, runtime, root = shared.build()
     metrics = DaemonMetrics(reactor.seconds) if enabled or tracing else None
-    spans = discarding_tracing() if tracing and enabled else None
+    spans = discarding_tracing(sampling_rate) if tracing and enabled else None
     root._dispatch.metrics = metrics
     root._dispatch.tracing = spans
     site = DaemonSite(
@@ -125,12 +127,12 @@ def dispatch_path_cost(requests: int, enabled: bool, tracing: bool = False) -> f
     return (time.process_time() - start) / requests * 1e6
 
 
-def in_process(rounds: int, requests: int = 20000, tracing: bool = False) -> None:
+def in_process(rounds: int, requests: int = 20000, tracing: bool = False, sampling_rate: float = 1.0) -> None:
     """Print the whole dispatch path's CPU per request with metrics (or tracing) on and off, interleaved."""
     on, off = [], []
     for _ in range(rounds):
         off.append(dispatch_path_cost(requests, False, tracing))
-        on.append(dispatch_path_cost(requests, True, tracing))
+        on.append(dispatch_path_cost(requests, True, tracing, sampling_rate))
     paired = [a - b for a, b in zip(on, off)]
     what = "tracing" if tracing else "metrics"
     print(
@@ -198,7 +200,7 @@ def otlp_sink() -> str:
 def sides(args) -> tuple[tuple, tuple]:
     """((name, environment) of the measured daemon, the same of its baseline)."""
     if args.tracing:
-        traced = {"ENABLE_OTEL": "true", "OTLP_BASE_ENDPOINT": otlp_sink(), "OTEL_SAMPLING_RATE": "1.0"}
+        traced = {"ENABLE_OTEL": "true", "OTLP_BASE_ENDPOINT": otlp_sink(), "OTEL_SAMPLING_RATE": str(args.sampling_rate)}
         return ("tracing on", traced), ("tracing off", {"ENABLE_OTEL": "false"})
     off = ("metrics off", {"PROMETHEUS_ENABLED": "false"})
     if args.control:
@@ -210,7 +212,7 @@ async def main(args):
     print(f"cores: {os.cpu_count()}")
     if not args.tracing:
         print(f"counting per dispatch call (in process): {counting_cost():.2f} µs")
-    in_process(args.rounds, tracing=args.tracing)
+    in_process(args.rounds, tracing=args.tracing, sampling_rate=args.sampling_rate)
     prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
     (on_name, on_environ), (off_name, off_environ) = sides(args)
     on = Side(on_name, on_environ, prepared)
@@ -256,4 +258,6 @@ if __name__ == "__main__":
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--control", action="store_true", help="both daemons without metrics: the noise floor")
     choice.add_argument("--tracing", action="store_true", help="ENABLE_OTEL on against off, instead of metrics")
+    parser.add_argument("--sampling-rate", type=float, default=1.0,
+                        help="OTEL_SAMPLING_RATE of the traced side (the calls carry no traceparent)")
     asyncio.run(main(parser.parse_args()))
