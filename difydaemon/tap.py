@@ -492,7 +492,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
     registry = metrics_registry(metrics, runtimes) if metrics is not None else None
     metrics_page = metrics_resource(registry) if observability.prometheus_enabled else None
     # built here, so that a missing exporter stops the start, not the first push
-    metrics_push = build_metrics_push(reactor, observability, registry) if observability.enable_otel else None
+    metrics_push = build_metrics_push(reactor, observability, registry, metrics) if observability.enable_otel else None
     root = RootResource(
         config.server_key,
         management.resource(),

@@ -226,6 +226,11 @@ class MetricsPushEndToEndTests(ObservedDaemonCase):
             ("acme/echo", "invoke_tool", "local", 1),
         )
         self.assertEqual(invocations.service_name, "dify-plugin-daemon")
+        # Go's own instrument, from the same counts
+        go_calls = await receiver.wait_for_metric(lambda metric: metric.name == "plugin.invocations")
+        self.assertEqual(
+            [(a["plugin.id"], a["plugin.outcome"], value) for a, value in go_calls.points], [("acme/echo", "success", 1)]
+        )
         metrics_headers = [h for h in receiver.headers if h.get("content-type") == "application/x-protobuf"]
         self.assertTrue(all(h["authorization"] == "Bearer collector-key" for h in metrics_headers))
         response = await self.http.get(self.url("/metrics"))

@@ -7,9 +7,10 @@ What is pushed is what ``/metrics`` shows (the same Prometheus registry,
 the same names and labels), read on the reactor thread and handed to the
 OpenTelemetry SDK's OTLP metric exporter, which sends it from a thread of
 its own: counters as cumulative monotonic sums, gauges as gauges,
-histograms as cumulative explicit-bucket histograms.  The metrics are not
-counted twice through OpenTelemetry instruments: the dispatch path pays for
-one set of counts only.
+histograms as cumulative explicit-bucket histograms.  Go's own OTLP
+instruments, which ``/metrics`` does not show, are pushed too, made from the
+same counts (:func:`go_instruments`).  Nothing is counted twice through
+OpenTelemetry instruments: the dispatch path pays for one set of counts only.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ from difydaemon.observability.otel import SERVICE_NAME
 log = Logger()
 
 SCOPE = "difydaemon"
+#: the instrumentation scope of Go's invocation instruments
+GO_SCOPE = "dify-plugin-daemon/plugin"
+#: what Go's attributes say when a value is not known
+UNKNOWN = "unknown"
 
 
-def metrics_data(registry, start_ns: int, now_ns: int):
+def metrics_data(registry, start_ns: int, now_ns: int, daemon_metrics=None):
     """
     The OpenTelemetry ``MetricsData`` of everything ``registry`` (a
-    Prometheus ``CollectorRegistry``) collects now.  Summaries and info
+    Prometheus ``CollectorRegistry``) collects now, and with
+    ``daemon_metrics`` (the
+    :class:`~difydaemon.observability.metrics.DaemonMetrics`) Go's
+    invocation instruments, in a scope of their own.  Summaries and info
     metrics, which the daemon does not make, are left out.
 
     :param start_ns: when the counts started (the daemon's start), ns.
@@ -74,9 +82,77 @@ def metrics_data(registry, start_ns: int, now_ns: int):
             continue
         if data.data_points:
             metrics.append(Metric(name, family.documentation, family.unit or "", data))
-    scope = ScopeMetrics(InstrumentationScope(SCOPE), metrics, "")
+    scopes = [ScopeMetrics(InstrumentationScope(SCOPE), metrics, "")]
+    if daemon_metrics is not None:
+        scopes.append(ScopeMetrics(InstrumentationScope(GO_SCOPE), go_instruments(daemon_metrics, start_ns, now_ns), ""))
     resource = Resource.create({"service.name": SERVICE_NAME})
-    return MetricsData([ResourceMetrics(resource, [scope], "")])
+    return MetricsData([ResourceMetrics(resource, scopes, "")])
+
+
+def go_instruments(daemon_metrics, start_ns: int, now_ns: int) -> list:
+    """
+    The Go daemon's OTLP instruments (``internal/core/io_tunnel/otel_metrics.go``)
+    from the dispatch sessions counted in ``daemon_metrics``:
+    ``plugin.invocations`` (a counter, ``{call}``) and
+    ``plugin.invocation.duration`` (a histogram, ``s``), by ``plugin.id``,
+    ``plugin.version``, ``plugin.runtime_type``, ``plugin.access_type`` and
+    ``plugin.outcome`` (``success`` or ``error``).  The counts are kept by
+    plugin id, not version, so ``plugin.version`` is ``unknown``, the value
+    Go gives it when it does not know; a caller that left counts as
+    ``error``, where Go says ``canceled``.
+    """
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        Histogram,
+        HistogramDataPoint,
+        Metric,
+        NumberDataPoint,
+        Sum,
+    )
+
+    from difydaemon.observability.metrics import BUCKETS
+
+    by_outcome: dict = {}
+    for (plugin_id, plugin_type, runtime_type, _operation), series in daemon_metrics.invocations.items():
+        for outcome, histogram in (("success", series.success), ("error", series.error)):
+            if not any(histogram[:-1]):
+                continue
+            key = (plugin_id, runtime_type, plugin_type, outcome)
+            total = by_outcome.get(key)
+            by_outcome[key] = list(histogram) if total is None else [a + b for a, b in zip(total, histogram)]
+    calls, durations = [], []
+    for (plugin_id, runtime_type, plugin_type, outcome), histogram in by_outcome.items():
+        attributes = {
+            "plugin.id": plugin_id,
+            "plugin.version": UNKNOWN,
+            "plugin.runtime_type": runtime_type,
+            "plugin.access_type": plugin_type,
+            "plugin.outcome": outcome,
+        }
+        count = sum(histogram[:-1])
+        calls.append(NumberDataPoint(attributes, start_ns, now_ns, count))
+        durations.append(
+            HistogramDataPoint(
+                attributes, start_ns, now_ns, count, histogram[-1], histogram[:-1], list(BUCKETS), None, None
+            )
+        )
+    if not calls:
+        return []
+    cumulative = AggregationTemporality.CUMULATIVE
+    return [
+        Metric(
+            "plugin.invocations",
+            "Number of plugin runtime invocations handled by the daemon.",
+            "{call}",
+            Sum(calls, cumulative, True),
+        ),
+        Metric(
+            "plugin.invocation.duration",
+            "End-to-end duration of plugin runtime invocations handled by the daemon.",
+            "s",
+            Histogram(durations, cumulative),
+        ),
+    ]
 
 
 def _histogram_points(family, start_ns: int, now_ns: int, point_class) -> list:
@@ -124,16 +200,27 @@ class MetricsPush(Service):
         ``run_in_thread`` is given).
     :param exporter: an OpenTelemetry ``MetricExporter`` (the OTLP one).
     :param timeout: seconds one export may take, its retries included.
+    :param daemon_metrics: the
+        :class:`~difydaemon.observability.metrics.DaemonMetrics` Go's
+        instruments are made from (:func:`go_instruments`), or None.
     :param run_in_thread: ``f -> Deferred`` running ``f`` off the reactor
         thread and firing with its result on it (by default in a daemon
         thread of its own).
     """
 
     def __init__(
-        self, reactor, registry, exporter, interval: float, timeout: float = 30.0, run_in_thread=None
+        self,
+        reactor,
+        registry,
+        exporter,
+        interval: float,
+        timeout: float = 30.0,
+        run_in_thread=None,
+        daemon_metrics=None,
     ) -> None:
         self._reactor = reactor
         self._registry = registry
+        self._daemon_metrics = daemon_metrics
         self._exporter = exporter
         self._interval = interval
         self._timeout_millis = timeout * 1000.0
@@ -164,7 +251,9 @@ class MetricsPush(Service):
             log.debug("metrics export skipped: the previous one is still running")
             return
         try:
-            data = metrics_data(self._registry, self._started_ns, int(self._reactor.seconds() * 1e9))
+            data = metrics_data(
+                self._registry, self._started_ns, int(self._reactor.seconds() * 1e9), self._daemon_metrics
+            )
         except Exception:
             log.failure("reading the metrics to export failed")
             return
@@ -211,7 +300,7 @@ def _in_daemon_thread(reactor):
     return run
 
 
-def build_metrics_push(reactor, config, registry, exporter=None) -> MetricsPush:
+def build_metrics_push(reactor, config, registry, daemon_metrics, exporter=None) -> MetricsPush:
     """
     The :class:`MetricsPush` of an ``ObservabilityConfig`` with ``enable_otel``.
 
@@ -228,5 +317,6 @@ def build_metrics_push(reactor, config, registry, exporter=None) -> MetricsPush:
         exporter,
         config.otel_metric_export_interval / 1000.0,
         timeout=config.otel_metric_export_timeout / 1000.0,
+        daemon_metrics=daemon_metrics,
     )
 

@@ -97,6 +97,42 @@ class ConversionTests(SynchronousTestCase):
         # what the OTLP exporters send: the conversion encodes
         self.assertEqual(len(encode_metrics(data).resource_metrics[0].scope_metrics[0].metrics), len(metrics))
 
+    def test_go_instruments(self):
+        """Go's plugin.invocations and plugin.invocation.duration, by plugin, runtime, access type and outcome."""
+        clock = MemoryReactorClock()
+        metrics = DaemonMetrics(clock.seconds)
+        for operation, outcome in [("invoke_tool", "success"), ("get_runtime_parameters", "success"),
+                                   ("invoke_tool", "error")]:
+            meter = metrics.invocation("acme/echo", "tool", "local", operation)
+            clock.advance(0.02)
+            meter.finish(outcome)
+        metrics.invocation("acme/echo", "tool", "local", "invoke_tool")  # in flight: not counted yet
+        data = metrics_data(counted_registry(clock), 0, 1, metrics)
+        [ours, go] = data.resource_metrics[0].scope_metrics
+        self.assertEqual((ours.scope.name, go.scope.name), ("difydaemon", "dify-plugin-daemon/plugin"))
+        calls, durations = go.metrics
+        self.assertEqual((calls.name, calls.unit, durations.name, durations.unit),
+                         ("plugin.invocations", "{call}", "plugin.invocation.duration", "s"))
+        by_outcome = {p.attributes["plugin.outcome"]: p for p in calls.data.data_points}
+        self.assertEqual({k: p.value for k, p in by_outcome.items()}, {"success": 2, "error": 1})
+        self.assertEqual(
+            dict(by_outcome["success"].attributes),
+            {"plugin.id": "acme/echo", "plugin.version": "unknown", "plugin.runtime_type": "local",
+             "plugin.access_type": "tool", "plugin.outcome": "success"},
+        )
+        [success] = [p for p in durations.data.data_points if p.attributes["plugin.outcome"] == "success"]
+        self.assertEqual(success.count, 2)
+        self.assertAlmostEqual(success.sum, 0.04)
+        self.assertEqual(sum(success.bucket_counts), 2)
+        self.assertEqual(len(success.bucket_counts), len(success.explicit_bounds) + 1)
+        encode_metrics(data)
+
+    def test_no_invocations_no_go_instruments(self):
+        """Before any session has ended, Go's scope is empty rather than holding empty metrics."""
+        clock = MemoryReactorClock()
+        data = metrics_data(CollectorRegistry(), 0, 1, DaemonMetrics(clock.seconds))
+        self.assertEqual(data.resource_metrics[0].scope_metrics[1].metrics, [])
+
     def test_resource_names_the_service(self):
         """The pushed metrics carry the service name spans carry."""
         data = metrics_data(CollectorRegistry(), 0, 1)
