@@ -136,8 +136,11 @@ class ServerlessRuntime:
 
     def _call_done(self, result, call: Deferred, session_id: str):
         if self._calls.get(session_id) is call:
+            # ended without a last outcome (cancelled, closed while
+            # registering): forgotten here, once; a last outcome forgets it
+            # as it is delivered
             del self._calls[session_id]
-        self._forget(session_id)
+            self._forget(session_id)
         if isinstance(result, Failure):
             if result.check(CancelledError):
                 return None
@@ -187,7 +190,7 @@ class ServerlessRuntime:
         if action in BATCHED_ACTIONS and isinstance(data.get("texts"), list):
             await self._run_batched(session_id, action, request)
             return
-        await self._invoker.invoke(
+        await self._invoker.call(
             self.function.url, action, session_id, request, lambda outcome: self._deliver(session_id, outcome)
         )
 
@@ -199,7 +202,7 @@ class ServerlessRuntime:
             self._deliver(session_id, Failed(errors.InternalServerError.error_type, str(exc)))
             return
         if len(batches) == 1:
-            await self._invoker.invoke(
+            await self._invoker.call(
                 self.function.url, action, session_id, request, lambda outcome: self._deliver(session_id, outcome)
             )
             return
@@ -217,7 +220,7 @@ class ServerlessRuntime:
                 elif kind is LogLine:
                     self._deliver(session_id, outcome)
 
-            await self._invoker.invoke(self.function.url, action, session_id, batch_request(request, indexes), collect)
+            await self._invoker.call(self.function.url, action, session_id, batch_request(request, indexes), collect)
             if failed:
                 self._deliver(session_id, failed[0])
                 return
