@@ -51,6 +51,9 @@ IDLE_CONNECTION_TIMEOUT = 60.0
 #: 2 would reopen a connection for most calls past two in flight)
 MAX_IDLE_PER_HOST = 64
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+#: how every complete body ends: one Failure for all (a Failure costs more
+#: to build than the rest of a response's end; readers only look at it)
+_BODY_DONE = Failure(ResponseDone("Response body fully received"))
 
 
 class ResponseHeaders:
@@ -214,7 +217,7 @@ class FunctionConnection(Protocol):
         else:
             self._pool.release(self)
         if response is not None:
-            response.body_end(Failure(ResponseDone("Response body fully received")))
+            response.body_end(_BODY_DONE)
 
     def body_abandoned(self) -> None:
         """The body's reader stopped early: the rest is not read, the connection not reused."""
@@ -251,7 +254,7 @@ class FunctionConnection(Protocol):
                     if type(event) is ResponseEnd:
                         response, self._response = self._response, None
                         self._decoder = None
-                        response.body_end(Failure(ResponseDone("Response body fully received")))
+                        response.body_end(_BODY_DONE)
         lost = reason if reason is not None and not reason.check(ConnectionDone) else Failure(
             ConnectionLost("the function closed the connection")
         )
