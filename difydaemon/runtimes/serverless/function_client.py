@@ -23,7 +23,6 @@ import socket
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet import tcp
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
+from difydaemon.immediate_write import write_now
 from difydaemon.runtimes.serverless.http1 import (
     MalformedResponse,
     ResponseDecoder,
@@ -270,31 +270,6 @@ class FunctionConnection(Protocol):
         waiter: Deferred = Deferred()
         self._lost.append(waiter)
         return waiter
-
-
-def write_now(transport, data: bytes) -> None:
-    """
-    Write ``data`` to a TCP connection at once when nothing waits before it.
-
-    ``transport.write`` only buffers, and the reactor sends on its next
-    turn, after telling epoll twice that the socket has something to send:
-    a function's request, always written to an idle connection, would wait
-    for that turn.  Anything not sent at once (a full socket buffer, an
-    error) goes the usual way, through ``write``, in order.
-    """
-    if (
-        type(transport) is tcp.Client
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._tempDataBuffer
-        and len(transport.dataBuffer) == transport.offset
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            data = data[sent:]
-        if not data:
-            return
-    transport.write(data)
 
 
 class _ConnectionFactory(Factory):
