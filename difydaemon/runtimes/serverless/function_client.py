@@ -150,21 +150,25 @@ class FunctionConnection(Protocol):
         self.idle_since = 0.0
         self._gone = False
         self._lost: list[Deferred] = []
+        # the socket whose delayed ACKs are turned off at every read (None: not TCP, or not Linux)
+        self._socket = None
 
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        handle = getattr(self.transport, "getHandle", None)
+        if _TCP_QUICKACK is not None and handle is not None:
+            # looked up once: the re-arm runs at every read of every call
+            self._socket = handle()
         self._quick_ack()
 
     def _quick_ack(self) -> None:
-        if _TCP_QUICKACK is None:
-            return
-        handle = getattr(self.transport, "getHandle", None)
-        if handle is None:
+        sock = self._socket
+        if sock is None:
             return
         try:
-            handle().setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         except (OSError, AttributeError):
             pass
 
