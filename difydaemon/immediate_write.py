@@ -26,6 +26,7 @@ def write_now(transport, data: bytes) -> None:
         type(transport) in _PLAIN_TCP
         and transport.connected
         and not transport.disconnecting
+        and not transport._writeDisconnected
         and not transport.TLS
         and not transport._tempDataBuffer
         and len(transport.dataBuffer) == transport.offset
