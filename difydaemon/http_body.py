@@ -60,8 +60,9 @@ class BodyStream(Protocol):
             return
         self._reading = False
         # A body without a length ends with the connection; whoever parses
-        # it notices if it was cut short.
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # it notices if it was cut short.  (isinstance, not Failure.check:
+        # this runs at the end of every body, and check names every class)
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self.done.callback(None)
         else:
             self.done.errback(self.lost(reason_of(reason.value)))

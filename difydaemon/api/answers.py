@@ -11,5 +11,10 @@ def answer_json(request, status: int, body: bytes) -> None:
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
     # sized, as the answers render() returns are, rather than chunked
     request.setHeader(b"content-length", b"%d" % len(body))
+    finish_with = getattr(request, "finish_with", None)
+    if finish_with is not None:
+        # the lean channel's request: head and body in one send, now
+        finish_with(body)
+        return
     request.write(body)
     request.finish()

@@ -369,9 +369,17 @@ class StreamRelay(_Relay):
         request = self.request
         if not self._started:
             self._start()
+        last = b""
         if pending:
             self._pending = []
-            request.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            last = pending[0] if len(pending) == 1 else b"".join(pending)
+        finish_with = getattr(request, "finish_with", None)
+        if finish_with is not None:
+            # the lean channel's request: the last items and the end in one send, now
+            finish_with(last)
+            return
+        if last:
+            request.write(last)
         request.finish()
 
     def client_gone(self, failure) -> None:

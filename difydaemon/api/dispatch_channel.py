@@ -70,6 +70,7 @@ from difydaemon.api.admission import (
     refusal_response,
 )
 from difydaemon.api.pace import BodyClock, BodyPace
+from difydaemon.immediate_write import write_now
 from difydaemon.api.paths import RequestTarget, canonical_target
 from difydaemon.observability.metrics import dispatch_endpoint
 
@@ -388,13 +389,15 @@ class DispatchRequest:
             raise RuntimeError("Request.write called on a request after Request.finish was called.")
         if self._disconnected:
             return
+        if data or not self.startedWriting:
+            self._transport.write(self._framed(data))
+
+    def _framed(self, data: bytes) -> bytes:
+        """The bytes a write of ``data`` sends: the head first, chunk framing when chunked."""
         if self.startedWriting:
-            if data:
-                if self._chunked:
-                    self._transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-                else:
-                    self._transport.write(data)
-            return
+            if self._chunked and data:
+                return b"%x\r\n%s\r\n" % (len(data), data)
+            return data
         self.startedWriting = 1
         headers = self._headers
         if self.clientproto == b"HTTP/1.1" and b"content-length" not in headers:
@@ -402,14 +405,24 @@ class DispatchRequest:
             self._chunked = True
         head = response_head(self.clientproto, self.code, headers.values())
         if not data:
-            self._transport.write(head)
-        elif self._chunked:
-            self._transport.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
-        else:
-            self._transport.write(head + data)
+            return head
+        if self._chunked:
+            return b"%s%x\r\n%s\r\n" % (head, len(data), data)
+        return head + data
 
     def finish(self) -> None:
         """End the response."""
+        self.finish_with(b"")
+
+    def finish_with(self, data: bytes) -> None:
+        """
+        Write ``data`` as the last of the body and end the response: what
+        is left of it (the head too, for an answer written at once) goes in
+        one send, in this reactor turn when the connection has nothing
+        waiting -- the caller waits for the end of a response, not for the
+        reactor's next turn (``write`` then ``finish`` would leave the last
+        bytes in the transport's buffer until then).
+        """
         if self._disconnected:
             raise RuntimeError(
                 "Request.finish called on a request after its connection was lost; "
@@ -418,10 +431,11 @@ class DispatchRequest:
         if self.finished:
             warnings.warn("Warning! request.finish called twice.", stacklevel=2)
             return
-        if not self.startedWriting:
-            self.write(b"")
+        last = self._framed(data) if data or not self.startedWriting else b""
         if self._chunked:
-            self._transport.write(b"0\r\n\r\n")
+            last += b"0\r\n\r\n"
+        if last:
+            write_now(self._transport, last)
         self.finished = 1
         notifications, self._notifications = self._notifications, None
         if notifications:
@@ -454,8 +468,7 @@ class DispatchRequest:
         headers = self._headers
         headers[b"content-type"] = (b"Content-Type", content_type)
         headers[b"content-length"] = (b"Content-Length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
+        self.finish_with(body)
 
 
 @frozen
@@ -807,8 +820,7 @@ class DispatchChannel(Protocol):
             answer = gate.resource.render(request)
             if answer is not NOT_DONE_YET:
                 request.setHeader(b"content-length", b"%d" % len(answer))
-                request.write(answer)
-                request.finish()
+                request.finish_with(answer)
         except Exception:
             log.failure("dispatch request failed")
             if not request.startedWriting and not request.finished and not request._disconnected:

@@ -1019,6 +1019,20 @@ class TurnFlushTests(SynchronousTestCase):
         self.assertTrue(connection.transport.value().endswith(
             sse.success_item(orjson.dumps(TEXT_HI)) + b"\r\n0\r\n\r\n"))
 
+    def test_stream_ending_in_its_turn_is_one_write(self):
+        """A stream whose chunk and end come in one turn is answered in one write: head, item and last chunk."""
+        connection = Connection(self, script=False)
+        runtime = connection.daemon.runtime
+        connection.send(post())
+        writes = []
+        write = connection.transport.write
+        connection.transport.write = lambda data: (writes.append(data), write(data))
+        runtime.stream(runtime.last_session_id, TEXT_HI)
+        runtime.end(runtime.last_session_id)
+        [written] = writes
+        self.assertTrue(written.startswith(b"HTTP/1.1 200 OK\r\n"), written)
+        self.assertTrue(written.endswith(sse.success_item(orjson.dumps(TEXT_HI)) + b"\r\n0\r\n\r\n"), written)
+
     def test_ended_stream_does_not_cancel_others(self):
         """One stream ending in the turn leaves the other streams of that turn to be flushed."""
         connection = Connection(self, script=False)

@@ -23,7 +23,6 @@ import socket
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet import tcp
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
+from difydaemon.immediate_write import write_now
 from difydaemon.runtimes.serverless.http1 import (
     MalformedResponse,
     ResponseDecoder,
@@ -51,6 +51,13 @@ IDLE_CONNECTION_TIMEOUT = 60.0
 #: 2 would reopen a connection for most calls past two in flight)
 MAX_IDLE_PER_HOST = 64
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+#: how a read that ends a chunked response ends (the SDK's events hold no
+#: CR): after it the function sends nothing until the next request, which
+#: carries the ACK, so the re-arm (a system call) is skipped for it
+_LAST_CHUNK = b"\r\n0\r\n\r\n"
+#: how every complete body ends: one Failure for all (a Failure costs more
+#: to build than the rest of a response's end; readers only look at it)
+_BODY_DONE = Failure(ResponseDone("Response body fully received"))
 
 
 class ResponseHeaders:
@@ -147,21 +154,25 @@ class FunctionConnection(Protocol):
         self.idle_since = 0.0
         self._gone = False
         self._lost: list[Deferred] = []
+        # the socket whose delayed ACKs are turned off at every read (None: not TCP, or not Linux)
+        self._socket = None
 
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        handle = getattr(self.transport, "getHandle", None)
+        if _TCP_QUICKACK is not None and handle is not None:
+            # looked up once: the re-arm runs at every read of every call
+            self._socket = handle()
         self._quick_ack()
 
     def _quick_ack(self) -> None:
-        if _TCP_QUICKACK is None:
-            return
-        handle = getattr(self.transport, "getHandle", None)
-        if handle is None:
+        sock = self._socket
+        if sock is None:
             return
         try:
-            handle().setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         except (OSError, AttributeError):
             pass
 
@@ -179,7 +190,8 @@ class FunctionConnection(Protocol):
         self._hang_up()
 
     def dataReceived(self, data: bytes) -> None:
-        self._quick_ack()
+        if not data.endswith(_LAST_CHUNK):
+            self._quick_ack()
         decoder = self._decoder
         if decoder is None or decoder.done:
             # nothing was asked: a function talking out of turn is not reused
@@ -214,7 +226,7 @@ class FunctionConnection(Protocol):
         else:
             self._pool.release(self)
         if response is not None:
-            response.body_end(Failure(ResponseDone("Response body fully received")))
+            response.body_end(_BODY_DONE)
 
     def body_abandoned(self) -> None:
         """The body's reader stopped early: the rest is not read, the connection not reused."""
@@ -251,7 +263,7 @@ class FunctionConnection(Protocol):
                     if type(event) is ResponseEnd:
                         response, self._response = self._response, None
                         self._decoder = None
-                        response.body_end(Failure(ResponseDone("Response body fully received")))
+                        response.body_end(_BODY_DONE)
         lost = reason if reason is not None and not reason.check(ConnectionDone) else Failure(
             ConnectionLost("the function closed the connection")
         )
@@ -267,31 +279,6 @@ class FunctionConnection(Protocol):
         waiter: Deferred = Deferred()
         self._lost.append(waiter)
         return waiter
-
-
-def write_now(transport, data: bytes) -> None:
-    """
-    Write ``data`` to a TCP connection at once when nothing waits before it.
-
-    ``transport.write`` only buffers, and the reactor sends on its next
-    turn, after telling epoll twice that the socket has something to send:
-    a function's request, always written to an idle connection, would wait
-    for that turn.  Anything not sent at once (a full socket buffer, an
-    error) goes the usual way, through ``write``, in order.
-    """
-    if (
-        type(transport) is tcp.Client
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._tempDataBuffer
-        and len(transport.dataBuffer) == transport.offset
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            data = data[sent:]
-        if not data:
-            return
-    transport.write(data)
 
 
 class _ConnectionFactory(Factory):

@@ -201,12 +201,12 @@ class ResponseDecoder:
                     break
                 if eoh - position > MAX_HEAD_SIZE:
                     raise MalformedResponse("the response head is too long")
-                head = _parse_head(buffer[position:eoh])
+                head, framing = _head_of(buffer[position:eoh])
                 position = eoh + 4
                 if 100 <= head.code < 200:
                     continue  # an interim answer; the real one follows
                 out.append(head)
-                self._frame(head, body, out)
+                self._frame(head, framing, body, out)
         if position < end and self._state != _DONE:
             self._buffer = buffer[position:]
         if body and self._state != _DONE:
@@ -231,27 +231,8 @@ class ResponseDecoder:
             raise MalformedResponse("the connection closed before a response")
         raise MalformedResponse("the connection closed in the middle of the body")
 
-    def _frame(self, head: ResponseHead, body: list, out: list) -> None:
-        keep_alive = head.version == b"HTTP/1.1"
-        length = None
-        chunked = False
-        for name, value in head.headers:
-            if name == b"connection":
-                tokens = [token.strip().lower() for token in value.split(b",")]
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
-            elif name == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
-            elif name == b"content-length":
-                try:
-                    value_length = int(value.strip())
-                except ValueError:
-                    raise MalformedResponse("a Content-Length is not a number") from None
-                if value_length < 0 or (length is not None and length != value_length):
-                    raise MalformedResponse("the Content-Length is invalid")
-                length = value_length
+    def _frame(self, head: ResponseHead, framing: tuple, body: list, out: list) -> None:
+        keep_alive, chunked, length = framing
         self._reusable = keep_alive
         if head.code in (204, 304):
             self._finish(body, out)
@@ -274,6 +255,53 @@ class ResponseDecoder:
                 out.append(joined)
         self._state = _DONE
         out.append(ResponseEnd(self._reusable))
+
+
+#: parsed heads by their bytes: a function answers every call with the same
+#: head but for its ``Date``, so most heads are parsed once a second (heads
+#: that differ on every call, with a request id, only cost a miss)
+_HEADS: dict[bytes, tuple] = {}
+_HEADS_KEPT = 256
+#: bytes of a head kept at most (a function's usual head is ~150)
+_HEAD_KEPT_SIZE = 1024
+
+
+def _head_of(data: bytes) -> tuple:
+    """``(ResponseHead, (keep_alive, chunked, length))`` of a head's bytes (CRLF CRLF excluded)."""
+    found = _HEADS.get(data)
+    if found is None:
+        head = _parse_head(data)
+        found = (head, _framing(head))
+        if len(data) <= _HEAD_KEPT_SIZE:
+            if len(_HEADS) >= _HEADS_KEPT:
+                _HEADS.clear()
+            _HEADS[data] = found
+    return found
+
+
+def _framing(head: ResponseHead) -> tuple:
+    """``(keep_alive, chunked, length)``: how a head says its body is framed, and if the connection stays."""
+    keep_alive = head.version == b"HTTP/1.1"
+    length = None
+    chunked = False
+    for name, value in head.headers:
+        if name == b"connection":
+            tokens = [token.strip().lower() for token in value.split(b",")]
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+        elif name == b"transfer-encoding":
+            chunked = value.strip().lower().endswith(b"chunked")
+        elif name == b"content-length":
+            try:
+                value_length = int(value.strip())
+            except ValueError:
+                raise MalformedResponse("a Content-Length is not a number") from None
+            if value_length < 0 or (length is not None and length != value_length):
+                raise MalformedResponse("the Content-Length is invalid")
+            length = value_length
+    return keep_alive, chunked, length
 
 
 def _chunk_size(line: bytes) -> int:

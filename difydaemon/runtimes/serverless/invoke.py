@@ -98,6 +98,15 @@ class InvokeClient:
         sent as the ``traceparent`` header, as Go's instrumented client
         does, so a function behind a tracing gateway joins the trace.
         """
+        return Deferred.fromCoroutine(self.call(function_url, action, session_id, request, on_outcome))
+
+    async def call(self, function_url: str, action: str, session_id: str, request: dict,
+                   on_outcome: Callable[[object], None]) -> None:
+        """
+        :meth:`invoke` as a coroutine, for a caller that is one already:
+        awaited directly, it spares every call a Deferred of its own and
+        the hop through it (cancelling the caller drops the call alike).
+        """
         body = orjson.dumps(request)
         if len(body) > self.max_request_bytes:
             on_outcome(
@@ -107,10 +116,8 @@ class InvokeClient:
                     f" max_request_bytes={self.max_request_bytes}",
                 )
             )
-            return Deferred.fromCoroutine(_nothing())
-        return Deferred.fromCoroutine(
-            self._call(invoke_url(function_url, action), session_id, body, on_outcome, request.get("traceparent"))
-        )
+            return
+        await self._call(invoke_url(function_url, action), session_id, body, on_outcome, request.get("traceparent"))
 
     async def _call(self, url: str, session_id: str, body: bytes, on_outcome, traceparent=None) -> None:
         headers = dict(_HEADERS)
@@ -195,10 +202,6 @@ class InvokeClient:
             raise
         for outcome in decoder.finish():
             on_outcome(outcome)
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _header(response, name: bytes) -> str | None:

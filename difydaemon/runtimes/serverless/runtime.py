@@ -92,7 +92,11 @@ class ServerlessRuntime:
         self._sessions = sessions
         self._drain_timeout = drain_timeout
         self._table = SessionTable(reactor, None)
-        self._calls: set[Deferred] = set()
+        # the call of each session that has not had its last outcome yet:
+        # only those are dropped at the end of a drain; a call whose session
+        # ended is reading the rest of its body, and hanging up on it would
+        # cut the function's (or its gateway's) answer short
+        self._calls: dict[str, Deferred] = {}
         self._stopping = False
         self._drain: SessionDrain | None = None
         self._stopped: Deferred | None = None
@@ -115,7 +119,8 @@ class ServerlessRuntime:
         handle = _Handle(self._table.open(session_id, listener))
         session = self._session_of(listener, request)
         call = Deferred.fromCoroutine(self._run(session_id, request, session))
-        self._calls.add(call)
+        if not call.called and session_id in self._table:
+            self._calls[session_id] = call
         call.addBoth(self._call_done, call, session_id)
         if not call.called:
             handle.call = call
@@ -130,8 +135,12 @@ class ServerlessRuntime:
         return ServerlessSession.of(session, self.plugin_unique_identifier)
 
     def _call_done(self, result, call: Deferred, session_id: str):
-        self._calls.discard(call)
-        self._forget(session_id)
+        if self._calls.get(session_id) is call:
+            # ended without a last outcome (cancelled, closed while
+            # registering): forgotten here, once; a last outcome forgets it
+            # as it is delivered
+            del self._calls[session_id]
+            self._forget(session_id)
         if isinstance(result, Failure):
             if result.check(CancelledError):
                 return None
@@ -155,6 +164,7 @@ class ServerlessRuntime:
         if kind is Finished or kind is Failed:
             # no transaction of an ended session, even while its body drains
             self._forget(session_id)
+            self._calls.pop(session_id, None)
         if kind is Chunk:
             self._table.deliver(SessionMessage(session_id, "stream", outcome.data, outcome.raw))
         elif kind is Finished:
@@ -180,7 +190,7 @@ class ServerlessRuntime:
         if action in BATCHED_ACTIONS and isinstance(data.get("texts"), list):
             await self._run_batched(session_id, action, request)
             return
-        await self._invoker.invoke(
+        await self._invoker.call(
             self.function.url, action, session_id, request, lambda outcome: self._deliver(session_id, outcome)
         )
 
@@ -192,7 +202,7 @@ class ServerlessRuntime:
             self._deliver(session_id, Failed(errors.InternalServerError.error_type, str(exc)))
             return
         if len(batches) == 1:
-            await self._invoker.invoke(
+            await self._invoker.call(
                 self.function.url, action, session_id, request, lambda outcome: self._deliver(session_id, outcome)
             )
             return
@@ -210,7 +220,7 @@ class ServerlessRuntime:
                 elif kind is LogLine:
                     self._deliver(session_id, outcome)
 
-            await self._invoker.invoke(self.function.url, action, session_id, batch_request(request, indexes), collect)
+            await self._invoker.call(self.function.url, action, session_id, batch_request(request, indexes), collect)
             if failed:
                 self._deliver(session_id, failed[0])
                 return
@@ -249,7 +259,7 @@ class ServerlessRuntime:
         return waiter
 
     def _drained(self) -> None:
-        for call in list(self._calls):
+        for call in list(self._calls.values()):
             call.cancel()
         self._stopped.callback(None)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import SkipTest
+
 from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -9,6 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from difydaemon.http_body import BodyLost, BodyStream, StopReading
+from difydaemon.runtimes.serverless import function_client
 from difydaemon.runtimes.serverless.function_client import FunctionHTTPClient, function_http_client
 from difydaemon.runtimes.serverless.http1 import MalformedResponse
 from difydaemon.runtimes.serverless.invoke import InvokeClient
@@ -28,6 +31,16 @@ def chunk(data: bytes) -> bytes:
 
 def session_line(kind: str, data: bytes) -> bytes:
     return b'{"event":"session","session_id":"%s","data":{"type":"%s","data":%s}}\n' % (SID.encode(), kind.encode(), data)
+
+
+class _RecordingSocket:
+    """A socket that records the options set on it."""
+
+    def __init__(self, options):
+        self._options = options
+
+    def setsockopt(self, level, option, value):
+        self._options.append((level, option, value))
 
 
 class _Endpoint:
@@ -100,6 +113,23 @@ class FunctionHTTPClientTests(SynchronousTestCase):
         self.respond(0, chunk(b"b") + b"0\r\n\r\n")
         self.assertEqual(pieces, [b"a", b"b"])
         self.successResultOf(reader.done)
+
+    def test_delayed_acks_off_until_the_last_read(self):
+        """Every read re-arms TCP_QUICKACK except the one that ends a chunked response (the next request carries its ACK)."""
+        if function_client._TCP_QUICKACK is None:
+            raise SkipTest("TCP_QUICKACK is Linux's")
+        d = self.client.post(URL, b"{}", HEADERS)
+        protocol, _ = self.net.all[0]
+        armed = []
+        protocol._socket = _RecordingSocket(armed)
+        self.respond(0, CHUNKED_HEAD + chunk(b"a"))
+        pieces, reader = self.read(self.successResultOf(d))
+        self.respond(0, chunk(b"\n\n"))
+        self.assertEqual(len(armed), 2)
+        self.respond(0, chunk(b"b") + b"0\r\n\r\n")
+        self.assertEqual(len(armed), 2)
+        self.successResultOf(reader.done)
+        self.assertEqual(pieces, [b"a", b"\n\n", b"b"])
 
     def test_connection_reused(self):
         """A connection whose response ended cleanly carries the next request: one connection for many calls."""

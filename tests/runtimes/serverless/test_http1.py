@@ -134,3 +134,18 @@ class ResponseDecoderTests(SynchronousTestCase):
         decoder = ResponseDecoder()
         events = decoder.feed(CHUNKED[:-5])
         self.assertEqual([type(e) for e in events], [ResponseHead, bytes])
+
+    def test_same_head_decoded_alike_every_time(self):
+        """A head seen before (parsed once, then reused) frames each response as it did the first: body, end, reuse."""
+        for _ in range(3):
+            heads, body, ends, _ = decode(CHUNKED)
+            self.assertEqual((heads[0].code, body, ends), (200, b"hello\n world", [ResponseEnd(True)]))
+            heads, body, ends, _ = decode(LENGTH + LENGTH[:12])
+            self.assertEqual((heads[0].code, body, ends), (502, b"nope", [ResponseEnd(True)]))
+
+    def test_malformed_head_refused_every_time(self):
+        """A malformed head is refused each time it comes, not only the first."""
+        for _ in range(3):
+            self.assertRaises(
+                MalformedResponse, ResponseDecoder().feed, b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"
+            )

@@ -132,6 +132,20 @@ class RuntimeTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(listener.calls[-1][2], "the plugin daemon is shutting down")
 
+    def test_stop_lets_an_ended_session_read_the_rest_of_its_body(self):
+        """A stop does not hang up on a call whose session has ended while the rest of its body is still coming."""
+        self.function.replies = [Reply(body=[session_line(SID, "end", None)], hang=True)]
+        listener, _ = self.open({"type": "tool", "action": "invoke_tool"})
+        self.stub.flush()
+        self.assertEqual(listener.calls, [("end",)])
+        [answer] = self.function.open_requests
+        self.successResultOf(self.runtime.stop(drain_timeout=5))
+        self.stub.flush()
+        self.assertFalse(answer._disconnected)
+        answer.finish()
+        self.stub.flush()
+        self.assertEqual(self.runtime._calls, {})
+
     def test_embeddings_batched(self):
         """An embedding call over the size limit goes as several calls of one session and one merged result."""
 
