@@ -242,8 +242,12 @@ class RuntimeRegistry:
         return list(self._runtimes.values())
 
     def launching(self) -> list[str]:
-        """The supervised identifiers with no runtime yet (launching or backing off)."""
-        return [record.identifier for record in self._records.values() if record.runtime is None]
+        """The supervised identifiers with no runtime yet (launching or backing off), idle ones aside."""
+        return [record.identifier for record in self._records.values() if record.runtime is None and record.state != IDLE]
+
+    def idle(self) -> list[str]:
+        """The supervised identifiers stopped (or restored) idle, to be launched by their next request."""
+        return [record.identifier for record in self._records.values() if record.state == IDLE]
 
     def status(self, plugin_unique_identifier: str) -> RuntimeStatus | None:
         """The supervision state of a local identifier, or None if it has none."""

@@ -211,12 +211,13 @@ class RestoreIdleTests(RegistryCase):
         self.registry = RuntimeRegistry(self.clock, self.factory, restore_idle=True)
 
     def test_restored_plugins_start_idle(self):
-        """start() launches nothing: each installed plugin is supervised, idle, and counts as neither free nor busy."""
+        """start() launches nothing: each installed plugin is supervised, idle (not launching), and counts as neither free nor busy."""
         self.successResultOf(self.registry.start())
         self.assertEqual(self.factory.attempts, [])
         self.assertEqual((self.registry.status(A).state, self.registry.status(B).state), (IDLE, IDLE))
         self.assertIsNone(self.registry.get(A))
         self.assertEqual(self.registry.pool_status(), {"free": 0, "busy": 0, "total": 0})
+        self.assertEqual((self.registry.launching(), sorted(self.registry.idle())), ([], sorted([A, B])))
 
     def test_first_request_launches_only_its_plugin(self):
         """A wait for a restored plugin launches that one at once, and it serves the wait."""
@@ -562,6 +563,7 @@ class IdleTests(RegistryCase):
         self.assertEqual(runtime.stop_calls, [(None, None)])
         self.assertEqual(self.registry.status(A).state, IDLE)
         self.assertEqual(self.registry.pool_status(), {"free": 0, "busy": 0, "total": 0})
+        self.assertEqual((self.registry.launching(), self.registry.idle()), ([], [A]))
         self.assertEqual(self.factory.count(A), 1)
 
     def test_next_request_launches_again_and_waits(self):
