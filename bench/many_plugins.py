@@ -23,7 +23,12 @@ first heartbeat -> answer (the request relayed and answered).
 Targets (issue 14): idle total RSS <= 250 MB for 100 plugins; a cold
 plugin's first call <= 1.5 s p50.
 
-Usage: ``python bench/many_plugins.py [--plugins 100] [--cold-calls 20] [--idle-timeout 5] [--parallel 4]``
+With ``--restart-window``, the idle-stop daemon is then restarted: the
+first call to the last plugin installed, and the peak memory and plugin
+processes over that window (a restore that launched every plugin would
+hold them all at once, and make the call wait its turn).
+
+Usage: ``python bench/many_plugins.py [--plugins 100] [--cold-calls 20] [--idle-timeout 5] [--parallel 4] [--restart-window 30]``
 """
 
 from __future__ import annotations
@@ -158,6 +163,33 @@ async def until(predicate, timeout: float) -> bool:
     return False
 
 
+async def measure_restart(daemon: Daemon, number: int, window: float) -> tuple[float, float, int]:
+    """
+    Restart the daemon with every plugin installed and call ``acme/echo<number>``
+    as soon as it is ready: that call's latency, and the peak total RSS and
+    plugin process count sampled over ``window`` seconds from then.
+    """
+    daemon.restart()
+    await daemon.wait_ready(60)
+    pid = daemon.process.pid
+    peak_rss, peak_processes, sampling = 0.0, 0, True
+
+    async def sample():
+        nonlocal peak_rss, peak_processes
+        while sampling:
+            peak_rss = max(peak_rss, total_rss_mb(pid))
+            peak_processes = max(peak_processes, len(plugin_processes(pid)))
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.ensure_future(sample())
+    started = time.monotonic()
+    _, seconds = await call(daemon.port, number)
+    await asyncio.sleep(max(0.0, window - (time.monotonic() - started)))
+    sampling = False
+    await sampler
+    return seconds, peak_rss, peak_processes
+
+
 async def run(args, idle_timeout: int | None, prepared: str) -> dict:
     """One daemon: install, settle, measure."""
     extra = {"LOG_OUTPUT_FORMAT": "json"}
@@ -196,6 +228,9 @@ async def run(args, idle_timeout: int | None, prepared: str) -> dict:
             events = daemon_events(daemon.log.name)
             phases = [cold_phases(events, n, at, seconds) for n, (at, seconds) in enumerate(zip(began, samples))]
             figures["phases"] = [p for p in phases if p is not None]
+            if args.restart_window:
+                # the last one installed: the last a restore launching every plugin would reach
+                figures["restart"] = await measure_restart(daemon, args.plugins - 1, args.restart_window)
     finally:
         daemon.stop()
     return figures
@@ -229,6 +264,13 @@ def report(name: str, figures: dict, plugins: int) -> None:
             f"  cold call phases from the daemon's log, medians of {len(phases)}: request in -> spawned "
             f"{medians[0]:.1f} ms; spawned -> first heartbeat {medians[1]:.0f} ms; first heartbeat -> answer {medians[2]:.1f} ms"
         )
+    restart = figures.get("restart")
+    if restart:
+        seconds, peak_rss, peak_processes = restart
+        print(
+            f"  after a restart: first call to the last plugin installed {seconds * 1000:.0f} ms; "
+            f"peak daemon + plugins RSS {peak_rss:.1f} MB, peak plugin processes {peak_processes}"
+        )
 
 
 async def main(args):
@@ -251,6 +293,10 @@ if __name__ == "__main__":
     parser.add_argument("--idle-timeout", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=4, help="installs at once")
     parser.add_argument("--skip-running", action="store_true", help="measure only the idle-stop daemon")
+    parser.add_argument(
+        "--restart-window", type=float, default=0,
+        help="then restart the idle-stop daemon, call its last plugin and watch memory for this many seconds (0: no restart)",
+    )
     parser.add_argument(
         "--no-direct", dest="direct", action="store_false",
         help="do not interleave direct cold starts of the same plugins with the daemon's cold calls",
