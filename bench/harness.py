@@ -97,15 +97,29 @@ class Daemon:
             }
         )
         env.update(extra_env or {})
+        self._env = env
         self.log = open(os.path.join(self.dir, "daemon.log"), "wb")
-        self.process = subprocess.Popen(
+        self.process = self._spawn()
+        self.working = working
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="] + (os.environ.get("BENCH_TWISTD_ARGS", "").split()) + ["difydaemon"],
             cwd=self.dir,
-            env=env,
+            env=self._env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.working = working
+
+    def restart(self) -> None:
+        """Stop the daemon (TERM, KILL after 30 s) and start it again on the same directory, database and port."""
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = self._spawn()
 
     async def wait_ready(self, timeout=30.0):
         deadline = time.monotonic() + timeout

@@ -379,6 +379,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         # even a plugin KILL cannot end (uninterruptible sleep) is given up
         # on 8.5 s after SIGTERM with the default grace, under docker's 10 s
         stop_timeout=PLUGIN_STOP_GRACE_PERIOD + 0.5,
+        restore_idle=config.platform == "local" and config.local_runtime.plugin_idle_timeout_seconds is not None,
     )
     replica = Replica(
         reactor,

@@ -1,16 +1,25 @@
 """
 Hosting many plugins end to end: a real SDK plugin in a real uv venv under
 the real daemon, stopped when idle and started again by a burst of calls,
-and killed when it goes over the memory its manifest declares.
+left idle by a restart until its first call, and killed when it goes over
+the memory its manifest declares.
 """
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer
 
 from difydaemon.testing.plugins import behaviour_plugin_files
+from difydaemon.testing.proc import command_line, descendants
 from tests.test_end_to_end import DaemonCase, _alive, sse_items
 from tests.test_supervision_end_to_end import last_error, until
+
+
+def plugin_processes() -> list[int]:
+    """The processes below this test running a plugin (``-m main``)."""
+    return [pid for pid in descendants(os.getpid()) if b"-m\0main" in command_line(pid)]
 
 
 def texts(body: bytes) -> list:
@@ -53,6 +62,33 @@ class IdleStopTests(DaemonCase):
         [new] = self.service.runtimes.get(identifier).instances
         self.assertNotEqual(new.pid, old.pid)
         await until(lambda: self.service.runtimes.get(identifier) is None, "idle again")
+
+
+class RestoreIdleTests(DaemonCase):
+    """With idle stop on, a restarted daemon starts an installed plugin only for its first call."""
+
+    async def test_restart_leaves_plugin_idle_until_called(self):
+        """
+        After a restart with PLUGIN_IDLE_TIMEOUT the installed plugin is
+        idle with no process; its first call starts it and is answered.
+        """
+        environ = self.daemon_environment(PLUGIN_IDLE_TIMEOUT="60")
+        await self._boot(environ)
+        identifier = await self.install(behaviour_plugin_files())
+        self.assertEqual(self.task["status"], "success", self.task)
+        [old] = self.service.runtimes.get(identifier).instances
+        await self.service.stopService()
+        self.assertFalse(_alive(old.pid), f"plugin process {old.pid} outlived the daemon")
+
+        await self._boot(environ)
+        await until(lambda: self.service.runtimes.status(identifier) is not None, "the installed plugin restored")
+        self.assertEqual(self.service.runtimes.status(identifier).state, "idle")
+        self.assertIsNone(self.service.runtimes.get(identifier))
+        self.assertEqual(plugin_processes(), [])
+
+        self.assertEqual(texts(await self.tool("echo", {"text": "woken"})), ["woken", "woken"])
+        [new] = self.service.runtimes.get(identifier).instances
+        self.assertEqual(plugin_processes(), [new.pid])
 
 
 class MemoryLimitTests(DaemonCase):

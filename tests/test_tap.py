@@ -201,6 +201,17 @@ class MakeServiceTests(SynchronousTestCase):
             (90.0, 3, 20.0),
         )
 
+    def test_idle_stop_restores_plugins_idle(self):
+        """With PLUGIN_IDLE_TIMEOUT the registry leaves restored plugins idle; without it, it launches them."""
+        built = {}
+        for idle_timeout in ("90", "0"):
+            environ = environment(self.mktemp(), 5002)
+            environ["PLUGIN_IDLE_TIMEOUT"] = idle_timeout
+            options = tap.Options()
+            options.parseOptions(["--env-file", "/nonexistent/.env"])
+            built[idle_timeout] = tap.makeService(options, reactor=MemoryReactorClock(), environ=environ).runtimes.restore_idle
+        self.assertEqual(built, {"90": True, "0": False})
+
     def test_installs_compile_in_the_background(self):
         """The daemon's builder compiles site-packages in the background, and the daemon's stop ends it (BackgroundBuildsService)."""
         environ = environment(self.mktemp(), 5002)

@@ -407,6 +407,9 @@ class RuntimeCollector:
                 memory.add_metric([plugin_id], sum(size for size in rss if size is not None))
         for identifier in self._registry.launching():
             status.add_metric([_plugin_id_of(identifier), self._registry.runtime_type], 0.5)
+        for identifier in self._registry.idle():
+            # stopped until its next request: no process
+            status.add_metric([_plugin_id_of(identifier), self._registry.runtime_type], 0.0)
         yield status
         yield restarts
         yield memory_kills

@@ -34,7 +34,10 @@ identifier whose first install fails gets no record: nothing was installed.
 
 At daemon start every installed plugin is restored in the background, each
 registered as soon as it is up; a request for one still starting waits for
-it.  At daemon stop every runtime drains for the shutdown grace period, all
+it.  With idle stop on (``restore_idle``), restored plugins start ``idle``
+instead: launching them all only to stop them an idle timeout later would
+hold every plugin in memory at once, the very thing idle stop is for, and a
+request would wait behind the launches of plugins nobody asked for.  At daemon stop every runtime drains for the shutdown grace period, all
 in parallel, then the sessions still open fail with "the plugin daemon is
 shutting down" and the plugins are stopped; :meth:`RuntimeRegistry.stop_all`
 fires within a bound whatever the plugins do.
@@ -163,6 +166,9 @@ class RuntimeRegistry:
     :param stop_timeout: seconds after the grace period that
         :meth:`stop_all` waits for plugins to end (TERM, KILL) before it
         gives up on them and fires anyway.
+    :param restore_idle: whether the plugins restored at daemon start are
+        left ``idle``, to be launched by their first request
+        (``PLUGIN_IDLE_TIMEOUT`` is set), instead of launched at once.
     """
 
     def __init__(
@@ -173,8 +179,10 @@ class RuntimeRegistry:
         retry_policy: RetryPolicy = RetryPolicy(),
         shutdown_grace_period: float = 6.0,
         stop_timeout: float = 5.0,
+        restore_idle: bool = False,
     ) -> None:
         self._reactor = reactor
+        self.restore_idle = restore_idle
         self._factory = factory
         self.runtime_type = runtime_type
         self.retry_policy = retry_policy
@@ -234,8 +242,12 @@ class RuntimeRegistry:
         return list(self._runtimes.values())
 
     def launching(self) -> list[str]:
-        """The supervised identifiers with no runtime yet (launching or backing off)."""
-        return [record.identifier for record in self._records.values() if record.runtime is None]
+        """The supervised identifiers with no runtime yet (launching or backing off), idle ones aside."""
+        return [record.identifier for record in self._records.values() if record.runtime is None and record.state != IDLE]
+
+    def idle(self) -> list[str]:
+        """The supervised identifiers stopped (or restored) idle, to be launched by their next request."""
+        return [record.identifier for record in self._records.values() if record.state == IDLE]
 
     def status(self, plugin_unique_identifier: str) -> RuntimeStatus | None:
         """The supervision state of a local identifier, or None if it has none."""
@@ -584,7 +596,8 @@ class RuntimeRegistry:
         """
         Bring back what was installed before the daemon (re)started, in the
         background: the daemon does not wait for plugins, and each is
-        registered as soon as it is up.
+        registered as soon as it is up (or, with ``restore_idle``, left
+        idle until its first request).
         """
         if self._factory is not None:
             d = self._factory.installed()
@@ -596,7 +609,17 @@ class RuntimeRegistry:
         for identifier in identifiers:
             if self._stopping:
                 return
-            self.prepare(identifier)
+            if self.restore_idle:
+                self._register_idle(identifier)
+            else:
+                self.prepare(identifier)
+
+    def _register_idle(self, identifier: str) -> None:
+        """Supervise an installed identifier without launching it: its first request will."""
+        if identifier in self._records or identifier in self._runtimes:
+            # a request that came before the restore listed it launched it already
+            return
+        self._new_record(identifier, supervised=True).state = IDLE
 
     def prepare(self, plugin_unique_identifier: str) -> None:
         """

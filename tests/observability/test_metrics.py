@@ -171,9 +171,10 @@ class FakeRuntime:
 class FakeRegistry:
     runtime_type = "local"
 
-    def __init__(self, runtimes, launching=()):
+    def __init__(self, runtimes, launching=(), idle=()):
         self._runtimes = runtimes
         self._launching = list(launching)
+        self._idle = list(idle)
 
     def runtimes(self):
         return list(self._runtimes)
@@ -181,12 +182,15 @@ class FakeRegistry:
     def launching(self):
         return list(self._launching)
 
+    def idle(self):
+        return list(self._idle)
+
 
 class RuntimeCollectorTests(SynchronousTestCase):
     """Runtime state is read from the registry at scrape time."""
 
     def test_status_processes_memory_sessions(self):
-        """Status values, restarts, memory kills, processes and their summed RSS, active plugins and open sessions."""
+        """Status values (an idle plugin's 0), restarts, memory kills, processes and their summed RSS, active plugins and open sessions."""
         running = FakeRuntime(
             "acme/echo", True, "running", [FakeInstance(11, sessions=2), FakeInstance(12, sessions=1)], restarts=3,
             memory_kills=2,
@@ -195,7 +199,9 @@ class RuntimeCollectorTests(SynchronousTestCase):
         failed = FakeRuntime("acme/dead", False, "failed", [FakeInstance(14, exited=True)], restarts=5)
         debug = FakeRuntime("acme/debug", True, "running", runtime_type="remote")
         debug.sessions = {"s": object()}
-        registry = FakeRegistry([running, starting, failed, debug], launching=["acme/new:0.0.1@" + "a" * 64])
+        registry = FakeRegistry(
+            [running, starting, failed, debug], launching=["acme/new:0.0.1@" + "a" * 64], idle=["acme/idle:0.0.1@" + "b" * 64]
+        )
         memory = {11: 1000, 12: 2000, 13: None}
         found = samples(RuntimeCollector(registry, memory=memory.get))
         status = "plugin_runtime_status"
@@ -204,6 +210,7 @@ class RuntimeCollectorTests(SynchronousTestCase):
         self.assertEqual(found[(status, (("plugin_id", "acme/dead"), ("runtime_type", "local")))], 0.0)
         self.assertEqual(found[(status, (("plugin_id", "acme/debug"), ("runtime_type", "remote")))], 1.0)
         self.assertEqual(found[(status, (("plugin_id", "acme/new"), ("runtime_type", "local")))], 0.5)
+        self.assertEqual(found[(status, (("plugin_id", "acme/idle"), ("runtime_type", "local")))], 0.0)
         self.assertEqual(found[("plugin_restarts_total", (("plugin_id", "acme/echo"), ("runtime_type", "local")))], 3)
         self.assertEqual(found[("plugin_memory_kills_total", (("plugin_id", "acme/echo"),))], 2)
         self.assertNotIn(("plugin_memory_kills_total", (("plugin_id", "acme/debug"),)), found)

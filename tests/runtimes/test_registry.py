@@ -202,6 +202,50 @@ class RestoreTests(RegistryCase):
         self.assertIn(A, self.factory.pending)
 
 
+class RestoreIdleTests(RegistryCase):
+    """With idle stop on, restored plugins wait idle for their first request instead of all launching at start."""
+
+    def setUp(self):
+        super().setUp()
+        self.factory = _Factory(installed=[A, B])
+        self.registry = RuntimeRegistry(self.clock, self.factory, restore_idle=True)
+
+    def test_restored_plugins_start_idle(self):
+        """start() launches nothing: each installed plugin is supervised, idle (not launching), and counts as neither free nor busy."""
+        self.successResultOf(self.registry.start())
+        self.assertEqual(self.factory.attempts, [])
+        self.assertEqual((self.registry.status(A).state, self.registry.status(B).state), (IDLE, IDLE))
+        self.assertIsNone(self.registry.get(A))
+        self.assertEqual(self.registry.pool_status(), {"free": 0, "busy": 0, "total": 0})
+        self.assertEqual((self.registry.launching(), sorted(self.registry.idle())), ([], sorted([A, B])))
+
+    def test_first_request_launches_only_its_plugin(self):
+        """A wait for a restored plugin launches that one at once, and it serves the wait."""
+        self.successResultOf(self.registry.start())
+        waiting = self.registry.when_ready(B, 120)
+        self.assertEqual(self.factory.attempts, [(B, "installed")])
+        runtime = self.factory.succeed(B)
+        self.assertIs(self.successResultOf(waiting), runtime)
+        self.assertEqual((self.registry.status(A).state, self.registry.status(B).state), (IDLE, RUNNING))
+
+    def test_request_before_the_restore_launches_once(self):
+        """A plugin a request launched before the restore listed it is not made idle or launched again."""
+        waiting = self.registry.when_ready(A, 120)
+        self.successResultOf(self.registry.start())
+        self.assertEqual(self.factory.attempts, [(A, "installed")])
+        self.assertEqual(self.registry.status(A).state, LAUNCHING)
+        runtime = self.factory.succeed(A)
+        self.assertIs(self.successResultOf(waiting), runtime)
+
+    def test_uninstalling_a_restored_idle_plugin(self):
+        """An uninstall of a plugin restored idle forgets it and discards its files, launching nothing."""
+        self.successResultOf(self.registry.start())
+        self.successResultOf(self.registry.stop(A))
+        self.assertIsNone(self.registry.status(A))
+        self.assertEqual(self.factory.attempts, [])
+        self.assertIn(A, self.factory.discarded)
+
+
 class BackoffTests(RegistryCase):
     """A failed plugin is retried with a capped backoff, for ever, and says why."""
 
@@ -519,6 +563,7 @@ class IdleTests(RegistryCase):
         self.assertEqual(runtime.stop_calls, [(None, None)])
         self.assertEqual(self.registry.status(A).state, IDLE)
         self.assertEqual(self.registry.pool_status(), {"free": 0, "busy": 0, "total": 0})
+        self.assertEqual((self.registry.launching(), self.registry.idle()), ([], [A]))
         self.assertEqual(self.factory.count(A), 1)
 
     def test_next_request_launches_again_and_waits(self):
