@@ -40,6 +40,9 @@ _SLOTS = len(BUCKETS) + 1
 #: the most distinct ``endpoint`` labels kept; later ones count as ``other``
 #: so that odd paths cannot grow the exposition without bound
 MAX_ENDPOINTS = 256
+#: the longest ``endpoint`` label kept (every route's is shorter); a longer
+#: path counts as ``other``
+MAX_ENDPOINT_LENGTH = 128
 
 #: the request methods counted by name; any other (a client may send any
 #: token, thousands of bytes long) counts as ``_OTHER``, the OpenTelemetry
@@ -321,7 +324,10 @@ def web_endpoint(path: bytes, status: int) -> str:
         if segments[3] == "dispatch":
             return dispatch_endpoint("/".join(segments[4:]).encode())
         segments[4:] = [":id" if _ID_LIKE.search(s) else s for s in segments[4:]]
-    return "/".join(segments)
+    label = "/".join(segments)
+    # a path answered without a route (a 401 at the head) may be kilobytes
+    # long; each span of it would carry that as its name and http.route
+    return label if len(label) <= MAX_ENDPOINT_LENGTH else "other"
 
 
 # ---------------------------------------------------------------------------
