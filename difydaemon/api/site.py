@@ -8,7 +8,7 @@ from twisted.web.server import Site
 from difydaemon.api.admission import FrontDoor
 from difydaemon.api.dispatch_channel import DateCache, DispatchChannel, DispatchGate
 from difydaemon.api.web_channel import DaemonHTTPChannel, DaemonRequest
-from difydaemon.observability.metrics import web_endpoint
+from difydaemon.observability.metrics import http_method, web_endpoint
 
 #: one event per answered request (``difydaemon.api.access``)
 access_log = Logger(namespace="difydaemon.api.access")
@@ -110,11 +110,15 @@ class DaemonSite(Site):
         metrics = self._metrics
         span = getattr(request, "span", None)
         if metrics is not None or span is not None:
+            # the client picks the method and the path: only bounded labels
+            # may reach the counts and the spans (the span takes the label
+            # counted, "other" past MAX_ENDPOINTS, not the path itself)
+            label = http_method(request.method)
             endpoint = web_endpoint(path, request.code)
             if metrics is not None:
-                metrics.http_request(method, endpoint, request.code, seconds)
+                endpoint = metrics.http_request(label, endpoint, request.code, seconds)
             if span is not None:
-                span.end_request(method, endpoint, request.code)
+                span.end_request(label, endpoint, request.code)
         if b"/dispatch/" in path:
             return
         if path == b"/health/check" and not self._log_health:

@@ -60,6 +60,7 @@ from difydaemon.api.admission import (
     refusal_response,
 )
 from difydaemon.api.pace import BodyClock
+from difydaemon.observability.metrics import http_method
 
 log = Logger()
 
@@ -98,7 +99,7 @@ class DaemonRequest(Request):
             self.received_at = reactor.seconds()
         tracing = getattr(factory, "tracing", None)
         if tracing is not None:
-            span = self.span = tracing.start_request(self.method.decode("ascii", "replace"), self.requestHeaders)
+            span = self.span = tracing.start_request(http_method(self.method), self.requestHeaders)
             # a client that leaves first never has its answer logged
             self.notifyFinish().addErrback(span.client_gone)
         admission = self.admission

@@ -40,6 +40,17 @@ _SLOTS = len(BUCKETS) + 1
 #: the most distinct ``endpoint`` labels kept; later ones count as ``other``
 #: so that odd paths cannot grow the exposition without bound
 MAX_ENDPOINTS = 256
+#: the longest ``endpoint`` label kept (every route's is shorter); a longer
+#: path counts as ``other``
+MAX_ENDPOINT_LENGTH = 128
+
+#: the request methods counted by name; any other (a client may send any
+#: token, thousands of bytes long) counts as ``_OTHER``, the OpenTelemetry
+#: HTTP conventions' name for it, so that it cannot grow the labels
+HTTP_METHODS = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH")
+)
+OTHER_METHOD = "_OTHER"
 
 SUCCESS = "success"
 ERROR = "error"
@@ -163,8 +174,11 @@ class DaemonMetrics:
         series.active += 1
         return InvocationMeter(series, self.clock, self.invoke_errors, plugin_id)
 
-    def http_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
-        """One HTTP request answered."""
+    def http_request(self, method: str, endpoint: str, status: int, seconds: float) -> str:
+        """
+        One HTTP request answered; the endpoint label it was counted under
+        (``other`` once :data:`MAX_ENDPOINTS` are known).
+        """
         key = (method, endpoint, status)
         histogram = self.http.get(key)
         if histogram is None:
@@ -177,6 +191,7 @@ class DaemonMetrics:
                 histogram = self.http[key] = [0] * _SLOTS + [0.0]
         histogram[bisect_left(BUCKETS, seconds)] += 1
         histogram[_SLOTS] += seconds
+        return key[1]
 
     def installation(self, plugin_id: str, status: str, seconds: float) -> None:
         """One install job ended with ``status`` (``success`` or ``failed``)."""
@@ -280,6 +295,11 @@ _DISPATCH_LABELS = {route: "/plugin/:tenant_id/dispatch/" + route.decode("ascii"
 _ID_LIKE = re.compile(r"[^a-z_\-]")
 
 
+def http_method(method: bytes) -> str:
+    """The method label of a request's method: its name if standard, else ``_OTHER``."""
+    return method.decode("ascii") if method in HTTP_METHODS else OTHER_METHOD
+
+
 def dispatch_endpoint(route: bytes) -> str:
     """The endpoint label of a dispatch route (``tool/invoke``), "" for an unknown one."""
     return _DISPATCH_LABELS.get(route, "")
@@ -304,7 +324,10 @@ def web_endpoint(path: bytes, status: int) -> str:
         if segments[3] == "dispatch":
             return dispatch_endpoint("/".join(segments[4:]).encode())
         segments[4:] = [":id" if _ID_LIKE.search(s) else s for s in segments[4:]]
-    return "/".join(segments)
+    label = "/".join(segments)
+    # a path answered without a route (a 401 at the head) may be kilobytes
+    # long; each span of it would carry that as its name and http.route
+    return label if len(label) <= MAX_ENDPOINT_LENGTH else "other"
 
 
 # ---------------------------------------------------------------------------

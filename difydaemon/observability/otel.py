@@ -60,7 +60,10 @@ class TracedSpan:
         span = self._span
         if span is None:
             return
-        span.update_name(f"{method} {route}" if route else method)
+        # a method outside the standard ones (``_OTHER``) names the span
+        # ``HTTP``, as OpenTelemetry's HTTP conventions say
+        name = "HTTP" if method == "_OTHER" else method
+        span.update_name(f"{name} {route}" if route else name)
         if route:
             span.set_attribute("http.route", route)
         span.set_attribute("http.response.status_code", code)
@@ -127,9 +130,12 @@ class Tracing:
         under the request's valid ``traceparent`` if it has one; it is
         named after its route when it ends (:meth:`TracedSpan.end_request`).
 
+        :param method: a standard method, or ``_OTHER``
+            (:func:`~difydaemon.observability.metrics.http_method`).
         :param headers: the request's headers (``getRawHeaders``).
         """
-        return self.start(method, SERVER, traceparent_of(headers), {"http.request.method": method})
+        name = "HTTP" if method == "_OTHER" else method
+        return self.start(name, SERVER, traceparent_of(headers), {"http.request.method": method})
 
     def shutdown(self) -> None:
         """Export what is queued and stop (blocking: run it in a thread)."""

@@ -32,6 +32,9 @@ SCOPE = "difydaemon"
 GO_SCOPE = "dify-plugin-daemon/plugin"
 #: what Go's attributes say when a value is not known
 UNKNOWN = "unknown"
+#: the longest a stop waits for the last export (seconds), whatever
+#: ``OTEL_METRIC_EXPORT_TIMEOUT`` allows the export itself
+STOP_WAIT = 5.0
 
 
 def metrics_data(registry, start_ns: int, now_ns: int, daemon_metrics=None):
@@ -193,8 +196,9 @@ class MetricsPush(Service):
     The registry is read on the reactor thread (the collectors read the
     runtimes' state, which only that thread changes); the export runs in a
     daemon thread, so a collector that is down costs its timeout there,
-    never a stalled reactor or a held exit.  An export still running when
-    the next one is due makes that one skip.
+    never a stalled reactor; the stop waits for the last export, for
+    :data:`STOP_WAIT` seconds at most.  An export still running when the
+    next one is due makes that one skip.
 
     :param reactor: an ``IReactorTime`` (and ``IReactorThreads`` unless
         ``run_in_thread`` is given).
@@ -238,25 +242,51 @@ class MetricsPush(Service):
             lambda failure: log.failure("pushing the metrics stopped", failure)
         )
 
-    def stopService(self):
+    def stopService(self) -> Deferred:
+        """
+        Stop pushing and export the last counts; fires when that export
+        ends, or after :data:`STOP_WAIT` seconds at most (a collector that
+        hangs costs the stop that long, no more).
+        """
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        self.push(then_shutdown=True)
+        waiting: Deferred = Deferred()
+        exported = self._push(then_shutdown=True)
+        if exported is None:
+            waiting.callback(None)
+            return waiting
+
+        def done(_=None) -> None:
+            if not waiting.called:
+                waiting.callback(None)
+            if timer.active():
+                timer.cancel()
+
+        # the export runs in a daemon thread: a stop that did not wait would
+        # let the process exit before the last counts leave
+        timer = self._reactor.callLater(min(self._timeout_millis / 1000.0, STOP_WAIT), done)
+        exported.addBoth(done)
+        return waiting
 
     def push(self, then_shutdown: bool = False) -> None:
         """Read the registry now and export it off the reactor thread (unless an export is running)."""
+        # not the Deferred: LoopingCall would wait for it before the next push
+        self._push(then_shutdown)
+
+    def _push(self, then_shutdown: bool = False) -> Deferred | None:
+        """:meth:`push`; the export's Deferred (fired on the reactor thread), None when none was started."""
         if self._busy and not then_shutdown:
             log.debug("metrics export skipped: the previous one is still running")
-            return
+            return None
         try:
             data = metrics_data(
                 self._registry, self._started_ns, int(self._reactor.seconds() * 1e9), self._daemon_metrics
             )
         except Exception:
             log.failure("reading the metrics to export failed")
-            return
+            return None
         self._busy = True
         exporter = self._exporter
         timeout_millis = self._timeout_millis
@@ -270,7 +300,7 @@ class MetricsPush(Service):
                 if then_shutdown:
                     exporter.shutdown()
 
-        self._run_in_thread(export).addBoth(self._exported)
+        return self._run_in_thread(export).addBoth(self._exported)
 
     def _exported(self, result) -> None:
         self._busy = False

@@ -143,6 +143,12 @@ class EndpointLabelTests(SynchronousTestCase):
         self.assertEqual(web_endpoint(b"/health/check", 200), "/health/check")
         self.assertEqual(web_endpoint(f"/plugin/{tenant}/whatever/{tenant}".encode(), 404), "")
 
+    def test_long_paths_are_other(self):
+        """A path longer than any route (a 401 at the head for kilobytes of junk) is labelled "other"."""
+        self.assertEqual(web_endpoint(b"/junk/" + b"p" * 5000, 401), "other")
+        self.assertEqual(web_endpoint(b"/plugin/t/" + b"q" * 5000 + b"/x", 401), "other")
+        self.assertEqual(web_endpoint(b"/plugin/t/management/models", 401), "/plugin/:tenant_id/management/models")
+
 
 class FakeInstance:
     def __init__(self, pid, sessions=0, exited=False):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics.export import Gauge, Histogram, MetricExportResult, Sum
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
@@ -14,7 +14,7 @@ from difydaemon.config import load_config
 from difydaemon.errors import ConfigError
 from difydaemon.observability import otel
 from difydaemon.observability.metrics import DaemonMetrics
-from difydaemon.observability.otlp_metrics import MetricsPush, metrics_data
+from difydaemon.observability.otlp_metrics import STOP_WAIT, MetricsPush, metrics_data
 from difydaemon.testing.cases import SynchronousTestCase
 from tests.observability.test_dispatch_observed import otel_config
 from tests.observability.test_trace import refuse_imports
@@ -195,6 +195,32 @@ class PushTests(SynchronousTestCase):
         clock.advance(60)
         clock.advance(60)
         self.assertEqual(len(pending), 1)
+
+    def test_stop_waits_for_the_last_export(self):
+        """The stop fires once the last export has ended, not before (the process would exit under it)."""
+        pending = []
+        clock = MemoryReactorClock()
+        push = MetricsPush(clock, counted_registry(clock), RecordingExporter(), 60.0, timeout=2.5,
+                           run_in_thread=lambda f: pending.append(Deferred()) or pending[-1])
+        push.startService()
+        stopped = push.stopService()
+        self.assertNoResult(stopped)
+        pending[-1].callback(MetricExportResult.SUCCESS)
+        self.successResultOf(stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_hung_collector_holds_the_stop_no_longer_than_stop_wait(self):
+        """An export that never ends releases the stop after STOP_WAIT (or the export timeout if shorter)."""
+        for timeout, waited in ((30.0, STOP_WAIT), (2.5, 2.5)):
+            clock = MemoryReactorClock()
+            push = MetricsPush(clock, counted_registry(clock), RecordingExporter(), 60.0, timeout=timeout,
+                               run_in_thread=lambda f: Deferred())
+            push.startService()
+            stopped = push.stopService()
+            clock.advance(waited - 0.1)
+            self.assertNoResult(stopped)
+            clock.advance(0.1)
+            self.successResultOf(stopped)
 
 
 class _Later:

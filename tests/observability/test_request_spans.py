@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from difydaemon.api.admission import FrontDoor
 from difydaemon.api.site import DaemonSite
+from difydaemon.observability.metrics import MAX_ENDPOINTS, DaemonMetrics
 from difydaemon.observability.otel import build_tracing
 from difydaemon.testing.cases import SynchronousTestCase
 import tests
@@ -206,3 +207,35 @@ class EndpointSessionTests(EndpointCase):
         self.call()
         [span] = traced.spans()
         self.assertFalse(span.status.is_ok)
+
+
+class HostileRequestTests(SynchronousTestCase):
+    """What a client chooses (its method, its path) cannot grow the metrics or the spans without bound."""
+
+    def test_random_methods_are_one_label(self):
+        """A flood of made-up methods on a 404 path counts under one method label, and no span carries them."""
+        traced = Traced()
+        client = web_client(traced.tracing)
+        client.site._metrics = metrics = DaemonMetrics(client.clock.seconds)
+        client.resource.code = 404
+        for i in range(300):
+            client.send(request(method=b"X%05d" % i + b"Q" * 2000, target=b"/nowhere/%d" % i, body=b""))
+        client.send(request(method=b"GET", target=b"/nowhere", body=b""))
+        self.assertEqual({key[0] for key in metrics.http}, {"_OTHER", "GET"})
+        spans = traced.spans()
+        self.assertEqual(len(spans), 301)
+        self.assertEqual({span.name for span in spans}, {"HTTP", "GET"})
+        self.assertEqual({span.attributes["http.request.method"] for span in spans}, {"_OTHER", "GET"})
+
+    def test_span_route_is_the_bounded_label(self):
+        """Past MAX_ENDPOINTS distinct answered paths, spans are named by the metrics' "other" label, not the path."""
+        traced = Traced()
+        client = web_client(traced.tracing)
+        client.site._metrics = DaemonMetrics(client.clock.seconds)
+        client.resource.code = 401
+        for i in range(MAX_ENDPOINTS + 3):
+            client.send(request(method=b"GET", target=b"/junk/%d" % i, body=b""))
+        spans = traced.spans()
+        self.assertEqual(len({span.name for span in spans}), MAX_ENDPOINTS + 1)
+        self.assertEqual(spans[-1].name, "GET other")
+        self.assertEqual(spans[-1].attributes["http.route"], "other")
