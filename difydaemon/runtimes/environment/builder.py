@@ -371,12 +371,17 @@ class PythonEnvironmentBuilder:
                     log.info("byte-compiling {path} stopped with the daemon", path=working_dir)
                     return
             if prepared is not None or self._bytecode is not None:
-                self._keep_for_later(working_dir, prepared, linked)
+                await self._keep_for_later(working_dir, prepared, linked)
+                log.info("{path}: compiled and kept for later builds", path=working_dir)
 
         start_tracked(finish(), self._compiling, "finishing {path} in the background failed", path=working_dir)
 
-    def _keep_for_later(self, working_dir: str, prepared: str | None, linked) -> None:
-        """Start keeping a fresh build for later ones; tracked until done, its errors logged."""
+    def _keep_for_later(self, working_dir: str, prepared: str | None, linked) -> Deferred:
+        """
+        Start keeping a fresh build for later ones; tracked until done, its errors logged.
+
+        :return: a Deferred firing with None when it is done (it never fails).
+        """
 
         def forget(result: None) -> None:
             self._background.pop(done, None)
@@ -385,6 +390,7 @@ class PythonEnvironmentBuilder:
         self._background[done] = prepared
         done.addErrback(lambda failure: log.failure("keeping {path} for later builds failed", failure, path=working_dir))
         done.addBoth(forget)
+        return done
 
     def _keep_blocking(self, working_dir: str, prepared: str | None, linked) -> None:
         """Keep a prepared venv and new bytecode from a finished build (blocking)."""
@@ -480,7 +486,14 @@ class PythonEnvironmentBuilder:
         :param index_url: for a step that uses an index, that index (None
             for PyPI): when uv could not reach it the error says so first.
         """
+        started = self._reactor.seconds()
         outcome = await run_step(self._reactor, command, self._init_timeout, self._total_timeout, self._parent_death)
+        log.debug(
+            "{step} of {path} ended after {seconds} s",
+            step=command.step,
+            path=command.path,
+            seconds=round(self._reactor.seconds() - started, 3),
+        )
         if outcome.succeeded:
             return
         message = failure_message(command.step, outcome)

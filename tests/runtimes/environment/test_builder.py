@@ -12,6 +12,7 @@ import os
 import sys
 
 from twisted.internet.defer import DeferredSemaphore
+from twisted.logger import capturedLogs
 
 from difydaemon.errors import InternalServerError
 from difydaemon.runtimes.environment import (
@@ -476,13 +477,15 @@ class FakeCachedBuilderTests(SynchronousTestCase):
         self.assertTrue(venv_is_valid(second))
 
     def test_same_dependencies_wait_for_keeping(self):
-        """A build of the same dependencies waits for the prepared venv being kept, then copies it."""
-        self.first_build()
+        """A build of the same dependencies waits for the prepared venv being kept (then logged), then copies it."""
+        first, _ = self.first_build()
         second = self.plugin("second")
         spawned = len(self.reactor.processes)
         d = self.build(second)
         self.assertEqual(len(self.reactor.processes), spawned)  # no venv yet: it waits
-        self.pool.release()
+        with capturedLogs() as events:
+            self.pool.release()
+        self.assertEqual([e["path"] for e in events if "kept for later builds" in e["log_format"]], [first])
         prepared = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
         self.assertEqual(len(prepared), 1)
         self.assertTrue(venv_is_valid(os.path.join(self.prepared, prepared[0])))
