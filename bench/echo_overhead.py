@@ -5,7 +5,9 @@ directly over stdio, interleaved (A B A B ...), in one run:
 - upload -> install task success -> first answer (the daemon path only),
   with fresh daemon caches (only uv's is warm), with a dependency set never
   installed before on caches filled by another plugin (``--new-requirement``
-  names what it adds to the echo plugin's), and with a prepared venv;
+  names what it adds to the echo plugin's), and with a prepared venv (each
+  daemon is stopped only once its install's background compilation is
+  over and kept, as a daemon that keeps running would keep it);
 - echo round trip, one in flight: p50 / p99 of each path;
 - echo, N in flight: calls/s of each path.
 
@@ -114,6 +116,8 @@ async def first_answer(prepared, extra_requirements=()):
         elapsed = time.perf_counter() - start
         connection.close()
         assert status == 200 and b'"hi"' in reply, reply
+        if not await daemon.wait_kept():
+            print("  (the install was not kept for later builds: the next runs build afresh)")
         return elapsed
     finally:
         daemon.stop()
