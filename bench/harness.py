@@ -159,11 +159,12 @@ class Daemon:
             await asyncio.sleep(0.1)
         return False
 
-    async def wait_kept(self, timeout: float = 120.0) -> bool:
+    async def wait_kept(self, timeout: float = 300.0) -> bool:
         """
         Wait until the background compilation of a fresh install is over and
         its venv kept as a prepared venv, as a daemon that keeps running
-        would: a stop kills that compilation, and keeps nothing.
+        would: a stop kills that compilation, and keeps nothing.  Niced, it
+        takes minutes on a busy machine.
         """
         return await self.wait_logged("kept for later builds", timeout)
 
