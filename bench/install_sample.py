@@ -11,7 +11,11 @@ time on the prepared venv the first install kept, ``echo-prepared``: its
 daemon is stopped only once that is done) and
 every ``.difypkg`` given with ``--package`` (the official fixtures, say).
 
-Usage: ``python bench/install_sample.py [--rounds 2] [--package PATH ...] [--phases]``
+With ``--shared-caches`` the packages of a round share one prepared-venv
+directory and bytecode cache, each install kept before the next starts:
+a daemon that installed them in turn (the echo plugin first).
+
+Usage: ``python bench/install_sample.py [--rounds 2] [--package PATH ...] [--phases] [--shared-caches]``
 """
 
 from __future__ import annotations
@@ -115,23 +119,30 @@ async def main(args) -> None:
     results: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}:", flush=True)
-        for name, package, answer in packages:
-            # nothing cached by the daemon: a new working path and prepared-venv directory
-            prepared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
-            try:
+        # with --shared-caches, one prepared-venv directory (and bytecode cache) for the round
+        shared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-") if args.shared_caches else None
+        try:
+            for name, package, answer in packages:
+                # nothing cached by the daemon: a new working path and prepared-venv directory
+                prepared = shared or tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
                 try:
-                    result = await measure(name, package, prepared, answer, keep=answer)
-                except Exception as e:  # a package whose requirements cannot be had here
-                    print(f"  {name}: failed: {e}", flush=True)
-                    continue
-                print_result(result, args.phases)
-                results.setdefault(name, []).append(result["answered"] or result["listed"])
-                if answer:
-                    again = await measure(f"{name}-prepared", package, prepared, answer)
-                    print_result(again, args.phases)
-                    results.setdefault(again["name"], []).append(again["answered"])
-            finally:
-                shutil.rmtree(prepared, ignore_errors=True)
+                    try:
+                        result = await measure(name, package, prepared, answer, keep=answer or shared is not None)
+                    except Exception as e:  # a package whose requirements cannot be had here
+                        print(f"  {name}: failed: {e}", flush=True)
+                        continue
+                    print_result(result, args.phases)
+                    results.setdefault(name, []).append(result["answered"] or result["listed"])
+                    if answer and shared is None:
+                        again = await measure(f"{name}-prepared", package, prepared, answer)
+                        print_result(again, args.phases)
+                        results.setdefault(again["name"], []).append(again["answered"])
+                finally:
+                    if shared is None:
+                        shutil.rmtree(prepared, ignore_errors=True)
+        finally:
+            if shared is not None:
+                shutil.rmtree(shared, ignore_errors=True)
     print("medians (upload -> listed, or first answer where measured):")
     for name, values in results.items():
         print(f"  {name}: {median(values):.2f} s over {len(values)} runs")
@@ -142,4 +153,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--package", action="append", default=[], help="a .difypkg to measure too")
     parser.add_argument("--phases", action="store_true", help="print each install step's time")
+    parser.add_argument(
+        "--shared-caches",
+        action="store_true",
+        help="the packages of a round share the daemon's caches, each kept before the next (a daemon that installed them in turn)",
+    )
     asyncio.run(main(parser.parse_args()))
