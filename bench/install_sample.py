@@ -15,7 +15,11 @@ With ``--shared-caches`` the packages of a round share one prepared-venv
 directory and bytecode cache, each install kept before the next starts:
 a daemon that installed them in turn (the echo plugin first).
 
-Usage: ``python bench/install_sample.py [--rounds 2] [--package PATH ...] [--phases] [--shared-caches]``
+``--compare-env NAME=VALUE`` measures each package a second time right
+after the first, on a daemon with that variable set (A B A B ...).
+
+Usage: ``python bench/install_sample.py [--rounds 2] [--package PATH ...] [--phases] [--shared-caches]
+[--compare-env NAME=VALUE ...]``
 """
 
 from __future__ import annotations
@@ -58,13 +62,13 @@ def install_steps(log_path: str, since: float) -> list[tuple[float, str]]:
     return steps
 
 
-async def measure(name: str, package: bytes, prepared: str, answer: bool, keep: bool = False) -> dict:
+async def measure(name: str, package: bytes, prepared: str, answer: bool, keep: bool = False, env=None) -> dict:
     """
     One upload on a fresh daemon sharing ``prepared``: the client's times and
     the daemon's steps.  With ``keep``, the daemon is stopped only once it
     kept the install for later builds.
     """
-    daemon = Daemon(prepared_venvs=prepared, extra_env={"LOG_OUTPUT_FORMAT": "json", "LOG_LEVEL": "DEBUG"})
+    daemon = Daemon(prepared_venvs=prepared, extra_env={"LOG_OUTPUT_FORMAT": "json", "LOG_LEVEL": "DEBUG", **(env or {})})
     try:
         await daemon.wait_ready()
         start_wall = time.time()
@@ -116,25 +120,32 @@ async def main(args) -> None:
     for path in args.package:
         with open(path, "rb") as f:
             packages.append((os.path.basename(path), f.read(), False))
+    if args.compare_env:
+        # each package also measured right after with these variables: interleaved A B A B
+        extra = dict(item.split("=", 1) for item in args.compare_env)
+        label = ",".join(args.compare_env)
+        packages = [p for name, package, answer in packages for p in ((name, package, answer, None), (f"{name} [{label}]", package, answer, extra))]
+    else:
+        packages = [(name, package, answer, None) for name, package, answer in packages]
     results: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}:", flush=True)
         # with --shared-caches, one prepared-venv directory (and bytecode cache) for the round
         shared = tempfile.mkdtemp(prefix="difydaemon-bench-prepared-") if args.shared_caches else None
         try:
-            for name, package, answer in packages:
+            for name, package, answer, env in packages:
                 # nothing cached by the daemon: a new working path and prepared-venv directory
                 prepared = shared or tempfile.mkdtemp(prefix="difydaemon-bench-prepared-")
                 try:
                     try:
-                        result = await measure(name, package, prepared, answer, keep=answer or shared is not None)
+                        result = await measure(name, package, prepared, answer, keep=answer or shared is not None, env=env)
                     except Exception as e:  # a package whose requirements cannot be had here
                         print(f"  {name}: failed: {e}", flush=True)
                         continue
                     print_result(result, args.phases)
                     results.setdefault(name, []).append(result["answered"] or result["listed"])
                     if answer and shared is None:
-                        again = await measure(f"{name}-prepared", package, prepared, answer)
+                        again = await measure(f"{name}-prepared", package, prepared, answer, env=env)
                         print_result(again, args.phases)
                         results.setdefault(again["name"], []).append(again["answered"])
                 finally:
@@ -153,6 +164,13 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--package", action="append", default=[], help="a .difypkg to measure too")
     parser.add_argument("--phases", action="store_true", help="print each install step's time")
+    parser.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="measure each package again right after, with this daemon variable (repeatable)",
+    )
     parser.add_argument(
         "--shared-caches",
         action="store_true",
