@@ -162,6 +162,26 @@ class Daemon:
             await asyncio.sleep(0.02)
         return identifier
 
+    async def wait_logged(self, text: str, timeout: float = 120.0) -> bool:
+        """Wait until the daemon's log holds ``text``; False if it did not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.log.flush()
+            with open(self.log.name, "rb") as f:
+                if text.encode() in f.read():
+                    return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def wait_kept(self, timeout: float = 300.0) -> bool:
+        """
+        Wait until the background compilation of a fresh install is over and
+        its venv kept as a prepared venv, as a daemon that keeps running
+        would: a stop kills that compilation, and keeps nothing.  Niced, it
+        takes minutes on a busy machine.
+        """
+        return await self.wait_logged("kept for later builds", timeout)
+
     def stop(self):
         stop_child(self.process, self.log, self.dir)
 

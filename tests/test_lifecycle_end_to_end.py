@@ -13,6 +13,7 @@ from twisted.internet import defer
 
 from difydaemon.testing.plugins import behaviour_plugin_files
 from difydaemon.testing.proc import command_line, descendants
+from tests.packaging.fixtures import AGENT, fixture_bytes
 from tests.test_end_to_end import DaemonCase, _alive, sse_items
 from tests.test_supervision_end_to_end import last_error, until
 
@@ -114,3 +115,18 @@ class MemoryLimitTests(DaemonCase):
 
         body = await self.tool("echo", {"text": "again"})
         self.assertEqual(texts(body), ["again", "again"])
+
+    async def test_official_package_placeholder_memory_not_enforced(self):
+        """
+        The official agent package declares resource.memory 1048576: it
+        installs and heartbeats under the daemon's launcher, with no limit
+        (1 MiB of RLIMIT_DATA kept its Python from loading libpython).
+        """
+        await self._start()
+        identifier = await self.install(fixture_bytes(AGENT))
+        self.assertEqual(self.task["status"], "success", self.task)
+        runtime = self.service.runtimes.get(identifier)
+        self.assertIsNotNone(runtime.parent_death)
+        self.assertIsNone(runtime.memory_limit)
+        [instance] = runtime.instances
+        self.assertTrue(_alive(instance.pid))

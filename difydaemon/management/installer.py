@@ -235,6 +235,9 @@ class Installer:
 
     def _start_job(self, task_id: str, tenant_id: str, identifier: str, make_coroutine) -> None:
         def progress(message: str) -> None:
+            # the log keeps each step's time (the task keeps only the last):
+            # where an install spends its seconds
+            log.info("install of {identifier}: {step}", identifier=identifier, step=message)
             d = Deferred.fromCoroutine(
                 self._update_plugin(task_id, tenant_id, identifier, TASK_RUNNING, message)
             )

@@ -13,6 +13,7 @@ import os
 import shutil
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from difydaemon.errors import DaemonError, InternalServerError, ObjectNotFoundError
@@ -21,7 +22,9 @@ from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.runtimes.containment import give_to, prepare_private_directory
 from difydaemon.runtimes.environment import working_dir_for
 from difydaemon.runtimes.local import LocalRuntime
-from difydaemon.runtimes.memory import memory_limit_of
+from difydaemon.runtimes.memory import MINIMUM_MEMORY_LIMIT, declared_memory, memory_limit_of
+
+log = Logger()
 
 
 class SharedResult:
@@ -237,6 +240,15 @@ class LocalRuntimeFactory:
                 # venv copied in) must be the plugin's too
                 await self._runner.run(give_to, working_dir, self._run_as)
             progress("starting the plugin")
+            memory_limit = memory_limit_of(declaration)
+            if memory_limit is None and declared_memory(declaration) is not None:
+                log.warn(
+                    "plugin {identifier} declares resource.memory {declared} bytes, below {minimum}:"
+                    " a placeholder, not enforced",
+                    identifier=identifier,
+                    declared=declared_memory(declaration),
+                    minimum=MINIMUM_MEMORY_LIMIT,
+                )
             runtime = LocalRuntime(
                 self._reactor,
                 identifier,
@@ -246,7 +258,7 @@ class LocalRuntimeFactory:
                 entrypoint=runner_meta.get("entrypoint") or "main",
                 env=self._environ,
                 declaration=declaration,
-                memory_limit=memory_limit_of(declaration),
+                memory_limit=memory_limit,
                 **self._runtime_options,
             )
             try:

@@ -29,14 +29,32 @@ from __future__ import annotations
 MEMORY_ERROR_TYPE = "MemoryError"
 
 
-def memory_limit_of(declaration: dict) -> int | None:
-    """
-    The manifest's ``resource.memory`` in bytes, or None when it is
-    missing or not a positive integer (nothing is enforced then).
-    """
+#: The smallest ``resource.memory`` taken at its word.  A bare SDK plugin
+#: maps about 60 MB of data before its first call (``VmData`` of the echo
+#: plugin), so a smaller limit cannot be meant: the official packages write
+#: 1048576 (1 MiB), which the Go daemon never enforced, and under an
+#: ``RLIMIT_DATA`` of 1 MiB their Python cannot even load ``libpython``.
+#: Twice that footprint leaves a real plugin room to start.
+MINIMUM_MEMORY_LIMIT = 128 * 1048576
+
+
+def declared_memory(declaration: dict) -> int | None:
+    """The manifest's ``resource.memory`` in bytes, or None when it is missing or not a positive integer."""
     resource = declaration.get("resource") if isinstance(declaration, dict) else None
     memory = resource.get("memory") if isinstance(resource, dict) else None
     if type(memory) is not int or memory <= 0:
+        return None
+    return memory
+
+
+def memory_limit_of(declaration: dict) -> int | None:
+    """
+    The memory limit to enforce: the manifest's ``resource.memory`` in
+    bytes, or None (nothing is enforced) when it is missing, not a positive
+    integer, or below :data:`MINIMUM_MEMORY_LIMIT` (a placeholder).
+    """
+    memory = declared_memory(declaration)
+    if memory is None or memory < MINIMUM_MEMORY_LIMIT:
         return None
     return memory
 

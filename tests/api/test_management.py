@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import orjson
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs
 
 from difydaemon.persistence.records import TASK_FAILED, TASK_SUCCESS
 from difydaemon.testing.cases import SynchronousTestCase
@@ -354,6 +355,13 @@ class InstallTests(SynchronousTestCase):
         self.assertEqual(entity["version"], "0.0.1")
         self.assertEqual(entity["runtime_type"], "local")
         self.assertRegex(entity["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+    def test_install_steps_logged(self):
+        """Each progress line of an install is logged with its plugin, so the log times every step."""
+        with capturedLogs() as events:
+            self.daemon.install(self.ident)
+        steps = [(e["identifier"], e["step"]) for e in events if e.get("log_format", "").startswith("install of")]
+        self.assertEqual(steps, [(self.ident, "launching")])
 
     def test_second_install_is_all_installed(self):
         """Installing a plugin_id the tenant has answers all_installed with an empty task id."""

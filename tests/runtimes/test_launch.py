@@ -11,6 +11,7 @@ import stat
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
 from difydaemon.blocking import InlineRunner, ThreadPoolRunner
 from difydaemon.errors import InternalServerError
@@ -19,7 +20,7 @@ from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.child_environment import plugin_environment
 from difydaemon.runtimes.launch import LocalRuntimeFactory
-from difydaemon.runtimes.parent_death import RunAs
+from difydaemon.runtimes.parent_death import ParentDeathSignal, RunAs
 from difydaemon.storage.memory import MemoryObjectStorage
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
 from difydaemon.testing.packages import build_package
@@ -158,7 +159,7 @@ class _FakeBuilder:
 class ContainedLaunchTests(SynchronousTestCase):
     """What a launch prepares for a contained plugin, on fakes."""
 
-    def launch(self, run_as=None):
+    def launch(self, run_as=None, memory=None):
         self.working_path = os.path.abspath(self.mktemp())
         self.home = os.path.join(self.working_path, ".plugin-home")
         self.reactor = FakeProcessReactor()
@@ -176,8 +177,12 @@ class ContainedLaunchTests(SynchronousTestCase):
             plugin_home=self.home,
             run_as=run_as,
             shared_dirs=(os.path.join(self.working_path, ".uv-cache"),),
+            runtime_options={"parent_death": ParentDeathSignal("/daemon/python", getpid=lambda: 77)},
         )
-        data = build_package(behaviour_plugin_files())
+        files = behaviour_plugin_files()
+        if memory is not None:
+            files["manifest.yaml"] = files["manifest.yaml"].replace(b"memory: 268435456", b"memory: %d" % memory)
+        data = build_package(files)
         decoded = decode_package(data, POLICY)
         launched = factory.launch(decoded.identifier.raw, decoded.declaration, data, lambda line: None)
         self.reactor.spawned[-1].transport.stdout(b'{"event":"heartbeat","session_id":null,"data":{}}\n\n')
@@ -189,6 +194,22 @@ class ContainedLaunchTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.home).st_mode), 0o700)
         self.assertEqual(self.reactor.spawned[-1].env["HOME"], self.home)
         self.assertEqual(runtime.working_dir, self.builder.built[0])
+
+    def test_manifest_memory_enforced(self):
+        """A manifest's resource.memory of 256 MB starts the plugin under that RLIMIT_DATA."""
+        runtime = self.launch(memory=268435456)
+        self.assertEqual(runtime.memory_limit, 268435456)
+        self.assertIn("setsid,data=268435456", self.reactor.spawned[-1].args)
+
+    def test_placeholder_memory_not_enforced(self):
+        """The official packages' 1 MiB starts the plugin with no memory limit, and a warning says why."""
+        with capturedLogs() as events:
+            runtime = self.launch(memory=1048576)
+        self.assertIsNone(runtime.memory_limit)
+        # the launcher's options argument: a process group, no RLIMIT_DATA
+        self.assertIn("setsid", self.reactor.spawned[-1].args)
+        [warning] = [e for e in events if "placeholder" in e.get("log_format", "")]
+        self.assertEqual(warning["declared"], 1048576)
 
     def test_directories_given_to_the_plugin_user(self):
         """With a user to run as, the plugin's HOME, working directory and the shared uv cache become that user's."""

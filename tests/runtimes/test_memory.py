@@ -5,7 +5,13 @@ from __future__ import annotations
 from twisted.logger import LogLevel
 
 from difydaemon.runtimes.local import LivenessPolicy
-from difydaemon.runtimes.memory import memory_limit_of, memory_message, ran_out_of_memory
+from difydaemon.runtimes.memory import (
+    MINIMUM_MEMORY_LIMIT,
+    declared_memory,
+    memory_limit_of,
+    memory_message,
+    ran_out_of_memory,
+)
 from difydaemon.runtimes.parent_death import ParentDeathSignal
 from difydaemon.testing.cases import SynchronousTestCase
 from tests.runtimes.listeners import RecordingListener
@@ -25,6 +31,14 @@ class HelperTests(SynchronousTestCase):
         for declaration in ({}, {"resource": None}, {"resource": {"memory": 0}}, {"resource": {"memory": "1"}},
                             {"resource": {"memory": True}}, {"resource": {"memory": -5}}, None):
             self.assertIsNone(memory_limit_of(declaration), declaration)
+
+    def test_placeholder_limit_not_enforced(self):
+        """The official packages' 1 MiB, or anything under the floor, is declared but not enforced; the floor is."""
+        official = {"resource": {"memory": 1048576}}
+        self.assertEqual(declared_memory(official), 1048576)
+        self.assertIsNone(memory_limit_of(official))
+        self.assertIsNone(memory_limit_of({"resource": {"memory": MINIMUM_MEMORY_LIMIT - 1}}))
+        self.assertEqual(memory_limit_of({"resource": {"memory": MINIMUM_MEMORY_LIMIT}}), MINIMUM_MEMORY_LIMIT)
 
     def test_message(self):
         """The caller's message names the plugin and the limit in MB."""

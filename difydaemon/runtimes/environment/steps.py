@@ -107,6 +107,7 @@ def install_command(
     find_links: str | None = None,
     no_index: bool = False,
     requirements_path: str = REQUIREMENTS_TXT,
+    offline: bool = False,
 ) -> StepCommand:
     """
     The dependency installation of ``runtimes.md`` §1.3 step 6.
@@ -118,10 +119,13 @@ def install_command(
     :param no_index: install from ``find_links`` alone, with no index at all.
     :param requirements_path: the requirements file ``-r`` reads (a locked
         export, see :func:`export_lock_command`), for ``requirements.txt``.
+    :param offline: from uv's cache alone (``--offline``), for ``requirements.txt``.
     """
     extra = split_extra_args(pip_extra_args)
     if dependency_file == REQUIREMENTS_TXT:
         argv = [uv, "pip", "install"]
+        if offline:
+            argv.append("--offline")
         if no_index:
             argv.append("--no-index")
         elif pip_mirror_url:

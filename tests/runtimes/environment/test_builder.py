@@ -12,6 +12,7 @@ import os
 import sys
 
 from twisted.internet.defer import DeferredSemaphore
+from twisted.logger import capturedLogs
 
 from difydaemon.errors import InternalServerError
 from difydaemon.runtimes.environment import (
@@ -111,13 +112,12 @@ class FakeBuilderTests(SynchronousTestCase):
             ],
         )
 
-    def test_background_compilation(self):
-        """With compile_in_background the build fires once the install is done; site-packages compile niced afterwards."""
+    def build_to_venv(self, **options):
+        """A build by a builder with ``options``, played up to its venv's creation; the build's Deferred."""
         self.builder = PythonEnvironmentBuilder(
             self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
             python_interpreter_path=sys.executable, environ={"PATH": ""},
-            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(),
-            nice_path="/usr/bin/nice", compile_in_background=True,
+            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), **options,
         )
         d = self.build()
         self.answer_probe()
@@ -125,6 +125,40 @@ class FakeBuilderTests(SynchronousTestCase):
         open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
         os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
         self.reactor.processes[-1].finish(0)
+        return d
+
+    def prefer_offline_install(self):
+        """A PIP_PREFER_OFFLINE build up to its first install, which it returns with the build's Deferred."""
+        d = self.build_to_venv(prefer_offline=True)
+        compile_plugin, offline = self.reactor.processes[-2:]
+        compile_plugin.finish(0)
+        self.assertEqual(offline.argv, ("/uv", "pip", "install", "--offline", "-r", "requirements.txt"))
+        return d, offline
+
+    def test_prefer_offline_from_the_cache(self):
+        """With prefer_offline, an install uv's cache satisfies asks no index."""
+        d, offline = self.prefer_offline_install()
+        offline.finish(0)
+        self.reactor.processes[-1].finish(0)  # site-packages compiled
+        self.successResultOf(d)
+        self.assertFalse([p for p in self.reactor.processes if p.argv[:3] == ("/uv", "pip", "install") and "--offline" not in p.argv])
+
+    def test_prefer_offline_falls_back_to_the_index(self):
+        """With prefer_offline, what uv's cache lacks is installed from the index, and the first try logged."""
+        d, offline = self.prefer_offline_install()
+        with capturedLogs() as events:
+            offline.emit(b"No solution found when resolving dependencies\n")
+            offline.finish(1)
+        online = self.reactor.processes[-1]
+        self.assertEqual(online.argv, ("/uv", "pip", "install", "-r", "requirements.txt"))
+        online.finish(0)
+        self.reactor.processes[-1].finish(0)  # site-packages compiled
+        self.successResultOf(d)
+        self.assertEqual([e["source"] for e in events if "lacks some of" in e["log_format"]], ["uv's cache"])
+
+    def test_background_compilation(self):
+        """With compile_in_background the build fires once the install is done; site-packages compile niced afterwards."""
+        d = self.build_to_venv(nice_path="/usr/bin/nice", compile_in_background=True)
         compile_plugin, install = self.reactor.processes[-2:]
         compile_plugin.finish(0)
         install.finish(0)
@@ -142,17 +176,7 @@ class FakeBuilderTests(SynchronousTestCase):
 
     def test_background_compilation_failure_logged(self):
         """A failed background compilation leaves the venv valid and is only logged; settled() still fires."""
-        self.builder = PythonEnvironmentBuilder(
-            self.reactor, "/uv", "/cache", pip_verbose=False, init_timeout=120,
-            python_interpreter_path=sys.executable, environ={"PATH": ""},
-            interpreter_search_dirs=(), threadpool=SynchronousThreadPool(), compile_in_background=True,
-        )
-        d = self.build()
-        self.answer_probe()
-        os.makedirs(os.path.join(self.working_dir, ".venv", "bin"))
-        open(os.path.join(self.working_dir, ".venv", "bin", "python"), "w").close()
-        os.makedirs(os.path.join(self.working_dir, ".venv", "lib", "python3.12", "site-packages"))
-        self.reactor.processes[-1].finish(0)
+        d = self.build_to_venv(compile_in_background=True)
         for process in self.reactor.processes[-2:]:
             process.finish(0)
         self.successResultOf(d)
@@ -476,13 +500,15 @@ class FakeCachedBuilderTests(SynchronousTestCase):
         self.assertTrue(venv_is_valid(second))
 
     def test_same_dependencies_wait_for_keeping(self):
-        """A build of the same dependencies waits for the prepared venv being kept, then copies it."""
-        self.first_build()
+        """A build of the same dependencies waits for the prepared venv being kept (then logged), then copies it."""
+        first, _ = self.first_build()
         second = self.plugin("second")
         spawned = len(self.reactor.processes)
         d = self.build(second)
         self.assertEqual(len(self.reactor.processes), spawned)  # no venv yet: it waits
-        self.pool.release()
+        with capturedLogs() as events:
+            self.pool.release()
+        self.assertEqual([e["path"] for e in events if "kept for later builds" in e["log_format"]], [first])
         prepared = [name for name in os.listdir(self.prepared) if name != BYTECODE_DIR]
         self.assertEqual(len(prepared), 1)
         self.assertTrue(venv_is_valid(os.path.join(self.prepared, prepared[0])))
@@ -685,15 +711,34 @@ class RealOfflineSDKPluginTests(AsyncTestCase):
 
     timeout = 600
 
-    async def test_offline_sdk_plugin(self):
-        """A package shipping the SDK's wheels in wheels/ builds with a dead index and runs to its first heartbeat."""
+    async def built_and_copy(self):
+        """The echo plugin built online (so its wheels are in uv's cache), and a fresh copy of it: (built, copy)."""
         from twisted.internet import reactor
 
         online = os.path.abspath(self.mktemp())
         copy_echo_plugin(online)
         await sdk.environment_builder(reactor).build(online, "3.12", lambda line: None)
-        offline = os.path.abspath(self.mktemp())
-        copy_echo_plugin(offline)
+        copy = os.path.abspath(self.mktemp())
+        copy_echo_plugin(copy)
+        return online, copy
+
+    async def test_prefer_offline_installs_from_uv_cache(self):
+        """With prefer_offline, the echo plugin builds from uv's warm cache while every index is behind a dead proxy."""
+        from twisted.internet import reactor
+
+        _, cut_off = await self.built_and_copy()
+        dead = "http://127.0.0.1:9"
+        builder = sdk.environment_builder(reactor, prefer_offline=True, proxies={"HTTP_PROXY": dead, "HTTPS_PROXY": dead})
+        progress = []
+        python = await builder.build(cut_off, "3.12", progress.append)
+        self.assertTrue(venv_is_valid(cut_off))
+        self.assertTrue(os.path.exists(python))
+
+    async def test_offline_sdk_plugin(self):
+        """A package shipping the SDK's wheels in wheels/ builds with a dead index and runs to its first heartbeat."""
+        from twisted.internet import reactor
+
+        online, offline = await self.built_and_copy()
         wheels = wheels_from_site_packages(
             os.path.join(online, SITE_PACKAGES), os.path.join(offline, "wheels")
         )

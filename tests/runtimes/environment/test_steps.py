@@ -117,6 +117,14 @@ class CommandLineTests(SynchronousTestCase):
             command.argv, ("/uv", "pip", "install", "--no-index", "--find-links", "wheels", "-r", "requirements.txt")
         )
 
+    def test_requirements_offline(self):
+        """An install from uv's cache alone says --offline and keeps the rest of the command."""
+        command = install_command(
+            "/uv", "/wd", "requirements.txt", self.env,
+            pip_mirror_url=None, pip_extra_args=None, pip_verbose=False, frozen_lock=False, offline=True,
+        )
+        self.assertEqual(command.argv, ("/uv", "pip", "install", "--offline", "-r", "requirements.txt"))
+
     def test_requirements_find_links_with_index(self):
         """A wheelhouse offered alongside the index keeps the mirror."""
         command = install_command(
