@@ -404,6 +404,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         task_leases=TaskLeases(reactor, coordination.leases),
         cluster=replica,
         metrics=metrics,
+        tracing=tracing,
     )
     forwarder = None
     http_pools = [dify_pool]
