@@ -730,6 +730,17 @@ class IdleClusterTests(SynchronousTestCase):
         runtime = self.factory.succeed(A, _Runtime(A))
         self.assertIs(self.successResultOf(waiting), runtime)
 
+    def test_install_here_during_the_build_waits_for_it(self):
+        """An install of the same identifier through this replica while it builds launches only once the build ends."""
+        self.registry.prepare(A)
+        installing = self.registry.launch(A, {}, b"", lambda line: None)
+        self.assertEqual(self.factory.attempts, [(A, "build")])
+        self.factory.succeed(A, None)
+        self.assertEqual(self.factory.attempts, [(A, "build"), (A, "install")])
+        self.factory.succeed(A, _Runtime(A))
+        self.successResultOf(installing)
+        self.assertEqual(self.registry.status(A).state, RUNNING)
+
     def test_failed_build_is_logged_and_the_request_launches(self):
         """A failed build is logged as a warning, leaves the plugin idle, and its first request launches it anyway."""
         self.registry.prepare(A)
