@@ -42,10 +42,11 @@ same holds for a plugin another replica installed or upgraded
 (:meth:`RuntimeRegistry.prepare`) and for one a reconciliation finds
 missing: it is left idle too, but built in the background first (unpacked,
 its venv made, no process) when the factory can build without launching,
-so that its first call here does not pay for the venv.  At daemon stop every runtime drains for the shutdown grace period, all
-in parallel, then the sessions still open fail with "the plugin daemon is
-shutting down" and the plugins are stopped; :meth:`RuntimeRegistry.stop_all`
-fires within a bound whatever the plugins do.
+so that its first call here does not pay for the venv.  At daemon stop
+every runtime drains for the shutdown grace period, all in parallel, then
+the sessions still open fail with "the plugin daemon is shutting down" and
+the plugins are stopped; :meth:`RuntimeRegistry.stop_all` fires within a
+bound whatever the plugins do.
 """
 
 from __future__ import annotations
@@ -168,8 +169,8 @@ class RuntimeRegistry:
         restore at daemon start) and ``discard(identifier) -> Deferred``
         (delete its files); optionally ``build_installed(identifier,
         progress) -> Deferred[None]`` (its files and venv, no process: an
-        idle plugin made ready ahead of its first request).  None keeps identifiers runnable without any
-        process (no runtime at all).
+        idle plugin made ready ahead of its first request).  None keeps
+        identifiers runnable without any process (no runtime at all).
     :param runtime_type: what installations launched here record.
     :param retry_policy: when failed identifiers are tried again.
     :param shutdown_grace_period: seconds :meth:`stop_all` lets open
