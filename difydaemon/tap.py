@@ -61,6 +61,7 @@ from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import BackgroundBuildsService, configured_builder
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
+from difydaemon.runtimes.cgroups import memory_enforcement
 from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.process_table import LinuxProcessTable
 from difydaemon.runtimes.registry import RuntimeRegistry
@@ -234,6 +235,7 @@ def _local_factory(reactor, config: Config, environ, persistence, storage, paths
             "parent_death": parent_death,
             # the launcher puts each plugin in a process group of its own
             "process_table": LinuxProcessTable() if parent_death is not None else None,
+            "memory_cgroups": memory_enforcement(parent_death is not None),
         },
         launch_concurrency=local.plugin_local_launching_concurrent,
         plugin_home=home,
@@ -402,6 +404,7 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         task_leases=TaskLeases(reactor, coordination.leases),
         cluster=replica,
         metrics=metrics,
+        tracing=tracing,
     )
     forwarder = None
     http_pools = [dify_pool]

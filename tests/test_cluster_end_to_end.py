@@ -23,6 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from difydaemon import tap
 from difydaemon.config import load_config
+from difydaemon.runtimes.environment.layout import working_dir_for
 from difydaemon.testing.cases import AsyncTestCase
 from difydaemon.testing.endpoint_plugin import endpoint_plugin_files
 from difydaemon.testing.http import http_client
@@ -364,6 +365,32 @@ class ClusterTests(ClusterCase):
         self.assertEqual(found["status"], "success", found)
         await self.echo(b, "after", plugin_id="acme/later")
         await self.echo(b, "still")
+
+
+class IdleStopClusterTests(ClusterCase):
+    """With PLUGIN_IDLE_TIMEOUT, an install through one replica is built on the others but runs nowhere nobody called it."""
+
+    async def test_install_elsewhere_is_built_idle(self):
+        """Installed through A: B builds it (venv, no process) and leaves it idle; B's first call starts it and is answered."""
+        await self.cluster()
+        replicas = []
+        for name in ("a", "b"):
+            replica = self.replica(name)
+            replica.environ["PLUGIN_IDLE_TIMEOUT"] = "300"
+            replicas.append(await self.start(replica))
+        a, b = replicas
+        identifier = await self.install(a, behaviour_plugin_files())
+        venv = os.path.join(working_dir_for(b.environ["PLUGIN_WORKING_PATH"], identifier), ".venv")
+        for _ in range(600):
+            status = b.service.runtimes.status(identifier)
+            if status is not None and status.state == "idle" and os.path.isdir(venv):
+                break
+            await sleep(0.1)
+        self.assertEqual(b.service.runtimes.status(identifier).state, "idle")
+        self.assertTrue(os.path.isdir(venv), venv)
+        self.assertIsNone(b.service.runtimes.get(identifier))
+        await self.echo(b, "first call on b")
+        self.assertIsNotNone(b.service.runtimes.get(identifier))
 
 
 class ForwardedEndpointTests(ClusterCase):

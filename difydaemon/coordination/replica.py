@@ -235,7 +235,7 @@ class Replica:
             return
         event = message.get("event")
         if event == INSTALLED:
-            log.info("plugin {identifier} was installed on node {node_id}; starting it here",
+            log.info("plugin {identifier} was installed on node {node_id}; preparing it here",
                      identifier=identifier, node_id=message.get("node_id"))
             self._registry.prepare(identifier)
         elif event == RETIRED:

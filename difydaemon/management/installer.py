@@ -28,6 +28,8 @@ from difydaemon.errors import (
     RecordNotFoundError,
 )
 from difydaemon.ids import new_id, utc_from_timestamp
+from difydaemon.observability.otel import INTERNAL
+from difydaemon.observability.trace import TracedProgress
 from difydaemon.packaging.declaration import providers_of
 from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.persistence.records import (
@@ -81,6 +83,9 @@ class Installer:
         local plugins), or None.
     :param metrics: the :class:`~difydaemon.observability.metrics.DaemonMetrics`
         counting install jobs, or None.
+    :param tracing: the :class:`~difydaemon.observability.otel.Tracing`
+        giving each plugin of a task an install span (``ENABLE_OTEL``), or
+        None.
     """
 
     def __init__(
@@ -96,9 +101,11 @@ class Installer:
         task_leases=None,
         cluster=None,
         metrics=None,
+        tracing=None,
     ) -> None:
         self._reactor = reactor
         self.metrics = metrics
+        self._tracing = tracing
         self._persistence = persistence
         self._storage = storage
         self._packages = packages
@@ -243,8 +250,17 @@ class Installer:
             )
             d.addErrback(lambda f: log.failure("task progress update failed", f))
 
+        span = None
+        if self._tracing is not None:
+            # a root span: the task outlives the request that made it, and
+            # Dify polls the task rather than waiting on that request
+            span = self._tracing.start(
+                "plugin install", INTERNAL, None,
+                {"plugin.unique_identifier": identifier, "install.task_id": task_id, "tenant.id": tenant_id},
+            )
+            progress = TracedProgress(progress, span.traceparent)
         coroutine = make_coroutine(progress)
-        job = Deferred.fromCoroutine(self._run_job(task_id, tenant_id, identifier, coroutine))
+        job = Deferred.fromCoroutine(self._run_job(task_id, tenant_id, identifier, coroutine, span))
         key = f"{task_id}:{identifier}"
         self._running[key] = job
         job.addBoth(self._job_done, key)
@@ -253,7 +269,7 @@ class Installer:
         self._running.pop(key, None)
         return None
 
-    async def _run_job(self, task_id, tenant_id, identifier, coroutine) -> None:
+    async def _run_job(self, task_id, tenant_id, identifier, coroutine, span=None) -> None:
         started = self._reactor.seconds()
         try:
             await self._semaphore.run(self._with_timeout, coroutine, task_id, tenant_id, identifier)
@@ -261,9 +277,17 @@ class Installer:
             message = exc.message if isinstance(exc, DaemonError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, DaemonError):
                 log.failure("install of {identifier} failed", identifier=identifier)
+            if span is not None:
+                span.end(message)
             self._count(identifier, TASK_FAILED, started)
             await self._update_plugin(task_id, tenant_id, identifier, TASK_FAILED, message)
+        except BaseException:
+            if span is not None:
+                span.end("cancelled")
+            raise
         else:
+            if span is not None:
+                span.end()
             self._count(identifier, TASK_SUCCESS, started)
             await self._update_plugin(task_id, tenant_id, identifier, TASK_SUCCESS, "installed")
 

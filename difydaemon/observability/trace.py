@@ -13,6 +13,9 @@ spans come in between and each hop gets its parent's id instead.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+
+from attrs import frozen
 
 #: the header name, as HTTP carries it
 HEADER = b"traceparent"
@@ -54,3 +57,28 @@ def traceparent_of(headers) -> str | None:
     if not values:
         return None
     return parse_traceparent(values[0])
+
+
+@frozen
+class TracedProgress:
+    """
+    An install's progress reporter that also carries the trace context of
+    its install span: the launcher gets it as it gets any progress callable,
+    and one that calls out (the serverless runtime, to its SRI connector)
+    reads :func:`traceparent_of_progress` to join the install's trace,
+    without every launcher's signature growing a parameter.
+
+    :ivar report: the progress callable itself.
+    :ivar traceparent: the install span's ``traceparent``.
+    """
+
+    report: Callable[[str], None]
+    traceparent: str
+
+    def __call__(self, line: str) -> None:
+        self.report(line)
+
+
+def traceparent_of_progress(progress) -> str | None:
+    """The ``traceparent`` a progress reporter carries (:class:`TracedProgress`), or None."""
+    return progress.traceparent if isinstance(progress, TracedProgress) else None

@@ -189,7 +189,21 @@ class LocalRuntimeFactory:
             lambda: Deferred.fromCoroutine(self._launch_installed(plugin_unique_identifier, progress))
         )
 
-    async def _launch_installed(self, identifier, progress):
+    def build_installed(self, plugin_unique_identifier, progress):
+        """
+        Make an installed identifier's working directory and venv without
+        starting it (a plugin left idle until its first call: that call then
+        pays only for the process).  Deferred[None]; nothing for a plugin
+        that is not installed locally.  Under the same concurrency bound as
+        launches: a burst of installs elsewhere must not run every build at once.
+        """
+        return self._semaphore.run(
+            lambda: Deferred.fromCoroutine(
+                self._launch_installed(plugin_unique_identifier, progress, start=False)
+            )
+        )
+
+    async def _launch_installed(self, identifier, progress, start=True):
         plugin = await self._persistence.get_plugin(identifier)
         if plugin is None or plugin.install_type != "local":
             return None
@@ -206,7 +220,7 @@ class LocalRuntimeFactory:
             except ObjectNotFoundError:
                 raise InternalServerError(f"the installed package of {identifier} is missing from storage")
 
-        return await self._launch(identifier, declaration, stored, progress)
+        return await self._launch(identifier, declaration, stored, progress, start)
 
     def installed(self):
         """Deferred[list of the identifiers installed locally] (daemon start)."""
@@ -215,7 +229,7 @@ class LocalRuntimeFactory:
     async def _installed(self):
         return [plugin.plugin_unique_identifier for plugin in await self._persistence.list_plugins("local")]
 
-    async def _launch(self, identifier, declaration, load_package, progress):
+    async def _launch(self, identifier, declaration, load_package, progress, start=True):
         ident = parse_identifier(identifier)
         meta = declaration.get("meta") or {}
         runner_meta = meta.get("runner") or {}
@@ -239,6 +253,9 @@ class LocalRuntimeFactory:
                 # what the daemon itself wrote during the build (a prepared
                 # venv copied in) must be the plugin's too
                 await self._runner.run(give_to, working_dir, self._run_as)
+            if not start:
+                progress("plugin is built; idle until its first call")
+                return None
             progress("starting the plugin")
             memory_limit = memory_limit_of(declaration)
             if memory_limit is None and declared_memory(declaration) is not None:

@@ -53,6 +53,9 @@ NO_INSTANCE_MESSAGE = "failed to get plugin runtime"
 #: then they are closed even if something it spawned still holds them (a
 #: session must not stay open on a plugin that is gone).
 PIPE_CLOSE_DELAY = 1.0
+#: Seconds between killing what a plugin left in its cgroup (``cgroup.kill``)
+#: and removing the cgroup again: the kernel ends them asynchronously.
+CGROUP_REMOVE_DELAY = 1.0
 
 # Liveness deadlines are recomputed from float sums; a look this close to
 # its deadline counts as on time, so that no look is rescheduled at "now".
@@ -166,10 +169,14 @@ class LocalInstance:
         tail_size: int = DEFAULT_TAIL_SIZE,
         process_table=None,
         memory_limit: int | None = None,
+        cgroup=None,
     ) -> None:
         self._reactor = reactor
         self.slot = slot
         self.memory_limit = memory_limit
+        #: the :class:`~difydaemon.runtimes.cgroups.PluginCgroup` enforcing
+        #: ``memory_limit``, or None (the launcher's rlimit does)
+        self.cgroup = cgroup
         self.plugin_id = plugin_id
         self._executable = executable
         self._args = args
@@ -339,6 +346,18 @@ class LocalInstance:
 
     def process_ended(self, protocol) -> None:
         """Called by the protocol once, when the process has ended."""
+        if self.cgroup is not None:
+            if not self.out_of_memory and self.cgroup.oom_killed():
+                self.out_of_memory = True
+                self.log.error(
+                    "plugin {plugin_id} instance {pid} was killed by the kernel: over its memory limit of"
+                    " {limit} bytes (cgroup {cgroup})",
+                    plugin_id=self.plugin_id,
+                    pid=self.pid,
+                    limit=self.memory_limit,
+                    cgroup=self.cgroup.path,
+                )
+            self.remove_cgroup()
         if (
             self.memory_limit is not None
             and not self.out_of_memory
@@ -369,6 +388,26 @@ class LocalInstance:
         waiters, self._exit_waiters = self._exit_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def remove_cgroup(self, again: bool = True) -> None:
+        """
+        Remove the instance's cgroup; one still holding processes has them
+        killed and is tried again a second later, once.
+        """
+        cgroup = self.cgroup
+        try:
+            if cgroup.remove():
+                return
+            reason = "it still holds processes"
+        except OSError as exc:
+            reason, again = exc.strerror or str(exc), False
+        if again:
+            self._reactor.callLater(CGROUP_REMOVE_DELAY, self.remove_cgroup, False)
+            return
+        self.log.warn(
+            "plugin {plugin_id} instance {pid}: cannot remove its cgroup {cgroup}: {reason}; left in place",
+            plugin_id=self.plugin_id, pid=self.pid, cgroup=cgroup.path, reason=reason,
+        )
 
     def _ready(self, _) -> None:
         self.is_ready = True
@@ -491,8 +530,12 @@ class LocalRuntime:
         ``on_idle(runtime)`` is called (its owner stops it and starts it
         again on the next request); None: never.
     :param memory_limit: bytes of memory each instance may use (the
-        manifest's ``resource.memory``), enforced by the launcher; None, or
-        no ``parent_death``: no limit.
+        manifest's ``resource.memory``), enforced by the launcher (an
+        rlimit, or the cgroup it joins); None, or no ``parent_death``: no limit.
+    :param memory_cgroups: the
+        :class:`~difydaemon.runtimes.cgroups.MemoryCgroups` that give each
+        instance a cgroup v2 ``memory.max`` of ``memory_limit`` instead of
+        the launcher's rlimit; None: the rlimit.
     :param on_idle: see ``idle_timeout``.
 
     ``on_failed``, ``on_ready`` and ``on_idle`` are also attributes, which
@@ -532,6 +575,7 @@ class LocalRuntime:
         idle_timeout: float | None = None,
         memory_limit: int | None = None,
         on_idle=None,
+        memory_cgroups=None,
     ) -> None:
         if instance_count < 1:
             raise ValueError("instance_count must be at least 1")
@@ -541,6 +585,7 @@ class LocalRuntime:
         self.idle_timeout = idle_timeout
         # only the launcher can set the limit
         self.memory_limit = memory_limit if parent_death is not None else None
+        self.memory_cgroups = memory_cgroups if parent_death is not None else None
         self.on_idle = on_idle
         self._idle_call = None
         self._scale_call = None
@@ -806,9 +851,30 @@ class LocalRuntime:
 
     # -- supervision ----------------------------------------------------------
 
+    def _memory_cgroup(self):
+        """
+        A new cgroup enforcing ``memory_limit`` for one instance, or None:
+        no limit, no cgroups, or this one could not be made (that instance
+        then has the rlimit, and the log says why).
+        """
+        if self.memory_limit is None or self.memory_cgroups is None:
+            return None
+        try:
+            return self.memory_cgroups.create(self.memory_limit)
+        except OSError as exc:
+            self.log.warn(
+                "plugin {plugin_id}: cannot make a cgroup for its memory limit ({reason}); using RLIMIT_DATA",
+                plugin_id=self.plugin_id, reason=exc.strerror or str(exc),
+            )
+            return None
+
     def _launch(self, slot: int) -> None:
         self._restarts.pop(slot, None)
-        argv = child_argv(self.parent_death, [self.python, "-m", self.entrypoint], self.memory_limit)
+        cgroup = self._memory_cgroup()
+        argv = child_argv(
+            self.parent_death, [self.python, "-m", self.entrypoint], self.memory_limit,
+            cgroup.path if cgroup is not None else None,
+        )
         instance = LocalInstance(
             self._reactor,
             slot,
@@ -824,10 +890,13 @@ class LocalRuntime:
             self,
             process_table=self.process_table,
             memory_limit=self.memory_limit,
+            cgroup=cgroup,
         )
         try:
             instance.spawn()
         except OSError as exception:
+            if cgroup is not None:
+                instance.remove_cgroup(again=False)
             message = f"plugin did not become ready: cannot start {self.python}: {exception}"
             self.log.error(
                 "plugin {plugin_id}: {reason}", plugin_id=self.plugin_id, reason=message

@@ -3,13 +3,13 @@ A plugin's memory limit: the manifest's ``resource.memory``, enforced.
 
 The limit is set by the launcher (:mod:`difydaemon.runtimes.parent_death`)
 as ``RLIMIT_DATA`` on the plugin's process before it ``exec``s Python, and
-inherited by whatever the plugin spawns.  Why an rlimit and not a cgroup
-v2 ``memory.max``: a sub-cgroup per instance needs a cgroup v2 hierarchy
-with the memory controller delegated to the daemon, which a daemon in a
-container or under a service manager usually does not have (this machine
-has none: cgroup v1 with the daemon in a cgroup it may not subdivide); an
-rlimit works everywhere the launcher runs, needs no clean-up, and survives
-a SIGKILLed daemon.  ``RLIMIT_DATA`` rather than ``RLIMIT_AS``: since Linux
+inherited by whatever the plugin spawns; or, where the daemon has a
+delegated cgroup v2 memory controller, as a cgroup ``memory.max`` per
+plugin process (:mod:`difydaemon.runtimes.cgroups`).  The rlimit stays the
+fallback: a daemon in a container or under a service manager usually has
+no such cgroup (this machine has none: cgroup v1 with the daemon in a
+cgroup it may not subdivide), while an rlimit works everywhere the
+launcher runs, needs no clean-up, and survives a SIGKILLed daemon.  ``RLIMIT_DATA`` rather than ``RLIMIT_AS``: since Linux
 4.7 it counts the private writable memory a process maps (heap, anonymous
 ``mmap``), which is what a Python program grows by, while ``RLIMIT_AS``
 also counts the reservations glibc and CPython make without touching them

@@ -53,8 +53,10 @@ from attrs import field, frozen
 #: ``options`` is ``-`` or a comma-separated list of ``setsid`` (the child
 #: leads a session and process group of its own, so that its whole group
 #: can be signalled), ``user=<uid>:<gid>`` (it drops to that user, with
-#: no supplementary group) and ``data=<bytes>`` (its ``RLIMIT_DATA``: the
-#: plugin's memory limit, see :mod:`difydaemon.runtimes.memory`).  The parent-death signal is set after the change
+#: no supplementary group), ``data=<bytes>`` (its ``RLIMIT_DATA``: the
+#: plugin's memory limit, see :mod:`difydaemon.runtimes.memory`) and
+#: ``cgroup=<directory>`` (it moves itself into that cgroup v2 cgroup, the
+#: other form of the memory limit, see :mod:`difydaemon.runtimes.cgroups`).  The parent-death signal is set after the change
 #: of user, which would clear it; ``ctypes`` is loaded before that change,
 #: as the new user may not read the daemon's Python (under ``/root``).  1 is
 #: ``PR_SET_PDEATHSIG``, 9 ``SIGKILL``.
@@ -73,6 +75,10 @@ except Exception as e:
 try:
     if "setsid" in options:
         os.setsid()
+    for option in options:
+        if option.startswith("cgroup="):
+            with open(option[7:] + "/cgroup.procs", "w") as procs:
+                procs.write(str(os.getpid()))
     for option in options:
         if option.startswith("data="):
             import resource
@@ -157,24 +163,32 @@ class ParentDeathSignal:
     getpid: Callable[[], int] = field(default=os.getpid, eq=False, repr=False)
     run_as: RunAs | None = None
 
-    def options(self, memory_limit: int | None = None) -> str:
-        """The launcher's ``options`` argument (``memory_limit``: bytes of ``RLIMIT_DATA``)."""
+    def options(self, memory_limit: int | None = None, cgroup: str | None = None) -> str:
+        """
+        The launcher's ``options`` argument (``memory_limit``: bytes of
+        ``RLIMIT_DATA``; ``cgroup``: the cgroup directory the child joins,
+        which then enforces the limit instead).
+        """
         options = ["setsid"]
-        if memory_limit is not None:
+        if cgroup is not None:
+            # before the change of user: the cgroup is the daemon's to write
+            options.append(f"cgroup={cgroup}")
+        elif memory_limit is not None:
             # before the change of user: lowering a limit needs no privilege
             options.append(f"data={int(memory_limit)}")
         if self.run_as is not None:
             options.append(f"user={self.run_as.uid}:{self.run_as.gid}")
         return ",".join(options)
 
-    def wrap(self, argv: Sequence[str], memory_limit: int | None = None) -> list[str]:
+    def wrap(self, argv: Sequence[str], memory_limit: int | None = None, cgroup: str | None = None) -> list[str]:
         """
         The command line that runs ``argv`` (``argv[0]`` being the
         program's path) through the launcher, with at most ``memory_limit``
-        bytes of data memory when one is given.
+        bytes of data memory when one is given, or in ``cgroup``.
         """
         return [
-            self.interpreter, "-I", "-S", "-c", LAUNCHER, str(self.getpid()), self.options(memory_limit), *argv
+            self.interpreter, "-I", "-S", "-c", LAUNCHER, str(self.getpid()), self.options(memory_limit, cgroup),
+            *argv,
         ]
 
 
@@ -196,10 +210,13 @@ def parent_death_signal(
 
 
 def child_argv(
-    parent_death: ParentDeathSignal | None, argv: Sequence[str], memory_limit: int | None = None
+    parent_death: ParentDeathSignal | None,
+    argv: Sequence[str],
+    memory_limit: int | None = None,
+    cgroup: str | None = None,
 ) -> list[str]:
     """
     The command line to spawn for ``argv``: through the launcher when there
-    is one (which alone can enforce ``memory_limit``).
+    is one (which alone can enforce ``memory_limit`` or join ``cgroup``).
     """
-    return list(argv) if parent_death is None else parent_death.wrap(argv, memory_limit)
+    return list(argv) if parent_death is None else parent_death.wrap(argv, memory_limit, cgroup)

@@ -37,10 +37,16 @@ registered as soon as it is up; a request for one still starting waits for
 it.  With idle stop on (``restore_idle``), restored plugins start ``idle``
 instead: launching them all only to stop them an idle timeout later would
 hold every plugin in memory at once, the very thing idle stop is for, and a
-request would wait behind the launches of plugins nobody asked for.  At daemon stop every runtime drains for the shutdown grace period, all
-in parallel, then the sessions still open fail with "the plugin daemon is
-shutting down" and the plugins are stopped; :meth:`RuntimeRegistry.stop_all`
-fires within a bound whatever the plugins do.
+request would wait behind the launches of plugins nobody asked for.  The
+same holds for a plugin another replica installed or upgraded
+(:meth:`RuntimeRegistry.prepare`) and for one a reconciliation finds
+missing: it is left idle too, but built in the background first (unpacked,
+its venv made, no process) when the factory can build without launching,
+so that its first call here does not pay for the venv.  At daemon stop
+every runtime drains for the shutdown grace period, all in parallel, then
+the sessions still open fail with "the plugin daemon is shutting down" and
+the plugins are stopped; :meth:`RuntimeRegistry.stop_all` fires within a
+bound whatever the plugins do.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from __future__ import annotations
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from difydaemon.errors import DaemonError, InternalServerError
@@ -121,6 +128,7 @@ class _Record:
         "last_error",
         "timer",
         "last_attempt_end",
+        "build",
     )
 
     def __init__(self, identifier: str, supervised: bool) -> None:
@@ -135,6 +143,8 @@ class _Record:
         self.last_error: str | None = None
         self.timer = None
         self.last_attempt_end: float | None = None
+        #: the background build of an idle identifier (no process), if under way
+        self.build: SharedResult | None = None
 
 
 class _Waiter:
@@ -157,8 +167,10 @@ class RuntimeRegistry:
         progress) -> Deferred[IPluginRuntime | None]`` (None: not a local
         plugin), ``installed() -> Deferred[list of identifiers]`` (what to
         restore at daemon start) and ``discard(identifier) -> Deferred``
-        (delete its files).  None keeps identifiers runnable without any
-        process (no runtime at all).
+        (delete its files); optionally ``build_installed(identifier,
+        progress) -> Deferred[None]`` (its files and venv, no process: an
+        idle plugin made ready ahead of its first request).  None keeps
+        identifiers runnable without any process (no runtime at all).
     :param runtime_type: what installations launched here record.
     :param retry_policy: when failed identifiers are tried again.
     :param shutdown_grace_period: seconds :meth:`stop_all` lets open
@@ -166,8 +178,9 @@ class RuntimeRegistry:
     :param stop_timeout: seconds after the grace period that
         :meth:`stop_all` waits for plugins to end (TERM, KILL) before it
         gives up on them and fires anyway.
-    :param restore_idle: whether the plugins restored at daemon start are
-        left ``idle``, to be launched by their first request
+    :param restore_idle: whether the plugins restored at daemon start,
+        installed by another replica or found missing by a reconciliation
+        are left ``idle``, to be launched by their first request
         (``PLUGIN_IDLE_TIMEOUT`` is set), instead of launched at once.
     """
 
@@ -415,10 +428,18 @@ class RuntimeRegistry:
         """Start one attempt (``make() -> Deferred[runtime | None]``) for ``record``."""
         self._cancel_timer(record)
         record.state = LAUNCHING
-        try:
-            d = make()
-        except Exception:
-            d = fail()
+        build = record.build
+        if build is not None and not build.done:
+            # two builds in one working directory would undo each other: the
+            # launch waits for the background build (whatever its outcome:
+            # the launch builds again what failed) and then finds it done
+            d = build.addWaiter()
+            d.addBoth(_unless_cancelled, make)
+        else:
+            try:
+                d = make()
+            except Exception:
+                d = fail()
         d.addCallbacks(
             self._attempt_succeeded, self._attempt_failed, callbackArgs=(record,), errbackArgs=(record,)
         )
@@ -468,11 +489,10 @@ class RuntimeRegistry:
         if failure.check(CancelledError):
             # an install that timed out or was abandoned
             message = "the launch was cancelled"
-        elif isinstance(failure.value, DaemonError):
-            message = failure.value.message
         else:
-            log.failure("launching plugin {identifier} failed", failure, identifier=identifier)
-            message = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
+            if not isinstance(failure.value, DaemonError):
+                log.failure("launching plugin {identifier} failed", failure, identifier=identifier)
+            message = _failure_message(failure)
         if not record.supervised:
             del self._records[identifier]
         else:
@@ -583,6 +603,7 @@ class RuntimeRegistry:
         if record is not None:
             # an attempt under way finds its record gone and stops what it started
             self._cancel_timer(record)
+            self._cancel_build(record)
         self._fail_waiters(identifier, f"{NO_RUNTIME_MESSAGE}: {UNINSTALLED_MESSAGE}")
         runtime = self._runtimes.pop(identifier, None)
         d = runtime.stop() if runtime is not None else succeed(None)
@@ -614,23 +635,67 @@ class RuntimeRegistry:
             else:
                 self.prepare(identifier)
 
-    def _register_idle(self, identifier: str) -> None:
-        """Supervise an installed identifier without launching it: its first request will."""
+    def _register_idle(self, identifier: str, build: bool = False) -> None:
+        """
+        Supervise an installed identifier without launching it: its first
+        request will.  With ``build``, its files and venv are made now, in
+        the background, if the factory can (``build_installed``).
+        """
         if identifier in self._records or identifier in self._runtimes:
             # a request that came before the restore listed it launched it already
             return
-        self._new_record(identifier, supervised=True).state = IDLE
+        record = self._new_record(identifier, supervised=True)
+        record.state = IDLE
+        build_installed = getattr(self._factory, "build_installed", None)
+        if not build or build_installed is None:
+            return
+        try:
+            d = build_installed(identifier, self._progress(identifier))
+        except Exception:
+            d = fail()
+        d.addErrback(self._build_failed, identifier)
+        shared = SharedResult(d)
+        if not shared.done:
+            record.build = shared
+            d.addBoth(self._build_done, record, shared)
+
+    def _build_failed(self, failure, identifier: str):
+        if failure.check(CancelledError):
+            # an uninstall or the daemon's stop: a launch waiting for it must not follow
+            return failure
+        # not a launch failure: nobody waits, and the first request builds
+        # again (and reports why, if it fails again)
+        log.warn(
+            "building idle plugin {identifier} ahead of its first call failed: {reason}",
+            identifier=identifier,
+            reason=_failure_message(failure),
+        )
+        return None
+
+    def _build_done(self, result, record: _Record, shared: SharedResult):
+        if record.build is shared:
+            record.build = None
+        return result
+
+    def _cancel_build(self, record: _Record) -> None:
+        build, record.build = record.build, None
+        if build is not None and not build.done:
+            build.result.cancel()
 
     def prepare(self, plugin_unique_identifier: str) -> None:
         """
         Bring up, in the background, an identifier installed elsewhere (by
         another replica): nothing happens if it is known here already, or
-        without a factory.
+        without a factory.  With ``restore_idle`` it is left idle instead,
+        built ahead of its first request but with no process.
         """
         identifier = plugin_unique_identifier
         if self._stopping or self._factory is None:
             return
         if identifier in self._records or identifier in self._runtimes:
+            return
+        if self.restore_idle:
+            self._register_idle(identifier, build=True)
             return
         self._try_installed(self._new_record(identifier, supervised=True))
 
@@ -668,6 +733,7 @@ class RuntimeRegistry:
         pending = []
         for record in self._records.values():
             self._cancel_timer(record)
+            self._cancel_build(record)
             if record.attempt is not None:
                 pending.append(record.attempt.addWaiter())
                 record.attempt.result.cancel()
@@ -706,3 +772,17 @@ class RuntimeRegistry:
 
         all_done.addCallback(done)
         return finished
+
+
+def _unless_cancelled(result, make):
+    """Call ``make()`` after a background build, unless the wait was cancelled."""
+    if isinstance(result, Failure) and result.check(CancelledError):
+        return result
+    return make()
+
+
+def _failure_message(failure) -> str:
+    """What a failure says: a daemon error's message, else its type and text."""
+    if isinstance(failure.value, DaemonError):
+        return failure.value.message
+    return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"

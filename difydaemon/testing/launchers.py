@@ -86,8 +86,8 @@ class FakeRuntimeFactory:
     :param installed: what ``installed()`` reports (restored at start).
 
     :ivar attempts: ``(identifier, how)`` of every attempt, in order; ``how``
-        is ``"install"`` (``launch``) or ``"installed"``
-        (``launch_installed``).
+        is ``"install"`` (``launch``), ``"installed"``
+        (``launch_installed``) or ``"build"`` (``build_installed``).
     :ivar pending: the unsettled attempt of each identifier.
     :ivar cancelled: identifiers whose attempt was cancelled.
     :ivar discarded: identifiers whose files were discarded.
@@ -118,6 +118,10 @@ class FakeRuntimeFactory:
         if plugin_unique_identifier in self.not_local:
             return succeed(None)
         return self._attempt(plugin_unique_identifier, "installed")
+
+    def build_installed(self, plugin_unique_identifier, progress):
+        """A build without a launch (an idle plugin made ready ahead): Deferred[None], settled by the test."""
+        return self._attempt(plugin_unique_identifier, "build")
 
     def installed(self):
         """Deferred[the identifiers given at construction]."""

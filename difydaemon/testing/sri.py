@@ -122,6 +122,8 @@ class FakeSRIConnector(LoopbackServing):
     :ivar functions: package file name -> deployed :class:`FunctionInfo`.
     :ivar launches: every :class:`LaunchRequest`, oldest first.
     :ivar calls: ``(method, path, authorization)`` of every request.
+    :ivar traceparents: the ``traceparent`` header of every request (None
+        when it had none), in the order of ``calls``.
 
     :meth:`listen` serves it on a real port; :meth:`stop` is the "connector
     is down" case.
@@ -136,6 +138,7 @@ class FakeSRIConnector(LoopbackServing):
         self.functions: dict[str, FunctionInfo] = {}
         self.launches: list[LaunchRequest] = []
         self.calls: list[tuple[str, str, str]] = []
+        self.traceparents: list[str | None] = []
         self.supports_remove = False
         self.removals: list[str] = []
         #: launch streams the client left before they ended
@@ -148,6 +151,8 @@ class FakeSRIConnector(LoopbackServing):
     def _authorized(self, request) -> bool:
         authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
         self.calls.append((request.method.decode(), request.path.decode(), authorization))
+        traceparent = request.getHeader(b"traceparent")
+        self.traceparents.append(traceparent.decode("latin-1") if traceparent is not None else None)
         if authorization == self.api_key:
             return True
         request.setResponseCode(401)

@@ -62,13 +62,13 @@ class Cluster:
         self.persistence = MemoryPersistence(self.clock)
         self.installed: list[str] = []
 
-    def replica(self, node_id: str):
-        """A replica with its own pub/sub connection, registry and caches."""
+    def replica(self, node_id: str, restore_idle: bool = False):
+        """A replica with its own pub/sub connection, registry and caches (``restore_idle``: idle stop on)."""
         pubsub = MissablePubSub(self.memory_pubsub)
         coordination = Coordination(kv=self.kv, pubsub=pubsub, leases=self.leases, membership=self.membership,
                                     uses_redis=True)
         factory = FakeRuntimeFactory()
-        registry = RuntimeRegistry(self.clock, factory)
+        registry = RuntimeRegistry(self.clock, factory, restore_idle=restore_idle)
         caches = CacheInvalidation(pubsub, node_id)
         installations = InstallationCache(self.clock, self.persistence)
         caches.register("installations", installations)
@@ -183,6 +183,42 @@ class ReplicaTests(SynchronousTestCase):
         live = self.successResultOf(self.cluster.membership.live_nodes())
         self.assertEqual([n.node_id for n in live], ["b"])
         self.assertEqual(self.successResultOf(self.b.holders(ECHO)), [])
+
+
+class IdleStopReplicaTests(SynchronousTestCase):
+    """With PLUGIN_IDLE_TIMEOUT, news of an install elsewhere and a reconciliation build the plugin here but launch nothing."""
+
+    def setUp(self):
+        super().setUp()
+        self.cluster = Cluster(self)
+        self.a = self.cluster.replica("a", restore_idle=True)
+        self.b = self.cluster.replica("b", restore_idle=True)
+        self.a.start()
+        self.b.start()
+        self.addCleanup(lambda: (self.a.stop(), self.b.stop()))
+
+    def test_install_elsewhere_builds_without_launching(self):
+        """A's install (or the new version of an upgrade) is built on B and left idle; B's first call launches it."""
+        self.successResultOf(self.a.plugin_installed(ECHO))
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.b.factory.attempts, [(ECHO, "build")])
+        self.b.factory.succeed(ECHO, None)
+        self.assertEqual(self.b._registry.status(ECHO).state, "idle")
+        self.assertIsNone(self.b._registry.get(ECHO))
+        waiting = self.b._registry.when_ready(ECHO, 120)
+        runtime = self.b.factory.succeed(ECHO, FakeRuntime(self.cluster.clock, ECHO))
+        self.assertIs(self.successResultOf(waiting), runtime)
+        self.assertEqual(self.b.factory.attempts, [(ECHO, "build"), (ECHO, "installed")])
+
+    def test_reconciliation_builds_without_launching(self):
+        """A plugin a periodic reconciliation finds missing is built and left idle, not launched."""
+        self.cluster.installed = [ECHO]
+        self.cluster.clock.advance(30)
+        self.assertEqual(self.b.factory.attempts, [(ECHO, "build")])
+        self.b.factory.succeed(ECHO, None)
+        self.cluster.clock.advance(30)
+        self.assertEqual(self.b.factory.attempts, [(ECHO, "build")])
+        self.assertEqual(self.b._registry.status(ECHO).state, "idle")
 
 
 class ReplicaOutageTests(SynchronousTestCase):

@@ -224,6 +224,50 @@ class ContainedLaunchTests(SynchronousTestCase):
         ):
             info = os.stat(path)
             self.assertEqual((info.st_uid, info.st_gid), (54321, 54322), path)
+class BuildInstalledTests(SynchronousTestCase):
+    """build_installed makes an installed plugin's files and venv without starting any process (idle stop)."""
+
+    def test_builds_without_a_process(self):
+        """The package is unpacked and the venv built; nothing is spawned, and a launch after it reuses the directory."""
+        reactor = FakeProcessReactor()
+        persistence = MemoryPersistence(reactor)
+        storage = MemoryObjectStorage()
+        paths = StoragePaths()
+        builder = _FakeBuilder()
+        working_path = os.path.abspath(self.mktemp())
+        data = build_package(behaviour_plugin_files())
+        decoded = decode_package(data, POLICY)
+        identifier = decoded.identifier.raw
+        self.successResultOf(persistence.install_plugin("tenant", identifier, "acme/echo", "local", "package", {}, {}))
+        self.successResultOf(persistence.save_declaration(identifier, "acme/echo", decoded.declaration))
+        self.successResultOf(storage.save(paths.installed_package(identifier), data))
+        factory = LocalRuntimeFactory(
+            reactor, persistence, storage, paths, InlineRunner(), builder, working_path,
+            {"PATH": "/usr/bin:/bin"}, 52428800,
+        )
+        lines = []
+        self.assertIsNone(self.successResultOf(factory.build_installed(identifier, lines.append)))
+        self.assertEqual(reactor.spawned, [])
+        self.assertEqual(len(builder.built), 1)
+        self.assertTrue(os.path.exists(os.path.join(builder.built[0], "manifest.yaml")))
+        self.assertEqual(lines[-1], "plugin is built; idle until its first call")
+        launched = factory.launch_installed(identifier, lines.append)
+        reactor.spawned[-1].transport.stdout(b'{"event":"heartbeat","session_id":null,"data":{}}\n\n')
+        self.assertEqual(self.successResultOf(launched).working_dir, builder.built[0])
+        self.assertNotIn("unpacking the package", lines[lines.index("plugin is built; idle until its first call"):])
+
+    def test_not_a_local_plugin(self):
+        """An identifier with no local install builds nothing and answers None."""
+        clock = Clock()
+        builder = _FakeBuilder()
+        factory = LocalRuntimeFactory(
+            clock, MemoryPersistence(clock), MemoryObjectStorage(), StoragePaths(), InlineRunner(), builder,
+            self.mktemp(), {}, 52428800,
+        )
+        self.assertIsNone(self.successResultOf(factory.build_installed("acme/x:0.0.1@" + "c" * 64, lambda line: None)))
+        self.assertEqual(builder.built, [])
+
+
 class InstalledDeclarationTests(SynchronousTestCase):
     """Restoring an installed plugin reads its declaration through the declaration cache."""
 

@@ -683,3 +683,117 @@ class ClusterTests(SynchronousTestCase):
         self.registry.unregister(first)
         self.registry.unregister(second)
         self.assertEqual(told, [("registered", first), ("registered", second), ("unregistered", second)])
+
+
+class IdleClusterTests(SynchronousTestCase):
+    """With idle stop on, a plugin installed elsewhere or found missing is built ahead but not launched."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock = Clock()
+        self.factory = FakeRuntimeFactory()
+        self.registry = RuntimeRegistry(self.clock, self.factory, restore_idle=True)
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def test_prepare_builds_and_stays_idle(self):
+        """prepare() builds once, however often it is announced, and leaves the plugin idle with no runtime."""
+        self.registry.prepare(A)
+        self.registry.prepare(A)
+        self.assertEqual(self.factory.attempts, [(A, "build")])
+        self.factory.succeed(A, None)
+        self.registry.prepare(A)
+        self.assertEqual(self.factory.attempts, [(A, "build")])
+        self.assertEqual(self.registry.status(A).state, IDLE)
+        self.assertIsNone(self.registry.get(A))
+        self.assertEqual(self.registry.pool_status(), {"free": 0, "busy": 0, "total": 0})
+
+    def test_first_request_launches_the_built_plugin(self):
+        """The first wait for a built idle plugin launches it and is served by it."""
+        self.registry.prepare(A)
+        self.factory.succeed(A, None)
+        waiting = self.registry.when_ready(A, 120)
+        runtime = self.factory.succeed(A, _Runtime(A))
+        self.assertIs(self.successResultOf(waiting), runtime)
+        self.assertEqual(self.factory.attempts, [(A, "build"), (A, "installed")])
+        self.assertEqual(self.registry.status(A).state, RUNNING)
+
+    def test_request_during_the_build_launches_after_it(self):
+        """A request arriving while the plugin builds launches it once the build ends, never two at once."""
+        self.registry.prepare(A)
+        waiting = self.registry.when_ready(A, 120)
+        self.assertEqual(self.factory.attempts, [(A, "build")])
+        self.assertEqual(self.registry.status(A).state, LAUNCHING)
+        self.factory.succeed(A, None)
+        self.assertEqual(self.factory.attempts, [(A, "build"), (A, "installed")])
+        runtime = self.factory.succeed(A, _Runtime(A))
+        self.assertIs(self.successResultOf(waiting), runtime)
+
+    def test_install_here_during_the_build_waits_for_it(self):
+        """An install of the same identifier through this replica while it builds launches only once the build ends."""
+        self.registry.prepare(A)
+        installing = self.registry.launch(A, {}, b"", lambda line: None)
+        self.assertEqual(self.factory.attempts, [(A, "build")])
+        self.factory.succeed(A, None)
+        self.assertEqual(self.factory.attempts, [(A, "build"), (A, "install")])
+        self.factory.succeed(A, _Runtime(A))
+        self.successResultOf(installing)
+        self.assertEqual(self.registry.status(A).state, RUNNING)
+
+    def test_failed_build_is_logged_and_the_request_launches(self):
+        """A failed build is logged as a warning, leaves the plugin idle, and its first request launches it anyway."""
+        self.registry.prepare(A)
+        self.factory.fail(A, "no network")
+        self.assertEqual(self.registry.status(A).state, IDLE)
+        self.assertTrue(any(
+            event.get("log_level") == LogLevel.warn and event.get("reason") == "no network" for event in self.logged
+        ))
+        waiting = self.registry.when_ready(A, 120)
+        runtime = self.factory.succeed(A, _Runtime(A))
+        self.assertIs(self.successResultOf(waiting), runtime)
+
+    def test_uninstall_during_the_build_cancels_it(self):
+        """An uninstall while the plugin builds cancels the build, fails the waiting request, and launches nothing."""
+        self.registry.prepare(A)
+        waiting = self.registry.when_ready(A, 120)
+        self.successResultOf(self.registry.stop(A))
+        self.assertEqual(self.factory.cancelled, [A])
+        self.failureResultOf(waiting, InternalServerError)
+        self.assertEqual(self.factory.attempts, [(A, "build")])
+        self.assertEqual(self.factory.discarded, [A])
+        self.assertIsNone(self.registry.status(A))
+
+    def test_shutdown_during_the_build_launches_nothing(self):
+        """The daemon's stop cancels a build under way, and a request that waited for it launches nothing."""
+        self.registry.prepare(A)
+        waiting = self.registry.when_ready(A, 120)
+        stopped = self.registry.stop_all()
+        self.successResultOf(stopped)
+        self.assertEqual(self.factory.cancelled, [A])
+        self.assertEqual(self.factory.attempts, [(A, "build")])
+        self.failureResultOf(waiting)
+
+    def test_reconcile_builds_missing_and_still_stops_absent(self):
+        """Reconciliation leaves a missing plugin built and idle, and still stops one absent twice in a row."""
+        self.registry.prepare(B)
+        self.factory.succeed(B, None)
+        self.successResultOf(self.registry.reconcile([A]))
+        self.assertEqual(self.factory.attempts, [(B, "build"), (A, "build")])
+        self.factory.succeed(A, None)
+        self.successResultOf(self.registry.reconcile([A]))
+        self.assertIsNone(self.registry.status(B))
+        self.assertEqual(self.factory.discarded, [B])
+        self.assertEqual(self.registry.status(A).state, IDLE)
+
+    def test_factory_without_builds_leaves_it_idle(self):
+        """With a factory that cannot build without launching, the plugin is only left idle: no attempt at all."""
+
+        class LaunchOnly(FakeRuntimeFactory):
+            build_installed = None
+
+        factory = LaunchOnly()
+        registry = RuntimeRegistry(self.clock, factory, restore_idle=True)
+        registry.prepare(A)
+        self.assertEqual(factory.attempts, [])
+        self.assertEqual(registry.status(A).state, IDLE)

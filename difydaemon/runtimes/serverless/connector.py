@@ -35,6 +35,9 @@ from difydaemon.runtimes.serverless.launch_stream import (
 
 log = Logger()
 
+#: the W3C trace context header, on the calls an install makes
+TRACEPARENT_HEADER = b"traceparent"
+
 #: seconds a ping or an instances call may take (Go's read deadline)
 CALL_TIMEOUT = 60.0
 #: how much of a refused launch's body the error quotes
@@ -167,15 +170,24 @@ class SRIClient:
         """``path`` joined onto the base URL."""
         return self._base + "/" + path.lstrip("/")
 
-    async def _get_body(self, method: str, path: str) -> bytes:
+    def _headers_with(self, traceparent: str | None) -> dict:
+        """A copy of the calls' headers, with ``traceparent`` when the call is part of a trace (an install's)."""
+        headers = dict(self._headers)
+        if traceparent:
+            headers[TRACEPARENT_HEADER] = [traceparent.encode("ascii", "replace")]
+        return headers
+
+    async def _get_body(self, method: str, path: str, traceparent: str | None = None) -> bytes:
         """The whole body of a short call, within the call timeout (its status is not checked, as in Go)."""
-        _code, body = await self._call(method, path)
+        _code, body = await self._call(method, path, traceparent)
         return body
 
-    async def _call(self, method: str, path: str) -> tuple[int, bytes]:
+    async def _call(self, method: str, path: str, traceparent: str | None = None) -> tuple[int, bytes]:
         """The status and whole body of a short call, within the call timeout."""
         timed_out = []
-        requesting = self._http.request(method, self.url(path), headers=self._headers, unbuffered=True)
+        requesting = self._http.request(
+            method, self.url(path), headers=self._headers_with(traceparent), unbuffered=True
+        )
         reader = None
 
         def expire() -> None:
@@ -228,9 +240,13 @@ class SRIClient:
                 " (is DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY right?)"
             )
 
-    async def find_function(self, filename: str) -> FunctionInfo | None:
-        """``GET /v1/runner/instances?filename=...``: the deployed function of a package, or None."""
-        return decode_instances(await self._get_body("GET", "v1/runner/instances?filename=" + quote(filename, safe="")))
+    async def find_function(self, filename: str, traceparent: str | None = None) -> FunctionInfo | None:
+        """
+        ``GET /v1/runner/instances?filename=...``: the deployed function of a
+        package, or None.  ``traceparent``: the install's trace context.
+        """
+        path = "v1/runner/instances?filename=" + quote(filename, safe="")
+        return decode_instances(await self._get_body("GET", path, traceparent))
 
     async def remove_function(self, filename: str) -> str:
         """
@@ -258,7 +274,13 @@ class SRIClient:
         return REMOVED if answer.get("removed") else NOT_THERE
 
     async def launch(
-        self, filename: str, package: bytes, verified: bool, identifier: str, progress: Callable[[str], None]
+        self,
+        filename: str,
+        package: bytes,
+        verified: bool,
+        identifier: str,
+        progress: Callable[[str], None],
+        traceparent: str | None = None,
     ) -> FunctionInfo:
         """
         ``POST /v1/launch``: build and deploy a package, reporting the
@@ -268,12 +290,13 @@ class SRIClient:
         message (Go reads on, and a later ``end`` could turn a failure into
         a success); a stream that ends, or stays silent for
         ``launch_idle_timeout`` seconds, before the function was reported
-        ready fails too.
+        ready fails too.  ``traceparent``: the install's trace context,
+        sent as that header.
 
         :raises ConnectorError: with why.
         """
         boundary = secrets.token_hex(16)
-        headers = dict(self._headers)
+        headers = self._headers_with(traceparent)
         headers[b"Content-Type"] = [b"multipart/form-data; boundary=" + boundary.encode()]
         requesting = self._http.post(
             self.url("v1/launch"),

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from difydaemon import errors
 from difydaemon.interfaces import IPluginRuntime
 from difydaemon.invocation.session import InvocationSession
+from difydaemon.observability.trace import traceparent_of_progress
 from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.runtimes.codec import SessionMessage
 from difydaemon.runtimes.serverless.batching import (
@@ -316,12 +317,14 @@ class ServerlessRuntimeFactory:
         :raises InternalServerError: with the connector's message when it fails.
         """
         filename = function_filename(identifier, declaration)
+        # an install's progress carries its span's trace context (ENABLE_OTEL)
+        traceparent = traceparent_of_progress(progress)
         try:
-            function = await self.connector.find_function(filename) if reuse else None
+            function = await self.connector.find_function(filename, traceparent) if reuse else None
             if function is None or not function.url or not function.name:
                 progress("Installing...")
                 function = await self.connector.launch(
-                    filename, package, bool(declaration.get("verified")), identifier, progress
+                    filename, package, bool(declaration.get("verified")), identifier, progress, traceparent
                 )
             else:
                 progress(f"reusing the connector's function {function.name}")

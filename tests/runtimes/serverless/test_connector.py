@@ -243,6 +243,32 @@ class LaunchTests(ConnectorCase):
         self.assertEqual(len(self.progress), 5)
 
 
+class TraceparentTests(ConnectorCase):
+    """An install's trace context goes to the connector as the traceparent header, and only when there is one."""
+
+    TRACEPARENT = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+
+    def test_instances_and_launch_carry_it(self):
+        """find_function and launch send the traceparent they are given."""
+        self.successResultOf(self.call(self.client.find_function(FILENAME, self.TRACEPARENT)))
+        d = Deferred.fromCoroutine(
+            self.client.launch(FILENAME, b"PK-package", True, IDENTIFIER, self.progress.append, self.TRACEPARENT)
+        )
+        self.stub.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.connector.traceparents, [self.TRACEPARENT, self.TRACEPARENT])
+        self.assertEqual(self.connector.launches[0].authorization, KEY)
+
+    def test_none_without_a_trace(self):
+        """Without a trace context no traceparent header is sent (ping, instances, launch)."""
+        self.successResultOf(self.call(self.client.ping()))
+        self.successResultOf(self.call(self.client.find_function(FILENAME)))
+        d = self.launch()
+        self.stub.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.connector.traceparents, [None, None, None])
+
+
 class LaunchBodyTests(SynchronousTestCase):
     """The multipart body of a launch."""
 

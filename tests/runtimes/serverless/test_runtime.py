@@ -17,6 +17,7 @@ from difydaemon.runtimes.serverless.connector import FunctionInfo, SRIClient, pa
 from difydaemon.runtimes.serverless.invoke import InvokeClient
 from difydaemon.runtimes.serverless.runtime import ServerlessRuntime, ServerlessRuntimeFactory
 from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions
+from difydaemon.observability.trace import TracedProgress
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.sri import FakeSRIConnector, scripted
 from tests.runtimes.listeners import RecordingListener
@@ -207,6 +208,15 @@ class FactoryTests(SynchronousTestCase):
         runtime = self.successResultOf(self.launch())
         self.assertEqual(runtime.function, FunctionInfo("old", "http://old/fn"))
         self.assertEqual(self.connector.launches, [])
+
+    def test_install_trace_reaches_the_connector(self):
+        """An install's progress carrying its span's traceparent makes the instances and launch calls carry it."""
+        traceparent = "00-" + "3" * 32 + "-" + "4" * 16 + "-01"
+        d = self.factory.launch(IDENTIFIER, DECLARATION, b"package", TracedProgress(self.progress.append, traceparent))
+        self.stub.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.connector.traceparents, [traceparent, traceparent])
+        self.assertEqual(self.progress[0], "Installing...")
 
     def test_launch_failure_says_why(self):
         """A failed launch fails with the connector's message and records nothing."""
