@@ -50,14 +50,17 @@ class InvocationSession:
         data = session_request.get("data") or {}
         user_id = data.get("user_id")
         declaration = getattr(runtime, "declaration", None)
+        # positional, in field order (tenant_id, user_id, plugin_id,
+        # access_type, declaration, session_request, runtime): made on
+        # every dispatch, and keywords cost an attrs __init__ a third more
         return cls(
-            tenant_id=tenant_id,
-            user_id=user_id if isinstance(user_id, str) else "",
-            plugin_id=plugin_id,
-            access_type=str(data.get("type") or ""),
-            declaration=declaration if isinstance(declaration, dict) else {},
-            session_request=session_request,
-            runtime=runtime,
+            tenant_id,
+            user_id if isinstance(user_id, str) else "",
+            plugin_id,
+            str(data.get("type") or ""),
+            declaration if isinstance(declaration, dict) else {},
+            session_request,
+            runtime,
         )
 
 

@@ -36,7 +36,8 @@ from difydaemon.runtimes.serverless.http1 import (
     ResponseDecoder,
     ResponseEnd,
     ResponseHead,
-    encode_post,
+    encode_post_from,
+    post_line,
 )
 
 log = Logger()
@@ -291,10 +292,12 @@ class _ConnectionFactory(Factory):
 
 
 class _Target:
-    __slots__ = ("key", "host", "target", "endpoint")
+    """A URL's pool key, its checked request line and ``Host`` header, and its endpoint."""
 
-    def __init__(self, key, host, target, endpoint) -> None:
-        self.key, self.host, self.target, self.endpoint = key, host, target, endpoint
+    __slots__ = ("key", "line", "endpoint")
+
+    def __init__(self, key, line, endpoint) -> None:
+        self.key, self.line, self.endpoint = key, line, endpoint
 
 
 class FunctionHTTPClient:
@@ -327,10 +330,7 @@ class FunctionHTTPClient:
         """POST ``data`` to ``url``: Deferred[FunctionResponse] at the response's head."""
         try:
             target = self._target(url)
-            request = encode_post(
-                target.host, target.target,
-                [(name, values[0]) for name, values in headers.items()], data,
-            )
+            request = encode_post_from(target.line, [(name, values[0]) for name, values in headers.items()], data)
         except ValueError as exc:
             return _failed(exc)
         connection = self._checkout(target.key)
@@ -354,7 +354,7 @@ class FunctionHTTPClient:
             host_header += f":{port}"
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         key = (parts.scheme, host, port)
-        found = _Target(key, host_header.encode("idna"), target.encode("ascii"), self._endpoint_for(*key))
+        found = _Target(key, post_line(host_header.encode("idna"), target.encode("ascii")), self._endpoint_for(*key))
         if len(self._targets) > 1024:
             self._targets.clear()
         self._targets[url] = found

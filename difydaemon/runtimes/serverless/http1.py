@@ -70,16 +70,36 @@ def encode_post(host: bytes, target: bytes, headers: list[tuple[bytes, bytes]], 
     :raises ValueError: a header name or value holds CR, LF or NUL (what
         would let a value smuggle another header or request).
     """
+    return encode_post_from(post_line(host, target), headers, body)
+
+
+def post_line(host: bytes, target: bytes) -> bytes:
+    """
+    The request line and ``Host`` header of a ``POST``, checked once: a
+    client sends many requests to the same few targets
+    (:func:`encode_post_from`).
+
+    :raises ValueError: the host or target holds CR, LF or NUL, or the
+        target a space.
+    """
+    if _FORBIDDEN.search(host + target) is not None or b" " in target:
+        raise ValueError("a request header or the target holds a forbidden character")
+    return b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (target, host)
+
+
+def encode_post_from(line: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """
+    :func:`encode_post` after a :func:`post_line`: only the headers are checked.
+
+    :raises ValueError: a header name or value holds CR, LF or NUL.
+    """
     head = b"".join([b"%s: %s\r\n" % pair for pair in headers])
     # the head holds one CR and one LF per header, ours: any other CR, LF
     # or NUL the caller gave would smuggle a header or a request
     count = len(headers)
-    if (
-        head.count(b"\r") != count or head.count(b"\n") != count or b"\x00" in head
-        or _FORBIDDEN.search(host + target) is not None or b" " in target
-    ):
+    if head.count(b"\r") != count or head.count(b"\n") != count or b"\x00" in head:
         raise ValueError("a request header or the target holds a forbidden character")
-    return b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (target, host, head, len(body), body)
+    return b"%s%sContent-Length: %d\r\n\r\n%s" % (line, head, len(body), body)
 
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -166,7 +186,10 @@ class ResponseDecoder:
                         if end - position >= MAX_CHUNK_LINE:
                             raise MalformedResponse("a chunk-size line is too long")
                         break
-                    size = _chunk_size(buffer[position:eol])
+                    line = buffer[position:eol]
+                    size = _SIZES.get(line)
+                    if size is None:
+                        size = _chunk_size(line)
                     start = eol + 2
                     if not size:
                         position = start
@@ -304,12 +327,25 @@ def _framing(head: ResponseHead) -> tuple:
     return keep_alive, chunked, length
 
 
+#: chunk sizes by their (short) size lines: a function's chunks come in a
+#: handful of sizes (its events, the blank lines between them, the last
+#: chunk), so a call's five or so size lines are dictionary hits; bounded,
+#: and a bad line is never kept
+_SIZES: dict[bytes, int] = {}
+_SIZES_KEPT = 4096
+
+
 def _chunk_size(line: bytes) -> int:
-    if b";" in line:
-        line = line.split(b";", 1)[0].rstrip(b" \t")
-    if not line or line.strip(b"0123456789abcdefABCDEF"):
+    """The size a chunk-size line gives (kept in ``_SIZES`` when the line is short)."""
+    size_line = line
+    if b";" in size_line:
+        size_line = size_line.split(b";", 1)[0].rstrip(b" \t")
+    if not size_line or size_line.strip(b"0123456789abcdefABCDEF"):
         raise MalformedResponse("a chunk size is not hexadecimal")
-    return int(line, 16)
+    size = int(size_line, 16)
+    if len(line) <= 8 and len(_SIZES) < _SIZES_KEPT:
+        _SIZES[line] = size
+    return size
 
 
 def _parse_head(data: bytes) -> ResponseHead:

@@ -29,10 +29,8 @@ from difydaemon.runtimes.serverless.response import (
 
 log = Logger()
 
-_HEADERS = {
-    b"Content-Type": [b"application/json"],
-    b"Accept": [b"text/event-stream"],
-}
+_JSON = [b"application/json"]
+_EVENT_STREAM = [b"text/event-stream"]
 SESSION_HEADER = b"Dify-Plugin-Session-ID"
 TRACEPARENT_HEADER = b"traceparent"
 
@@ -120,8 +118,11 @@ class InvokeClient:
         await self._call(invoke_url(function_url, action), session_id, body, on_outcome, request.get("traceparent"))
 
     async def _call(self, url: str, session_id: str, body: bytes, on_outcome, traceparent=None) -> None:
-        headers = dict(_HEADERS)
-        headers[SESSION_HEADER] = [session_id.encode("ascii", "replace")]
+        headers = {
+            b"Content-Type": _JSON,
+            b"Accept": _EVENT_STREAM,
+            SESSION_HEADER: [session_id.encode("ascii", "replace")],
+        }
         if type(traceparent) is str:
             # checked where it entered the daemon, or one of ours
             headers[TRACEPARENT_HEADER] = [traceparent.encode("ascii", "replace")]

@@ -162,13 +162,15 @@ class ServerlessRuntime:
 
     def _deliver(self, session_id: str, outcome) -> None:
         kind = type(outcome)
+        if kind is Chunk:
+            # the most frequent outcome, first
+            self._table.deliver(SessionMessage(session_id, "stream", outcome.data, outcome.raw))
+            return
         if kind is Finished or kind is Failed:
             # no transaction of an ended session, even while its body drains
             self._forget(session_id)
             self._calls.pop(session_id, None)
-        if kind is Chunk:
-            self._table.deliver(SessionMessage(session_id, "stream", outcome.data, outcome.raw))
-        elif kind is Finished:
+        if kind is Finished:
             self._table.deliver(SessionMessage(session_id, "end", None, None))
         elif kind is Failed:
             data = {"error_type": outcome.error_type, "message": outcome.message, "args": outcome.args}

@@ -45,14 +45,16 @@ class ServerlessSession:
     @classmethod
     def of(cls, session: InvocationSession, plugin_unique_identifier: str) -> ServerlessSession:
         """The serverless session of an invocation session."""
+        # positional, in field order: made on every serverless call, and
+        # keywords cost an attrs __init__ of seven fields a third more
         return cls(
-            tenant_id=session.tenant_id,
-            user_id=session.user_id,
-            plugin_id=session.plugin_id,
-            plugin_unique_identifier=plugin_unique_identifier,
-            access_type=session.access_type,
-            declaration=session.declaration,
-            session_request=session.session_request,
+            session.tenant_id,
+            session.user_id,
+            session.plugin_id,
+            plugin_unique_identifier,
+            session.access_type,
+            session.declaration,
+            session.session_request,
         )
 
     def invocation_session(self, runtime) -> InvocationSession:

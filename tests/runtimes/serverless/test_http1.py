@@ -9,6 +9,8 @@ from difydaemon.runtimes.serverless.http1 import (
     ResponseEnd,
     ResponseHead,
     encode_post,
+    encode_post_from,
+    post_line,
 )
 from difydaemon.testing.cases import SynchronousTestCase
 
@@ -52,6 +54,16 @@ class EncodePostTests(SynchronousTestCase):
         self.assertRaises(ValueError, encode_post, b"fn\r\n", b"/i", [], b"")
         self.assertRaises(ValueError, encode_post, b"fn", b"/i HTTP/1.0\r\n", [], b"")
         self.assertRaises(ValueError, encode_post, b"fn", b"/a b", [], b"")
+
+    def test_line_checked_once_headers_every_time(self):
+        """A request line made once with post_line serves many requests; each request's headers are still checked."""
+        line = post_line(b"fn:8080", b"/invoke?action=invoke_tool")
+        self.assertEqual(
+            encode_post_from(line, [(b"Dify-Plugin-Session-ID", b"s-1")], b"{}"),
+            encode_post(b"fn:8080", b"/invoke?action=invoke_tool", [(b"Dify-Plugin-Session-ID", b"s-1")], b"{}"),
+        )
+        self.assertRaises(ValueError, encode_post_from, line, [(b"Dify-Plugin-Session-ID", b"s\r\nX: 1")], b"")
+        self.assertRaises(ValueError, post_line, b"fn", b"/i HTTP/1.0\r\n")
 
 
 class ResponseDecoderTests(SynchronousTestCase):
@@ -149,3 +161,12 @@ class ResponseDecoderTests(SynchronousTestCase):
             self.assertRaises(
                 MalformedResponse, ResponseDecoder().feed, b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"
             )
+
+    def test_chunk_sizes_read_alike_every_time(self):
+        """A chunk-size line seen before (then looked up) frames its chunk as it did the first; a bad one is refused each time."""
+        chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for _ in range(3):
+            heads, body, ends, _ = decode(chunked + b"A\r\n0123456789\r\na\r\nabcdefghij\r\n0\r\n\r\n")
+            self.assertEqual((body, ends), (b"0123456789abcdefghij", [ResponseEnd(True)]))
+            self.assertRaises(MalformedResponse, ResponseDecoder().feed, chunked + b"g\r\nx\r\n")
+            self.assertRaises(MalformedResponse, ResponseDecoder().feed, chunked + b"-1\r\nx\r\n")

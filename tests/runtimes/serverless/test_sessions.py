@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from difydaemon.interfaces import IServerlessSessions
+from difydaemon.invocation.session import InvocationSession
 from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions, ServerlessSession
 from difydaemon.testing.cases import SynchronousTestCase
 from tests.persistence.contract import contract
@@ -102,3 +104,18 @@ class ServerlessSessionTests(SynchronousTestCase):
     def test_json_round_trip(self):
         """A session survives its JSON form (what a shared implementation stores)."""
         self.assertEqual(ServerlessSession.from_json(session().to_json()), session())
+
+    def test_of_an_invocation_session(self):
+        """A session made from a dispatch request carries each field where it belongs, in both value objects."""
+        runtime = type("Runtime", (), {"declaration": session().declaration})()
+        request = dict(session().session_request, data={"user_id": "u", "type": "tool"})
+        invocation = InvocationSession.of("t", "acme/echo", request, runtime)
+        self.assertEqual(
+            (invocation.tenant_id, invocation.user_id, invocation.plugin_id, invocation.access_type,
+             invocation.declaration, invocation.session_request, invocation.runtime),
+            ("t", "u", "acme/echo", "tool", session().declaration, request, runtime),
+        )
+        self.assertEqual(
+            ServerlessSession.of(invocation, session().plugin_unique_identifier),
+            attrs.evolve(session(), session_request=request),
+        )
