@@ -386,8 +386,10 @@ class PythonEnvironmentBuilder:
                     log.info("byte-compiling {path} stopped with the daemon", path=working_dir)
                     return
             if prepared is not None or self._bytecode is not None:
-                await self._keep_for_later(working_dir, prepared, linked)
-                log.info("{path}: compiled and kept for later builds", path=working_dir)
+                # not awaited: a stop cancels this coroutine, and the keeping
+                # runs in a thread that cannot be stopped half-way; it is
+                # tracked (settled() waits for it) and logs its own outcome
+                self._keep_for_later(working_dir, prepared, linked)
 
         start_tracked(finish(), self._compiling, "finishing {path} in the background failed", path=working_dir)
 
@@ -403,7 +405,10 @@ class PythonEnvironmentBuilder:
 
         done = deferToThreadPool(self._reactor, self._pool(), self._keep_blocking, working_dir, prepared, linked)
         self._background[done] = prepared
-        done.addErrback(lambda failure: log.failure("keeping {path} for later builds failed", failure, path=working_dir))
+        done.addCallbacks(
+            lambda _: log.info("{path}: compiled and kept for later builds", path=working_dir),
+            lambda failure: log.failure("keeping {path} for later builds failed", failure, path=working_dir),
+        )
         done.addBoth(forget)
         return done
 

@@ -522,6 +522,19 @@ class FakeCachedBuilderTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIn("copying a prepared venv", self.progress)
 
+    def test_stop_while_keeping_logs_no_failure(self):
+        """A stop during the keeping of a fresh build logs no failure, and the keeping still ends and is logged once."""
+        first, _ = self.first_build()
+        self.assertEqual(len(self.pool.waiting), 1)  # the keeping runs in its thread
+        with capturedLogs() as events:
+            self.builder.stop_compiling()
+            self.assertEqual(self.flushLoggedErrors(), [])
+            self.assertFalse([e for e in events if "kept for later builds" in e["log_format"]])
+            self.pool.release()
+        self.assertEqual([e["path"] for e in events if "kept for later builds" in e["log_format"]], [first])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertIsNone(self.successResultOf(self.builder.settled()))
+
     def test_invalid_prepared_venv_replaced(self):
         """A prepared venv that lost its marker is not used; the next fresh build replaces it with a valid one."""
         self.first_build()
