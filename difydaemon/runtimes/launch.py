@@ -258,13 +258,16 @@ class LocalRuntimeFactory:
                 return None
             progress("starting the plugin")
             memory_limit = memory_limit_of(declaration)
-            if memory_limit is None and declared_memory(declaration) is not None:
+            declared = declared_memory(declaration)
+            if memory_limit is None and declared is not None:
+                # the two reasons a declared limit is not enforced
                 log.warn(
-                    "plugin {identifier} declares resource.memory {declared} bytes, below {minimum}:"
-                    " a placeholder, not enforced",
+                    "plugin {identifier} declares resource.memory {declared} bytes, {reason}: not enforced",
                     identifier=identifier,
-                    declared=declared_memory(declaration),
-                    minimum=MINIMUM_MEMORY_LIMIT,
+                    declared=declared,
+                    reason=f"below {MINIMUM_MEMORY_LIMIT}, a placeholder"
+                    if declared < MINIMUM_MEMORY_LIMIT
+                    else "more than the launcher can set",
                 )
             runtime = LocalRuntime(
                 self._reactor,

@@ -36,6 +36,11 @@ MEMORY_ERROR_TYPE = "MemoryError"
 #: ``RLIMIT_DATA`` of 1 MiB their Python cannot even load ``libpython``.
 #: Twice that footprint leaves a real plugin room to start.
 MINIMUM_MEMORY_LIMIT = 128 * 1048576
+#: The largest ``resource.memory`` taken at its word: the launcher's
+#: ``setrlimit`` takes a C long, and a larger number (a manifest may write
+#: any JSON integer) raised OverflowError there, a traceback instead of a
+#: plugin; so much memory is no limit anyway.
+MAXIMUM_MEMORY_LIMIT = 2**63 - 1
 
 
 def declared_memory(declaration: dict) -> int | None:
@@ -51,10 +56,11 @@ def memory_limit_of(declaration: dict) -> int | None:
     """
     The memory limit to enforce: the manifest's ``resource.memory`` in
     bytes, or None (nothing is enforced) when it is missing, not a positive
-    integer, or below :data:`MINIMUM_MEMORY_LIMIT` (a placeholder).
+    integer, below :data:`MINIMUM_MEMORY_LIMIT` (a placeholder) or above
+    :data:`MAXIMUM_MEMORY_LIMIT` (no limit).
     """
     memory = declared_memory(declaration)
-    if memory is None or memory < MINIMUM_MEMORY_LIMIT:
+    if memory is None or not MINIMUM_MEMORY_LIMIT <= memory <= MAXIMUM_MEMORY_LIMIT:
         return None
     return memory
 

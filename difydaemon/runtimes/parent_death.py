@@ -61,7 +61,7 @@ from attrs import field, frozen
 #: as the new user may not read the daemon's Python (under ``/root``).  1 is
 #: ``PR_SET_PDEATHSIG``, 9 ``SIGKILL``.
 #: A missing ``ctypes`` or a refused ``prctl`` is reported on stderr and the
-#: program still runs; a session or user that cannot be had ends the
+#: program still runs; a session, user, cgroup or limit that cannot be had ends the
 #: launcher with 126 and one line (a plugin must never run as root by
 #: mistake); a program that cannot be executed exits 127 with one line.
 LAUNCHER = """\
@@ -89,7 +89,7 @@ try:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-except (OSError, ValueError) as e:
+except (OSError, ValueError, OverflowError) as e:
     os.write(2, ("difydaemon launcher: cannot isolate the child (%s): %s\\n" % (sys.argv[2], getattr(e, "strerror", None) or e)).encode())
     os._exit(126)
 try:

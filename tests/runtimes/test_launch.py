@@ -208,8 +208,17 @@ class ContainedLaunchTests(SynchronousTestCase):
         self.assertIsNone(runtime.memory_limit)
         # the launcher's options argument: a process group, no RLIMIT_DATA
         self.assertIn("setsid", self.reactor.spawned[-1].args)
-        [warning] = [e for e in events if "placeholder" in e.get("log_format", "")]
+        [warning] = [e for e in events if "placeholder" in e.get("reason", "")]
         self.assertEqual(warning["declared"], 1048576)
+
+    def test_memory_beyond_the_launcher_not_enforced(self):
+        """A resource.memory past what setrlimit takes starts the plugin with no limit (it crashed the launcher)."""
+        with capturedLogs() as events:
+            runtime = self.launch(memory=2**64 - 1)
+        self.assertIsNone(runtime.memory_limit)
+        self.assertIn("setsid", self.reactor.spawned[-1].args)  # the options argument: no data=<bytes>
+        [warning] = [e for e in events if "more than the launcher can set" in e.get("reason", "")]
+        self.assertEqual(warning["declared"], 2**64 - 1)
 
     def test_directories_given_to_the_plugin_user(self):
         """With a user to run as, the plugin's HOME, working directory and the shared uv cache become that user's."""

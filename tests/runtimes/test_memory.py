@@ -6,6 +6,7 @@ from twisted.logger import LogLevel
 
 from difydaemon.runtimes.local import LivenessPolicy
 from difydaemon.runtimes.memory import (
+    MAXIMUM_MEMORY_LIMIT,
     MINIMUM_MEMORY_LIMIT,
     declared_memory,
     memory_limit_of,
@@ -39,6 +40,12 @@ class HelperTests(SynchronousTestCase):
         self.assertIsNone(memory_limit_of(official))
         self.assertIsNone(memory_limit_of({"resource": {"memory": MINIMUM_MEMORY_LIMIT - 1}}))
         self.assertEqual(memory_limit_of({"resource": {"memory": MINIMUM_MEMORY_LIMIT}}), MINIMUM_MEMORY_LIMIT)
+
+    def test_limit_beyond_a_c_long_not_enforced(self):
+        """A resource.memory the launcher's setrlimit cannot take (over 2**63 - 1) is no limit, not a crashed launch."""
+        self.assertEqual(memory_limit_of({"resource": {"memory": MAXIMUM_MEMORY_LIMIT}}), MAXIMUM_MEMORY_LIMIT)
+        self.assertIsNone(memory_limit_of({"resource": {"memory": MAXIMUM_MEMORY_LIMIT + 1}}))
+        self.assertIsNone(memory_limit_of({"resource": {"memory": 2**64 - 1}}))  # a manifest may hold a uint64
 
     def test_message(self):
         """The caller's message names the plugin and the limit in MB."""

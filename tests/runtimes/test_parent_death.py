@@ -154,6 +154,16 @@ class LauncherTests(SynchronousTestCase):
         self.assertEqual(result.stdout.strip(), str(200 * 1048576).encode())
         self.assertIn(b"MemoryError", result.stderr)
 
+    def test_memory_limit_beyond_setrlimit_is_fatal_in_one_line(self):
+        """A data= setrlimit cannot take (past a C long) ends the launcher with 126 and one line, not a traceback."""
+        marker = os.path.abspath(self.mktemp())
+        wrapper = ParentDeathSignal(sys.executable, getpid=os.getpid)
+        argv = wrapper.wrap(["/bin/touch", marker], 2**64 - 1)
+        result = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        self.assertEqual(result.returncode, 126, result.stderr)
+        self.assertTrue(result.stderr.startswith(b"difydaemon launcher: cannot isolate the child"), result.stderr)
+        self.assertFalse(os.path.exists(marker))
+
     def test_own_session_and_group(self):
         """The program leads a session and a process group of its own, whose id is its pid."""
         show = "import json, os; print(json.dumps([os.getpid(), os.getpgid(0), os.getsid(0)]))"
