@@ -20,7 +20,7 @@ from difydaemon.errors import DaemonError, InternalServerError, ObjectNotFoundEr
 from difydaemon.packaging.archive import extract_package, read_package
 from difydaemon.packaging.identifier import parse_identifier
 from difydaemon.runtimes.containment import give_to, prepare_private_directory
-from difydaemon.runtimes.environment import working_dir_for
+from difydaemon.runtimes.environment import venv_is_valid, working_dir_for
 from difydaemon.runtimes.local import LocalRuntime
 from difydaemon.runtimes.memory import MINIMUM_MEMORY_LIMIT, declared_memory, memory_limit_of
 
@@ -237,7 +237,7 @@ class LocalRuntimeFactory:
             raise InternalServerError(f"unsupported runner language {runner_meta.get('language')!r}")
         working_dir = os.path.abspath(working_dir_for(self._working_path, identifier))
         await self._prepare_shared()
-        created = await self._runner.run(_prepare_directory, working_dir)
+        created = await self._runner.run(prepare_directory, working_dir)
         try:
             if created:
                 package = await load_package()
@@ -312,12 +312,41 @@ class LocalRuntimeFactory:
         return self._runner.run(_remove_tree, working_dir)
 
 
-def _prepare_directory(path: str) -> bool:
-    """Create ``path`` if missing or empty; True when it must be filled."""
-    if os.path.isdir(path) and os.listdir(path):
+#: written into a working directory once its package is wholly unpacked
+UNPACKED_MARKER = ".difydaemon-unpacked"
+
+
+def prepare_directory(path: str) -> bool:
+    """
+    Create ``path`` if missing; True when the package must be unpacked into
+    it.  A directory's files alone do not say its unpack finished: a
+    cancelled unpack's thread, or a daemon killed during one, leaves some of
+    them (and a cancelled unpack may still be writing after its directory was
+    removed), so only the marker written after a whole unpack counts.  The
+    identifier names the package's bytes, so what an unpack cut short left
+    is removed and the package unpacked again.  A directory from before the
+    marker existed counts as whole when its venv was built: the build only
+    ever follows a whole unpack.
+    """
+    if os.path.exists(os.path.join(path, UNPACKED_MARKER)):
         return False
+    if venv_is_valid(path):
+        _mark_unpacked(path)
+        return False
+    shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, mode=0o755, exist_ok=True)
     return True
+
+
+def _mark_unpacked(path: str) -> None:
+    with open(os.path.join(path, UNPACKED_MARKER), "wb"):
+        pass
+
+
+def unpack_files(files, target: str) -> None:
+    """Write a decoded package's files into ``target``, then the marker that says they are all there."""
+    extract_package(files, target)
+    _mark_unpacked(target)
 
 
 def _give_directory(path: str, run_as) -> None:
@@ -326,7 +355,7 @@ def _give_directory(path: str, run_as) -> None:
 
 
 def _unpack(package: bytes, max_size: int, target: str) -> None:
-    extract_package(read_package(package, max_size), target)
+    unpack_files(read_package(package, max_size), target)
 
 
 def _remove_tree(path: str) -> None:

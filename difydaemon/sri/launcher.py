@@ -30,11 +30,10 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredLock, Deferre
 from twisted.logger import Logger
 
 from difydaemon.errors import DaemonError
-from difydaemon.packaging.archive import extract_package
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.packaging.signature import official_public_key
 from difydaemon.runtimes.environment import working_dir_for
-from difydaemon.runtimes.launch import SharedResult, _prepare_directory
+from difydaemon.runtimes.launch import SharedResult, prepare_directory, unpack_files
 from difydaemon.sri import wire
 from difydaemon.sri.function_site import install_function_site
 from difydaemon.sri.state import FunctionRecord, load_records, save_records
@@ -230,12 +229,12 @@ class FunctionLauncher:
         if self._site_dir is None:
             self._site_dir = await self._run_blocking(install_function_site, self._working_path)
         working_dir = os.path.abspath(working_dir_for(os.path.join(self._working_path, FUNCTIONS_DIR), identifier))
-        created = await self._run_blocking(_prepare_directory, working_dir)
+        created = await self._run_blocking(prepare_directory, working_dir)
         stage = wire.STAGE_BUILD
         try:
             if created:
                 progress(wire.building("unpacking the package"))
-                await self._run_blocking(extract_package, decoded.files, working_dir)
+                await self._run_blocking(unpack_files, decoded.files, working_dir)
             if not self._builds.tokens:
                 progress(wire.building("waiting for other builds to finish"))
             try:

@@ -19,7 +19,8 @@ from difydaemon.storage.paths import StoragePaths
 from difydaemon.packaging.package import PackagePolicy, decode_package
 from difydaemon.persistence.memory import MemoryPersistence
 from difydaemon.runtimes.child_environment import plugin_environment
-from difydaemon.runtimes.launch import LocalRuntimeFactory
+from difydaemon.runtimes.environment import MARKER_PATH, VENV_PYTHON, working_dir_for
+from difydaemon.runtimes.launch import UNPACKED_MARKER, LocalRuntimeFactory
 from difydaemon.runtimes.parent_death import ParentDeathSignal, RunAs
 from difydaemon.storage.memory import MemoryObjectStorage
 from difydaemon.testing.cases import AsyncTestCase, SynchronousTestCase
@@ -236,8 +237,8 @@ class ContainedLaunchTests(SynchronousTestCase):
 class BuildInstalledTests(SynchronousTestCase):
     """build_installed makes an installed plugin's files and venv without starting any process (idle stop)."""
 
-    def test_builds_without_a_process(self):
-        """The package is unpacked and the venv built; nothing is spawned, and a launch after it reuses the directory."""
+    def installed(self):
+        """A factory over fakes holding one installed local plugin; (reactor, factory, builder, working_path, identifier)."""
         reactor = FakeProcessReactor()
         persistence = MemoryPersistence(reactor)
         storage = MemoryObjectStorage()
@@ -254,6 +255,11 @@ class BuildInstalledTests(SynchronousTestCase):
             reactor, persistence, storage, paths, InlineRunner(), builder, working_path,
             {"PATH": "/usr/bin:/bin"}, 52428800,
         )
+        return reactor, factory, builder, working_path, identifier
+
+    def test_builds_without_a_process(self):
+        """The package is unpacked and the venv built; nothing is spawned, and a launch after it reuses the directory."""
+        reactor, factory, builder, working_path, identifier = self.installed()
         lines = []
         self.assertIsNone(self.successResultOf(factory.build_installed(identifier, lines.append)))
         self.assertEqual(reactor.spawned, [])
@@ -264,6 +270,37 @@ class BuildInstalledTests(SynchronousTestCase):
         reactor.spawned[-1].transport.stdout(b'{"event":"heartbeat","session_id":null,"data":{}}\n\n')
         self.assertEqual(self.successResultOf(launched).working_dir, builder.built[0])
         self.assertNotIn("unpacking the package", lines[lines.index("plugin is built; idle until its first call"):])
+
+    def test_partial_unpack_is_unpacked_again(self):
+        """A working directory holding some of the package's files but no unpack marker (a cancelled or killed unpack) is unpacked again; a whole one is not."""
+        _, factory, _, working_path, identifier = self.installed()
+        working_dir = os.path.abspath(working_dir_for(working_path, identifier))
+        os.makedirs(working_dir)
+        with open(os.path.join(working_dir, "manifest.yaml"), "wb") as f:
+            f.write(b"vers")  # what an unpack cut short left
+        lines = []
+        self.assertIsNone(self.successResultOf(factory.build_installed(identifier, lines.append)))
+        self.assertIn("unpacking the package", lines)
+        self.assertEqual(os.listdir(os.path.join(working_dir)).count("main.py"), 1)
+        with open(os.path.join(working_dir, "manifest.yaml"), "rb") as f:
+            self.assertEqual(f.read(), behaviour_plugin_files()["manifest.yaml"])
+        self.assertTrue(os.path.exists(os.path.join(working_dir, UNPACKED_MARKER)))
+        del lines[:]
+        self.assertIsNone(self.successResultOf(factory.build_installed(identifier, lines.append)))
+        self.assertNotIn("unpacking the package", lines)
+
+    def test_directory_from_before_the_marker_kept(self):
+        """A working directory with a built venv and no unpack marker (made before the marker existed) is kept as it is."""
+        _, factory, _, working_path, identifier = self.installed()
+        working_dir = os.path.abspath(working_dir_for(working_path, identifier))
+        for path in (VENV_PYTHON, MARKER_PATH, "main.py"):
+            os.makedirs(os.path.dirname(os.path.join(working_dir, path)), exist_ok=True)
+            open(os.path.join(working_dir, path), "w").close()
+        lines = []
+        self.assertIsNone(self.successResultOf(factory.build_installed(identifier, lines.append)))
+        self.assertNotIn("unpacking the package", lines)
+        self.assertEqual(os.path.getsize(os.path.join(working_dir, "main.py")), 0)
+        self.assertTrue(os.path.exists(os.path.join(working_dir, UNPACKED_MARKER)))
 
     def test_not_a_local_plugin(self):
         """An identifier with no local install builds nothing and answers None."""
