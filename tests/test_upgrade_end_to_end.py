@@ -106,7 +106,10 @@ class UpgradeUnderLoadTests(DaemonCase):
         self.assertEqual(outcome["status"], "success", outcome)
         self.assertEqual(await self.installed(), [new])
         self.assertEqual([r for r in results if r is not None], [])
-        self.assertGreater(during, CALLS_PER_SECOND)  # the upgrade really ran under load
+        # The upgrade really ran under load: calls kept starting while it ran. Its length is not
+        # the test's to fix (a quick one took 0.95 s in a CI run); the new version's start alone
+        # takes longer than a quarter second, so fewer calls than that mean the load had stalled.
+        self.assertGreaterEqual(during, CALLS_PER_SECOND // 4)
         self.assertIsNone(self.service.runtimes.get(old))
 
     async def test_failed_upgrade_keeps_old_version(self):
