@@ -215,14 +215,22 @@ class _Deadline(Exception):
 
 
 class _CallState:
-    """The deadline of one call, and what it must interrupt when it passes."""
+    """
+    The deadline of one call, and what it must interrupt when it passes.
+
+    The deadline's timer starts at the first :meth:`wait`, once the first
+    request is written rather than before it: the request leaves sooner,
+    and the deadline starts the same instant on the reactor's clock (the
+    first wait comes in the same turn).
+    """
 
     def __init__(self, reactor, timeout: float) -> None:
         self._reactor = reactor
+        self._timeout = timeout
         self._waiting: Deferred | None = None
         self._reader: BodyStream | None = None
         self.expired = False
-        self._timer = reactor.callLater(timeout, self._expire)
+        self._timer = None
 
     def _expire(self) -> None:
         self.expired = True
@@ -235,6 +243,8 @@ class _CallState:
         """Wait for ``d`` unless the deadline passes first."""
         if not isinstance(d, Deferred):
             d = Deferred.fromCoroutine(d)
+        if self._timer is None:
+            self._timer = self._reactor.callLater(self._timeout, self._expire)
         self._waiting, self._reader = d, reader
         try:
             return await d
@@ -253,5 +263,6 @@ class _CallState:
         await self.wait(d)
 
     def close(self) -> None:
-        if self._timer.active():
-            self._timer.cancel()
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()

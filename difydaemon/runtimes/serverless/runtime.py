@@ -167,14 +167,16 @@ class ServerlessRuntime:
             self._table.deliver(SessionMessage(session_id, "stream", outcome.data, outcome.raw))
             return
         if kind is Finished or kind is Failed:
-            # no transaction of an ended session, even while its body drains
-            self._forget(session_id)
             self._calls.pop(session_id, None)
-        if kind is Finished:
-            self._table.deliver(SessionMessage(session_id, "end", None, None))
-        elif kind is Failed:
-            data = {"error_type": outcome.error_type, "message": outcome.message, "args": outcome.args}
-            self._table.deliver(SessionMessage(session_id, "error", data, None))
+            if kind is Finished:
+                self._table.deliver(SessionMessage(session_id, "end", None, None))
+            else:
+                data = {"error_type": outcome.error_type, "message": outcome.message, "args": outcome.args}
+                self._table.deliver(SessionMessage(session_id, "error", data, None))
+            # no transaction of an ended session, even while its body
+            # drains; forgotten in the same turn as the end is delivered,
+            # but after it: the caller's answer is sent first
+            self._forget(session_id)
         elif kind is LogLine:
             entry = outcome.log
             log.info(

@@ -160,6 +160,22 @@ class InvokeClientTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIn("PLUGIN_MAX_EXECUTION_TIMEOUT", self.outcomes[-1].message)
 
+    def test_deadline_scheduled_once_the_request_is_written(self):
+        """The request goes out before the call's deadline is scheduled; the deadline still ends a call never answered."""
+        scheduled_at_post = []
+
+        class Silent:
+            def post(inner, *args, **kwargs):
+                scheduled_at_post.append(len(self.clock.getDelayedCalls()))
+                return Deferred()
+
+        d = self.invoke(self.client(Silent(), execution_timeout=10))
+        self.assertEqual((scheduled_at_post, len(self.clock.getDelayedCalls())), ([0], 1))
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIn("PLUGIN_MAX_EXECUTION_TIMEOUT", self.outcomes[-1].message)
+
     def test_line_over_max_buffer(self):
         """A response line over PLUGIN_RUNTIME_MAX_BUFFER_SIZE fails the session and stops reading."""
         function = FakeFunction([Reply(body=[b"x" * 500], hang=True)])

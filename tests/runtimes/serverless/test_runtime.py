@@ -92,6 +92,26 @@ class RuntimeTests(SynchronousTestCase):
         self.assertEqual(listener.calls, [("end",)])
         self.assertEqual(len(self.sessions), 0)
 
+    def test_end_reaches_the_caller_before_the_session_is_forgotten(self):
+        """The end and an error are handed on while the session is still live, and it is gone once they were."""
+        for reply, last in (
+            (Reply(body=[session_line(SID, "end", None)]), "end"),
+            (Reply(status=500, body=[b"boom"]), "error"),
+        ):
+            self.function.replies = [reply]
+            live_at_last = []
+            plugin_request = request({"type": "tool", "action": "invoke_tool"})
+            listener = _SessionListener(self.runtime, plugin_request)
+            record = getattr(listener, last)
+            setattr(listener, last, lambda *args: (
+                live_at_last.append(self.successResultOf(self.sessions.lookup(SID))), record(*args)))
+            self.runtime.open_session(SID, plugin_request, listener)
+            self.stub.flush()
+            self.assertEqual(listener.calls[-1][0], last)
+            self.assertEqual(len(live_at_last), 1)
+            self.assertEqual(live_at_last[0].session_id, SID)
+            self.assertEqual(len(self.sessions), 0)
+
     def test_sessions_unavailable(self):
         """With Redis down the session cannot be shared: it fails with 'redis unavailable' and the function is not called."""
 
