@@ -38,6 +38,8 @@ _IMPORT = re.compile(
     r"|from[ \t]+(?P<base>\.*[\w.]*)[ \t]+import[ \t]+(?P<what>\([^)]*\)|(?:\\\n|[^\n#;])*))"
 )
 
+_INDENT = re.compile(r"[ \t]*")
+
 # Blocks whose imports do not run when their module is imported.
 _SKIPPED_BLOCK = re.compile(r"(?:async[ \t]+)?def[ \t]|if[ \t].*TYPE_CHECKING")
 
@@ -75,7 +77,7 @@ def import_statements(text: str) -> Iterator[tuple[str, tuple[str, ...]]]:
 
 def _enclosing_header(text: str, line: int) -> str:
     """The first less indented line (not blank, not a comment) above the line starting at ``line``, stripped."""
-    indent = len(text) - line - len(text[line:].lstrip(" \t"))
+    indent = _INDENT.match(text, line).end() - line
     end = line
     while end > 0:
         start = text.rfind("\n", 0, end - 1) + 1
@@ -145,8 +147,8 @@ def predicted_imports(
                     candidate
                     for directory in search_path
                     for candidate in (
-                        os.path.join(directory, relative, "__init__.py"),
-                        os.path.join(directory, relative + ".py"),
+                        f"{directory}{os.sep}{relative}{os.sep}__init__.py",
+                        f"{directory}{os.sep}{relative}.py",
                     )
                     if os.path.isfile(candidate)
                 ),
