@@ -591,8 +591,8 @@ class LocalRuntimeConfig:
     #: ``PIP_WHEELHOUSE_PATH``: a local directory of wheels tried before any
     #: index; empty for none.
     pip_wheelhouse_path: str
-    #: ``PIP_PREFER_OFFLINE``: a ``requirements.txt`` install first tries
-    #: uv's cache alone (``--offline``), then the index.
+    #: ``PIP_PREFER_OFFLINE`` (default true): a ``requirements.txt`` install
+    #: first tries uv's cache alone (``--offline``), then the index.
     pip_prefer_offline: bool
     #: ``PLUGIN_IGNORE_UV_LOCK``: do not pass ``--frozen`` for a uv.lock.
     plugin_ignore_uv_lock: bool
@@ -1489,7 +1489,7 @@ def _local_runtime(values: _Values, platform: str | None) -> LocalRuntimeConfig:
         pip_verbose=values.boolean("PIP_VERBOSE", True),
         pip_extra_args=values.string("PIP_EXTRA_ARGS"),
         pip_wheelhouse_path=values.string("PIP_WHEELHOUSE_PATH"),
-        pip_prefer_offline=values.boolean("PIP_PREFER_OFFLINE", False),
+        pip_prefer_offline=values.boolean("PIP_PREFER_OFFLINE", True),
         plugin_ignore_uv_lock=values.boolean("PLUGIN_IGNORE_UV_LOCK", False),
         plugin_local_launching_concurrent=values.integer(
             "PLUGIN_LOCAL_LAUNCHING_CONCURRENT", 2, 1

@@ -188,7 +188,7 @@ class DefaultTests(SynchronousTestCase):
         self.assertTrue(local.pip_prefer_binary)
         self.assertTrue(local.pip_verbose)
         self.assertEqual(local.pip_extra_args, "")
-        self.assertFalse(local.pip_prefer_offline)
+        self.assertTrue(local.pip_prefer_offline)
         self.assertFalse(local.plugin_ignore_uv_lock)
         self.assertEqual(local.plugin_local_launching_concurrent, 2)
         self.assertEqual(local.plugin_local_instances, 1)
@@ -394,9 +394,9 @@ class BadValueTests(SynchronousTestCase):
         """Every spelling of Go's ParseBool is understood."""
         for text in ("1", "t", "T", "TRUE", "true", "True"):
             self.assertTrue(load_config(_environ(PLUGIN_IGNORE_UV_LOCK=text)).local_runtime.plugin_ignore_uv_lock)
-            self.assertTrue(load_config(_environ(PIP_PREFER_OFFLINE=text)).local_runtime.pip_prefer_offline)
         for text in ("0", "f", "F", "FALSE", "false", "False"):
             self.assertFalse(load_config(_environ(PIP_VERBOSE=text)).local_runtime.pip_verbose)
+            self.assertFalse(load_config(_environ(PIP_PREFER_OFFLINE=text)).local_runtime.pip_prefer_offline)
 
     def test_bad_float(self):
         """A non-numeric or infinite float names its variable."""

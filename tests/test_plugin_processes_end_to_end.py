@@ -204,7 +204,10 @@ class DaemonKilledTests(TwistdCase):
         self.addCleanup(index.close)
         index.bind(("127.0.0.1", 0))
         index.listen(16)  # connections are accepted by the kernel and never answered
-        await self.start_twistd(PIP_MIRROR_URL=f"http://127.0.0.1:{index.getsockname()[1]}/simple")
+        # no first try from uv's cache, which ends at once: the install waits on the index
+        await self.start_twistd(
+            PIP_MIRROR_URL=f"http://127.0.0.1:{index.getsockname()[1]}/simple", PIP_PREFER_OFFLINE="false"
+        )
         await self.start_install(behaviour_plugin_files())
 
         uv = None

@@ -10,6 +10,7 @@ through the same :class:`PythonEnvironmentBuilder`.
 - :mod:`.layout`: where things live and the pure decisions about them;
 - :mod:`.steps`: the build's child processes, their command lines, running one;
 - :mod:`.bytecode`: the cache of installed distributions' ``.pyc`` files;
+- :mod:`.import_order`: what the background compilation of a fresh venv takes first;
 - :mod:`.interpreters`: finding uv and a Python interpreter;
 - :mod:`.builder`: the builder, with its prepared venvs.
 

@@ -32,6 +32,7 @@ from difydaemon.runtimes.environment.bytecode import (
     BytecodeLinks,
     bytecode_salt,
 )
+from difydaemon.runtimes.environment.import_order import compile_first
 from difydaemon.runtimes.environment.interpreters import find_interpreter, find_uv
 from difydaemon.runtimes.environment.layout import (
     MARKER_PATH,
@@ -269,7 +270,15 @@ class PythonEnvironmentBuilder:
                 # Awaited even when the install fails: whoever then deletes
                 # the directory must not race compileall walking it.
                 await plugin_compiled
-            linked, compile_site = await self._link_site_packages(working_dir, python_env, interpreter, progress)
+            linked, site_packages, missing = await self._link_site_packages(working_dir, interpreter, progress)
+            compile_site = site_packages_compile_command(
+                working_dir,
+                site_packages,
+                python_env,
+                self._compile_extra_args,
+                missing,
+                parallel=not self._compile_in_background,
+            )
             if compile_site is not None and not self._compile_in_background:
                 progress(compile_site.step)
                 await self._run(compile_site)
@@ -285,7 +294,7 @@ class PythonEnvironmentBuilder:
             # in the background, niced, then kept for later builds.
             if compile_site is not None:
                 progress("byte-compiling site-packages in the background")
-            self._finish_later(working_dir, prepared, linked, compile_site)
+            self._finish_later(working_dir, prepared, linked, compile_site, site_packages, missing)
         progress("venv ready")
 
     async def _install(self, working_dir: str, dependency_file: str, env, frozen_lock: bool) -> None:
@@ -374,13 +383,26 @@ class PythonEnvironmentBuilder:
                 return
             await DeferredList(pending)
 
-    def _finish_later(self, working_dir: str, prepared: str | None, linked, compile_site: StepCommand | None) -> None:
-        """Compile site-packages (niced), then keep the build for later ones; tracked until done, errors logged."""
+    def _finish_later(
+        self,
+        working_dir: str,
+        prepared: str | None,
+        linked,
+        compile_site: StepCommand | None,
+        site_packages: Sequence[str] = (),
+        missing: Sequence[str] | None = None,
+    ) -> None:
+        """
+        Compile site-packages (niced), what the plugin is predicted to
+        import first, then keep the build for later ones; tracked until
+        done, errors logged.
+        """
 
         async def finish() -> None:
             if compile_site is not None:
                 try:
-                    await self._run(niced(compile_site, self._nice_path))
+                    command = await self._in_import_order(compile_site, working_dir, site_packages, missing)
+                    await self._run(niced(command, self._nice_path))
                 except CancelledError:
                     # the daemon is stopping: the venv runs without bytecode
                     log.info("byte-compiling {path} stopped with the daemon", path=working_dir)
@@ -392,6 +414,30 @@ class PythonEnvironmentBuilder:
                 self._keep_for_later(working_dir, prepared, linked)
 
         start_tracked(finish(), self._compiling, "finishing {path} in the background failed", path=working_dir)
+
+    async def _in_import_order(
+        self, command: StepCommand, working_dir: str, site_packages: Sequence[str], missing: Sequence[str] | None
+    ) -> StepCommand:
+        """
+        ``command`` taking first, in reverse, what the plugin starting
+        beside it is predicted to import (see
+        :mod:`~difydaemon.runtimes.environment.import_order`): compiled
+        before the plugin gets there, it only loads them.  The prediction is
+        an optimisation: when it fails, ``command`` as it is.
+        """
+        try:
+            first = await deferToThreadPool(
+                self._reactor, self._pool(), compile_first, working_dir, site_packages, missing
+            )
+        except CancelledError:
+            raise
+        except Exception:
+            log.failure("predicting the imports of {path} failed", path=working_dir)
+            return command
+        ordered = site_packages_compile_command(
+            working_dir, site_packages, command.env, self._compile_extra_args, missing, parallel=False, first=first
+        )
+        return command if ordered is None else ordered
 
     def _keep_for_later(self, working_dir: str, prepared: str | None, linked) -> Deferred:
         """
@@ -420,14 +466,15 @@ class PythonEnvironmentBuilder:
             self._store_bytecode(working_dir, linked)
 
     async def _link_site_packages(
-        self, working_dir: str, env, interpreter: str, progress
-    ) -> tuple[list[tuple[str, BytecodeLinks]], StepCommand | None]:
+        self, working_dir: str, interpreter: str, progress
+    ) -> tuple[list[tuple[str, BytecodeLinks]], list[str], list[str] | None]:
         """
         Give site-packages what the bytecode cache has, and say what is left to compile.
 
         :return: each site-packages directory with what the cache gave it
-            (empty without a cache, or when the cache failed), and the
-            compilation of the rest (None when nothing is left).
+            (empty without a cache, or when the cache failed), the
+            site-packages directories (relative to ``working_dir``), and the
+            sources left to compile (relative to ``working_dir``; None for all).
         """
         site_packages = _site_packages(working_dir)
         linked: list[tuple[str, BytecodeLinks]] = []
@@ -450,9 +497,7 @@ class PythonEnvironmentBuilder:
             else:
                 missing = [os.path.join(directory, path) for directory, links in linked for path in links.missing]
                 progress(f"linked {sum(links.linked for _, links in linked)} cached .pyc files")
-        return linked, site_packages_compile_command(
-            working_dir, site_packages, env, self._compile_extra_args, missing, parallel=not self._compile_in_background
-        )
+        return linked, site_packages, missing
 
     def _store_bytecode(self, working_dir: str, linked: Sequence[tuple[str, BytecodeLinks]]) -> None:
         """Keep what was compiled for the next venvs, and bound the cache (blocking)."""

@@ -204,6 +204,7 @@ def site_packages_compile_command(
     compile_extra_args: str | None,
     missing: Sequence[str] | None = None,
     parallel: bool = True,
+    first: Sequence[str] = (),
 ) -> StepCommand | None:
     """
     Byte-compilation of the venv's site-packages, or of the part of it the
@@ -218,6 +219,9 @@ def site_packages_compile_command(
         process, as in the background: its workers would escape the
         parent-death signal (only the process itself gets it), and the
         cores belong to the plugins then.
+    :param first: sources to compile before the rest, in this order
+        (relative to ``working_dir``; see
+        :func:`~difydaemon.runtimes.environment.import_order.compile_first`).
     :return: None when there is nothing to compile.
     """
     python = os.path.join(working_dir, VENV_PYTHON)
@@ -225,9 +229,10 @@ def site_packages_compile_command(
     if not site_packages or missing is not None and not missing:
         return None
     if missing is not None and len(missing) <= SEQUENTIAL_COMPILE_LIMIT:
+        listed = set(first)
         return StepCommand(
             step=f"byte-compiling {len(missing)} files of site-packages",
-            argv=(python, "-m", "compileall", "-q", *extra, *missing),
+            argv=(python, "-m", "compileall", "-q", *extra, *first, *(path for path in missing if path not in listed)),
             env=env,
             path=working_dir,
             watch_inactivity=False,
@@ -238,7 +243,7 @@ def site_packages_compile_command(
         # One worker per core: site-packages is most of the build's time,
         # and two free cores cut it by about a third.  Files whose .pyc is
         # already valid (linked from the cache) are only checked.
-        argv=(python, "-m", "compileall", "-q", *(("-j", "0") if parallel else ()), *extra, *site_packages),
+        argv=(python, "-m", "compileall", "-q", *(("-j", "0") if parallel else ()), *extra, *first, *site_packages),
         env=env,
         path=working_dir,
         watch_inactivity=False,

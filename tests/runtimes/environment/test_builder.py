@@ -28,6 +28,7 @@ from difydaemon.runtimes.parent_death import (
     ParentDeathSignal,
 )
 from difydaemon.testing import sdk
+from difydaemon.testing.packages import write_files
 from difydaemon.testing.cases import (
     AsyncTestCase,
     SynchronousTestCase,
@@ -173,6 +174,30 @@ class FakeBuilderTests(SynchronousTestCase):
         self.assertNoResult(settled)
         compile_site.finish(0)
         self.assertIsNone(self.successResultOf(settled))
+
+    def test_background_compilation_in_import_order(self):
+        """The background compilation takes what the plugin's sources import first, last reached first, then all of site-packages."""
+        d = self.build_to_venv(compile_in_background=True)
+        site = ".venv/lib/python3.12/site-packages"
+        write_files(
+            self.working_dir,
+            {
+                "main.py": b"import sdk\n",
+                f"{site}/sdk/__init__.py": b"from . import core\nimport dep\n",
+                f"{site}/sdk/core.py": b"",
+                f"{site}/dep.py": b"",
+                f"{site}/other.py": b"",
+            },
+        )
+        for process in self.reactor.processes[-2:]:
+            process.finish(0)
+        self.successResultOf(d)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(
+            compile_site.argv[4:],
+            (f"{site}/dep.py", f"{site}/sdk/core.py", f"{site}/sdk/__init__.py", site),
+        )
+        compile_site.finish(0)
 
     def test_background_compilation_failure_logged(self):
         """A failed background compilation leaves the venv valid and is only logged; settled() still fires."""

@@ -297,6 +297,15 @@ class SitePackagesCompileCommandTests(SynchronousTestCase):
         command = site_packages_compile_command("/wd", self.site, self.env, None, missing)
         self.assertEqual(command.argv[-3:], ("-j", "0", ".venv/lib/python3.12/site-packages"))
 
+    def test_first(self):
+        """Sources given as first come before the rest, each named once."""
+        first = [".venv/lib/python3.12/site-packages/b.py", ".venv/lib/python3.12/site-packages/a.py"]
+        missing = [".venv/lib/python3.12/site-packages/a.py", ".venv/lib/python3.12/site-packages/c.py"]
+        few = site_packages_compile_command("/wd", self.site, self.env, None, missing, first=first)
+        self.assertEqual(few.argv[4:], (*first, ".venv/lib/python3.12/site-packages/c.py"))
+        everything = site_packages_compile_command("/wd", self.site, self.env, None, parallel=False, first=first)
+        self.assertEqual(everything.argv[4:], (*first, ".venv/lib/python3.12/site-packages"))
+
 
 # -- steps and builder on a fake process reactor ----------------------------
 

@@ -1,0 +1,316 @@
+"""
+The order in which a fresh venv's background compilation takes
+site-packages, so that it helps the plugin starting beside it.
+
+A plugin started from a venv without bytecode compiles every module it
+imports on its way to its first heartbeat (about two thirds of an SDK
+plugin's uncompiled start).  The background compilation runs on the other
+core meanwhile; whatever it compiles before the plugin gets there, the
+plugin only loads.  Taking site-packages in name order, it compiles much
+the plugin never imports first; following the plugin's own order, it would
+chase the plugin and compile what the plugin is compiling too.  So the
+plugin's imports are predicted from its sources (a plain scan of their
+import statements, followed through site-packages as Python would reach
+them), and the compilation takes the distributions they reach in reverse
+of that order: it starts where the plugin ends, and the two meet.
+
+Only top-level names are predicted (``pydantic``, ``gevent``): imports made
+by compiled extensions or by name at run time are not in any source, but
+they are mostly of the distribution the plugin is already in.  What the
+prediction misses is compiled afterwards, as before.
+
+Everything here blocks on the filesystem: call it in a thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+#: the most bytes of paths put on the compilation's command line (Linux
+#: takes 2 MiB of arguments and environment in all)
+ARGUMENT_BYTES = 256 * 1024
+
+# One statement, matched at the start of a line that holds the word "import".
+_IMPORT = re.compile(
+    r"[ \t]*(?:import[ \t]+(?P<names>[\w. \t,]+)"
+    r"|from[ \t]+(?P<base>\.*[\w.]*)[ \t]+import[ \t]+(?P<what>\([^)]*\)|(?:\\\n|[^\n#;])*))"
+)
+
+_INDENT = re.compile(r"[ \t]*")
+
+# Blocks whose imports do not run when their module is imported.
+_SKIPPED_BLOCK = re.compile(r"(?:async[ \t]+)?def[ \t]|if[ \t].*TYPE_CHECKING")
+
+# Directories whose modules a plugin does not import: compiled with the rest.
+_TEST_DIRECTORIES = frozenset(("test", "tests", "testing"))
+
+
+def import_statements(text: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """
+    The imports of a module's source, in source order: ``(module, names)``
+    where ``module`` may be relative (``..pkg``) and ``names`` are what a
+    ``from`` import takes from it (possibly submodules); ``import a, b.c``
+    gives ``("a", ())`` and ``("b.c", ())``.
+
+    A plain scan, not a parse: an import right inside a function or an
+    ``if TYPE_CHECKING:`` block is left out (it does not run when the
+    module is imported), but one deeper in such a block counts, and so does
+    a line of a docstring that reads like one; the result is only an order
+    to compile in.
+    """
+    for match in _import_lines(text):
+        if text[match.start()] in " \t" and _SKIPPED_BLOCK.match(_enclosing_header(text, match.start())):
+            continue
+        names = match.group("names")
+        if names is not None:
+            for part in names.split(","):
+                words = part.split()
+                if words:
+                    yield words[0], ()
+            continue
+        what = match.group("what").replace("\\\n", " ").strip("()\\ \t\n")
+        taken = tuple(words[0] for words in (part.split() for part in what.split(",")) if words and words[0] != "*")
+        yield match.group("base"), taken
+
+
+def _enclosing_header(text: str, line: int) -> str:
+    """The first less indented line (not blank, not a comment) above the line starting at ``line``, stripped."""
+    indent = _INDENT.match(text, line).end() - line
+    end = line
+    while end > 0:
+        start = text.rfind("\n", 0, end - 1) + 1
+        previous = text[start:end].rstrip("\n")
+        stripped = previous.lstrip(" \t")
+        if stripped and not stripped.startswith("#") and len(previous) - len(stripped) < indent:
+            return stripped
+        end = start
+    return ""
+
+
+def _import_lines(text: str) -> Iterator[re.Match]:
+    """The matches of :data:`_IMPORT` at line starts: found from the word, far quicker than trying every line."""
+    last_line = -1
+    position = text.find("import")
+    while position != -1:
+        line = text.rfind("\n", 0, position) + 1
+        if line != last_line:
+            last_line = line
+            match = _IMPORT.match(text, line)
+            if match is not None:
+                yield match
+        position = text.find("import", position + 6)
+
+
+def _absolute(base: str, module: str, is_package: bool) -> str | None:
+    """The absolute name of ``base`` imported from ``module``; None if it climbs out of the top package."""
+    dots = len(base) - len(base.lstrip("."))
+    if not dots:
+        return base
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    if dots > 1:
+        if dots - 1 > len(package):
+            return None
+        package = package[: len(package) - (dots - 1)]
+    rest = base[dots:]
+    name = ".".join([*package, rest] if rest else package)
+    return name or None
+
+
+def predicted_imports(
+    roots: Sequence[str],
+    search_path: Sequence[str],
+    read: Callable[[str], str] | None = None,
+) -> list[str]:
+    """
+    The source files that importing ``roots`` is predicted to reach, in the
+    order Python would first reach them (each module before what it
+    imports, a package's ``__init__`` before its submodules).
+
+    :param roots: the plugin's own source files, its entry point first.
+    :param search_path: absolute directories modules are found in (the
+        plugin's directory, then site-packages), as ``sys.path``.
+    :param read: reads a source file's text (for tests); unreadable files
+        (``OSError``) are reached but not followed.
+    """
+    read = read or _read
+    located: dict[str, str | None] = {}
+    order: list[str] = []
+    reached: set[str] = set()
+
+    def locate(name: str) -> str | None:
+        if name not in located:
+            relative = name.replace(".", os.sep)
+            located[name] = next(
+                (
+                    candidate
+                    for directory in search_path
+                    for candidate in (
+                        f"{directory}{os.sep}{relative}{os.sep}__init__.py",
+                        f"{directory}{os.sep}{relative}.py",
+                    )
+                    if os.path.isfile(candidate)
+                ),
+                None,
+            )
+        return located[name]
+
+    # longest first: site-packages lies inside the plugin's directory
+    directories = sorted(search_path, key=len, reverse=True)
+
+    def module_of(path: str) -> tuple[str, bool]:
+        for directory in directories:
+            if path.startswith(directory + os.sep):
+                name = path[len(directory) + 1 : -len(".py")].replace(os.sep, ".")
+                if name.endswith(".__init__"):
+                    return name[: -len(".__init__")], True
+                return name, False
+        return "", False
+
+    # An explicit stack, not recursion: import chains can be deep.
+    stack: list[Iterator[str]] = []
+
+    def enter(path: str) -> None:
+        if path in reached:
+            return
+        reached.add(path)
+        order.append(path)
+        stack.append(_reached_by(path))
+
+    def _reached_by(path: str) -> Iterator[str]:
+        try:
+            text = read(path)
+        except OSError:
+            return
+        module, is_package = module_of(path)
+        for base, names in import_statements(text):
+            name = _absolute(base, module, is_package)
+            if name is None:
+                continue
+            parts = name.split(".")
+            # importing a.b.c runs a, then a.b, then a.b.c
+            for end in range(1, len(parts) + 1):
+                found = locate(".".join(parts[:end]))
+                if found is None:
+                    break
+                yield found
+            else:
+                for taken in names:
+                    found = locate(f"{name}.{taken}")
+                    if found is not None:
+                        yield found
+
+    for root in roots:
+        enter(root)
+        while stack:
+            following = next(stack[-1], None)
+            if following is None:
+                stack.pop()
+            else:
+                enter(following)
+    return order
+
+
+def compile_order(predicted: Sequence[str], sources: Sequence[str]) -> list[str]:
+    """
+    The sources to compile first, in the order that helps a starting plugin:
+    the top-level names of site-packages the prediction reaches, last
+    reached first; in each, its predicted modules in reverse, then its
+    other modules but its tests.
+
+    :param predicted: site-packages files in predicted import order, as
+        paths relative to site-packages (``/``-separated).
+    :param sources: every source still to compile, likewise.
+    :return: a subset of ``sources``; the others are left for afterwards.
+    """
+    remaining = set(sources)
+    tops: list[str] = []
+    by_top: dict[str, list[str]] = {}
+    for path in predicted:
+        if path not in remaining:
+            continue
+        top = _top_level(path)
+        if top not in by_top:
+            tops.append(top)
+            by_top[top] = []
+        by_top[top].append(path)
+    others: dict[str, list[str]] = {}
+    for path in sorted(remaining):
+        top = _top_level(path)
+        if top in by_top and not _TEST_DIRECTORIES.intersection(path.split("/")[:-1]):
+            others.setdefault(top, []).append(path)
+    order: list[str] = []
+    for top in reversed(tops):
+        order += by_top[top][::-1]
+    taken = set(order)
+    for top in reversed(tops):
+        order += [path for path in others.get(top, []) if path not in taken]
+    return order
+
+
+def _top_level(path: str) -> str:
+    """The top-level module of a site-packages path (``pkg/sub/x.py`` -> ``pkg``, ``mod.py`` -> ``mod``)."""
+    first = path.split("/", 1)[0]
+    return first[: -len(".py")] if first.endswith(".py") and "/" not in path else first
+
+
+def compile_first(
+    working_dir: str, site_packages: Sequence[str], missing: Sequence[str] | None, limit: int = ARGUMENT_BYTES
+) -> list[str]:
+    """
+    The sources the background compilation takes first, in order (see
+    :func:`compile_order`), for its command line: everything else follows
+    as before.
+
+    :param site_packages: the site-packages directories, relative to ``working_dir``.
+    :param missing: the sources left to compile, relative to ``working_dir``;
+        None for all of site-packages.
+    :param limit: the most bytes of paths returned; the order's tail
+        beyond it is left for afterwards (a command line is bounded).
+    :return: paths relative to ``working_dir``.
+    """
+    search_path = [working_dir, *(os.path.join(working_dir, directory) for directory in site_packages)]
+    reached = predicted_imports(_plugin_sources(working_dir), search_path)
+    first: list[str] = []
+    for directory in site_packages:
+        absolute = os.path.join(working_dir, directory)
+        prefix = directory + os.sep
+        if missing is None:
+            sources = [path.replace(os.sep, "/") for path in _python_sources(absolute)]
+        else:
+            sources = [path[len(prefix) :].replace(os.sep, "/") for path in missing if path.startswith(prefix)]
+        predicted = [
+            os.path.relpath(path, absolute).replace(os.sep, "/") for path in reached if path.startswith(absolute + os.sep)
+        ]
+        first += [os.path.join(directory, path) for path in compile_order(predicted, sources)]
+    size = 0
+    for index, path in enumerate(first):
+        size += len(os.fsencode(path)) + 1
+        if size > limit:
+            return first[:index]
+    return first
+
+
+def _plugin_sources(working_dir: str) -> list[str]:
+    """The plugin's own ``.py`` files (not the venv's), ``main.py`` (the usual entry point) first."""
+    sources = []
+    for directory, dirnames, filenames in os.walk(working_dir):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith(".") and name != "__pycache__")
+        sources += [os.path.join(directory, name) for name in sorted(filenames) if name.endswith(".py")]
+    entry = os.path.join(working_dir, "main.py")
+    return sorted(sources, key=lambda path: path != entry)
+
+
+def _python_sources(site_packages: str) -> Iterator[str]:
+    """The ``.py`` files under ``site_packages``, relative to it."""
+    for directory, dirnames, filenames in os.walk(site_packages):
+        dirnames[:] = [name for name in dirnames if name != "__pycache__"]
+        for name in filenames:
+            if name.endswith(".py"):
+                yield os.path.relpath(os.path.join(directory, name), site_packages)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()

@@ -1,0 +1,174 @@
+"""
+Tests for :mod:`difydaemon.runtimes.environment.import_order`: the scan of
+import statements, the predicted import order through a real directory tree,
+and the order the background compilation takes from it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from difydaemon.runtimes.environment.import_order import (
+    compile_first,
+    compile_order,
+    import_statements,
+    predicted_imports,
+)
+from difydaemon.testing.cases import SynchronousTestCase
+from difydaemon.testing.packages import write_files
+
+SITE = os.path.join(".venv", "lib", "python3.12", "site-packages")
+
+
+class ImportStatementsTests(SynchronousTestCase):
+    def test_forms(self):
+        """Plain, dotted, aliased, parenthesized, continued, relative and star imports are each read."""
+        text = (
+            "import a, b.c as d\n"
+            "from e.f import (g,\n    h as i,\n)\n"
+            "from . import j\n"
+            "from ..k import l \\\n    , m\n"
+            "from n import *\n"
+            "    import indented\n"
+        )
+        self.assertEqual(
+            list(import_statements(text)),
+            [
+                ("a", ()),
+                ("b.c", ()),
+                ("e.f", ("g", "h")),
+                (".", ("j",)),
+                ("..k", ("l", "m")),
+                ("n", ()),
+                ("indented", ()),
+            ],
+        )
+
+    def test_blocks_that_do_not_run(self):
+        """Imports right inside a function or an if TYPE_CHECKING block are left out; those under try or if are kept."""
+        text = (
+            "try:\n    import kept_try\nexcept ImportError:\n    kept_except = None\n"
+            "if TYPE_CHECKING:\n    import typing_only\n"
+            "if sys.version_info >= (3, 11):\n    import kept_if\n"
+            "def f():\n\n    # comment\n    import lazy\n"
+            "async def g():\n    from lazy2 import x\n"
+            "class C:\n    import kept_class\n"
+        )
+        self.assertEqual([name for name, _ in import_statements(text)], ["kept_try", "kept_if", "kept_class"])
+
+    def test_not_at_a_line_start(self):
+        """The word import inside a line (a string, a comment, a name) is not an import."""
+        text = 'x = "import os"\n# from a import b\nreimport = 1\nimportlib = 2\n'
+        self.assertEqual(list(import_statements(text)), [])
+
+
+class PredictedImportsTests(SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.working_dir = os.path.abspath(self.mktemp())
+        self.site = os.path.join(self.working_dir, SITE)
+        write_files(
+            self.working_dir,
+            {
+                "main.py": b"from pkg import thing\nimport missing_module\n",
+                "tools/tool.py": b"import other\n",
+                f"{SITE}/pkg/__init__.py": b"from .sub import x\nfrom . import leaf\nimport pkg.deep.inner\n",
+                f"{SITE}/pkg/sub.py": b"from .. import nothing\nimport dep\n",
+                f"{SITE}/pkg/leaf.py": b"import pkg\n",
+                f"{SITE}/pkg/deep/__init__.py": b"",
+                f"{SITE}/pkg/deep/inner.py": b"",
+                f"{SITE}/dep.py": b"import pkg.sub\n",
+                f"{SITE}/other/__init__.py": b"",
+                f"{SITE}/unused/__init__.py": b"",
+            },
+        )
+
+    def predicted(self):
+        roots = [os.path.join(self.working_dir, "main.py"), os.path.join(self.working_dir, "tools", "tool.py")]
+        reached = predicted_imports(roots, [self.working_dir, self.site])
+        return [os.path.relpath(path, self.working_dir) for path in reached]
+
+    def test_order_python_would_reach(self):
+        """Each module comes before what it imports, a package before its submodules; cycles and unknown names end a branch."""
+        self.assertEqual(
+            self.predicted(),
+            [
+                "main.py",
+                f"{SITE}/pkg/__init__.py",
+                f"{SITE}/pkg/sub.py",
+                f"{SITE}/dep.py",
+                f"{SITE}/pkg/leaf.py",
+                f"{SITE}/pkg/deep/__init__.py",
+                f"{SITE}/pkg/deep/inner.py",
+                "tools/tool.py",
+                f"{SITE}/other/__init__.py",
+            ],
+        )
+
+    def test_unreadable_file_not_followed(self):
+        """A source that cannot be read is reached but not followed."""
+
+        def read(path):
+            if path.endswith("sub.py"):
+                raise PermissionError(path)
+            with open(path) as f:
+                return f.read()
+
+        reached = predicted_imports([os.path.join(self.working_dir, "main.py")], [self.working_dir, self.site], read)
+        self.assertIn(os.path.join(self.site, "pkg", "sub.py"), reached)
+        self.assertNotIn(os.path.join(self.site, "dep.py"), reached)
+
+
+class CompileOrderTests(SynchronousTestCase):
+    def test_reverse_of_the_reach(self):
+        """The last top-level name reached comes first; in each, its predicted modules in reverse; then their other modules but tests."""
+        predicted = ["a/__init__.py", "a/x.py", "b.py", "c/__init__.py", "a/y.py", "c/z.py"]
+        sources = [
+            "a/__init__.py", "a/x.py", "a/y.py", "a/other.py", "a/tests/test_a.py",
+            "b.py", "c/__init__.py", "c/z.py", "c/more.py", "d/__init__.py",
+        ]
+        self.assertEqual(
+            compile_order(predicted, sources),
+            [
+                "c/z.py", "c/__init__.py", "b.py", "a/y.py", "a/x.py", "a/__init__.py",
+                "c/more.py", "a/other.py",
+            ],
+        )
+
+    def test_only_what_is_left(self):
+        """Sources already compiled (not among ``sources``) are left out, and so are predicted files that are not sources."""
+        self.assertEqual(compile_order(["a/__init__.py", "a/x.py", "gone.py"], ["a/x.py"]), ["a/x.py"])
+
+
+class CompileFirstTests(SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.working_dir = os.path.abspath(self.mktemp())
+        write_files(
+            self.working_dir,
+            {
+                "main.py": b"import first\nimport second\n",
+                f"{SITE}/first.py": b"",
+                f"{SITE}/second/__init__.py": b"from . import part\n",
+                f"{SITE}/second/part.py": b"",
+                f"{SITE}/second/unused.py": b"",
+                f"{SITE}/never.py": b"",
+            },
+        )
+
+    def test_all_of_site_packages(self):
+        """With nothing compiled yet, the plugin's reach in reverse, paths relative to the working directory."""
+        self.assertEqual(
+            compile_first(self.working_dir, [SITE], None),
+            [f"{SITE}/second/part.py", f"{SITE}/second/__init__.py", f"{SITE}/first.py", f"{SITE}/second/unused.py"],
+        )
+
+    def test_missing_only(self):
+        """With a bytecode cache's leftovers, only those."""
+        missing = [f"{SITE}/first.py", f"{SITE}/never.py"]
+        self.assertEqual(compile_first(self.working_dir, [SITE], missing), [f"{SITE}/first.py"])
+
+    def test_bounded(self):
+        """The list stops before the paths' bytes would pass the limit."""
+        one = len(f"{SITE}/second/part.py") + 1
+        self.assertEqual(compile_first(self.working_dir, [SITE], None, limit=one), [f"{SITE}/second/part.py"])
