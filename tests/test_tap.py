@@ -368,6 +368,8 @@ class LazyImportTests(SynchronousTestCase):
             "difydaemon.api.admin", "difydaemon.runtimes.debug", "difydaemon.sri", "difydaemon.cli",
             # PROMETHEUS_ENABLED (on): prometheus-client waits for the first scrape
             "prometheus_client",
+            # the YAML parser: packages are decoded in child processes
+            "yaml", "difydaemon.packaging.plugin_yaml",
         )
         self.assertEqual(self.loaded(environment("/nonexistent", 5002), unused), [])
 
