@@ -370,6 +370,8 @@ class LazyImportTests(SynchronousTestCase):
             "prometheus_client",
             # the YAML parser: packages are decoded in child processes
             "yaml", "difydaemon.packaging.plugin_yaml",
+            # SERVER_TZ other than UTC
+            "zoneinfo",
         )
         self.assertEqual(self.loaded(environment("/nonexistent", 5002), unused), [])
 
