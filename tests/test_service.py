@@ -117,6 +117,21 @@ class DaemonServiceTests(SynchronousTestCase):
         self.successResultOf(service.ready)
         self.assertEqual(calls, [0])
 
+    def test_memory_released_once_ready(self):
+        """What start-up freed is released once, when the daemon is ready (its port open), not before."""
+        calls = []
+        held = Deferred()
+        self.database.answers.append(held)
+        service = DaemonService(self.clock, self.database, QuietInstaller(),
+                                release_memory=lambda: calls.append(len(self.clock.tcpServers)))
+        StreamServerEndpointService(TCP4ServerEndpoint(self.clock, 5002, interface="127.0.0.1"),
+                                    Factory()).setServiceParent(service)
+        service.startService()
+        self.assertEqual(calls, [])
+        held.callback(None)
+        self.successResultOf(service.ready)
+        self.assertEqual(calls, [1])
+
     def test_start_checks_run_first(self):
         """The start-up checks run when the service starts, before the database is even reached; one that raises is logged and the start goes on."""
         ran = []
