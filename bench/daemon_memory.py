@@ -37,6 +37,27 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def decoder_children(pid: int) -> list:
+    """The resident sets (MB) of the daemon's package decoder children (``difydaemon.packaging.child``)."""
+    sizes = []
+    children = []
+    # a child's parent is the thread that started it (a pool thread, here)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(child) for child in f.read().split()]
+        except OSError:
+            pass  # the thread ended meanwhile
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"difydaemon.packaging.child" in f.read():
+                    sizes.append(rss_mb(child))
+        except (OSError, RuntimeError):
+            pass  # exited meanwhile
+    return sizes
+
+
 async def invocations(connections, total, management_every):
     """``total`` echo calls spread over ``connections``; a management call every ``management_every``."""
     body = dispatch_body()
@@ -65,6 +86,9 @@ async def main(args):
         pid = daemon.process.pid
         idle = rss_mb(pid)
         await daemon.upload_install(build_package(echo_plugin_files()))
+        # the upload's decoder child is gone; the spare it left waits for
+        # the next package (none runs before the first upload)
+        decoders = decoder_children(pid)
         for _ in range(args.inflight):
             connection = HTTPConnection(daemon.port)
             await connection.open()
@@ -86,6 +110,8 @@ async def main(args):
               f"after {args.invocations} more ({args.inflight} in flight, a management call every "
               f"{args.management_every}, {args.invocations / seconds:.0f} calls/s) {final:.1f} MB, "
               f"growth {100 * (final - warm) / warm:+.1f} %")
+        print("  package decoder children after the install (a spare waiting for the next upload): "
+              + (", ".join(f"{rss:.1f} MB" for rss in decoders) or "none"))
         print("  RSS every tenth of the run (MB): " + ", ".join(f"{s:.1f}" for s in samples))
     finally:
         for connection in connections:

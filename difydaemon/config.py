@@ -73,7 +73,6 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Iterable
-from zoneinfo import ZoneInfo
 
 from attrs import field, frozen
 
@@ -1267,6 +1266,10 @@ def _check_time_zone(values: _Values, name: str) -> None:
     if name == "UTC":
         # Always valid, even where no time-zone database is installed.
         return
+    # imported for another zone only: zoneinfo brings sysconfig, memory the
+    # default daemon would hold for nothing
+    from zoneinfo import ZoneInfo
+
     try:
         ZoneInfo(name)
     except (ValueError, LookupError, OSError):

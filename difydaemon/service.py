@@ -30,6 +30,7 @@ from twisted.logger import ILogObserver, Logger
 
 from difydaemon.errors import ConfigError, CoordinationUnavailableError, DatabaseUnavailableError
 from difydaemon.file_limit import raise_open_files_limit
+from difydaemon.heap import release_free_heap
 from difydaemon.management.installer import SHUTDOWN_MESSAGE
 
 log = Logger()
@@ -64,6 +65,8 @@ class DaemonService(MultiService):
         unavailable database (0: one try).
     :param file_limit: called once at start to raise the open-files limit
         (:func:`~difydaemon.file_limit.raise_open_files_limit`).
+    :param release_memory: called once the daemon is ready, to return what
+        start-up freed (:func:`~difydaemon.heap.release_free_heap`).
     :param replica: the :class:`~difydaemon.coordination.replica.Replica`
         (started once the ports are open, stopped first), or None.
     :param coordination: the :class:`~difydaemon.coordination.Coordination`
@@ -103,6 +106,7 @@ class DaemonService(MultiService):
         start_checks=(),
         ready_checks=(),
         file_limit=raise_open_files_limit,
+        release_memory=release_free_heap,
         replica=None,
         coordination=None,
         task_sweep_interval: float | None = None,
@@ -111,6 +115,7 @@ class DaemonService(MultiService):
         super().__init__()
         self.storage = storage
         self._file_limit = file_limit
+        self._release_memory = release_memory
         self._reactor = reactor
         self.persistence = persistence
         self.installer = installer
@@ -240,6 +245,8 @@ class DaemonService(MultiService):
     def _started(self, _) -> None:
         self._state = "ok"
         log.info("difydaemon is ready")
+        # what start-up allocated and freed is garbage from now on
+        self._release_memory()
         self._settle(True)
 
     def _start_failed(self, failure) -> None:

@@ -30,7 +30,6 @@ from difydaemon.coordination import coordination_for
 from difydaemon.coordination.nodes import NodeInfo, detect_advertise_host, new_node_id
 from difydaemon.coordination.debug_plugins import DebugInstallationSweeper, DebugInstallGuard
 from difydaemon.coordination.replica import RECONCILE_INTERVAL, CacheInvalidation, Replica
-from difydaemon.coordination.sessions import SharedServerlessSessions
 from difydaemon.coordination.tasks import TASK_LEASE_TTL, TaskLeases
 from difydaemon.api.forwarding import CallForwarder
 from difydaemon.errors import ConfigError
@@ -57,7 +56,6 @@ from difydaemon.runtimes.containment import (
     warn_if_exposed,
     with_plugin_home,
 )
-from difydaemon.runtimes.debug import DebugServerFactory
 from difydaemon.runtimes.environment import BackgroundBuildsService, configured_builder
 from difydaemon.runtimes.launch import LocalRuntimeFactory
 from difydaemon.runtimes.local import LivenessPolicy
@@ -65,12 +63,6 @@ from difydaemon.runtimes.cgroups import memory_enforcement
 from difydaemon.runtimes.parent_death import parent_death_signal
 from difydaemon.runtimes.process_table import LinuxProcessTable
 from difydaemon.runtimes.registry import RuntimeRegistry
-from difydaemon.runtimes.serverless.connector import SRIClient
-from difydaemon.runtimes.serverless.function_client import CONNECT_TIMEOUT, function_http_client
-from difydaemon.runtimes.serverless.invoke import InvokeClient
-from difydaemon.runtimes.serverless.runtime import ServerlessRuntimeFactory
-from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions
-from difydaemon.api.admin import AdminAPI
 from difydaemon.api.transaction import TransactionResource
 from difydaemon.service import DaemonService, end_process_on_failed_start
 from difydaemon.storage.cache import CachedObjectStorage
@@ -249,6 +241,14 @@ class _Serverless:
     """The parts of the serverless platform: connector, shared invoke client, live sessions, factory."""
 
     def __init__(self, reactor, config: Config, persistence, coordination) -> None:
+        # imported here: a local daemon never loads the serverless runtime
+        from difydaemon.coordination.sessions import SharedServerlessSessions
+        from difydaemon.runtimes.serverless.connector import SRIClient
+        from difydaemon.runtimes.serverless.function_client import CONNECT_TIMEOUT, function_http_client
+        from difydaemon.runtimes.serverless.invoke import InvokeClient
+        from difydaemon.runtimes.serverless.runtime import ServerlessRuntimeFactory
+        from difydaemon.runtimes.serverless.sessions import MemoryServerlessSessions
+
         serverless = config.serverless
         self.connector_pool = HTTPConnectionPool(reactor, persistent=True)
         self.connector = SRIClient(
@@ -490,11 +490,19 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         )
     admin = None
     if config.admin_api_enabled:
+        # imported here: the admin routes (and the serverless connector they
+        # reach) are loaded only when ADMIN_API_ENABLED is true
+        from difydaemon.api.admin import AdminAPI
+
         admin = AdminAPI(
             config.admin_api_key, persistence, packages, runtimes, serverless.factory if serverless else None
         ).resource()
-    registry = metrics_registry(metrics, runtimes) if metrics is not None else None
-    metrics_page = metrics_resource(registry) if observability.prometheus_enabled else None
+    # the push reads the registry from the start; a page alone builds it at
+    # its first scrape, and prometheus-client is imported only then
+    registry = metrics_registry(metrics, runtimes) if observability.enable_otel else None
+    metrics_page = None
+    if observability.prometheus_enabled:
+        metrics_page = metrics_resource(registry if registry is not None else (lambda: metrics_registry(metrics, runtimes)))
     # built here, so that a missing exporter stops the start, not the first push
     metrics_push = build_metrics_push(reactor, observability, registry, metrics) if observability.enable_otel else None
     root = RootResource(
@@ -558,6 +566,9 @@ def build_daemon(reactor, config: Config, environ=None, env_file: str | None = N
         # the stop waits for the bytecode compilations of fresh installs
         BackgroundBuildsService(factory.builder).setServiceParent(service)
     if keys is not None:
+        # imported here: without remote installing the debug runtime is never loaded
+        from difydaemon.runtimes.debug import DebugServerFactory
+
         guard = DebugInstallGuard(reactor, coordination.leases, coordination.membership, node.node_id)
         debug_factory = DebugServerFactory(
             reactor,

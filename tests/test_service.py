@@ -102,20 +102,34 @@ class DaemonServiceTests(SynchronousTestCase):
         service.stopService()
         self.assertEqual(service.status(), "stopping")
 
+    def held_service(self, **hooks):
+        """A service with a port, built with ``hooks``, whose migration waits for the Deferred returned with it."""
+        held = Deferred()
+        self.database.answers.append(held)
+        service = DaemonService(self.clock, self.database, QuietInstaller(), **hooks)
+        StreamServerEndpointService(TCP4ServerEndpoint(self.clock, 5002, interface="127.0.0.1"),
+                                    Factory()).setServiceParent(service)
+        return service, held
+
     def test_file_limit_raised_before_ports(self):
         """The open-files limit is raised once, at start, before any port is open."""
         calls = []
-        held = Deferred()
-        self.database.answers.append(held)
-        service = DaemonService(self.clock, self.database, QuietInstaller(),
-                                file_limit=lambda: calls.append(len(self.clock.tcpServers)))
-        StreamServerEndpointService(TCP4ServerEndpoint(self.clock, 5002, interface="127.0.0.1"),
-                                    Factory()).setServiceParent(service)
+        service, held = self.held_service(file_limit=lambda: calls.append(len(self.clock.tcpServers)))
         service.startService()
         self.assertEqual(calls, [0])
         held.callback(None)
         self.successResultOf(service.ready)
         self.assertEqual(calls, [0])
+
+    def test_memory_released_once_ready(self):
+        """What start-up freed is released once, when the daemon is ready (its port open), not before."""
+        calls = []
+        service, held = self.held_service(release_memory=lambda: calls.append(len(self.clock.tcpServers)))
+        service.startService()
+        self.assertEqual(calls, [])
+        held.callback(None)
+        self.successResultOf(service.ready)
+        self.assertEqual(calls, [1])
 
     def test_start_checks_run_first(self):
         """The start-up checks run when the service starts, before the database is even reached; one that raises is logged and the start goes on."""

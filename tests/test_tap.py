@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 
 import orjson
@@ -316,6 +317,74 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(["--env-file", "/nonexistent/.env"])
         error = self.assertRaises(ConfigError, tap.makeService, options, MemoryReactorClock(), environ)
         self.assertIn("SERVER_PORT", str(error))
+
+
+#: a fresh interpreter builds the daemon as twistd does (makeService, no
+#: I/O) and prints the modules it has loaded
+_BUILD_AND_LIST_MODULES = """
+import sys
+import orjson
+from twisted.internet.testing import MemoryReactorClock
+from difydaemon import tap
+options = tap.Options()
+options.parseOptions(["--env-file", "/nonexistent/.env"])
+tap.makeService(options, reactor=MemoryReactorClock(), environ=orjson.loads(sys.argv[1]))
+sys.stdout.write(orjson.dumps(sorted(sys.modules)).decode())
+"""
+
+
+def modules_after_build(environ: dict) -> list:
+    """The modules a fresh interpreter holds once ``makeService`` built the daemon for ``environ``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _BUILD_AND_LIST_MODULES, orjson.dumps(environ).decode()],
+        capture_output=True, check=False, cwd=root,
+    )
+    if out.returncode != 0:
+        raise AssertionError(out.stderr.decode()[-2000:])
+    return orjson.loads(out.stdout)
+
+
+class LazyImportTests(SynchronousTestCase):
+    """
+    The embedded default loads no module that only another configuration
+    needs: each is resident memory of every idle daemon
+    (``bench/daemon_memory.py``).
+    """
+
+    def loaded(self, environ: dict, prefixes: tuple) -> list:
+        return [name for name in modules_after_build(environ) if name.startswith(prefixes)]
+
+    def test_embedded_default(self):
+        """Built on SQLite and local files, the daemon imports no driver, client, platform or exporter it does not use."""
+        unused = (
+            # PostgreSQL, Redis, S3, OpenTelemetry, the serverless platform
+            "psycopg2", "txpostgres", "difydaemon.persistence.postgres",
+            "txredisapi", "difydaemon.coordination.redis",
+            "boto3", "botocore", "difydaemon.storage.s3",
+            "opentelemetry", "difydaemon.runtimes.serverless", "difydaemon.coordination.sessions",
+            # the serverless admin routes (ADMIN_API_ENABLED), the debug
+            # runtime (remote installing), the SRI connector and the CLI
+            "difydaemon.api.admin", "difydaemon.runtimes.debug", "difydaemon.sri", "difydaemon.cli",
+            # PROMETHEUS_ENABLED (on): prometheus-client waits for the first scrape
+            "prometheus_client",
+            # the YAML parser: packages are decoded in child processes
+            "yaml", "difydaemon.packaging.plugin_yaml",
+            # SERVER_TZ other than UTC
+            "zoneinfo",
+        )
+        self.assertEqual(self.loaded(environment("/nonexistent", 5002), unused), [])
+
+    def test_what_a_configuration_needs_is_loaded(self):
+        """Remote installing and the admin routes enabled, their modules are loaded when the daemon is built (the guard above is not vacuous)."""
+        environ = environment("/nonexistent", 5002)
+        environ.update({
+            "PLUGIN_REMOTE_INSTALLING_ENABLED": "true", "PLUGIN_REMOTE_INSTALLING_HOST": "127.0.0.1",
+            "PLUGIN_REMOTE_INSTALLING_PORT": "5003",
+            "ADMIN_API_ENABLED": "true", "ADMIN_API_KEY": "an-admin-key-long-enough",
+        })
+        loaded = self.loaded(environ, ("difydaemon.runtimes.debug", "difydaemon.api.admin"))
+        self.assertEqual(loaded, ["difydaemon.api.admin", "difydaemon.runtimes.debug"])
 
 
 class DaemonEnvironmentTests(SynchronousTestCase):

@@ -15,6 +15,12 @@ Everything runs on the reactor thread, the scrape too (:class:`MetricsPage`):
 ``prometheus-client``'s own ``MetricsResource`` renders in the global
 reactor's thread pool, where our collectors would read dictionaries the
 reactor thread is changing, and it imports the global reactor.
+
+``prometheus-client`` itself is imported at the first scrape (or when the
+OTLP push builds its registry), not when the daemon starts: counting needs
+none of it, and it is over a megabyte of the idle daemon's memory (its
+``http.server``, ``wsgiref``, ``gzip`` and more) that a daemon nobody
+scrapes never uses.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from __future__ import annotations
 import os
 import re
 from bisect import bisect_left
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
 
 from difydaemon.api.dispatch_routes import route_table
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 #: upper bounds of the duration buckets, in seconds (Prometheus' defaults,
 #: which Go's client uses too, plus longer ones: a plugin call or an
@@ -85,6 +93,8 @@ def _buckets(histogram: list) -> list:
 
 
 def _histogram_family(name: str, documentation: str, labels: list, table: dict) -> HistogramMetricFamily:
+    from prometheus_client.core import HistogramMetricFamily
+
     family = HistogramMetricFamily(name, documentation, labels=labels)
     for key, histogram in table.items():
         family.add_metric(list(key), _buckets(histogram), histogram[_SLOTS])
@@ -92,6 +102,8 @@ def _histogram_family(name: str, documentation: str, labels: list, table: dict) 
 
 
 def _counter_family(name: str, documentation: str, labels: list, table: dict) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     family = CounterMetricFamily(name, documentation, labels=labels)
     for key, count in table.items():
         family.add_metric(list(key), count)
@@ -205,6 +217,8 @@ class DaemonMetrics:
 
     def collect(self):
         """The metric families, built from the counts (a ``prometheus-client`` collector)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         invocations = CounterMetricFamily(
             "plugin_invocations_total",
             "Plugin invocations by outcome.",
@@ -276,6 +290,8 @@ def _counted_with_durations(table: dict, counter: tuple, durations: tuple):
     counts, and a histogram of ``table`` merged over the labels the
     duration family leaves out (the last ones of the counter's).
     """
+    from prometheus_client.core import CounterMetricFamily
+
     name, documentation, labels = counter
     family = CounterMetricFamily(name, documentation, labels=labels)
     merged: dict = {}
@@ -383,6 +399,8 @@ class RuntimeCollector:
 
     def collect(self):
         """The runtime families (a ``prometheus-client`` collector)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         status = GaugeMetricFamily(
             "plugin_runtime_status",
             "Plugin runtime status: 1 active, 0.5 launching, 0 stopped.",
@@ -447,6 +465,8 @@ class RuntimeCollector:
 
 def metrics_registry(metrics: DaemonMetrics, runtimes) -> CollectorRegistry:
     """The registry ``/metrics`` renders: the counts, the runtimes and the daemon process."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
     registry.register(RuntimeCollector(runtimes))
@@ -459,21 +479,29 @@ class MetricsPage(Resource):
     ``GET /metrics``: the registry in the text format the scraper's
     ``Accept`` asks for (Prometheus text, or OpenMetrics), rendered by
     ``prometheus-client`` on the reactor thread.
+
+    :param registry: the registry, or a function of no arguments that builds
+        it, called at the first scrape (which then pays for importing
+        ``prometheus-client``: about 10 ms).
     """
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry) -> None:
         super().__init__()
         self._registry = registry
 
     def render_GET(self, request):
+        from prometheus_client.exposition import choose_encoder
+
+        if callable(self._registry):
+            self._registry = self._registry()
         accept = request.requestHeaders.getRawHeaders(b"accept", [b""])[0].decode("latin-1")
         encoder, content_type = choose_encoder(accept)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         return encoder(self._registry)
 
 
-def metrics_resource(registry: CollectorRegistry) -> MetricsPage:
-    """The twisted.web resource of ``/metrics``."""
+def metrics_resource(registry) -> MetricsPage:
+    """The twisted.web resource of ``/metrics`` (``registry``: as :class:`MetricsPage` takes it)."""
     return MetricsPage(registry)

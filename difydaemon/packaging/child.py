@@ -11,6 +11,7 @@ It imports no Twisted, so that it starts quickly.
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import sys
@@ -30,8 +31,13 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from difydaemon.errors import DaemonError  # noqa: E402
 from difydaemon.packaging.package import DecodedPackage, PackagePolicy, decode_bundle, decode_package  # noqa: E402
-from difydaemon.packaging.plugin_yaml import YamlLimits  # noqa: E402
 from difydaemon.packaging.signature import load_public_key  # noqa: E402
+from difydaemon.packaging.yaml_limits import YamlLimits  # noqa: E402
+
+if __name__ == "__main__":
+    # A spare child waits with the parser loaded, ready for its package;
+    # the daemon, which imports this module for its header, does not load it.
+    importlib.import_module("difydaemon.packaging.plugin_yaml")
 
 MEBIBYTE = 1024 * 1024
 

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from difydaemon.errors import InvalidManifestError
 from difydaemon.packaging.manifest import (
@@ -25,7 +26,11 @@ from difydaemon.packaging.manifest import (
     normalise_manifest,
     require,
 )
-from difydaemon.packaging.plugin_yaml import PackageYaml
+
+if TYPE_CHECKING:
+    # imported where a declaration is built: the daemon, which builds none
+    # (its decoder children do), never loads PyYAML
+    from difydaemon.packaging.plugin_yaml import PackageYaml
 
 ASSETS_DIR = "_assets/"
 MODEL_POSITION_TYPES = ("llm", "text_embedding", "tts", "speech2text", "moderation", "rerank")
@@ -509,6 +514,8 @@ def build_declaration(
         limit (names it).
     """
     if package is None:
+        from difydaemon.packaging.plugin_yaml import PackageYaml
+
         package = PackageYaml(files)
     if manifest is None:
         manifest = package.mapping(MANIFEST_FILE, "manifest file")

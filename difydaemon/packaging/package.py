@@ -25,7 +25,7 @@ from difydaemon.packaging.manifest import (
     i18n,
     require,
 )
-from difydaemon.packaging.plugin_yaml import PackageYaml, YamlLimits
+from difydaemon.packaging.yaml_limits import YamlLimits
 from difydaemon.packaging.signature import Verification, verify_package
 
 BAD_SIGNATURE = "plugin verification has been enabled, and the plugin you want to install has a bad signature"
@@ -97,6 +97,8 @@ def decode_package(data: bytes, policy: PackagePolicy, verify_signature: bool = 
     :raises difydaemon.errors.PackageError: any refusal (subclass names why).
     :raises difydaemon.errors.UniqueIdentifierError: no valid identifier.
     """
+    from difydaemon.packaging.plugin_yaml import PackageYaml
+
     files = read_package(data, policy.max_size)
     package = PackageYaml(files, policy.yaml_limits)
     manifest = package.mapping(MANIFEST_FILE, "manifest file")
@@ -169,6 +171,8 @@ def decode_bundle(data: bytes, policy: PackagePolicy, max_bundle_size: int, veri
     :func:`decode_package` and, unlike single uploads, the Langgenius-authorship
     rule (:func:`check_langgenius_authorship`).
     """
+    from difydaemon.packaging.plugin_yaml import PackageYaml
+
     files = read_package(data, max_bundle_size)
     manifest = PackageYaml(files, policy.yaml_limits).mapping(MANIFEST_FILE, "bundle manifest")
     require(manifest.get("type") == "bundle", "type", "must be 'bundle'")

@@ -32,7 +32,6 @@ import re
 from collections.abc import Mapping
 
 import yaml
-from attrs import frozen
 from yaml.events import (
     AliasEvent,
     DocumentEndEvent,
@@ -48,6 +47,7 @@ from yaml.events import (
 from yaml.nodes import ScalarNode
 
 from difydaemon.errors import InvalidManifestError, MalformedPackageError
+from difydaemon.packaging.yaml_limits import YamlLimits
 
 STR_TAG = "tag:yaml.org,2002:str"
 #: Scalar tags this module constructs itself (through PyYAML's constructors).
@@ -82,27 +82,6 @@ def _with_plugin_resolvers(base: type) -> type:
 PythonLoader = _with_plugin_resolvers(yaml.SafeLoader)
 #: The loader in use: libyaml's parser when PyYAML was built with it.
 Loader = _with_plugin_resolvers(yaml.CSafeLoader) if yaml.__with_libyaml__ else PythonLoader
-
-
-@frozen
-class YamlLimits:
-    """
-    What the YAML of one package may cost.
-
-    :ivar max_depth: collections nested in one another, aliases expanded.
-        The official plugins reach 16; JSON encoders downstream (orjson)
-        stop at 255, so the limit leaves room for the envelope around it.
-    :ivar max_nodes: scalars and collections built, every alias counting the
-        nodes it expands to (the heaviest official plugin, telegram_trigger,
-        builds about 63,000: a quarter of the limit).  Every node ends up in
-        the declaration the daemon holds decoded and embeds in list answers.
-    :ivar max_bytes: the YAML text read, all files together (telegram_trigger:
-        1.35 MB).
-    """
-
-    max_depth: int = 100
-    max_nodes: int = 250_000
-    max_bytes: int = 16 * 1024 * 1024
 
 
 class YamlRefused(Exception):

@@ -7,10 +7,12 @@ import os
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
+from twisted.web.test.requesthelper import DummyRequest
 
 from difydaemon.observability.metrics import (
     MAX_ENDPOINTS,
     DaemonMetrics,
+    MetricsPage,
     RuntimeCollector,
     dispatch_endpoint,
     metrics_registry,
@@ -239,3 +241,22 @@ class RuntimeCollectorTests(SynchronousTestCase):
         text = generate_latest(registry).decode()
         self.assertIn("process_resident_memory_bytes ", text)
         self.assertIn("active_sessions_total 0.0", text)
+
+
+class PageTests(SynchronousTestCase):
+    """``/metrics`` builds its registry at the first scrape when given a function for it."""
+
+    def test_registry_built_once_at_first_scrape(self):
+        """The function is not called before a scrape, then once: later scrapes render the same registry."""
+        built = []
+
+        def build():
+            built.append(metrics_registry(DaemonMetrics(Clock().seconds), FakeRegistry([])))
+            return built[-1]
+
+        page = MetricsPage(build)
+        self.assertEqual(built, [])
+        for _ in range(2):
+            text = page.render_GET(DummyRequest([b""])).decode()
+            self.assertIn("active_sessions_total 0.0", text)
+        self.assertEqual(len(built), 1)

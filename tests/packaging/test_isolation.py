@@ -11,6 +11,7 @@ import time
 
 import attrs
 import orjson
+from twisted.trial.unittest import SkipTest
 
 from difydaemon.errors import InternalServerError, MalformedPackageError, PackageError, SignatureError
 from difydaemon.packaging import child
@@ -129,6 +130,22 @@ class ChildProcessDecoderTests(DecoderContract, SynchronousTestCase):
         self.subject.close()
         self.assertIsNotNone(spare.returncode)
         self.assertRaises(InternalServerError, self.subject.package, b"", policy(), False)
+
+    def test_spare_child_waits_with_the_parser_loaded(self):
+        """The spare child loads the YAML parser before its package comes (the daemon itself never loads it)."""
+        import yaml
+
+        if not yaml.__with_libyaml__:
+            raise SkipTest("PyYAML without libyaml: no extension module to see in the child's memory map")
+        self.subject.package(fixture_bytes(ALL_PACKAGES[2]), policy(), False)
+        maps = f"/proc/{self.subject.spare.pid}/maps"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(maps) as f:
+                if "/yaml/_yaml" in f.read():
+                    return
+            time.sleep(0.05)
+        self.fail("the spare child never loaded PyYAML's extension")
 
     def test_memory_limit(self):
         """A package that needs more memory than the child may take is refused saying so."""
