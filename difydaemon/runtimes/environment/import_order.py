@@ -341,7 +341,14 @@ def compile_first(
     """
     deadline = clock() + seconds
     search_path = [working_dir, *(os.path.join(working_dir, directory) for directory in site_packages)]
-    reached = predicted_imports(_plugin_sources(working_dir, deadline, clock), search_path, None, deadline, clock)
+    inside = tuple(os.path.realpath(directory) for directory in search_path)
+    reached = predicted_imports(
+        _plugin_sources(working_dir, deadline, clock),
+        search_path,
+        lambda path: _read(path, inside=inside),
+        deadline,
+        clock,
+    )
     first: list[str] = []
     for directory in site_packages:
         absolute = os.path.join(working_dir, directory)
@@ -387,20 +394,39 @@ def _python_sources(site_packages: str) -> Iterator[str]:
                 yield os.path.relpath(os.path.join(directory, name), site_packages)
 
 
-def _read(path: str, limit: int = SOURCE_BYTES) -> str:
+def _read(path: str, limit: int = SOURCE_BYTES, inside: Sequence[str] = ()) -> str:
     """
     The first ``limit`` bytes of the regular file ``path``, decoded.
 
     Neither a symbolic link (a running plugin may make one to ``/dev/zero``
     or to a file only the daemon may read) nor a FIFO (whose opening would
     wait for a writer) nor a device is read: ``OSError``.
+
+    :param inside: real directories the file must be in, once opened (a
+        linked directory on the way must not lead elsewhere); empty for
+        anywhere.
     """
     descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(f"not a regular file: {path!r}")
+        if inside and not _opened_inside(descriptor, path, inside):
+            raise OSError(f"outside the plugin's directory: {path!r}")
         with os.fdopen(descriptor, "rb", closefd=False) as f:
             data = f.read(limit)
     finally:
         os.close(descriptor)
     return data.decode("utf-8", errors="replace")
+
+
+def _opened_inside(descriptor: int, path: str, inside: Sequence[str]) -> bool:
+    """
+    Whether the file open as ``descriptor`` is in one of the real
+    directories ``inside``: asked of the descriptor itself where ``/proc``
+    says, so that a link swapped in after the opening changes nothing.
+    """
+    try:
+        real = os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        real = os.path.realpath(path)
+    return any(real.startswith(directory + os.sep) for directory in inside)

@@ -173,6 +173,14 @@ class ReadTests(SynchronousTestCase):
             f.write(b"import caf\xe9\x00\n")
         self.assertEqual(_read(path), "import caf\ufffd\x00\n")
 
+    def test_inside(self):
+        """A file is read only if it is in one of the real directories given."""
+        path = os.path.join(self.directory, "mod.py")
+        with open(path, "w") as f:
+            f.write("import x\n")
+        self.assertEqual(_read(path, inside=[os.path.realpath(self.directory)]), "import x\n")
+        self.assertRaises(OSError, _read, path, inside=[os.path.realpath(self.directory) + "-other"])
+
     def test_symlink_fifo_directory(self):
         """A symbolic link, a FIFO and a directory are not read: OSError, without waiting."""
         target = os.path.join(self.directory, "target.py")
@@ -240,6 +248,18 @@ class CompileFirstTests(SynchronousTestCase):
         outside = os.path.abspath(self.mktemp())
         write_files(outside, {"elsewhere.py": b"import never\n"})
         os.symlink(os.path.join(outside, "elsewhere.py"), os.path.join(self.working_dir, "link.py"))
+        self.assertEqual(
+            compile_first(self.working_dir, [SITE], None),
+            [f"{SITE}/second/part.py", f"{SITE}/second/__init__.py", f"{SITE}/first.py", f"{SITE}/second/unused.py"],
+        )
+
+    def test_plugin_made_directory_link(self):
+        """A module reached through a plugin's link to a directory elsewhere is not read."""
+        outside = os.path.abspath(self.mktemp())
+        write_files(outside, {"__init__.py": b"", "mod.py": b"import never\n"})
+        os.symlink(outside, os.path.join(self.working_dir, "elsewhere"))
+        with open(os.path.join(self.working_dir, "main.py"), "a") as f:
+            f.write("import elsewhere.mod\n")
         self.assertEqual(
             compile_first(self.working_dir, [SITE], None),
             [f"{SITE}/second/part.py", f"{SITE}/second/__init__.py", f"{SITE}/first.py", f"{SITE}/second/unused.py"],
