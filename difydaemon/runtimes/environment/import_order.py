@@ -354,7 +354,7 @@ def compile_first(
         absolute = os.path.join(working_dir, directory)
         prefix = directory + os.sep
         if missing is None:
-            sources = [path.replace(os.sep, "/") for path in _python_sources(absolute)]
+            sources = [path.replace(os.sep, "/") for path in _python_sources(absolute, deadline, clock)]
         else:
             sources = [path[len(prefix) :].replace(os.sep, "/") for path in missing if path.startswith(prefix)]
         predicted = [
@@ -385,9 +385,14 @@ def _plugin_sources(working_dir: str, deadline: float, clock: Callable[[], float
     return sorted(sources, key=lambda path: path != entry)
 
 
-def _python_sources(site_packages: str) -> Iterator[str]:
-    """The ``.py`` files under ``site_packages``, relative to it."""
+def _python_sources(site_packages: str, deadline: float, clock: Callable[[], float]) -> Iterator[str]:
+    """
+    The ``.py`` files under ``site_packages``, relative to it; those found
+    by ``deadline`` (a running plugin may keep adding some).
+    """
     for directory, dirnames, filenames in os.walk(site_packages):
+        if clock() >= deadline:
+            return
         dirnames[:] = [name for name in dirnames if name != "__pycache__"]
         for name in filenames:
             if name.endswith(".py"):

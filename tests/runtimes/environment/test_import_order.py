@@ -12,6 +12,7 @@ from difydaemon.runtimes.environment.import_order import (
     compile_first,
     compile_order,
     SOURCE_BYTES,
+    _python_sources,
     _read,
     import_statements,
     predicted_imports,
@@ -277,6 +278,12 @@ class CompileFirstTests(SynchronousTestCase):
     def test_out_of_time(self):
         """With no time for the scan, nothing is put first (the compilation takes site-packages as before)."""
         self.assertEqual(compile_first(self.working_dir, [SITE], None, seconds=0), [])
+
+    def test_site_packages_walk_out_of_time(self):
+        """The walk of site-packages ends at the deadline too: a running plugin may keep filling it."""
+        site = os.path.join(self.working_dir, SITE)
+        self.assertEqual(sorted(_python_sources(site, 1, lambda: 0)), ["first.py", "never.py", "second/__init__.py", "second/part.py", "second/unused.py"])
+        self.assertEqual(list(_python_sources(site, 1, lambda: 1)), [])
 
     def test_bounded(self):
         """The list stops before the paths' bytes would pass the limit."""
