@@ -7,6 +7,8 @@ and the order the background compilation takes from it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from difydaemon.runtimes.environment.import_order import (
     compile_first,
@@ -17,6 +19,7 @@ from difydaemon.runtimes.environment.import_order import (
     import_statements,
     predicted_imports,
 )
+from difydaemon.runtimes.environment.steps import site_packages_compile_command
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.packages import write_files
 
@@ -284,6 +287,20 @@ class CompileFirstTests(SynchronousTestCase):
         site = os.path.join(self.working_dir, SITE)
         self.assertEqual(sorted(_python_sources(site, 1, lambda: 0)), ["first.py", "never.py", "second/__init__.py", "second/part.py", "second/unused.py"])
         self.assertEqual(list(_python_sources(site, 1, lambda: 1)), [])
+
+    def test_odd_names_stay_paths(self):
+        """Names with a leading dash, a space or a newline are compiled as files, none taken as an option of compileall."""
+        odd = ["-h.py", "--help x.py", "new\nline.py"]
+        write_files(self.working_dir, {f"{SITE}/second/{name}": b"VALUE = 1\n" for name in odd})
+        first = compile_first(self.working_dir, [SITE], None)
+        self.assertTrue({f"{SITE}/second/{name}" for name in odd} <= set(first))
+        command = site_packages_compile_command(self.working_dir, [SITE], None, None, parallel=False, first=first)
+        argv = (sys.executable, *command.argv[1:])
+        self.assertTrue(all(word.startswith(".venv/") for word in argv[4:]))
+        subprocess.run(argv, cwd=self.working_dir, check=True, capture_output=True)
+        cache = os.path.join(self.working_dir, SITE, "second", "__pycache__")
+        tag = sys.implementation.cache_tag
+        self.assertTrue({f"{name[:-3]}.{tag}.pyc" for name in odd} <= set(os.listdir(cache)))
 
     def test_bounded(self):
         """The list stops before the paths' bytes would pass the limit."""
