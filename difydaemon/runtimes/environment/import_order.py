@@ -19,23 +19,40 @@ by compiled extensions or by name at run time are not in any source, but
 they are mostly of the distribution the plugin is already in.  What the
 prediction misses is compiled afterwards, as before.
 
-Everything here blocks on the filesystem: call it in a thread pool.
+Everything here blocks on the filesystem: call it in a thread pool.  The
+plugin's files are a stranger's, and a plugin running meanwhile may add
+some: only regular files are read (no link, FIFO or device), only their
+first :data:`SOURCE_BYTES`, the scan is linear in what it reads, and it
+ends after :data:`SCAN_SECONDS` with what it has by then (a daemon's stop
+waits for the thread).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 #: the most bytes of paths put on the compilation's command line (Linux
 #: takes 2 MiB of arguments and environment in all)
 ARGUMENT_BYTES = 256 * 1024
 
+#: the most bytes of a source file read: a plugin's files are a stranger's,
+#: and the imports that run when a module is imported are at its top
+SOURCE_BYTES = 1024 * 1024
+
+#: the longest the whole scan may take: it only orders a compilation, and
+#: a daemon's stop waits for the thread it runs in
+SCAN_SECONDS = 2.0
+
 # One statement, matched at the start of a line that holds the word "import".
+# Every repetition is followed by what it cannot match: no input makes the
+# match backtrack (it holds the GIL, and so the reactor, while it runs).
 _IMPORT = re.compile(
     r"[ \t]*(?:import[ \t]+(?P<names>[\w. \t,]+)"
-    r"|from[ \t]+(?P<base>\.*[\w.]*)[ \t]+import[ \t]+(?P<what>\([^)]*\)|(?:\\\n|[^\n#;])*))"
+    r"|from[ \t]+(?P<base>[\w.]+)[ \t]+import[ \t]+(?P<what>\([^)]*\)|(?:\\\n|[^\n#;])*))"
 )
 
 _INDENT = re.compile(r"[ \t]*")
@@ -60,9 +77,16 @@ def import_statements(text: str) -> Iterator[tuple[str, tuple[str, ...]]]:
     a line of a docstring that reads like one; the result is only an order
     to compile in.
     """
+    headers: dict[int, int] = {}
+    skipped: dict[int, bool] = {}
     for match in _import_lines(text):
-        if text[match.start()] in " \t" and _SKIPPED_BLOCK.match(_enclosing_header(text, match.start())):
-            continue
+        line = match.start()
+        if text[line] in " \t":
+            header = _enclosing_header(text, line, headers)
+            if header not in skipped:
+                skipped[header] = header >= 0 and _SKIPPED_BLOCK.match(_line_at(text, header).lstrip(" \t")) is not None
+            if skipped[header]:
+                continue
         names = match.group("names")
         if names is not None:
             for part in names.split(","):
@@ -75,32 +99,63 @@ def import_statements(text: str) -> Iterator[tuple[str, tuple[str, ...]]]:
         yield match.group("base"), taken
 
 
-def _enclosing_header(text: str, line: int) -> str:
-    """The first less indented line (not blank, not a comment) above the line starting at ``line``, stripped."""
-    indent = _INDENT.match(text, line).end() - line
+def _line_at(text: str, start: int) -> str:
+    """The line starting at ``start``, without its newline."""
+    end = text.find("\n", start)
+    return text[start:] if end == -1 else text[start:end]
+
+
+def _indent(text: str, start: int) -> int:
+    return _INDENT.match(text, start).end() - start
+
+
+def _enclosing_header(text: str, line: int, headers: dict[int, int]) -> int:
+    """
+    Where the first less indented line (not blank, not a comment) above the
+    line starting at ``line`` starts; -1 for none.
+
+    :param headers: the answers for the lines asked about before, filled in:
+        the lines between a line and its header are all at least as
+        indented as it, so the walk jumps over them (without, a module of
+        many indented imports cost the square of their number).
+    """
+    indent = _indent(text, line)
     end = line
     while end > 0:
         start = text.rfind("\n", 0, end - 1) + 1
+        if start in headers and _indent(text, start) >= indent:
+            end = headers[start]
+            if end < 0:
+                break
+            if _indent(text, end) < indent:
+                headers[line] = end
+                return end
+            continue
         previous = text[start:end].rstrip("\n")
         stripped = previous.lstrip(" \t")
         if stripped and not stripped.startswith("#") and len(previous) - len(stripped) < indent:
-            return stripped
+            headers[line] = start
+            return start
         end = start
-    return ""
+    headers[line] = -1
+    return -1
 
 
 def _import_lines(text: str) -> Iterator[re.Match]:
-    """The matches of :data:`_IMPORT` at line starts: found from the word, far quicker than trying every line."""
-    last_line = -1
+    """
+    The matches of :data:`_IMPORT` at line starts: found from the word, far
+    quicker than trying every line.  Each line is looked at once, however
+    often it says "import".
+    """
     position = text.find("import")
     while position != -1:
-        line = text.rfind("\n", 0, position) + 1
-        if line != last_line:
-            last_line = line
-            match = _IMPORT.match(text, line)
-            if match is not None:
-                yield match
-        position = text.find("import", position + 6)
+        match = _IMPORT.match(text, text.rfind("\n", 0, position) + 1)
+        if match is not None:
+            yield match
+        end = text.find("\n", position)
+        if end == -1:
+            return
+        position = text.find("import", end)
 
 
 def _absolute(base: str, module: str, is_package: bool) -> str | None:
@@ -122,6 +177,8 @@ def predicted_imports(
     roots: Sequence[str],
     search_path: Sequence[str],
     read: Callable[[str], str] | None = None,
+    deadline: float = float("inf"),
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[str]:
     """
     The source files that importing ``roots`` is predicted to reach, in the
@@ -133,6 +190,8 @@ def predicted_imports(
         plugin's directory, then site-packages), as ``sys.path``.
     :param read: reads a source file's text (for tests); unreadable files
         (``OSError``) are reached but not followed.
+    :param deadline: when ``clock`` says it, the files reached so far are
+        the prediction.
     """
     read = read or _read
     located: dict[str, str | None] = {}
@@ -204,6 +263,8 @@ def predicted_imports(
     for root in roots:
         enter(root)
         while stack:
+            if clock() >= deadline:
+                return order
             following = next(stack[-1], None)
             if following is None:
                 stack.pop()
@@ -256,7 +317,12 @@ def _top_level(path: str) -> str:
 
 
 def compile_first(
-    working_dir: str, site_packages: Sequence[str], missing: Sequence[str] | None, limit: int = ARGUMENT_BYTES
+    working_dir: str,
+    site_packages: Sequence[str],
+    missing: Sequence[str] | None,
+    limit: int = ARGUMENT_BYTES,
+    seconds: float = SCAN_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[str]:
     """
     The sources the background compilation takes first, in order (see
@@ -268,16 +334,27 @@ def compile_first(
         None for all of site-packages.
     :param limit: the most bytes of paths returned; the order's tail
         beyond it is left for afterwards (a command line is bounded).
+    :param seconds: how long the plugin's files may be looked for and
+        followed (``clock`` measures it); what is predicted by then is
+        the prediction.
     :return: paths relative to ``working_dir``.
     """
+    deadline = clock() + seconds
     search_path = [working_dir, *(os.path.join(working_dir, directory) for directory in site_packages)]
-    reached = predicted_imports(_plugin_sources(working_dir), search_path)
+    inside = tuple(os.path.realpath(directory) for directory in search_path)
+    reached = predicted_imports(
+        _plugin_sources(working_dir, deadline, clock),
+        search_path,
+        lambda path: _read(path, inside=inside),
+        deadline,
+        clock,
+    )
     first: list[str] = []
     for directory in site_packages:
         absolute = os.path.join(working_dir, directory)
         prefix = directory + os.sep
         if missing is None:
-            sources = [path.replace(os.sep, "/") for path in _python_sources(absolute)]
+            sources = [path.replace(os.sep, "/") for path in _python_sources(absolute, deadline, clock)]
         else:
             sources = [path[len(prefix) :].replace(os.sep, "/") for path in missing if path.startswith(prefix)]
         predicted = [
@@ -292,25 +369,69 @@ def compile_first(
     return first
 
 
-def _plugin_sources(working_dir: str) -> list[str]:
-    """The plugin's own ``.py`` files (not the venv's), ``main.py`` (the usual entry point) first."""
+def _plugin_sources(working_dir: str, deadline: float, clock: Callable[[], float]) -> list[str]:
+    """
+    The plugin's own ``.py`` files (not the venv's), ``main.py`` (the usual
+    entry point) first; those found by ``deadline`` (a running plugin may
+    keep adding some).
+    """
     sources = []
     for directory, dirnames, filenames in os.walk(working_dir):
+        if clock() >= deadline:
+            break
         dirnames[:] = sorted(name for name in dirnames if not name.startswith(".") and name != "__pycache__")
         sources += [os.path.join(directory, name) for name in sorted(filenames) if name.endswith(".py")]
     entry = os.path.join(working_dir, "main.py")
     return sorted(sources, key=lambda path: path != entry)
 
 
-def _python_sources(site_packages: str) -> Iterator[str]:
-    """The ``.py`` files under ``site_packages``, relative to it."""
+def _python_sources(site_packages: str, deadline: float, clock: Callable[[], float]) -> Iterator[str]:
+    """
+    The ``.py`` files under ``site_packages``, relative to it; those found
+    by ``deadline`` (a running plugin may keep adding some).
+    """
     for directory, dirnames, filenames in os.walk(site_packages):
+        if clock() >= deadline:
+            return
         dirnames[:] = [name for name in dirnames if name != "__pycache__"]
         for name in filenames:
             if name.endswith(".py"):
                 yield os.path.relpath(os.path.join(directory, name), site_packages)
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+def _read(path: str, limit: int = SOURCE_BYTES, inside: Sequence[str] = ()) -> str:
+    """
+    The first ``limit`` bytes of the regular file ``path``, decoded.
+
+    Neither a symbolic link (a running plugin may make one to ``/dev/zero``
+    or to a file only the daemon may read) nor a FIFO (whose opening would
+    wait for a writer) nor a device is read: ``OSError``.
+
+    :param inside: real directories the file must be in, once opened (a
+        linked directory on the way must not lead elsewhere); empty for
+        anywhere.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"not a regular file: {path!r}")
+        if inside and not _opened_inside(descriptor, path, inside):
+            raise OSError(f"outside the plugin's directory: {path!r}")
+        with os.fdopen(descriptor, "rb", closefd=False) as f:
+            data = f.read(limit)
+    finally:
+        os.close(descriptor)
+    return data.decode("utf-8", errors="replace")
+
+
+def _opened_inside(descriptor: int, path: str, inside: Sequence[str]) -> bool:
+    """
+    Whether the file open as ``descriptor`` is in one of the real
+    directories ``inside``: asked of the descriptor itself where ``/proc``
+    says, so that a link swapped in after the opening changes nothing.
+    """
+    try:
+        real = os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        real = os.path.realpath(path)
+    return any(real.startswith(directory + os.sep) for directory in inside)

@@ -157,6 +157,23 @@ class FakeBuilderTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual([e["source"] for e in events if "lacks some of" in e["log_format"]], ["uv's cache"])
 
+    def test_prefer_offline_both_fail(self):
+        """When uv's cache and the index both fail, the task's message is the index's; the two tries differ only by --offline."""
+        d, offline = self.prefer_offline_install()
+        offline.emit(b"error: Because requests was not found in the cache, offline\n", fd=2)
+        offline.finish(1)
+        online = self.reactor.processes[-1]
+        self.assertEqual(online.argv, tuple(word for word in offline.argv if word != "--offline"))
+        self.assertEqual((online.env, online.path), (offline.env, offline.path))
+        online.emit(b"error: Because nosuch was not found in the package registry\n", fd=2)
+        online.finish(1)
+        error = self.failureResultOf(d, InternalServerError).value
+        self.assertEqual(
+            error.message,
+            "installing dependencies from requirements.txt failed (exit 1):\n"
+            "error: Because nosuch was not found in the package registry",
+        )
+
     def test_background_compilation(self):
         """With compile_in_background the build fires once the install is done; site-packages compile niced afterwards."""
         d = self.build_to_venv(nice_path="/usr/bin/nice", compile_in_background=True)

@@ -7,13 +7,19 @@ and the order the background compilation takes from it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from difydaemon.runtimes.environment.import_order import (
     compile_first,
     compile_order,
+    SOURCE_BYTES,
+    _python_sources,
+    _read,
     import_statements,
     predicted_imports,
 )
+from difydaemon.runtimes.environment.steps import site_packages_compile_command
 from difydaemon.testing.cases import SynchronousTestCase
 from difydaemon.testing.packages import write_files
 
@@ -60,6 +66,30 @@ class ImportStatementsTests(SynchronousTestCase):
         """The word import inside a line (a string, a comment, a name) is not an import."""
         text = 'x = "import os"\n# from a import b\nreimport = 1\nimportlib = 2\n'
         self.assertEqual(list(import_statements(text)), [])
+
+    def test_blocks_nested(self):
+        """An import's block is found past the imports of deeper blocks between it and its header."""
+        text = (
+            "def f():\n    if TYPE_CHECKING:\n        import typing_only\n    import lazy\n"
+            "class C:\n    try:\n        import deep\n    except ImportError:\n        pass\n    import kept\n"
+            "if TYPE_CHECKING:\n    if x:\n        import nested_typing\n    import typing_too\n"
+        )
+        self.assertEqual([name for name, _ in import_statements(text)], ["deep", "kept", "nested_typing"])
+
+    def test_dots_that_lead_nowhere(self):
+        """A from line of 100,000 dots and no import after them is read in one pass (it took minutes, holding the GIL)."""
+        text = "from " + "." * 100_000 + "!import\nimport after\n"
+        self.assertEqual(list(import_statements(text)), [("after", ())])
+
+    def test_many_indented_imports(self):
+        """50,000 imports in one class body are each read (each used to walk back over all before it)."""
+        text = "class A:\n" + "    import a\n" * 50_000 + "def f():\n    import lazy\n"
+        self.assertEqual(list(import_statements(text)), [("a", ())] * 50_000)
+
+    def test_one_line_saying_import_often(self):
+        """A 6 MB line saying import a million times is looked at once (it was searched back once per word)."""
+        text = "x = 1 # " + "import" * 1_000_000 + "\nimport after\n"
+        self.assertEqual(list(import_statements(text)), [("after", ())])
 
 
 class PredictedImportsTests(SynchronousTestCase):
@@ -118,6 +148,55 @@ class PredictedImportsTests(SynchronousTestCase):
         self.assertIn(os.path.join(self.site, "pkg", "sub.py"), reached)
         self.assertNotIn(os.path.join(self.site, "dep.py"), reached)
 
+    def test_deadline(self):
+        """When the clock passes the deadline, the files reached so far are the prediction."""
+        ticks = iter(range(100))
+        reached = predicted_imports(
+            [os.path.join(self.working_dir, "main.py")], [self.working_dir, self.site], None, 3, lambda: next(ticks)
+        )
+        self.assertEqual(len(reached), 3)
+
+
+class ReadTests(SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    def test_head_only(self):
+        """A huge source is read up to SOURCE_BYTES, not whole."""
+        path = os.path.join(self.directory, "huge.py")
+        with open(path, "wb") as f:
+            f.write(b"#" * (3 * SOURCE_BYTES))
+        self.assertEqual(len(_read(path)), SOURCE_BYTES)
+
+    def test_not_utf8(self):
+        """Bytes that are not UTF-8 are replaced, not an error."""
+        path = os.path.join(self.directory, "latin.py")
+        with open(path, "wb") as f:
+            f.write(b"import caf\xe9\x00\n")
+        self.assertEqual(_read(path), "import caf\ufffd\x00\n")
+
+    def test_inside(self):
+        """A file is read only if it is in one of the real directories given."""
+        path = os.path.join(self.directory, "mod.py")
+        with open(path, "w") as f:
+            f.write("import x\n")
+        self.assertEqual(_read(path, inside=[os.path.realpath(self.directory)]), "import x\n")
+        self.assertRaises(OSError, _read, path, inside=[os.path.realpath(self.directory) + "-other"])
+
+    def test_symlink_fifo_directory(self):
+        """A symbolic link, a FIFO and a directory are not read: OSError, without waiting."""
+        target = os.path.join(self.directory, "target.py")
+        with open(target, "w") as f:
+            f.write("import x\n")
+        os.symlink(target, os.path.join(self.directory, "link.py"))
+        os.symlink("/dev/zero", os.path.join(self.directory, "zero.py"))
+        os.mkfifo(os.path.join(self.directory, "fifo.py"))
+        os.mkdir(os.path.join(self.directory, "package.py"))
+        for name in ("link.py", "zero.py", "fifo.py", "package.py"):
+            self.assertRaises(OSError, _read, os.path.join(self.directory, name))
+
 
 class CompileOrderTests(SynchronousTestCase):
     def test_reverse_of_the_reach(self):
@@ -167,6 +246,61 @@ class CompileFirstTests(SynchronousTestCase):
         """With a bytecode cache's leftovers, only those."""
         missing = [f"{SITE}/first.py", f"{SITE}/never.py"]
         self.assertEqual(compile_first(self.working_dir, [SITE], missing), [f"{SITE}/first.py"])
+
+    def test_plugin_made_link(self):
+        """A plugin's link to a file elsewhere is not read (the daemon may read what the plugin may not)."""
+        outside = os.path.abspath(self.mktemp())
+        write_files(outside, {"elsewhere.py": b"import never\n"})
+        os.symlink(os.path.join(outside, "elsewhere.py"), os.path.join(self.working_dir, "link.py"))
+        self.assertEqual(
+            compile_first(self.working_dir, [SITE], None),
+            [f"{SITE}/second/part.py", f"{SITE}/second/__init__.py", f"{SITE}/first.py", f"{SITE}/second/unused.py"],
+        )
+
+    def test_plugin_made_directory_link(self):
+        """A module reached through a plugin's link to a directory elsewhere is not read."""
+        outside = os.path.abspath(self.mktemp())
+        write_files(outside, {"__init__.py": b"", "mod.py": b"import never\n"})
+        os.symlink(outside, os.path.join(self.working_dir, "elsewhere"))
+        with open(os.path.join(self.working_dir, "main.py"), "a") as f:
+            f.write("import elsewhere.mod\n")
+        self.assertEqual(
+            compile_first(self.working_dir, [SITE], None),
+            [f"{SITE}/second/part.py", f"{SITE}/second/__init__.py", f"{SITE}/first.py", f"{SITE}/second/unused.py"],
+        )
+
+    def test_plugin_made_fifo(self):
+        """A plugin's FIFO or directory named like a module neither stops nor changes the scan (opening the FIFO waited forever)."""
+        os.mkfifo(os.path.join(self.working_dir, "fifo.py"))
+        os.mkdir(os.path.join(self.working_dir, "dir.py"))
+        self.assertEqual(
+            compile_first(self.working_dir, [SITE], None),
+            [f"{SITE}/second/part.py", f"{SITE}/second/__init__.py", f"{SITE}/first.py", f"{SITE}/second/unused.py"],
+        )
+
+    def test_out_of_time(self):
+        """With no time for the scan, nothing is put first (the compilation takes site-packages as before)."""
+        self.assertEqual(compile_first(self.working_dir, [SITE], None, seconds=0), [])
+
+    def test_site_packages_walk_out_of_time(self):
+        """The walk of site-packages ends at the deadline too: a running plugin may keep filling it."""
+        site = os.path.join(self.working_dir, SITE)
+        self.assertEqual(sorted(_python_sources(site, 1, lambda: 0)), ["first.py", "never.py", "second/__init__.py", "second/part.py", "second/unused.py"])
+        self.assertEqual(list(_python_sources(site, 1, lambda: 1)), [])
+
+    def test_odd_names_stay_paths(self):
+        """Names with a leading dash, a space or a newline are compiled as files, none taken as an option of compileall."""
+        odd = ["-h.py", "--help x.py", "new\nline.py"]
+        write_files(self.working_dir, {f"{SITE}/second/{name}": b"VALUE = 1\n" for name in odd})
+        first = compile_first(self.working_dir, [SITE], None)
+        self.assertTrue({f"{SITE}/second/{name}" for name in odd} <= set(first))
+        command = site_packages_compile_command(self.working_dir, [SITE], None, None, parallel=False, first=first)
+        argv = (sys.executable, *command.argv[1:])
+        self.assertTrue(all(word.startswith(".venv/") for word in argv[4:]))
+        subprocess.run(argv, cwd=self.working_dir, check=True, capture_output=True)
+        cache = os.path.join(self.working_dir, SITE, "second", "__pycache__")
+        tag = sys.implementation.cache_tag
+        self.assertTrue({f"{name[:-3]}.{tag}.pyc" for name in odd} <= set(os.listdir(cache)))
 
     def test_bounded(self):
         """The list stops before the paths' bytes would pass the limit."""
