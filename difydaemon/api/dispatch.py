@@ -29,7 +29,7 @@ from difydaemon import errors
 from difydaemon.api import envelope, sse
 from difydaemon.api.answers import JSON_CONTENT_TYPE
 from difydaemon.api.answers import answer_json as _answer
-from difydaemon.api.dispatch_routes import ChunkError, route_table, validate_data
+from difydaemon.dispatch_routes import ChunkError, route_table, validate_data
 from difydaemon.api.forwarding import HOP_HEADER, hop_refusal
 from difydaemon.api.relay import SessionRelay
 from difydaemon.interfaces import ISessionListener

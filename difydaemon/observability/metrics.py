@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from twisted.web.resource import Resource
 
-from difydaemon.api.dispatch_routes import route_table
+from difydaemon.dispatch_routes import route_table
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 from difydaemon.api import envelope, sse
 from difydaemon.api.dispatch import DispatchResource, PollingRelay, StreamRelay, build_plugin_request
-from difydaemon.api.dispatch_routes import MAX_BLOB_FILE, ROUTES, route_table
+from difydaemon.dispatch_routes import MAX_BLOB_FILE, ROUTES, route_table
 from difydaemon.api.root import RequestCounter, RootResource, StaticJSONResource
 from difydaemon.interfaces import ISessionListener
 from difydaemon.invocation.messages import backwards_error, backwards_response

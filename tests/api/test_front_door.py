@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
 from difydaemon import tap
-from difydaemon.api.dispatch_routes import ROUTES as DISPATCH_ROUTES
+from difydaemon.dispatch_routes import ROUTES as DISPATCH_ROUTES
 from difydaemon.api.management import ManagementAPI
 from difydaemon.testing.cases import AsyncTestCase
 from tests.api.smuggling import shapes
