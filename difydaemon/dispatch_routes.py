@@ -205,11 +205,15 @@ class Items:
             return
         if self.each:
             for index, item in enumerate(value):
-                if not isinstance(item, dict):
-                    item = {}
-                inner = f"{namespace}.{go}[{index}]"
-                for check in self.each:
-                    check.check(item, inner, failures)
+                _check_object(item, self.each, f"{namespace}.{go}[{index}]", failures)
+
+
+def _check_object(value, checks: tuple, namespace: str, failures: list) -> None:
+    """Apply ``checks`` to an object's fields under ``namespace``; anything not an object counts as ``{}``."""
+    if not isinstance(value, dict):
+        value = {}
+    for check in checks:
+        check.check(value, namespace, failures)
 
 
 @frozen
@@ -224,12 +228,7 @@ class Struct:
     go: str | None = None
 
     def check(self, data: dict, namespace: str, failures: list) -> None:
-        value = data.get(self.name)
-        if not isinstance(value, dict):
-            value = {}
-        inner = f"{namespace}.{self.go or _go_name(self.name)}"
-        for check in self.fields:
-            check.check(value, inner, failures)
+        _check_object(data.get(self.name), self.fields, f"{namespace}.{self.go or _go_name(self.name)}", failures)
 
 
 @frozen
