@@ -15,6 +15,7 @@ from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import capturedLogs
 
 from difydaemon.errors import InternalServerError
+from difydaemon.runtimes.environment import builder as builder_module
 from difydaemon.runtimes.environment import (
     BackgroundBuildsService,
     BYTECODE_DIR,
@@ -215,6 +216,25 @@ class FakeBuilderTests(SynchronousTestCase):
             (f"{site}/dep.py", f"{site}/sdk/core.py", f"{site}/sdk/__init__.py", site),
         )
         compile_site.finish(0)
+
+    def test_failed_import_prediction_compiles_in_name_order(self):
+        """A prediction that raises is logged, and the background compilation still runs, over all of site-packages."""
+
+        def broken(*args):
+            raise RuntimeError("scan broke")
+
+        self.patch(builder_module, "compile_first", broken)
+        d = self.build_to_venv(compile_in_background=True)
+        write_files(self.working_dir, {"main.py": b"import sdk\n"})
+        for process in self.reactor.processes[-2:]:
+            process.finish(0)
+        self.successResultOf(d)
+        compile_site = self.reactor.processes[-1]
+        self.assertEqual(compile_site.argv[4:], (".venv/lib/python3.12/site-packages",))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        settled = self.builder.settled()
+        compile_site.finish(0)
+        self.assertIsNone(self.successResultOf(settled))
 
     def test_background_compilation_failure_logged(self):
         """A failed background compilation leaves the venv valid and is only logged; settled() still fires."""
